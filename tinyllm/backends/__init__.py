@@ -1,0 +1,92 @@
+"""Backends: the op interface the model is written against, and how to pick one.
+
+A backend provides these ops (arrays are the backend's own type; shapes in comments).
+The model never asks which backend it runs on.
+
+    name, compute_dtype                    "numpy"/"cuda", "fp32"/"bf16"/"fp16"
+    upload(name, a: np.ndarray)            a weight to the device, in the compute dtype
+    to_numpy(x) -> np.ndarray float32
+    alloc_kv(spec: KVCacheSpec) -> cache   zeroed storage per kv_cache.py's layout
+    prepare(batch: Batch) -> batch'        per-forward metadata (device copies on cuda)
+    embed(table, tokens) -> x              (V, dim), (T,) int32 -> (T, dim)
+    rms_norm(x, w, eps)                    x / sqrt(mean(x²) + eps) * w
+    add_rms_norm(x, d, w, eps) -> (x+d, rms_norm(x+d, w, eps))
+    linear(x, w, b=None)                   x @ wᵀ + b; w is HF (out, in)
+    silu_mul(gate, up)                     silu(gate) * up
+    rope_kv_write(q, k, v, cache, layer, batch, inv_freq) -> q
+                                           rotate q (T, n_heads, hd) and k (T, n_kv, hd)
+                                           (rotate-half), write k, v at each token's slot
+                                           index (quantizing if the cache is int8/fp8)
+    attention(q, cache, layer, batch, scale) -> (T, n_heads*hd)
+                                           causal (+ sliding window) GQA attention of the
+                                           batch's queries over their slots' caches
+    take_rows(x, rows)                     x[rows]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import TinyLLMError
+
+BACKENDS = ("numpy", "cuda", "auto")
+CUDA_INSTALL_HINT = "pip install 'tinyllm[cuda12]' (CUDA 12) or 'tinyllm[cuda13]' (CUDA 13)"
+
+
+@dataclass
+class Batch:
+    """One forward's ragged batch: sequence b owns cache slot slots[b] and brings lens[b]
+    new tokens at positions starts[b] .. starts[b]+lens[b]-1 (starts[b] tokens are cached).
+    Tokens of all sequences are concatenated in that order (T = lens.sum())."""
+    slots: np.ndarray    # (B,) int32
+    starts: np.ndarray   # (B,) int32
+    lens: np.ndarray     # (B,) int32
+
+    def __post_init__(self):
+        self.slots = np.asarray(self.slots, np.int32)
+        self.starts = np.asarray(self.starts, np.int32)
+        self.lens = np.asarray(self.lens, np.int32)
+        self.cu_lens = np.concatenate([[0], np.cumsum(self.lens)]).astype(np.int32)  # (B+1,)
+        self.positions = np.concatenate(
+            [np.arange(s, s + n, dtype=np.int32) for s, n in zip(self.starts, self.lens)]
+        ) if len(self.lens) else np.zeros(0, np.int32)                                # (T,)
+        self.seq_of_token = np.repeat(np.arange(len(self.lens), dtype=np.int32), self.lens)
+        self.last_rows = self.cu_lens[1:] - 1                                          # (B,)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.cu_lens[-1])
+
+
+def cuda_available() -> bool:
+    try:
+        import cupy
+    except Exception:
+        return False
+    try:
+        return bool(cupy.cuda.is_available())
+    except Exception:
+        return False
+
+
+def get_backend(name: str = "numpy", dtype: str | None = None, checkpoint_dtype: str = "float32"):
+    """Instantiate a backend. 'auto' picks cuda when CuPy sees a GPU, else numpy."""
+    if name not in BACKENDS:
+        raise TinyLLMError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "cuda" if cuda_available() else "numpy"
+    if name == "numpy":
+        from .numpy_backend import NumpyBackend
+        if dtype not in (None, "fp32", "float32"):
+            raise TinyLLMError(f"the numpy backend computes in float32 only (got dtype={dtype!r}); drop --dtype or use --backend cuda")
+        return NumpyBackend()
+    try:
+        import cupy  # noqa: F401
+    except Exception:
+        raise TinyLLMError(f"the cuda backend needs CuPy: {CUDA_INSTALL_HINT}") from None
+    if not cuda_available():
+        raise TinyLLMError("the cuda backend needs an NVIDIA GPU, and CuPy sees none; use --backend numpy")
+    from .cuda_backend import CudaBackend
+    return CudaBackend(dtype=dtype, checkpoint_dtype=checkpoint_dtype)

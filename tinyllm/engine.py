@@ -1,0 +1,243 @@
+"""The generation engine: continuous batching over KV-cache slots.
+
+Every step runs one forward over a ragged batch: each live sequence brings either its next
+prompt chunk (prefill) or its last sampled token (decode). A sequence whose prompt is fully
+cached gets a token sampled from its last logits. A finished sequence frees its slot, and
+the next waiting request's prefill starts there in the following step.
+
+Streaming text is produced here (the tokenizer's incremental decoder), because stop strings
+are matched on text; text that could still become a stop string is held back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .backends import Batch
+from .errors import TinyLLMError
+from .kv_cache import KVCacheSpec
+from .sampling import SamplingParams, sample
+
+
+@dataclass
+class Completion:
+    prompt_token_ids: list[int]
+    token_ids: list[int]                 # generated only
+    text: str
+    finish_reason: str                   # "stop" | "length"
+    index: int = 0                       # position of the request in its input
+    prefill_tokens: int = 0              # prompt tokens actually computed (the rest came from the cache)
+    time_to_first_token: float = 0.0     # seconds
+    elapsed: float = 0.0                 # seconds, from admission to finish
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        dt = self.elapsed - self.time_to_first_token
+        return (len(self.token_ids) - 1) / dt if dt > 0 and len(self.token_ids) > 1 else 0.0
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams               # fully resolved (defaults filled)
+    index: int = 0
+    slot: int | None = None              # pin to a slot (chat sessions reuse it)
+
+
+@dataclass
+class Event:
+    kind: str                            # "text" | "finish" | "error"
+    index: int
+    text: str = ""
+    completion: Completion | None = None
+    error: str = ""
+
+
+@dataclass
+class _Seq:
+    req: Request
+    slot: int
+    ids: list[int]                       # prompt + generated
+    n_prompt: int
+    n_cached: int                        # ids[:n_cached] have K/V in the slot
+    rng: np.random.Generator
+    decoder: object
+    stops: list[str]
+    text: str = ""
+    emitted: int = 0
+    finish: str | None = None
+    t0: float = field(default_factory=time.perf_counter)
+    t_first: float = 0.0
+    prefill_tokens: int = 0
+
+    @property
+    def generated(self) -> list[int]:
+        return self.ids[self.n_prompt:]
+
+
+def reusable_prefix(cached: list[int], ids: list[int], spec: KVCacheSpec) -> int:
+    """How many leading tokens of `ids` may keep the K/V already in a slot holding `cached`.
+    At least one token is always recomputed (its logits are needed). In a rolling cache the
+    prefix is only reusable while the window before it has not been overwritten (kv_cache)."""
+    p = 0
+    for a, b in zip(cached, ids[:-1]):
+        if a != b:
+            break
+        p += 1
+    if spec.rolling and p < len(cached) and p < len(cached) - spec.capacity + spec.window - 1:
+        return 0
+    return p
+
+
+class Engine:
+    def __init__(self, model, tokenizer, backend, eos_ids: set[int], max_seq_len: int,
+                 kv_dtype: str, max_batch: int = 8, prefill_chunk: int = 512):
+        self.model, self.tok, self.ops = model, tokenizer, backend
+        self.eos_ids = set(eos_ids)
+        self.max_seq_len, self.kv_dtype = max_seq_len, kv_dtype
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.cache = None
+        self.slot_ids: list[list[int]] = []   # tokens whose K/V each slot holds
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+
+    # ---- cache -----------------------------------------------------------------------
+    def spec(self, n_slots: int) -> KVCacheSpec:
+        return KVCacheSpec.for_model(self.model.cfg, self.kv_dtype, self.max_seq_len, n_slots,
+                                     chunk=self.prefill_chunk)
+
+    def ensure_cache(self, n_slots: int):
+        if self.cache is None or self.cache.spec.n_slots < n_slots:
+            self.cache = None                  # free the old one before allocating
+            self.cache = self.ops.alloc_kv(self.spec(n_slots))
+            self.slot_ids = [[] for _ in range(n_slots)]
+
+    # ---- full-sequence logits (no sampling) --------------------------------------------
+    def logits(self, ids: list[int], slot: int = 0) -> np.ndarray:
+        """(len(ids), vocab) float32 logits at every position, prefilled chunk by chunk."""
+        if len(ids) > self.max_seq_len:
+            raise TinyLLMError(f"{len(ids)} tokens exceed the context of {self.max_seq_len}; pass a larger max_seq_len")
+        self.ensure_cache(max(1, slot + 1))
+        chunk = min(self.cache.spec.max_chunk, self.prefill_chunk)
+        out = []
+        for s in range(0, len(ids), chunk):
+            part = np.asarray(ids[s:s + chunk], np.int32)
+            batch = Batch([slot], [s], [len(part)])
+            out.append(self.ops.to_numpy(self.model.forward(part, batch, self.cache, all_logits=True)))
+        self.slot_ids[slot] = list(ids)
+        return np.concatenate(out, axis=0)
+
+    # ---- generation --------------------------------------------------------------------
+    def run(self, requests: Iterable[Request]) -> Iterator[Event]:
+        """Generate for every request, max_batch at a time; yields text pieces as they are
+        certain, then one finish (or error) event per request."""
+        pending = iter(requests)
+        self.ensure_cache(self.max_batch)
+        free = list(range(self.cache.spec.n_slots))
+        live: list[_Seq] = []
+        exhausted = False
+        while True:
+            # Admit waiting requests into free slots.
+            while not exhausted and len(live) < self.max_batch and free:
+                req = next(pending, None)
+                if req is None:
+                    exhausted = True
+                    break
+                err = self._check(req)
+                if err:
+                    yield Event("error", req.index, error=err)
+                    continue
+                slot = req.slot if req.slot is not None and req.slot in free else free[0]
+                free.remove(slot)
+                live.append(self._admit(req, slot))
+            if not live:
+                return
+            yield from self._step(live)
+            for s in [s for s in live if s.finish]:
+                live.remove(s)
+                free.append(s.slot)
+                free.sort()
+
+    def _check(self, req: Request) -> str:
+        n = len(req.prompt_ids)
+        if n == 0:
+            return "empty prompt: nothing to continue from"
+        if n >= self.max_seq_len:
+            return (f"prompt is {n} tokens, the context is {self.max_seq_len}: shorten it or raise max_seq_len")
+        vocab = self.model.cfg.vocab_size
+        if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab:
+            return f"prompt token ids must lie in [0, {vocab})"
+        return ""
+
+    def _admit(self, req: Request, slot: int) -> _Seq:
+        p = req.params
+        rng = np.random.default_rng(p.seed)
+        cached = reusable_prefix(self.slot_ids[slot], req.prompt_ids, self.cache.spec)
+        self.slot_ids[slot] = list(req.prompt_ids[:cached])
+        return _Seq(req, slot, list(req.prompt_ids), len(req.prompt_ids), cached, rng,
+                    self.tok.stream(req.prompt_ids), list(p.stop or []))
+
+    def _step(self, live: list[_Seq]) -> Iterator[Event]:
+        # Decode tokens first (one each), then prompt chunks within the token budget.
+        runs = []
+        budget = self.prefill_chunk
+        max_chunk = self.cache.spec.max_chunk
+        for s in sorted(live, key=lambda s: s.n_cached < s.n_prompt):
+            todo = len(s.ids) - s.n_cached
+            if todo == 1:
+                n = 1
+            elif budget <= 0:
+                continue                       # this prompt waits for the next step
+            else:
+                n = min(todo, max_chunk, budget)
+                budget -= n
+            runs.append((s, n))
+        tokens = np.concatenate([np.asarray(s.ids[s.n_cached:s.n_cached + n], np.int32) for s, n in runs])
+        batch = Batch([s.slot for s, _ in runs], [s.n_cached for s, _ in runs], [n for _, n in runs])
+        logits = self.ops.to_numpy(self.model.forward(tokens, batch, self.cache))
+        self.stats["steps"] += 1
+        for row, (s, n) in enumerate(runs):
+            self.slot_ids[s.slot].extend(s.ids[s.n_cached:s.n_cached + n])
+            s.n_cached += n
+            if s.n_cached <= s.n_prompt:
+                s.prefill_tokens += n
+                self.stats["prefill_tokens"] += n
+            else:
+                self.stats["decode_tokens"] += n
+            if s.n_cached < len(s.ids):
+                continue                       # prompt not fully cached yet
+            tok = sample(logits[row], s.req.params, s.rng, np.asarray(s.ids, np.int64))
+            yield from self._accept(s, tok)
+
+    def _accept(self, s: _Seq, tok: int) -> Iterator[Event]:
+        p = s.req.params
+        if not s.t_first:
+            s.t_first = time.perf_counter()
+        stop_tok = (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids
+        if stop_tok:
+            s.finish = "stop"
+            s.text += s.decoder.flush()
+        else:
+            s.ids.append(tok)
+            s.text += s.decoder.push(tok)
+            # A stop string cannot start before `emitted` (it would have been found earlier).
+            hits = [i for i in (s.text.find(x, s.emitted) for x in s.stops) if i >= 0]
+            if hits:
+                s.text, s.finish = s.text[:min(hits)], "stop"
+            elif len(s.generated) >= p.max_tokens or len(s.ids) >= self.max_seq_len:
+                s.text += s.decoder.flush()
+                s.finish = "length"
+        # Emit what can no longer become part of a stop string.
+        hold = 0 if s.finish else max((len(x) for x in s.stops), default=1) - 1
+        upto = max(s.emitted, len(s.text) - hold)
+        if upto > s.emitted:
+            yield Event("text", s.req.index, text=s.text[s.emitted:upto])
+            s.emitted = upto
+        if s.finish:
+            now = time.perf_counter()
+            c = Completion(s.ids[:s.n_prompt], s.generated, s.text, s.finish, s.req.index,
+                           s.prefill_tokens, s.t_first - s.t0, now - s.t0)
+            yield Event("finish", s.req.index, completion=c)

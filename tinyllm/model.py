@@ -1,0 +1,51 @@
+"""The transformer forward pass, written once against the backend op interface
+(tinyllm/backends/__init__.py). It does not know which backend it runs on, nor how the KV
+cache is laid out: `rope_kv_write` and `attention` own that.
+
+One forward processes a ragged batch: every sequence brings a run of new tokens (a prompt
+chunk or one decode token) and attends over its own cache slot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backends import Batch
+from .config import ModelConfig, rope_inv_freq
+from .weights import Weights
+
+
+class Transformer:
+    def __init__(self, cfg: ModelConfig, weights: Weights, backend):
+        self.cfg, self.w, self.ops = cfg, weights, backend
+        self.inv_freq = np.asarray(rope_inv_freq(cfg), np.float32)   # (head_dim/2,)
+        self.scale = 1.0 / float(np.sqrt(cfg.head_dim))
+
+    def forward(self, tokens: np.ndarray, batch: Batch, cache, all_logits: bool = False):
+        """tokens (T,) int32 for batch (see Batch) -> logits (B, vocab) of each sequence's
+        last token, or (T, vocab) with all_logits. Writes the new K/V into `cache`."""
+        ops, cfg, w = self.ops, self.cfg, self.w
+        T, eps = len(tokens), cfg.norm_eps
+        b = ops.prepare(batch)
+
+        x = ops.embed(w.embed, tokens)                                  # (T, dim)
+        h = ops.rms_norm(x, w.layers[0].attn_norm, eps)                 # h = RMSNorm(x) · g
+        for i, L in enumerate(w.layers):
+            # Attention: q, k, v projections (Qwen2 adds biases).
+            q = ops.linear(h, L.wq, L.bq).reshape(T, cfg.n_heads, cfg.head_dim)
+            k = ops.linear(h, L.wk, L.bk).reshape(T, cfg.n_kv_heads, cfg.head_dim)
+            v = ops.linear(h, L.wv, L.bv).reshape(T, cfg.n_kv_heads, cfg.head_dim)
+            # RoPE on q and k; k and v go into the cache (keys stored after rotation).
+            q = ops.rope_kv_write(q, k, v, cache, i, b, self.inv_freq)
+            # a = softmax(q kᵀ / sqrt(d) + causal/window mask) v, GQA over the cache.
+            a = ops.attention(q, cache, i, b, self.scale)               # (T, n_heads*head_dim)
+            # x = x + wo·a ; h = RMSNorm(x) · g_ffn
+            x, h = ops.add_rms_norm(x, ops.linear(a, L.wo), L.ffn_norm, eps)
+            # SwiGLU MLP: w2(silu(w1 h) * w3 h)
+            m = ops.linear(ops.silu_mul(ops.linear(h, L.w1), ops.linear(h, L.w3)), L.w2)
+            # x = x + m ; h = RMSNorm(x) with the next layer's gain (the final norm after the last)
+            g = w.layers[i + 1].attn_norm if i + 1 < len(w.layers) else w.norm
+            x, h = ops.add_rms_norm(x, m, g, eps)
+        if not all_logits:
+            h = ops.take_rows(h, batch.last_rows)                       # (B, dim)
+        return ops.linear(h, w.lm_head)                                 # logits = h · Eᵀ

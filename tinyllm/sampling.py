@@ -1,0 +1,112 @@
+"""Sampling: pure functions over one row of float32 logits, with an explicit RNG.
+
+Order as in transformers' logits processors: repetition penalty -> temperature -> top-k ->
+top-p -> draw. temperature 0 is greedy (argmax). Each request owns its own
+np.random.Generator (seeded when the request has a seed), so its tokens do not depend on
+what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from .errors import TinyLLMError
+
+
+@dataclass
+class SamplingParams:
+    """None means "the model's default" (generation_config.json), resolved by the LLM."""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def validate(self) -> "SamplingParams":
+        def bad(what):
+            raise TinyLLMError(f"invalid sampling parameter: {what}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            bad(f"max_tokens={self.max_tokens!r} (must be an integer >= 1)")
+        if self.temperature is not None and not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            bad(f"temperature={self.temperature!r} (must be >= 0; 0 is greedy)")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            bad(f"top_p={self.top_p!r} (must be in (0, 1])")
+        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 0):
+            bad(f"top_k={self.top_k!r} (must be an integer >= 0; 0 disables it)")
+        if self.repetition_penalty is not None and not (
+                isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
+            bad(f"repetition_penalty={self.repetition_penalty!r} (must be > 0; 1 disables it)")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad(f"seed={self.seed!r} (must be an integer)")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+            bad(f"stop={self.stop!r} (must be a string or a list of non-empty strings)")
+        return self
+
+    def with_defaults(self, defaults: dict) -> "SamplingParams":
+        """Fill the None fields from `defaults` (generation_config values)."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in defaults.items():
+            if kw.get(k) is None:
+                kw[k] = v
+        return SamplingParams(**kw).validate()
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """HF semantics: for every token already seen, divide a positive logit by the penalty
+    and multiply a negative one by it."""
+    if penalty == 1.0 or len(seen) == 0:
+        return logits
+    logits = logits.copy()
+    ids = np.unique(seen)
+    s = logits[ids]
+    logits[ids] = np.where(s > 0, s / penalty, s * penalty)
+    return logits
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0 or k >= len(logits):
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of most likely tokens whose probability mass reaches p
+    (the top token always stays)."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(-logits, kind="stable")
+    probs = softmax(logits[order].astype(np.float64))
+    cum = np.cumsum(probs)
+    keep_sorted = cum - probs < p
+    keep = np.zeros(len(logits), bool)
+    keep[order[keep_sorted]] = True
+    return np.where(keep, logits, -np.inf)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+           seen: np.ndarray) -> int:
+    """One token from one row of logits (vocab,). `seen` = prompt + generated ids."""
+    logits = apply_repetition_penalty(np.asarray(logits, np.float32), seen, params.repetition_penalty or 1.0)
+    if not params.temperature:
+        return int(np.argmax(logits))
+    logits = logits.astype(np.float64) / params.temperature
+    logits = top_k_filter(logits, params.top_k or 0)
+    logits = top_p_filter(logits, params.top_p if params.top_p is not None else 1.0)
+    probs = softmax(logits)
+    # Inverse-CDF draw with one uniform per step: reproducible for a given seed.
+    u = rng.random()
+    return int(min(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"), len(probs) - 1))

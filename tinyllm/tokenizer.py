@@ -1,0 +1,454 @@
+"""Text <-> token ids: encode/decode, special tokens, chat prompts and streaming detokenization.
+
+Owns the two tokenizer formats tinyllm reads: a Hugging Face `tokenizer.json` (through the
+`tokenizers` library, chat template rendered with jinja2 the way transformers renders it) and
+Mistral's native `tokenizer.model.v1|v2|v3` (SentencePiece, chat prompt built as token ids the
+way mistral-common builds them). It does not pick generation defaults or stop ids from
+config.json/generation_config.json (the engine merges those into `eos_token_ids`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.exceptions
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _TokenizersBackend
+
+from tinyllm.errors import TinyLLMError
+
+# Prompt tokens kept as context in front of the streamed text (vLLM uses 5 too). One is enough
+# for the decoder to see that the first new token is not the first token (a Metaspace or
+# SentencePiece decoder drops the leading space of the first token only).
+STREAM_CONTEXT = 5
+
+REPLACEMENT_CHAR = "\ufffd"  # what a decoder emits for bytes that are not (yet) valid UTF-8
+
+
+class ChatTemplateError(TinyLLMError):
+    """The chat template refused the conversation (its `raise_exception(...)`) or failed to render."""
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `push(id)` returns the text that id made certain.
+
+    Decoding token by token loses spaces (a SentencePiece/Metaspace decoder strips the leading
+    space of whatever it is handed first) and splits multi-byte characters (byte-fallback and
+    byte-level tokens carry single UTF-8 bytes). So each step decodes a short window of tokens
+    twice, with and without the unread tail, and emits the difference:
+
+        ids:    ... | prefix (already emitted, kept as context) | unread (not yet emitted) |
+        emit    decode(prefix + unread)[len(decode(prefix)):]
+
+    and holds it back while it ends in U+FFFD (a character still missing bytes). After an
+    emission the emitted tokens become the next prefix, so the window stays a few tokens long
+    and every push costs O(1) (this is vLLM's prefix_offset/read_offset scheme).
+
+    The pieces join to exactly the one-shot decode whenever that decode is valid text. Bytes that
+    never form a character may come out differently: `tokenizers`' ByteFallback decoder turns a
+    whole run of byte tokens into U+FFFD once any of them is invalid, while a stream has already
+    printed the valid bytes at the start of the run.
+    """
+
+    def __init__(self, decode, prompt_ids=None, context: int = STREAM_CONTEXT):
+        self._decode = decode                                      # list[int] -> str
+        tail = list(prompt_ids)[-context:] if prompt_ids is not None and context > 0 else []
+        self._ids = [int(t) for t in tail]
+        self._read = len(self._ids)                                 # ids[:read] were emitted (or are prompt)
+        self._prefix_text = self._decode(self._ids) if self._ids else ""
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        text = self._decode(self._ids)
+        if len(text) <= len(self._prefix_text) or text.endswith(REPLACEMENT_CHAR):
+            return ""  # nothing new yet (a skipped special token), or a character still incomplete
+        new = text[len(self._prefix_text):]
+        self._ids = self._ids[self._read:]
+        self._read = len(self._ids)
+        self._prefix_text = self._decode(self._ids)
+        return new
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. bytes that never became a valid character)."""
+        text = self._decode(self._ids) if len(self._ids) > self._read else self._prefix_text
+        new = text[len(self._prefix_text):] if len(text) > len(self._prefix_text) else ""
+        self._ids = self._ids[self._read:] if new else self._ids
+        self._read = len(self._ids)
+        self._prefix_text = self._decode(self._ids) if self._ids else ""
+        return new
+
+
+# --------------------------------------------------------------------------------------------
+# Common interface
+
+
+class Tokenizer:
+    """Encode/decode, special token ids, chat prompt rendering and streaming for one model.
+
+    `Tokenizer.load(model_dir)` returns an `HFTokenizer` (tokenizer.json) or a
+    `MistralNativeTokenizer` (tokenizer.model.v1/v2/v3); both implement this interface.
+    """
+
+    vocab_size: int
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    eos_token_ids: set[int]
+    has_chat_template: bool = False
+
+    @classmethod
+    def load(cls, model_dir) -> Tokenizer:
+        d = Path(model_dir)
+        if not d.is_dir():
+            raise TinyLLMError(f"tokenizer: {d} is not a directory; pass the model directory")
+        if (d / "tokenizer.json").is_file():  # wins over tokenizer.model.v3: Mistral's HF repos ship both
+            return HFTokenizer(d)
+        native = sorted(p.name for p in d.glob("tokenizer.model.v*"))
+        if len(native) > 1:
+            raise TinyLLMError(f"tokenizer: {d} has several Mistral tokenizers ({', '.join(native)}); "
+                               "keep the one that matches the model")
+        if native:
+            return MistralNativeTokenizer(d / native[0])
+        if (d / "tekken.json").is_file():
+            raise TinyLLMError(f"tokenizer: {d / 'tekken.json'} (Mistral Tekken tokenizer) is not supported yet; "
+                               "use a model directory with tokenizer.json")
+        if (d / "tokenizer.model").is_file():
+            raise TinyLLMError(f"tokenizer: {d} has tokenizer.model but no tokenizer.json; write one with "
+                               "transformers (AutoTokenizer.from_pretrained(dir).save_pretrained(dir)), or rename "
+                               "a Mistral v0.1/v0.2 native tokenizer to tokenizer.model.v1")
+        raise TinyLLMError(f"tokenizer: no tokenizer.json or tokenizer.model.v1/v2/v3 in {d}")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        raise NotImplementedError
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        raise NotImplementedError
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        # The rendered prompt already holds BOS when the model wants one (`{{ bos_token }}`);
+        # adding special tokens again would give two [Llama-3.1-8B-Instruct discussion 97].
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.encode(text, add_special_tokens=False)
+
+    def stream(self, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True) -> StreamDecoder:
+        """A `StreamDecoder` for the tokens that follow `prompt_ids` (its last few are context)."""
+        return StreamDecoder(lambda ids: self.decode(ids, skip_special_tokens=skip_special_tokens), prompt_ids)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TinyLLMError(f"tokenizer: cannot read {path}: {e}".replace("\n", " ")) from None
+
+
+def _token_str(value) -> str | None:
+    """A special token as written in tokenizer_config.json: "<s>" or {"content": "<s>", ...}."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json + chat template
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer directory, read the way transformers (>= 5) reads it.
+
+    - ids come from `tokenizer.json` as the `tokenizers` library runs it; its post-processor
+      decides what `add_special_tokens=True` adds (Llama/Mistral: BOS; Qwen2: nothing).
+      transformers 5 ignores tokenizer_config's `add_bos_token`/`add_eos_token` when a
+      tokenizer.json is present, and so do we (transformers 4's LlamaTokenizerFast rebuilt the
+      post-processor from them).
+    - no `clean_up_tokenization_spaces`: transformers 5 skips it for BPE models, which all the
+      LLaMA-family tokenizers are.
+    - named special tokens (`bos_token`, `eos_token`, ... any `*_token` string) come from
+      tokenizer_config.json, overridden by special_tokens_map.json when the config has no
+      `added_tokens_decoder` (transformers' legacy rule).
+    - the chat template comes from chat_template.jinja (and additional_chat_templates/*.jinja)
+      if present, else tokenizer_config.json's `chat_template` (a string, or a list of
+      {name, template}); with several, "default" is used ("tool_use" when tools are passed).
+    """
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        path = self.model_dir / "tokenizer.json"
+        try:
+            self._tok = _TokenizersBackend.from_file(str(path))
+        except Exception as e:  # the Rust side raises plain Exception on a malformed file
+            raise TinyLLMError(f"tokenizer: cannot load {path}: {e}".replace("\n", " ")) from None
+        self._tok.no_truncation()
+        self._tok.no_padding()
+
+        cfg_path = self.model_dir / "tokenizer_config.json"
+        cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+        named = {k: _token_str(v) for k, v in cfg.items() if k.endswith("_token") and _token_str(v) is not None}
+        map_path = self.model_dir / "special_tokens_map.json"
+        if map_path.is_file() and "added_tokens_decoder" not in cfg:
+            for k, v in _read_json(map_path).items():
+                if k.endswith("_token") and _token_str(v) is not None:
+                    named[k] = _token_str(v)
+        self.special_tokens = named  # e.g. {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_token_id = self.token_to_id(named.get("bos_token"))
+        self.eos_token_id = self.token_to_id(named.get("eos_token"))
+        self.eos_token_ids = {self.eos_token_id} if self.eos_token_id is not None else set()
+
+        self._templates = self._find_chat_templates(cfg)
+        self.has_chat_template = bool(self._templates)
+        self._compiled: dict[str, object] = {}
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    # ---- chat template
+
+    def _find_chat_templates(self, cfg: dict) -> dict[str, str]:
+        templates: dict[str, str] = {}
+        jinja = self.model_dir / "chat_template.jinja"
+        extra = self.model_dir / "additional_chat_templates"
+        if jinja.is_file():
+            templates["default"] = jinja.read_text(encoding="utf-8")
+        if extra.is_dir():
+            for p in sorted(extra.glob("*.jinja")):
+                templates[p.name.removesuffix(".jinja")] = p.read_text(encoding="utf-8")
+        if templates:  # separate template files take priority over the config entry
+            return templates
+        tpl = cfg.get("chat_template")
+        if isinstance(tpl, str):
+            return {"default": tpl}
+        if isinstance(tpl, list):
+            return {t["name"]: t["template"] for t in tpl if isinstance(t, dict) and "name" in t and "template" in t}
+        return {}
+
+    def chat_template(self, tools=None) -> str:
+        """The template source that `apply_chat_template` would use."""
+        if not self._templates:
+            raise TinyLLMError(f"tokenizer: {self.model_dir} has no chat template (no chat_template.jinja and no "
+                               "chat_template in tokenizer_config.json); use `tinyllm generate` with a raw prompt")
+        if len(self._templates) == 1:
+            return next(iter(self._templates.values()))
+        if tools is not None and "tool_use" in self._templates:
+            return self._templates["tool_use"]
+        if "default" in self._templates:
+            return self._templates["default"]
+        raise TinyLLMError(f"tokenizer: {self.model_dir} has several chat templates "
+                           f"({', '.join(sorted(self._templates))}) and none named 'default'")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        source = self.chat_template(kwargs.get("tools"))
+        if source not in self._compiled:
+            try:
+                self._compiled[source] = _jinja_env().from_string(source)
+            except jinja2.exceptions.TemplateError as e:
+                raise ChatTemplateError(f"chat template of {self.model_dir} does not compile: {e}") from None
+        variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}  # kwargs win, as in HF
+        try:
+            return self._compiled[source].render(messages=copy.deepcopy(list(messages)),
+                                                 add_generation_prompt=add_generation_prompt, **variables)
+        except _TemplateRaised as e:
+            raise ChatTemplateError(str(e)) from None
+        except jinja2.exceptions.TemplateError as e:
+            raise ChatTemplateError(f"chat template failed to render: {e}") from None
+
+
+class _TemplateRaised(jinja2.exceptions.TemplateError):
+    """Raised by a template's own `raise_exception(message)`."""
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    # transformers marks assistant text with {% generation %} to build training masks; for
+    # inference the tag only has to render what is inside it.
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
+def _raise_exception(message):
+    raise _TemplateRaised(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # jinja's own tojson escapes <, >, & and ' for HTML, which would change the prompt
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+@functools.cache
+def _jinja_env() -> ImmutableSandboxedEnvironment:
+    """The environment transformers renders chat templates in (chat_template_utils.py): sandboxed
+    (templates come from the Hub), trim_blocks + lstrip_blocks, loop controls, plus the globals
+    and filter above."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# Mistral native (SentencePiece tokenizer.model.v1/v2/v3)
+
+
+class MistralNativeTokenizer(Tokenizer):
+    """Mistral's own tokenizer files, with the chat prompt built as ids like mistral-common.
+
+    v1 (Mistral-7B v0.1/v0.2, Mixtral-8x7B): `[INST]` is plain text, so a turn is
+    sp("[INST] {user} [/INST]") and the prompt reads `<s> [INST] Hello [/INST] Fine</s> [INST] ...`.
+    v2/v3 (v0.3, 8x22B): `[INST]`=3 and `[/INST]`=4 are control tokens around sp(user), giving
+    `<s>[INST] Hello[/INST] Fine</s>[INST] ...` (no space before [/INST], on purpose).
+    There is no system role: system messages are joined and put in front of the first user
+    message (v1) or the last one (v2/v3). Consecutive messages of one role are merged with
+    "\\n\\n", and an empty user turn is inserted if the conversation does not start with one.
+    Tool calls and tool results (v2/v3) are not supported.
+    """
+
+    def __init__(self, path: Path):
+        self.model_dir = path.parent
+        self.version = path.name.rsplit(".", 1)[-1]  # "v1", "v2", "v3"
+        if self.version not in ("v1", "v2", "v3"):
+            raise TinyLLMError(f"tokenizer: {path} is not supported yet (tinyllm reads tokenizer.model.v1, "
+                               "v2 and v3)")
+        try:
+            import sentencepiece
+        except ImportError:
+            raise TinyLLMError(f"tokenizer: {path} needs the sentencepiece package: "
+                               "pip install 'tinyllm[mistral]'") from None
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise TinyLLMError(f"tokenizer: cannot load {path}: {e}".replace("\n", " ")) from None
+        sp = self._sp
+        self.vocab_size = sp.vocab_size()
+        self.bos_token_id = sp.bos_id()
+        self.eos_token_id = sp.eos_id()
+        self.eos_token_ids = {self.eos_token_id}
+        self.has_chat_template = True
+        if self.version == "v1":
+            self._inst = self._end_inst = None
+        else:
+            self._inst, self._end_inst = sp.piece_to_id("[INST]"), sp.piece_to_id("[/INST]")
+            if not (sp.IsControl(self._inst) and sp.IsControl(self._end_inst)):
+                raise TinyLLMError(f"tokenizer: {path} has no [INST]/[/INST] control tokens; "
+                                   "is it really a v2/v3 tokenizer?")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # Control tokens ([INST], </s>) written in the text stay text: mistral-common never
+        # parses them out of strings, and neither do we.
+        ids = self._sp.encode(text)
+        return [self.bos_token_id, *ids] if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            return self._sp.decode(ids)  # SentencePiece drops control tokens itself
+        # Control tokens as their text. A run of ordinary tokens keeps its leading space unless
+        # it starts the output (what sp.decode and HF's Strip decoder do for the first token).
+        out, run = [], []
+        for i in ids + [None]:
+            if i is not None and not self._sp.IsControl(i):
+                run.append(i)
+                continue
+            if run:
+                text = self._sp.decode(run)
+                if out and self._sp.id_to_piece(run[0]).startswith("\u2581"):
+                    text = " " + text
+                out.append(text)
+                run = []
+            if i is not None:
+                out.append(self._sp.id_to_piece(i))
+        return "".join(out)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The prompt as readable text (control tokens spelled out); generate from `encode_chat`,
+        since re-encoding this text would not give the control tokens back."""
+        return self.decode(self.encode_chat(messages, add_generation_prompt, **kwargs), skip_special_tokens=False)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        # The prompt always ends in [/INST], which is the generation prompt; add_generation_prompt
+        # has nothing to add. A final assistant message with "prefix": True is left open.
+        if kwargs.get("tools"):
+            raise ChatTemplateError("tools are not supported with Mistral native tokenizers yet")
+        system, turns = _mistral_turns(messages)
+        users = [i for i, (role, _, _) in enumerate(turns) if role == "user"]
+        system_turn = users[0] if self.version == "v1" else users[-1]
+        ids = [self.bos_token_id]
+        for i, (role, content, prefix) in enumerate(turns):
+            if role == "user":
+                if system and i == system_turn:
+                    content = system + "\n\n" + content
+                if self.version == "v1":
+                    ids += self._sp.encode(f"[INST] {content} [/INST]")
+                else:
+                    ids += [self._inst, *self._sp.encode(content), self._end_inst]
+            else:
+                if not content:
+                    raise ChatTemplateError(f"assistant message {i} has no content")
+                ids += self._sp.encode(content if self.version == "v1" else content.rstrip(" "))
+                if not prefix:
+                    ids.append(self.eos_token_id)
+        return ids
+
+
+def _message_text(message: dict) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []  # OpenAI-style content chunks: only text is supported here
+    for chunk in content:
+        if not (isinstance(chunk, dict) and chunk.get("type") == "text"):
+            raise ChatTemplateError(f"only text content is supported for Mistral native chat, got {chunk!r:.60}")
+        parts.append(chunk.get("text") or "")
+    return "\n\n".join(p for p in parts if p)
+
+
+def _mistral_turns(messages: list[dict]) -> tuple[str | None, list[tuple[str, str, bool]]]:
+    """mistral-common's normalisation: (system prompt, [(role, text, prefix)]) with runs of one
+    role merged ("\\n\\n", empty texts dropped) and system messages taken out (they still break runs)."""
+    for m in messages:
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise ChatTemplateError(f"role {m.get('role')!r} is not supported by Mistral native chat "
+                                    "(use system, user and assistant)")
+    system = [t for m in messages if m["role"] == "system" and (t := _message_text(m))]
+    turns: list[tuple[str, str, bool]] = []
+    for role, run in itertools.groupby(messages, key=lambda m: m["role"]):
+        if role != "system":
+            run = list(run)
+            text = "\n\n".join(t for m in run if (t := _message_text(m)))
+            turns.append((role, text, any(m.get("prefix", False) for m in run)))
+    if not turns or turns[0][0] != "user":
+        turns.insert(0, ("user", "", False))
+    return ("\n\n".join(system) if system else None), turns
