@@ -63,7 +63,9 @@ class NumpyBackend:
     compute_dtype = "fp32"
 
     def upload(self, name: str, a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(a, dtype=np.float32)
+        # An owned, aligned float32 copy: a safetensors memmap view may sit at an offset
+        # that is not a multiple of 4, and BLAS falls back to slow loops on unaligned data.
+        return np.array(a, dtype=np.float32, order="C", copy=True)
 
     def to_numpy(self, x) -> np.ndarray:
         return np.asarray(x, dtype=np.float32)
