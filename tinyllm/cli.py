@@ -54,11 +54,12 @@ def sampling_from_args(a):
 
 
 def load_llm(a, max_batch: int = 1, quiet: bool = False):
-    from .api import LLM, resolve_model_dir
-    from .backends import get_backend  # noqa: F401  (errors surface before loading)
-    model_dir = resolve_model_dir(a.model)
+    from .api import LLM
+    from .hub import resolve
+    r = resolve(a.model)
+    model_dir = r.path
     if not quiet:
-        print(f"model: {model_dir}", file=sys.stderr)
+        print(f"model: {r.describe()}", file=sys.stderr)
     llm = LLM(str(model_dir), backend=a.backend, dtype=a.dtype, kv_dtype=a.kv_dtype,
               max_seq_len=a.max_seq_len, max_batch=max_batch, progress=not quiet)
     if not quiet:
@@ -133,7 +134,7 @@ def cmd_info(a) -> int:
 def cmd_convert(a) -> int:
     from .gguf_convert import convert_gguf
     t0 = time.perf_counter()
-    out = convert_gguf(a.gguf, a.out_dir)
+    out = convert_gguf(a.gguf, a.out_dir, dtype=a.dtype, overwrite=a.overwrite)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -189,9 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     cv = sub.add_parser("convert", help="convert a GGUF file into an HF-layout directory")
     cv.add_argument("gguf")
     cv.add_argument("out_dir")
+    cv.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="one dtype for every tensor (default: float32 for quantized, F16/BF16 kept)")
+    cv.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     cv.set_defaults(func=cmd_convert)
 
-    dl = sub.add_parser("download", help="fetch a model from the Hugging Face Hub into weights/")
+    dl = sub.add_parser("download", help="fetch a model from the Hugging Face Hub into the local HF cache")
     dl.add_argument("name")
     dl.set_defaults(func=cmd_download)
 
