@@ -65,8 +65,13 @@ class LLM:
 
     # ---- setup ---------------------------------------------------------------------
     def _check_memory(self, cfg: ModelConfig, max_batch: int):
-        if self.backend.name != "numpy":
-            return                          # the cuda backend checks GPU memory itself
+        if hasattr(self.backend, "check_fits"):  # GPU: weights (bf16) + the KV cache in free memory
+            from .kv_cache import KVCacheSpec
+            spec = KVCacheSpec.for_model(cfg, self.kv_dtype, self.max_seq_len, max_batch)
+            self.backend.check_fits(cfg.n_params() * 2, spec.nbytes(),
+                                    kv_bytes_per_token=cfg.kv_bytes_per_token(self.kv_dtype) * max_batch,
+                                    max_seq_len=self.max_seq_len)
+            return
         need = cfg.n_params() * 4           # float32 weights
         have = available_memory()
         if have is not None and need > have:

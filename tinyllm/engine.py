@@ -73,6 +73,7 @@ class _Seq:
     t0: float = field(default_factory=time.perf_counter)
     t_first: float = 0.0
     prefill_tokens: int = 0
+    device_seed: int = 0                 # on-device sampling draws from (device_seed, step)
 
     @property
     def generated(self) -> list[int]:
@@ -177,8 +178,10 @@ class Engine:
         rng = np.random.default_rng(p.seed)
         cached = reusable_prefix(self.slot_ids[slot], req.prompt_ids, self.cache.spec)
         self.slot_ids[slot] = list(req.prompt_ids[:cached])
-        return _Seq(req, slot, list(req.prompt_ids), len(req.prompt_ids), cached, rng,
-                    self.tok.stream(req.prompt_ids), list(p.stop or []))
+        seq = _Seq(req, slot, list(req.prompt_ids), len(req.prompt_ids), cached, rng,
+                   self.tok.stream(req.prompt_ids), list(p.stop or []))
+        seq.device_seed = p.seed % 2**63 if p.seed is not None else int(np.random.default_rng().integers(2**63))
+        return seq
 
     def _step(self, live: list[_Seq]) -> Iterator[Event]:
         # Decode tokens first (one each), then prompt chunks within the token budget.
@@ -197,8 +200,9 @@ class Engine:
             runs.append((s, n))
         tokens = np.concatenate([np.asarray(s.ids[s.n_cached:s.n_cached + n], np.int32) for s, n in runs])
         batch = Batch([s.slot for s, _ in runs], [s.n_cached for s, _ in runs], [n for _, n in runs])
-        logits = self.ops.to_numpy(self.model.forward(tokens, batch, self.cache))
+        logits = self.model.forward(tokens, batch, self.cache)           # (B, vocab), on the backend
         self.stats["steps"] += 1
+        ready = []
         for row, (s, n) in enumerate(runs):
             self.slot_ids[s.slot].extend(s.ids[s.n_cached:s.n_cached + n])
             s.n_cached += n
@@ -207,10 +211,32 @@ class Engine:
                 self.stats["prefill_tokens"] += n
             else:
                 self.stats["decode_tokens"] += n
-            if s.n_cached < len(s.ids):
-                continue                       # prompt not fully cached yet
-            tok = sample(logits[row], s.req.params, s.rng, np.asarray(s.ids, np.int64))
+            if s.n_cached == len(s.ids):       # else: the prompt is not fully cached yet
+                ready.append((row, s))
+        for s, tok in zip([s for _, s in ready], self._choose(logits, ready)):
             yield from self._accept(s, tok)
+
+    def _choose(self, logits, ready: list[tuple[int, _Seq]]) -> list[int]:
+        """Next token of each ready sequence. A backend with on-device sampling (cuda) draws
+        there from (seed, step), copying only token ids back; repetition penalty and the numpy
+        backend use the host sampler with the request's own Generator."""
+        out: dict[int, int] = {}
+        host = [(r, s) for r, s in ready if not hasattr(self.ops, "sample")
+                or (s.req.params.repetition_penalty or 1.0) != 1.0]
+        on_host = {id(s) for _, s in host}
+        dev = [(r, s) for r, s in ready if id(s) not in on_host]
+        if dev:
+            p = [s.req.params for _, s in dev]
+            toks = self.ops.sample(self.ops.take_rows(logits, np.asarray([r for r, _ in dev], np.int32)),
+                                   [q.temperature or 0.0 for q in p], [q.top_k or 0 for q in p],
+                                   [q.top_p if q.top_p is not None else 1.0 for q in p],
+                                   [s.device_seed for _, s in dev], [len(s.generated) for _, s in dev])
+            out.update({id(s): int(t) for (_, s), t in zip(dev, toks)})
+        if host:
+            rows = self.ops.to_numpy(self.ops.take_rows(logits, np.asarray([r for r, _ in host], np.int32)))
+            for (_, s), row in zip(host, rows):
+                out[id(s)] = sample(row, s.req.params, s.rng, np.asarray(s.ids, np.int64))
+        return [out[id(s)] for _, s in ready]
 
     def _accept(self, s: _Seq, tok: int) -> Iterator[Event]:
         p = s.req.params

@@ -1,0 +1,327 @@
+#!/usr/bin/env python3
+"""GPU benchmark: one table, every figure next to the ceiling or reference measured in the same
+run on the same GPU (PERF.md). Needs CuPy, torch and transformers; no files, no network: the
+Mistral-7B-shaped model gets random bf16 weights built directly on the device.
+
+Rows:
+  copy bandwidth            device-to-device copy, bytes read + written (the decode ceiling)
+  bf16 GEMM                 8192^3 through our cuBLAS call (the prefill ceiling)
+  decode tok/s, batch 1     tinyllm forward per token at context --ctx, vs weights+KV bytes / copy
+                            bandwidth (the floor) and vs transformers (MistralForCausalLM, bf16,
+                            SDPA, random init, same shape, DynamicCache) decoding the same way
+  prefill tok/s             one --prefill-token forward, vs transformers' prefill
+  flash attention TFLOP/s   causal, 32 q / 8 kv heads, d=128, n=4096: tinyllm v1/v2 vs torch SDPA
+  decode attention GB/s     one token over an 8k / 32k bf16 cache (cache bytes / time) vs copy bandwidth
+  int8 / fp8 KV decode      time at 32k vs the bf16 cache (target >= 1.8x faster)
+
+Timing: CUDA events around the region, warm-up first, median of --iters repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def median_ms(fn, iters: int, warmup: int = 3) -> float:
+    import cupy as cp
+    for _ in range(warmup):
+        fn()
+    cp.cuda.get_current_stream().synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b))
+    return statistics.median(times)
+
+
+def torch_median_ms(fn, iters: int, warmup: int = 3) -> float:
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+# ---- the model, built in memory -----------------------------------------------------------------
+
+def mistral_config(n_layers: int):
+    from tinyllm.config import ModelConfig
+    return ModelConfig(arch="mistral", vocab_size=32000, dim=4096, n_layers=n_layers, n_heads=32, n_kv_heads=8,
+                       head_dim=128, hidden_dim=14336, norm_eps=1e-5, rope_theta=1e6,
+                       max_position_embeddings=32768, sliding_window=None, torch_dtype="bfloat16")
+
+
+def random_bf16(be, shape, std=0.02):
+    """Random normal values as bf16 on the device (truncated from fp32: fine for timing)."""
+    cp = be.cp
+    u = cp.random.standard_normal(shape, dtype=cp.float32) * np.float32(std)
+    return (u.view(cp.uint32) >> 16).astype(cp.uint16).view(be.bf16)
+
+
+def build_model(be, cfg):
+    from tinyllm.model import Transformer
+    from tinyllm.weights import LayerWeights, Weights
+    d, h = cfg.dim, cfg.hidden_dim
+    ones = lambda n: be.from_numpy(np.ones(n, np.float32))  # noqa: E731
+    layers = [LayerWeights(attn_norm=ones(d), wq=random_bf16(be, (cfg.q_dim, d)), wk=random_bf16(be, (cfg.kv_dim, d)),
+                           wv=random_bf16(be, (cfg.kv_dim, d)), wo=random_bf16(be, (d, cfg.q_dim)), ffn_norm=ones(d),
+                           w1=random_bf16(be, (h, d)), w2=random_bf16(be, (d, h)), w3=random_bf16(be, (h, d)))
+              for _ in range(cfg.n_layers)]
+    embed = random_bf16(be, (cfg.vocab_size, d), 1.0)
+    lm_head = random_bf16(be, (cfg.vocab_size, d))
+    be.mark_logits_weight(lm_head)
+    w = Weights(embed, layers, ones(d), lm_head)
+    return Transformer(cfg, w, be)
+
+
+def free_all(be):
+    """Return what the last measurement held (its locals are gone) to the device."""
+    gc.collect()
+    be.cp.get_default_memory_pool().free_all_blocks()
+    try:
+        import torch
+        torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def weight_bytes(cfg) -> int:
+    return 2 * (cfg.n_params() - cfg.vocab_size * cfg.dim)      # the embedding is only gathered
+
+
+# ---- measurements ------------------------------------------------------------------------------------
+
+def measure_copy_bandwidth(iters):
+    import cupy as cp
+    n = 1 << 30
+    a, b = cp.empty(n, cp.uint8), cp.empty(n, cp.uint8)
+    a.fill(1)
+    ms = median_ms(lambda: b.__setitem__(Ellipsis, a), iters)
+    return 2 * n / (ms * 1e-3)
+
+
+def measure_gemm(be, iters):
+    n = 8192
+    x, w = random_bf16(be, (n, n), 1.0), random_bf16(be, (n, n), 1.0)
+    ms = median_ms(lambda: be.linear(x, w), iters)
+    return 2 * n ** 3 / (ms * 1e-3)
+
+
+def measure_tinyllm_model(be, cfg, ctx, prefill_tokens, decode_steps, iters):
+    from tinyllm.backends import Batch
+    from tinyllm.kv_cache import KVCacheSpec
+    model = build_model(be, cfg)
+    spec = KVCacheSpec(cfg.n_layers, 1, max(ctx + decode_steps + 8, prefill_tokens), cfg.n_kv_heads, cfg.head_dim,
+                       "bf16", None, max(ctx + decode_steps + 8, prefill_tokens))
+    cache = be.alloc_kv(spec)
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, cfg.vocab_size, prefill_tokens).astype(np.int32)
+    prefill_ms = median_ms(lambda: model.forward(toks, Batch([0], [0], [prefill_tokens]), cache), max(3, iters // 4), 1)
+    # fill the cache to ctx in chunks, then time single-token steps (forward + device argmax)
+    for s in range(0, ctx, prefill_tokens):
+        n = min(prefill_tokens, ctx - s)
+        model.forward(toks[:n], Batch([0], [s], [n]), cache)
+    pos = [ctx]
+
+    def step():
+        logits = model.forward(np.asarray([pos[0] % cfg.vocab_size], np.int32), Batch([0], [pos[0]], [1]), cache)
+        be.argmax(logits)                                    # the host needs the token: one sync per step
+        pos[0] += 1
+
+    decode_ms = median_ms(step, decode_steps, 3)
+    return prefill_tokens / (prefill_ms * 1e-3), 1e3 / decode_ms      # the caller frees the model
+
+
+def measure_transformers(cfg, ctx, prefill_tokens, decode_steps, iters):
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+    from transformers.cache_utils import DynamicCache
+    hf = MistralConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
+                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                       num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
+                       max_position_embeddings=cfg.max_position_embeddings, sliding_window=None,
+                       attn_implementation="sdpa")
+    torch.set_default_dtype(torch.bfloat16)                      # random init directly in bf16 on the GPU
+    try:
+        with torch.device("cuda"):
+            model = MistralForCausalLM(hf).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (1, prefill_tokens), device="cuda")
+    with torch.no_grad():
+        prefill_ms = torch_median_ms(lambda: model(ids, use_cache=False, logits_to_keep=1), max(3, iters // 4), 1)
+        cache = DynamicCache()
+        ctx_ids = torch.randint(0, cfg.vocab_size, (1, ctx), device="cuda")
+        for s in range(0, ctx, prefill_tokens):
+            model(ctx_ids[:, s:s + prefill_tokens], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = torch.zeros((1, 1), dtype=torch.long, device="cuda")
+
+        def step():
+            nonlocal tok
+            out = model(tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            tok.item()                                       # the host needs the token, as in tinyllm
+
+        decode_ms = torch_median_ms(step, decode_steps, 3)
+    return prefill_tokens / (prefill_ms * 1e-3), 1e3 / decode_ms
+
+
+def attention_setup(be, n_ctx, n_q, kv_dtype, n_heads=32, n_kv=8, hd=128):
+    from tinyllm.backends import Batch
+    from tinyllm.kv_cache import KVCacheSpec
+    spec = KVCacheSpec(1, 1, n_ctx, n_kv, hd, kv_dtype, None, n_ctx)
+    cache = be.alloc_kv(spec)
+    k = random_bf16(be, (n_ctx, n_kv, hd), 1.0)
+    v = random_bf16(be, (n_ctx, n_kv, hd), 1.0)
+    q = random_bf16(be, (n_ctx, n_heads, hd), 1.0)
+    # write the whole cache through our kernel (quantizing when asked), zero inv_freq: no rotation
+    be.rope_kv_write(q, k, v, cache, 0, be.prepare(Batch([0], [0], [n_ctx])), np.zeros(hd // 2, np.float32))
+    batch = be.prepare(Batch([0], [n_ctx - n_q], [n_q]))
+    return cache, q[:n_q], batch
+
+
+def measure_flash(be, iters, n=4096):
+    import torch
+    import torch.nn.functional as F
+    flops = 4 * n * n * 128 * 32 / 2                             # causal: half of 4 n^2 d per head
+    res = {}
+    cache, q, batch = attention_setup(be, n, n, "bf16")
+    for ver in ("v1", "v2"):
+        be.versions["prefill_attention"] = ver
+        ms = median_ms(lambda: be.attention(q, cache, 0, batch, 128 ** -0.5), iters)
+        res[ver] = flops / (ms * 1e-3)
+    be.versions["prefill_attention"] = "v2"
+    tq = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
+    tk = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16).repeat_interleave(4, dim=1)
+    tv = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16).repeat_interleave(4, dim=1)
+    ms = torch_median_ms(lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True), iters)
+    res["torch"] = flops / (ms * 1e-3)
+    return res
+
+
+def measure_decode_attention(be, iters, n_ctx, kv_dtype):
+    cache, q, batch = attention_setup(be, n_ctx, 1, kv_dtype)
+    spec = cache.spec
+    cache_bytes = spec.nbytes()                                  # one layer, one slot: all of it is read
+    ms = median_ms(lambda: be.attention(q, cache, 0, batch, 128 ** -0.5), iters)
+    return ms, cache_bytes / (ms * 1e-3)
+
+
+def measure_torch_decode_attention(iters, n_ctx):
+    import torch
+    import torch.nn.functional as F
+    tq = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    tk = torch.randn(1, 8, n_ctx, 128, device="cuda", dtype=torch.bfloat16)
+    tv = torch.randn(1, 8, n_ctx, 128, device="cuda", dtype=torch.bfloat16)
+    try:
+        fn = lambda: F.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True)  # noqa: E731
+        fn()
+    except TypeError:
+        tk, tv = tk.repeat_interleave(4, 1), tv.repeat_interleave(4, 1)
+        fn = lambda: F.scaled_dot_product_attention(tq, tk, tv)  # noqa: E731
+    ms = torch_median_ms(fn, iters)
+    return ms, 2 * 8 * n_ctx * 128 * 2 / (ms * 1e-3)
+
+
+# ---- main --------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=32, help="Mistral-7B has 32; fewer for a quick run")
+    ap.add_argument("--ctx", type=int, default=512, help="context before the timed decode steps")
+    ap.add_argument("--prefill-tokens", type=int, default=2048)
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args(argv)
+
+    from tinyllm.backends.cuda_backend import CudaBackend
+    be = CudaBackend()
+    cfg = mistral_config(args.layers)
+    rows: list[tuple[str, str, str, str]] = []
+    figs: dict = {"gpu": be.gpu_name, "layers": args.layers, "ctx": args.ctx}
+    t0 = time.time()
+
+    bw = measure_copy_bandwidth(args.iters)
+    gemm = measure_gemm(be, args.iters)
+    figs.update(copy_bw=bw, gemm_flops=gemm)
+    rows.append(("copy bandwidth (read+write)", f"{bw / 1e9:,.0f} GB/s", "", ""))
+    rows.append(("bf16 GEMM 8192^3 (cuBLAS)", f"{gemm / 1e12:,.0f} TFLOP/s", "", ""))
+
+    pre, dec = measure_tinyllm_model(be, cfg, args.ctx, args.prefill_tokens, args.decode_steps, args.iters)
+    free_all(be)                                                 # room for transformers' copy
+    kv_step = cfg.kv_bytes_per_token("bf16") * args.ctx
+    floor_tps = bw / (weight_bytes(cfg) + kv_step)
+    prefill_floor = gemm / (2 * cfg.n_params())
+    figs.update(decode_tps=dec, prefill_tps=pre, decode_floor_tps=floor_tps)
+    hf_pre = hf_dec = None
+    if not args.skip_transformers:
+        try:
+            hf_pre, hf_dec = measure_transformers(cfg, args.ctx, args.prefill_tokens, args.decode_steps, args.iters)
+            figs.update(hf_decode_tps=hf_dec, hf_prefill_tps=hf_pre)
+        except Exception as e:                                   # keep the rest of the table
+            print(f"transformers measurement failed: {type(e).__name__}: {e}", file=sys.stderr)
+        free_all(be)
+    rows.append((f"decode tok/s, batch 1, ctx {args.ctx}", f"{dec:,.1f}",
+                 f"floor {floor_tps:,.0f} ({dec / floor_tps:.0%}); transformers {hf_dec or float('nan'):,.1f}",
+                 f"{dec / hf_dec:.2f}x HF" if hf_dec else ""))
+    rows.append((f"prefill tok/s, {args.prefill_tokens} tokens", f"{pre:,.0f}",
+                 f"GEMM bound {prefill_floor:,.0f} ({pre / prefill_floor:.0%}); transformers {hf_pre or float('nan'):,.0f}",
+                 f"{pre / hf_pre:.2f}x HF" if hf_pre else ""))
+
+    fl = measure_flash(be, args.iters)
+    figs.update(flash=fl)
+    rows.append(("flash attn causal n=4096 d=128 (v2)", f"{fl['v2'] / 1e12:,.0f} TFLOP/s",
+                 f"v1 {fl['v1'] / 1e12:,.0f}; torch SDPA {fl['torch'] / 1e12:,.0f} TFLOP/s", f"{fl['v2'] / fl['torch']:.2f}x SDPA"))
+
+    dec_ms = {}
+    for n_ctx in (8192, 32768):
+        ms, gbs = measure_decode_attention(be, args.iters, n_ctx, "bf16")
+        tms, tgbs = measure_torch_decode_attention(args.iters, n_ctx)
+        dec_ms[("bf16", n_ctx)] = ms
+        figs[f"decode_attn_{n_ctx}"] = dict(ms=ms, gbs=gbs, torch_ms=tms, torch_gbs=tgbs)
+        rows.append((f"decode attention bf16 ctx {n_ctx}", f"{gbs / 1e9:,.0f} GB/s ({ms * 1e3:,.0f} us)",
+                     f"copy {bw / 1e9:,.0f} GB/s ({gbs / bw:.0%}); torch SDPA {tgbs / 1e9:,.0f} GB/s", f"{tms / ms:.2f}x SDPA"))
+    for kv in ("int8", "fp8"):
+        ms, gbs = measure_decode_attention(be, args.iters, 32768, kv)
+        figs[f"decode_attn_32768_{kv}"] = dict(ms=ms, gbs=gbs)
+        rows.append((f"decode attention {kv} ctx 32768", f"{ms * 1e3:,.0f} us ({gbs / 1e9:,.0f} GB/s)",
+                     f"bf16 {dec_ms[('bf16', 32768)] * 1e3:,.0f} us", f"{dec_ms[('bf16', 32768)] / ms:.2f}x faster"))
+
+    w = max(len(r[0]) for r in rows)
+    print(f"\ntinyllm GPU benchmark on {be.gpu_name}, Mistral-7B shape ({args.layers} layers), random bf16 weights "
+          f"({time.time() - t0:.0f} s)")
+    print(f"{'what':<{w}}  {'tinyllm':>24}  {'reference (same run)':<62} ratio")
+    for r in rows:
+        print(f"{r[0]:<{w}}  {r[1]:>24}  {r[2]:<62} {r[3]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figs, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

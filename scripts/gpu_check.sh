@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: the GPU tests (every kernel against its numpy twin, whole-model
+# parity), then the benchmark table (scripts/bench_gpu.py). Needs CuPy (cupy-cuda13x), torch and
+# transformers; no network. Extra arguments go to bench_gpu.py (e.g. --layers 8 for a quick run).
+# Exit status: non-zero if the tests or the benchmark failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+OUT_DIR=${OUT:-/tmp}
+
+$PY - <<'PY' || { echo "gpu_check: no usable GPU through CuPy" >&2; exit 2; }
+import cupy
+p = cupy.cuda.runtime.getDeviceProperties(0)
+name = p["name"].decode() if isinstance(p["name"], bytes) else p["name"]
+print(f"cupy {cupy.__version__}, {name}, cc {p['major']}.{p['minor']}, {p['multiProcessorCount']} SMs")
+PY
+
+echo "== GPU tests =="
+$PY -m pytest -q -m gpu tests/test_cuda_ops.py tests/test_cuda_model.py -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+
+echo "== benchmark =="
+$PY scripts/bench_gpu.py --json "$OUT_DIR/bench_gpu.json" "$@" 2>&1 | tee "$OUT_DIR/bench_gpu.log"
+bench_rc=${PIPESTATUS[0]}
+
+echo "gpu_check: tests exit $tests_rc, benchmark exit $bench_rc (logs in $OUT_DIR)"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -1,0 +1,446 @@
+"""Every CUDA kernel against its numpy twin (numpy_backend.py / kv_cache.py), on the shapes
+that break kernels: sizes off the block (1, 7, 33, 4097), GQA ratios 1/4/8/all (and 12,
+more heads than one decode CTA takes), head_dim 64, 128 and the zero-padded 16/24, window
+edges, position 0 and the last position, a rolling cache that wraps, every KV dtype, strided
+inputs. GPU tests carry the `gpu` marker (skipped without CuPy and a device); the tests at the
+bottom check the backend's pure-Python parts and run everywhere.
+
+Tolerances (bf16). Inputs are rounded to bf16 once and the numpy reference is given the *same*
+rounded values in float32, so a kernel differs from numpy only by (a) its bf16 output
+rounding, at most half an ulp = 2^-9 relative, (b) fp32 accumulation order (~1e-6 relative
+here), and in attention (c) P rounded to bf16 before P@V in the tensor-core kernel and K/V
+re-rounded to bf16 when the cache is not bf16 (2^-9 relative each). `close` therefore allows
+rtol 2^-7 (two ulps) plus an atol of a few ulps of the output's scale. Where no rounding
+happens at all (gathers, the residual sum, RoPE with the host-computed tables, quantized cache
+bytes) the comparison is exact.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from tinyllm.backends import Batch
+from tinyllm.backends import cuda_backend as cb
+from tinyllm.backends import cuda_kernels as ck
+from tinyllm.backends.numpy_backend import NumpyBackend, NumpyKVCache
+from tinyllm.errors import TinyLLMError
+from tinyllm.kv_cache import KVCacheSpec
+
+REF = NumpyBackend()
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from tinyllm.backends.cuda_backend import CudaBackend
+    return CudaBackend()
+
+
+@pytest.fixture
+def be(backend):
+    backend.versions = dict(cb.VERSIONS)          # each test starts from the registry defaults
+    return backend
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
+
+
+def bf(a) -> np.ndarray:
+    """Round to bf16 and back (what the device holds)."""
+    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def randn(rng, *shape, scale=1.0) -> np.ndarray:
+    return bf(rng.standard_normal(shape).astype(np.float32) * scale)
+
+
+def close(got, want, rtol=2**-7, atol_ulps=4):
+    want = np.asarray(want, np.float64)
+    atol = atol_ulps * 2**-9 * max(float(np.abs(want).max()), 1e-6)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=atol)
+
+
+# ---- gathers ------------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("V,dim", [(1, 8), (33, 64), (4097, 24), (7, 4097)])
+@pytest.mark.parametrize("T", [1, 7, 33])
+def test_embed_is_exact(be, rng, V, dim, T):
+    table = randn(rng, V, dim)
+    tokens = rng.integers(0, V, T).astype(np.int32)
+    tokens[0], tokens[-1] = 0, V - 1
+    got = be.to_numpy(be.embed(be.upload("model.embed_tokens.weight", table), tokens))
+    np.testing.assert_array_equal(got, REF.embed(table, tokens))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_take_rows_is_exact(be, rng, dtype):
+    x = randn(rng, 33, 40)
+    rows = np.array([32, 0, 5, 5], np.int64)
+    dx = be.from_numpy(x) if dtype == "bf16" else be.cp.asarray(x)
+    np.testing.assert_array_equal(be.to_numpy(be.take_rows(dx, rows)), REF.take_rows(x, rows))
+    wide = be.from_numpy(randn(rng, 33, 64))[:, 8:48]           # strided rows
+    np.testing.assert_array_equal(be.to_numpy(be.take_rows(wide, rows)), be.to_numpy(wide)[rows])
+
+
+# ---- RMSNorm --------------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("rows,dim", [(1, 8), (7, 64), (33, 4096), (3, 4097), (2, 24)])
+def test_rms_norm(be, rng, version, rows, dim):
+    be.versions["rms_norm"] = version
+    x, w = randn(rng, rows, dim, scale=3.0), randn(rng, dim)
+    got = be.to_numpy(be.rms_norm(be.from_numpy(x), be.upload("w", w), 1e-5))
+    close(got, REF.rms_norm(x, w, 1e-5))
+
+
+@gpu
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("rows,dim", [(1, 8), (7, 64), (33, 4096), (3, 4097)])
+def test_add_rms_norm(be, rng, version, rows, dim):
+    be.versions["rms_norm"] = version
+    x, d, w = randn(rng, rows, dim), randn(rng, rows, dim), randn(rng, dim)
+    s, h = be.add_rms_norm(be.from_numpy(x), be.from_numpy(d), be.upload("w", w), 1e-6)
+    s_ref = bf(x + d)                    # fp32 sum rounded once: the same bits on both sides
+    np.testing.assert_array_equal(be.to_numpy(s), s_ref)
+    close(be.to_numpy(h), REF.rms_norm(s_ref, w, 1e-6))
+
+
+@gpu
+def test_rms_norm_strided_input(be, rng):
+    big = randn(rng, 7, 80)
+    w = randn(rng, 64)
+    x = be.from_numpy(big)[:, 16:]                               # row stride 80, offset 32 bytes
+    close(be.to_numpy(be.rms_norm(x, be.upload("w", w), 1e-5)), REF.rms_norm(big[:, 16:], w, 1e-5))
+
+
+# ---- linear ----------------------------------------------------------------------------------------
+
+LINEAR_SHAPES = [(7, 64), (33, 4096), (4097, 64), (64, 4097), (256, 1024)]
+
+
+@gpu
+@pytest.mark.parametrize("gemv", ["v1", "cublas"])
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 33])
+@pytest.mark.parametrize("N,K", LINEAR_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear(be, rng, gemv, M, N, K, bias):
+    be.versions["gemv"] = gemv
+    x, w = randn(rng, M, K), randn(rng, N, K, scale=K ** -0.5)
+    b = randn(rng, N) if bias else None
+    y = be.linear(be.from_numpy(x), be.upload("w", w), be.upload("b", b) if bias else None)
+    assert y.shape == (M, N) and y.dtype == be.bf16
+    want = x.astype(np.float64) @ w.T.astype(np.float64) + (b if bias else 0)
+    # + bias after a bf16 cuBLAS output rounds twice: one more ulp.
+    close(be.to_numpy(y), want, atol_ulps=6)
+
+
+@gpu
+@pytest.mark.parametrize("gemv", ["v1", "cublas"])
+@pytest.mark.parametrize("M", [1, 5, 17])
+def test_linear_logits_are_fp32(be, rng, M, gemv):
+    be.versions["gemv"] = gemv
+    V, K = 4097, 256
+    x, w = randn(rng, M, K), randn(rng, V, K, scale=K ** -0.5)
+    y = be.linear(be.from_numpy(x).reshape(M, K), be.upload("lm_head.weight", w))
+    assert y.dtype == np.float32
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    # fp32 output: only accumulation order differs (cuBLAS may use split-K)
+    np.testing.assert_allclose(be.to_numpy(y), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@gpu
+def test_linear_3d_input(be, rng):
+    x, w = randn(rng, 2, 3, 64), randn(rng, 16, 64)
+    y = be.linear(be.from_numpy(x), be.upload("w", w))
+    assert y.shape == (2, 3, 16)
+    close(be.to_numpy(y), x.astype(np.float64) @ w.T.astype(np.float64))
+
+
+# ---- SwiGLU --------------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("rows,H", [(1, 7), (33, 4097), (7, 4096), (2, 8)])
+def test_silu_mul(be, rng, version, rows, H):
+    be.versions["silu_mul"] = version
+    g, u = randn(rng, rows, H, scale=4.0), randn(rng, rows, H)
+    close(be.to_numpy(be.silu_mul(be.from_numpy(g), be.from_numpy(u))), REF.silu_mul(g, u))
+
+
+@gpu
+def test_silu_mul_fused_halves(be, rng):
+    """gate and up as the two halves of one (rows, 2H) product: strided views."""
+    fused = randn(rng, 5, 2 * 64)
+    d = be.from_numpy(fused)
+    got = be.to_numpy(be.silu_mul(d[:, :64], d[:, 64:]))
+    close(got, REF.silu_mul(fused[:, :64], fused[:, 64:]))
+
+
+# ---- KV cache helpers ------------------------------------------------------------------------------
+
+KV_DTYPES = ["bf16", "fp16", "fp32", "int8", "fp8"]
+
+
+def storage_bits(a: np.ndarray) -> np.ndarray:
+    """Raw bits of a cache array (numpy or device copy) for exact comparison."""
+    a = np.asarray(a)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+def cache_to_device(be, np_cache: NumpyKVCache, cu_cache):
+    """Copy a numpy cache's bytes into a CUDA cache of the same spec."""
+    cp = be.cp
+    for lst_np, lst_cu in ((np_cache.k, cu_cache.k), (np_cache.v, cu_cache.v)):
+        for a, d in zip(lst_np, lst_cu):
+            d.view(storage_bits(a).dtype)[...] = cp.asarray(storage_bits(a))
+    if np_cache.spec.quantized:
+        for a, d in zip(np_cache.k_scale + np_cache.v_scale, cu_cache.k_scale + cu_cache.v_scale):
+            d[...] = cp.asarray(a)
+
+
+# ---- RoPE + cache write ------------------------------------------------------------------------
+
+ROPE_CASES = [(4, 4, 64), (8, 2, 128), (32, 8, 128), (8, 1, 64), (4, 2, 16), (4, 2, 24)]
+
+
+@gpu
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("n_heads,n_kv,hd", ROPE_CASES)
+def test_rope_kv_write_is_bit_exact(be, rng, kv_dtype, n_heads, n_kv, hd):
+    # Three sequences: from position 0; wrapping around the rolling slot (14..17 -> 14,15,0,1);
+    # the last position (63) of max_seq_len.
+    spec = KVCacheSpec(n_layers=2, n_slots=3, capacity=16, n_kv_heads=n_kv, head_dim=hd,
+                       kv_dtype=kv_dtype, window=8, max_seq_len=64)
+    batch = Batch([2, 0, 1], [0, 14, 62], [5, 4, 2])
+    T = batch.n_tokens
+    q, k, v = randn(rng, T, n_heads, hd), randn(rng, T, n_kv, hd, scale=2.0), randn(rng, T, n_kv, hd)
+    k[0, 0] = 0.0                                                # an all-zero vector: scale 0
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
+    np_cache = NumpyKVCache(spec)
+    q_ref = REF.rope_kv_write(q, k, v, np_cache, 1, batch, inv_freq)
+    cu_cache = be.alloc_kv(spec)
+    q_got = be.rope_kv_write(be.from_numpy(q), be.from_numpy(k), be.from_numpy(v), cu_cache, 1,
+                             be.prepare(batch), inv_freq)
+    np.testing.assert_array_equal(cb.to_bf16_bits(be.to_numpy(q_got)), cb.to_bf16_bits(q_ref))
+    for name in ("k", "v") + (("k_scale", "v_scale") if spec.quantized else ()):
+        for layer in (0, 1):
+            want = getattr(np_cache, name)[layer]
+            got = getattr(cu_cache, name)[layer].get()
+            np.testing.assert_array_equal(storage_bits(got), storage_bits(want), err_msg=f"{name}[{layer}]")
+
+
+# ---- attention ---------------------------------------------------------------------------------------
+
+# (name, slots, starts, lens, capacity, window)
+ATTN_BATCHES = [
+    ("prefill_from_0", [0], [0], [33], 64, None),
+    ("chunk_after_40", [0], [40], [7], 64, None),
+    ("ragged", [2, 0, 1], [0, 20, 5], [9, 1, 17], 64, None),
+    ("window_rolling", [1, 0], [30, 0], [5, 12], 12, 8),           # C = W + 4, chunk <= C - W + 1
+    ("window_edge", [0], [7], [2], 16, 8),                          # query 8 drops key 0
+    ("decode", [1, 0, 2], [0, 4096, 77], [1, 1, 1], 4100, None),    # position 0 and 4097 keys
+    ("decode_rolling", [0, 1], [100, 3], [1, 1], 36, 32),
+]
+GQA = [(4, 4), (8, 2), (16, 2), (4, 1), (12, 1)]                   # n_rep 1, 4, 8, all, 12
+
+
+def run_attention(be, rng, batch_case, n_heads, n_kv, hd, kv_dtype):
+    name, slots, starts, lens, cap, window = batch_case
+    n_slots = max(slots) + 1
+    spec = KVCacheSpec(1, n_slots, cap, n_kv, hd, kv_dtype, window, max_seq_len=max(s + n for s, n in zip(starts, lens)) + 1)
+    np_cache = NumpyKVCache(spec)
+    for slot, st, n in zip(slots, starts, lens):                     # fill what each slot holds
+        total = st + n
+        idx = np.arange(min(total, cap))
+        np_cache.write(0, slot, idx, randn(rng, len(idx), n_kv, hd, scale=2.0), randn(rng, len(idx), n_kv, hd))
+    batch = Batch(slots, starts, lens)
+    q = randn(rng, batch.n_tokens, n_heads, hd)
+    scale = hd ** -0.5
+    want = REF.attention(q, np_cache, 0, batch, scale)
+    cu_cache = be.alloc_kv(spec)
+    cache_to_device(be, np_cache, cu_cache)
+    got = be.to_numpy(be.attention(be.from_numpy(q), cu_cache, 0, be.prepare(batch), scale))
+    return got, want
+
+
+@gpu
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("n_heads,n_kv", GQA)
+@pytest.mark.parametrize("batch_case", ATTN_BATCHES, ids=[b[0] for b in ATTN_BATCHES])
+@pytest.mark.parametrize("hd", [64, 128, 24])
+def test_attention_bf16_cache(be, rng, version, n_heads, n_kv, batch_case, hd):
+    """Prefill kernel versions (decode batches go through them too with decode_attention
+    routed to the prefill kernel) and the split-K decode kernel."""
+    be.versions["prefill_attention"] = version
+    be.versions["decode_attention"] = "prefill" if version == "v1" else "v1"
+    got, want = run_attention(be, rng, batch_case, n_heads, n_kv, hd, "bf16")
+    assert got.shape == want.shape
+    close(got, want, atol_ulps=8)
+
+
+@gpu
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("path", ["v1", "v2", "decode"])
+@pytest.mark.parametrize("batch_case", [ATTN_BATCHES[2], ATTN_BATCHES[3], ATTN_BATCHES[5], ATTN_BATCHES[6]],
+                         ids=["ragged", "window_rolling", "decode", "decode_rolling"])
+def test_attention_every_kv_dtype(be, rng, kv_dtype, path, batch_case):
+    """Quantized caches are dequantized in the kernel: numpy dequantizes the same bytes."""
+    be.versions["prefill_attention"] = "v1" if path == "v1" else "v2"
+    be.versions["decode_attention"] = "v1" if path == "decode" else "prefill"
+    got, want = run_attention(be, rng, batch_case, 8, 2, 128, kv_dtype)
+    close(got, want, atol_ulps=8)
+
+
+@gpu
+def test_decode_kernel_at_32k_context(be, rng):
+    """The split-K reduction over many splits (32k positions, 64 splits on an H100)."""
+    case = ("long", [0], [32767], [1], 32768, None)
+    be.versions["decode_attention"] = "v1"
+    got, want = run_attention(be, rng, case, 32, 8, 128, "bf16")
+    close(got, want, atol_ulps=8)
+
+
+# ---- next-token choice ----------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("rows,V", [(1, 7), (7, 4097), (3, 32000), (2, 151936)])
+def test_argmax_matches_numpy_first_index(be, rng, rows, V):
+    x = rng.standard_normal((rows, V)).astype(np.float32)
+    x[:, V // 2] = x[:, V - 1] = x.max(axis=1) + 1.0             # a tie: the first index wins
+    np.testing.assert_array_equal(be.argmax(be.cp.asarray(x)), np.argmax(x, axis=-1))
+    # bf16 logits are widened first
+    xb = bf(x)
+    np.testing.assert_array_equal(be.argmax(be.from_numpy(xb)), np.argmax(xb, axis=-1))
+
+
+@gpu
+def test_sample_greedy_topk1_and_reproducible(be, rng):
+    x = be.cp.asarray(rng.standard_normal((5, 4097)).astype(np.float32))
+    am = be.argmax(x)
+    np.testing.assert_array_equal(be.sample(x, 0.0, 0, 1.0, 0, 0), am)
+    np.testing.assert_array_equal(be.sample(x, 1.0, 1, 1.0, 123, 7), am)
+    a = be.sample(x, 1.0, 0, 0.9, [1, 2, 3, 4, 5], 11)
+    np.testing.assert_array_equal(a, be.sample(x, 1.0, 0, 0.9, [1, 2, 3, 4, 5], 11))
+    draws = {tuple(be.sample(x, 2.0, 0, 1.0, 9, s)) for s in range(20)}
+    assert len(draws) > 1
+
+
+@gpu
+def test_sample_distribution_top_k_top_p(be):
+    logits = np.log(np.array([0.1, 0.2, 0.3, 0.4], np.float32))
+    R = 8000
+    x = be.cp.asarray(np.tile(logits, (R, 1)))
+    steps = np.arange(R)
+    p = np.array([0.1, 0.2, 0.3, 0.4])
+    freq = np.bincount(be.sample(x, 1.0, 0, 1.0, 42, steps), minlength=4) / R
+    assert np.all(np.abs(freq - p) < 4 * np.sqrt(p * (1 - p) / R) + 1e-3), freq
+    top2 = np.bincount(be.sample(x, 1.0, 2, 1.0, 42, steps), minlength=4) / R
+    assert top2[0] == top2[1] == 0 and abs(top2[3] - 4 / 7) < 0.03, top2
+    # top_p 0.5: the smallest top set with mass >= 0.5 is {3 (0.4), 2 (0.3)}
+    topp = np.bincount(be.sample(x, 1.0, 0, 0.5, 42, steps), minlength=4) / R
+    assert topp[0] == topp[1] == 0 and abs(topp[3] - 4 / 7) < 0.03, topp
+    # temperature sharpens
+    cold = np.bincount(be.sample(x, 0.25, 0, 1.0, 42, steps), minlength=4) / R
+    assert cold[3] > 0.6
+
+
+# ---- memory -----------------------------------------------------------------------------------------
+
+@gpu
+def test_free_memory_and_check_fits(be):
+    free = be.free_memory()
+    assert 0 < free <= be.total_memory() + be.cp.get_default_memory_pool().total_bytes()
+    be.check_fits(1 << 20, 1 << 20)
+    with pytest.raises(TinyLLMError, match="longest context that fits is"):
+        be.check_fits(free // 2, 10 * free, kv_bytes_per_token=1 << 20, max_seq_len=10**9)
+
+
+@gpu
+def test_upload_casts_fp32_fp16_bf16_on_the_host(be, rng):
+    x = rng.standard_normal((3, 5000)).astype(np.float32)
+    for a in (x, x.astype(np.float16), x.astype(ml_dtypes.bfloat16)):
+        got = be.to_numpy(be.upload("w", a))
+        np.testing.assert_array_equal(got, bf(a.astype(np.float32)))
+    big = rng.standard_normal(cb.UPLOAD_CHUNK_BYTES // 2 + 4097).astype(np.float32)   # > one chunk
+    np.testing.assert_array_equal(be.to_numpy(be.upload("w", big)), bf(big))
+
+
+# ---- pure Python: runs without a GPU --------------------------------------------------------------
+
+def test_kernel_sources_inline_the_common_header():
+    for f in ck.kernel_files():
+        src = ck.source(f)
+        assert '#include "common.cuh"' not in src
+        assert "ceil_div" in src and "#line 1 \"common.cuh\"" in src
+
+
+def test_every_launched_kernel_exists_in_the_sources():
+    text = {f: ck.source(f) for f in ck.kernel_files()}
+    names = [("embedding.cu", f"gather_rows_v{v}_v1") for v in (16, 4, 2, 1)]
+    names += [("rmsnorm.cu", f"{op}_bf16_{v}") for op in ("rms_norm", "add_rms_norm") for v in ("v1", "v2")]
+    names += [("swiglu.cu", f"silu_mul_bf16_{v}") for v in ("v1", "v2")]
+    names += [("matmul.cu", f"gemv_bf16_m{m}_{o}_v1") for m in range(1, ck.GEMV_MAX_M + 1) for o in ("bf16", "f32")]
+    names += [("matmul.cu", "bias_add_bf16_v1"), ("matmul.cu", "bias_add_f32_v1"), ("rope_kv.cu", "rope_kv_write_v1")]
+    names += [("attention_prefill.cu", f"flash_prefill_hd{h}_{v}") for h in ck.HEAD_DIMS for v in ("v1", "v2")]
+    names += [("attention_decode.cu", f"decode_split_hd{h}_r{r}_v1") for h in ck.HEAD_DIMS for r in ck.DECODE_REPS]
+    names += [("attention_decode.cu", "decode_reduce_v1"), ("sample.cu", "argmax_f32_v1"), ("sample.cu", "sample_f32_v1")]
+    for f, n in names:
+        src = text[f]
+        # entry points are extern "C": either spelled out or produced by the file's ENTRY macro
+        macro_ok = ("gemv_bf16_m##M" in src and n.startswith("gemv_")) or \
+                   ("decode_split_hd##HD" in src and n.startswith("decode_split"))
+        assert n in src or macro_ok, f"{n} missing from {f}"
+
+
+def test_options_carry_the_tile_table_and_no_arch():
+    opts = ck.options({"KV_KIND": 3})
+    assert "--std=c++17" in opts and "-DKV_KIND=3" in opts
+    assert not any(o.startswith(("-arch", "--gpu-architecture")) for o in opts)
+    for k, v in ck.TILES.items():
+        assert f"-D{k}={v}" in opts
+    assert ck.variants("attention_decode.cu") == [{"KV_KIND": i} for i in range(5)]
+    assert ck.variants("rmsnorm.cu") == [{}]
+
+
+def test_launch_geometry_helpers():
+    assert cb.head_dim_tile(16) == 64 and cb.head_dim_tile(64) == 64 and cb.head_dim_tile(128) == 128
+    for bad in (12, 130, 256):
+        with pytest.raises(TinyLLMError, match="head_dim"):
+            cb.head_dim_tile(bad)
+    assert cb.decode_rep(1) == (1, 1) and cb.decode_rep(3) == (4, 1) and cb.decode_rep(4) == (4, 1)
+    assert cb.decode_rep(8) == (8, 1) and cb.decode_rep(12) == (8, 2) and cb.decode_rep(32) == (8, 4)
+    # Mistral-7B decode at 32k, batch 1, 132 SMs: 64 splits of 512 positions -> 512 CTAs
+    assert cb.decode_splits([32768], 8, 132) == (512, 64)
+    split_len, n = cb.decode_splits([5, 1, 300], 3 * 8, 132)
+    assert split_len % 32 == 0 and split_len >= cb.DECODE_MIN_SPLIT and split_len * n >= 300
+    seq, row0 = cb.prefill_tiles(np.array([3, 17, 1]), 4, 16)
+    assert seq.tolist() == [0, 1, 1, 1, 1, 1, 2] and row0.tolist() == [0, 0, 16, 32, 48, 64, 0]
+    assert cb.visible_range(100, 1, 40, 30) == (71, 100)            # window binds
+    assert cb.visible_range(100, 1, 40, None) == (61, 100)          # rolling capacity binds
+    assert cb.visible_range(0, 1, 10, None) == (0, 0)
+    assert cb.gather_vec_bytes(128, 256, 0, 512) == 16 and cb.gather_vec_bytes(6, 6, 0, 0) == 2
+    assert ck.prefill_v2_smem(128) == (64 + 2 * ck.TILES["FA2_BN"]) * 136 * 2
+
+
+def test_fits_message_names_longest_context():
+    gb = 1 << 30
+    assert cb.fits_message(2 * gb, gb, 80 * gb) is None
+    msg = cb.fits_message(14 * gb, 4 * gb, 16 * gb, kv_bytes_per_token=128 << 10, max_seq_len=32768)
+    assert "19.0 GB" in msg and "longest context that fits is 8192 tokens" in msg
+    assert "weights alone do not fit" in cb.fits_message(20 * gb, 0, 16 * gb, 1)
+
+
+def test_bf16_bit_helpers_round_to_nearest_even():
+    x = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8, -0.0, 3.0e38], np.float32)
+    bits = cb.to_bf16_bits(x)
+    assert bits.tolist() == [0x3F80, 0x3F80, 0x3F82, 0x8000, 0x7F62]
+    np.testing.assert_array_equal(cb.bf16_bits_to_f32(bits), bf(x))
