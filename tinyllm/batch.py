@@ -1,0 +1,529 @@
+"""`tinyllm batch`: generate for every request of a JSONL file, safe to kill and resume.
+
+Owns the batch file formats (OpenAI Batch input/output lines, and a plain
+`{"id", "prompt"|"messages", ...}` form), turning one input line into an engine Request or
+an error line, the append-only output file (one fsync'd line per finished request, in
+completion order), --resume, the progress bar and the summary. It does not own generation
+(engine.py: continuous batching), sampling semantics (sampling.py) or chat templates
+(tokenizer.py).
+
+Crash safety: a result line is written whole (Ctrl-C waits for it), flushed and fsync'd
+before the next one. A kill can therefore lose only the requests still in flight, plus at
+worst an incomplete last line, which --resume truncates before appending. --resume skips
+every input line whose key is already in the output: the request id, or for a line that
+owns no id (invalid JSON, no or an invalid id, a repeated id) its line number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+from .errors import TinyLLMError
+from .sampling import SamplingParams
+
+CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
+
+# Body fields that map onto SamplingParams (OpenAI names, plus vLLM's extras).
+PARAM_FIELDS = {
+    "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+    "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop",
+    "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
+}
+# Accepted and ignored: they do not change what is generated.
+IGNORED_FIELDS = {"model", "user", "metadata", "store", "service_tier", "stream_options"}
+# Accepted only at their neutral value: anything else asks for a feature we do not have.
+NEUTRAL_FIELDS = {"n": 1, "stream": False, "logprobs": False, "echo": False,
+                  "frequency_penalty": 0, "presence_penalty": 0}
+
+
+class LineError(Exception):
+    """One input line cannot run: becomes an error line in the output, the run goes on."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class Item:
+    """One parsed input line, not yet tokenized."""
+    lineno: int
+    custom_id: str | int
+    chat: bool                           # /v1/chat/completions (messages) or /v1/completions (prompt)
+    prompt: object                       # messages list, prompt str, or list of token ids
+    params: SamplingParams               # the request's own values; None = not given
+
+
+# ---- reading input ---------------------------------------------------------------------
+
+def input_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of every non-blank line, read lazily."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                yield n, raw
+
+
+def identify(raw: bytes, lineno: int, seen: set) -> tuple[tuple, dict | None, LineError | None]:
+    """The resume key of a line, its JSON object, and the error that stops it before any
+    per-request validation. `seen` collects the ids met so far (a later repeat is an error
+    keyed by its line, so the first occurrence keeps the id)."""
+    line_key = ("line", lineno)
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return line_key, None, LineError("invalid_json", f"input line {lineno} is not UTF-8 text")
+    except ValueError as e:
+        return line_key, None, LineError("invalid_json", f"input line {lineno} is not valid JSON ({e})")
+    if not isinstance(obj, dict):
+        return line_key, None, LineError("invalid_request", f"input line {lineno} is not a JSON object")
+    cid = obj.get("custom_id", obj.get("id"))
+    if cid is None or cid == "":
+        return line_key, obj, LineError("missing_custom_id",
+                                        f"input line {lineno} has no \"custom_id\" (or \"id\"): results are keyed by it")
+    if isinstance(cid, bool) or not isinstance(cid, (str, int)):
+        return line_key, obj, LineError("invalid_custom_id",
+                                        f"input line {lineno}: the id must be a string or an integer, not {cid!r}")
+    if ("id", cid) in seen:
+        return line_key, obj, LineError("duplicate_custom_id",
+                                        f"input line {lineno}: id {cid!r} appeared on an earlier line; ids must be unique")
+    seen.add(("id", cid))
+    return ("id", cid), obj, None
+
+
+def parse_item(obj: dict, lineno: int) -> Item:
+    """Validate one request object (either form) into an Item; raises LineError."""
+    cid = obj.get("custom_id", obj.get("id"))
+    if "body" in obj or "url" in obj or "method" in obj:             # OpenAI Batch form
+        extra = set(obj) - {"custom_id", "id", "method", "url", "body"}
+        if extra:
+            raise LineError("invalid_request", f"unknown field(s) {', '.join(sorted(extra))} next to \"body\"")
+        if obj.get("method", "POST") != "POST":
+            raise LineError("invalid_request", f"method must be POST, not {obj['method']!r}")
+        body = obj.get("body")
+        if not isinstance(body, dict):
+            raise LineError("invalid_request", "\"body\" must be a JSON object with the request")
+        url = obj.get("url") or (CHAT_URL if "messages" in body else COMPLETIONS_URL)
+        if url not in (CHAT_URL, COMPLETIONS_URL):
+            raise LineError("invalid_url", f"url {url!r} is not supported; use {CHAT_URL} or {COMPLETIONS_URL}")
+        chat = url == CHAT_URL
+        need = "messages" if chat else "prompt"
+        if need not in body:
+            raise LineError("missing_prompt", f"{url} needs \"{need}\" in the body")
+    else:                                                          # plain form
+        body = {k: v for k, v in obj.items() if k not in ("id", "custom_id")}
+        if "messages" in body and "prompt" in body:
+            raise LineError("invalid_request", "give either \"prompt\" or \"messages\", not both")
+        if "messages" not in body and "prompt" not in body:
+            raise LineError("missing_prompt", "the request has neither \"prompt\" nor \"messages\"")
+        chat = "messages" in body
+    prompt = check_messages(body["messages"]) if chat else check_prompt(body["prompt"])
+    rest = {k: v for k, v in body.items() if k not in ("messages", "prompt")}
+    return Item(lineno, cid, chat, prompt, request_params(rest))
+
+
+def check_messages(messages) -> list[dict]:
+    """OpenAI messages -> [{"role", "content": str}]; content given as text parts is joined."""
+    if not isinstance(messages, list) or not messages:
+        raise LineError("invalid_messages", "\"messages\" must be a non-empty list of {\"role\", \"content\"}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise LineError("invalid_messages", f"message {i} must be an object with a string \"role\"")
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise LineError("invalid_messages", f"message {i}: only text content parts are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise LineError("invalid_messages", f"message {i} must have string \"content\"")
+        out.append({**m, "content": content})
+    return out
+
+
+def check_prompt(prompt):
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, str) for t in prompt):
+        raise LineError("invalid_prompt", "one prompt per request: split a list of prompts into separate lines")
+    raise LineError("invalid_prompt", "\"prompt\" must be a string or a non-empty list of token ids")
+
+
+def request_params(body: dict) -> SamplingParams:
+    """The sampling fields of a request body (None where not given), checked for type."""
+    kw: dict = {}
+    for k, v in body.items():
+        if k in PARAM_FIELDS:
+            if v is None:
+                continue
+            name = PARAM_FIELDS[k]
+            if name in ("max_tokens", "top_k", "seed") and (isinstance(v, bool) or not isinstance(v, int)):
+                raise LineError("invalid_parameter", f"{k}={v!r} must be an integer")
+            if name in ("temperature", "top_p", "repetition_penalty") and (
+                    isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise LineError("invalid_parameter", f"{k}={v!r} must be a number")
+            if name == "ignore_eos" and not isinstance(v, bool):
+                raise LineError("invalid_parameter", f"ignore_eos={v!r} must be true or false")
+            if name == "stop_token_ids" and not (isinstance(v, list) and all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in v)):
+                raise LineError("invalid_parameter", f"stop_token_ids={v!r} must be a list of integers")
+            if name == "top_k" and v == -1:
+                v = 0                                            # vLLM's spelling of "off"
+            if name in kw:
+                raise LineError("invalid_parameter", "give max_tokens or max_completion_tokens, not both")
+            kw[name] = v
+        elif k in IGNORED_FIELDS:
+            continue
+        elif k in NEUTRAL_FIELDS:
+            if v is not None and v != NEUTRAL_FIELDS[k]:
+                raise LineError("unsupported_parameter",
+                                f"{k}={v!r} is not supported (only {json.dumps(NEUTRAL_FIELDS[k])})")
+        else:
+            known = sorted(set(PARAM_FIELDS) | IGNORED_FIELDS | set(NEUTRAL_FIELDS))
+            raise LineError("unknown_parameter", f"unknown parameter {k!r}; known: {', '.join(known)}")
+    try:
+        return SamplingParams(**kw).validate()
+    except TinyLLMError as e:
+        raise LineError("invalid_parameter", str(e)) from None
+
+
+def merge_params(request: SamplingParams, defaults: SamplingParams) -> SamplingParams:
+    """Per-request values win; the CLI's sampling flags fill what a request leaves out."""
+    kw = {}
+    for f in fields(SamplingParams):
+        mine, default = getattr(request, f.name), getattr(defaults, f.name)
+        given = mine is not None and not (f.name in ("ignore_eos", "stop_token_ids") and not mine)
+        kw[f.name] = mine if given else default
+    return SamplingParams(**kw)
+
+
+# ---- output records --------------------------------------------------------------------
+
+def ok_record(item: Item, completion, model: str, created: int) -> dict:
+    n_prompt, n_gen = len(completion.prompt_token_ids), len(completion.token_ids)
+    choice: dict = {"index": 0}
+    if item.chat:
+        choice["message"] = {"role": "assistant", "content": completion.text}
+    else:
+        choice["text"] = completion.text
+    choice.update(logprobs=None, finish_reason=completion.finish_reason)
+    body = {
+        "id": ("chatcmpl-" if item.chat else "cmpl-") + uuid.uuid4().hex,
+        "object": "chat.completion" if item.chat else "text_completion",
+        "created": created, "model": model, "choices": [choice],
+        "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen},
+    }
+    return {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": item.custom_id,
+            "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body}, "error": None}
+
+
+def error_record(custom_id, lineno: int, err: LineError) -> dict:
+    return {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": custom_id, "response": None,
+            "error": {"code": err.code, "message": err.message, "line": lineno}}
+
+
+def record_key(rec: dict) -> tuple:
+    """The resume key of an output record (must agree with identify())."""
+    err = rec.get("error") or {}
+    if rec.get("custom_id") is None or err.get("code") == "duplicate_custom_id":
+        return ("line", err.get("line"))
+    return ("id", rec["custom_id"])
+
+
+# ---- the output file -------------------------------------------------------------------
+
+LINE_START = b'{"id": "batch_req_'                  # how every line we write begins
+
+
+def scan_output(path: Path) -> tuple[set, int]:
+    """Keys of the records already in `path` and how many there are, read line by line.
+    An incomplete last line of ours (a kill during a write: a prefix of a line, without its
+    newline) is cut off the file; any other unreadable line is fatal, and nothing is cut."""
+    keys, n, keep = set(), 0, 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n") and (raw.startswith(LINE_START) or LINE_START.startswith(raw)):
+                break                               # torn: `keep` stops before it
+            keep += len(raw)
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+                if not isinstance(rec, dict) or "custom_id" not in rec or not {"response", "error"} <= set(rec):
+                    raise ValueError("not a batch result")
+            except ValueError:
+                raise TinyLLMError(f"{path} line {lineno} is not a batch result line; is -o the right file?") from None
+            keys.add(record_key(rec))
+            n += 1
+    if keep < path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            os.fsync(f.fileno())
+        print(f"{path}: removed an incomplete last line left by an interrupted run", file=sys.stderr)
+    return keys, n
+
+
+class OutputFile:
+    """Append-only JSONL: each record is written whole, flushed and fsync'd."""
+
+    def __init__(self, path: Path):
+        try:
+            self.f = open(path, "ab")
+        except OSError as e:
+            raise TinyLLMError(f"cannot write {path}: {e.strerror or e}") from None
+        self.path = path
+        self.written = 0
+
+    def write(self, rec: dict):
+        line = json.dumps(rec, ensure_ascii=False).encode("utf-8") + b"\n"
+        with ctrl_c.critical():                      # Ctrl-C lands after the line, not inside it
+            try:
+                self.f.write(line)
+                self.f.flush()
+                os.fsync(self.f.fileno())
+            except OSError as e:                    # disk full, file system gone
+                raise TinyLLMError(f"cannot write {self.path}: {e.strerror or e}; the {self.written} results "
+                                   f"written before are kept: free the space and rerun with --resume") from None
+            self.written += 1
+
+    def close(self):
+        try:
+            self.f.close()
+        except OSError:                             # the failed write was already reported
+            pass
+
+
+class _DeferredCtrlC:
+    """Ctrl-C raises KeyboardInterrupt as usual, except inside `critical()` (writing a
+    line), where it is held until the block ends. A Python-level handler is needed: blocking
+    SIGINT with a signal mask is not enough, because the kernel may hand the signal to one
+    of BLAS's threads, and CPython then raises it in the main thread anyway."""
+
+    def __init__(self):
+        self.depth, self.pending = 0, False
+
+    def handler(self, signum, frame):
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def critical(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending:
+                self.pending = False
+                raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self):
+        """Use handler() for SIGINT inside the block (only possible in the main thread)."""
+        try:
+            previous = signal.signal(signal.SIGINT, self.handler)
+        except ValueError:                              # not the main thread: leave Ctrl-C alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+ctrl_c = _DeferredCtrlC()
+
+
+# ---- the run ---------------------------------------------------------------------------
+
+@dataclass
+class Tally:
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    tokens: int = 0                      # generated
+    seconds: float = 0.0                 # generation wall time
+
+
+def open_input(path_arg: str) -> Path:
+    path = Path(path_arg)
+    if not path.is_file():
+        raise TinyLLMError(f"input {path} does not exist or is not a file")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise TinyLLMError(f"cannot read {path}: {e.strerror or e}") from None
+    return path
+
+
+def count_todo(path: Path, done: set) -> tuple[int, int]:
+    """(lines to run, lines already in the output) without parsing requests in full."""
+    seen: set = set()
+    todo = skip = 0
+    try:
+        for n, raw in input_lines(path):
+            key = identify(raw, n, seen)[0]
+            if key in done:
+                skip += 1
+            else:
+                todo += 1
+    except OSError as e:
+        raise TinyLLMError(f"cannot read {path}: {e.strerror or e}") from None
+    return todo, skip
+
+
+def run_batch(a) -> int:
+    """`tinyllm batch`: 0 when every line got a result line (errors included), 130 on
+    Ctrl-C; fatal problems raise TinyLLMError (one line, exit 2, from cli.main)."""
+    from .cli import load_llm, sampling_from_args
+
+    if a.max_batch < 1:
+        raise TinyLLMError(f"--max-batch must be at least 1 (got {a.max_batch})")
+    defaults = sampling_from_args(a)
+    in_path, out_path = open_input(a.input), Path(a.output)
+    if out_path.exists() and in_path.resolve() == out_path.resolve():
+        raise TinyLLMError("the input and the output are the same file")
+    if out_path.is_dir():
+        raise TinyLLMError(f"cannot write {out_path}: it is a directory")
+    done, n_kept = set(), 0
+    if out_path.is_file() and out_path.stat().st_size > 0:
+        if not a.resume:
+            raise TinyLLMError(f"{out_path} already has results; pass --resume to skip the requests it holds "
+                               f"and append the rest (or choose another output file)")
+        done, n_kept = scan_output(out_path)
+    todo, n_skip = count_todo(in_path, done)
+    quiet = a.no_progress
+    if todo == 0:
+        print(f"nothing to do: all {n_skip} requests of {in_path} are already in {out_path}", file=sys.stderr)
+        return 0
+    if n_skip and not quiet:
+        print(f"resuming: {n_skip} requests already in {out_path}, {todo} to go", file=sys.stderr)
+    out = OutputFile(out_path)
+    try:
+        try:
+            llm = load_llm(a, max_batch=a.max_batch, quiet=quiet)
+        except (OSError, ValueError) as e:
+            raise TinyLLMError(f"cannot load the model: {e}") from None
+        job = BatchJob(llm, defaults, in_path, out, done, Tally(skipped=n_skip))
+        try:
+            with ctrl_c.installed():
+                job.run(todo, progress=not quiet)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {out.written} results written this run, {n_kept + out.written} in {out_path}; "
+                  f"{len(job.inflight)} unfinished requests were dropped.\n"
+                  f"to continue, run the same command with --resume", file=sys.stderr)
+            return 130
+    finally:
+        out.close()
+    t = job.tally
+    skipped = f", {t.skipped} already done" if t.skipped else ""
+    failed = f" (see the error lines in {out_path})" if t.failed else ""
+    print(f"done: {t.ok} ok, {t.failed} failed{failed}{skipped}; {t.tokens} tokens generated in "
+          f"{t.seconds:.1f} s: {t.tokens / t.seconds:.1f} tokens/s, {(t.ok + t.failed) / t.seconds:.2f} requests/s",
+          file=sys.stderr)
+    return 0
+
+
+class BatchJob:
+    """One pass over the input: lines stream lazily into the engine, results stream out."""
+
+    def __init__(self, llm, defaults: SamplingParams, in_path: Path, out: OutputFile, done: set, tally: Tally):
+        self.llm, self.defaults, self.in_path, self.out, self.done = llm, defaults, in_path, out, done
+        self.tally = tally
+        self.inflight: dict[int, Item] = {}         # engine index -> item, admitted and not finished
+        self.bar = None
+
+    def run(self, total: int, progress: bool = True):
+        from tqdm.auto import tqdm
+        t0 = time.perf_counter()
+        with tqdm(total=total, unit="req", desc="batch", file=sys.stderr, disable=not progress,
+                  dynamic_ncols=True) as self.bar:
+            for ev in self.llm.engine.run(self.requests()):
+                if ev.kind == "text":
+                    continue
+                item = self.inflight.pop(ev.index)
+                if ev.kind == "error":
+                    self.fail(item.custom_id, item.lineno, LineError("invalid_prompt", ev.error))
+                    continue
+                c = ev.completion
+                self.out.write(ok_record(item, c, self.llm.model_dir.name, int(time.time())))
+                self.tally.ok += 1
+                self.tally.tokens += len(c.token_ids)
+                self.bar.update(1)
+                self.bar.set_postfix_str(f"{self.tally.tokens / (time.perf_counter() - t0):.1f} tok/s",
+                                         refresh=False)
+        self.tally.seconds = max(time.perf_counter() - t0, 1e-9)
+
+    def fail(self, custom_id, lineno: int, err: LineError):
+        self.out.write(error_record(custom_id, lineno, err))
+        self.tally.failed += 1
+        self.bar.update(1)
+
+    def requests(self):
+        """Engine Requests for the lines not yet in the output, parsed and tokenized only
+        when the engine has a free slot; a line that cannot run becomes an error line here."""
+        from .engine import Request
+        seen: set = set()
+        index = 0
+        for lineno, raw in input_lines(self.in_path):
+            key, obj, err = identify(raw, lineno, seen)
+            if key in self.done:
+                continue
+            if err is not None:                    # only a repeated id is echoed; the rest own no id
+                self.fail(obj.get("custom_id", obj.get("id")) if err.code == "duplicate_custom_id" else None,
+                          lineno, err)
+                continue
+            try:
+                item = parse_item(obj, lineno)
+                req = Request(tokenize(self.llm, item), self.resolve(item), index)
+            except LineError as e:
+                self.fail(key[1], lineno, e)
+                continue
+            self.inflight[index] = item
+            index += 1
+            yield req
+
+    def resolve(self, item: Item) -> SamplingParams:
+        try:
+            return self.llm.resolve_params(merge_params(item.params, self.defaults))
+        except TinyLLMError as e:
+            raise LineError("invalid_parameter", str(e)) from None
+
+
+def tokenize(llm, item: Item) -> list[int]:
+    """Prompt token ids of an item, checked against the vocabulary and the context."""
+    if item.chat:
+        try:
+            ids = llm.tokenizer.encode_chat(item.prompt, add_generation_prompt=True)
+        except TinyLLMError as e:
+            raise LineError("invalid_messages", f"cannot apply the chat template: {e}") from None
+    elif isinstance(item.prompt, str):
+        ids = llm.tokenizer.encode(item.prompt)
+    else:
+        ids = list(item.prompt)
+        vocab = llm.cfg.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise LineError("invalid_prompt", f"prompt token ids must lie in [0, {vocab})")
+    if not ids:
+        raise LineError("invalid_prompt", "the prompt is empty: nothing to continue from")
+    if len(ids) >= llm.max_seq_len:
+        raise LineError("context_length_exceeded",
+                        f"the prompt is {len(ids)} tokens and the context is {llm.max_seq_len}: "
+                        f"shorten it or raise --ctx-size")
+    return ids
