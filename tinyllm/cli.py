@@ -205,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("batch", help="generate for every request of a JSONL file")
     add_model_args(b)
     add_sampling_args(b)
-    b.add_argument("-i", "--input", required=True)
-    b.add_argument("-o", "--output", required=True)
+    b.add_argument("-i", "--input", required=True,
+                   help="JSONL requests: OpenAI Batch lines (custom_id, body) or {id, prompt|messages, ...}")
+    b.add_argument("-o", "--output", required=True,
+                   help="JSONL results, one line per id, appended and fsync'd as each finishes (resumable)")
     b.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     b.add_argument("--resume", action="store_true", help="skip ids already in the output")
     b.add_argument("--no-progress", action="store_true")
