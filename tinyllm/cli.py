@@ -215,11 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_batch)
 
     e = sub.add_parser("eval", help="perplexity and KL divergence per KV-cache dtype")
-    add_model_args(e)
+    e.add_argument("--model", "-m", default=None, help="as for the other commands (default: the embedded model)")
+    e.add_argument("--backend", default="auto", choices=["auto", "numpy", "cuda"])
+    e.add_argument("--dtype", default=None, help="compute dtype (cuda: bf16; numpy: fp32)")
     e.add_argument("--text", default=None, help="text file (default: a license text on this machine)")
     e.add_argument("--tokens", type=int, default=4096)
     e.add_argument("--window", type=int, default=1024, help="tokens per evaluated segment")
-    e.add_argument("--kv-dtypes", default="auto,int8,fp8")
+    e.add_argument("--kv-dtypes", default="fp32,fp16,bf16,int8,fp8",
+                   help="comma-separated; each is compared with the fp32 cache on the same backend")
     e.set_defaults(func=cmd_eval)
     return p
 

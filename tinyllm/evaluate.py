@@ -1,0 +1,201 @@
+"""`tinyllm eval`: how much a KV-cache dtype costs in quality, on real text.
+
+Owns the measurement only: the text (a license file found on this machine by default), the
+segmentation, and the metrics per kv dtype against the reference cache (kv "fp32" on the
+same backend; on numpy that is the float32 reference of the whole project):
+perplexity, mean KL(reference || candidate) of the next-token distributions, max |Δlogit|
+and top-1 agreement. It does not quantize anything itself (kv_cache.py does) and owns no
+model code; every segment is prefilled from scratch through the engine, so attention reads
+the quantized cache already during prefill, as in serving.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import TinyLLMError
+
+# Real English prose that ships with the OS (Debian/Ubuntu base-files), in the order they are
+# concatenated when one is too short. GPL-3 alone is ~7.6k SmolLM2 tokens.
+DEFAULT_TEXTS = ("GPL-3", "GPL-2", "Apache-2.0", "LGPL-2.1", "MPL-2.0", "GFDL-1.3")
+LICENSE_DIR = Path("/usr/share/common-licenses")
+REFERENCE_KV = "fp32"
+ROWS_PER_BLOCK = 256     # log-softmax in float64 a block of positions at a time (memory)
+
+
+@dataclass
+class KVRow:
+    kv_dtype: str
+    bytes_per_token: int
+    n_scored: int            # next-token predictions scored (window - 1 per segment)
+    nll: float               # mean negative log-likelihood, nats
+    ppl: float
+    ppl_delta_pct: float     # 100 * (ppl / ppl_ref - 1)
+    ppl_delta_se_pct: float  # its standard error from the per-token NLL differences (tokens
+                             # taken as independent, so a lower bound on the real noise)
+    kl: float                # mean KL(P_ref || P_kv), nats
+    max_abs_logit_diff: float
+    top1_agree: float        # fraction of positions whose argmax equals the reference's
+    seconds: float           # prefill time for all segments with this cache
+
+
+def default_text_files(min_chars: int = 0) -> list[Path]:
+    """License texts from /usr/share/common-licenses, as many as reach min_chars."""
+    found, seen, chars = [], set(), 0
+    for name in DEFAULT_TEXTS:
+        p = LICENSE_DIR / name
+        if not p.is_file() or p.resolve() in seen:
+            continue
+        seen.add(p.resolve())
+        found.append(p)
+        chars += p.stat().st_size
+        if chars >= min_chars:
+            break
+    if not found:
+        raise TinyLLMError(f"no default text found under {LICENSE_DIR}; pass --text FILE")
+    return found
+
+
+def load_text(files: list[Path]) -> str:
+    try:
+        return "\n\n".join(Path(f).read_text(encoding="utf-8") for f in files)
+    except (OSError, UnicodeDecodeError) as e:
+        raise TinyLLMError(f"cannot read the evaluation text: {e}") from None
+
+
+def log_softmax64(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+class _Acc:
+    """Running sums of one kv dtype's metrics over all scored positions."""
+
+    def __init__(self):
+        self.nll = self.kl = 0.0
+        self.dnll = self.dnll2 = 0.0       # Σ and Σ² of per-token NLL(kv) - NLL(reference)
+        self.n = self.agree = 0
+        self.max_diff = 0.0
+        self.seconds = 0.0
+
+    def add(self, logits: np.ndarray, targets: np.ndarray, ref: np.ndarray | None):
+        """logits (L, V) predicting targets (L,); ref: the reference logits (L, V) or None."""
+        for s in range(0, len(targets), ROWS_PER_BLOCK):
+            blk = slice(s, s + ROWS_PER_BLOCK)
+            rows = np.arange(len(targets[blk]))
+            lp = log_softmax64(logits[blk])
+            self.nll -= lp[rows, targets[blk]].sum()
+            if ref is not None:
+                lr = log_softmax64(ref[blk])
+                d = lr[rows, targets[blk]] - lp[rows, targets[blk]]
+                self.dnll += d.sum()
+                self.dnll2 += (d * d).sum()
+                self.kl += (np.exp(lr) * (lr - lp)).sum()
+                self.agree += int((logits[blk].argmax(-1) == ref[blk].argmax(-1)).sum())
+                self.max_diff = max(self.max_diff, float(np.abs(logits[blk] - ref[blk]).max()))
+        self.n += len(targets)
+
+
+def evaluate_kv(model_dir, text: str, n_tokens: int = 4096, window: int = 1024,
+                kv_dtypes=("fp32", "int8", "fp8"), backend: str = "numpy", dtype: str | None = None,
+                progress: bool = False) -> tuple[list[KVRow], dict]:
+    """Perplexity and divergence from the reference cache for each kv dtype.
+
+    The first n_tokens tokens of `text` are cut into non-overlapping segments of `window`
+    tokens (a shorter tail is dropped); each segment is prefilled from position 0, and
+    positions 0..window-2 predict tokens 1..window-1. Returns (rows, info) where info says
+    how many tokens/segments were used."""
+    from .api import LLM
+    from .engine import Engine
+    from .kv_cache import resolve_kv_dtype
+
+    if window < 2:
+        raise TinyLLMError(f"--window {window} is too short: a segment needs at least 2 tokens")
+    llm = LLM(str(model_dir), backend=backend, dtype=dtype, kv_dtype=REFERENCE_KV, max_seq_len=window,
+              max_batch=1)
+    kvs = list(dict.fromkeys(resolve_kv_dtype(k, llm.backend.compute_dtype) for k in kv_dtypes))
+    ids = llm.tokenizer.encode(text)
+    n_seg = min(n_tokens, len(ids)) // window
+    if n_seg == 0:
+        raise TinyLLMError(f"the text has {len(ids)} tokens, fewer than one window of {window}; "
+                           f"lower --window or pass a longer --text")
+    segments = [ids[i * window:(i + 1) * window] for i in range(n_seg)]
+    engines = {kv: Engine(llm.model, llm.tokenizer, llm.backend, set(), window, kv, max_batch=1)
+               for kv in dict.fromkeys([REFERENCE_KV] + kvs)}
+    accs = {kv: _Acc() for kv in engines}
+
+    from tqdm.auto import tqdm
+    for seg in tqdm(segments, desc="segments", unit="seg", disable=not progress, file=sys.stderr):
+        targets = np.asarray(seg[1:], np.int64)
+        t0 = time.perf_counter()
+        ref = engines[REFERENCE_KV].logits(seg)[:-1]
+        accs[REFERENCE_KV].seconds += time.perf_counter() - t0
+        accs[REFERENCE_KV].add(ref, targets, ref)
+        for kv, eng in engines.items():
+            if kv == REFERENCE_KV:
+                continue
+            t0 = time.perf_counter()
+            lg = eng.logits(seg)[:-1]
+            accs[kv].seconds += time.perf_counter() - t0
+            eng.cache = None                    # one candidate cache alive at a time
+            accs[kv].add(lg, targets, ref)
+
+    ref_ppl = float(np.exp(accs[REFERENCE_KV].nll / accs[REFERENCE_KV].n))
+    rows = []
+    for kv in kvs:
+        a = accs[kv]
+        nll = a.nll / a.n
+        ppl = float(np.exp(nll))
+        mean_d = a.dnll / a.n
+        se = np.sqrt(max(a.dnll2 / a.n - mean_d ** 2, 0.0) / max(a.n - 1, 1))
+        rows.append(KVRow(kv, llm.cfg.kv_bytes_per_token(kv), a.n, nll, ppl, 100 * (ppl / ref_ppl - 1),
+                          100 * float(np.exp(mean_d) * se),
+                          a.kl / a.n, a.max_diff, a.agree / a.n, a.seconds))
+    info = {"model_dir": str(llm.model_dir), "backend": llm.backend.name, "text_tokens": len(ids),
+            "tokens": n_seg * window, "segments": n_seg, "window": window, "reference": REFERENCE_KV,
+            "reference_ppl": ref_ppl}
+    return rows, info
+
+
+def format_table(rows: list[KVRow]) -> str:
+    lines = ["| kv dtype | bytes/token | perplexity | Δ ppl vs fp32 (± 1 s.e.) | mean KL (nats) | max abs Δlogit | top-1 agree | time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.kv_dtype} | {r.bytes_per_token:,} | {r.ppl:.4f} | {r.ppl_delta_pct:+.3f}% ± {r.ppl_delta_se_pct:.3f} | "
+                     f"{r.kl:.2e} | {r.max_abs_logit_diff:.4f} | {100 * r.top1_agree:.2f}% | {r.seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def run_eval(a) -> int:
+    """`tinyllm eval`: print where the text came from, then the markdown table."""
+    from .api import resolve_model_dir
+    model_dir = resolve_model_dir(a.model)
+    if a.text:
+        files = [Path(a.text)]
+        if not files[0].is_file():
+            raise TinyLLMError(f"--text {a.text}: no such file")
+    else:
+        # ~4 characters per token in English prose; a margin so the tokens reach --tokens.
+        files = default_text_files(min_chars=5 * a.tokens)
+    text = load_text(files)
+    kv_dtypes = [k.strip() for k in a.kv_dtypes.split(",") if k.strip()]
+    backend = getattr(a, "backend", "numpy") or "numpy"
+    t0 = time.perf_counter()
+    rows, info = evaluate_kv(model_dir, text, a.tokens, a.window, kv_dtypes, backend=backend,
+                             dtype=getattr(a, "dtype", None), progress=True)
+    print(f"model: {info['model_dir']}  backend: {info['backend']}")
+    print(f"text: {', '.join(str(f) for f in files)} ({info['text_tokens']} tokens); evaluated "
+          f"{info['tokens']} tokens = {info['segments']} segments of {info['window']}, each prefilled "
+          f"from scratch; reference: kv {info['reference']} (perplexity {info['reference_ppl']:.4f})")
+    if info["tokens"] < a.tokens:
+        print(f"note: {a.tokens} tokens were asked for; the text gave {info['tokens']} in whole windows")
+    print()
+    print(format_table(rows))
+    print(f"\n[{time.perf_counter() - t0:.1f} s in all]")
+    return 0
