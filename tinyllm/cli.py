@@ -118,16 +118,18 @@ def cmd_info(a) -> int:
     weight_bytes = cfg.n_params() * compute_bytes
     print(f"\nKV cache per token, and the longest context that fits in {fmt_bytes(budget)} "
           f"next to the weights ({fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param):")
-    print(f"  {'kv dtype':<8} {'bytes/token':>12} {'MHA would need':>15} {'max context':>12}")
+    print(f"  {'kv dtype':<8} {'bytes/token':>12} {'MHA would need':>15}  max context")
     for kv in KV_DTYPE_BYTES:
         per = cfg.kv_bytes_per_token(kv)
         left = budget - weight_bytes
         ctx = max(0, left // per) if left > 0 else 0
         if cfg.sliding_window and ctx >= cfg.sliding_window:
             ctx_s = "unbounded (rolling window)"
+        elif ctx > cfg.max_position_embeddings:
+            ctx_s = f"{cfg.max_position_embeddings} (model max; memory allows {ctx:,})"
         else:
-            ctx_s = str(min(ctx, cfg.max_position_embeddings))
-        print(f"  {kv:<8} {per:>12,} {cfg.mha_kv_bytes_per_token(kv):>15,} {ctx_s:>12}")
+            ctx_s = str(ctx)
+        print(f"  {kv:<8} {per:>12,} {cfg.mha_kv_bytes_per_token(kv):>15,}  {ctx_s}")
     return 0
 
 
