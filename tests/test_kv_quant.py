@@ -332,7 +332,7 @@ def test_cli_info_prints_kv_bytes_per_token_from_config(tiny_factory, capsys):
     assert cli.main(["info", "--model", str(d), "--memory", str(budget), "--backend", "numpy"]) == 0
     rows = info_table(capsys.readouterr().out)
     for kv, (per, _, ctx) in rows.items():
-        assert int(ctx) == min(100 * cfg.kv_bytes_per_token("fp32") // per, cfg.max_position_embeddings)
+        assert int(ctx.split()[0]) == min(100 * cfg.kv_bytes_per_token("fp32") // per, cfg.max_position_embeddings)
     assert int(rows["int8"][2]) > int(rows["bf16"][2]) > int(rows["fp32"][2]) == 100
 
 
