@@ -63,7 +63,9 @@ def load_llm(a, max_batch: int = 1, quiet: bool = False):
     llm = LLM(str(model_dir), backend=a.backend, dtype=a.dtype, kv_dtype=a.kv_dtype,
               max_seq_len=a.max_seq_len, max_batch=max_batch, progress=not quiet)
     if not quiet:
-        print(f"backend: {llm.backend.name} ({llm.backend.compute_dtype}), kv cache: {llm.kv_dtype}, "
+        why = " (auto: " + ("CuPy sees a GPU" if llm.backend.name == "cuda" else "no GPU visible to CuPy") + ")" \
+            if a.backend == "auto" else ""
+        print(f"backend: {llm.backend.name}{why} ({llm.backend.compute_dtype}), kv cache: {llm.kv_dtype}, "
               f"context: {llm.max_seq_len} tokens", file=sys.stderr)
     return llm
 
