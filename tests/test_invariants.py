@@ -65,3 +65,44 @@ def test_slot_positions_worked_example():
     # the kv_cache docstring's example: C=6 after 9 tokens
     assert slot_positions(9, 6).tolist() == [6, 7, 8, 3, 4, 5]
     assert slot_positions(3, 6).tolist() == [0, 1, 2, -1, -1, -1]
+
+
+def test_prefix_reuse_in_a_rolling_cache_never_reads_overwritten_keys(tiny_factory):
+    """Slot reuse across requests (what chat turns do) must give fresh-prefill logits, also
+    when the shared prefix ends inside the part of a rolling cache the old sequence wrapped."""
+    d = str(tiny_factory("mistral_window"))                     # W = 8
+    llm = LLM(d, max_seq_len=64, prefill_chunk=2, max_batch=1)   # rolling capacity 10
+    fresh = LLM(d, max_seq_len=64, prefill_chunk=2, max_batch=1)
+    last = []
+    forward = llm.model.forward
+    llm.model.forward = lambda *a, **k: last.append(np.array(forward(*a, **k))) or last[-1]
+    a = IDS[:30]
+    b = a[:28] + [7]            # reuses 28 of 30 positions
+    c = b[:26] + [9, 11, 13]    # reuses a prefix whose window the old sequence overwrote
+    for prompt in (a, b, c):
+        list(llm.stream(prompt, SamplingParams(max_tokens=1, temperature=0), slot=0))
+        np.testing.assert_allclose(last[-1][-1], fresh.logits(prompt)[-1], rtol=1e-5, atol=1e-5)
+    assert llm.engine.stats["prefill_tokens"] < 3 * 30          # b did reuse its prefix
+
+
+def test_bad_token_ids_and_sizes_are_user_errors(tiny_factory):
+    from tinyllm import TinyLLMError
+    d = str(tiny_factory("llama_gqa"))
+    llm = LLM(d, max_seq_len=16)
+    for ids in ([], [256], [-1], list(range(17))):
+        with pytest.raises(TinyLLMError):
+            llm.logits(ids)
+    assert llm.logits(list(range(16))).shape == (16, 256)    # a full context is fine for logits
+    for kw in ({"max_batch": 0}, {"prefill_chunk": 0}):
+        with pytest.raises(TinyLLMError):
+            LLM(d, **kw)
+    for bad in ({"seed": -1}, {"seed": True}, {"stop": 5}, {"stop_token_ids": 5}):
+        with pytest.raises(TinyLLMError):
+            llm.generate("hi", SamplingParams(**bad))
+
+
+def test_tiny_temperature_is_greedy_not_nan(tiny_factory):
+    llm = LLM(str(tiny_factory("llama_gqa")))
+    greedy = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0].token_ids
+    cold = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=1e-300, seed=0, ignore_eos=True))[0].token_ids
+    assert cold == greedy

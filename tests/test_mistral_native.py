@@ -96,3 +96,15 @@ def test_tekken_is_a_clear_error(native_pair, tmp_path):
     (d / "tekken.json").write_text("{}")
     with pytest.raises(TinyLLMError, match="(?i)tekken"):
         LLM(str(d))
+
+
+def test_native_weights_next_to_a_config_json_are_still_unpermuted(native_pair, tmp_path):
+    """Some repos carry config.json beside params.json + consolidated.safetensors: the Q/K
+    rows still come from the native file and need the un-interleave."""
+    hf, native = native_pair
+    d = tmp_path / "both"
+    shutil.copytree(native, d)
+    shutil.copy(hf / "config.json", d / "config.json")
+    ids = [int(t) for t in np.random.default_rng(4).integers(3, 256, 20)]
+    np.testing.assert_allclose(LLM(str(d), max_seq_len=64).logits(ids), LLM(str(hf), max_seq_len=64).logits(ids),
+                               rtol=1e-5, atol=1e-5)

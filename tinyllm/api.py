@@ -27,16 +27,7 @@ DEFAULT_MAX_SEQ_LEN = 8192       # the KV-cache length when the caller names non
 
 def resolve_model_dir(model) -> Path:
     """A path, or (through tinyllm.hub) a name, an alias or None for the embedded default."""
-    if model is not None:
-        p = Path(str(model)).expanduser()
-        if p.is_dir():
-            return p
-        if str(model).startswith((".", "/", "~")) or p.exists():
-            raise TinyLLMError(f"model directory {model} does not exist (or is not a directory)")
-    try:
-        from .hub import resolve_model
-    except ImportError:
-        raise TinyLLMError(f"model directory {model} does not exist") from None
+    from .hub import resolve_model
     return Path(resolve_model(None if model is None else str(model)))
 
 
@@ -51,6 +42,10 @@ class LLM:
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN))
         if self.max_seq_len < 2:
             raise TinyLLMError(f"max_seq_len={self.max_seq_len} is too small (need at least 2)")
+        for name, v in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+            if not isinstance(v, int) or v < 1:
+                raise TinyLLMError(f"{name}={v!r} must be an integer >= 1")
+        self.prefill_chunk = prefill_chunk
         self._check_memory(cfg, max_batch)
         self.cfg, weights = load_weights(self.model_dir, cfg, self.backend, progress=progress)
         self.weights_bytes = weights.nbytes_on_disk
@@ -67,7 +62,7 @@ class LLM:
     def _check_memory(self, cfg: ModelConfig, max_batch: int):
         if hasattr(self.backend, "check_fits"):  # GPU: weights (bf16) + the KV cache in free memory
             from .kv_cache import KVCacheSpec
-            spec = KVCacheSpec.for_model(cfg, self.kv_dtype, self.max_seq_len, max_batch)
+            spec = KVCacheSpec.for_model(cfg, self.kv_dtype, self.max_seq_len, max_batch, chunk=self.prefill_chunk)
             self.backend.check_fits(cfg.n_params() * 2, spec.nbytes(),
                                     kv_bytes_per_token=cfg.kv_bytes_per_token(self.kv_dtype) * max_batch,
                                     max_seq_len=self.max_seq_len)
@@ -94,7 +89,7 @@ class LLM:
         if g.get("do_sample"):
             d["temperature"] = float(g.get("temperature", 1.0))
             d["top_p"] = float(g.get("top_p", 1.0))
-            d["top_k"] = int(g.get("top_k", 0) or 0)
+            d["top_k"] = int(g.get("top_k", 50) or 0)     # transformers' GenerationConfig default
         if g.get("repetition_penalty"):
             d["repetition_penalty"] = float(g["repetition_penalty"])
         return d
@@ -120,9 +115,13 @@ class LLM:
         return [int(t) for t in prompt]
 
     def requests(self, prompts, params) -> list[Request]:
-        if isinstance(prompts, (str,)) or (prompts and isinstance(prompts[0], (int, np.integer))):
+        if isinstance(prompts, np.ndarray):
+            prompts = prompts.tolist()
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if not all(p is None or isinstance(p, SamplingParams) for p in plist):
+            raise TinyLLMError("params must be a SamplingParams, a list of them (one per prompt), or None")
         if len(plist) != len(prompts):
             raise TinyLLMError(f"{len(plist)} SamplingParams for {len(prompts)} prompts: pass one, or one per prompt")
         return [Request(self._encode(p), self.resolve_params(sp), i) for i, (p, sp) in enumerate(zip(prompts, plist))]

@@ -96,6 +96,7 @@ def cmd_chat(a) -> int:
 def cmd_info(a) -> int:
     from .api import resolve_model_dir
     from .config import KV_DTYPE_BYTES, ModelConfig
+    from .kv_cache import DEFAULT_PREFILL_CHUNK
     from .weights import checkpoint_dtype, detect_config, fmt_bytes, open_checkpoint
     d = resolve_model_dir(a.model)
     cfg = detect_config(ModelConfig.load(d), open_checkpoint(d))
@@ -125,7 +126,7 @@ def cmd_info(a) -> int:
         per = cfg.kv_bytes_per_token(kv)
         left = budget - weight_bytes
         ctx = max(0, left // per) if left > 0 else 0
-        if cfg.sliding_window and ctx >= cfg.sliding_window:
+        if cfg.sliding_window and ctx >= cfg.sliding_window + DEFAULT_PREFILL_CHUNK:  # the rolling capacity
             ctx_s = "unbounded (rolling window)"
         elif ctx > cfg.max_position_embeddings:
             ctx_s = f"{cfg.max_position_embeddings} (model max; memory allows {ctx:,})"

@@ -80,18 +80,23 @@ class _Seq:
         return self.ids[self.n_prompt:]
 
 
-def reusable_prefix(cached: list[int], ids: list[int], spec: KVCacheSpec) -> int:
-    """How many leading tokens of `ids` may keep the K/V already in a slot holding `cached`.
-    At least one token is always recomputed (its logits are needed). In a rolling cache the
-    prefix is only reusable while the window before it has not been overwritten (kv_cache)."""
+def reusable_prefix(cached: list[int], ids: list[int], written_hi: int, spec: KVCacheSpec) -> int:
+    """How many leading tokens of `ids` may keep the K/V already in a slot whose first
+    len(cached) positions hold `cached`, and into which positions up to written_hi - 1 were
+    written since it last started from position 0. At least one token is always recomputed
+    (its logits are needed).
+
+    Reusing a prefix p is sound when every key a query at p or later may see is still
+    intact: a rolling cache lost the positions below written_hi - capacity to overwrites, so
+    the window before p, max(0, p - W + 1), must lie above them. Entries at positions >= p
+    that are left over from the old sequence are then masked by position (kv_cache)."""
     p = 0
     for a, b in zip(cached, ids[:-1]):
         if a != b:
             break
         p += 1
-    if spec.rolling and p < len(cached) and p < len(cached) - spec.capacity + spec.window - 1:
-        return 0
-    return p
+    first_needed = max(0, p - spec.window + 1) if spec.window else 0
+    return p if first_needed >= written_hi - spec.capacity else 0
 
 
 class Engine:
@@ -103,6 +108,7 @@ class Engine:
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.cache = None
         self.slot_ids: list[list[int]] = []   # tokens whose K/V each slot holds
+        self.slot_hi: list[int] = []          # highest position written + 1, since position 0
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
 
     # ---- cache -----------------------------------------------------------------------
@@ -115,20 +121,34 @@ class Engine:
             self.cache = None                  # free the old one before allocating
             self.cache = self.ops.alloc_kv(self.spec(n_slots))
             self.slot_ids = [[] for _ in range(n_slots)]
+            self.slot_hi = [0] * n_slots
+
+    def _will_write(self, slot: int, start: int, n: int):
+        """Record, before a forward writes positions start .. start+n-1 into a slot, that only
+        ids[:start] are known good; after it, call _wrote. An interrupted forward thus never
+        leaves the slot claiming K/V it may have overwritten."""
+        del self.slot_ids[slot][start:]
+        self.slot_hi[slot] = start + n if start == 0 else max(self.slot_hi[slot], start + n)
+
+    def _wrote(self, slot: int, ids: list[int]):
+        self.slot_ids[slot].extend(ids)
 
     # ---- full-sequence logits (no sampling) --------------------------------------------
     def logits(self, ids: list[int], slot: int = 0) -> np.ndarray:
         """(len(ids), vocab) float32 logits at every position, prefilled chunk by chunk."""
-        if len(ids) > self.max_seq_len:
-            raise TinyLLMError(f"{len(ids)} tokens exceed the context of {self.max_seq_len}; pass a larger max_seq_len")
+        err = self._check(ids, allow_full=True)
+        if err:
+            raise TinyLLMError(err)
         self.ensure_cache(max(1, slot + 1))
         chunk = min(self.cache.spec.max_chunk, self.prefill_chunk)
         out = []
         for s in range(0, len(ids), chunk):
-            part = np.asarray(ids[s:s + chunk], np.int32)
+            part = ids[s:s + chunk]
+            self._will_write(slot, s, len(part))
             batch = Batch([slot], [s], [len(part)])
-            out.append(self.ops.to_numpy(self.model.forward(part, batch, self.cache, all_logits=True)))
-        self.slot_ids[slot] = list(ids)
+            out.append(self.ops.to_numpy(self.model.forward(np.asarray(part, np.int32), batch, self.cache,
+                                                            all_logits=True)))
+            self._wrote(slot, part)
         return np.concatenate(out, axis=0)
 
     # ---- generation --------------------------------------------------------------------
@@ -147,7 +167,7 @@ class Engine:
                 if req is None:
                     exhausted = True
                     break
-                err = self._check(req)
+                err = self._check(req.prompt_ids)
                 if err:
                     yield Event("error", req.index, error=err)
                     continue
@@ -162,22 +182,23 @@ class Engine:
                 free.append(s.slot)
                 free.sort()
 
-    def _check(self, req: Request) -> str:
-        n = len(req.prompt_ids)
+    def _check(self, ids: list[int], allow_full: bool = False) -> str:
+        """Why these prompt ids cannot run ('' if they can). A generation needs room for at
+        least one new token; full-sequence logits (allow_full) do not."""
+        n = len(ids)
         if n == 0:
             return "empty prompt: nothing to continue from"
-        if n >= self.max_seq_len:
+        if n > self.max_seq_len or (n == self.max_seq_len and not allow_full):
             return (f"prompt is {n} tokens, the context is {self.max_seq_len}: shorten it or raise max_seq_len")
         vocab = self.model.cfg.vocab_size
-        if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab:
+        if min(ids) < 0 or max(ids) >= vocab:
             return f"prompt token ids must lie in [0, {vocab})"
         return ""
 
     def _admit(self, req: Request, slot: int) -> _Seq:
         p = req.params
         rng = np.random.default_rng(p.seed)
-        cached = reusable_prefix(self.slot_ids[slot], req.prompt_ids, self.cache.spec)
-        self.slot_ids[slot] = list(req.prompt_ids[:cached])
+        cached = reusable_prefix(self.slot_ids[slot], req.prompt_ids, self.slot_hi[slot], self.cache.spec)
         seq = _Seq(req, slot, list(req.prompt_ids), len(req.prompt_ids), cached, rng,
                    self.tok.stream(req.prompt_ids), list(p.stop or []))
         seq.device_seed = p.seed % 2**63 if p.seed is not None else int(np.random.default_rng().integers(2**63))
@@ -200,11 +221,13 @@ class Engine:
             runs.append((s, n))
         tokens = np.concatenate([np.asarray(s.ids[s.n_cached:s.n_cached + n], np.int32) for s, n in runs])
         batch = Batch([s.slot for s, _ in runs], [s.n_cached for s, _ in runs], [n for _, n in runs])
+        for s, n in runs:
+            self._will_write(s.slot, s.n_cached, n)
         logits = self.model.forward(tokens, batch, self.cache)           # (B, vocab), on the backend
         self.stats["steps"] += 1
         ready = []
         for row, (s, n) in enumerate(runs):
-            self.slot_ids[s.slot].extend(s.ids[s.n_cached:s.n_cached + n])
+            self._wrote(s.slot, s.ids[s.n_cached:s.n_cached + n])
             s.n_cached += n
             if s.n_cached <= s.n_prompt:
                 s.prefill_tokens += n
@@ -256,6 +279,9 @@ class Engine:
             elif len(s.generated) >= p.max_tokens or len(s.ids) >= self.max_seq_len:
                 s.text += s.decoder.flush()
                 s.finish = "length"
+                hits = [i for i in (s.text.find(x, s.emitted) for x in s.stops) if i >= 0]
+                if hits:
+                    s.text, s.finish = s.text[:min(hits)], "stop"
         # Emit what can no longer become part of a stop string.
         hold = 0 if s.finish else max((len(x) for x in s.stops), default=1) - 1
         upto = max(s.emitted, len(s.text) - hold)

@@ -42,12 +42,16 @@ class SamplingParams:
         if self.repetition_penalty is not None and not (
                 isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
             bad(f"repetition_penalty={self.repetition_penalty!r} (must be > 0; 1 disables it)")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad(f"seed={self.seed!r} (must be an integer)")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            bad(f"seed={self.seed!r} (must be an integer >= 0)")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+        if self.stop is not None and not (isinstance(self.stop, (list, tuple))
+                                          and all(isinstance(s, str) and s for s in self.stop)):
             bad(f"stop={self.stop!r} (must be a string or a list of non-empty strings)")
+        if not (isinstance(self.stop_token_ids, (list, tuple))
+                and all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids)):
+            bad(f"stop_token_ids={self.stop_token_ids!r} (must be a list of token ids)")
         return self
 
     def with_defaults(self, defaults: dict) -> "SamplingParams":
@@ -103,7 +107,8 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     logits = apply_repetition_penalty(np.asarray(logits, np.float32), seen, params.repetition_penalty or 1.0)
     if not params.temperature:
         return int(np.argmax(logits))
-    logits = logits.astype(np.float64) / params.temperature
+    # Subtract the max first: a tiny temperature then sends the others to -inf, not inf - inf.
+    logits = (logits.astype(np.float64) - np.max(logits)) / params.temperature
     logits = top_k_filter(logits, params.top_k or 0)
     logits = top_p_filter(logits, params.top_p if params.top_p is not None else 1.0)
     probs = softmax(logits)

@@ -108,9 +108,15 @@ class SafetensorsFile:
         return raw.view(ST_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
-def open_checkpoint(model_dir: Path) -> dict[str, tuple[SafetensorsFile, str]]:
-    """name -> (file, name in file). HF: model.safetensors.index.json or model.safetensors;
-    Mistral native: consolidated.safetensors (names mapped to HF)."""
+class TensorIndex(dict):
+    """HF tensor name -> (file, name in that file). `native` is True when the names were
+    mapped from Mistral's consolidated.safetensors (whose wq/wk rows are interleaved)."""
+    native: bool = False
+
+
+def open_checkpoint(model_dir: Path) -> TensorIndex:
+    """HF: model.safetensors.index.json or model.safetensors; Mistral native:
+    consolidated.safetensors (names mapped to HF, `native` set)."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -123,15 +129,17 @@ def open_checkpoint(model_dir: Path) -> dict[str, tuple[SafetensorsFile, str]]:
             if not p.is_file():
                 raise TinyLLMError(f"{p} is named in {index.name} but missing; re-download the model")
             files[fname] = SafetensorsFile(p)
-        return {name: (files[f], name) for name, f in wmap.items()}
+        return TensorIndex({name: (files[f], name) for name, f in wmap.items()})
     single = model_dir / "model.safetensors"
     if single.is_file():
         f = SafetensorsFile(single)
-        return {name: (f, name) for name in f.entries}
+        return TensorIndex({name: (f, name) for name in f.entries})
     native = model_dir / "consolidated.safetensors"
     if native.is_file() and (model_dir / "params.json").is_file():
         f = SafetensorsFile(native)
-        return {_native_to_hf(name): (f, name) for name in f.entries}
+        index = TensorIndex({_native_to_hf(name): (f, name) for name in f.entries})
+        index.native = True
+        return index
     raise TinyLLMError(f"{model_dir} has no model.safetensors, model.safetensors.index.json or "
                        f"consolidated.safetensors; .bin/.pth checkpoints are not supported (convert to safetensors)")
 
@@ -226,7 +234,7 @@ def load_weights(model_dir: Path, cfg: ModelConfig, backend, progress: bool = Tr
     tensors = open_checkpoint(model_dir)
     cfg = detect_config(cfg, tensors)
     validate(cfg, tensors, model_dir)
-    native = (model_dir / "params.json").is_file() and not (model_dir / "config.json").is_file()
+    native = tensors.native
 
     def get(name: str):
         f, key = tensors[name]
