@@ -90,9 +90,12 @@ sample_f32_v1(const float* logits, int ld, int V, const float* temperature, cons
         if (threadIdx.x == 0) out[rowi] = r == 0x7fffffff ? 0 : r;
         return;
     }
-    float vmax = TL_NEG_INF;
-    for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS) vmax = fmaxf(vmax, row[i] / temp);
-    vmax = block_max(vmax, red);
+    // Scaled logits are (x - max) / temp: the largest is 0 and a tiny temperature sends the
+    // rest to -inf instead of overflowing to +inf (the numpy twin does the same).
+    float rmax = TL_NEG_INF;
+    for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS) rmax = fmaxf(rmax, row[i]);
+    rmax = block_max(rmax, red);
+    const float vmax = 0.f;
 
     // top-k: the k-th largest key (radix search, most significant bit first).
     unsigned int thr_k = 0u;
@@ -101,7 +104,7 @@ sample_f32_v1(const float* logits, int ld, int V, const float* temperature, cons
         for (int bit = 31; bit >= 0; --bit) {
             const unsigned int cand = thr_k | (1u << bit);
             float cnt = 0.f;
-            for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS) cnt += order_key(row[i] / temp) >= cand ? 1.f : 0.f;
+            for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS) cnt += order_key((row[i] - rmax) / temp) >= cand ? 1.f : 0.f;
             if (block_sum(cnt, red) >= (float)k) thr_k = cand;
         }
     }
@@ -111,7 +114,7 @@ sample_f32_v1(const float* logits, int ld, int V, const float* temperature, cons
     if (pp < 1.f) {
         float z = 0.f;
         for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS) {
-            const float v = row[i] / temp;
+            const float v = (row[i] - rmax) / temp;
             z += order_key(v) >= thr_k ? expf(v - vmax) : 0.f;
         }
         const float target = pp * block_sum(z, red);
@@ -121,7 +124,7 @@ sample_f32_v1(const float* logits, int ld, int V, const float* temperature, cons
             const unsigned int lim = cand > thr_k ? cand : thr_k;
             float mass = 0.f;
             for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS) {
-                const float v = row[i] / temp;
+                const float v = (row[i] - rmax) / temp;
                 mass += order_key(v) >= lim ? expf(v - vmax) : 0.f;
             }
             if (block_sum(mass, red) >= target) t = cand;
@@ -134,7 +137,7 @@ sample_f32_v1(const float* logits, int ld, int V, const float* temperature, cons
     float best = TL_NEG_INF;
     int bi = 0x7fffffff;
     for (int i = threadIdx.x; i < V; i += SAMPLE_THREADS) {
-        const float v = row[i] / temp;
+        const float v = (row[i] - rmax) / temp;
         if (order_key(v) >= thr) better(best, bi, v - logf(-logf(uniform01(seed, step, i))), i);
     }
     const int r = block_argmax(best, bi);
