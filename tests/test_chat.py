@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tinyllm.chat import DEFAULT, ChatSession, Quit, common_prefix, parse_set, read_message
+from tinyllm.chat import DEFAULT, ChatSession, Quit, parse_set, read_message
 from tinyllm.errors import TinyLLMError
 from tinyllm.sampling import SamplingParams
 
@@ -29,6 +29,16 @@ NO_SYSTEM = ("{% for m in messages %}{% if m.role == 'system' %}"
              "{% endif %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
              "{% if add_generation_prompt %}[assistant] {% endif %}")
 
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Counted here, independently of the engine's reusable_prefix."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 def _with_template(src: Path, dst: Path, template: str) -> Path:
     shutil.copytree(src, dst)

@@ -517,13 +517,7 @@ def tokenize(llm, item: Item) -> list[int]:
         ids = llm.tokenizer.encode(item.prompt)
     else:
         ids = list(item.prompt)
-        vocab = llm.cfg.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise LineError("invalid_prompt", f"prompt token ids must lie in [0, {vocab})")
-    if not ids:
-        raise LineError("invalid_prompt", "the prompt is empty: nothing to continue from")
-    if len(ids) >= llm.max_seq_len:
-        raise LineError("context_length_exceeded",
-                        f"the prompt is {len(ids)} tokens and the context is {llm.max_seq_len}: "
-                        f"shorten it or raise --ctx-size")
+    bad = llm.engine.check_prompt(ids)
+    if bad:
+        raise LineError(*bad)
     return ids

@@ -158,15 +158,6 @@ def read_message(read_line: Callable[[str], str], prompt: str = ">>> ", more: st
 
 # ---- the session ------------------------------------------------------------------------
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def format_stats(c, max_seq_len: int) -> str:
     n_prompt, n_gen = len(c.prompt_token_ids), len(c.token_ids)
     return (f"[prompt {n_prompt} tokens ({c.prefill_tokens} prefilled, {n_prompt - c.prefill_tokens} reused), "

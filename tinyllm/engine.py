@@ -136,9 +136,9 @@ class Engine:
     # ---- full-sequence logits (no sampling) --------------------------------------------
     def logits(self, ids: list[int], slot: int = 0) -> np.ndarray:
         """(len(ids), vocab) float32 logits at every position, prefilled chunk by chunk."""
-        err = self._check(ids, allow_full=True)
-        if err:
-            raise TinyLLMError(err)
+        bad = self.check_prompt(ids, allow_full=True)
+        if bad:
+            raise TinyLLMError(bad[1])
         self.ensure_cache(max(1, slot + 1))
         chunk = min(self.cache.spec.max_chunk, self.prefill_chunk)
         out = []
@@ -167,9 +167,9 @@ class Engine:
                 if req is None:
                     exhausted = True
                     break
-                err = self._check(req.prompt_ids)
-                if err:
-                    yield Event("error", req.index, error=err)
+                bad = self.check_prompt(req.prompt_ids)
+                if bad:
+                    yield Event("error", req.index, error=bad[1])
                     continue
                 slot = req.slot if req.slot is not None and req.slot in free else free[0]
                 free.remove(slot)
@@ -182,18 +182,20 @@ class Engine:
                 free.append(s.slot)
                 free.sort()
 
-    def _check(self, ids: list[int], allow_full: bool = False) -> str:
-        """Why these prompt ids cannot run ('' if they can). A generation needs room for at
-        least one new token; full-sequence logits (allow_full) do not."""
+    def check_prompt(self, ids: list[int], allow_full: bool = False) -> tuple[str, str] | None:
+        """Why these prompt ids cannot run, as (code, message), or None if they can. A
+        generation needs room for at least one new token; full-sequence logits (allow_full)
+        do not. The codes are the OpenAI-style ones batch output lines carry."""
         n = len(ids)
         if n == 0:
-            return "empty prompt: nothing to continue from"
+            return "invalid_prompt", "the prompt is empty: nothing to continue from"
         if n > self.max_seq_len or (n == self.max_seq_len and not allow_full):
-            return (f"prompt is {n} tokens, the context is {self.max_seq_len}: shorten it or raise max_seq_len")
+            return ("context_length_exceeded", f"the prompt is {n} tokens and the context is "
+                    f"{self.max_seq_len}: shorten it or raise the context size (--ctx-size, max_seq_len)")
         vocab = self.model.cfg.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
-            return f"prompt token ids must lie in [0, {vocab})"
-        return ""
+            return "invalid_prompt", f"prompt token ids must lie in [0, {vocab})"
+        return None
 
     def _admit(self, req: Request, slot: int) -> _Seq:
         p = req.params
