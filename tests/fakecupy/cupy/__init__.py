@@ -287,23 +287,26 @@ class RawModule:
         entries = entry_points(self.code, self.options)
         assert name in entries, f"{name} is not an extern \"C\" kernel of this module (it has {sorted(entries)})"
         defines = dict(o[2:].split("=", 1) for o in self.options if o.startswith("-D"))
-        return RawKernel(name, *entries[name], defines)
+        return RawKernel(name, *entries[name], defines, self.code, self.options)
 
 
-LAUNCHED: set[tuple[str, str | None]] = set()      # (kernel, KV_KIND define or None)
+# (kernel, KV_KIND define or None) -> [launches, {"grid x block (+smem)", ...}]
+LAUNCHED: dict[tuple[str, str | None], list] = {}
 
 
 @atexit.register
 def _write_launch_log():
+    """FAKECUPY_LAUNCH_LOG: [[kernel, KV_KIND, launches, [launch geometries]], ...]."""
     path = os.environ.get("FAKECUPY_LAUNCH_LOG")
     if path:
         with open(path, "w") as f:
-            json.dump(sorted(LAUNCHED, key=str), f)
+            json.dump([[k, kind, n, sorted(geoms)] for (k, kind), (n, geoms) in sorted(LAUNCHED.items(), key=str)], f)
 
 
 class RawKernel:
-    def __init__(self, name, max_threads, params, defines):
+    def __init__(self, name, max_threads, params, defines, code="", options=()):
         self.name, self.max_threads, self.params, self.defines = name, max_threads, params, defines
+        self.code, self.options = code, options
         self.types = [_param_type(p) for p in params]
         self.max_dynamic_shared_size_bytes = 48 * 1024
 
@@ -339,8 +342,17 @@ class RawKernel:
         assert threads <= self.max_threads, f"{self.name}: {threads} threads > launch bounds {self.max_threads}"
         assert shared_mem <= self.max_dynamic_shared_size_bytes, \
             f"{self.name}: {shared_mem} B of dynamic shared memory, {self.max_dynamic_shared_size_bytes} enabled"
-        LAUNCHED.add((self.name, self.defines.get("KV_KIND")))
-        _emu.run(self.name, grid, block, conv, self.defines)
+        entry = LAUNCHED.setdefault((self.name, self.defines.get("KV_KIND")), [0, set()])
+        entry[0] += 1
+        entry[1].add(f"{grid[0]}x{grid[1]}x{grid[2]} * {threads}" + (f" +{shared_mem} B" if shared_mem else ""))
+        if KERNELS == "emu":
+            _emu.run(self.name, grid, block, conv, self.defines)
+        else:
+            _cpu.run(self, grid, block, conv, shared_mem)
 
 
+# cudacpu: the real kernels on the CPU executor (default); emu: their numpy emulation.
+KERNELS = os.environ.get("FAKECUPY_KERNELS", "cudacpu")
+assert KERNELS in ("cudacpu", "emu"), f"FAKECUPY_KERNELS={KERNELS!r}: use cudacpu or emu"
 from . import _emu  # noqa: E402  (it reads device memory through mem() above)
+from . import _cpu  # noqa: E402
