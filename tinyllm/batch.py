@@ -391,7 +391,7 @@ def count_todo(path: Path, done: set) -> tuple[int, int]:
 def run_batch(a) -> int:
     """`tinyllm batch`: 0 when every line got a result line (errors included), 130 on
     Ctrl-C; fatal problems raise TinyLLMError (one line, exit 2, from cli.main)."""
-    from .cli import load_llm, sampling_from_args
+    from .options import load_llm, sampling_from_args
 
     if a.max_batch < 1:
         raise TinyLLMError(f"--max-batch must be at least 1 (got {a.max_batch})")

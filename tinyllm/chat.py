@@ -445,7 +445,7 @@ def _settings_line(session: ChatSession) -> str:
 
 def run_chat(args) -> int:
     """`tinyllm chat`: one answer (question argument or piped stdin), or the REPL."""
-    from .cli import load_llm, sampling_from_args
+    from .options import load_llm, sampling_from_args
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
     params = sampling_from_args(args)
