@@ -133,23 +133,12 @@ def parse_item(obj: dict, lineno: int) -> Item:
 
 
 def check_messages(messages) -> list[dict]:
-    """OpenAI messages -> [{"role", "content": str}]; content given as text parts is joined."""
-    if not isinstance(messages, list) or not messages:
-        raise LineError("invalid_messages", "\"messages\" must be a non-empty list of {\"role\", \"content\"}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise LineError("invalid_messages", f"message {i} must be an object with a string \"role\"")
-        content = m.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise LineError("invalid_messages", f"message {i}: only text content parts are supported")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise LineError("invalid_messages", f"message {i} must have string \"content\"")
-        out.append({**m, "content": content})
-    return out
+    """OpenAI messages -> [{"role", "content": str}] (tokenizer.check_messages), as a LineError."""
+    from .tokenizer import check_messages as check
+    try:
+        return check(messages)
+    except TinyLLMError as e:
+        raise LineError("invalid_messages", str(e)) from None
 
 
 def check_prompt(prompt):
