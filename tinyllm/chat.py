@@ -449,6 +449,8 @@ def run_chat(args) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
     params = sampling_from_args(args)
+    if args.question is None and sys.stdin is None:
+        raise TinyLLMError("stdin is closed: pass a question as an argument, or pipe a message into stdin")
     interactive = args.question is None and sys.stdin.isatty()
     question = args.question
     if question is None and not interactive:

@@ -330,10 +330,11 @@ def validate(cfg: ModelConfig, tensors: dict, model_dir: Path) -> None:
 def available_memory() -> int | None:
     """MemAvailable from /proc/meminfo in bytes (None where unknown)."""
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
     return None
 
