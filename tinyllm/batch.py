@@ -557,7 +557,7 @@ class BatchJob:
                     continue
                 item = self.inflight.pop(ev.index)
                 if ev.kind == "error":
-                    self.fail(item.custom_id, item.lineno, LineError("invalid_prompt", ev.error))
+                    self.fail(item.custom_id, item.lineno, LineError(ev.code, ev.error))
                     continue
                 c = ev.completion
                 self.out.write({**ok_record(item, c, self.llm.model_dir.name, int(time.time())),

@@ -55,6 +55,7 @@ class Event:
     text: str = ""
     completion: Completion | None = None
     error: str = ""
+    code: str = "invalid_prompt"          # for errors: the OpenAI-style code batch output lines carry
 
 
 @dataclass
@@ -186,7 +187,7 @@ class Engine:
                     break
                 bad = self.check_prompt(req.prompt_ids)
                 if bad:
-                    yield Event("error", req.index, error=bad[1])
+                    yield Event("error", req.index, error=bad[1], code=bad[0])
                     continue
                 slot = req.slot if req.slot is not None and req.slot in free else free[0]
                 free.remove(slot)
@@ -246,7 +247,8 @@ class Engine:
         batch = Batch([s.slot for s, _ in runs], [s.n_cached for s, _ in runs], [n for _, n in runs])
         for s, n in runs:
             self._will_write(s.slot, s.n_cached, n)
-        logits = self.model.forward(tokens, batch, self.cache)           # (B, vocab), on the backend
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # NaN/inf are checked below
+            logits = self.model.forward(tokens, batch, self.cache)       # (B, vocab), on the backend
         self.stats["steps"] += 1
         ready = []
         for row, (s, n) in enumerate(runs):
@@ -265,7 +267,7 @@ class Engine:
             why = self.nonfinite_reason()
             for _, s in bad:
                 s.finish = "error"
-                yield Event("error", s.req.index, error=why)
+                yield Event("error", s.req.index, error=why, code="model_error")
             ready = [(r, s) for r, s in ready if not s.finish]
             if not ready:
                 return
