@@ -468,14 +468,14 @@ def _settings_line(session: ChatSession) -> str:
         sample = g.get("do_sample") is True
     except (OSError, ValueError, TypeError):
         keys, sample = [], False
+    how = "flags and /set override, e.g. /set temperature=0.7"
     if sample:
-        src = "defaults from the model's generation_config.json"
+        src, how = "from the model's generation_config.json", "flags and /set override"
     elif keys:
-        src = (f"the model's generation_config.json names {', '.join(keys)} but not do_sample, so replies are "
-               f"greedy as in transformers; /set temperature=0.7 samples")
+        src = f"generation_config.json names {', '.join(keys)} but not do_sample: greedy, as transformers"
     else:
-        src = "the model names no sampling settings: greedy, as in transformers; /set temperature=0.7 samples"
-    return f"sampling: {session.describe_params()} ({src}; flags and /set override)"
+        src = "the model names no sampling settings: greedy, as transformers"
+    return f"sampling: {session.describe_params()} ({src}; {how})"
 
 
 def run_chat(args) -> int:
