@@ -29,9 +29,9 @@ TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>\n{% e
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def tinyllm(*args, stdin=None, timeout=120, **kw) -> subprocess.CompletedProcess:
+def tinyllm(*args, stdin=None, timeout=120, extra_env=None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tinyllm", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, env=ENV, cwd=REPO, **kw)
+                          text=True, timeout=timeout, env={**ENV, **(extra_env or {})}, cwd=REPO, **kw)
 
 
 def one_error(p, *words):
@@ -222,6 +222,17 @@ def test_generate_takes_the_prompt_as_argument_or_stdin(model):
     assert a.stdout == b.stdout == c.stdout and len(a.stdout) > 1
     one_error(tinyllm(*args, stdin=""), "no prompt")
     one_error(tinyllm(*args, "--prompt", "a", "b"), "not both")
+
+
+def test_list_shows_sizes(model, tmp_path):
+    weights = tmp_path / "weights"
+    shutil.copytree(model, weights / "mymodel")
+    p = tinyllm("list", extra_env={"TINYLLM_WEIGHTS": str(weights), "HF_HOME": str(tmp_path / "hf")})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0].split()[:3] == ["alias", "repository", "size"]
+    total = sum(f.stat().st_size for f in (weights / "mymodel").iterdir())
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("mymodel"))
+    assert f"{total / 1024:.1f} KiB" in line
 
 
 def _close(fd):

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if sys.stderr is None:                 # started with stderr closed: nowhere to report anything
         return 2
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _warning_line
     try:
         if sys.stdout is None:             # Python sets it to None when fd 1 was closed at start
             raise TinyLLMError("stdout is closed; tinyllm writes its output there: redirect it to a file "
@@ -237,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:                # the reader went away (| head): stop quietly
         _silence_stdout()
         return 0
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    """Warnings (a context above the model's trained maximum, ...) as one line, without the
+    source location Python prints by default."""
+    print(f"tinyllm: warning: {message}", file=sys.stderr)
 
 
 def _silence_stdout():

@@ -10,7 +10,6 @@ import argparse
 import math
 import re
 import sys
-import warnings
 
 from .errors import TinyLLMError
 
@@ -95,20 +94,16 @@ def sampling_from_args(a):
 
 def load_llm(a, max_batch: int = 1, quiet: bool = False):
     """The LLM the flags describe; what was picked (model, backend, threads, context) goes to
-    stderr unless quiet, and so do warnings (a context above the trained maximum)."""
-    from .api import LLM, ContextWarning
+    stderr unless quiet."""
+    from .api import LLM
     from .hub import resolve
     r = resolve(a.model)
     model_dir = r.path
     if not quiet:
         print(f"model: {r.describe()}", file=sys.stderr)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ContextWarning)
-        llm = LLM(str(model_dir), backend=a.backend, dtype=a.dtype, kv_dtype=a.kv_dtype,
-                  max_seq_len=a.max_seq_len, max_batch=max_batch, progress=not quiet,
-                  threads=getattr(a, "threads", None))
-    for w in caught:
-        print(f"tinyllm: warning: {w.message}", file=sys.stderr)
+    llm = LLM(str(model_dir), backend=a.backend, dtype=a.dtype, kv_dtype=a.kv_dtype,
+              max_seq_len=a.max_seq_len, max_batch=max_batch, progress=not quiet,
+              threads=getattr(a, "threads", None))    # warnings: one line each (cli.main)
     if not quiet:
         why = " (auto: " + ("CuPy sees a GPU" if llm.backend.name == "cuda" else "no GPU visible to CuPy") + ")" \
             if a.backend == "auto" else ""
