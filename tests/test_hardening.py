@@ -323,6 +323,19 @@ def test_resume_stops_when_a_request_or_the_settings_changed(model, tmp_path):
     one_error(batch(model, inp, out, "--resume", "--temperature", "0.5"), "4 request(s) changed")
 
 
+def test_results_from_before_fingerprints_are_kept_with_a_note(model, tmp_path):
+    rows = [{"id": f"r{i}", "prompt": [5, 6, i + 7], "max_tokens": 2} for i in range(3)]
+    inp, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    write_jsonl(inp, rows[:2])
+    assert batch(model, inp, out).returncode == 0
+    old = [json.loads(ln) for ln in out.read_text().splitlines()]
+    out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "fingerprint"}) + "\n" for r in old))
+    write_jsonl(inp, rows)
+    p = batch(model, inp, out, "--resume")
+    assert p.returncode == 0 and "2 results" in p.stderr and "no fingerprint" in p.stderr
+    assert [json.loads(ln)["custom_id"] for ln in out.read_text().splitlines()] == ["r0", "r1", "r2"]
+
+
 def test_empty_input_says_so_and_creates_nothing(model, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n  \n")

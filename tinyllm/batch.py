@@ -495,6 +495,10 @@ def run_batch(a) -> int:
                            f"and append the rest (or choose another output file)")
     done = scan_output(out_path, repair=False)[0] if has_results else {}
     todo, n_skip, changed = count_todo(in_path, done, run)
+    unchecked = sum(1 for fp in done.values() if fp is None)
+    if unchecked:
+        print(f"note: {unchecked} results in {out_path} carry no fingerprint (written by an older tinyllm); "
+              f"they are kept without checking that their requests are unchanged", file=sys.stderr)
     if todo + n_skip == 0:
         raise TinyLLMError(f"{in_path} has no requests: it is empty (or only blank lines)")
     if changed:
