@@ -149,6 +149,27 @@ def test_memory_check_counts_the_kv_cache_and_names_what_fits(model, monkeypatch
         LLM(str(model), max_seq_len=256, max_batch=batch + 1)
 
 
+def test_a_gpu_style_check_also_names_the_largest_batch(model, monkeypatch):
+    """A backend with its own check_fits (the cuda backend's interface) refusing a batch:
+    the error adds the largest --max-batch that passes the same check."""
+    import tinyllm.api
+    from tinyllm.backends.numpy_backend import NumpyBackend
+    from tinyllm.config import ModelConfig
+    from tinyllm.kv_cache import KVCacheSpec
+    cfg = ModelConfig.load(model)
+    per_slot = KVCacheSpec.for_model(cfg, "fp32", 256, 1).nbytes()
+
+    class Budgeted(NumpyBackend):
+        def check_fits(self, weight_bytes, kv_bytes=0, kv_bytes_per_token=None, max_seq_len=None):
+            if weight_bytes + kv_bytes > cfg.n_params() * 2 + 5 * per_slot:
+                raise TinyLLMError("the model needs more GPU memory than is free")
+
+    monkeypatch.setattr(tinyllm.api, "get_backend", lambda *a, **k: Budgeted())
+    with pytest.raises(TinyLLMError, match="largest --max-batch that fits is 5$"):
+        LLM(str(model), max_seq_len=256, max_batch=16)
+    LLM(str(model), max_seq_len=256, max_batch=5)
+
+
 def test_planned_kv_bytes_are_what_the_cache_allocates(llm):
     from tinyllm.memory import host_plan
     llm.engine.ensure_cache(llm.engine.max_batch)

@@ -70,14 +70,24 @@ class LLM:
     # ---- setup ---------------------------------------------------------------------
     def _check_memory(self, cfg: ModelConfig, max_batch: int):
         """Weights + KV cache + working memory must fit before anything large is allocated."""
-        if hasattr(self.backend, "check_fits"):  # GPU: weights (bf16) + the KV cache in free memory
+        from .memory import check_host_fits, largest
+        if hasattr(self.backend, "check_fits"):  # GPU: weights (bf16) + KV cache + working headroom in free memory
             from .kv_cache import KVCacheSpec
-            spec = KVCacheSpec.for_model(cfg, self.kv_dtype, self.max_seq_len, max_batch, chunk=self.prefill_chunk)
-            self.backend.check_fits(cfg.n_params() * 2, spec.nbytes(),
-                                    kv_bytes_per_token=cfg.kv_bytes_per_token(self.kv_dtype) * max_batch,
-                                    max_seq_len=self.max_seq_len)
+
+            def check(batch: int):
+                spec = KVCacheSpec.for_model(cfg, self.kv_dtype, self.max_seq_len, batch, chunk=self.prefill_chunk)
+                self.backend.check_fits(cfg.n_params() * 2, spec.nbytes(),
+                                        kv_bytes_per_token=cfg.kv_bytes_per_token(self.kv_dtype) * batch,
+                                        max_seq_len=self.max_seq_len)
+            try:
+                check(max_batch)
+            except TinyLLMError as e:         # the backend names the longest context; add the largest batch
+                best = largest(lambda b: _succeeds(check, b), 1, max_batch - 1) if max_batch > 1 else 0
+                if best < 1:
+                    raise
+                raise TinyLLMError(f"{e}; with context {self.max_seq_len} the largest --max-batch that fits "
+                                   f"is {best}") from None
             return
-        from .memory import check_host_fits
         check_host_fits(cfg, self.kv_dtype, self.max_seq_len, max_batch, self.prefill_chunk, available_memory())
 
     def need_tokenizer(self, what: str):
@@ -190,6 +200,14 @@ class LLM:
         from .tokenizer import check_messages
         ids = self.need_tokenizer("chat").encode_chat(check_messages(messages), add_generation_prompt=True)
         return self.generate([ids], params)[0]
+
+
+def _succeeds(check, *args) -> bool:
+    try:
+        check(*args)
+    except TinyLLMError:
+        return False
+    return True
 
 
 class ContextWarning(UserWarning):

@@ -41,7 +41,7 @@ def host_plan(cfg: ModelConfig, kv_dtype: str, max_seq_len: int, max_batch: int,
     return HostPlan(cfg.n_params() * 4, spec.nbytes(), act + attn + logits + FIXED_OVERHEAD)
 
 
-def _largest(fits, lo: int, hi: int) -> int:
+def largest(fits, lo: int, hi: int) -> int:
     """The largest v in [lo, hi] with fits(v) (fits is monotone, decreasing); lo - 1 if none."""
     if not fits(lo):
         return lo - 1
@@ -68,8 +68,8 @@ def check_host_fits(cfg: ModelConfig, kv_dtype: str, max_seq_len: int, max_batch
     if base.total > available:
         raise TinyLLMError(f"{msg}; even the weights with the smallest cache do not fit: "
                            f"use a smaller model or --backend cuda")
-    ctx = _largest(lambda n: host_plan(cfg, kv_dtype, n, max_batch, chunk).total <= available, 2, max_seq_len)
-    batch = _largest(lambda b: host_plan(cfg, kv_dtype, max_seq_len, b, chunk).total <= available, 1, max_batch)
+    ctx = largest(lambda n: host_plan(cfg, kv_dtype, n, max_batch, chunk).total <= available, 2, max_seq_len)
+    batch = largest(lambda b: host_plan(cfg, kv_dtype, max_seq_len, b, chunk).total <= available, 1, max_batch)
     hints = []
     if ctx >= 2:
         hints.append(f"the largest --ctx-size that fits with --max-batch {max_batch} is {ctx}")
