@@ -33,6 +33,9 @@ def resolve_model_dir(model) -> Path:
 
 
 class LLM:
+    """A loaded model ready to generate. `threads` sets the BLAS threads of this process
+    (numpy backend; see threads.py for the default)."""
+
     def __init__(self, model=None, backend: str = "numpy", dtype: str | None = None,
                  kv_dtype: str = "auto", max_seq_len: int | None = None, max_batch: int = 8,
                  progress: bool = False, prefill_chunk: int = 512, threads: int | None = None):
@@ -178,22 +181,19 @@ class LLM:
         Completion is appended to `result` when given."""
         req = self.requests([prompt], params)[0]
         req.slot = slot
-        done = False
         try:
             for ev in self.engine.run([req]):
                 if ev.kind == "error":
                     raise TinyLLMError(ev.error)
                 if ev.kind == "text":
                     yield ev.text
-                elif ev.kind == "finish":
-                    done = True
-                    if result is not None:
-                        result.append(ev.completion)
-        finally:
-            if not done and result is not None:         # stopped early (Ctrl-C): what was generated so far
-                c = self.engine.partial(req.index)
-                if c is not None:
-                    result.append(c)
+                elif ev.kind == "finish" and result is not None:
+                    result.append(ev.completion)
+        except (GeneratorExit, KeyboardInterrupt):      # stopped early: Ctrl-C here or in the consumer
+            c = self.engine.partial(req.index) if result is not None else None
+            if c is not None:                           # what was generated so far, finish "interrupted"
+                result.append(c)
+            raise
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
         """One assistant reply to `messages` ([{"role": str, "content": str}, ...])."""
