@@ -474,3 +474,27 @@ def test_a_failing_template_keeps_the_conversation(chat_model, tmp_path):
     c.expect(pexpect.EOF)
     c.close()
     assert c.exitstatus == 0
+
+
+def test_stats_after_ctrl_c_inside_generation(chat_model, monkeypatch):
+    """Ctrl-C can land inside the forward pass (not only while the terminal prints): the
+    interrupted reply's numbers are still what /stats shows."""
+    from tinyllm.chat import ChatSession
+    llm = LLM(str(chat_model))
+    session = ChatSession(llm, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    real, calls = llm.model.forward, []
+
+    def forward(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:                        # prefill + 4 decode steps, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(llm.model, "forward", forward)
+    shown = []
+    with pytest.raises(KeyboardInterrupt):
+        for piece in session.send("hello"):
+            shown.append(piece)
+    session.abort("hello", "".join(shown))
+    assert session.last.finish_reason == "interrupted" and len(session.last.token_ids) == 5
+    assert "generated 5 tokens" in session.stats() and "finish: interrupted" in session.stats()
