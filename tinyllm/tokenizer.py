@@ -181,10 +181,6 @@ def check_messages(messages) -> list[dict]:
     return out
 
 
-def _read_json(path: Path) -> dict:
-    return read_json_object(path)
-
-
 def _read_template(path: Path) -> str:
     """A chat_template.jinja file: UTF-8 text of bounded size."""
     try:
@@ -239,11 +235,11 @@ class HFTokenizer(Tokenizer):
         self._tok.no_padding()
 
         cfg_path = self.model_dir / "tokenizer_config.json"
-        cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+        cfg = read_json_object(cfg_path) if cfg_path.is_file() else {}
         named = {k: _token_str(v) for k, v in cfg.items() if k.endswith("_token") and _token_str(v) is not None}
         map_path = self.model_dir / "special_tokens_map.json"
         if map_path.is_file() and "added_tokens_decoder" not in cfg:
-            for k, v in _read_json(map_path).items():
+            for k, v in read_json_object(map_path).items():
                 if k.endswith("_token") and _token_str(v) is not None:
                     named[k] = _token_str(v)
         self.special_tokens = named  # e.g. {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
