@@ -380,7 +380,9 @@ def test_repl_ctrl_c_stops_a_long_reply_and_the_chat_goes_on(chat_model, tmp_pat
     c.sendintr()
     c.expect_exact("[interrupted — partial reply kept]", timeout=15)
     c.expect_exact(">>> ")
-    assert "generated" not in ask(c, "/stats")    # no finished reply yet
+    interrupted = ask(c, "/stats")                # the interrupted reply's own numbers
+    m = re.search(r"generated (\d+) tokens.*finish: interrupted", interrupted)
+    assert m and 0 < int(m.group(1)) < 4000, interrupted
     ask(c, "/set max_tokens=5")
     ask(c, "short now")
     stats = ask(c, "/stats")

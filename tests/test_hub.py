@@ -348,6 +348,7 @@ def fake_hub(env, monkeypatch):
         seen.update(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
         return str(make_snapshot(env.cache, repo_id, sharded=True))
 
+    monkeypatch.setattr(hub, "_check_reachable", lambda endpoint: None)   # no network here
     monkeypatch.setattr(hf.HfApi, "list_repo_files", lambda self, repo_id, revision=None, token=None: files)
     monkeypatch.setattr(hf, "hf_hub_download", lambda *a, **k: str(index))
     monkeypatch.setattr(hf, "snapshot_download", snapshot_download)
@@ -431,3 +432,13 @@ def test_list_models(env, fake_converter):
     rows = hub.list_models()
     assert {r["alias"]: r for r in rows}["smollm2-135m"]["present"] is True
     assert not any(r["alias"] == "smollm2-135m-instruct" for r in rows)  # not listed twice
+
+
+def test_download_without_network_fails_at_once():
+    """Nothing listens on port 9 of this machine: the reachability check refuses in one line
+    instead of huggingface_hub's half-minute of retries."""
+    import time
+    t0 = time.perf_counter()
+    with pytest.raises(TinyLLMError, match="cannot reach 127.0.0.1.*check the network"):
+        hub._check_reachable("http://127.0.0.1:9")
+    assert time.perf_counter() - t0 < 5

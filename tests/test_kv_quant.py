@@ -329,7 +329,7 @@ def test_cli_info_prints_kv_bytes_per_token_from_config(tiny_factory, capsys):
         assert "model max" in ctx
     # A budget that binds: room for exactly 100 fp32 tokens next to the float32 weights.
     budget = cfg.n_params() * 4 + 100 * cfg.kv_bytes_per_token("fp32")
-    assert cli.main(["info", "--model", str(d), "--memory", str(budget), "--backend", "numpy"]) == 0
+    assert cli.main(["info", "--model", str(d), "--memory", f"{budget / 2**20}MB", "--backend", "numpy"]) == 0
     rows = info_table(capsys.readouterr().out)
     for kv, (per, _, ctx) in rows.items():
         assert int(ctx.split()[0]) == min(100 * cfg.kv_bytes_per_token("fp32") // per, cfg.max_position_embeddings)

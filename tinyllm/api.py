@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -16,10 +16,11 @@ from .backends import get_backend
 from .config import ModelConfig
 from .engine import Completion, Engine, Request
 from .errors import TinyLLMError
+from .jsonfile import JsonObject
 from .model import Transformer
 from .sampling import SamplingParams
 from .kv_cache import resolve_kv_dtype
-from .weights import available_memory, checkpoint_dtype, fmt_bytes, load_weights
+from .weights import available_memory, checkpoint_dtype, load_weights
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_SEQ_LEN = 8192       # the KV-cache length when the caller names none
@@ -32,25 +33,36 @@ def resolve_model_dir(model) -> Path:
 
 
 class LLM:
+    """A loaded model ready to generate. `threads` sets the BLAS threads of this process
+    (numpy backend; see threads.py for the default)."""
+
     def __init__(self, model=None, backend: str = "numpy", dtype: str | None = None,
                  kv_dtype: str = "auto", max_seq_len: int | None = None, max_batch: int = 8,
-                 progress: bool = False, prefill_chunk: int = 512):
+                 progress: bool = False, prefill_chunk: int = 512, threads: int | None = None):
+        from .threads import set_threads
+        self.threads = set_threads(threads)
         self.model_dir = resolve_model_dir(model)
         cfg = ModelConfig.load(self.model_dir)
         self.backend = get_backend(backend, dtype, checkpoint_dtype(self.model_dir))
         self.kv_dtype = resolve_kv_dtype(kv_dtype, self.backend.compute_dtype)
-        self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN))
+        for name, v in (("max_seq_len", max_seq_len), ("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise TinyLLMError(f"{name}={v!r} must be an integer >= 1")
+        self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         if self.max_seq_len < 2:
             raise TinyLLMError(f"max_seq_len={self.max_seq_len} is too small (need at least 2)")
-        for name, v in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
-            if not isinstance(v, int) or v < 1:
-                raise TinyLLMError(f"{name}={v!r} must be an integer >= 1")
+        if self.max_seq_len > cfg.max_position_embeddings:
+            # as llama.cpp: allowed, but positions past the trained length are out of distribution
+            warnings.warn(f"the context {self.max_seq_len} exceeds the {cfg.max_position_embeddings} tokens this "
+                          f"model was trained on (max_position_embeddings); output past that may degrade",
+                          ContextWarning, stacklevel=2)
         self.prefill_chunk = prefill_chunk
         self._check_memory(cfg, max_batch)
         self.cfg, weights = load_weights(self.model_dir, cfg, self.backend, progress=progress)
         self.weights_bytes = weights.nbytes_on_disk
         from .tokenizer import Tokenizer
-        self.tokenizer = Tokenizer.load(self.model_dir)
+        # A checkpoint without tokenizer files still runs on token ids (vLLM's skip_tokenizer_init).
+        self.tokenizer = Tokenizer.load(self.model_dir) if Tokenizer.present(self.model_dir) else None
         self.generation_defaults = self._generation_defaults()
         self.eos_token_ids = self._eos_ids()
         self.model = Transformer(self.cfg, weights, self.backend)
@@ -60,71 +72,91 @@ class LLM:
 
     # ---- setup ---------------------------------------------------------------------
     def _check_memory(self, cfg: ModelConfig, max_batch: int):
-        if hasattr(self.backend, "check_fits"):  # GPU: weights (bf16) + the KV cache in free memory
+        """Weights + KV cache + working memory must fit before anything large is allocated."""
+        from .memory import check_host_fits, largest
+        if hasattr(self.backend, "check_fits"):  # GPU: weights (bf16) + KV cache + working headroom in free memory
             from .kv_cache import KVCacheSpec
-            spec = KVCacheSpec.for_model(cfg, self.kv_dtype, self.max_seq_len, max_batch, chunk=self.prefill_chunk)
-            self.backend.check_fits(cfg.n_params() * 2, spec.nbytes(),
-                                    kv_bytes_per_token=cfg.kv_bytes_per_token(self.kv_dtype) * max_batch,
-                                    max_seq_len=self.max_seq_len)
-            return
-        need = cfg.n_params() * 4           # float32 weights
-        have = available_memory()
-        if have is not None and need > have:
-            raise TinyLLMError(f"the model needs {fmt_bytes(need)} of RAM in float32 and {fmt_bytes(have)} "
-                               f"is available; use --backend cuda or a smaller model")
 
-    def _read_json(self, name: str) -> dict:
-        p = self.model_dir / name
-        try:
-            return json.loads(p.read_text()) if p.is_file() else {}
-        except ValueError as e:
-            raise TinyLLMError(f"cannot parse {p}: {e}") from None
+            def check(batch: int):
+                spec = KVCacheSpec.for_model(cfg, self.kv_dtype, self.max_seq_len, batch, chunk=self.prefill_chunk)
+                self.backend.check_fits(cfg.n_params() * 2, spec.nbytes(),
+                                        kv_bytes_per_token=cfg.kv_bytes_per_token(self.kv_dtype) * batch,
+                                        max_seq_len=self.max_seq_len)
+            try:
+                check(max_batch)
+            except TinyLLMError as e:         # the backend names the longest context; add the largest batch
+                best = largest(lambda b: _succeeds(check, b), 1, max_batch - 1) if max_batch > 1 else 0
+                if best < 1:
+                    raise
+                raise TinyLLMError(f"{e}; with context {self.max_seq_len} the largest --max-batch that fits "
+                                   f"is {best}") from None
+            return
+        check_host_fits(cfg, self.kv_dtype, self.max_seq_len, max_batch, self.prefill_chunk, available_memory())
+
+    def need_tokenizer(self, what: str):
+        """The tokenizer, or a TinyLLMError saying that `what` needs one."""
+        if self.tokenizer is None:
+            raise TinyLLMError(f"{what} needs a tokenizer and {self.model_dir} has none (no tokenizer.json or "
+                               f"tokenizer.model.v1/v2/v3); pass token ids instead")
+        return self.tokenizer
+
+    def _generation_config(self) -> JsonObject:
+        p = self.model_dir / "generation_config.json"
+        return JsonObject.read(p) if p.is_file() else JsonObject({}, p.name)
 
     def _generation_defaults(self) -> dict:
         """Sampling defaults from generation_config.json, as transformers reads them:
-        without do_sample=true, generation is greedy."""
-        g = self._read_json("generation_config.json")
+        without do_sample=true, generation is greedy. Every value is range-checked."""
+        g = self._generation_config()
         d = {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
              "repetition_penalty": 1.0}
-        if g.get("do_sample"):
-            d["temperature"] = float(g.get("temperature", 1.0))
-            d["top_p"] = float(g.get("top_p", 1.0))
-            d["top_k"] = int(g.get("top_k", 50) or 0)     # transformers' GenerationConfig default
-        if g.get("repetition_penalty"):
-            d["repetition_penalty"] = float(g["repetition_penalty"])
+        sampled = {"temperature": g.number("temperature", 1.0, positive=False, lo=0),
+                   "top_p": g.number("top_p", 1.0, hi=1.0),
+                   "top_k": g.int("top_k", 50, lo=0)}            # transformers' GenerationConfig defaults
+        if g.bool("do_sample", False):
+            d.update(sampled)
+        d["repetition_penalty"] = g.number("repetition_penalty", 1.0)
         return d
 
     def _eos_ids(self) -> set[int]:
         """Every EOS id from generation_config.json, config.json and the tokenizer."""
-        ids = set(self.cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)
-        e = self._read_json("generation_config.json").get("eos_token_id")
-        ids |= set(e) if isinstance(e, list) else ({e} if e is not None else set())
-        return ids
+        tok_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set()
+        return set(self.cfg.eos_token_ids) | tok_ids | set(self._generation_config().token_ids("eos_token_id"))
 
     # ---- API -----------------------------------------------------------------------
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Full-prefill logits at every position: (len(token_ids), vocab) float32."""
-        return self.engine.logits(list(token_ids))
+        return self.engine.logits(_token_ids(token_ids, "token_ids"))
 
     def resolve_params(self, params: SamplingParams | None) -> SamplingParams:
-        return (params or SamplingParams()).validate().with_defaults(self.generation_defaults)
+        if params is not None and not isinstance(params, SamplingParams):
+            raise TinyLLMError(f"params must be a SamplingParams or None, not {type(params).__name__}")
+        p = (params or SamplingParams()).validate().with_defaults(self.generation_defaults)
+        if p.stop and self.tokenizer is None:
+            self.need_tokenizer("a stop string")
+        return p
 
-    def _encode(self, prompt) -> list[int]:
+    def _encode(self, prompt, i: int) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+            return self.need_tokenizer("a text prompt").encode(prompt)
+        return _token_ids(prompt, f"prompt {i}")
 
     def requests(self, prompts, params) -> list[Request]:
+        """One Request per prompt. `prompts` is a str, a list of token ids, or a list of those."""
         if isinstance(prompts, np.ndarray):
             prompts = prompts.tolist()
-        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and len(prompts)
+                                        and _is_token(prompts[0])):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TinyLLMError(f"prompts must be a str, a list of token ids, or a list of those; "
+                               f"got {type(prompts).__name__}" + _BYTES_HINT.get(type(prompts), ""))
         plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if not all(p is None or isinstance(p, SamplingParams) for p in plist):
             raise TinyLLMError("params must be a SamplingParams, a list of them (one per prompt), or None")
         if len(plist) != len(prompts):
             raise TinyLLMError(f"{len(plist)} SamplingParams for {len(prompts)} prompts: pass one, or one per prompt")
-        return [Request(self._encode(p), self.resolve_params(sp), i) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        return [Request(self._encode(p, i), self.resolve_params(sp), i) for i, (p, sp) in enumerate(zip(prompts, plist))]
 
     def generate(self, prompts, params: SamplingParams | list | None = None,
                  progress: bool = False) -> list[Completion]:
@@ -149,14 +181,53 @@ class LLM:
         Completion is appended to `result` when given."""
         req = self.requests([prompt], params)[0]
         req.slot = slot
-        for ev in self.engine.run([req]):
-            if ev.kind == "error":
-                raise TinyLLMError(ev.error)
-            if ev.kind == "text":
-                yield ev.text
-            elif ev.kind == "finish" and result is not None:
-                result.append(ev.completion)
+        try:
+            for ev in self.engine.run([req]):
+                if ev.kind == "error":
+                    raise TinyLLMError(ev.error)
+                if ev.kind == "text":
+                    yield ev.text
+                elif ev.kind == "finish" and result is not None:
+                    result.append(ev.completion)
+        except (GeneratorExit, KeyboardInterrupt):      # stopped early: Ctrl-C here or in the consumer
+            c = self.engine.partial(req.index) if result is not None else None
+            if c is not None:                           # what was generated so far, finish "interrupted"
+                result.append(c)
+            raise
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
-        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        """One assistant reply to `messages` ([{"role": str, "content": str}, ...])."""
+        from .tokenizer import check_messages
+        ids = self.need_tokenizer("chat").encode_chat(check_messages(messages), add_generation_prompt=True)
         return self.generate([ids], params)[0]
+
+
+def _succeeds(check, *args) -> bool:
+    try:
+        check(*args)
+    except TinyLLMError:
+        return False
+    return True
+
+
+class ContextWarning(UserWarning):
+    """The context asked for is longer than the model was trained on."""
+
+
+_BYTES_HINT = {bytes: " (decode bytes to str first)", bytearray: " (decode bytes to str first)"}
+
+
+def _is_token(t) -> bool:
+    return isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
+
+
+def _token_ids(ids, what: str) -> list[int]:
+    """A list of token ids (ints or numpy integers; not bools, floats or None)."""
+    if isinstance(ids, np.ndarray):
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)) or not all(_is_token(t) for t in ids):
+        kind = type(ids).__name__ if not isinstance(ids, (list, tuple)) else \
+            "a list holding " + ", ".join(sorted({type(t).__name__ for t in ids if not _is_token(t)}))
+        raise TinyLLMError(f"{what} must be a str or a list of integer token ids, not {kind}"
+                           + _BYTES_HINT.get(type(ids), ""))
+    return [int(t) for t in ids]

@@ -12,10 +12,17 @@ before the next one. A kill can therefore lose only the requests still in flight
 worst an incomplete last line, which --resume truncates before appending. --resume skips
 every input line whose key is already in the output: the request id, or for a line that
 owns no id (invalid JSON, no or an invalid id, a repeated id) its line number.
+
+Integrity: a run holds an exclusive lock (flock) on its output, so a second run on the same
+file is refused. Every result line carries a `fingerprint` of its request and of the run
+(model, generation flags); --resume stops, listing the ids, when a kept result's request or
+run changed, rather than silently keeping an answer to a different question (see
+_changed_error for why it stops instead of re-running). SIGTERM stops a run like Ctrl-C.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -26,6 +33,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:                                 # not POSIX: outputs are not locked
+    fcntl = None
 
 from .errors import TinyLLMError
 from .sampling import SamplingParams
@@ -133,23 +145,12 @@ def parse_item(obj: dict, lineno: int) -> Item:
 
 
 def check_messages(messages) -> list[dict]:
-    """OpenAI messages -> [{"role", "content": str}]; content given as text parts is joined."""
-    if not isinstance(messages, list) or not messages:
-        raise LineError("invalid_messages", "\"messages\" must be a non-empty list of {\"role\", \"content\"}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise LineError("invalid_messages", f"message {i} must be an object with a string \"role\"")
-        content = m.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise LineError("invalid_messages", f"message {i}: only text content parts are supported")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise LineError("invalid_messages", f"message {i} must have string \"content\"")
-        out.append({**m, "content": content})
-    return out
+    """OpenAI messages -> [{"role", "content": str}] (tokenizer.check_messages), as a LineError."""
+    from .tokenizer import check_messages as check
+    try:
+        return check(messages)
+    except TinyLLMError as e:
+        raise LineError("invalid_messages", str(e)) from None
 
 
 def check_prompt(prompt):
@@ -235,6 +236,31 @@ def error_record(custom_id, lineno: int, err: LineError) -> dict:
             "error": {"code": err.code, "message": err.message, "line": lineno}}
 
 
+def fingerprint(obj: dict | None, raw: bytes, run: str) -> str:
+    """What a result line was made from: the request (its JSON object without the id, in
+    canonical form, or the raw line when it is not a JSON object) and the run (`run`: the
+    model and the generation settings, see run_identity)."""
+    if isinstance(obj, dict):
+        body = json.dumps({k: v for k, v in obj.items() if k not in ("custom_id", "id")},
+                          sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    else:
+        body = raw.strip()
+    return "sha256:" + hashlib.sha256(run.encode("utf-8") + b"\n" + body).hexdigest()[:32]
+
+
+def run_identity(a, model_dir: Path) -> str:
+    """The model (its directory, config.json bytes, and weight file names and sizes) and the
+    flags that change what is generated, as one canonical string for fingerprint()."""
+    files = sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors") if p.is_file())
+    cfg = model_dir / "config.json"
+    cfg_hash = hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else None
+    settings = {k: getattr(a, k, None) for k in ("backend", "dtype", "kv_dtype", "max_seq_len", "max_tokens",
+                                                 "temperature", "top_p", "top_k", "repetition_penalty",
+                                                 "seed", "stop")}
+    return json.dumps({"model": str(model_dir.resolve()), "config": cfg_hash, "weights": files,
+                       "settings": settings}, sort_keys=True)
+
+
 def record_key(rec: dict) -> tuple:
     """The resume key of an output record (must agree with identify())."""
     err = rec.get("error") or {}
@@ -248,11 +274,12 @@ def record_key(rec: dict) -> tuple:
 LINE_START = b'{"id": "batch_req_'                  # how every line we write begins
 
 
-def scan_output(path: Path) -> tuple[set, int]:
-    """Keys of the records already in `path` and how many there are, read line by line.
-    An incomplete last line of ours (a kill during a write: a prefix of a line, without its
-    newline) is cut off the file; any other unreadable line is fatal, and nothing is cut."""
-    keys, n, keep = set(), 0, 0
+def scan_output(path: Path, repair: bool = True) -> tuple[dict, int]:
+    """{resume key: fingerprint (None on lines from before fingerprints)} of the records
+    already in `path`, and how many there are, read line by line. An incomplete last line of
+    ours (a kill during a write: a prefix of a line, without its newline) is cut off the file
+    when `repair` (only under the output lock); any other unreadable line is fatal."""
+    keys, n, keep = {}, 0, 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.endswith(b"\n") and (raw.startswith(LINE_START) or LINE_START.startswith(raw)):
@@ -266,9 +293,9 @@ def scan_output(path: Path) -> tuple[set, int]:
                     raise ValueError("not a batch result")
             except ValueError:
                 raise TinyLLMError(f"{path} line {lineno} is not a batch result line; is -o the right file?") from None
-            keys.add(record_key(rec))
+            keys[record_key(rec)] = rec.get("fingerprint")
             n += 1
-    if keep < path.stat().st_size:
+    if repair and keep < path.stat().st_size:
         with open(path, "r+b") as f:
             f.truncate(keep)
             os.fsync(f.fileno())
@@ -276,16 +303,44 @@ def scan_output(path: Path) -> tuple[set, int]:
     return keys, n
 
 
+def check_not_locked(path: Path):
+    """Refuse at once when another run holds the output's lock (a cheap probe; OutputFile
+    takes the lock for real)."""
+    if fcntl is None or not path.is_file():
+        return
+    with open(path, "rb") as f:
+        _lock(f, path)
+
+
+def _lock(f, path: Path):
+    """An exclusive, non-blocking lock on an open file (released when it is closed)."""
+    if fcntl is None:                                # not POSIX: no locking
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise TinyLLMError(f"another tinyllm batch is writing {path} right now; wait for it to finish, "
+                           f"or choose another output file") from None
+    except OSError:                                  # a file system without locks (some network mounts)
+        pass
+
+
 class OutputFile:
     """Append-only JSONL: each record is written whole, flushed and fsync'd."""
 
     def __init__(self, path: Path):
+        self.created = not path.exists()
         try:
             self.f = open(path, "ab")
         except OSError as e:
             raise TinyLLMError(f"cannot write {path}: {e.strerror or e}") from None
         self.path = path
         self.written = 0
+        try:
+            _lock(self.f, path)                      # held until close(): one writer per output file
+        except TinyLLMError:
+            self.f.close()
+            raise
 
     def write(self, rec: dict):
         line = json.dumps(rec, ensure_ascii=False).encode("utf-8") + b"\n"
@@ -299,11 +354,18 @@ class OutputFile:
                                    f"written before are kept: free the space and rerun with --resume") from None
             self.written += 1
 
-    def close(self):
+    def close(self, discard_if_empty: bool = False):
+        """Close (releasing the lock); with discard_if_empty, a file this run created and
+        never wrote to is removed again."""
         try:
             self.f.close()
         except OSError:                             # the failed write was already reported
             pass
+        if discard_if_empty and self.created and self.written == 0:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
 
 
 class _DeferredCtrlC:
@@ -314,8 +376,10 @@ class _DeferredCtrlC:
 
     def __init__(self):
         self.depth, self.pending = 0, False
+        self.signum = signal.SIGINT                     # the last signal received (SIGINT or SIGTERM)
 
     def handler(self, signum, frame):
+        self.signum = signum
         if self.depth:
             self.pending = True
         else:
@@ -334,16 +398,18 @@ class _DeferredCtrlC:
 
     @contextmanager
     def installed(self):
-        """Use handler() for SIGINT inside the block (only possible in the main thread)."""
+        """Use handler() for SIGINT and SIGTERM inside the block (only possible in the main
+        thread): `kill` stops a run as Ctrl-C does, with its summary."""
         try:
-            previous = signal.signal(signal.SIGINT, self.handler)
-        except ValueError:                              # not the main thread: leave Ctrl-C alone
+            previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:                              # not the main thread: leave the signals alone
             yield
             return
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 ctrl_c = _DeferredCtrlC()
@@ -372,26 +438,46 @@ def open_input(path_arg: str) -> Path:
     return path
 
 
-def count_todo(path: Path, done: set) -> tuple[int, int]:
-    """(lines to run, lines already in the output) without parsing requests in full."""
+def count_todo(path: Path, done: dict, run: str) -> tuple[int, int, list]:
+    """(lines to run, lines already in the output, keys of done lines whose request or run
+    changed since their result was written) without parsing requests in full."""
     seen: set = set()
     todo = skip = 0
+    changed = []
     try:
         for n, raw in input_lines(path):
-            key = identify(raw, n, seen)[0]
-            if key in done:
-                skip += 1
-            else:
+            key, obj, _ = identify(raw, n, seen)
+            if key not in done:
                 todo += 1
+                continue
+            skip += 1
+            if done[key] is not None and done[key] != fingerprint(obj, raw, run):
+                changed.append(key)
     except OSError as e:
         raise TinyLLMError(f"cannot read {path}: {e.strerror or e}") from None
-    return todo, skip
+    return todo, skip, changed
+
+
+def _changed_error(changed: list, out_path: Path) -> TinyLLMError:
+    """--resume stops rather than re-running changed requests: the output is append-only with
+    one line per id, so a re-run would either leave two answers for one id or rewrite a file
+    other tools may be reading; stopping loses nothing and lets the user choose."""
+    shown = ", ".join(repr(k[1]) if k[0] == "id" else f"line {k[1]}" for k in changed[:8])
+    more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+    return TinyLLMError(f"--resume: {len(changed)} request(s) changed since their results in {out_path} were written "
+                        f"(request body, model or generation settings): {shown}{more}; write to a new output file, "
+                        f"or delete those lines from {out_path} and --resume again")
 
 
 def run_batch(a) -> int:
     """`tinyllm batch`: 0 when every line got a result line (errors included), 130 on
-    Ctrl-C; fatal problems raise TinyLLMError (one line, exit 2, from cli.main)."""
-    from .cli import load_llm, sampling_from_args
+    Ctrl-C, 143 on SIGTERM; fatal problems raise TinyLLMError (one line, exit 2, from cli.main).
+
+    Order: check the files (no output yet) -> load the model (its memory check refuses a
+    --max-batch that does not fit before the output exists) -> open and lock the output ->
+    re-read it under the lock -> run."""
+    from .hub import resolve
+    from .options import load_llm, sampling_from_args
 
     if a.max_batch < 1:
         raise TinyLLMError(f"--max-batch must be at least 1 (got {a.max_batch})")
@@ -401,36 +487,50 @@ def run_batch(a) -> int:
         raise TinyLLMError("the input and the output are the same file")
     if out_path.is_dir():
         raise TinyLLMError(f"cannot write {out_path}: it is a directory")
-    done, n_kept = set(), 0
-    if out_path.is_file() and out_path.stat().st_size > 0:
-        if not a.resume:
-            raise TinyLLMError(f"{out_path} already has results; pass --resume to skip the requests it holds "
-                               f"and append the rest (or choose another output file)")
-        done, n_kept = scan_output(out_path)
-    todo, n_skip = count_todo(in_path, done)
+    check_not_locked(out_path)
+    run = run_identity(a, resolve(a.model).path)
+    has_results = out_path.is_file() and out_path.stat().st_size > 0
+    if has_results and not a.resume:
+        raise TinyLLMError(f"{out_path} already has results; pass --resume to skip the requests it holds "
+                           f"and append the rest (or choose another output file)")
+    done = scan_output(out_path, repair=False)[0] if has_results else {}
+    todo, n_skip, changed = count_todo(in_path, done, run)
+    unchecked = sum(1 for fp in done.values() if fp is None)
+    if unchecked:
+        print(f"note: {unchecked} results in {out_path} carry no fingerprint (written by an older tinyllm); "
+              f"they are kept without checking that their requests are unchanged", file=sys.stderr)
+    if todo + n_skip == 0:
+        raise TinyLLMError(f"{in_path} has no requests: it is empty (or only blank lines)")
+    if changed:
+        raise _changed_error(changed, out_path)
     quiet = a.no_progress
     if todo == 0:
         print(f"nothing to do: all {n_skip} requests of {in_path} are already in {out_path}", file=sys.stderr)
         return 0
-    if n_skip and not quiet:
-        print(f"resuming: {n_skip} requests already in {out_path}, {todo} to go", file=sys.stderr)
+    try:
+        llm = load_llm(a, max_batch=a.max_batch, quiet=quiet)
+    except (OSError, ValueError) as e:
+        raise TinyLLMError(f"cannot load the model: {e}") from None
     out = OutputFile(out_path)
     try:
-        try:
-            llm = load_llm(a, max_batch=a.max_batch, quiet=quiet)
-        except (OSError, ValueError) as e:
-            raise TinyLLMError(f"cannot load the model: {e}") from None
-        job = BatchJob(llm, defaults, in_path, out, done, Tally(skipped=n_skip))
+        done, n_kept = scan_output(out_path) if out_path.stat().st_size else ({}, 0)   # now under the lock
+        todo, n_skip, changed = count_todo(in_path, done, run)
+        if changed:
+            raise _changed_error(changed, out_path)
+        if n_skip and not quiet:
+            print(f"resuming: {n_skip} requests already in {out_path}, {todo} to go", file=sys.stderr)
+        job = BatchJob(llm, defaults, in_path, out, done, Tally(skipped=n_skip), run)
         try:
             with ctrl_c.installed():
                 job.run(todo, progress=not quiet)
         except KeyboardInterrupt:
-            print(f"\ninterrupted: {out.written} results written this run, {n_kept + out.written} in {out_path}; "
+            by = " by SIGTERM" if ctrl_c.signum == signal.SIGTERM else ""
+            print(f"\ninterrupted{by}: {out.written} results written this run, {n_kept + out.written} in {out_path}; "
                   f"{len(job.inflight)} unfinished requests were dropped.\n"
                   f"to continue, run the same command with --resume", file=sys.stderr)
-            return 130
+            return 143 if ctrl_c.signum == signal.SIGTERM else 130
     finally:
-        out.close()
+        out.close(discard_if_empty=True)
     t = job.tally
     skipped = f", {t.skipped} already done" if t.skipped else ""
     failed = f" (see the error lines in {out_path})" if t.failed else ""
@@ -443,9 +543,11 @@ def run_batch(a) -> int:
 class BatchJob:
     """One pass over the input: lines stream lazily into the engine, results stream out."""
 
-    def __init__(self, llm, defaults: SamplingParams, in_path: Path, out: OutputFile, done: set, tally: Tally):
+    def __init__(self, llm, defaults: SamplingParams, in_path: Path, out: OutputFile, done: dict, tally: Tally,
+                 run: str = ""):
         self.llm, self.defaults, self.in_path, self.out, self.done = llm, defaults, in_path, out, done
-        self.tally = tally
+        self.tally, self.run_id = tally, run
+        self.prints: dict[int, str] = {}            # input line -> fingerprint of its request
         self.inflight: dict[int, Item] = {}         # engine index -> item, admitted and not finished
         self.bar = None
 
@@ -459,10 +561,11 @@ class BatchJob:
                     continue
                 item = self.inflight.pop(ev.index)
                 if ev.kind == "error":
-                    self.fail(item.custom_id, item.lineno, LineError("invalid_prompt", ev.error))
+                    self.fail(item.custom_id, item.lineno, LineError(ev.code, ev.error))
                     continue
                 c = ev.completion
-                self.out.write(ok_record(item, c, self.llm.model_dir.name, int(time.time())))
+                self.out.write({**ok_record(item, c, self.llm.model_dir.name, int(time.time())),
+                                "fingerprint": self.prints.pop(item.lineno)})
                 self.tally.ok += 1
                 self.tally.tokens += len(c.token_ids)
                 self.bar.update(1)
@@ -471,7 +574,7 @@ class BatchJob:
         self.tally.seconds = max(time.perf_counter() - t0, 1e-9)
 
     def fail(self, custom_id, lineno: int, err: LineError):
-        self.out.write(error_record(custom_id, lineno, err))
+        self.out.write({**error_record(custom_id, lineno, err), "fingerprint": self.prints.pop(lineno, None)})
         self.tally.failed += 1
         self.bar.update(1)
 
@@ -485,6 +588,7 @@ class BatchJob:
             key, obj, err = identify(raw, lineno, seen)
             if key in self.done:
                 continue
+            self.prints[lineno] = fingerprint(obj, raw, self.run_id)
             if err is not None:                    # only a repeated id is echoed; the rest own no id
                 self.fail(obj.get("custom_id", obj.get("id")) if err.code == "duplicate_custom_id" else None,
                           lineno, err)

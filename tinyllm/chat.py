@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import select
 import sys
 from typing import Callable, Iterator
 
@@ -34,6 +35,7 @@ Commands:
   /bye, /exit         quit (Ctrl-D too)
 Input:
   \"\"\" starts a multi-line message, a line ending in \"\"\" ends it; a trailing \\ continues the line.
+  Pasted lines arrive as one message.
   Ctrl-C stops a reply; the part already shown stays in the conversation as the reply.
   To send a message that starts with '/', begin it with a space."""
 
@@ -297,8 +299,12 @@ class ChatSession:
         consumer stops early (Ctrl-C), it calls `abort` with the text it showed."""
         ids = self.prepare(user)
         result: list = []
-        for piece in self.llm.stream(ids, self.params(), slot=0, result=result):
-            yield piece
+        self._result = result                 # abort() reads an interrupted reply's numbers here
+        stream = self.llm.stream(ids, self.params(), slot=0, result=result)
+        try:
+            yield from stream
+        finally:
+            stream.close()                    # on an early close too, so `result` holds the partial reply
         c = result[0]
         self.turns.append((user, c.text))
         self.last, self.last_interrupted = c, False
@@ -317,16 +323,19 @@ class ChatSession:
         """A reply stopped by the user: keep the shown part as the reply (nothing shown:
         forget the message too). Returns the notice to print."""
         self.last_interrupted = True
+        partial = getattr(self, "_result", None)
+        if partial:                           # the interrupted reply's numbers, for /stats
+            self.last = partial[0]
         if shown:
             self.turns.append((user, shown))
             return "[interrupted — partial reply kept]"
         return "[interrupted before the reply started — your message was not kept]"
 
     def stats(self) -> str:
+        """The last reply's numbers; an interrupted reply counts up to where it stopped."""
         if self.last is None:
-            return "no reply yet" if not self.last_interrupted else "no finished reply yet (the last was interrupted)"
-        note = " (the last finished reply; a later one was interrupted)" if self.last_interrupted else ""
-        return format_stats(self.last, self.llm.max_seq_len) + note
+            return "no reply yet" if not self.last_interrupted else "no reply yet (the last was interrupted before it began)"
+        return format_stats(self.last, self.llm.max_seq_len)
 
     # ---- commands ----
     def command(self, line: str) -> str:
@@ -406,6 +415,21 @@ def _line_buffer() -> str:
         return ""
 
 
+# A line that arrives this soon after the previous one was pasted, not typed.
+PASTE_GAP = 0.02          # seconds
+
+
+def _more_pasted() -> bool:
+    """Whether more input is already waiting: the rest of a multi-line paste. Terminals with
+    bracketed paste hand readline the whole paste as one line already (newlines included);
+    this catches those that send the lines one by one."""
+    try:
+        ready, _, _ = select.select([sys.stdin], [], [], PASTE_GAP)
+    except (OSError, ValueError, TypeError):
+        return False
+    return bool(ready)
+
+
 def _stream_reply(session: ChatSession, text: str, out, tty: bool, verbose: bool) -> None:
     """Print one reply as it streams; Ctrl-C keeps what was shown."""
     shown: list[str] = []
@@ -434,21 +458,34 @@ def _end_reply(session: ChatSession, reply: str, out, verbose: bool, how: str = 
 
 
 def _settings_line(session: ChatSession) -> str:
+    """The sampling in force and where it comes from. The model's generation_config.json
+    decides as in transformers: its temperature/top_p/top_k apply when it sets do_sample;
+    without do_sample (or without the file) replies are greedy."""
     path = session.llm.model_dir / "generation_config.json"
     try:
-        sampling_keys = {"do_sample", "temperature", "top_p", "top_k", "repetition_penalty"} & set(json.loads(path.read_text()))
+        g = json.loads(path.read_text(encoding="utf-8"))
+        keys = sorted({"temperature", "top_p", "top_k", "repetition_penalty"} & set(g))
+        sample = g.get("do_sample") is True
     except (OSError, ValueError, TypeError):
-        sampling_keys = set()
-    src = "the model's generation_config.json" if sampling_keys else "tinyllm (the model names none)"
-    return f"sampling: {session.describe_params()} (defaults from {src}; flags and /set override)"
+        keys, sample = [], False
+    how = "flags and /set override, e.g. /set temperature=0.7"
+    if sample:
+        src, how = "from the model's generation_config.json", "flags and /set override"
+    elif keys:
+        src = f"generation_config.json names {', '.join(keys)} but not do_sample: greedy, as transformers"
+    else:
+        src = "the model names no sampling settings: greedy, as transformers"
+    return f"sampling: {session.describe_params()} ({src}; {how})"
 
 
 def run_chat(args) -> int:
     """`tinyllm chat`: one answer (question argument or piped stdin), or the REPL."""
-    from .cli import load_llm, sampling_from_args
+    from .options import load_llm, sampling_from_args
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
     params = sampling_from_args(args)
+    if args.question is None and sys.stdin is None:
+        raise TinyLLMError("stdin is closed: pass a question as an argument, or pipe a message into stdin")
     interactive = args.question is None and sys.stdin.isatty()
     question = args.question
     if question is None and not interactive:
@@ -485,6 +522,8 @@ def run_chat(args) -> int:
             typed.clear()
             try:
                 text = read_message(read_line)
+                while _more_pasted():                 # a paste without bracketed-paste markers
+                    text += "\n" + read_line("... ")
             except KeyboardInterrupt:         # like a shell: drop what was typed; at an empty prompt, say how to quit
                 print()
                 if not typed and not _line_buffer():

@@ -10,77 +10,35 @@ import argparse
 import os
 import sys
 import time
+import warnings
+from pathlib import Path
 
+from . import __version__
 from .errors import TinyLLMError
-
-
-def parse_memory(text: str) -> int:
-    """'24GB', '512MiB', '1.5G' -> bytes (GB/GiB both taken as 2**30: memory, not disks)."""
-    t = text.strip().upper().replace("I", "").rstrip("B")
-    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    try:
-        if t and t[-1] in mult:
-            return int(float(t[:-1]) * mult[t[-1]])
-        return int(float(t))
-    except ValueError:
-        raise TinyLLMError(f"cannot read memory size {text!r}; write it like 24GB or 512MB") from None
-
-
-def add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("--model", "-m", default=None,
-                   help="path, name under weights/, HF repo id or alias (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cuda"])
-    p.add_argument("--dtype", default=None, help="compute dtype (cuda: bf16 | fp16; numpy: fp32)")
-    p.add_argument("--kv-dtype", default="auto", help="auto | fp32 | fp16 | bf16 | int8 | fp8")
-    p.add_argument("--ctx-size", "--max-seq-len", dest="max_seq_len", type=int, default=None,
-                   help="context length to allocate (default: min(model max, 8192))")
-
-
-def add_sampling_args(p: argparse.ArgumentParser):
-    p.add_argument("--max-tokens", "-n", type=int, default=None)
-    p.add_argument("--temperature", "-t", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-
-
-def sampling_from_args(a):
-    from .sampling import SamplingParams
-    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
-                          top_k=a.top_k, repetition_penalty=a.repetition_penalty, seed=a.seed,
-                          stop=a.stop).validate()
-
-
-def load_llm(a, max_batch: int = 1, quiet: bool = False):
-    from .api import LLM
-    from .hub import resolve
-    r = resolve(a.model)
-    model_dir = r.path
-    if not quiet:
-        print(f"model: {r.describe()}", file=sys.stderr)
-    llm = LLM(str(model_dir), backend=a.backend, dtype=a.dtype, kv_dtype=a.kv_dtype,
-              max_seq_len=a.max_seq_len, max_batch=max_batch, progress=not quiet)
-    if not quiet:
-        why = " (auto: " + ("CuPy sees a GPU" if llm.backend.name == "cuda" else "no GPU visible to CuPy") + ")" \
-            if a.backend == "auto" else ""
-        print(f"backend: {llm.backend.name}{why} ({llm.backend.compute_dtype}), kv cache: {llm.kv_dtype}, "
-              f"context: {llm.max_seq_len} tokens", file=sys.stderr)
-    return llm
+from .options import add_model_args, add_sampling_args, load_llm, parse_memory, sampling_from_args
 
 
 # ---- commands ------------------------------------------------------------------------
 
 def cmd_generate(a) -> int:
+    if a.text is not None and a.prompt is not None:
+        raise TinyLLMError("give the prompt once: as an argument or with --prompt, not both")
+    prompt = a.text if a.text is not None else a.prompt
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise TinyLLMError('no prompt: pass one (tinyllm generate "Once upon a time"), or pipe it into stdin')
+        prompt = sys.stdin.read().rstrip("\n")    # like chat: all piped input is the prompt
+        if not prompt.strip():
+            raise TinyLLMError("no prompt: stdin was empty")
     llm = load_llm(a)
     params = sampling_from_args(a)
     result: list = []
     t0 = time.perf_counter()
-    for piece in llm.stream(a.prompt, params, result=result):
+    for piece in llm.stream(prompt, params, result=result):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     c = result[0]
     dt = time.perf_counter() - t0
     print(f"[{len(c.prompt_token_ids)} prompt tokens, {len(c.token_ids)} generated in {dt:.2f} s, "
@@ -98,9 +56,9 @@ def cmd_info(a) -> int:
     from .config import KV_DTYPE_BYTES, ModelConfig
     from .kv_cache import DEFAULT_PREFILL_CHUNK
     from .weights import checkpoint_dtype, detect_config, fmt_bytes, open_checkpoint
+    budget = parse_memory(a.memory)
     d = resolve_model_dir(a.model)
     cfg = detect_config(ModelConfig.load(d), open_checkpoint(d))
-    budget = parse_memory(a.memory)
     kind = {1: "MQA", cfg.n_heads: "MHA"}.get(cfg.n_kv_heads, "GQA")
     rows = [
         ("model", str(d)), ("architecture", cfg.arch),
@@ -119,17 +77,23 @@ def cmd_info(a) -> int:
     backend = a.backend if a.backend != "auto" else ("cuda" if cuda_available() else "numpy")
     compute_bytes = 4 if backend == "numpy" else 2
     weight_bytes = cfg.n_params() * compute_bytes
+    left = budget - weight_bytes
+    if left <= 0:
+        print(f"\ndoes not fit: the weights alone take {fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param "
+              f"({backend}), more than the {fmt_bytes(budget)} budget (--memory)")
+        return 0
     print(f"\nKV cache per token, and the longest context that fits in {fmt_bytes(budget)} "
           f"next to the weights ({fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param):")
     print(f"  {'kv dtype':<8} {'bytes/token':>12} {'MHA would need':>15}  max context")
     for kv in KV_DTYPE_BYTES:
         per = cfg.kv_bytes_per_token(kv)
-        left = budget - weight_bytes
-        ctx = max(0, left // per) if left > 0 else 0
+        ctx = left // per
         if cfg.sliding_window and ctx >= cfg.sliding_window + DEFAULT_PREFILL_CHUNK:  # the rolling capacity
             ctx_s = "unbounded (rolling window)"
         elif ctx > cfg.max_position_embeddings:
             ctx_s = f"{cfg.max_position_embeddings} (model max; memory allows {ctx:,})"
+        elif ctx < 2:
+            ctx_s = "0 (does not fit: no room for a cache)"
         else:
             ctx_s = str(ctx)
         print(f"  {kv:<8} {per:>12,} {cfg.mha_kv_bytes_per_token(kv):>15,}  {ctx_s}")
@@ -152,11 +116,25 @@ def cmd_download(a) -> int:
 
 def cmd_list(a) -> int:
     from .hub import list_models
+    from .weights import fmt_bytes
     rows = list_models()
-    print(f"{'alias':<24} {'repository':<45} local")
+    print(f"{'alias':<24} {'repository':<45} {'size':>10}  local")
     for r in rows:
-        print(f"{r['alias']:<24} {r['repo']:<45} {r.get('path') or '-'}")
+        size = fmt_bytes(dir_size(r["path"])) if r.get("path") else "-"
+        print(f"{r['alias']:<24} {r['repo']:<45} {size:>10}  {r.get('path') or r.get('note') or '-'}")
     return 0
+
+
+def dir_size(path) -> int:
+    """Bytes of the files in a model directory (symlinks followed: the HF cache links blobs)."""
+    total = 0
+    for p in Path(path).iterdir():
+        try:
+            if p.is_file():
+                total += p.stat().st_size
+        except OSError:
+            pass
+    return total
 
 
 def cmd_batch(a) -> int:
@@ -171,37 +149,40 @@ def cmd_eval(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinyllm", description="Run LLaMA-family models (Llama, Mistral, Qwen2).")
+    p.add_argument("--version", action="version", version=f"tinyllm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="continue a prompt, streaming to stdout")
     add_model_args(g)
     add_sampling_args(g)
-    g.add_argument("--prompt", "-p", required=True)
+    g.add_argument("text", nargs="?", default=None, metavar="PROMPT",
+                   help="the text to continue (default: --prompt, else all of stdin)")
+    g.add_argument("--prompt", "-p", default=None, help="the text to continue, as an option (default: none)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat (or one answer with a question argument)")
     add_model_args(c)
     add_sampling_args(c)
-    c.add_argument("--system", default=None, help="system prompt")
-    c.add_argument("--verbose", "-v", action="store_true", help="print stats after every reply")
-    c.add_argument("question", nargs="?", default=None, help="answer this once and exit")
+    c.add_argument("--system", default=None, help="system prompt (default: none)")
+    c.add_argument("--verbose", "-v", action="store_true", help="print stats after every reply (default: off)")
+    c.add_argument("question", nargs="?", default=None, help="answer this once and exit (default: piped stdin as one message, else interactive)")
     c.set_defaults(func=cmd_chat)
 
     i = sub.add_parser("info", help="architecture, parameters and KV-cache sizes")
     add_model_args(i)
-    i.add_argument("--memory", default="24GB", help="memory budget for the context estimate (e.g. 24GB)")
+    i.add_argument("--memory", default="24GB", help="memory budget for the context estimate, with a unit: 24GB, 512MB (default: 24GB)")
     i.set_defaults(func=cmd_info)
 
     cv = sub.add_parser("convert", help="convert a GGUF file into an HF-layout directory")
-    cv.add_argument("gguf")
-    cv.add_argument("out_dir")
+    cv.add_argument("gguf", help="the .gguf file to read")
+    cv.add_argument("out_dir", help="directory to write config.json, tokenizer files and model.safetensors into")
     cv.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                     help="one dtype for every tensor (default: float32 for quantized, F16/BF16 kept)")
-    cv.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    cv.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (default: refuse)")
     cv.set_defaults(func=cmd_convert)
 
     dl = sub.add_parser("download", help="fetch a model from the Hugging Face Hub into the local HF cache")
-    dl.add_argument("name")
+    dl.add_argument("name", help="an alias (tinyllm list), or a repo id such as Qwen/Qwen2.5-0.5B-Instruct[@revision]")
     dl.set_defaults(func=cmd_download)
 
     ls = sub.add_parser("list", help="known aliases and which are present locally")
@@ -211,31 +192,43 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(b)
     add_sampling_args(b)
     b.add_argument("-i", "--input", required=True,
-                   help="JSONL requests: OpenAI Batch lines (custom_id, body) or {id, prompt|messages, ...}")
+                   help="JSONL requests: OpenAI Batch lines (custom_id, body) or {id, prompt|messages, ...} (required)")
     b.add_argument("-o", "--output", required=True,
-                   help="JSONL results, one line per id, appended and fsync'd as each finishes (resumable)")
-    b.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
-    b.add_argument("--resume", action="store_true", help="skip ids already in the output")
-    b.add_argument("--no-progress", action="store_true")
+                   help="JSONL results, one line per id, appended and fsync'd as each finishes; locked while a run "
+                        "writes it (required)")
+    b.add_argument("--max-batch", type=int, default=8,
+                   help="sequences decoded together; refused before starting if it does not fit in memory (default: 8)")
+    b.add_argument("--resume", action="store_true",
+                   help="skip the requests already in the output; stops if any of them changed since (default: off, "
+                        "a non-empty output is refused)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar or model lines on stderr (default: off)")
     b.set_defaults(func=cmd_batch)
 
     e = sub.add_parser("eval", help="perplexity and KL divergence per KV-cache dtype")
     e.add_argument("--model", "-m", default=None, help="as for the other commands (default: the embedded model)")
-    e.add_argument("--backend", default="auto", choices=["auto", "numpy", "cuda"])
-    e.add_argument("--dtype", default=None, help="compute dtype (cuda: bf16; numpy: fp32)")
-    e.add_argument("--text", default=None, help="text file (default: a license text on this machine)")
-    e.add_argument("--tokens", type=int, default=4096)
-    e.add_argument("--window", type=int, default=1024, help="tokens per evaluated segment")
+    e.add_argument("--backend", default="auto", choices=["auto", "numpy", "cuda"],
+                   help="cuda (GPU) or numpy (CPU); auto picks cuda when CuPy sees a GPU (default: auto)")
+    e.add_argument("--dtype", default=None, help="compute dtype (default: bf16 on cuda, fp32 on numpy)")
+    e.add_argument("--text", default=None, help="text file to score (default: a license text on this machine)")
+    e.add_argument("--tokens", type=int, default=4096, help="tokens of the text to score (default: 4096)")
+    e.add_argument("--window", type=int, default=1024, help="tokens per evaluated segment (default: 1024)")
     e.add_argument("--kv-dtypes", default="fp32,fp16,bf16,int8,fp8",
-                   help="comma-separated; each is compared with the fp32 cache on the same backend")
+                   help="comma-separated; each is compared with the fp32 cache on the same backend "
+                        "(default: fp32,fp16,bf16,int8,fp8)")
     e.set_defaults(func=cmd_eval)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if sys.stderr is None:                 # started with stderr closed: nowhere to report anything
+        return 2
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _warning_line
     try:
+        if sys.stdout is None:             # Python sets it to None when fd 1 was closed at start
+            raise TinyLLMError("stdout is closed; tinyllm writes its output there: redirect it to a file "
+                               "or /dev/null instead of closing it")
         return args.func(args)
     except TinyLLMError as e:
         print(f"tinyllm: error: {e}", file=sys.stderr)
@@ -243,5 +236,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:                # the reader went away (| head): stop quietly
+        _silence_stdout()
         return 0
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    """Warnings (a context above the model's trained maximum, ...) as one line, without the
+    source location Python prints by default."""
+    print(f"tinyllm: warning: {message}", file=sys.stderr)
+
+
+def _silence_stdout():
+    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush does
+    not report the same error again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass

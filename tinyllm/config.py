@@ -6,12 +6,12 @@ Imports neither numpy nor cupy; knows nothing about tensors.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import TinyLLMError
+from .jsonfile import JsonObject
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -88,79 +88,73 @@ class ModelConfig:
 
     # ---- parsing --------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, cfg: dict) -> "ModelConfig":
-        archs = cfg.get("architectures") or []
+    def from_hf(cls, cfg: dict | JsonObject, source: str = "config.json") -> "ModelConfig":
+        """An HF config.json, every value checked for type and range (jsonfile.py)."""
+        c = cfg if isinstance(cfg, JsonObject) else JsonObject(cfg, source)
+        archs = c.get("architectures") or []
+        if not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+            raise c.error("architectures", archs, "must be a list of class names")
         arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
-            mt = cfg.get("model_type")
+            mt = c.get("model_type")
             if mt in SUPPORTED_ARCHITECTURES.values() and not archs:
                 arch = mt
             else:
-                name = ", ".join(archs) or repr(mt)
+                name = ", ".join(archs) or _show_name(mt)
                 raise TinyLLMError(
                     f"unsupported architecture {name}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        try:
-            dim = int(cfg["hidden_size"])
-            n_heads = int(cfg["num_attention_heads"])
-            n_layers = int(cfg["num_hidden_layers"])
-            vocab = int(cfg["vocab_size"])
-            hidden = int(cfg["intermediate_size"])
-        except KeyError as e:
-            raise TinyLLMError(f"config.json lacks the required key {e.args[0]!r}") from None
-        n_kv = int(cfg.get("num_key_value_heads") or n_heads)
-        head_dim = int(cfg.get("head_dim") or dim // n_heads)
-        if n_heads % n_kv:
-            raise TinyLLMError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+        dim, n_layers = c.int("hidden_size"), c.int("num_hidden_layers")
+        vocab, hidden = c.int("vocab_size"), c.int("intermediate_size")
+        n_heads, n_kv, head_dim = _heads(c, dim, "num_attention_heads", "num_key_value_heads", "head_dim",
+                                         "hidden_size")
 
         # RoPE: newer transformers writes everything under `rope_parameters`.
-        rp = cfg.get("rope_parameters")
-        if isinstance(rp, dict) and "full_attention" in rp and isinstance(rp["full_attention"], dict):
-            rp = rp["full_attention"]
-        scaling = dict(rp) if isinstance(rp, dict) else (dict(cfg["rope_scaling"]) if cfg.get("rope_scaling") else None)
-        theta = float((scaling or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rp = c.object("rope_parameters")
+        if rp is not None and isinstance(rp.get("full_attention"), dict):
+            rp = rp.object("full_attention")
+        scaling = rp if rp is not None else c.object("rope_scaling")
+        theta = scaling.number("rope_theta", None) if scaling is not None else None
+        if theta is None:
+            theta = c.number("rope_theta", 10000.0)
         scaling = _normalize_rope_scaling(scaling)
 
-        window = cfg.get("sliding_window")
-        if arch == "qwen2" and not cfg.get("use_sliding_window", False):
+        max_pos = c.int("max_position_embeddings", 4096)
+        window = c.int("sliding_window", None)
+        if arch == "qwen2" and not c.bool("use_sliding_window", False):
             window = None
-        max_pos = int(cfg.get("max_position_embeddings") or 4096)
-        if window is not None and int(window) >= max_pos:
+        if window is not None and window >= max_pos:
             window = None  # a window as long as the context never masks anything
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        bos = c.token_ids("bos_token_id")
         return cls(
             arch=arch, vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=n_kv, head_dim=head_dim, hidden_dim=hidden,
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if arch == "qwen2" else 1e-5)),
+            norm_eps=c.number("rms_norm_eps", 1e-6 if arch == "qwen2" else 1e-5, hi=1.0),
             rope_theta=theta, rope_scaling=scaling, max_position_embeddings=max_pos,
-            sliding_window=int(window) if window else None,
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=bool(cfg.get("attention_bias", False)),
-            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids,
-            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            sliding_window=window,
+            tie_embeddings=c.bool("tie_word_embeddings", False),
+            qkv_bias=c.bool("attention_bias", False),
+            bos_token_id=bos[0] if bos else None, eos_token_ids=c.token_ids("eos_token_id"),
+            torch_dtype=c.str("torch_dtype") or c.str("dtype") or "float32",
         )
 
     @classmethod
-    def from_mistral_params(cls, p: dict, vocab_size: int | None = None) -> "ModelConfig":
+    def from_mistral_params(cls, p: dict | JsonObject, vocab_size: int | None = None) -> "ModelConfig":
         """Mistral's native params.json. A missing rope_theta means 1e4 (v0.1 reference),
         not mistral-inference's current 1e6 default."""
-        if p.get("moe"):
+        c = p if isinstance(p, JsonObject) else JsonObject(p, "params.json")
+        if c.get("moe"):
             raise TinyLLMError("mixture-of-experts params.json (Mixtral) is not supported; supported: dense Mistral")
-        try:
-            dim, n_heads = int(p["dim"]), int(p["n_heads"])
-            return cls(
-                arch="mistral", vocab_size=int(p.get("vocab_size") or vocab_size), dim=dim,
-                n_layers=int(p["n_layers"]), n_heads=n_heads,
-                n_kv_heads=int(p.get("n_kv_heads") or n_heads),
-                head_dim=int(p.get("head_dim") or dim // n_heads),
-                hidden_dim=int(p["hidden_dim"]), norm_eps=float(p.get("norm_eps", 1e-5)),
-                rope_theta=float(p.get("rope_theta") or 10000.0),
-                max_position_embeddings=int(p.get("max_seq_len") or p.get("max_position_embeddings") or 32768),
-                sliding_window=int(p["sliding_window"]) if p.get("sliding_window") else None,
-                tie_embeddings=False, bos_token_id=1, eos_token_ids=(2,), torch_dtype="bfloat16",
-            )
-        except (KeyError, TypeError) as e:
-            raise TinyLLMError(f"params.json lacks a required key ({e})") from None
+        dim = c.int("dim")
+        n_heads, n_kv, head_dim = _heads(c, dim, "n_heads", "n_kv_heads", "head_dim", "dim")
+        max_pos = c.int("max_seq_len", None) or c.int("max_position_embeddings", 32768)
+        return cls(
+            arch="mistral", vocab_size=c.int("vocab_size", vocab_size), dim=dim,
+            n_layers=c.int("n_layers"), n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
+            hidden_dim=c.int("hidden_dim"), norm_eps=c.number("norm_eps", 1e-5, hi=1.0),
+            rope_theta=c.number("rope_theta", 10000.0), max_position_embeddings=max_pos,
+            sliding_window=c.int("sliding_window", None),
+            tie_embeddings=False, bos_token_id=1, eos_token_ids=(2,), torch_dtype="bfloat16",
+        )
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "ModelConfig":
@@ -168,31 +162,54 @@ class ModelConfig:
         path = d / "config.json"
         if not path.is_file():
             if (d / "params.json").is_file():
-                return cls.from_mistral_params(_read_json(d / "params.json"))
+                return cls.from_mistral_params(JsonObject.read(d / "params.json"))
             raise TinyLLMError(f"{d} has no config.json (nor a Mistral params.json): is it a model directory?")
-        return cls.from_hf(_read_json(path))
+        return cls.from_hf(JsonObject.read(path))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TinyLLMError(f"cannot read {path}: {e}") from None
+def _show_name(v) -> str:
+    return repr(v) if isinstance(v, str) and len(v) < 60 else ("None" if v is None else "(not a name)")
 
 
-def _normalize_rope_scaling(s: dict | None) -> dict | None:
-    """Return None for plain RoPE, else a dict with `rope_type` set (accepting `type`)."""
-    if not s:
+def _heads(c: JsonObject, dim: int, heads_key: str, kv_key: str, head_dim_key: str, dim_key: str):
+    """(n_heads, n_kv_heads, head_dim), checked: KV heads divide the query heads, head_dim
+    is even (RoPE turns pairs) and, when not given, dim splits evenly into heads."""
+    n_heads = c.int(heads_key)
+    n_kv = c.int(kv_key, n_heads)
+    if n_heads % n_kv:
+        raise c.error(kv_key, n_kv, f"must divide {heads_key}={n_heads} (each KV head serves a group of query heads)")
+    head_dim = c.int(head_dim_key, None)
+    if head_dim is None:
+        if dim % n_heads:
+            raise c.error(heads_key, n_heads, f"must divide {dim_key}={dim} when {head_dim_key} is not given")
+        head_dim = dim // n_heads
+    if head_dim % 2:
+        raise c.error(head_dim_key, head_dim, "must be even (RoPE rotates pairs of dimensions)")
+    return n_heads, n_kv, head_dim
+
+
+def _normalize_rope_scaling(s: JsonObject | None) -> dict | None:
+    """Return None for plain RoPE, else a dict with `rope_type` set (accepting `type`) and
+    its keys checked: factor > 0; llama3 also low_freq_factor > 0, high_freq_factor >
+    low_freq_factor and original_max_position_embeddings >= 1."""
+    if s is None or not s.data:
         return None
-    s = dict(s)
     rtype = s.get("rope_type", s.get("type", "default"))
-    s.pop("type", None)
-    s["rope_type"] = rtype
     if rtype not in SUPPORTED_ROPE_TYPES:
-        raise TinyLLMError(f"unsupported RoPE type {rtype!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        shown = repr(rtype) if isinstance(rtype, str) and len(rtype) < 40 else "(not a name)"
+        raise TinyLLMError(f"unsupported RoPE type {shown}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if rtype == "default":
         return None
-    return s
+    out = {k: v for k, v in s.data.items() if k != "type"}
+    out["rope_type"] = rtype
+    out["factor"] = s.number("factor")
+    if rtype == "llama3":
+        out["low_freq_factor"] = low = s.number("low_freq_factor")
+        out["high_freq_factor"] = high = s.number("high_freq_factor")
+        if high <= low:
+            raise s.error("high_freq_factor", high, f"must be greater than low_freq_factor={low:g}")
+        out["original_max_position_embeddings"] = s.int("original_max_position_embeddings")
+    return out
 
 
 def rope_inv_freq(cfg: ModelConfig) -> list[float]:

@@ -55,6 +55,7 @@ class Event:
     text: str = ""
     completion: Completion | None = None
     error: str = ""
+    code: str = "invalid_prompt"          # for errors: the OpenAI-style code batch output lines carry
 
 
 @dataclass
@@ -78,6 +79,22 @@ class _Seq:
     @property
     def generated(self) -> list[int]:
         return self.ids[self.n_prompt:]
+
+    def completion(self) -> Completion:
+        """What this sequence produced so far; finish_reason "interrupted" while unfinished."""
+        t_first = self.t_first - self.t0 if self.t_first else 0.0
+        return Completion(self.ids[:self.n_prompt], self.generated, self.text, self.finish or "interrupted",
+                          self.req.index, self.prefill_tokens, t_first, time.perf_counter() - self.t0)
+
+
+class _NoText:
+    """The stream decoder of a model without a tokenizer: token ids only, no text."""
+
+    def push(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
 
 
 def reusable_prefix(cached: list[int], ids: list[int], written_hi: int, spec: KVCacheSpec) -> int:
@@ -159,6 +176,7 @@ class Engine:
         self.ensure_cache(self.max_batch)
         free = list(range(self.cache.spec.n_slots))
         live: list[_Seq] = []
+        self.live = live                       # read by partial() when the caller stops early
         exhausted = False
         while True:
             # Admit waiting requests into free slots.
@@ -169,7 +187,7 @@ class Engine:
                     break
                 bad = self.check_prompt(req.prompt_ids)
                 if bad:
-                    yield Event("error", req.index, error=bad[1])
+                    yield Event("error", req.index, error=bad[1], code=bad[0])
                     continue
                 slot = req.slot if req.slot is not None and req.slot in free else free[0]
                 free.remove(slot)
@@ -181,6 +199,10 @@ class Engine:
                 live.remove(s)
                 free.append(s.slot)
                 free.sort()
+
+    def partial(self, index: int) -> Completion | None:
+        """The Completion so far of a request still running (after the consumer stopped run())."""
+        return next((s.completion() for s in getattr(self, "live", []) if s.req.index == index), None)
 
     def check_prompt(self, ids: list[int], allow_full: bool = False) -> tuple[str, str] | None:
         """Why these prompt ids cannot run, as (code, message), or None if they can. A
@@ -201,8 +223,8 @@ class Engine:
         p = req.params
         rng = np.random.default_rng(p.seed)
         cached = reusable_prefix(self.slot_ids[slot], req.prompt_ids, self.slot_hi[slot], self.cache.spec)
-        seq = _Seq(req, slot, list(req.prompt_ids), len(req.prompt_ids), cached, rng,
-                   self.tok.stream(req.prompt_ids), list(p.stop or []))
+        decoder = self.tok.stream(req.prompt_ids) if self.tok is not None else _NoText()
+        seq = _Seq(req, slot, list(req.prompt_ids), len(req.prompt_ids), cached, rng, decoder, list(p.stop or []))
         seq.device_seed = p.seed % 2**63 if p.seed is not None else int(np.random.default_rng().integers(2**63))
         return seq
 
@@ -225,7 +247,8 @@ class Engine:
         batch = Batch([s.slot for s, _ in runs], [s.n_cached for s, _ in runs], [n for _, n in runs])
         for s, n in runs:
             self._will_write(s.slot, s.n_cached, n)
-        logits = self.model.forward(tokens, batch, self.cache)           # (B, vocab), on the backend
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # NaN/inf are checked below
+            logits = self.model.forward(tokens, batch, self.cache)       # (B, vocab), on the backend
         self.stats["steps"] += 1
         ready = []
         for row, (s, n) in enumerate(runs):
@@ -238,8 +261,28 @@ class Engine:
                 self.stats["decode_tokens"] += n
             if s.n_cached == len(s.ids):       # else: the prompt is not fully cached yet
                 ready.append((row, s))
+        if ready and not bool(np.isfinite(logits).all()):     # NEP-18: runs on the device for cupy arrays
+            rows = np.asarray(self.ops.to_numpy(logits))
+            bad = [(r, s) for r, s in ready if not np.isfinite(rows[r]).all()]
+            why = self.nonfinite_reason()
+            for _, s in bad:
+                s.finish = "error"
+                yield Event("error", s.req.index, error=why, code="model_error")
+            ready = [(r, s) for r, s in ready if not s.finish]
+            if not ready:
+                return
         for s, tok in zip([s for _, s in ready], self._choose(logits, ready)):
             yield from self._accept(s, tok)
+
+    def nonfinite_reason(self) -> str:
+        """The error for NaN/inf logits, naming the first weight tensor holding NaN or inf
+        (one pass over the weights, only when this happens)."""
+        for name, a in self.model.w.named():
+            if not bool(np.isfinite(a).all()):
+                return (f"the model produced NaN/inf logits: weight tensor {name} holds NaN or inf values; "
+                        f"the checkpoint is corrupt, re-download it")
+        return ("the model produced NaN/inf logits (its weights are finite: activations overflowed; "
+                "try a wider compute dtype, e.g. --dtype bf16 instead of fp16, or --backend numpy)")
 
     def _choose(self, logits, ready: list[tuple[int, _Seq]]) -> list[int]:
         """Next token of each ready sequence. A backend with on-device sampling (cuda) draws
@@ -291,7 +334,4 @@ class Engine:
             yield Event("text", s.req.index, text=s.text[s.emitted:upto])
             s.emitted = upto
         if s.finish:
-            now = time.perf_counter()
-            c = Completion(s.ids[:s.n_prompt], s.generated, s.text, s.finish, s.req.index,
-                           s.prefill_tokens, s.t_first - s.t0, now - s.t0)
-            yield Event("finish", s.req.index, completion=c)
+            yield Event("finish", s.req.index, completion=s.completion())

@@ -122,9 +122,10 @@ def is_model_dir(d: Path) -> bool:
     if index.is_file():
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, ValueError, KeyError):
-            return False
-        return all((d / s).exists() for s in shards)
+        except Exception:  # noqa: BLE001 - a damaged index: loading says precisely what is wrong
+            return True
+        # (names that are not plain relative file names are refused by weights.shard_path)
+        return all(not isinstance(s, str) or (d / s).exists() for s in shards)
     return (d / "model.safetensors").exists()
 
 
@@ -387,6 +388,8 @@ def download(name: str, weights_dir: str | Path | None = None, *, token: str | N
         import huggingface_hub
     except ImportError:
         raise TinyLLMError(f"downloading needs huggingface_hub: {HUB_INSTALL}") from None
+    from huggingface_hub import constants as hub_constants
+    _check_reachable(hub_constants.ENDPOINT)
     try:
         files = huggingface_hub.HfApi().list_repo_files(repo_id, revision=revision, token=token)
         weight_map = None
@@ -404,6 +407,21 @@ def download(name: str, weights_dir: str | Path | None = None, *, token: str | N
             raise
         raise err from None
     return Path(path)
+
+
+def _check_reachable(endpoint: str, timeout: float = 5.0) -> None:
+    """One TCP connection to the Hub before downloading: without a network, huggingface_hub
+    retries for half a minute, printing each retry; this fails at once with one line."""
+    import socket
+    from urllib.parse import urlsplit
+    u = urlsplit(endpoint)
+    host, port = u.hostname or "huggingface.co", u.port or (443 if u.scheme != "http" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise TinyLLMError(f"cannot reach {host} ({why}): check the network (or HF_ENDPOINT); "
+                           f"models already downloaded still work offline") from None
 
 
 # ---- listing -------------------------------------------------------------------------------

@@ -10,9 +10,12 @@ config.json/generation_config.json (the engine merges those into `eos_token_ids`
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
 import itertools
 import json
+import re
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _TokenizersBackend
 
 from tinyllm.errors import TinyLLMError
+from tinyllm.jsonfile import MAX_JSON_BYTES, JsonObject, read_json_object
 
 # Prompt tokens kept as context in front of the streamed text (vLLM uses 5 too). One is enough
 # for the decoder to see that the first new token is not the first token (a Metaspace or
@@ -107,6 +111,13 @@ class Tokenizer:
     eos_token_ids: set[int]
     has_chat_template: bool = False
 
+    @staticmethod
+    def present(model_dir) -> bool:
+        """Whether the directory holds any tokenizer file (load() says what is wrong with it)."""
+        d = Path(model_dir)
+        return any((d / n).is_file() for n in ("tokenizer.json", "tekken.json", "tokenizer.model")) \
+            or any(d.glob("tokenizer.model.v*"))
+
     @classmethod
     def load(cls, model_dir) -> Tokenizer:
         d = Path(model_dir)
@@ -149,11 +160,37 @@ class Tokenizer:
         return StreamDecoder(lambda ids: self.decode(ids, skip_special_tokens=skip_special_tokens), prompt_ids)
 
 
-def _read_json(path: Path) -> dict:
+def check_messages(messages) -> list[dict]:
+    """OpenAI-style messages -> [{"role": str, "content": str, ...}]: content given as a list
+    of text parts is joined; anything else raises TinyLLMError naming the message."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TinyLLMError("messages must be a non-empty list of {\"role\", \"content\"} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise TinyLLMError(f"message {i} must be an object with a string \"role\"")
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise TinyLLMError(f"message {i}: only text content parts are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise TinyLLMError(f"message {i} must have string \"content\", not {type(content).__name__}")
+        out.append({**m, "content": content})
+    return out
+
+
+def _read_template(path: Path) -> str:
+    """A chat_template.jinja file: UTF-8 text of bounded size."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TinyLLMError(f"tokenizer: cannot read {path}: {e}".replace("\n", " ")) from None
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise TinyLLMError(f"tokenizer: {path} is larger than {MAX_JSON_BYTES // 2**20} MiB; not a chat template")
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise TinyLLMError(f"tokenizer: {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise TinyLLMError(f"tokenizer: cannot read {path}: {e.strerror or type(e).__name__}") from None
 
 
 def _token_str(value) -> str | None:
@@ -198,11 +235,11 @@ class HFTokenizer(Tokenizer):
         self._tok.no_padding()
 
         cfg_path = self.model_dir / "tokenizer_config.json"
-        cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+        cfg = read_json_object(cfg_path) if cfg_path.is_file() else {}
         named = {k: _token_str(v) for k, v in cfg.items() if k.endswith("_token") and _token_str(v) is not None}
         map_path = self.model_dir / "special_tokens_map.json"
         if map_path.is_file() and "added_tokens_decoder" not in cfg:
-            for k, v in _read_json(map_path).items():
+            for k, v in read_json_object(map_path).items():
                 if k.endswith("_token") and _token_str(v) is not None:
                     named[k] = _token_str(v)
         self.special_tokens = named  # e.g. {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -232,18 +269,22 @@ class HFTokenizer(Tokenizer):
         jinja = self.model_dir / "chat_template.jinja"
         extra = self.model_dir / "additional_chat_templates"
         if jinja.is_file():
-            templates["default"] = jinja.read_text(encoding="utf-8")
+            templates["default"] = _read_template(jinja)
         if extra.is_dir():
             for p in sorted(extra.glob("*.jinja")):
-                templates[p.name.removesuffix(".jinja")] = p.read_text(encoding="utf-8")
+                templates[p.name.removesuffix(".jinja")] = _read_template(p)
         if templates:  # separate template files take priority over the config entry
             return templates
         tpl = cfg.get("chat_template")
+        if tpl is None:
+            return {}
         if isinstance(tpl, str):
             return {"default": tpl}
-        if isinstance(tpl, list):
-            return {t["name"]: t["template"] for t in tpl if isinstance(t, dict) and "name" in t and "template" in t}
-        return {}
+        if isinstance(tpl, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                         and isinstance(t.get("template"), str) for t in tpl):
+            return {t["name"]: t["template"] for t in tpl}
+        raise JsonObject(cfg, "tokenizer_config.json").error(
+            "chat_template", tpl, "must be a template string or a list of {\"name\", \"template\"} strings")
 
     def chat_template(self, tools=None) -> str:
         """The template source that `apply_chat_template` would use."""
@@ -264,16 +305,150 @@ class HFTokenizer(Tokenizer):
         if source not in self._compiled:
             try:
                 self._compiled[source] = _jinja_env().from_string(source)
-            except jinja2.exceptions.TemplateError as e:
-                raise ChatTemplateError(f"chat template of {self.model_dir} does not compile: {e}") from None
+            except Exception as e:  # TemplateSyntaxError, RecursionError on deep nesting, ...
+                raise ChatTemplateError(f"chat template of {self.model_dir} does not compile: "
+                                        f"{_one_line(e)}") from None
         variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}  # kwargs win, as in HF
+        template = self._compiled[source]
+        return render_bounded(lambda: template.generate(messages=copy.deepcopy(list(messages)),
+                                                        add_generation_prompt=add_generation_prompt, **variables))
+
+
+# Rendering limits: a real chat template renders in milliseconds into a prompt that must fit a
+# context window; a hostile one must not hang or exhaust memory.
+TEMPLATE_TIME_LIMIT = 5.0               # seconds
+TEMPLATE_OUTPUT_LIMIT = 16 * 2**20      # characters, for the prompt and for any string or list built on the way
+
+
+class _TemplateTimeout(BaseException):
+    """Raised inside a render that ran past TEMPLATE_TIME_LIMIT (delivered asynchronously)."""
+
+
+class _TemplateLimit(Exception):
+    """A render tried to build something larger than TEMPLATE_OUTPUT_LIMIT."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return (text[:200] + "...") if len(text) > 200 else text
+
+
+def render_bounded(generate) -> str:
+    """Join the chunks of `generate()` (a jinja render) within the time and size limits; every
+    failure becomes one ChatTemplateError. The time limit is enforced by a watchdog thread that
+    raises _TemplateTimeout in this thread (PyThreadState_SetAsyncExc), so it also stops a
+    loop that never calls back into our code, and works off the main thread."""
+    tid = threading.get_ident()
+    lock, state = threading.Lock(), {"active": True}
+
+    def fire():
+        with lock:
+            if state["active"]:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(_TemplateTimeout))
+
+    timer = threading.Timer(TEMPLATE_TIME_LIMIT, fire)
+    timer.daemon = True
+    try:
+        timer.start()
         try:
-            return self._compiled[source].render(messages=copy.deepcopy(list(messages)),
-                                                 add_generation_prompt=add_generation_prompt, **variables)
-        except _TemplateRaised as e:
-            raise ChatTemplateError(str(e)) from None
-        except jinja2.exceptions.TemplateError as e:
-            raise ChatTemplateError(f"chat template failed to render: {e}") from None
+            out, n = [], 0
+            for chunk in generate():
+                n += len(chunk)
+                if n > TEMPLATE_OUTPUT_LIMIT:
+                    raise _TemplateLimit(f"the prompt grew past {TEMPLATE_OUTPUT_LIMIT:,} characters")
+                out.append(chunk)
+            return "".join(out)
+        finally:
+            with lock:
+                state["active"] = False
+            timer.cancel()
+    except _TemplateTimeout:
+        raise ChatTemplateError(f"chat template rendering took longer than {TEMPLATE_TIME_LIMIT:g} s "
+                                f"and was stopped") from None
+    except _TemplateRaised as e:
+        raise ChatTemplateError(str(e)) from None
+    except _TemplateLimit as e:
+        raise ChatTemplateError(f"chat template rendering stopped: {e}") from None
+    except MemoryError:
+        raise ChatTemplateError("chat template rendering ran out of memory") from None
+    except RecursionError:
+        raise ChatTemplateError("chat template rendering recursed too deeply") from None
+    except Exception as e:  # jinja errors, ZeroDivisionError, TypeError, OverflowError, a missing loader, ...
+        raise ChatTemplateError(f"chat template failed to render: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def _check_size(value):
+    if isinstance(value, (str, bytes, list, tuple, dict)) and len(value) > TEMPLATE_OUTPUT_LIMIT:
+        raise _TemplateLimit(f"a value grew past {TEMPLATE_OUTPUT_LIMIT:,} elements")
+    return value
+
+
+def _check_args(args, kwargs):
+    """Integer arguments past the size limit (str.center(10**9), |indent(10**9)) would
+    allocate before any result could be checked."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > TEMPLATE_OUTPUT_LIMIT:
+            raise _TemplateLimit(f"an argument of {a:.3g} exceeds the {TEMPLATE_OUTPUT_LIMIT:,} limit")
+
+
+_FORMAT_NUMBER = re.compile(r"\d{8,}")
+
+
+def _check_format(fmt: str):
+    """A %- or {}-format string whose widths would build a huge string."""
+    for m in _FORMAT_NUMBER.finditer(fmt):
+        if int(m.group()) > TEMPLATE_OUTPUT_LIMIT:
+            raise _TemplateLimit(f"a format width of {m.group()[:20]} exceeds the {TEMPLATE_OUTPUT_LIMIT:,} limit")
+    if isinstance(fmt, str) and re.search(r"%[-#0 +]*\*", fmt):
+        raise _TemplateLimit("'*' widths in % formats are not allowed in chat templates")
+
+
+def _bounded_filter(f):
+    @functools.wraps(f)        # keeps jinja's pass_context/pass_environment marker
+    def bounded(*args, **kwargs):
+        _check_args(args[1:], kwargs)
+        return _check_size(f(*args, **kwargs))
+    return bounded
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, plus size limits on what a template can build: the operators
+    that grow sequences or numbers (*, **, +, %), method calls and filters check sizes before
+    and after (memory), and render_bounded stops it in time."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def call_binop(self, context, operator, left, right):
+        seqs = (str, list, tuple)
+        if operator == "*":
+            for a, b in ((left, right), (right, left)):
+                if isinstance(a, seqs) and isinstance(b, int) and len(a) * b > TEMPLATE_OUTPUT_LIMIT:
+                    raise _TemplateLimit(f"repeating a value {b:.3g} times exceeds the {TEMPLATE_OUTPUT_LIMIT:,} limit")
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and right > 0 \
+                    and max(left.bit_length(), 1) * right > 64 * 1024:
+                raise _TemplateLimit("a power that large is not computed in a chat template")
+        elif operator == "+":
+            if isinstance(left, seqs) and isinstance(right, seqs) and len(left) + len(right) > TEMPLATE_OUTPUT_LIMIT:
+                raise _TemplateLimit(f"a value grew past {TEMPLATE_OUTPUT_LIMIT:,} elements")
+        elif operator == "%" and isinstance(left, str):
+            _check_format(left)
+        return _check_size(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+        _check_args(args, kwargs)
+        if getattr(__obj, "__name__", None) == "replace" and isinstance(getattr(__obj, "__self__", None), str) \
+                and len(args) >= 2 and isinstance(args[1], str):
+            if (len(__obj.__self__) + 1) * max(len(args[1]), 1) > TEMPLATE_OUTPUT_LIMIT:
+                raise _TemplateLimit(f"a replace() result could exceed the {TEMPLATE_OUTPUT_LIMIT:,} limit")
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+    def wrap_str_format(self, value):
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        _check_format(value.__self__)
+        return wrapped
 
 
 class _TemplateRaised(jinja2.exceptions.TemplateError):
@@ -309,9 +484,10 @@ def _jinja_env() -> ImmutableSandboxedEnvironment:
     """The environment transformers renders chat templates in (chat_template_utils.py): sandboxed
     (templates come from the Hub), trim_blocks + lstrip_blocks, loop controls, plus the globals
     and filter above."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
+                          extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env

@@ -11,11 +11,12 @@ compute dtype.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, fields
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import ml_dtypes
 import numpy as np
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import ModelConfig
 from .errors import TinyLLMError
+from .jsonfile import JsonObject
 
 ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 
@@ -71,11 +73,44 @@ class Weights:
     nbytes_on_disk: int = 0
     dtypes: set = field(default_factory=set)
 
+    def named(self):
+        """(HF tensor name, backend array) of every weight, in load order."""
+        yield "model.embed_tokens.weight", self.embed
+        for i, layer in enumerate(self.layers):
+            for f in fields(layer):
+                a = getattr(layer, f.name)
+                if a is not None:
+                    yield f"model.layers.{i}.{LAYER_HF_NAMES[f.name]}", a
+        yield "model.norm.weight", self.norm
+        if self.lm_head is not self.embed:
+            yield "lm_head.weight", self.lm_head
+
+
+# LayerWeights field -> HF name inside "model.layers.{i}."
+LAYER_HF_NAMES = {
+    "attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
+    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight", "w1": "mlp.gate_proj.weight", "w2": "mlp.down_proj.weight",
+    "w3": "mlp.up_proj.weight", "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias",
+}
+
 
 # ---- safetensors ------------------------------------------------------------------------
 
+# safetensors' own limits and element sizes (the Rust crate's MAX_HEADER_SIZE and Dtype::bitsize).
+MAX_HEADER_BYTES = 100_000_000
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+              "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+              "C64": 64, "F64": 64, "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+
+
 class SafetensorsFile:
-    """Header + memmap of one .safetensors file; tensors are zero-copy numpy views."""
+    """Header + memmap of one .safetensors file; tensors are zero-copy numpy views.
+
+    The header is checked with the safetensors library's rules before anything is mapped
+    (check_header), then the library itself opens the file as a second opinion. Messages
+    name the file and the tensor, never bytes of the file that did not parse as a header."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -84,20 +119,39 @@ class SafetensorsFile:
             with open(path, "rb") as f:
                 head = f.read(8)
                 if len(head) < 8:
-                    raise ValueError("file shorter than its 8-byte header length")
+                    raise self.bad("it is shorter than the 8-byte header length; re-download it")
                 (n,) = struct.unpack("<Q", head)
-                if n > size - 8:
-                    raise ValueError(f"header claims {n} bytes but the file has {size}")
-                header = json.loads(f.read(n))
-        except (OSError, ValueError) as e:
-            raise TinyLLMError(f"{path} is not a valid safetensors file ({e}); re-download it") from None
-        header.pop("__metadata__", None)
+                if n > MAX_HEADER_BYTES:
+                    raise self.bad(f"its header length exceeds safetensors' {MAX_HEADER_BYTES // 10**6} MB limit "
+                                   f"(not a safetensors file, or corrupt)")
+                if 8 + n > size:
+                    raise self.bad("its header runs past the end of the file (not a safetensors file, or truncated)")
+                raw = f.read(n)
+        except OSError as e:
+            raise self.bad(f"cannot read it ({e.strerror or type(e).__name__})") from None
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise self.bad("its header is not UTF-8 text (not a safetensors file, or corrupt)") from None
+        except (ValueError, RecursionError):
+            raise self.bad("its header is not valid JSON (not a safetensors file, or corrupt)") from None
         self.data_start = 8 + n
-        self.entries = header
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self.data_start + end > size:
-            raise TinyLLMError(f"{path} is truncated: needs {self.data_start + end} bytes, has {size}; re-download it")
+        self.entries = check_header(self, header, size - self.data_start)
+        self._library_check()
         self.mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+
+    def bad(self, what: str, tensor: str | None = None) -> TinyLLMError:
+        where = f" (tensor {tensor})" if tensor is not None else ""
+        return TinyLLMError(f"{self.path} is not a valid safetensors file{where}: {what}")
+
+    def _library_check(self):
+        """The safetensors library's parser, on a header check_header accepted: it must agree."""
+        from safetensors import safe_open
+        try:
+            with safe_open(str(self.path), framework="numpy"):
+                pass
+        except Exception as e:  # SafetensorError; the header already parsed as ours, so its text is safe
+            raise self.bad(f"the safetensors library rejects it ({str(e).splitlines()[0][:200]})") from None
 
     def tensor(self, name: str) -> np.ndarray:
         e = self.entries[name]
@@ -108,10 +162,70 @@ class SafetensorsFile:
         return raw.view(ST_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
+def _is_uint(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def check_header(f: SafetensorsFile, header, data_len: int) -> dict:
+    """The safetensors header rules (as the safetensors crate's Metadata::validate): a JSON
+    object of tensors, each {dtype: known name, shape: [uint...], data_offsets: [begin, end]}
+    with begin <= end and end - begin == prod(shape) * dtype bits / 8; sorted by offset the
+    tensors tile the data exactly (no gap, no overlap, nothing after the last); an optional
+    "__metadata__" object of strings. Returns the tensor entries."""
+    if not isinstance(header, dict):
+        raise f.bad(f"its header is a JSON {type(header).__name__ if header is not None else 'null'}, "
+                    f"not an object of tensors")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise f.bad("__metadata__ must be an object of strings")
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    for name, e in entries.items():
+        if not isinstance(e, dict):
+            raise f.bad("its entry is not an object", name)
+        dtype, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if dtype not in DTYPE_BITS:
+            raise f.bad(f"dtype must be one of {', '.join(DTYPE_BITS)}", name)
+        if not (isinstance(shape, list) and all(_is_uint(d) for d in shape)):
+            raise f.bad("shape must be a list of integers >= 0", name)
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_uint(o) for o in offs)):
+            raise f.bad("data_offsets must be [begin, end], integers >= 0", name)
+        if offs[1] < offs[0]:
+            raise f.bad(f"data_offsets {offs} end before they begin", name)
+        bits = math.prod(shape) * DTYPE_BITS[dtype]
+        if bits % 8 or bits // 8 != offs[1] - offs[0]:
+            raise f.bad(f"shape {shape} of {dtype} needs {bits / 8:g} bytes but data_offsets {offs} "
+                        f"hold {offs[1] - offs[0]}", name)
+    end = 0
+    for name, e in sorted(entries.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        begin, stop = e["data_offsets"]
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else "leaves a gap after the tensor before it"
+            raise f.bad(f"data_offsets {e['data_offsets']} {what} (safetensors tensors tile the data exactly)", name)
+        end = stop
+    if end > data_len:
+        raise TinyLLMError(f"{f.path} is truncated: its tensors need {f.data_start + end:,} bytes, "
+                           f"the file has {f.data_start + data_len:,}; re-download it")
+    if end < data_len:
+        raise f.bad(f"{data_len - end:,} bytes follow the last tensor (the data must end with it)")
+    return entries
+
+
 class TensorIndex(dict):
     """HF tensor name -> (file, name in that file). `native` is True when the names were
     mapped from Mistral's consolidated.safetensors (whose wq/wk rows are interleaved)."""
     native: bool = False
+
+
+def shard_path(model_dir: Path, index: Path, name) -> Path:
+    """A shard named in the index, as a path inside model_dir: a relative name without '..'
+    (a symlinked file is fine: the Hugging Face cache links every file into its blobs)."""
+    p = PurePosixPath(name) if isinstance(name, str) else None
+    if (p is None or not name or "\\" in name or "\0" in name or p.is_absolute()
+            or PureWindowsPath(name).drive or ".." in p.parts or not name.endswith(".safetensors")):
+        shown = json.dumps(name)[:80] if isinstance(name, str) else type(name).__name__
+        raise TinyLLMError(f"{index}: shard {shown} is not allowed: shards must be .safetensors files named "
+                           f"relative to the model directory, without '..'")
+    return model_dir / p
 
 
 def open_checkpoint(model_dir: Path) -> TensorIndex:
@@ -119,16 +233,19 @@ def open_checkpoint(model_dir: Path) -> TensorIndex:
     consolidated.safetensors (names mapped to HF, `native` set)."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            wmap = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise TinyLLMError(f"{index} is not a valid index ({e}); re-download it") from None
+        wmap = JsonObject.read(index, "safetensors index").get("weight_map")
+        if not (isinstance(wmap, dict) and wmap and all(isinstance(v, str) for v in wmap.values())):
+            raise TinyLLMError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file")
         files = {}
         for fname in sorted(set(wmap.values())):
-            p = model_dir / fname
+            p = shard_path(model_dir, index, fname)
             if not p.is_file():
                 raise TinyLLMError(f"{p} is named in {index.name} but missing; re-download the model")
             files[fname] = SafetensorsFile(p)
+        for name, fname in wmap.items():
+            if name not in files[fname].entries:
+                raise TinyLLMError(f"{index.name} puts tensor {name} in {fname}, which does not hold it; "
+                                   f"re-download the model")
         return TensorIndex({name: (files[f], name) for name, f in wmap.items()})
     single = model_dir / "model.safetensors"
     if single.is_file():
@@ -213,10 +330,11 @@ def validate(cfg: ModelConfig, tensors: dict, model_dir: Path) -> None:
 def available_memory() -> int | None:
     """MemAvailable from /proc/meminfo in bytes (None where unknown)."""
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
     return None
 

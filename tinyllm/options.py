@@ -1,0 +1,113 @@
+"""Command-line options shared by every subcommand, and what they turn into: the model and
+sampling flags, `sampling_from_args` and `load_llm`. cli.py builds the parsers from these;
+chat.py and batch.py call `load_llm`/`sampling_from_args` from here, so dependencies flow one
+way (cli -> chat/batch -> options), never back into cli.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+
+from .errors import TinyLLMError
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt])(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+MAX_MEMORY = 2**60          # an exabyte: anything larger is a typo
+
+
+def parse_memory(text: str) -> int:
+    """'24GB', '512MiB', '1.5G' -> bytes (GB and GiB both mean 2**30: memory, not disks).
+    A unit is required; zero, negative, non-finite and absurd sizes are errors."""
+    t = str(text).strip()
+    m = _SIZE.match(t)
+    if not m:
+        if re.fullmatch(r"[0-9.eE+]+", t):
+            raise TinyLLMError(f"memory size {text!r} has no unit; write it like {t}GB or {t}MB")
+        if t.startswith("-"):
+            raise TinyLLMError(f"memory size {text!r} is negative; write a size like 24GB")
+        raise TinyLLMError(f"cannot read memory size {text!r}; write it like 24GB or 512MB")
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not math.isfinite(value) or value > MAX_MEMORY:
+        raise TinyLLMError(f"memory size {text!r} is too large; write a size like 24GB")
+    if value < 1:
+        raise TinyLLMError(f"memory size {text!r} must be more than zero")
+    return int(value)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for counts: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return v
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", "-m", default=None,
+                   help="path, name under weights/, HF repo id or alias (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cuda"],
+                   help="where to compute: cuda (NVIDIA GPU through CuPy) or numpy (CPU); "
+                        "auto picks cuda when CuPy sees a GPU (default: auto)")
+    p.add_argument("--dtype", default=None,
+                   help="compute dtype: cuda bf16 | fp16, numpy fp32 (default: bf16 on cuda, fp32 on numpy)")
+    p.add_argument("--kv-dtype", default="auto",
+                   help="KV-cache storage: auto | fp32 | fp16 | bf16 | int8 | fp8 (default: auto = the compute dtype)")
+    p.add_argument("--ctx-size", "--max-seq-len", dest="max_seq_len", type=_positive_int, default=None,
+                   help="context length (tokens) to allocate; above the model's trained maximum it warns "
+                        "(default: min(model max, 8192))")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for the numpy backend's matrix products (BLAS) "
+                        "(default: the cores not busy with other processes at start, at least 1)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser):
+    model = "the model's generation_config.json"
+    p.add_argument("--max-tokens", "-n", type=int, default=None,
+                   help="most tokens to generate (default: 512)")
+    p.add_argument("--temperature", "-t", type=float, default=None,
+                   help=f"sampling temperature, 0 = greedy (default: {model} when it sets do_sample, else 0)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"nucleus sampling mass in (0, 1] (default: {model} when it sets do_sample, else 1 = off)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"sample among the k most likely tokens, 0 = off (default: {model} when it sets "
+                        f"do_sample, 50 if it names none; else 0)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help=f"HF-style penalty for repeated tokens, 1 = off (default: {model}, else 1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: none, varies per run)")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop when this text appears, not included in the output; repeatable (default: none)")
+
+
+def sampling_from_args(a):
+    from .sampling import SamplingParams
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                          top_k=a.top_k, repetition_penalty=a.repetition_penalty, seed=a.seed,
+                          stop=a.stop).validate()
+
+
+def load_llm(a, max_batch: int = 1, quiet: bool = False):
+    """The LLM the flags describe; what was picked (model, backend, threads, context) goes to
+    stderr unless quiet."""
+    from .api import LLM
+    from .hub import resolve
+    r = resolve(a.model)
+    model_dir = r.path
+    if not quiet:
+        print(f"model: {r.describe()}", file=sys.stderr)
+    llm = LLM(str(model_dir), backend=a.backend, dtype=a.dtype, kv_dtype=a.kv_dtype,
+              max_seq_len=a.max_seq_len, max_batch=max_batch, progress=not quiet,
+              threads=getattr(a, "threads", None))    # warnings: one line each (cli.main)
+    if not quiet:
+        why = " (auto: " + ("CuPy sees a GPU" if llm.backend.name == "cuda" else "no GPU visible to CuPy") + ")" \
+            if a.backend == "auto" else ""
+        threads = f", {llm.threads} BLAS thread{'s' if llm.threads > 1 else ''}" if llm.backend.name == "numpy" else ""
+        print(f"backend: {llm.backend.name}{why} ({llm.backend.compute_dtype}{threads}), kv cache: {llm.kv_dtype}, "
+              f"context: {llm.max_seq_len} tokens", file=sys.stderr)
+    return llm
