@@ -111,6 +111,10 @@ BUG_CASES = [
     ("short_splits", "test_cuda_ops.py::test_attention_bf16_cache[128-decode-8-2-v2]", "Not equal to tolerance"),
     ("upload_no_wait", "test_cuda_ops.py::test_linear[True-7-64-1-v1]",
      "reused before the copy that read it was waited on"),
+    ("graph_scalar_positions", "test_cuda_model.py::test_graph_decode_equals_eager[llama_gqa-bf16]",
+     "graph decode differs from eager"),
+    ("graph_upload_in_capture", "test_cuda_model.py::test_graph_decode_equals_eager[llama_gqa-bf16]",
+     "cupy.asarray / a device copy during CUDA graph capture"),
 ]
 
 

@@ -34,10 +34,12 @@ def resolve_model_dir(model) -> Path:
 class LLM:
     def __init__(self, model=None, backend: str = "numpy", dtype: str | None = None,
                  kv_dtype: str = "auto", max_seq_len: int | None = None, max_batch: int = 8,
-                 progress: bool = False, prefill_chunk: int = 512):
+                 progress: bool = False, prefill_chunk: int = 512, cuda_graph: bool = True):
         self.model_dir = resolve_model_dir(model)
         cfg = ModelConfig.load(self.model_dir)
         self.backend = get_backend(backend, dtype, checkpoint_dtype(self.model_dir))
+        if hasattr(self.backend, "graphs"):      # cuda: decode steps replay CUDA graphs unless off
+            self.backend.graphs.enabled = bool(cuda_graph)
         self.kv_dtype = resolve_kv_dtype(kv_dtype, self.backend.compute_dtype)
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN))
         if self.max_seq_len < 2:
@@ -63,7 +65,9 @@ class LLM:
         if hasattr(self.backend, "check_fits"):  # GPU: weights (bf16) + the KV cache in free memory
             from .kv_cache import KVCacheSpec
             spec = KVCacheSpec.for_model(cfg, self.kv_dtype, self.max_seq_len, max_batch, chunk=self.prefill_chunk)
-            self.backend.check_fits(cfg.n_params() * 2, spec.nbytes(),
+            graphs = getattr(self.backend, "graphs", None)
+            graph_bytes = graphs.estimate_bytes(cfg, max_batch) if graphs is not None and graphs.enabled else 0
+            self.backend.check_fits(cfg.n_params() * 2 + graph_bytes, spec.nbytes(),
                                     kv_bytes_per_token=cfg.kv_bytes_per_token(self.kv_dtype) * max_batch,
                                     max_seq_len=self.max_seq_len)
             return

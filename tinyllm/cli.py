@@ -34,6 +34,8 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--kv-dtype", default="auto", help="auto | fp32 | fp16 | bf16 | int8 | fp8")
     p.add_argument("--ctx-size", "--max-seq-len", dest="max_seq_len", type=int, default=None,
                    help="context length to allocate (default: min(model max, 8192))")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="cuda: run decode steps eagerly instead of replaying captured CUDA graphs")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -61,7 +63,8 @@ def load_llm(a, max_batch: int = 1, quiet: bool = False):
     if not quiet:
         print(f"model: {r.describe()}", file=sys.stderr)
     llm = LLM(str(model_dir), backend=a.backend, dtype=a.dtype, kv_dtype=a.kv_dtype,
-              max_seq_len=a.max_seq_len, max_batch=max_batch, progress=not quiet)
+              max_seq_len=a.max_seq_len, max_batch=max_batch, progress=not quiet,
+              cuda_graph=getattr(a, "cuda_graph", True))
     if not quiet:
         why = " (auto: " + ("CuPy sees a GPU" if llm.backend.name == "cuda" else "no GPU visible to CuPy") + ")" \
             if a.backend == "auto" else ""
