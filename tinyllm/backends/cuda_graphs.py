@@ -35,10 +35,14 @@ import ctypes
 
 import numpy as np
 
-from ..errors import TinyLLMError
 from .cuda_backend import MEMORY_HEADROOM
 
 ALIGN = 256                      # bytes: every arena buffer starts on this boundary
+# The largest batch that runs as a graph (None: every bucket up to the cache's slot count).
+# Above GEMV_MAX_M rows a graph's linears are GEMV row chunks (no tensor cores, weights read
+# once per chunk), which a GPU may find slower than eager cuBLAS: lower this to 8 if
+# scripts/bench_gpu.py's "decode graph, batch 64" row loses to its eager row.
+MAX_ROWS: int | None = None
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -140,12 +144,14 @@ class DecodeGraphs:
     def __init__(self, backend):
         self.be = backend
         self.enabled = True
+        self.max_rows = MAX_ROWS
         self._graphs: dict[int, _Graph] = {}
         self._cache = None            # the KV cache the graphs were captured against
         self._slab = None
         self._slab_gen = 0
         self._stream = None
         self.stats = {"captures": 0, "replays": 0, "eager_plans": 0}
+        self.off_reason = ""
 
     def nbytes(self) -> int:
         """Device memory the graphs hold: the shared slab and every bucket's inputs/outputs."""
@@ -173,9 +179,11 @@ class DecodeGraphs:
         (per row: temperature, top_k, top_p, seed, RNG step, as CudaBackend.sample). Returns
         numpy int32 token ids, or None when graphs are off (the caller runs eagerly)."""
         got = self.launch(model, tokens, batch, cache, temperature, top_k, top_p, seeds, steps)
-        if got is None:
-            return None
-        out, n = got
+        return None if got is None else self.result(got)
+
+    def result(self, launched) -> np.ndarray:
+        """The token ids of a launch(): copied back once the replay has run."""
+        out, n = launched
         if isinstance(out, np.ndarray) and not isinstance(out, self.be.cp.ndarray):
             return out[:n]                       # the planning run's ids, already on the host
         with self._stream:                       # the copy back waits for the replay
@@ -184,7 +192,8 @@ class DecodeGraphs:
     def launch(self, model, tokens, batch, cache, temperature, top_k, top_p, seeds, steps):
         """step() up to the graph launch: (device or host int32 token ids, rows used), or
         None when graphs are off. A bucket's first step runs eagerly and captures (host ids)."""
-        if not self.enabled or model.cfg.dim % 8 or model.cfg.hidden_dim % 8:
+        if (not self.enabled or model.cfg.dim % 8 or model.cfg.hidden_dim % 8
+                or (self.max_rows and len(batch.lens) > self.max_rows)):
             return None                          # (GEMV needs K % 8 == 0; cuBLAS is not capturable)
         cp = self.be.cp
         if cache is not self._cache:
@@ -222,9 +231,10 @@ class DecodeGraphs:
         self.stats["eager_plans"] += 1
         need = arena.nbytes()
         if self._slab is None or self._slab.nbytes < need:
-            if be.free_memory() - need < MEMORY_HEADROOM // 2:
-                raise TinyLLMError(f"no GPU memory left for CUDA-graph decode buffers ({need / 2**20:.0f} MiB); "
-                                   f"pass cuda_graph=False / --no-cuda-graph or a smaller max_batch")
+            if be.free_memory() - need < MEMORY_HEADROOM // 2:   # (api.py counted estimate_bytes)
+                self.enabled = False                 # decode goes on eagerly
+                self.off_reason = f"no GPU memory left for {need / 2**20:.0f} MiB of decode-graph buffers"
+                return out
             self._slab = None                     # graphs cut from the old slab recapture lazily
             self._slab = be.cp.empty(_round(need), np.uint8)
             self._slab_gen += 1

@@ -38,11 +38,12 @@ What it checks (an AssertionError fails the test that made the call):
     Host-to-device copies between replays land in device memory before the replay reads it.
     Capture on the default stream, launches or copies on another stream while one captures,
     device allocations (cupy.empty/zeros/asarray, numpy results on device arrays),
-    device-to-host copies (.get(), asnumpy, synchronize) and cuBLAS calls during capture are
-    AssertionErrors (CuPy's relaxed mode would let cudaMalloc through, but a buffer allocated
-    inside a capture is reused by the pool once Python drops it: tinyllm allocates every
-    graph buffer before capture). Counters: LAUNCHES (kernels run, eager or replayed),
-    EMU_SECONDS (time inside the emulation, so callers can subtract it from host timings).
+    device-to-host copies (.get(), asnumpy, synchronize) are AssertionErrors during capture
+    (CuPy's relaxed mode would let cudaMalloc through, but a buffer allocated inside a
+    capture is reused by the pool once Python drops it: tinyllm allocates every graph buffer
+    before capture); cuBLAS raises NotImplementedError, as CuPy 14 does. Counters in STATS:
+    launches (kernels and cuBLAS calls run, eager or replayed) and emu_seconds (time spent
+    emulating them, for host timings to subtract).
 
 What it does NOT verify: the CUDA code. The kernels in cuda/*.cu are never compiled or run
 here, so their arithmetic (warp shuffles, tensor-core fragments, shared-memory tiling),

@@ -4,6 +4,7 @@ fp32 output, alpha 1, beta 0), computed in float64 from the raw, bounds-checked 
 in CuPy 14, it cannot be called while a stream captures a CUDA graph."""
 
 import ctypes
+import time
 
 import numpy as np
 
@@ -20,6 +21,13 @@ def gemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
            computeType, algo):
     if cupy._capturing is not None:      # CuPy's cublas.setStream refuses (cupy/cupy#6290)
         raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
+    t0 = time.perf_counter()
+    _gemm(m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, computeType, transa, transb)
+    cupy.STATS["launches"] += 1
+    cupy.STATS["emu_seconds"] += time.perf_counter() - t0
+
+
+def _gemm(m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, computeType, transa, transb):
     assert (transa, transb, Atype, Btype, computeType) == (CUBLAS_OP_T, CUBLAS_OP_N, CUDA_R_16BF, CUDA_R_16BF,
                                                            CUBLAS_COMPUTE_32F)
     assert Ctype in (CUDA_R_32F, CUDA_R_16BF) and lda >= k and ldb >= k and ldc >= m
