@@ -5,7 +5,8 @@ Runs the GPU tests (tests/test_cuda_ops.py, tests/test_cuda_model.py) in a subpr
 kernel's extern "C" signature and launch bounds, every device access is bounds-checked, and
 each kernel's semantics are emulated in numpy from its raw arguments. That verifies the host
 side (argument order and types, strides, tile lists, decode splits, mixed prefill + decode
-batches, cache layouts, async uploads), NOT the CUDA code, which never compiles or runs here:
+batches, cache layouts, async uploads, CUDA-graph capture and replay of decode steps), NOT the
+CUDA code, which never compiles or runs here:
 see tests/fakecupy/cupy/__init__.py for the full list of what is and is not checked.
 
 Also shows, with deliberately broken launches (tests/fakecupy/plumbing_bugs.py), that the

@@ -68,8 +68,10 @@ def load_llm(a, max_batch: int = 1, quiet: bool = False):
     if not quiet:
         why = " (auto: " + ("CuPy sees a GPU" if llm.backend.name == "cuda" else "no GPU visible to CuPy") + ")" \
             if a.backend == "auto" else ""
+        graphs = getattr(llm.backend, "graphs", None)
+        decode = "" if graphs is None else ", decode: " + ("CUDA graphs" if graphs.enabled else "eager")
         print(f"backend: {llm.backend.name}{why} ({llm.backend.compute_dtype}), kv cache: {llm.kv_dtype}, "
-              f"context: {llm.max_seq_len} tokens", file=sys.stderr)
+              f"context: {llm.max_seq_len} tokens{decode}", file=sys.stderr)
     return llm
 
 
