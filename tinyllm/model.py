@@ -20,19 +20,21 @@ class Transformer:
         self.cfg, self.w, self.ops = cfg, weights, backend
         self.inv_freq = np.asarray(rope_inv_freq(cfg), np.float32)   # (head_dim/2,)
         self.scale = 1.0 / float(np.sqrt(cfg.head_dim))
+        nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.splits = (nq, nq + nkv)                                  # q | k | v columns of a fused qkv
         if hasattr(backend, "concat_rows"):
             self._fuse_projections()
 
     def _fuse_projections(self):
         """One weight for q, k, v (and one bias) and one for gate, up: a decode step then
         reads each with a single GEMV launch. The separate names become row views."""
-        ops, nq, nkv = self.ops, self.cfg.n_heads * self.cfg.head_dim, self.cfg.n_kv_heads * self.cfg.head_dim
         for L in self.w.layers:
-            L.wqkv, (L.wq, L.wk, L.wv) = ops.concat_rows([L.wq, L.wk, L.wv])
+            if L.wqkv is not None:                                    # (weights shared with another model)
+                continue
+            L.wqkv, (L.wq, L.wk, L.wv) = self.ops.concat_rows([L.wq, L.wk, L.wv])
             if L.bq is not None:
-                L.bqkv, (L.bq, L.bk, L.bv) = ops.concat_rows([L.bq, L.bk, L.bv])
-            L.w13, (L.w1, L.w3) = ops.concat_rows([L.w1, L.w3])
-        self.splits = (nq, nq + nkv)
+                L.bqkv, (L.bq, L.bk, L.bv) = self.ops.concat_rows([L.bq, L.bk, L.bv])
+            L.w13, (L.w1, L.w3) = self.ops.concat_rows([L.w1, L.w3])
 
     def forward(self, tokens: np.ndarray, batch: Batch, cache, all_logits: bool = False):
         """tokens (T,) int32 for batch (see Batch) -> logits (B, vocab) of each sequence's
