@@ -334,14 +334,17 @@ def decode_graph_rows(be, model, ctx: int, steps: int, batches, bw: float | None
         step_bytes = weight_bytes(cfg) + B * cfg.kv_bytes_per_token("bf16") * ctx
         res = {}
         for graph in (False, True):
-            res[graph] = measure_decode_steps(be, model, cache, B, ctx, steps, graph, emu_seconds)
+            try:
+                res[graph] = measure_decode_steps(be, model, cache, B, ctx, steps, graph, emu_seconds)
+            except Exception as e:                               # keep the other rows
+                rows.append((f"decode {'graph' if graph else 'eager'}, batch {B}", "failed", f"{type(e).__name__}: {e}"[:90], ""))
         for graph, (wall, host, n) in res.items():
             name = "graph" if graph else "eager"
             figs[f"decode_{name}_b{B}"] = dict(ms=wall, host_ms=host, kernels=n, tok_s=B * 1e3 / wall)
             of_bw = f", {step_bytes / (wall * 1e-3) / bw:.0%} of copy bw" if bw else ""
             rows.append((f"decode {name}, batch {B}, ctx {ctx}", f"{B * 1e3 / wall:,.1f} tok/s",
                          f"host {host:.2f} ms/step, {n:.0f} kernels/step{of_bw}",
-                         f"{res[False][0] / wall:.2f}x eager" if graph else ""))
+                         f"{res[False][0] / wall:.2f}x eager" if graph and False in res else ""))
         be.graphs.reset()
         del cache
     return rows, figs
