@@ -347,8 +347,8 @@ class CudaBackend:
         n = sum(a.shape[0] for a in arrays)
         out = self.cp.empty((n,) + tuple(arrays[0].shape[1:]), arrays[0].dtype)
         views, o = [], 0
-        for a in arrays:
-            out[o:o + a.shape[0]] = a
+        for a in arrays:                         # a byte copy: no bf16 arithmetic support needed
+            out[o:o + a.shape[0]].view(np.uint8)[...] = self.cp.ascontiguousarray(a).view(np.uint8)
             views.append(out[o:o + a.shape[0]])
             o += a.shape[0]
         return out, views
