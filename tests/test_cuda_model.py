@@ -211,17 +211,16 @@ def test_graph_decode_is_the_default_and_can_be_turned_off(tiny_factory):
     assert on.backend.graphs.nbytes() > 0 and off.backend.graphs.nbytes() == 0
 
 
-def test_cli_no_cuda_graph_flag(tiny_factory):
+def test_cli_no_cuda_graph_flag(tiny_factory, capsys):
     """--no-cuda-graph decodes eagerly (the CLI says so) and prints what graph decode gives."""
-    import subprocess
-    import sys
+    from tinyllm.cli import main
     d = tiny_factory("llama_gqa")
-    p = subprocess.run([sys.executable, "-m", "tinyllm", "generate", "--model", str(d), "--prompt", "Hello", "-n", "8",
-                        "--temperature", "0", "--backend", "cuda", "--ctx-size", "64", "--no-cuda-graph"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert "decode: eager" in p.stderr, p.stderr
+    rc = main(["generate", "--model", str(d), "--prompt", "Hello", "-n", "8", "--temperature", "0",
+               "--backend", "cuda", "--ctx-size", "64", "--no-cuda-graph"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "decode: eager" in err, err
     llm = LLM(str(d), backend="cuda", max_seq_len=64, max_batch=1)
     want = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))[0].text
     assert llm.backend.graphs.stats["replays"] > 0
-    assert p.stdout == want + "\n"
+    assert out == want + "\n"
