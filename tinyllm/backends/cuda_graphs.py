@@ -165,7 +165,9 @@ class DecodeGraphs:
         rows = bucket_for(max_batch, max_batch)
         nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         per_layer = 2 * rows * (2 * cfg.dim + nq + 2 * nkv + nq + cfg.dim + 3 * cfg.hidden_dim + 3 * cfg.dim)
-        splits = 4 * self.be.n_sms + rows * cfg.n_heads              # >= n_splits * rows * n_heads
+        # n_splits <= want + 2 with want = 4 n_sms / (rows n_kv chunks) (decode_splits), so
+        # n_splits * rows * n_heads <= 4 n_sms n_rep + 2 rows n_heads
+        splits = 4 * self.be.n_sms * (cfg.n_heads // cfg.n_kv_heads) + 2 * rows * cfg.n_heads
         work = splits * (cfg.head_dim + 2) * 4
         logits = rows * cfg.vocab_size * 4
         inputs = sum(64 * b + 4096 for b in buckets(max_batch))
