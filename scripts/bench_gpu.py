@@ -13,6 +13,10 @@ Rows:
   flash attention TFLOP/s   causal, 32 q / 8 kv heads, d=128, n=4096: tinyllm v1/v2 vs torch SDPA
   decode attention GB/s     one token over an 8k / 32k bf16 cache (cache bytes / time) vs copy bandwidth
   int8 / fp8 KV decode      time at 32k vs the bf16 cache (target >= 1.8x faster)
+  decode eager / graph      batch 1, 8, 64 at --ctx: tok/s, % of copy bandwidth (weights + KV read
+                            per step / step time / copy bandwidth), host time per step (from the
+                            step's start until the host blocks on the token ids) and kernel
+                            launches per step, eager vs one CUDA graph replay (cuda_graphs.py)
 
 Timing: CUDA events around the region, warm-up first, median of --iters repeats.
 """
@@ -246,6 +250,106 @@ def measure_torch_decode_attention(iters, n_ctx):
     return ms, 2 * 8 * n_ctx * 128 * 2 / (ms * 1e-3)
 
 
+class LaunchCounter:
+    """Counts kernel launches (every RawKernel call through cuda_kernels.get, and cuBLAS gemmEx
+    calls) while installed; a launch made during a graph capture is a kernel of the graph."""
+
+    def __init__(self):
+        from tinyllm.backends import cuda_kernels as ck
+        self.ck, self.get, self.n = ck, ck.get, 0
+
+    def __enter__(self):
+        from cupy_backends.cuda.libs import cublas
+        get = self.get
+
+        def counting_get(*a, **kw):
+            k = get(*a, **kw)
+
+            def launch(*la, **lkw):
+                self.n += 1
+                return k(*la, **lkw)
+            return launch
+
+        self.cublas, self.gemm = cublas, cublas.gemmEx
+
+        def counting_gemm(*a):
+            self.n += 1
+            return self.gemm(*a)
+
+        self.ck.get, cublas.gemmEx = counting_get, counting_gemm
+        return self
+
+    def __exit__(self, *exc):
+        self.ck.get, self.cublas.gemmEx = self.get, self.gemm
+
+
+def measure_decode_steps(be, model, cache, B: int, ctx: int, steps: int, graph: bool, emu_seconds=lambda: 0.0):
+    """`steps` decode steps of B sequences (slots 0..B-1) at positions ctx, ctx+1, ... with
+    on-device greedy sampling, as the engine runs them: eager (forward, sampling parameters
+    uploaded, sample kernel) or through the backend's CUDA graphs (inputs copied, one replay).
+    The first step is a warm-up (and the capture). Returns medians: wall ms per step, host ms
+    per step (until the host blocks on the token ids; minus emu_seconds(), the stand-in's
+    emulation time, on a CPU) and kernels launched per step (in the graph when graphs are on)."""
+    from tinyllm.backends import Batch
+    cp = be.cp
+    be.graphs.enabled = graph
+    params = ([0.0] * B, [0] * B, [1.0] * B, list(range(B)))
+    toks = np.zeros(B, np.int32)
+    walls, hosts, kernels = [], [], []
+    for i in range(steps + 1):
+        batch = Batch(list(range(B)), [ctx + i] * B, [1] * B)
+        with LaunchCounter() as lc:
+            cp.cuda.get_current_stream().synchronize()
+            t0, e0 = time.perf_counter(), emu_seconds()
+            if graph:
+                launched = be.graphs.launch(model, toks, batch, cache, *params, [i] * B)
+            else:
+                logits = model.forward(toks, batch, cache)
+                dev = [cp.asarray(np.asarray(v, dt)) for v, dt in zip(params + ([i] * B,), (
+                    np.float32, np.int32, np.float32, np.uint64, np.int32))]
+                out = cp.empty(B, np.int32)
+                be.sample_into(logits, *dev, out)
+            t1, e1 = time.perf_counter(), emu_seconds()
+            toks = be.graphs.result(launched) if graph else out.get()
+            t2, e2 = time.perf_counter(), emu_seconds()
+        if i == 0:
+            n_kernels = lc.n                    # the warm-up step: eager or planned + captured
+            continue
+        walls.append((t2 - t0 - (e2 - e0)) * 1e3)
+        hosts.append((t1 - t0 - (e1 - e0)) * 1e3)
+        kernels.append(lc.n)
+    if graph:                                   # replays launch no kernels from Python: count the capture's
+        kernels = [n_kernels // 2]              # the first step launched them twice (plan, then capture)
+    return statistics.median(walls), statistics.median(hosts), statistics.median(kernels)
+
+
+def decode_graph_rows(be, model, ctx: int, steps: int, batches, bw: float | None, emu_seconds=lambda: 0.0):
+    """Table rows (and figures) of eager vs graph decode at each batch size."""
+    from tinyllm.kv_cache import KVCacheSpec
+    cfg = model.cfg
+    rows, figs = [], {}
+    for B in batches:
+        cap = ctx + steps + 8
+        cache = be.alloc_kv(KVCacheSpec(cfg.n_layers, B, cap, cfg.n_kv_heads, cfg.head_dim, "bf16", None, cap))
+        step_bytes = weight_bytes(cfg) + B * cfg.kv_bytes_per_token("bf16") * ctx
+        res = {}
+        for graph in (False, True):
+            try:
+                res[graph] = measure_decode_steps(be, model, cache, B, ctx, steps, graph, emu_seconds)
+            except Exception as e:                               # keep the other rows
+                rows.append((f"decode {'graph' if graph else 'eager'}, batch {B}", "failed", f"{type(e).__name__}: {e}"[:90], ""))
+        for graph, (wall, host, n) in res.items():
+            name = "graph" if graph else "eager"
+            figs[f"decode_{name}_b{B}"] = dict(ms=wall, host_ms=host, kernels=n, tok_s=B * 1e3 / wall)
+            of_bw = f", {step_bytes / (wall * 1e-3) / bw:.0%} of copy bw" if bw else ""
+            rows.append((f"decode {name}, batch {B}, ctx {ctx}", f"{B * 1e3 / wall:,.1f} tok/s",
+                         f"host {host:.2f} ms/step, {n:.0f} kernels/step{of_bw}",
+                         f"{res[False][0] / wall:.2f}x eager" if graph and False in res else ""))
+        be.graphs.reset()
+        del cache
+    return rows, figs
+
+
 # ---- main --------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -256,6 +360,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--graph-batches", default="1,8,64", help="batch sizes of the eager vs graph decode rows")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
 
@@ -311,6 +416,15 @@ def main(argv=None) -> int:
         figs[f"decode_attn_32768_{kv}"] = dict(ms=ms, gbs=gbs)
         rows.append((f"decode attention {kv} ctx 32768", f"{ms * 1e3:,.0f} us ({gbs / 1e9:,.0f} GB/s)",
                      f"bf16 {dec_ms[('bf16', 32768)] * 1e3:,.0f} us", f"{dec_ms[('bf16', 32768)] / ms:.2f}x faster"))
+
+    free_all(be)
+    try:
+        g_rows, g_figs = decode_graph_rows(be, build_model(be, cfg), args.ctx, args.decode_steps,
+                                           [int(b) for b in args.graph_batches.split(",")], bw)
+        rows += g_rows
+        figs.update(g_figs)
+    except Exception as e:                                       # keep the rest of the table
+        print(f"eager vs graph decode measurement failed: {type(e).__name__}: {e}", file=sys.stderr)
 
     w = max(len(r[0]) for r in rows)
     print(f"\ntinyllm GPU benchmark on {be.gpu_name}, Mistral-7B shape ({args.layers} layers), random bf16 weights "

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the GPU tests (every kernel against its numpy twin, whole-model
-# parity), then the benchmark table (scripts/bench_gpu.py). Needs CuPy (cupy-cuda13x), torch and
-# transformers; no network. Extra arguments go to bench_gpu.py (e.g. --layers 8 for a quick run).
+# parity, CUDA-graph decode vs eager), then the benchmark table (scripts/bench_gpu.py; its last
+# rows are decode tok/s, % of copy bandwidth, host ms and kernels per step of a Mistral-7B-shaped
+# bf16 model at batch 1, 8 and 64, eager vs CUDA graph; --graph-batches picks the batch sizes).
+# Needs CuPy (cupy-cuda13x), torch and transformers; no network. Extra arguments go to
+# bench_gpu.py (e.g. --layers 8 for a quick run).
 # Exit status: non-zero if the tests or the benchmark failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -158,3 +158,69 @@ def test_1000_decode_steps_without_memory_growth(tiny_factory):
     print(f"pool used {used} -> {pool.used_bytes()}, reserved {total} -> {pool.total_bytes()}")
     assert pool.used_bytes() <= used + (1 << 20)
     assert pool.total_bytes() <= total + (1 << 20)
+
+
+# ---- decode as CUDA graphs (tinyllm/backends/cuda_graphs.py) ------------------------------------------
+
+GRAPH_CASES = [("llama_gqa", "bf16", 9), ("mistral_window", "int8", 3), ("mistral_window", "fp8", 3)]
+
+
+@pytest.mark.parametrize("case,kv_dtype,max_batch", GRAPH_CASES, ids=[f"{c}-{k}" for c, k, _ in GRAPH_CASES])
+def test_graph_decode_equals_eager(tiny_factory, case, kv_dtype, max_batch):
+    """Replayed decode graphs give exactly the eager tokens: greedy and seeded sampling, long
+    enough that positions pass the first decode split (64 keys) and the sliding window's rolling
+    cache (capacity 24) wraps several times, with sequences finishing and joining so that the
+    batch moves through the buckets (llama_gqa: 9 slots, so 9 live sequences run in bucket 16,
+    seven padding rows, GEMV in row chunks). The eager run uses the same GEMV kernels for every
+    row count ("v1-all") and the same decode split length (64: the floor at max_seq_len 128), so
+    on a GPU too the two runs launch the same arithmetic."""
+    d = tiny_factory(case)
+    n_req = max_batch + 3
+    lens = [40, 5, 23, 1, 31, 12, 8, 17, 3, 26, 9, 14][:n_req]
+    max_tokens = [64, 6, 30, 4, 40, 8, 10, 5, 7, 6, 9, 5][:n_req]
+    prompts = [PROMPT[i % 7:][:n] if n <= len(PROMPT) - i % 7 else PROMPT[:n] for i, n in enumerate(lens)]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True, temperature=0) if i % 2 else
+              SamplingParams(max_tokens=m, ignore_eos=True, temperature=0.9, top_k=40, top_p=0.95, seed=100 + i)
+              for i, m in enumerate(max_tokens)]
+    runs = {}
+    for graph in (False, True):
+        llm = LLM(str(d), backend="cuda", kv_dtype=kv_dtype, max_seq_len=128, prefill_chunk=16,
+                  max_batch=max_batch, cuda_graph=graph)
+        llm.backend.versions["gemv"] = "v1-all"
+        runs[graph] = [c.token_ids for c in llm.generate(prompts, params)]
+        stats = dict(llm.backend.graphs.stats)
+    # The memory check before loading counted at least what the graphs hold.
+    assert 0 < llm.backend.graphs.nbytes() <= llm.backend.graphs.estimate_bytes(llm.cfg, max_batch)
+    assert [len(t) for t in runs[True]] == max_tokens
+    for i, (a, b) in enumerate(zip(runs[True], runs[False])):
+        assert a == b, f"graph decode differs from eager for request {i}: first at token " \
+                       f"{next(j for j in range(len(a)) if a[j] != b[j])}"
+    # The graph run really replayed: one capture per bucket it met, most steps replays.
+    want_buckets = {1, 2, 4, 8, 16} if max_batch == 9 else {1, 2, 4}
+    assert stats["captures"] == len(want_buckets), stats
+    assert stats["replays"] >= 3 * stats["captures"], stats
+
+
+def test_graph_decode_is_the_default_and_can_be_turned_off(tiny_factory):
+    d = tiny_factory("llama_gqa")
+    p = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    on = LLM(str(d), backend="cuda", max_seq_len=64, max_batch=2)
+    off = LLM(str(d), backend="cuda", max_seq_len=64, max_batch=2, cuda_graph=False)
+    assert on.generate([PROMPT[:6]], p)[0].token_ids == off.generate([PROMPT[:6]], p)[0].token_ids
+    assert on.backend.graphs.stats["replays"] == 2 and off.backend.graphs.stats["replays"] == 0
+    assert on.backend.graphs.nbytes() > 0 and off.backend.graphs.nbytes() == 0
+
+
+def test_cli_no_cuda_graph_flag(tiny_factory, capsys):
+    """--no-cuda-graph decodes eagerly (the CLI says so) and prints what graph decode gives."""
+    from tinyllm.cli import main
+    d = tiny_factory("llama_gqa")
+    rc = main(["generate", "--model", str(d), "--prompt", "Hello", "-n", "8", "--temperature", "0",
+               "--backend", "cuda", "--ctx-size", "64", "--no-cuda-graph"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "decode: eager" in err, err
+    llm = LLM(str(d), backend="cuda", max_seq_len=64, max_batch=1)
+    want = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))[0].text
+    assert llm.backend.graphs.stats["replays"] > 0
+    assert out == want + "\n"

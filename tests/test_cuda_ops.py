@@ -133,6 +133,63 @@ def test_rms_norm_strided_input(be, rng):
     close(be.to_numpy(be.rms_norm(x, be.upload("w", w), 1e-5)), REF.rms_norm(big[:, 16:], w, 1e-5))
 
 
+@gpu
+def test_graph_replay_reads_device_memory_as_it_is_at_launch(be, rng):
+    """The CUDA-graph semantics the decode graphs rely on (cuda_graphs.py), the same on a GPU
+    and on the stand-in: a launch made while a stream captures does not run; a replay runs it
+    with its captured arguments over the buffers as they are at launch time, so an input
+    rewritten by a host-to-device copy between replays is seen."""
+    import ctypes
+    cp = be.cp
+    xs, w = [randn(rng, 3, 64, scale=3.0) for _ in range(3)], randn(rng, 64)
+    x, wd, out = be.from_numpy(xs[0]), be.upload("w", w), cp.zeros((3, 64), be.bf16)
+    k = ck.get("rmsnorm.cu", "rms_norm_bf16_v1")
+    s = cp.cuda.Stream(non_blocking=False)
+    with s:
+        s.begin_capture()
+        k((3,), (ck.TILES["RMS_THREADS"],), (x, np.int32(64), wd, out, np.int32(64), np.float32(1e-5)))
+        g = s.end_capture()
+        assert not be.to_numpy(out).any(), "a captured launch ran"
+        for xh in xs[1:]:
+            staged = cb.to_bf16_bits(xh)
+            x.data.copy_from_host_async(ctypes.c_void_p(staged.ctypes.data), staged.nbytes, s)
+            g.launch(stream=s)
+            close(be.to_numpy(out), REF.rms_norm(xh, w, 1e-5))
+
+
+@gpu
+@pytest.mark.skipif(os.environ.get("TINYLLM_FAKE_CUPY") != "1", reason="rules of the CuPy stand-in's capture model")
+def test_stand_in_capture_model(be, rng):
+    """What tests/fakecupy makes of a capture, beyond what a GPU shows without failing: the
+    captured scalar is replayed (dim 64 though the host now means 32), a buffer freed after
+    capture fails the replay's bounds check, and allocations, device-to-host copies and cuBLAS
+    inside a capture are refused."""
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+    cp = be.cp
+    x, w = be.from_numpy(randn(rng, 2, 64)), be.upload("w", randn(rng, 64))
+    out = cp.zeros((2, 64), be.bf16)
+    k = ck.get("rmsnorm.cu", "rms_norm_bf16_v1")
+    s = cp.cuda.Stream()
+    with s:
+        s.begin_capture()
+        dim = 64
+        k((2,), (256,), (x, np.int32(64), w, out, np.int32(dim), np.float32(1e-5)))
+        for refused in (lambda: cp.empty(4, np.float32), lambda: out.get(), lambda: cublas.gemmEx(*[0] * 19)):
+            with pytest.raises((AssertionError, NotImplementedError), match="capture"):
+                refused()
+        g = s.end_capture()
+        dim = 32                                   # noqa: F841  (the graph keeps 64)
+        g.launch(stream=s)
+        assert np.isfinite(be.to_numpy(out)[:, 32:]).all() and be.to_numpy(out)[:, 32:].any()
+        del out
+        import gc
+        gc.collect()
+        with pytest.raises(AssertionError, match="out-of-bounds|no live allocation"):
+            g.launch(stream=s)
+    assert cupy.STATS["launches"] > 0
+
+
 # ---- linear ----------------------------------------------------------------------------------------
 
 LINEAR_SHAPES = [(7, 64), (33, 4096), (4097, 64), (64, 4097), (256, 1024)]
@@ -152,6 +209,22 @@ def test_linear(be, rng, gemv, M, N, K, bias):
     want = x.astype(np.float64) @ w.T.astype(np.float64) + (b if bias else 0)
     # + bias after a bf16 cuBLAS output rounds twice: one more ulp.
     close(be.to_numpy(y), want, atol_ulps=6)
+
+
+@gpu
+@pytest.mark.parametrize("M", [9, 16, 33])
+def test_linear_gemv_row_chunks(be, rng, M):
+    """gemv "v1-all" (what a decode graph's bucket of more than 8 rows uses): GEMV_MAX_M-row
+    chunks, the last one shorter, fp32 logits output too."""
+    be.versions["gemv"] = "v1-all"
+    x, w = randn(rng, M, 64), randn(rng, 40, 64, scale=0.125)
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    close(be.to_numpy(be.linear(be.from_numpy(x), be.upload("w", w))), want)
+    wl = be.upload("w", w)
+    be.mark_logits_weight(wl)
+    y = be.linear(be.from_numpy(x), wl)
+    assert y.dtype == np.float32
+    close(be.to_numpy(y), want)
 
 
 @gpu
@@ -487,3 +560,10 @@ def test_bf16_bit_helpers_round_to_nearest_even():
     bits = cb.to_bf16_bits(x)
     assert bits.tolist() == [0x3F80, 0x3F80, 0x3F82, 0x8000, 0x7F62]
     np.testing.assert_array_equal(cb.bf16_bits_to_f32(bits), bf(x))
+
+
+def test_graph_buckets():
+    from tinyllm.backends.cuda_graphs import bucket_for, buckets
+    assert buckets(1) == [1] and buckets(8) == [1, 2, 4, 8] and buckets(9) == [1, 2, 4, 8, 16]
+    assert buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert [bucket_for(n, 64) for n in (1, 2, 3, 5, 8, 9, 17, 63, 64)] == [1, 2, 4, 8, 8, 16, 24, 64, 64]

@@ -38,12 +38,15 @@ class LLM:
 
     def __init__(self, model=None, backend: str = "numpy", dtype: str | None = None,
                  kv_dtype: str = "auto", max_seq_len: int | None = None, max_batch: int = 8,
-                 progress: bool = False, prefill_chunk: int = 512, threads: int | None = None):
+                 progress: bool = False, prefill_chunk: int = 512, threads: int | None = None,
+                 cuda_graph: bool = True):
         from .threads import set_threads
         self.threads = set_threads(threads)
         self.model_dir = resolve_model_dir(model)
         cfg = ModelConfig.load(self.model_dir)
         self.backend = get_backend(backend, dtype, checkpoint_dtype(self.model_dir))
+        if hasattr(self.backend, "graphs"):      # cuda: decode steps replay CUDA graphs unless off
+            self.backend.graphs.enabled = bool(cuda_graph)
         self.kv_dtype = resolve_kv_dtype(kv_dtype, self.backend.compute_dtype)
         for name, v in (("max_seq_len", max_seq_len), ("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -76,10 +79,12 @@ class LLM:
         from .memory import check_host_fits, largest
         if hasattr(self.backend, "check_fits"):  # GPU: weights (bf16) + KV cache + working headroom in free memory
             from .kv_cache import KVCacheSpec
+            graphs = getattr(self.backend, "graphs", None)   # captured decode graphs: their buffers too
+            graph_bytes = graphs.estimate_bytes(cfg, max_batch) if graphs is not None and graphs.enabled else 0
 
             def check(batch: int):
                 spec = KVCacheSpec.for_model(cfg, self.kv_dtype, self.max_seq_len, batch, chunk=self.prefill_chunk)
-                self.backend.check_fits(cfg.n_params() * 2, spec.nbytes(),
+                self.backend.check_fits(cfg.n_params() * 2 + graph_bytes, spec.nbytes(),
                                         kv_bytes_per_token=cfg.kv_bytes_per_token(self.kv_dtype) * batch,
                                         max_seq_len=self.max_seq_len)
             try:

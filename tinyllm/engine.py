@@ -247,8 +247,10 @@ class Engine:
         batch = Batch([s.slot for s, _ in runs], [s.n_cached for s, _ in runs], [n for _, n in runs])
         for s, n in runs:
             self._will_write(s.slot, s.n_cached, n)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # NaN/inf are checked below
-            logits = self.model.forward(tokens, batch, self.cache)       # (B, vocab), on the backend
+        chosen = self._graph_decode(tokens, batch, [s for s, _ in runs]) if len(tokens) == len(runs) else None
+        if chosen is None:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # NaN/inf are checked below
+                logits = self.model.forward(tokens, batch, self.cache)   # (B, vocab), on the backend
         self.stats["steps"] += 1
         ready = []
         for row, (s, n) in enumerate(runs):
@@ -261,7 +263,8 @@ class Engine:
                 self.stats["decode_tokens"] += n
             if s.n_cached == len(s.ids):       # else: the prompt is not fully cached yet
                 ready.append((row, s))
-        if ready and not bool(np.isfinite(logits).all()):     # NEP-18: runs on the device for cupy arrays
+        # (A captured decode graph samples on the device and hands back no logits to check.)
+        if chosen is None and ready and not bool(np.isfinite(logits).all()):  # NEP-18: on the device for cupy
             rows = np.asarray(self.ops.to_numpy(logits))
             bad = [(r, s) for r, s in ready if not np.isfinite(rows[r]).all()]
             why = self.nonfinite_reason()
@@ -271,7 +274,9 @@ class Engine:
             ready = [(r, s) for r, s in ready if not s.finish]
             if not ready:
                 return
-        for s, tok in zip([s for _, s in ready], self._choose(logits, ready)):
+        if chosen is None:
+            chosen = self._choose(logits, ready)
+        for s, tok in zip([s for _, s in ready], chosen):
             yield from self._accept(s, tok)
 
     def nonfinite_reason(self) -> str:
@@ -284,21 +289,37 @@ class Engine:
         return ("the model produced NaN/inf logits (its weights are finite: activations overflowed; "
                 "try a wider compute dtype, e.g. --dtype bf16 instead of fp16, or --backend numpy)")
 
+    def _on_device(self, s: _Seq) -> bool:
+        return hasattr(self.ops, "sample") and (s.req.params.repetition_penalty or 1.0) == 1.0
+
+    @staticmethod
+    def _device_params(seqs: list[_Seq]) -> tuple[list, list, list, list, list]:
+        """Per sequence: temperature, top_k, top_p, seed and RNG step of on-device sampling."""
+        p = [s.req.params for s in seqs]
+        return ([q.temperature or 0.0 for q in p], [q.top_k or 0 for q in p],
+                [q.top_p if q.top_p is not None else 1.0 for q in p],
+                [s.device_seed for s in seqs], [len(s.generated) for s in seqs])
+
+    def _graph_decode(self, tokens: np.ndarray, batch: Batch, seqs: list[_Seq]) -> list[int] | None:
+        """A step where every sequence brings one token, through the backend's captured decode
+        graph (forward + on-device sampling, cuda_graphs.py): the sampled ids, or None where
+        the backend has no graphs (or they are off) or a sequence samples on the host."""
+        graphs = getattr(self.ops, "graphs", None)
+        if graphs is None or not all(self._on_device(s) for s in seqs):
+            return None
+        toks = graphs.step(self.model, tokens, batch, self.cache, *self._device_params(seqs))
+        return None if toks is None else [int(t) for t in toks]
+
     def _choose(self, logits, ready: list[tuple[int, _Seq]]) -> list[int]:
         """Next token of each ready sequence. A backend with on-device sampling (cuda) draws
         there from (seed, step), copying only token ids back; repetition penalty and the numpy
         backend use the host sampler with the request's own Generator."""
         out: dict[int, int] = {}
-        host = [(r, s) for r, s in ready if not hasattr(self.ops, "sample")
-                or (s.req.params.repetition_penalty or 1.0) != 1.0]
-        on_host = {id(s) for _, s in host}
-        dev = [(r, s) for r, s in ready if id(s) not in on_host]
+        host = [(r, s) for r, s in ready if not self._on_device(s)]
+        dev = [(r, s) for r, s in ready if self._on_device(s)]
         if dev:
-            p = [s.req.params for _, s in dev]
             toks = self.ops.sample(self.ops.take_rows(logits, np.asarray([r for r, _ in dev], np.int32)),
-                                   [q.temperature or 0.0 for q in p], [q.top_k or 0 for q in p],
-                                   [q.top_p if q.top_p is not None else 1.0 for q in p],
-                                   [s.device_seed for _, s in dev], [len(s.generated) for _, s in dev])
+                                   *self._device_params([s for _, s in dev]))
             out.update({id(s): int(t) for (_, s), t in zip(dev, toks)})
         if host:
             rows = self.ops.to_numpy(self.ops.take_rows(logits, np.asarray([r for r, _ in host], np.int32)))

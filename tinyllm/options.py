@@ -65,6 +65,9 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for the numpy backend's matrix products (BLAS) "
                         "(default: the cores not busy with other processes at start, at least 1)")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="cuda: run decode steps eagerly instead of replaying captured CUDA graphs "
+                        "(default: CUDA graphs on)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -103,11 +106,14 @@ def load_llm(a, max_batch: int = 1, quiet: bool = False):
         print(f"model: {r.describe()}", file=sys.stderr)
     llm = LLM(str(model_dir), backend=a.backend, dtype=a.dtype, kv_dtype=a.kv_dtype,
               max_seq_len=a.max_seq_len, max_batch=max_batch, progress=not quiet,
-              threads=getattr(a, "threads", None))    # warnings: one line each (cli.main)
+              threads=getattr(a, "threads", None),    # warnings: one line each (cli.main)
+              cuda_graph=getattr(a, "cuda_graph", True))
     if not quiet:
         why = " (auto: " + ("CuPy sees a GPU" if llm.backend.name == "cuda" else "no GPU visible to CuPy") + ")" \
             if a.backend == "auto" else ""
         threads = f", {llm.threads} BLAS thread{'s' if llm.threads > 1 else ''}" if llm.backend.name == "numpy" else ""
+        graphs = getattr(llm.backend, "graphs", None)
+        decode = "" if graphs is None else ", decode: " + ("CUDA graphs" if graphs.enabled else "eager")
         print(f"backend: {llm.backend.name}{why} ({llm.backend.compute_dtype}{threads}), kv cache: {llm.kv_dtype}, "
-              f"context: {llm.max_seq_len} tokens", file=sys.stderr)
+              f"context: {llm.max_seq_len} tokens{decode}", file=sys.stderr)
     return llm

@@ -62,6 +62,11 @@ class LayerWeights:
     bq: object = None   # (n_heads*head_dim,)   Qwen2 only
     bk: object = None   # (n_kv_heads*head_dim,)
     bv: object = None   # (n_kv_heads*head_dim,)
+    # Fused on backends that fuse (cuda: one GEMV each at decode); wq/wk/wv, bq/bk/bv and
+    # w1/w3 are then row views of these.
+    wqkv: object = None  # rows [wq; wk; wv]
+    bqkv: object = None  # [bq; bk; bv]
+    w13: object = None   # rows [w1; w3]
 
 
 @dataclass

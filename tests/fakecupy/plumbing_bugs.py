@@ -37,6 +37,41 @@ def forget_upload_events():
     CudaBackend.upload = buggy_upload
 
 
+def graph_positions_as_scalars():
+    """A bug: a decode graph's launch geometry comes from the step it was captured in (its
+    positions), not from the longest range: the decode split length and count, scalar launch
+    arguments, replay stale once the sequences grow past what they covered."""
+    import cupy as cp
+    from tinyllm.backends import Batch
+    from tinyllm.backends import cuda_graphs as cg
+    from tinyllm.backends.cuda_backend import CudaBatch
+    write = cg._Graph.write
+
+    def buggy_write(self, tokens, batch, *rest):
+        write(self, tokens, batch, *rest)
+        if self.graph is None:                   # about to be captured: geometry of this step
+            pad = np.minimum(np.arange(self.rows), len(batch.lens) - 1)
+            self.batch = CudaBatch(Batch(batch.slots[pad], batch.starts[pad], np.ones(self.rows, np.int32)),
+                                   cp)
+            self.batch.bind(self.d["meta"])
+
+    cg._Graph.write = buggy_write
+
+
+def graph_upload_in_capture():
+    """A bug: the captured step uploads this step's token ids itself (cupy.asarray inside the
+    capture) instead of reading the static input buffer written before the replay."""
+    import cupy as cp
+    from tinyllm.backends import cuda_graphs as cg
+
+    def buggy_forward(self, g, model, cache):
+        d = g.d
+        logits = model.forward(cp.asarray(np.array(g.h["tokens"])), g.batch, cache)
+        self.be.sample_into(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["steps"], g.out)
+
+    cg.DecodeGraphs._forward = buggy_forward
+
+
 BUGS = {
     # k and v caches swapped: same dtype and shape, only the emulated semantics can tell
     "kv_swapped": corrupt_launches("flash_prefill_hd", lambda a: a[:2] + (a[3], a[2]) + a[4:]),
@@ -48,6 +83,10 @@ BUGS = {
     "short_splits": corrupt_launches("decode_split_hd", lambda a: a[:-1] + (np.int32(a[-1] // 2),)),
     # a pinned staging buffer reused while its copy may be in flight
     "upload_no_wait": forget_upload_events,
+    # a decode graph's split geometry (scalar arguments) from the positions it was captured at
+    "graph_scalar_positions": graph_positions_as_scalars,
+    # a decode graph uploading its inputs inside the capture
+    "graph_upload_in_capture": graph_upload_in_capture,
 }
 
 

@@ -38,7 +38,10 @@ VERSIONS = {
     "prefill_attention": "v2",   # v1 FMA flash attention, v2 mma.sync tensor cores
     "decode_attention": "v1",    # v1 split-K flash decoding for sequences bringing one token;
                                  # "prefill" sends them through the prefill kernel too
-    "gemv": "v1",                # the few-row matmul; "cublas" sends every matmul to cuBLAS
+    "gemv": "v1",                # the few-row matmul (<= GEMV_MAX_M rows, more go to cuBLAS);
+                                 # "v1-all" any row count in GEMV_MAX_M-row chunks (what a CUDA
+                                 # graph step uses: cuBLAS is not capturable through CuPy);
+                                 # "cublas" sends every matmul to cuBLAS
 }
 
 # cuBLAS / CUDA enum values (CUPY.md §1; cupy_backends cublas.pxd, library_types.h). Kept here so
@@ -180,13 +183,23 @@ class CudaBatch:
         B, T = len(batch.lens), batch.n_tokens
         meta = np.concatenate([batch.slots, batch.starts, batch.lens, batch.cu_lens,
                                batch.positions, batch.seq_of_token]).astype(np.int32)
-        self.d_meta = cp.asarray(meta)
-        o = np.cumsum([0, B, B, B, B + 1, T, T])
-        (self.d_slots, self.d_starts, self.d_lens, self.d_cu_lens, self.d_positions,
-         self.d_seq_of_token) = (self.d_meta[o[i]:o[i + 1]] for i in range(6))
+        self.bind(cp.asarray(meta))
         self.n_seqs = B
         self.max_pos = int(batch.positions.max()) if T else 0
         self.memo: dict = {}       # per-forward launch metadata, keyed by what it depends on
+
+    @staticmethod
+    def meta_size(B: int, T: int) -> int:
+        return 4 * B + 1 + 2 * T
+
+    def bind(self, d_meta) -> None:
+        """Take the device metadata from d_meta (meta_size int32: slots, starts, lens, cu_lens,
+        positions, seq_of_token): a fresh upload, or a CUDA graph's static input buffer."""
+        B, T = len(self.host.lens), self.host.n_tokens
+        self.d_meta = d_meta
+        o = np.cumsum([0, B, B, B, B + 1, T, T])
+        (self.d_slots, self.d_starts, self.d_lens, self.d_cu_lens, self.d_positions,
+         self.d_seq_of_token) = (d_meta[o[i]:o[i + 1]] for i in range(6))
 
     @property
     def n_tokens(self) -> int:
@@ -233,6 +246,11 @@ class CudaBackend:
         self._pinned = None
         self._pinned_events = [None, None]
         self.uploaded_bytes = 0
+        # Decode as CUDA graphs (cuda_graphs.py); while a graph's step is planned or captured,
+        # every activation and workspace comes from its arena.
+        from .cuda_graphs import DecodeGraphs
+        self.graphs = DecodeGraphs(self)
+        self._arena = None
 
     # ---- memory -------------------------------------------------------------------------------
     def free_memory(self) -> int:
@@ -323,6 +341,18 @@ class CudaBackend:
             raise TinyLLMError(f"KV cache does not fit: {msg} ({self.gpu_name})")
         return CudaKVCache(spec, self.cp, self.bf16)
 
+    def concat_rows(self, arrays: list):
+        """Weights stacked by rows into one device array, and row views of it equal to each
+        input (the inputs can then be freed): the fused projections of model.py."""
+        n = sum(a.shape[0] for a in arrays)
+        out = self.cp.empty((n,) + tuple(arrays[0].shape[1:]), arrays[0].dtype)
+        views, o = [], 0
+        for a in arrays:                         # a byte copy: no bf16 arithmetic support needed
+            out[o:o + a.shape[0]].view(np.uint8)[...] = self.cp.ascontiguousarray(a).view(np.uint8)
+            views.append(out[o:o + a.shape[0]])
+            o += a.shape[0]
+        return out, views
+
     def prepare(self, batch) -> CudaBatch:
         return batch if isinstance(batch, CudaBatch) else CudaBatch(batch, self.cp)
 
@@ -338,11 +368,17 @@ class CudaBackend:
         ld = x2.strides[0] // x2.itemsize if x2.shape[0] > 1 else K
         return x2, ld
 
+    def _empty(self, shape, dtype):
+        """An uninitialized activation: from the arena while a graph step is planned or
+        captured (cuda_graphs.py), else from CuPy's pool."""
+        return self._arena.take(shape, dtype) if self._arena is not None else self.cp.empty(shape, dtype)
+
     def _ws_get(self, key: str, n: int, dtype):
-        """A grow-only workspace of at least n elements."""
-        buf = self._ws.get(key)
+        """A grow-only workspace of at least n elements (the arena's own during a graph step)."""
+        ws = self._arena.workspaces if self._arena is not None else self._ws
+        buf = ws.get(key)
         if buf is None or buf.size < n or buf.dtype != np.dtype(dtype):
-            self._ws[key] = buf = self.cp.empty(max(n, 1), dtype)
+            ws[key] = buf = self._empty(max(n, 1), dtype)
         return buf
 
     @staticmethod
@@ -357,7 +393,7 @@ class CudaBackend:
         row_bytes = src2.shape[1] * src2.itemsize
         stride_bytes = ld * src2.itemsize
         idx = cp.asarray(idx, dtype=np.int32) if not isinstance(idx, cp.ndarray) or idx.dtype != np.int32 else idx
-        out = cp.empty((idx.shape[0], src2.shape[1]), src2.dtype)
+        out = self._empty((idx.shape[0], src2.shape[1]), src2.dtype)
         if idx.shape[0] == 0 or row_bytes == 0:
             return out
         vec = gather_vec_bytes(row_bytes, stride_bytes, src2.data.ptr, out.data.ptr)
@@ -381,7 +417,7 @@ class CudaBackend:
         cp = self.cp
         x2, ldx = self._rows(x)
         M, dim = x2.shape
-        out = cp.empty((M, dim), self.bf16)
+        out = self._empty((M, dim), self.bf16)
         if M:
             ver = self.versions["rms_norm"]
             if ver == "v2" and not (dim % 8 == 0 and ldx % 8 == 0 and x2.data.ptr % 16 == 0 and w.data.ptr % 16 == 0):
@@ -396,8 +432,8 @@ class CudaBackend:
         x2, ldx = self._rows(x)
         d2, ldd = self._rows(d)
         M, dim = x2.shape
-        s = cp.empty((M, dim), self.bf16)
-        out = cp.empty((M, dim), self.bf16)
+        s = self._empty((M, dim), self.bf16)
+        out = self._empty((M, dim), self.bf16)
         if M:
             ver = self.versions["rms_norm"]
             if ver == "v2" and not (dim % 8 == 0 and ldx % 8 == 0 and ldd % 8 == 0
@@ -419,16 +455,22 @@ class CudaBackend:
         if w.shape[-1] != K:
             raise ValueError(f"linear: x has {K} features, w is {tuple(w.shape)}")
         f32 = self._logit_weights.get(w.data.ptr) is not None
-        y = cp.empty((M, N), np.float32 if f32 else self.bf16)
+        y = self._empty((M, N), np.float32 if f32 else self.bf16)
         if M == 0 or N == 0:
             return y.reshape(x.shape[:-1] + (N,))
-        use_gemv = (self.versions["gemv"] != "cublas" and M <= ck.GEMV_MAX_M and K % 8 == 0
-                    and ldx % 8 == 0 and x2.data.ptr % 16 == 0 and w.data.ptr % 16 == 0)
-        if use_gemv:
+        gemv_ok = K % 8 == 0 and ldx % 8 == 0 and x2.data.ptr % 16 == 0 and w.data.ptr % 16 == 0
+        ver = "v1-all" if self._arena is not None else self.versions["gemv"]
+        if self._arena is not None and not gemv_ok:   # a graph step: cuBLAS is not capturable
+            raise TinyLLMError(f"a CUDA-graph decode step needs GEMV-able linears (K={K}, ldx={ldx}); "
+                               f"pass cuda_graph=False / --no-cuda-graph")
+        if gemv_ok and (ver == "v1-all" or (ver == "v1" and M <= ck.GEMV_MAX_M)):
             warps = ck.TILES["GEMV_WARPS"]
-            k = ck.get("matmul.cu", f"gemv_bf16_m{M}_{'f32' if f32 else 'bf16'}_v1")
-            k((-(-N // warps),), (32 * warps,),
-              (x2, np.int32(ldx), w, b if b is not None else self._null(), y, np.int32(N), np.int32(N), np.int32(K)))
+            for r0 in range(0, M, ck.GEMV_MAX_M):          # more rows (graph buckets): row chunks
+                m = min(ck.GEMV_MAX_M, M - r0)
+                k = ck.get("matmul.cu", f"gemv_bf16_m{m}_{'f32' if f32 else 'bf16'}_v1")
+                k((-(-N // warps),), (32 * warps,),
+                  (x2[r0:r0 + m], np.int32(ldx), w, b if b is not None else self._null(), y[r0:r0 + m],
+                   np.int32(N), np.int32(N), np.int32(K)))
             return y.reshape(x.shape[:-1] + (N,))
         from cupy_backends.cuda.libs import cublas
         handle = cp.cuda.device.get_cublas_handle()
@@ -451,7 +493,7 @@ class CudaBackend:
         g2, ldg = self._rows(gate)
         u2, ldu = self._rows(up)
         M, H = g2.shape
-        out = cp.empty((M, H), self.bf16)
+        out = self._empty((M, H), self.bf16)
         if M and H:
             ver = self.versions["silu_mul"]
             if ver == "v2" and not (H % 8 == 0 and ldg % 8 == 0 and ldu % 8 == 0
@@ -508,6 +550,8 @@ class CudaBackend:
             return q
         inv = np.asarray(inv_freq.get() if hasattr(inv_freq, "get") else inv_freq, np.float32)
         cos, sin = self._rope_tables(inv, b.max_pos + 1)
+        if self._arena is not None:
+            self._arena.keep += [cos, sin]            # a graph holds raw pointers: keep the tables alive
         null = self._null()
         ks = cache.k_scale[layer] if spec.quantized else null
         vs = cache.v_scale[layer] if spec.quantized else null
@@ -534,7 +578,7 @@ class CudaBackend:
             raise ValueError(f"attention: {n_heads} query heads for {n_kv} kv heads")
         q, ldq = self._heads(q, n_heads, hd)
         T = b.n_tokens
-        out = cp.empty((T, n_heads * hd), self.bf16)
+        out = self._empty((T, n_heads * hd), self.bf16)
         if T == 0:
             return out
         HD = head_dim_tile(hd)
@@ -630,8 +674,7 @@ class CudaBackend:
         reproducible from (seed, step) (cuda/sample.cu). Scalars broadcast over rows.
         Returns numpy int32 token ids."""
         cp = self.cp
-        x2, ld = self._logits_f32(logits)
-        R = x2.shape[0]
+        R = logits.shape[0]
         out = cp.empty(R, np.int32)
         if R == 0:
             return out.get()
@@ -639,8 +682,15 @@ class CudaBackend:
         def rows(v, dt):
             return cp.asarray(np.broadcast_to(np.asarray(v, dt), (R,)).copy())
 
-        k = ck.get("sample.cu", "sample_f32_v1")
-        k((R,), (ck.TILES["SAMPLE_THREADS"],),
-          (x2, np.int32(ld), np.int32(x2.shape[1]), rows(temperature, np.float32), rows(top_k, np.int32),
-           rows(top_p, np.float32), rows(np.asarray(seeds, np.uint64), np.uint64), rows(steps, np.int32), out))
+        self.sample_into(logits, rows(temperature, np.float32), rows(top_k, np.int32), rows(top_p, np.float32),
+                         rows(np.asarray(seeds, np.uint64), np.uint64), rows(steps, np.int32), out)
         return out.get()
+
+    def sample_into(self, logits, temperature, top_k, top_p, seeds, steps, out) -> None:
+        """sample() with every per-row parameter already on the device ((R,) float32, int32,
+        float32, uint64, int32) and the token ids written to out (R,) int32: the launch a
+        CUDA graph captures."""
+        x2, ld = self._logits_f32(logits)
+        k = ck.get("sample.cu", "sample_f32_v1")
+        k((x2.shape[0],), (ck.TILES["SAMPLE_THREADS"],),
+          (x2, np.int32(ld), np.int32(x2.shape[1]), temperature, top_k, top_p, seeds, steps, out))

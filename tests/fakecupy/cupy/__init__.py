@@ -3,10 +3,13 @@
 What it is. A package named `cupy` (with `cupy_backends.cuda.libs.cublas` beside it) giving
 the small part of CuPy that tinyllm/backends/cuda_backend.py uses, and one fake device (an
 "H100": compute capability 9.0, 132 SMs). "Device" arrays are numpy arrays in host memory (the
-numpy subclass `ndarray` below, whose .data.ptr is the real address). Every kernel launch is
-*emulated* in numpy (cupy/_emu.py) from nothing but the launch's raw arguments: pointers are
-turned back into memory views, so the emulation sees exactly the addresses, strides, counts,
-tile lists and splits the host code computed. tests/test_cuda_host.py puts tests/fakecupy/
+numpy subclass `ndarray` below, whose .data.ptr is the real address). Every kernel launch
+RUNS THE REAL KERNEL: cupy/_cpu.py hands it to the CUDA-on-CPU executor (tests/cudacpu), which
+compiles the module's exact source and -D options for the host and executes the launch over
+these buffers, twice in opposite thread orders (races), with AddressSanitizer when the process
+preloads it (tests/test_cuda_host.py does). FAKECUPY_KERNELS=emu swaps in cupy/_emu.py, a numpy
+emulation of each kernel's documented semantics from its raw arguments (faster; it asserts the
+launch preconditions listed below, but runs no CUDA code). tests/test_cuda_host.py puts tests/fakecupy/
 first on the PYTHONPATH of a subprocess (never of the main test process) and runs the GPU
 tests there. The package refuses to import unless TINYLLM_FAKE_CUPY=1 is set, so that it can
 never pass for a GPU by accident.
@@ -20,25 +23,39 @@ What it checks (an AssertionError fails the test that made the call):
     cache storage type of KV_KIND for kv_t) and whose address is aligned for it; block size
     <= the kernel's __launch_bounds__ (1024 without); no empty grid or block; grid y and z
     <= 65535; dynamic shared memory <= what was enabled on the kernel (48 KB by default);
-  * every element the emulation reads or writes lies inside ONE live allocation (no
-    out-of-bounds access, no use of freed memory); new allocations are poisoned (0xFF bytes:
-    NaN as floats) so that outputs a launch failed to write show up;
-  * each kernel's launch preconditions, asserted by its emulation: the grid covers the work
+  * every byte a kernel reads or writes lies inside a live allocation: AddressSanitizer's
+    redzones under the executor (the emulation checks each element against ONE allocation);
+    new allocations are poisoned (0xFF bytes: NaN as floats) so that outputs a launch failed
+    to write show up;
+  * with FAKECUPY_KERNELS=emu, each kernel's launch preconditions: the grid covers the work
     (rows, columns, heads, tiles, splits), vectorized versions get 16-byte-aligned pointers
     and strides that are multiples of 8, head_dim fits the compiled tile, ...;
   * async uploads: a host buffer is not copied from again while an earlier copy from it has
     not been waited on (an event recorded after it synchronized, or a device-to-host copy);
   * cuBLAS gemmEx: the one operand/type/compute combination tinyllm uses, alpha 1, beta 0,
-    every operand column inside its allocation.
+    every operand column inside its allocation;
+  * CUDA graphs (cuda.Stream.begin_capture / end_capture -> cuda.graph.Graph, .launch()):
+    while a stream captures, kernel launches are RECORDED, not run, with their arguments as
+    the raw values of that moment (pointers as bare addresses: the graph keeps no array
+    alive); Graph.launch() replays them in order, so a Python scalar that changes per step
+    replays stale and a buffer freed since capture fails the bounds check, as on a GPU.
+    Host-to-device copies between replays land in device memory before the replay reads it.
+    Capture on the default stream, launches or copies on another stream while one captures,
+    device allocations (cupy.empty/zeros/asarray, numpy results on device arrays),
+    device-to-host copies (.get(), asnumpy, synchronize) are AssertionErrors during capture
+    (CuPy's relaxed mode would let cudaMalloc through, but a buffer allocated inside a
+    capture is reused by the pool once Python drops it: tinyllm allocates every graph buffer
+    before capture); cuBLAS raises NotImplementedError, as CuPy 14 does. Counters in STATS:
+    launches (kernels and cuBLAS calls run, eager or replayed) and emu_seconds (time spent
+    emulating them, and replaying graphs: the device's time, for host timings to subtract).
 
-What it does NOT verify: the CUDA code. The kernels in cuda/*.cu are never compiled or run
-here, so their arithmetic (warp shuffles, tensor-core fragments, shared-memory tiling),
-races, synchronization, register and shared-memory budgets and speed are untested (the
-compile check is scripts/check_kernels.py; the kernels themselves run in the same tests on a
-GPU). The emulation computes each kernel's documented semantics (the comment at the top of
-its .cu file) in float64/float32, not the kernel's rounding order, and samples with numpy's
-generator, not the kernel's; streams run serially. It knows only the CuPy calls tinyllm makes,
-with numpy semantics for array operations: a call that real CuPy would reject may pass here.
+What it does NOT verify: what only a GPU shows (timing, the real memory model across blocks
+and streams, register and shared-memory budgets beyond what ptxas reports in
+scripts/check_kernels.py, bank conflicts; tests/cudacpu/cudacpu.h says what the executor
+models). Streams run serially (a graph runs when launched); in-place array operations on
+device arrays during a capture run at once instead of being captured. It knows
+only the CuPy calls tinyllm makes, with numpy semantics for array operations: a call that real
+CuPy would reject may pass here.
 """
 
 from __future__ import annotations
@@ -48,6 +65,7 @@ import bisect
 import ctypes
 import json
 import os
+import time
 import types
 import weakref
 
@@ -104,10 +122,21 @@ class _MemoryPointer:
         self.ptr = arr.__array_interface__["data"][0]
 
     def copy_from_host_async(self, src, size, stream=None):
-        """src: a ctypes.c_void_p to host memory, as CuPy requires."""
+        """src: a ctypes.c_void_p to host memory, as CuPy requires. During a capture the copy
+        becomes a graph node that reads the host memory when the graph is launched."""
         check_range(self.ptr, size)
-        _stream.issue_copy(src.value, size)
-        ctypes.memmove(self.ptr, src.value, size)
+        s = stream or get_current_stream()
+        if _capturing is not None:
+            assert s is _capturing, "a host-to-device copy on another stream while a stream captures"
+            _capturing.nodes.append(("copy", self.ptr, src.value, size))
+            return
+        _host_copy(self.ptr, src.value, size)
+
+
+def _host_copy(dst: int, src: int, size: int) -> None:
+    check_range(dst, size)
+    _copies.issue(src, size)
+    ctypes.memmove(dst, src, size)
 
 
 class ndarray(np.ndarray):
@@ -128,10 +157,12 @@ class ndarray(np.ndarray):
         if b.base is None and b.nbytes:
             ent = _allocs.get(b.__array_interface__["data"][0])
             if ent is None or ent[1]() is not b:
+                _no_capture("a device array computed with numpy operations")
                 _register(b)
 
 
 def _device(host: np.ndarray) -> ndarray:
+    _no_capture("cupy.asarray / a device copy")
     b = np.empty(host.shape, host.dtype)
     b[...] = host
     _register(b)
@@ -139,6 +170,7 @@ def _device(host: np.ndarray) -> ndarray:
 
 
 def empty(shape, dtype=np.float32):
+    _no_capture("cupy.empty")
     b = np.empty(shape, dtype)
     b.view(np.uint8).reshape(-1)[...] = 0xFF          # poison: NaN as floats, -1 as integers
     _register(b)
@@ -146,6 +178,7 @@ def empty(shape, dtype=np.float32):
 
 
 def zeros(shape, dtype=np.float32):
+    _no_capture("cupy.zeros")
     b = np.zeros(shape, dtype)
     _register(b)
     return b.view(ndarray)
@@ -162,7 +195,8 @@ def ascontiguousarray(a):
 
 
 def asnumpy(a):
-    _stream.synchronize()                             # a device-to-host copy waits for the stream
+    _no_capture("a device-to-host copy (.get() / asnumpy)")
+    _copies.synchronize()                             # a device-to-host copy waits for the stream
     return np.array(np.asarray(a))
 
 
@@ -188,28 +222,26 @@ class _Event:
         self.seq = seq
 
     def synchronize(self):
-        _stream.wait(self.seq)
+        _no_capture("Event.synchronize")
+        _copies.wait(self.seq)
 
 
-class _Stream:
-    """Copies run at once, but the stream remembers the host source ranges of copies not yet
+class _Copies:
+    """Copies run at once, but the device remembers the host source ranges of copies not yet
     waited on (by an event recorded after them, or a device-to-host copy): copying from such a
-    range again means the host rewrote a buffer that an in-flight copy may still be reading."""
-    ptr = 0
+    range again means the host rewrote a buffer that an in-flight copy may still be reading.
+    (Streams run serially here, so one record serves every stream.)"""
 
     def __init__(self):
         self.seq = 0
         self.pending: dict[int, tuple[int, int]] = {}   # copy number -> source [lo, hi)
 
-    def issue_copy(self, src: int, size: int):
+    def issue(self, src: int, size: int):
         for lo, hi in self.pending.values():
             assert src + size <= lo or hi <= src, \
                 f"host buffer [{src:#x}, +{size}) reused before the copy that read it was waited on"
         self.seq += 1
         self.pending[self.seq] = (src, src + size)
-
-    def record(self):
-        return _Event(self.seq)
 
     def wait(self, seq: int):
         self.pending = {s: r for s, r in self.pending.items() if s > seq}
@@ -218,7 +250,87 @@ class _Stream:
         self.pending.clear()
 
 
-_stream = _Stream()
+_copies = _Copies()
+_capturing: "Stream | None" = None                 # the stream now capturing, if any
+STATS = {"launches": 0, "emu_seconds": 0.0}        # kernels run (eager or replayed); time in _emu
+
+
+def _no_capture(what: str) -> None:
+    if _capturing is not None:
+        raise AssertionError(f"{what} during CUDA graph capture: allocate every buffer the graph uses "
+                             f"and copy every input before begin_capture()")
+
+
+class Stream:
+    """cupy.cuda.Stream: a context manager that makes itself the current stream, and CUDA
+    graph capture (CuPy's relaxed mode). Work runs at once, in issue order, on every stream."""
+
+    def __init__(self, null: bool = False, non_blocking: bool = False, ptr: int | None = None):
+        self.ptr = 0 if null else id(self)
+        self.nodes: list[tuple] = []
+
+    def __enter__(self):
+        _current.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _current.remove(self)
+
+    def record(self, event=None):
+        assert _capturing is None, "Stream.record during capture: tinyllm records no events in graphs"
+        return _Event(_copies.seq)
+
+    def synchronize(self):
+        _no_capture("Stream.synchronize")
+        _copies.synchronize()
+
+    def begin_capture(self, mode=None):
+        global _capturing
+        assert self.ptr != 0, "the legacy default stream cannot capture: capture on a cupy.cuda.Stream()"
+        assert _capturing is None, "a stream is already capturing"
+        assert _current[-1] is self, "capture on the current stream (use `with stream:`)"
+        self.nodes = []
+        _capturing = self
+
+    def is_capturing(self) -> bool:
+        return _capturing is self
+
+    def end_capture(self) -> "Graph":
+        global _capturing
+        assert _capturing is self, "end_capture on a stream that is not capturing"
+        _capturing = None
+        g, self.nodes = Graph(self.nodes), []
+        return g
+
+
+class Graph:
+    """cupy.cuda.graph.Graph: what a capture recorded, replayed in order by launch()."""
+
+    def __init__(self, nodes: list[tuple]):
+        self.nodes = nodes
+
+    def upload(self, stream=None):
+        pass
+
+    def launch(self, stream=None):
+        """Replays the nodes; all of it counts as device time in STATS["emu_seconds"] (a real
+        graph launch is one driver call; the device then runs the nodes)."""
+        _no_capture("Graph.launch")
+        t0, e0 = time.perf_counter(), STATS["emu_seconds"]
+        for node in self.nodes:
+            if node[0] == "kernel":
+                _execute(*node[1:])
+            else:
+                _host_copy(*node[1:])
+        STATS["emu_seconds"] = e0 + time.perf_counter() - t0
+
+
+_stream = Stream(null=True)                          # the legacy default stream
+_current: list[Stream] = [_stream]
+
+
+def get_current_stream() -> Stream:
+    return _current[-1]
 
 
 class _Runtime:
@@ -249,7 +361,8 @@ def _alloc_pinned_memory(n):
 
 
 cuda = types.SimpleNamespace(
-    runtime=_Runtime, is_available=lambda: True, Device=_Device, get_current_stream=lambda: _stream,
+    runtime=_Runtime, is_available=lambda: True, Device=_Device, get_current_stream=get_current_stream,
+    Stream=Stream, graph=types.SimpleNamespace(Graph=Graph),
     alloc_pinned_memory=_alloc_pinned_memory, memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
     device=types.SimpleNamespace(get_cublas_handle=lambda: 0))
 
@@ -325,7 +438,7 @@ class RawKernel:
         assert a.data.ptr % align == 0, f"{self.name}: {param} = {a.data.ptr:#x} is not {align}-byte aligned"
         return a
 
-    def __call__(self, grid, block, args, *, shared_mem=0):
+    def __call__(self, grid, block, args, *, shared_mem=0, stream=None):
         assert len(args) == len(self.params), f"{self.name}: {len(args)} args for {len(self.params)} params"
         conv = []
         for a, p, (kind, t) in zip(args, self.params, self.types):
@@ -345,10 +458,42 @@ class RawKernel:
         entry = LAUNCHED.setdefault((self.name, self.defines.get("KV_KIND")), [0, set()])
         entry[0] += 1
         entry[1].add(f"{grid[0]}x{grid[1]}x{grid[2]} * {threads}" + (f" +{shared_mem} B" if shared_mem else ""))
-        if KERNELS == "emu":
-            _emu.run(self.name, grid, block, conv, self.defines)
-        else:
-            _cpu.run(self, grid, block, conv, shared_mem)
+        _submit(self, grid, block, conv, shared_mem, stream)
+
+
+class _Address:
+    """A device pointer as a captured graph holds it: the bare address (read by _emu's P()),
+    keeping no array alive."""
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, ptr: int):
+        self.__array_interface__ = {"data": (ptr, False)}
+
+
+def _submit(kernel: RawKernel, grid: tuple, block: tuple, args: list, shared_mem: int, stream=None) -> None:
+    """Where every checked launch goes. args: per parameter, an ndarray (a pointer), None (a
+    null pointer) or a Python int/float (a scalar, already type-checked). While a stream
+    captures, the launch is recorded with its arguments as of now (pointers as bare
+    addresses); otherwise it runs."""
+    s = stream or get_current_stream()
+    if _capturing is not None:
+        assert s is _capturing, f"{kernel.name} launched on another stream while a stream captures"
+        raw = [_Address(a.__array_interface__["data"][0]) if isinstance(a, np.ndarray) else a for a in args]
+        _capturing.nodes.append(("kernel", kernel, grid, block, raw, shared_mem))
+        return
+    _execute(kernel, grid, block, args, shared_mem)
+
+
+def _execute(kernel: RawKernel, grid: tuple, block: tuple, args: list, shared_mem: int) -> None:
+    """Run one launch (eager, or a graph node being replayed): the real kernel on the CPU
+    executor (_cpu.py), or with FAKECUPY_KERNELS=emu its numpy emulation (_emu.py)."""
+    t0 = time.perf_counter()
+    if KERNELS == "emu":
+        _emu.run(kernel.name, grid, block, args, kernel.defines)
+    else:
+        _cpu.run(kernel, grid, block, args, shared_mem)
+    STATS["launches"] += 1
+    STATS["emu_seconds"] += time.perf_counter() - t0
 
 
 # cudacpu: the real kernels on the CPU executor (default); emu: their numpy emulation.

@@ -1,11 +1,14 @@
 """cuBLAS gemmEx for the CuPy stand-in (see tests/fakecupy/cupy/__init__.py): only the call
 tinyllm makes (row-major y = x . w^T as column-major "TN", bf16 inputs, fp32 compute, bf16 or
-fp32 output, alpha 1, beta 0), computed in float64 from the raw, bounds-checked pointers."""
+fp32 output, alpha 1, beta 0), computed in float64 from the raw, bounds-checked pointers. As
+in CuPy 14, it cannot be called while a stream captures a CUDA graph."""
 
 import ctypes
+import time
 
 import numpy as np
 
+import cupy
 from cupy import mem
 from cupy._emu import bf2f, f2bf
 
@@ -16,6 +19,15 @@ CUBLAS_COMPUTE_32F = 68
 
 def gemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc,
            computeType, algo):
+    if cupy._capturing is not None:      # CuPy's cublas.setStream refuses (cupy/cupy#6290)
+        raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
+    t0 = time.perf_counter()
+    _gemm(m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, computeType, transa, transb)
+    cupy.STATS["launches"] += 1
+    cupy.STATS["emu_seconds"] += time.perf_counter() - t0
+
+
+def _gemm(m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, computeType, transa, transb):
     assert (transa, transb, Atype, Btype, computeType) == (CUBLAS_OP_T, CUBLAS_OP_N, CUDA_R_16BF, CUDA_R_16BF,
                                                            CUBLAS_COMPUTE_32F)
     assert Ctype in (CUDA_R_32F, CUDA_R_16BF) and lda >= k and ldb >= k and ldc >= m
