@@ -42,8 +42,10 @@ def _allocation(ptr: int) -> np.ndarray:
     while i >= 0:
         end, ref = _allocs[_starts[i]]
         buf = ref()
-        if buf is not None:
-            return buf.reshape(-1).view(np.uint8)
+        if buf is not None:                      # live allocations never overlap: the nearest one decides
+            if ptr < end:
+                return buf.reshape(-1).view(np.uint8)
+            break
         i -= 1
     raise AssertionError(f"pointer {ptr:#x} is in no live allocation")
 
