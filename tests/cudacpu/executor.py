@@ -35,8 +35,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "cudacpu.h"
 sys.path.insert(0, str(HERE.parent / "fakecupy"))
@@ -292,6 +290,7 @@ class Module:
         """launch() once per thread order (default ORDERS), restoring `buffers` (byte views of
         every allocation the arguments point into, with a label each) before each run; the
         runs must leave identical bytes, else a race fails the launch."""
+        import numpy as np                  # (lazily: .ci/run's preflight runs before the installs)
         orders = ORDERS if orders is None else orders
         saved = [b.copy() for b, _ in buffers]
         first = None
@@ -316,3 +315,10 @@ class Module:
 
 # Thread orders every checked launch runs in (0: thread 0 first, 1: the last thread first).
 ORDERS = tuple(int(o) for o in os.environ.get("CUDACPU_ORDERS", "0,1").split(","))
+
+
+if __name__ == "__main__":            # .ci/run's preflight: the executor must run in CI, not skip
+    why = available()
+    if why:
+        sys.exit(f"cudacpu: cannot run here: {why}")
+    print(f"cudacpu: {compiler()} with CUDA headers from {cuda_include()}")
