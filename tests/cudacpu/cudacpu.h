@@ -107,6 +107,8 @@ struct Launch {
     std::vector<std::pair<void*, size_t>> statics;   // registered __shared__ arrays
     Fiber* cur;
     void* fake_stack;           // ASan fiber bookkeeping
+    const void* sched_bottom;   // the scheduler's (the calling thread's) stack, for ASan
+    size_t sched_size;
 };
 
 inline Launch L;
@@ -175,7 +177,7 @@ inline void yield_to_scheduler() {
     Fiber* f = L.cur;
 #if CUDACPU_ASAN
     void* fake = nullptr;
-    __sanitizer_start_switch_fiber(f->state == DONE ? nullptr : &fake, nullptr, 0);
+    __sanitizer_start_switch_fiber(f->state == DONE ? nullptr : &fake, L.sched_bottom, L.sched_size);
 #endif
     cudacpu_swap(&f->sp, L.sched_sp);
 #if CUDACPU_ASAN
@@ -185,7 +187,7 @@ inline void yield_to_scheduler() {
 
 inline void fiber_entry() {
 #if CUDACPU_ASAN
-    __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+    __sanitizer_finish_switch_fiber(nullptr, &L.sched_bottom, &L.sched_size);   // where we came from
 #endif
     L.body();
     L.cur->state = DONE;
