@@ -61,9 +61,10 @@ NEUTRAL_FIELDS = {"n": 1, "stream": False, "logprobs": False, "echo": False,
 class LineError(Exception):
     """One input line cannot run: becomes an error line in the output, the run goes on."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, param: str | None = None):
         super().__init__(message)
         self.code, self.message = code, message
+        self.param = param                  # the request field at fault, when there is one
 
 
 @dataclass
@@ -150,7 +151,7 @@ def check_messages(messages) -> list[dict]:
     try:
         return check(messages)
     except TinyLLMError as e:
-        raise LineError("invalid_messages", str(e)) from None
+        raise LineError("invalid_messages", str(e), "messages") from None
 
 
 def check_prompt(prompt):
@@ -159,46 +160,54 @@ def check_prompt(prompt):
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
     if isinstance(prompt, list) and prompt and all(isinstance(t, str) for t in prompt):
-        raise LineError("invalid_prompt", "one prompt per request: split a list of prompts into separate lines")
-    raise LineError("invalid_prompt", "\"prompt\" must be a string or a non-empty list of token ids")
+        raise LineError("invalid_prompt", "one prompt per request: split a list of prompts into separate lines", "prompt")
+    raise LineError("invalid_prompt", "\"prompt\" must be a string or a non-empty list of token ids", "prompt")
 
 
-def request_params(body: dict) -> SamplingParams:
-    """The sampling fields of a request body (None where not given), checked for type."""
+def request_params(body: dict, extra: tuple[str, ...] = ()) -> SamplingParams:
+    """The sampling fields of a request body (None where not given), checked for type.
+    `extra` names fields the caller handles itself (the server's `stream`, `n`, ...): they
+    are skipped here but listed among the known ones in an unknown-parameter error."""
     kw: dict = {}
+    given: dict = {}                                 # SamplingParams field -> body key
     for k, v in body.items():
+        if k in extra:
+            continue
         if k in PARAM_FIELDS:
             if v is None:
                 continue
             name = PARAM_FIELDS[k]
             if name in ("max_tokens", "top_k", "seed") and (isinstance(v, bool) or not isinstance(v, int)):
-                raise LineError("invalid_parameter", f"{k}={v!r} must be an integer")
+                raise LineError("invalid_parameter", f"{k}={v!r} must be an integer", k)
             if name in ("temperature", "top_p", "repetition_penalty") and (
                     isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise LineError("invalid_parameter", f"{k}={v!r} must be a number")
+                raise LineError("invalid_parameter", f"{k}={v!r} must be a number", k)
             if name == "ignore_eos" and not isinstance(v, bool):
-                raise LineError("invalid_parameter", f"ignore_eos={v!r} must be true or false")
+                raise LineError("invalid_parameter", f"ignore_eos={v!r} must be true or false", k)
             if name == "stop_token_ids" and not (isinstance(v, list) and all(
                     isinstance(t, int) and not isinstance(t, bool) for t in v)):
-                raise LineError("invalid_parameter", f"stop_token_ids={v!r} must be a list of integers")
+                raise LineError("invalid_parameter", f"stop_token_ids={v!r} must be a list of integers", k)
             if name == "top_k" and v == -1:
                 v = 0                                            # vLLM's spelling of "off"
             if name in kw:
-                raise LineError("invalid_parameter", "give max_tokens or max_completion_tokens, not both")
+                raise LineError("invalid_parameter", "give max_tokens or max_completion_tokens, not both", k)
             kw[name] = v
+            given[name] = k
         elif k in IGNORED_FIELDS:
             continue
         elif k in NEUTRAL_FIELDS:
             if v is not None and v != NEUTRAL_FIELDS[k]:
                 raise LineError("unsupported_parameter",
-                                f"{k}={v!r} is not supported (only {json.dumps(NEUTRAL_FIELDS[k])})")
+                                f"{k}={v!r} is not supported (only {json.dumps(NEUTRAL_FIELDS[k])})", k)
         else:
-            known = sorted(set(PARAM_FIELDS) | IGNORED_FIELDS | set(NEUTRAL_FIELDS))
-            raise LineError("unknown_parameter", f"unknown parameter {k!r}; known: {', '.join(known)}")
+            known = sorted(set(PARAM_FIELDS) | IGNORED_FIELDS | set(NEUTRAL_FIELDS) | set(extra))
+            raise LineError("unknown_parameter", f"unknown parameter {k!r}; known: {', '.join(known)}", k)
     try:
         return SamplingParams(**kw).validate()
     except TinyLLMError as e:
-        raise LineError("invalid_parameter", str(e)) from None
+        # validate() names the field first: "invalid sampling parameter: top_p=2 (...)"
+        name = str(e).partition(": ")[2].partition("=")[0]
+        raise LineError("invalid_parameter", str(e), given.get(name, name or None)) from None
 
 
 def merge_params(request: SamplingParams, defaults: SamplingParams) -> SamplingParams:
@@ -616,12 +625,12 @@ def tokenize(llm, item: Item) -> list[int]:
         try:
             ids = llm.tokenizer.encode_chat(item.prompt, add_generation_prompt=True)
         except TinyLLMError as e:
-            raise LineError("invalid_messages", f"cannot apply the chat template: {e}") from None
+            raise LineError("invalid_messages", f"cannot apply the chat template: {e}", "messages") from None
     elif isinstance(item.prompt, str):
         ids = llm.tokenizer.encode(item.prompt)
     else:
         ids = list(item.prompt)
     bad = llm.engine.check_prompt(ids)
     if bad:
-        raise LineError(*bad)
+        raise LineError(*bad, "messages" if item.chat else "prompt")
     return ids

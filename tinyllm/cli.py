@@ -142,6 +142,11 @@ def cmd_batch(a) -> int:
     return run_batch(a)
 
 
+def cmd_serve(a) -> int:
+    from .serve import run_serve
+    return run_serve(a)
+
+
 def cmd_eval(a) -> int:
     from .evaluate import run_eval
     return run_eval(a)
@@ -203,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "a non-empty output is refused)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar or model lines on stderr (default: off)")
     b.set_defaults(func=cmd_batch)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, completions)")
+    add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: 8000)")
+    sv.add_argument("--max-batch", type=int, default=8,
+                    help="requests decoded together (KV-cache slots); more wait for a slot (default: 8)")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TINYLLM_API_KEY, else none)")
+    sv.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="perplexity and KL divergence per KV-cache dtype")
     e.add_argument("--model", "-m", default=None, help="as for the other commands (default: the embedded model)")

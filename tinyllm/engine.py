@@ -7,20 +7,25 @@ the next waiting request's prefill starts there in the following step.
 
 Streaming text is produced here (the tokenizer's incremental decoder), because stop strings
 are matched on text; text that could still become a stop string is held back.
+
+Two ways to drive it: `run(requests)` generates for an iterable (pulled lazily, as slots
+free up) and yields events; a long-lived caller (the HTTP server) instead calls `add(req)`,
+`abort(index)` and `step()` itself, one step at a time, from a single thread.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from .backends import Batch
 from .errors import TinyLLMError
 from .kv_cache import KVCacheSpec
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, token_logprobs
 
 
 @dataclass
@@ -50,12 +55,15 @@ class Request:
 
 @dataclass
 class Event:
-    kind: str                            # "text" | "finish" | "error"
+    kind: str                            # "token" (step() only) | "text" | "finish" | "error"
     index: int
     text: str = ""
     completion: Completion | None = None
     error: str = ""
     code: str = "invalid_prompt"          # for errors: the OpenAI-style code batch output lines carry
+    token_id: int = -1                   # "token": the id just appended to the output
+    logprob: float | None = None         # "token", when the request asks for logprobs: log p(token_id)
+    top_logprobs: list | None = None     # ... and its [(id, logprob)] alternatives, most likely first
 
 
 @dataclass
@@ -127,6 +135,11 @@ class Engine:
         self.slot_ids: list[list[int]] = []   # tokens whose K/V each slot holds
         self.slot_hi: list[int] = []          # highest position written + 1, since position 0
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+        # The schedule (reset() starts it afresh): requests not yet admitted, in order; the
+        # sequences holding a slot; the slots holding none. len(live) <= max_batch.
+        self.waiting: deque[Request] = deque()
+        self.live: list[_Seq] = []
+        self.free: list[int] = []
 
     # ---- cache -----------------------------------------------------------------------
     def spec(self, n_slots: int) -> KVCacheSpec:
@@ -171,38 +184,84 @@ class Engine:
     # ---- generation --------------------------------------------------------------------
     def run(self, requests: Iterable[Request]) -> Iterator[Event]:
         """Generate for every request, max_batch at a time; yields text pieces as they are
-        certain, then one finish (or error) event per request."""
+        certain, then one finish (or error) event per request. Requests are pulled from the
+        iterable only when a slot is free for them. Starts a fresh schedule (reset())."""
         pending = iter(requests)
-        self.ensure_cache(self.max_batch)
-        free = list(range(self.cache.spec.n_slots))
-        live: list[_Seq] = []
-        self.live = live                       # read by partial() when the caller stops early
         exhausted = False
+
+        def pull() -> Request | None:
+            nonlocal exhausted
+            req = next(pending, None)
+            exhausted = req is None
+            return req
+        self.reset()
         while True:
-            # Admit waiting requests into free slots.
-            while not exhausted and len(live) < self.max_batch and free:
-                req = next(pending, None)
-                if req is None:
-                    exhausted = True
-                    break
-                bad = self.check_prompt(req.prompt_ids)
-                if bad:
-                    yield Event("error", req.index, error=bad[1], code=bad[0])
-                    continue
-                slot = req.slot if req.slot is not None and req.slot in free else free[0]
-                free.remove(slot)
-                live.append(self._admit(req, slot))
-            if not live:
+            events = self.step(pull)
+            yield from (ev for ev in events if ev.kind != "token")
+            if exhausted and not self.live:
                 return
-            yield from self._step(live)
-            for s in [s for s in live if s.finish]:
-                live.remove(s)
-                free.append(s.slot)
-                free.sort()
 
     def partial(self, index: int) -> Completion | None:
         """The Completion so far of a request still running (after the consumer stopped run())."""
-        return next((s.completion() for s in getattr(self, "live", []) if s.req.index == index), None)
+        return next((s.completion() for s in self.live if s.req.index == index), None)
+
+    # ---- the schedule, step by step (the server's interface) ---------------------------
+    def reset(self):
+        """Forget every waiting and running request; all slots become free (their K/V stays
+        valid for prefix reuse)."""
+        self.ensure_cache(self.max_batch)
+        self.waiting.clear()
+        self.live.clear()
+        self.free = list(range(self.cache.spec.n_slots))
+
+    def add(self, req: Request):
+        """Queue a request; a later step() admits it when a slot is free. Its `index` is the
+        id that its events carry and that abort() takes: keep it unique among queued ones."""
+        if self.cache is None or not (self.free or self.live):     # no schedule started yet
+            self.reset()
+        self.waiting.append(req)
+
+    def abort(self, index: int) -> bool:
+        """Drop the request with this index, waiting or running, without an event. A running
+        one's slot is free for the next admission at once. True if it was found."""
+        for req in self.waiting:
+            if req.index == index:
+                self.waiting.remove(req)
+                return True
+        for s in self.live:
+            if s.req.index == index:
+                self._release(s)
+                return True
+        return False
+
+    def step(self, pull: Callable[[], Request | None] | None = None) -> list[Event]:
+        """Admit waiting requests into free slots (then ask `pull` for more, until it returns
+        None), run one forward over the batch, and return its events: per request a "token"
+        event for every token appended to its output, then "text" pieces, and "finish" (or
+        "error": a prompt that cannot run, NaN logits) as it ends. A finished request's slot is
+        free for the next step."""
+        events: list[Event] = []
+        while len(self.live) < self.max_batch and self.free:
+            req = self.waiting.popleft() if self.waiting else pull() if pull else None
+            if req is None:
+                break
+            bad = self.check_prompt(req.prompt_ids)
+            if bad:
+                events.append(Event("error", req.index, error=bad[1], code=bad[0]))
+                continue
+            slot = req.slot if req.slot is not None and req.slot in self.free else self.free[0]
+            self.free.remove(slot)
+            self.live.append(self._admit(req, slot))
+        if self.live:
+            events += self._step(self.live)
+            for s in [s for s in self.live if s.finish]:
+                self._release(s)
+        return events
+
+    def _release(self, s: _Seq):
+        self.live.remove(s)
+        self.free.append(s.slot)
+        self.free.sort()
 
     def check_prompt(self, ids: list[int], allow_full: bool = False) -> tuple[str, str] | None:
         """Why these prompt ids cannot run, as (code, message), or None if they can. A
@@ -276,8 +335,20 @@ class Engine:
                 return
         if chosen is None:
             chosen = self._choose(logits, ready)
-        for s, tok in zip([s for _, s in ready], chosen):
-            yield from self._accept(s, tok)
+        wants_lp = any(s.req.params.logprobs is not None for _, s in ready)   # then `logits` exists
+        lps = self._logprobs(logits, ready, chosen) if wants_lp else {}
+        for (_, s), tok in zip(ready, chosen):
+            yield from self._accept(s, tok, *lps.get(id(s), (None, None)))
+
+    def _logprobs(self, logits, ready: list[tuple[int, _Seq]], toks: list[int]) -> dict:
+        """id(seq) -> (logprob of its chosen token, top alternatives), for the sequences whose
+        request asks for logprobs; their logits rows are copied to the host for it. (Such a
+        step never runs as a captured graph: see _graph_decode.)"""
+        want = [(r, s, t) for (r, s), t in zip(ready, toks) if s.req.params.logprobs is not None]
+        if not want:
+            return {}
+        rows = self.ops.to_numpy(self.ops.take_rows(logits, np.asarray([r for r, _, _ in want], np.int32)))
+        return {id(s): token_logprobs(row, t, s.req.params.logprobs) for (_, s, t), row in zip(want, rows)}
 
     def nonfinite_reason(self) -> str:
         """The error for NaN/inf logits, naming the first weight tensor holding NaN or inf
@@ -305,8 +376,8 @@ class Engine:
         graph (forward + on-device sampling, cuda_graphs.py): the sampled ids, or None where
         the backend has no graphs (or they are off) or a sequence samples on the host."""
         graphs = getattr(self.ops, "graphs", None)
-        if graphs is None or not all(self._on_device(s) for s in seqs):
-            return None
+        if graphs is None or not all(self._on_device(s) and s.req.params.logprobs is None for s in seqs):
+            return None                        # (logprobs need the logits, which a graph keeps)
         toks = graphs.step(self.model, tokens, batch, self.cache, *self._device_params(seqs))
         return None if toks is None else [int(t) for t in toks]
 
@@ -327,7 +398,7 @@ class Engine:
                 out[id(s)] = sample(row, s.req.params, s.rng, np.asarray(s.ids, np.int64))
         return [out[id(s)] for _, s in ready]
 
-    def _accept(self, s: _Seq, tok: int) -> Iterator[Event]:
+    def _accept(self, s: _Seq, tok: int, logprob: float | None = None, top: list | None = None) -> Iterator[Event]:
         p = s.req.params
         if not s.t_first:
             s.t_first = time.perf_counter()
@@ -337,6 +408,7 @@ class Engine:
             s.text += s.decoder.flush()
         else:
             s.ids.append(tok)
+            yield Event("token", s.req.index, token_id=tok, logprob=logprob, top_logprobs=top)
             s.text += s.decoder.push(tok)
             # A stop string cannot start before `emitted` (it would have been found earlier).
             hits = [i for i in (s.text.find(x, s.emitted) for x in s.stops) if i >= 0]

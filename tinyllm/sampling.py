@@ -15,6 +15,9 @@ import numpy as np
 from .errors import TinyLLMError
 
 
+MAX_LOGPROBS = 20                        # alternatives per token, as OpenAI's top_logprobs
+
+
 @dataclass
 class SamplingParams:
     """None means "the model's default" (generation_config.json), resolved by the LLM."""
@@ -27,6 +30,7 @@ class SamplingParams:
     stop: list[str] | str | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None          # report each generated token's logprob and this many alternatives
 
     def validate(self) -> "SamplingParams":
         def bad(what):
@@ -52,6 +56,9 @@ class SamplingParams:
         if not (isinstance(self.stop_token_ids, (list, tuple))
                 and all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids)):
             bad(f"stop_token_ids={self.stop_token_ids!r} (must be a list of token ids)")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad(f"logprobs={self.logprobs!r} (must be an integer from 0 to {MAX_LOGPROBS})")
         return self
 
     def with_defaults(self, defaults: dict) -> "SamplingParams":
@@ -99,6 +106,17 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - np.max(x))
     return e / e.sum()
+
+
+def token_logprobs(logits: np.ndarray, tok: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """log p(tok) under the model's own distribution, log_softmax(logits) (before penalty,
+    temperature and filters: what vLLM reports by default), and the k most likely
+    (id, logprob) pairs, most likely first (ties: lower id first)."""
+    x = np.asarray(logits, np.float64)
+    m = np.max(x)
+    lp = x - (m + np.log(np.sum(np.exp(x - m))))
+    top = np.argsort(-lp, kind="stable")[:k] if k else []
+    return float(lp[tok]), [(int(i), float(lp[i])) for i in top]
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,

@@ -1,0 +1,665 @@
+"""`tinyllm serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
+
+Owns the HTTP surface (FastAPI routes, OpenAI response and error shapes, Server-Sent Events,
+the API key, Prometheus metrics) and the thread that drives the engine. It does not own
+request-body validation shared with `tinyllm batch` (batch.py: messages, prompt, sampling
+fields), generation (engine.py) or chat templates (tokenizer.py).
+
+Threads: the engine is not thread-safe, so exactly one thread (EngineWorker) touches it. It
+loops: take commands from its inbox (add a request, abort one), run one engine step over
+every live request, hand each request's events to that request's asyncio queue through
+loop.call_soon_threadsafe. The ASGI handlers run on the event loop and only talk to the
+worker through those queues; so concurrent requests share every decode step, and a client
+that goes away aborts its requests, freeing their KV slots for the next step.
+
+    request --> handler --submit--> inbox --> EngineWorker: engine.step() --events--> queue --> handler --> SSE
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures' annotations,
+# and `HTTPRequest` is imported inside create_app (fastapi is an optional extra).
+import asyncio
+import hmac
+import ipaddress
+import itertools
+import json
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from .batch import Item, LineError, check_messages, check_prompt, request_params, tokenize
+from .engine import Event, Request
+from .errors import TinyLLMError
+from .sampling import MAX_LOGPROBS, SamplingParams
+
+# Body fields the server reads itself; everything else goes through batch.request_params.
+SERVER_FIELDS = ("stream", "stream_options", "n", "logprobs", "top_logprobs")
+MAX_N = 16                              # choices per request
+# How long SIGINT/SIGTERM waits for in-flight requests before cancelling them.
+GRACEFUL_SHUTDOWN_S = 10
+# Prometheus histogram buckets (seconds), as vLLM's.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+               2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class APIError(Exception):
+    """An OpenAI-shaped error response: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ClientGone(Exception):
+    """The client of a plain (non-streamed) request disconnected."""
+
+
+# ---- metrics ---------------------------------------------------------------------------
+
+class Metrics:
+    """Prometheus metrics in a registry of this server's own (prometheus_client is thread-safe:
+    the engine thread observes token timings, the handlers count requests)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("tinyllm_requests", "HTTP generation requests by outcome "
+                                "(ok, cancelled: the client went away, invalid: 4xx, error: 5xx)",
+                                ["outcome"], registry=r)
+        self.finished = Counter("tinyllm_sequences_finished", "generated choices by finish_reason",
+                                ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("tinyllm_prompt_tokens", "prompt tokens of admitted choices", registry=r)
+        self.generation_tokens = Counter("tinyllm_generation_tokens", "generated tokens", registry=r)
+        self.ttft = Histogram("tinyllm_time_to_first_token_seconds", "from arrival to the first token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("tinyllm_inter_token_latency_seconds", "between consecutive tokens of a choice",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.steps = Counter("tinyllm_engine_steps", "engine steps (one batched forward each)", registry=r)
+        self.running = Gauge("tinyllm_requests_running", "choices holding a KV slot", registry=r)
+        self.waiting = Gauge("tinyllm_requests_waiting", "choices waiting for a KV slot", registry=r)
+        self.kv_slots_used = Gauge("tinyllm_kv_cache_slots_used", "KV-cache slots held by running choices", registry=r)
+        self.kv_slots = Gauge("tinyllm_kv_cache_slots", "KV-cache slots (one sequence each)", registry=r)
+        self.kv_tokens_used = Gauge("tinyllm_kv_cache_tokens_used", "tokens whose K/V running choices hold",
+                                    registry=r)
+        self.kv_usage = Gauge("tinyllm_kv_cache_usage_ratio", "fraction of KV-cache slots in use", registry=r)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+        return generate_latest(self.registry)
+
+
+# ---- the engine thread ------------------------------------------------------------------
+
+@dataclass
+class _Tracked:
+    sink: Callable[[list[Event]], None]   # called on the engine thread with this step's events
+    arrival: float
+    last: float = 0.0                     # time of the latest token (0: none yet)
+
+
+class EngineWorker:
+    """The one thread that runs the engine. Other threads call submit/abort/stop only."""
+
+    def __init__(self, engine, metrics: Metrics):
+        self.engine, self.metrics = engine, metrics
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.tracked: dict[int, _Tracked] = {}          # engine thread only
+        self._ids = itertools.count()
+        self.thread = threading.Thread(target=self._loop, name="tinyllm-engine", daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def new_index(self) -> int:
+        return next(self._ids)                          # itertools.count is atomic under the GIL
+
+    def submit(self, req: Request, sink: Callable[[list[Event]], None]):
+        """Queue a request; `sink` receives its events, a list per engine step, on the engine
+        thread, and must not block. The request's index must come from new_index()."""
+        self.inbox.put(("add", req, sink, time.perf_counter()))
+
+    def abort(self, index: int):
+        self.inbox.put(("abort", index, None, 0.0))
+
+    def stop(self, timeout: float = 30):
+        """Abort whatever is left and end the thread."""
+        if self.thread.is_alive():
+            self.inbox.put(("stop", None, None, 0.0))
+            self.thread.join(timeout)
+
+    def _loop(self):
+        eng = self.engine
+        eng.reset()
+        self.metrics.kv_slots.set(len(eng.free))
+        while True:
+            cmds = []
+            if not eng.live and not eng.waiting:
+                cmds.append(self.inbox.get())           # sleep here when there is nothing to run
+            try:
+                while True:
+                    cmds.append(self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            for kind, a, sink, t in cmds:
+                if kind == "add":
+                    self.tracked[a.index] = _Tracked(sink, t)
+                    self.metrics.prompt_tokens.inc(len(a.prompt_ids))
+                    eng.add(a)
+                elif kind == "abort":
+                    if self.tracked.pop(a, None) is not None:
+                        eng.abort(a)
+                else:                                   # stop
+                    for index in list(self.tracked):
+                        eng.abort(index)
+                    self.tracked.clear()
+                    self._publish()
+                    return
+            if eng.live or eng.waiting:
+                self._step()
+            self._publish()
+
+    def _step(self):
+        eng = self.engine
+        steps = eng.stats["steps"]
+        try:
+            events = eng.step()
+            self.metrics.steps.inc(eng.stats["steps"] - steps)
+        except Exception:                              # a bug: fail what runs, keep serving
+            traceback.print_exc()
+            events = [Event("error", i, error="internal error in the engine (see the server log)")
+                      for i in self.tracked]
+            eng.reset()
+        now = time.perf_counter()
+        by_req: dict[int, list[Event]] = {}
+        for ev in events:
+            tr = self.tracked.get(ev.index)
+            if tr is None:                             # aborted meanwhile
+                continue
+            if ev.kind == "token":
+                self.metrics.generation_tokens.inc()
+                if tr.last:
+                    self.metrics.itl.observe(now - tr.last)
+                else:
+                    self.metrics.ttft.observe(now - tr.arrival)
+                tr.last = now
+            elif ev.kind == "finish":
+                self.metrics.finished.labels(ev.completion.finish_reason).inc()
+            by_req.setdefault(ev.index, []).append(ev)
+        for index, evs in by_req.items():
+            tr = self.tracked[index] if evs[-1].kind not in ("finish", "error") else self.tracked.pop(index)
+            tr.sink(evs)
+
+    def _publish(self):
+        eng, m = self.engine, self.metrics
+        n_slots = len(eng.free) + len(eng.live)
+        m.running.set(len(eng.live))
+        m.waiting.set(len(eng.waiting))
+        m.kv_slots_used.set(len(eng.live))
+        m.kv_tokens_used.set(sum(s.n_cached for s in eng.live))
+        m.kv_usage.set(len(eng.live) / n_slots if n_slots else 0.0)
+
+
+# ---- requests ---------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One validated generation request: a prompt per choice group, and its options."""
+    chat: bool
+    prompts: list[list[int]]              # token ids; the choices of prompt p are p*n .. p*n+n-1
+    params: SamplingParams                # resolved (model defaults filled)
+    n: int
+    stream: bool
+    include_usage: bool
+    model: str
+
+
+def _typed(body: dict, key: str, kind, default):
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
+        what = {bool: "true or false", int: "an integer", dict: "an object"}[kind]
+        raise APIError(400, f"{key}={v!r} must be {what}", "invalid_parameter", key)
+    return v
+
+
+def parse_job(body, chat: bool, llm, served: tuple[str, ...]) -> Job:
+    """Validate a request body into a Job; raises APIError (400, or 404 for the model)."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", "invalid_request")
+    model = body.get("model")
+    if model is not None and model not in served:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {served[0]!r} "
+                       "(GET /v1/models lists it)", "model_not_found", "model")
+    try:
+        if chat:
+            if "messages" not in body:
+                raise LineError("missing_messages", "the request needs \"messages\": a non-empty list of "
+                                "{\"role\", \"content\"}", "messages")
+            prompts = [check_messages(body["messages"])]
+        else:
+            if "prompt" not in body:
+                raise LineError("missing_prompt", "the request needs \"prompt\": a string or a list of "
+                                "token ids (or a list of those)", "prompt")
+            p = body["prompt"]
+            many = isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p)
+            prompts = [check_prompt(x) for x in (p if many else [p])]
+        params = request_params({k: v for k, v in body.items() if k not in ("messages", "prompt")},
+                                extra=SERVER_FIELDS)
+        ids = [tokenize(llm, Item(0, None, chat, x, params)) for x in prompts]
+    except LineError as e:
+        raise APIError(400, e.message, e.code, e.param) from None
+    stream = _typed(body, "stream", bool, False)
+    opts = _typed(body, "stream_options", dict, {})
+    if opts and not stream:
+        raise APIError(400, "stream_options is only allowed with stream=true", "invalid_parameter", "stream_options")
+    if set(opts) - {"include_usage"}:
+        bad = sorted(set(opts) - {"include_usage"})[0]
+        raise APIError(400, f"stream_options.{bad} is not supported (only include_usage)",
+                       "unsupported_parameter", "stream_options")
+    include_usage = _typed(opts, "include_usage", bool, False)
+    n = _typed(body, "n", int, 1)
+    if not 1 <= n <= MAX_N:
+        raise APIError(400, f"n={n} must be between 1 and {MAX_N}", "invalid_parameter", "n")
+    params.logprobs = logprobs_wanted(body, chat)
+    try:
+        params = llm.resolve_params(params)
+    except TinyLLMError as e:
+        raise APIError(400, str(e), "invalid_parameter") from None
+    return Job(chat, ids, params, n, stream, include_usage, served[0])
+
+
+def logprobs_wanted(body: dict, chat: bool) -> int | None:
+    """How many alternatives per token the request wants logprobs for (None: no logprobs).
+    Chat: `logprobs: true` and `top_logprobs: k`; completions: `logprobs: k`."""
+    if chat:
+        top = _typed(body, "top_logprobs", int, None)
+        if not _typed(body, "logprobs", bool, False):
+            if top is not None:
+                raise APIError(400, "top_logprobs needs logprobs=true", "invalid_parameter", "top_logprobs")
+            return None
+        k, name = (top or 0), "top_logprobs"
+    else:
+        if body.get("top_logprobs") is not None:
+            raise APIError(400, "top_logprobs is a chat parameter; /v1/completions takes logprobs=N",
+                           "unknown_parameter", "top_logprobs")
+        k, name = _typed(body, "logprobs", int, None), "logprobs"
+        if k is None:
+            return None
+    if not 0 <= k <= MAX_LOGPROBS:
+        raise APIError(400, f"{name}={k} must be from 0 to {MAX_LOGPROBS}", "invalid_parameter", name)
+    return k
+
+
+def choice_params(job: Job, j: int) -> SamplingParams:
+    """The params of choice j of a prompt: with a seed, choice j draws from seed + j, so the
+    n choices differ and the request stays reproducible."""
+    if job.params.seed is None or j == 0:
+        return job.params
+    return SamplingParams(**{**vars(job.params), "seed": job.params.seed + j})
+
+
+class Generation:
+    """The engine requests of one HTTP request, and their events as an async stream."""
+
+    def __init__(self, worker: EngineWorker, job: Job):
+        self.worker, self.job = worker, job
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.choice: dict[int, int] = {}            # engine index -> choice index
+        self.open: set[int] = set()                 # engine indexes not finished yet
+        self.t0 = time.time()
+
+    def start(self):
+        def sink(evs: list[Event]):                 # engine thread
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, evs)
+            except RuntimeError:                    # the loop has closed: nobody is listening
+                pass
+        for p, ids in enumerate(self.job.prompts):
+            for j in range(self.job.n):
+                index = self.worker.new_index()
+                self.choice[index] = p * self.job.n + j
+                self.open.add(index)
+                self.worker.submit(Request(ids, choice_params(self.job, j), index), sink)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) until every choice has finished (or failed)."""
+        while self.open:
+            for ev in await self.events.get():
+                if ev.kind in ("finish", "error"):
+                    self.open.discard(ev.index)
+                yield self.choice[ev.index], ev
+
+    def cancel(self):
+        """Abort the choices still running (the client went away, or the server stops)."""
+        for index in self.open:
+            self.worker.abort(index)
+        self.open.clear()
+
+
+def usage(job: Job, done: dict) -> dict:
+    """OpenAI usage of a finished job; `done` maps choice index -> Completion. The choices of
+    one prompt share it, so it counts once (as OpenAI counts it for n > 1); cached_tokens are
+    the prompt tokens the engine reused from a slot instead of computing (first choice)."""
+    n_prompt = sum(len(ids) for ids in job.prompts)
+    cached = sum(len(c.prompt_token_ids) - c.prefill_tokens for i, c in done.items() if i % job.n == 0)
+    n_gen = sum(len(c.token_ids) for c in done.values())
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+# ---- responses ----------------------------------------------------------------------------
+
+def _choice(job: Job, i: int, text: str, finish: str | None, delta: dict | None = None,
+            logprobs: dict | None = None) -> dict:
+    if not job.chat:
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    body = {"delta": delta if delta is not None else ({"content": text} if text else {})} if job.stream \
+        else {"message": {"role": "assistant", "content": text}}
+    return {"index": i, **body, "logprobs": logprobs, "finish_reason": finish}
+
+
+class Logprobs:
+    """The logprobs of one choice, gathered from its "token" events and rendered the OpenAI
+    way: chat {"content": [{token, logprob, bytes, top_logprobs}]}, completions {tokens,
+    token_logprobs, top_logprobs, text_offset}. take() renders what came since the last call
+    (a stream chunk's share). Token strings are each id decoded alone."""
+
+    def __init__(self, job: Job, tokenizer):
+        self.chat, self.tok = job.chat, tokenizer
+        self.wanted = job.params.logprobs is not None
+        self.pending: list[Event] = []
+        self.offset = 0                                 # completions: text_offset of the next token
+
+    def add(self, ev: Event):
+        if self.wanted:
+            self.pending.append(ev)
+
+    def _text(self, token_id: int) -> str:
+        return self.tok.decode([token_id], skip_special_tokens=False)
+
+    def take(self) -> dict | None:
+        if not self.wanted:
+            return None
+        evs, self.pending = self.pending, []
+        if self.chat:
+            def entry(t, lp):
+                s = self._text(t)
+                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+            content = [{**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top_logprobs]}
+                       for e in evs]
+            return {"content": content, "refusal": None}
+        tokens = [self._text(e.token_id) for e in evs]
+        offsets = []
+        for t in tokens:
+            offsets.append(self.offset)
+            self.offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in evs],
+                "top_logprobs": [{self._text(t): lp for t, lp in e.top_logprobs} for e in evs],
+                "text_offset": offsets}
+
+
+def _envelope(job: Job, rid: str, created: int, choices: list, **extra) -> dict:
+    kind = ("chat.completion" if job.chat else "text_completion") + (".chunk" if job.stream and job.chat else "")
+    return {"id": rid, "object": kind, "created": created, "model": job.model, "choices": choices, **extra}
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+class Server:
+    """The routes' shared state: the LLM, its worker, the names it answers to, the key."""
+
+    def __init__(self, llm, names: tuple[str, ...], api_key: str | None, metrics: Metrics):
+        self.llm, self.names, self.api_key, self.metrics = llm, names, api_key, metrics
+        self.worker = EngineWorker(llm.engine, metrics)
+
+    def check_key(self, request):
+        if self.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if not auth:
+            raise APIError(401, "no API key: send the header 'Authorization: Bearer KEY' with the server's "
+                           "key (--api-key or TINYLLM_API_KEY)", "invalid_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "incorrect API key: send the server's key (--api-key or TINYLLM_API_KEY) as "
+                           "'Authorization: Bearer KEY'", "invalid_api_key")
+
+    async def parse(self, request, chat: bool) -> Job:
+        self.check_key(request)
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
+        return parse_job(body, chat, self.llm, self.names)
+
+    async def generate(self, request, chat: bool):
+        from fastapi.responses import JSONResponse, Response, StreamingResponse
+        job = await self.parse(request, chat)
+        gen = Generation(self.worker, job)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        if job.stream:                              # _stream starts gen: then its `finally` cancels it
+            return StreamingResponse(self._stream(gen, rid), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        outcome = "cancelled"
+        try:
+            gen.start()
+            done: dict = {}
+            lps = {i: Logprobs(job, self.llm.tokenizer) for i in range(len(job.prompts) * job.n)}
+            async for i, ev in self._watch(gen, request):
+                if ev.kind == "token":
+                    lps[i].add(ev)
+                elif ev.kind == "finish":
+                    done[i] = ev.completion
+                elif ev.kind == "error":
+                    outcome = "error"
+                    raise APIError(500, ev.error)
+            outcome = "ok"
+        except ClientGone:
+            return Response(status_code=499)            # nobody reads it (nginx's "client closed")
+        finally:
+            gen.cancel()
+            self.metrics.requests.labels(outcome).inc()
+        choices = [_choice(job, i, done[i].text, done[i].finish_reason, logprobs=lps[i].take()) for i in sorted(done)]
+        return JSONResponse(_envelope(job, rid, int(gen.t0), choices, usage=usage(job, done)))
+
+    async def _watch(self, gen: Generation, request, every: float = 0.5):
+        """gen's events; raises ClientGone when the client has disconnected, which is checked
+        every `every` seconds (a plain response has no other signal of it)."""
+        it = gen.__aiter__()
+        checked = time.monotonic()
+        while True:
+            nxt = asyncio.ensure_future(it.__anext__())
+            while True:
+                await asyncio.wait({nxt}, timeout=max(0.0, checked + every - time.monotonic()))
+                if time.monotonic() - checked >= every:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        nxt.cancel()
+                        raise ClientGone()
+                if nxt.done():
+                    break
+            try:
+                yield nxt.result()
+            except StopAsyncIteration:
+                return
+
+    async def _stream(self, gen: Generation, rid: str):
+        """SSE chunks: for chat a first role delta per choice, then text deltas, a last chunk
+        with finish_reason per choice, the usage chunk if asked, and `data: [DONE]`."""
+        job, created = gen.job, int(gen.t0)
+        outcome = "cancelled"
+        extra = {"usage": None} if job.include_usage else {}
+        try:
+            gen.start()
+            if job.chat:
+                for i in range(len(job.prompts) * job.n):
+                    delta = {"role": "assistant", "content": ""}
+                    yield _sse(_envelope(job, rid, created, [_choice(job, i, "", None, delta)], **extra))
+            done: dict = {}
+            lps = {i: Logprobs(job, self.llm.tokenizer) for i in range(len(job.prompts) * job.n)}
+            async for i, ev in gen:
+                if ev.kind == "token":                  # its logprobs ride on the next chunk
+                    lps[i].add(ev)
+                elif ev.kind == "text":
+                    yield _sse(_envelope(job, rid, created, [_choice(job, i, ev.text, None, logprobs=lps[i].take())],
+                                         **extra))
+                elif ev.kind == "finish":
+                    done[i] = ev.completion
+                    rest = lps[i].take() if lps[i].pending else None
+                    yield _sse(_envelope(job, rid, created, [_choice(job, i, "", ev.completion.finish_reason,
+                                                                     logprobs=rest)], **extra))
+                elif ev.kind == "error":
+                    outcome = "error"
+                    yield _sse(APIError(500, ev.error).body())
+                    break
+            if job.include_usage and outcome != "error":
+                yield _sse(_envelope(job, rid, created, [], usage=usage(job, done)))
+            yield b"data: [DONE]\n\n"
+            outcome = "ok" if outcome != "error" else outcome
+        finally:                                    # also when the client disconnects (cancelled)
+            gen.cancel()
+            self.metrics.requests.labels(outcome).inc()
+
+
+def create_app(llm, names: tuple[str, ...], api_key: str | None = None, on_ready: Callable[[], None] | None = None):
+    """The FastAPI app serving `llm` under the model names `names` (the first is the one
+    /v1/models lists). The engine thread starts with the app and stops with it."""
+    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST
+    from starlette.exceptions import HTTPException
+
+    metrics = Metrics()
+    srv = Server(llm, names, api_key, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        srv.worker.start()
+        if on_ready:
+            on_ready()
+        yield
+        srv.worker.stop()
+
+    app = FastAPI(title="tinyllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = srv
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        if e.status < 500 and request.url.path in ("/v1/chat/completions", "/v1/completions"):
+            metrics.requests.labels("invalid").inc()            # (generate() counts the rest)
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):     # unknown path, wrong method
+        return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                                     "not_found" if e.status_code == 404 else None).body(),
+                            status_code=e.status_code)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        return await srv.generate(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        return await srv.generate(request, chat=False)
+
+    @app.get("/v1/models")
+    async def models(request: HTTPRequest):
+        srv.check_key(request)
+        return {"object": "list", "data": [{"id": names[0], "object": "model", "created": 0, "owned_by": "tinyllm",
+                                            "max_model_len": llm.max_seq_len}]}
+
+    @app.get("/health")
+    async def health():
+        if not srv.worker.thread.is_alive():
+            return JSONResponse(APIError(503, "the engine thread is not running").body(), status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before the model loads: a port in use fails at once. Port 0
+    picks a free one (the ready line says which)."""
+    if not 0 <= port <= 65535:
+        raise TinyLLMError(f"--port {port} is not a TCP port (0-65535)")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        raise TinyLLMError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --host/--port") from None
+    return sock
+
+
+def ready_lines(url: str, model: str, api_key: str | None) -> str:
+    auth = " -H \"Authorization: Bearer $TINYLLM_API_KEY\"" if api_key else ""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
+    return (f"tinyllm serve: ready at {url}/v1 (model {model!r}); Ctrl-C stops\n"
+            f"try: curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'")
+
+
+def run_serve(a) -> int:
+    """`tinyllm serve`: load the model, serve until SIGINT/SIGTERM, exit 0."""
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise TinyLLMError(f"tinyllm serve needs {e.name}: pip install 'tinyllm[serve]'") from None
+    from .options import load_llm
+    from .hub import DEFAULT_MODEL
+    if a.max_batch < 1:
+        raise TinyLLMError(f"--max-batch must be at least 1 (got {a.max_batch})")
+    api_key = a.api_key or os.environ.get("TINYLLM_API_KEY") or None
+    sock = listen(a.host, a.port)
+    llm = load_llm(a, max_batch=a.max_batch)
+    name = a.model or DEFAULT_MODEL
+    names = tuple(dict.fromkeys([name, llm.model_dir.name]))
+    host, port = sock.getsockname()[:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    if api_key is None and not ipaddress.ip_address(host).is_loopback:
+        print(f"tinyllm serve: warning: listening on {host} without an API key: anyone who can reach "
+              "this port can use it (set --api-key or TINYLLM_API_KEY)", file=sys.stderr)
+
+    def on_ready():
+        print(ready_lines(url, name, api_key), flush=True)
+
+    app = create_app(llm, names, api_key, on_ready)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on")
+    # uvicorn handles SIGINT/SIGTERM during serve() (stop accepting, let in-flight requests
+    # finish for GRACEFUL_SHUTDOWN_S, cancel the rest), then restores the previous handlers and
+    # re-raises the signal. No-op handlers here make that re-raise harmless: exit status 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.Server(config).run(sockets=[sock])
+    print("tinyllm serve: stopped", file=sys.stderr, flush=True)
+    return 0
