@@ -45,7 +45,7 @@ SERVER_FIELDS = ("stream", "stream_options", "n", "logprobs", "top_logprobs")
 MAX_N = 16                              # choices per request
 # How long SIGINT/SIGTERM waits for in-flight requests before cancelling them.
 GRACEFUL_SHUTDOWN_S = 10
-# Prometheus histogram buckets (seconds), as vLLM's.
+# Prometheus histogram buckets (seconds), after vLLM's (with finer ones below 10 ms for small models).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
