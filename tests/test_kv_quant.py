@@ -327,13 +327,22 @@ def test_cli_info_prints_kv_bytes_per_token_from_config(tiny_factory, capsys):
         assert per == cfg.kv_bytes_per_token(kv) and mha == cfg.mha_kv_bytes_per_token(kv)
         assert ctx.split()[0] == str(cfg.max_position_embeddings)   # 1 GB holds the whole context
         assert "model max" in ctx
-    # A budget that binds: room for exactly 100 fp32 tokens next to the float32 weights.
-    budget = cfg.n_params() * 4 + 100 * cfg.kv_bytes_per_token("fp32")
+    # A budget that binds: exactly what 100 fp32 tokens need next to the float32 weights and
+    # the working memory (memory.host_plan, what the loader checks). Each dtype's context is the
+    # largest n whose plan fits, found here by walking n up one at a time.
+    from tinyllm.kv_cache import DEFAULT_PREFILL_CHUNK
+    from tinyllm.memory import host_plan
+    budget = host_plan(cfg, "fp32", 100, 1, DEFAULT_PREFILL_CHUNK).total
     assert cli.main(["info", "--model", str(d), "--memory", f"{budget / 2**20}MB", "--backend", "numpy"]) == 0
     rows = info_table(capsys.readouterr().out)
+    budget = int(budget / 2**20 * 2**20)                            # as parse_memory reads it back
     for kv, (per, _, ctx) in rows.items():
-        assert int(ctx.split()[0]) == min(100 * cfg.kv_bytes_per_token("fp32") // per, cfg.max_position_embeddings)
-    assert [int(rows[k][2].split()[0]) for k in ("int8", "bf16", "fp32")] == [256, 200, 100]  # int8 capped at the model max
+        n = 1
+        while n < cfg.max_position_embeddings and host_plan(cfg, kv, n + 1, 1, DEFAULT_PREFILL_CHUNK).total <= budget:
+            n += 1
+        assert int(ctx.split()[0]) == n, kv
+    assert int(rows["fp32"][2].split()[0]) == 100
+    assert int(rows["int8"][2].split()[0]) > int(rows["bf16"][2].split()[0]) > 100
 
 
 # ---- the evaluation itself ---------------------------------------------------------------

@@ -82,18 +82,33 @@ def cmd_info(a) -> int:
         print(f"\ndoes not fit: the weights alone take {fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param "
               f"({backend}), more than the {fmt_bytes(budget)} budget (--memory)")
         return 0
-    print(f"\nKV cache per token, and the longest context that fits in {fmt_bytes(budget)} "
-          f"next to the weights ({fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param):")
+    from .kv_cache import KVCacheSpec
+    from .memory import host_plan, largest
+    chunk = DEFAULT_PREFILL_CHUNK
+    if backend == "numpy":                  # the same plan the loader checks (memory.py)
+        working = f"working memory ({fmt_bytes(host_plan(cfg, 'fp32', 2, 1, chunk).runtime)} and up, growing with the context)"
+
+        def fits(kv: str, n: int) -> bool:
+            return host_plan(cfg, kv, n, 1, chunk).total <= budget
+    else:
+        from .backends.cuda_backend import MEMORY_HEADROOM
+        working = f"{fmt_bytes(MEMORY_HEADROOM)} working memory"
+
+        def fits(kv: str, n: int) -> bool:
+            return weight_bytes + MEMORY_HEADROOM + KVCacheSpec.for_model(cfg, kv, n, 1, chunk=chunk).nbytes() <= budget
+    print(f"\nKV cache per token, and the longest context (one sequence) that fits in {fmt_bytes(budget)} "
+          f"next to the weights ({fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param) and {working}:")
     print(f"  {'kv dtype':<8} {'bytes/token':>12} {'MHA would need':>15}  max context")
+    unbounded = 1 << 40
     for kv in KV_DTYPE_BYTES:
         per = cfg.kv_bytes_per_token(kv)
-        ctx = left // per
-        if cfg.sliding_window and ctx >= cfg.sliding_window + DEFAULT_PREFILL_CHUNK:  # the rolling capacity
+        ctx = largest(lambda n: fits(kv, n), 2, unbounded)
+        if ctx < 2:
+            ctx_s = "0 (does not fit: no room for a cache)"
+        elif cfg.sliding_window and ctx == unbounded:      # the rolling cache's size is bounded
             ctx_s = "unbounded (rolling window)"
         elif ctx > cfg.max_position_embeddings:
             ctx_s = f"{cfg.max_position_embeddings} (model max; memory allows {ctx:,})"
-        elif ctx < 2:
-            ctx_s = "0 (does not fit: no room for a cache)"
         else:
             ctx_s = str(ctx)
         print(f"  {kv:<8} {per:>12,} {cfg.mha_kv_bytes_per_token(kv):>15,}  {ctx_s}")
