@@ -235,17 +235,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TINYLLM_API_KEY, else none)")
     sv.set_defaults(func=cmd_serve)
 
-    e = sub.add_parser("eval", help="perplexity and KL divergence per KV-cache dtype")
+    e = sub.add_parser("eval", help="perplexity and KL divergence per KV-cache dtype or study format")
     e.add_argument("--model", "-m", default=None, help="as for the other commands (default: the embedded model)")
     e.add_argument("--backend", default="auto", choices=["auto", "numpy", "cuda"],
                    help="cuda (GPU) or numpy (CPU); auto picks cuda when CuPy sees a GPU (default: auto)")
     e.add_argument("--dtype", default=None, help="compute dtype (default: bf16 on cuda, fp32 on numpy)")
     e.add_argument("--text", default=None, help="text file to score (default: a license text on this machine)")
-    e.add_argument("--tokens", type=int, default=4096, help="tokens of the text to score (default: 4096)")
+    e.add_argument("--tokens", type=int, default=2048,
+                   help="tokens of the text to score (default: 2048, a few minutes on 2 cores; 4096 for the full measurement)")
     e.add_argument("--window", type=int, default=1024, help="tokens per evaluated segment (default: 1024)")
-    e.add_argument("--kv-dtypes", default="fp32,fp16,bf16,int8,fp8",
-                   help="comma-separated; each is compared with the fp32 cache on the same backend "
-                        "(default: fp32,fp16,bf16,int8,fp8)")
+    e.add_argument("--kv-dtypes", default=None,
+                   help="real caches, comma-separated; each is compared with the fp32 cache on the same backend "
+                        "(default on cuda: fp32,fp16,bf16,int8,fp8; on numpy: none unless given)")
+    e.add_argument("--kv-formats", default=None,
+                   help="study formats on the numpy backend (fake-quantized caches, tinyllm/kv_formats.py): "
+                        "fp32, bf16, int8-token, fp8-token, q8_0, fp8-vllm, int8-kivi, fp8-kivi, fp8-kivi-v32 "
+                        "(default on numpy when --kv-dtypes is not given: "
+                        "fp32,bf16,int8-token,q8_0,int8-kivi,fp8-token,fp8-vllm,fp8-kivi)")
     e.set_defaults(func=cmd_eval)
     return p
 

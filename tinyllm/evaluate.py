@@ -7,6 +7,9 @@ perplexity, mean KL(reference || candidate) of the next-token distributions, max
 and top-1 agreement. It does not quantize anything itself (kv_cache.py does) and owns no
 model code; every segment is prefilled from scratch through the engine, so attention reads
 the quantized cache already during prefill, as in serving.
+
+Study formats (`kv_formats`, numpy backend only: kv_formats.py) run through the same loop
+with a fake-quantized float32 cache in place of a real one, side by side on the same tokens.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ ROWS_PER_BLOCK = 256     # log-softmax in float64 a block of positions at a time
 @dataclass
 class KVRow:
     kv_dtype: str
-    bytes_per_token: int
+    bytes_per_token: float   # K and V, all layers, with scales (and a KIVI format's open block)
     n_scored: int            # next-token predictions scored (window - 1 per segment)
     nll: float               # mean negative log-likelihood, nats
     ppl: float
@@ -104,22 +107,36 @@ class _Acc:
 
 def evaluate_kv(model_dir, text: str, n_tokens: int = 4096, window: int = 1024,
                 kv_dtypes=("fp32", "int8", "fp8"), backend: str = "numpy", dtype: str | None = None,
-                progress: bool = False) -> tuple[list[KVRow], dict]:
-    """Perplexity and divergence from the reference cache for each kv dtype.
+                progress: bool = False, kv_formats=(), plan=None,
+                drop_unfit: bool = False) -> tuple[list[KVRow], dict]:
+    """Perplexity and divergence from the reference cache for each kv dtype (a real cache)
+    and each kv format (kv_formats.py, a fake-quantized cache on the numpy backend).
 
     The first n_tokens tokens of `text` are cut into non-overlapping segments of `window`
     tokens (a shorter tail is dropped); each segment is prefilled from position 0, and
     positions 0..window-2 predict tokens 1..window-1. Returns (rows, info) where info says
-    how many tokens/segments were used."""
+    how many tokens/segments were used. plan(info, seconds_per_pass) is called once the
+    reference has run on the first segment (for the run-time estimate). A format that cannot
+    hold this model's head_dim is an error, or with drop_unfit is left out (info["dropped"])."""
     from .api import LLM
     from .engine import Engine
     from .kv_cache import resolve_kv_dtype
+    from .kv_formats import FORMATS, FormatBackend, parse_formats, unfit_reason
+    from .model import Transformer
 
     if window < 2:
         raise TinyLLMError(f"--window {window} is too short: a segment needs at least 2 tokens")
     llm = LLM(str(model_dir), backend=backend, dtype=dtype, kv_dtype=REFERENCE_KV, max_seq_len=window,
               max_batch=1)
     kvs = list(dict.fromkeys(resolve_kv_dtype(k, llm.backend.compute_dtype) for k in kv_dtypes))
+    fmts = parse_formats(kv_formats)
+    if fmts and llm.backend.name != "numpy":
+        raise TinyLLMError("--kv-formats is a study on the numpy backend; add --backend numpy "
+                           "(or use --kv-dtypes for the real caches on this backend)")
+    unfit = {f: why for f in fmts if (why := unfit_reason(f, llm.cfg.head_dim))}
+    if unfit and not drop_unfit:
+        raise TinyLLMError(next(iter(unfit.values())))
+    fmts = [f for f in fmts if f not in unfit]
     ids = llm.tokenizer.encode(text)
     n_seg = min(n_tokens, len(ids)) // window
     if n_seg == 0:
@@ -128,14 +145,23 @@ def evaluate_kv(model_dir, text: str, n_tokens: int = 4096, window: int = 1024,
     segments = [ids[i * window:(i + 1) * window] for i in range(n_seg)]
     engines = {kv: Engine(llm.model, llm.tokenizer, llm.backend, set(), window, kv, max_batch=1)
                for kv in dict.fromkeys([REFERENCE_KV] + kvs)}
+    for f in fmts:                            # keys "format:NAME" never clash with kv dtypes
+        study = FormatBackend(FORMATS[f])
+        engines[f"format:{f}"] = Engine(Transformer(llm.cfg, llm.model.w, study), llm.tokenizer, study,
+                                        set(), window, REFERENCE_KV, max_batch=1)
     accs = {kv: _Acc() for kv in engines}
+    info = {"model_dir": str(llm.model_dir), "backend": llm.backend.name, "text_tokens": len(ids),
+            "tokens": n_seg * window, "segments": n_seg, "window": window, "reference": REFERENCE_KV,
+            "passes": len(engines), "dropped": unfit}
 
     from tqdm.auto import tqdm
-    for seg in tqdm(segments, desc="segments", unit="seg", disable=not progress, file=sys.stderr):
+    for i, seg in enumerate(tqdm(segments, desc="segments", unit="seg", disable=not progress, file=sys.stderr)):
         targets = np.asarray(seg[1:], np.int64)
         t0 = time.perf_counter()
         ref = engines[REFERENCE_KV].logits(seg)[:-1]
         accs[REFERENCE_KV].seconds += time.perf_counter() - t0
+        if i == 0 and plan is not None:
+            plan(info, accs[REFERENCE_KV].seconds)
         accs[REFERENCE_KV].add(ref, targets, ref)
         for kv, eng in engines.items():
             if kv == REFERENCE_KV:
@@ -147,34 +173,46 @@ def evaluate_kv(model_dir, text: str, n_tokens: int = 4096, window: int = 1024,
             accs[kv].add(lg, targets, ref)
 
     ref_ppl = float(np.exp(accs[REFERENCE_KV].nll / accs[REFERENCE_KV].n))
+    cfg = llm.cfg
+    named = [(kv, kv, cfg.kv_bytes_per_token(kv)) for kv in kvs]
+    named += [(f"format:{f}", f, FORMATS[f].bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, window))
+              for f in fmts]
     rows = []
-    for kv in kvs:
-        a = accs[kv]
+    for key, name, nbytes in named:
+        a = accs[key]
         nll = a.nll / a.n
         ppl = float(np.exp(nll))
         mean_d = a.dnll / a.n
         se = np.sqrt(max(a.dnll2 / a.n - mean_d ** 2, 0.0) / max(a.n - 1, 1))
-        rows.append(KVRow(kv, llm.cfg.kv_bytes_per_token(kv), a.n, nll, ppl, 100 * (ppl / ref_ppl - 1),
+        rows.append(KVRow(name, nbytes, a.n, nll, ppl, 100 * (ppl / ref_ppl - 1),
                           100 * float(np.exp(mean_d) * se),
                           a.kl / a.n, a.max_diff, a.agree / a.n, a.seconds))
-    info = {"model_dir": str(llm.model_dir), "backend": llm.backend.name, "text_tokens": len(ids),
-            "tokens": n_seg * window, "segments": n_seg, "window": window, "reference": REFERENCE_KV,
-            "reference_ppl": ref_ppl}
+    info["reference_ppl"] = ref_ppl
     return rows, info
 
 
 def format_table(rows: list[KVRow]) -> str:
-    lines = ["| kv dtype | bytes/token | perplexity | Δ ppl vs fp32 (± 1 s.e.) | mean KL (nats) | max abs Δlogit | top-1 agree | time (s) |",
+    lines = ["| kv dtype / format | bytes/token | perplexity | Δ ppl vs fp32 (± 1 s.e.) | mean KL (nats) | max abs Δlogit | top-1 agree | time (s) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.kv_dtype} | {r.bytes_per_token:,} | {r.ppl:.4f} | {r.ppl_delta_pct:+.3f}% ± {r.ppl_delta_se_pct:.3f} | "
+        lines.append(f"| {r.kv_dtype} | {r.bytes_per_token:,.0f} | {r.ppl:.4f} | {r.ppl_delta_pct:+.3f}% ± {r.ppl_delta_se_pct:.3f} | "
                      f"{r.kl:.2e} | {r.max_abs_logit_diff:.4f} | {100 * r.top1_agree:.2f}% | {r.seconds:.1f} |")
     return "\n".join(lines)
 
 
+DEFAULT_DTYPES = "fp32,fp16,bf16,int8,fp8"                           # real caches (any backend)
+DEFAULT_FORMATS = "fp32,bf16,int8-token,q8_0,int8-kivi,fp8-token,fp8-vllm,fp8-kivi"   # numpy study
+
+
+def _names(arg: str | None) -> list[str]:
+    return [k.strip() for k in (arg or "").split(",") if k.strip()]
+
+
 def run_eval(a) -> int:
-    """`tinyllm eval`: print where the text came from, then the markdown table."""
+    """`tinyllm eval`: print the plan, an estimate of the run time once the reference has run
+    on one segment, then the markdown table."""
     from .api import resolve_model_dir
+    from .backends import cuda_available
     model_dir = resolve_model_dir(a.model)
     if a.text:
         files = [Path(a.text)]
@@ -184,11 +222,28 @@ def run_eval(a) -> int:
         # ~4 characters per token in English prose; a margin so the tokens reach --tokens.
         files = default_text_files(min_chars=5 * a.tokens)
     text = load_text(files)
-    kv_dtypes = [k.strip() for k in a.kv_dtypes.split(",") if k.strip()]
     backend = getattr(a, "backend", "numpy") or "numpy"
+    kv_dtypes, kv_formats = _names(a.kv_dtypes), _names(getattr(a, "kv_formats", None))
+    defaults = a.kv_dtypes is None and getattr(a, "kv_formats", None) is None
+    if defaults:
+        on_numpy = backend == "numpy" or (backend == "auto" and not cuda_available())
+        kv_formats = _names(DEFAULT_FORMATS) if on_numpy else []
+        kv_dtypes = [] if on_numpy else _names(DEFAULT_DTYPES)
+    print(f"plan: {a.tokens} tokens of {', '.join(str(f) for f in files)} in segments of {a.window}, "
+          f"each prefilled from scratch; kv dtypes: {', '.join(kv_dtypes) or '-'}; "
+          f"kv formats (numpy study): {', '.join(kv_formats) or '-'}", flush=True)
+
+    def plan(info, seconds):
+        for why in info["dropped"].values():
+            print(f"skipped: {why}", flush=True)
+        total = seconds * info["passes"] * info["segments"]
+        print(f"estimate: {info['passes']} passes x {info['segments']} segments x {seconds:.1f} s "
+              f"(the reference's first segment) = about {total / 60:.1f} min", flush=True)
+
     t0 = time.perf_counter()
     rows, info = evaluate_kv(model_dir, text, a.tokens, a.window, kv_dtypes, backend=backend,
-                             dtype=getattr(a, "dtype", None), progress=True)
+                             dtype=getattr(a, "dtype", None), progress=True, kv_formats=kv_formats, plan=plan,
+                             drop_unfit=defaults)
     print(f"model: {info['model_dir']}  backend: {info['backend']}")
     print(f"text: {', '.join(str(f) for f in files)} ({info['text_tokens']} tokens); evaluated "
           f"{info['tokens']} tokens = {info['segments']} segments of {info['window']}, each prefilled "
