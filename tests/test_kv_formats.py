@@ -333,6 +333,14 @@ def test_cli_eval_kv_formats(tiny_factory, tmp_path, capsys):
     table = [line for line in lines if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in table[1:]] == ["int8", "int8-token", "int8-kivi", "fp8-kivi"]
     assert table[2].split("|")[5:7] == table[3].split("|")[5:7]     # real int8 == study int8-token (KL, Δlogit)
+    assert cli.main(["eval", "--model", d, "--backend", "numpy", "--text", str(text), "--tokens", "32",
+                     "--window", "32", "--kv-formats", "int8-kivi", "--kivi-block", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "(KIVI key block 8 tokens)" in out
+    from tinyllm.api import LLM
+    cfg = LLM(d).cfg
+    want = FORMATS["int8-kivi"].bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 32, block=8)
+    assert f"| int8-kivi | {want:,.0f} |" in out
     assert cli.main(["eval", "--model", d, "--backend", "numpy", "--text", str(text), "--kv-formats", "int4-kivi"]) == 2
     assert "unknown kv format 'int4-kivi'" in capsys.readouterr().err
     assert cli.main(["eval", "--model", d, "--backend", "numpy", "--text", str(text), "--tokens", "64",

@@ -249,9 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default on cuda: fp32,fp16,bf16,int8,fp8; on numpy: none unless given)")
     e.add_argument("--kv-formats", default=None,
                    help="study formats on the numpy backend (fake-quantized caches, tinyllm/kv_formats.py): "
-                        "fp32, bf16, int8-token, fp8-token, q8_0, fp8-vllm, int8-kivi, fp8-kivi, fp8-kivi-v32 "
+                        "fp32, bf16, int8-token, fp8-token, q8_0, fp8-vllm, int8-kivi, int8-kivi-zp, fp8-kivi, "
+                        "fp8-kivi-sym, fp8-kivi-v32 "
                         "(default on numpy when --kv-dtypes is not given: "
                         "fp32,bf16,int8-token,q8_0,int8-kivi,fp8-token,fp8-vllm,fp8-kivi)")
+    e.add_argument("--kivi-block", type=int, default=16,
+                   help="tokens per block of the KIVI formats' per-channel key scales (default: 16)")
     e.set_defaults(func=cmd_eval)
     return p
 

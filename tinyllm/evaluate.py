@@ -108,7 +108,7 @@ class _Acc:
 def evaluate_kv(model_dir, text: str, n_tokens: int = 4096, window: int = 1024,
                 kv_dtypes=("fp32", "int8", "fp8"), backend: str = "numpy", dtype: str | None = None,
                 progress: bool = False, kv_formats=(), plan=None,
-                drop_unfit: bool = False) -> tuple[list[KVRow], dict]:
+                drop_unfit: bool = False, kivi_block: int = 16) -> tuple[list[KVRow], dict]:
     """Perplexity and divergence from the reference cache for each kv dtype (a real cache)
     and each kv format (kv_formats.py, a fake-quantized cache on the numpy backend).
 
@@ -117,7 +117,8 @@ def evaluate_kv(model_dir, text: str, n_tokens: int = 4096, window: int = 1024,
     positions 0..window-2 predict tokens 1..window-1. Returns (rows, info) where info says
     how many tokens/segments were used. plan(info, seconds_per_pass) is called once the
     reference has run on the first segment (for the run-time estimate). A format that cannot
-    hold this model's head_dim is an error, or with drop_unfit is left out (info["dropped"])."""
+    hold this model's head_dim is an error, or with drop_unfit is left out (info["dropped"]).
+    kivi_block: the token block B of the KIVI formats' key scales."""
     from .api import LLM
     from .engine import Engine
     from .kv_cache import resolve_kv_dtype
@@ -126,6 +127,8 @@ def evaluate_kv(model_dir, text: str, n_tokens: int = 4096, window: int = 1024,
 
     if window < 2:
         raise TinyLLMError(f"--window {window} is too short: a segment needs at least 2 tokens")
+    if kivi_block < 1:
+        raise TinyLLMError(f"--kivi-block {kivi_block}: a block holds at least 1 token")
     llm = LLM(str(model_dir), backend=backend, dtype=dtype, kv_dtype=REFERENCE_KV, max_seq_len=window,
               max_batch=1)
     kvs = list(dict.fromkeys(resolve_kv_dtype(k, llm.backend.compute_dtype) for k in kv_dtypes))
@@ -146,7 +149,7 @@ def evaluate_kv(model_dir, text: str, n_tokens: int = 4096, window: int = 1024,
     engines = {kv: Engine(llm.model, llm.tokenizer, llm.backend, set(), window, kv, max_batch=1)
                for kv in dict.fromkeys([REFERENCE_KV] + kvs)}
     for f in fmts:                            # keys "format:NAME" never clash with kv dtypes
-        study = FormatBackend(FORMATS[f])
+        study = FormatBackend(FORMATS[f], kivi_block)
         engines[f"format:{f}"] = Engine(Transformer(llm.cfg, llm.model.w, study), llm.tokenizer, study,
                                         set(), window, REFERENCE_KV, max_batch=1)
     accs = {kv: _Acc() for kv in engines}
@@ -175,7 +178,8 @@ def evaluate_kv(model_dir, text: str, n_tokens: int = 4096, window: int = 1024,
     ref_ppl = float(np.exp(accs[REFERENCE_KV].nll / accs[REFERENCE_KV].n))
     cfg = llm.cfg
     named = [(kv, kv, cfg.kv_bytes_per_token(kv)) for kv in kvs]
-    named += [(f"format:{f}", f, FORMATS[f].bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, window))
+    named += [(f"format:{f}", f, FORMATS[f].bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, window,
+                                                           kivi_block))
               for f in fmts]
     rows = []
     for key, name, nbytes in named:
@@ -223,6 +227,7 @@ def run_eval(a) -> int:
         files = default_text_files(min_chars=5 * a.tokens)
     text = load_text(files)
     backend = getattr(a, "backend", "numpy") or "numpy"
+    kivi_block = getattr(a, "kivi_block", 16)
     kv_dtypes, kv_formats = _names(a.kv_dtypes), _names(getattr(a, "kv_formats", None))
     defaults = a.kv_dtypes is None and getattr(a, "kv_formats", None) is None
     if defaults:
@@ -231,7 +236,8 @@ def run_eval(a) -> int:
         kv_dtypes = [] if on_numpy else _names(DEFAULT_DTYPES)
     print(f"plan: {a.tokens} tokens of {', '.join(str(f) for f in files)} in segments of {a.window}, "
           f"each prefilled from scratch; kv dtypes: {', '.join(kv_dtypes) or '-'}; "
-          f"kv formats (numpy study): {', '.join(kv_formats) or '-'}", flush=True)
+          f"kv formats (numpy study): {', '.join(kv_formats) or '-'}"
+          + (f" (KIVI key block {kivi_block} tokens)" if any("kivi" in f for f in kv_formats) else ""), flush=True)
 
     def plan(info, seconds):
         for why in info["dropped"].values():
@@ -243,7 +249,7 @@ def run_eval(a) -> int:
     t0 = time.perf_counter()
     rows, info = evaluate_kv(model_dir, text, a.tokens, a.window, kv_dtypes, backend=backend,
                              dtype=getattr(a, "dtype", None), progress=True, kv_formats=kv_formats, plan=plan,
-                             drop_unfit=defaults)
+                             drop_unfit=defaults, kivi_block=kivi_block)
     print(f"model: {info['model_dir']}  backend: {info['backend']}")
     print(f"text: {', '.join(str(f) for f in files)} ({info['text_tokens']} tokens); evaluated "
           f"{info['tokens']} tokens = {info['segments']} segments of {info['window']}, each prefilled "

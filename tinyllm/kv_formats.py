@@ -111,14 +111,15 @@ def e4m3_cast(x: np.ndarray) -> np.ndarray:
 
 def q8_0(x: np.ndarray) -> np.ndarray:
     """llama.cpp q8_0 along the last axis (ggml quantize_row_q8_0_ref / dequantize_row_q8_0):
-    d = absmax/127 in fp32, q = roundf(x * (1/d)) (half away from zero), stored d in fp16."""
+    d = absmax/127 in fp32, q = roundf(x * (1/d)) (half away from zero), stored d in fp16.
+    (ggml's SIMD paths round ties to even instead; exact ties are rare in activations.)"""
     x = np.asarray(x, np.float32)
     if x.shape[-1] % Q8_0_BLOCK:
         raise TinyLLMError(f"kv format q8_0 needs head_dim to be a multiple of {Q8_0_BLOCK} "
                            f"(this model's is {x.shape[-1]}); choose another --kv-formats entry")
     y = x.reshape(*x.shape[:-1], x.shape[-1] // Q8_0_BLOCK, Q8_0_BLOCK)
     d = np.abs(y).max(axis=-1, keepdims=True) / np.float32(127)
-    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, np.float32(1)), np.float32(0))
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
     t = y * inv
     q = np.trunc(t + np.copysign(np.float32(0.5), t))               # roundf: half away from zero
     return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
