@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp32, bf16, int8-token, fp8-token, q8_0, fp8-vllm, int8-kivi, int8-kivi-zp, fp8-kivi, "
                         "fp8-kivi-sym, fp8-kivi-v32 "
                         "(default on numpy when --kv-dtypes is not given: "
-                        "fp32,bf16,int8-token,q8_0,int8-kivi,fp8-token,fp8-vllm,fp8-kivi)")
+                        "bf16,int8-token,q8_0,int8-kivi,int8-kivi-zp,fp8-token,fp8-vllm,fp8-kivi; the fp32 "
+                        "reference always runs)")
     e.add_argument("--kivi-block", type=int, default=16,
                    help="tokens per block of the KIVI formats' per-channel key scales (default: 16)")
     e.set_defaults(func=cmd_eval)
