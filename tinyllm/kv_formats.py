@@ -32,7 +32,8 @@ is written; then its B keys are quantized together. So the K read back for a pos
 once: exact while its block is open, block-quantized after. A prefill chunk closes every block
 it completes before attention runs (as the real cache's kernels would), decode steps close
 one block every B tokens, and restarting a sequence at position p (prefix reuse) reopens the
-block holding p. Blocks are aligned to positions (block j = positions jB .. jB+B-1), not to
+block holding p (the study re-quantizes it from the full-precision keys it kept; a real cache
+holds only the quantized ones, so it must reuse whole blocks or recompute from the block start). Blocks are aligned to positions (block j = positions jB .. jB+B-1), not to
 cache indices, so a rolling sliding-window cache wraps without moving block boundaries; a
 block's raw keys are kept in a shadow of cap + B rows, which holds them even when the window
 is shorter than a block.
@@ -45,7 +46,8 @@ Bytes per token (all layers, K and V), from the format: per (layer, kv-head, tok
     int8-kivi, fp8-kivi-sym K: D + 4D/B  (fp32 per-channel scales amortised over the block)
                             V: D + 4
                             + the open block: B rows of fp32 keys (4BD bytes) per sequence,
-                              amortised over the context length N: 4BD/N
+                              amortised over the context length N: 4BD/N (a bf16 backend
+                              would keep them in bf16: 2BD/N)
     int8-kivi-zp, fp8-kivi  as int8-kivi with K: D + 8D/B (an fp32 offset per channel too)
     fp8-kivi-v32            as fp8-kivi-sym with V: D + 4 * D/32
 
