@@ -83,18 +83,24 @@ def test_fp8_vllm_is_a_saturating_cast():
 
 
 @pytest.mark.parametrize("kind, qmax", [("int8", 127), ("fp8", 448)])
-@pytest.mark.parametrize("zero_point", [False, True])
-def test_kivi_key_blocks_round_trip(kind, qmax, zero_point):
+@pytest.mark.parametrize("zero_point, fp16_meta", [(False, False), (True, False), (True, True)])
+def test_kivi_key_blocks_round_trip(kind, qmax, zero_point, fp16_meta):
     from tinyllm.kv_formats import per_channel_blocks
     x = rng_keys((3, 16, 2, 64))                                   # (blocks, B, kv heads, channels)
     x[:, :, :, 7] += 1000                                          # an offset channel
-    y = per_channel_blocks(x, kind, zero_point)
+    y = per_channel_blocks(x, kind, zero_point, fp16_meta)
     c = (x.max(axis=1, keepdims=True) + x.min(axis=1, keepdims=True)) / 2 if zero_point else 0
+    if fp16_meta:
+        c = np.float32(c).astype(np.float16).astype(np.float32)
     scale = np.abs(x - c).max(axis=1, keepdims=True) / qmax        # per (block, head, channel)
+    slack = 0
+    if fp16_meta:                                                   # the scale as stored, and what saturates
+        s16 = scale.astype(np.float16).astype(np.float32)
+        slack, scale = qmax * np.maximum(scale - s16, 0), s16
     bound = scale / 2 if kind == "int8" else np.maximum(np.abs(x - c) * 2.0 ** -4, scale * 2.0 ** -10)
-    bound = bound * (1 + 1e-6) + (np.abs(x) + np.abs(c)) * 2.0 ** -23   # + float32 rounding of x - c and + c
+    bound = bound * (1 + 1e-6) + slack + (np.abs(x) + np.abs(c)) * 2.0 ** -23   # + rounding of x - c and + c
     assert np.all(np.abs(y - x) <= bound)
-    assert np.array_equal(y[:, :, :, 5], per_channel_blocks(x[:, :, :, 5:6], kind, zero_point)[..., 0])  # channels independent
+    assert np.array_equal(y[:, :, :, 5], per_channel_blocks(x[:, :, :, 5:6], kind, zero_point, fp16_meta)[..., 0])
 
 
 def test_bytes_per_token_worked_example():
@@ -104,6 +110,7 @@ def test_bytes_per_token_worked_example():
     assert b["int8-token"] == b["fp8-token"] == b["q8_0"] == 12_240
     assert b["int8-kivi"] == b["fp8-kivi-sym"] == 13_680
     assert b["fp8-kivi"] == b["int8-kivi-zp"] == 30 * 3 * (64 + 8 * 64 / 16 + 68 + 4) == 15_120
+    assert b["int8-kivi-zp-f16"] == b["fp8-kivi-f16"] == 13_680
     assert FORMATS["int8-kivi"].bytes_per_token(30, 3, 64, context=4096) == 13_410
     assert b["fp8-kivi-v32"] == 30 * 3 * (80 + 64 + 8 + 4)
 

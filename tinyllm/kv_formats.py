@@ -23,6 +23,7 @@ Formats (K / V; D = head_dim, B = KIVI token block, default 16):
                 scale), so the scale covers the channel's spread, not its offset
     fp8-kivi    the best e4m3 variant found: K per channel over blocks with the midrange
                 offset, in e4m3 (scale absmax(x - c)/448); V: e4m3 per token (as fp8-token)
+    int8-kivi-zp-f16, fp8-kivi-f16  the two above with the keys' scale and offset in fp16
     fp8-kivi-sym  fp8-kivi without the offset (symmetric per-channel key scales)
     fp8-kivi-v32  fp8-kivi-sym with V on one fp32 scale per 32 channels
 
@@ -49,6 +50,7 @@ Bytes per token (all layers, K and V), from the format: per (layer, kv-head, tok
                               amortised over the context length N: 4BD/N (a bf16 backend
                               would keep them in bf16: 2BD/N)
     int8-kivi-zp, fp8-kivi  as int8-kivi with K: D + 8D/B (an fp32 offset per channel too)
+    the -f16 variants       as int8-kivi: D + 4D/B (fp16 scale and offset)
     fp8-kivi-v32            as fp8-kivi-sym with V: D + 4 * D/32
 
 Worked example, SmolLM2-135M (30 layers, 3 kv heads, D = 64) at a context of N = 1024 tokens:
@@ -68,7 +70,7 @@ import numpy as np
 
 from .backends.numpy_backend import NumpyBackend, NumpyKVCache
 from .errors import TinyLLMError
-from .kv_cache import KVCacheSpec, dequantize, quantize
+from .kv_cache import QMAX, KVCacheSpec, dequantize, quantize
 
 KIVI_BLOCK = 16
 E4M3_MAX = 448.0
@@ -88,16 +90,25 @@ def per_group(x: np.ndarray, kind: str, group: int) -> np.ndarray:
     return per_token(y, kind).reshape(x.shape)
 
 
-def per_channel_blocks(blocks: np.ndarray, kind: str, zero_point: bool = False) -> np.ndarray:
+def per_channel_blocks(blocks: np.ndarray, kind: str, zero_point: bool = False,
+                       fp16_meta: bool = False) -> np.ndarray:
     """blocks (nb, B, n_kv, D): one scale per (block, kv-head, channel) over the B tokens
     (kv_cache's rounding, with the token axis moved last). zero_point: first subtract each
-    channel's midrange c = (max + min) / 2 over the block (float32, stored next to the scale),
-    so the scale covers the channel's spread rather than its offset."""
+    channel's midrange c = (max + min) / 2 over the block (stored next to the scale), so the
+    scale covers the channel's spread rather than its offset. fp16_meta: offset and scale
+    stored in fp16 (the scale rounded from absmax/qmax; values it pushes past qmax saturate)."""
     x = blocks.transpose(0, 2, 3, 1)                                   # (nb, n_kv, D, B)
-    if not zero_point:
-        return per_token(x, kind).transpose(0, 3, 1, 2)
-    c = (x.max(-1, keepdims=True) + x.min(-1, keepdims=True)) * np.float32(0.5)
-    return (per_token(x - c, kind) + c).transpose(0, 3, 1, 2)
+    c = np.float32(0)
+    if zero_point:
+        c = (x.max(-1, keepdims=True) + x.min(-1, keepdims=True)) * np.float32(0.5)
+    if not fp16_meta:
+        return (per_token(x - c, kind) + c).transpose(0, 3, 1, 2)
+    c = np.asarray(c).astype(np.float16).astype(np.float32)
+    y, qmax = x - c, np.float32(QMAX[kind])
+    s = (np.abs(y).max(-1, keepdims=True) / qmax).astype(np.float16).astype(np.float32)
+    t = np.clip(np.divide(y, s, out=np.zeros_like(y), where=s > 0), -qmax, qmax)
+    q = np.rint(t) if kind == "int8" else t.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    return (q * s + c).transpose(0, 3, 1, 2)
 
 
 def bf16(x: np.ndarray) -> np.ndarray:
@@ -136,6 +147,7 @@ class KVFormat:
     v_bytes: Callable[[int], float]        # D -> bytes
     k_block_kind: str = ""           # "int8" | "fp8" for KIVI keys
     k_zero_point: bool = False       # KIVI keys: a per-channel midrange offset too
+    k_fp16_meta: bool = False        # KIVI keys: scale (and offset) in fp16, not fp32
     doc: str = ""
 
     @property
@@ -152,9 +164,12 @@ class KVFormat:
         return n_layers * n_kv_heads * per
 
 
-def _kivi(name: str, kind: str, v: Transform, v_bytes, doc: str, zero_point: bool = False) -> KVFormat:
-    per_channel = 8 if zero_point else 4                     # fp32 scale (and offset) per channel and block
-    return KVFormat(name, None, v, lambda d, b: d + per_channel * d / b, v_bytes, kind, zero_point, doc)
+def _kivi(name: str, kind: str, v: Transform, v_bytes, doc: str, zero_point: bool = False,
+          fp16_meta: bool = False) -> KVFormat:
+    # bytes of scale (and offset) per channel and block
+    per_channel = (2 if zero_point else 1) * (2 if fp16_meta else 4)
+    return KVFormat(name, None, v, lambda d, b: d + per_channel * d / b, v_bytes, kind, zero_point,
+                    fp16_meta, doc)
 
 
 def _tok(kind: str) -> Transform:
@@ -178,6 +193,10 @@ FORMATS: dict[str, KVFormat] = {f.name: f for f in (
           zero_point=True),
     _kivi("fp8-kivi", "fp8", _tok("fp8"), lambda d: d + 4, "K per channel with offset, V per token",
           zero_point=True),
+    _kivi("int8-kivi-zp-f16", "int8", _tok("int8"), lambda d: d + 4, "int8-kivi-zp, fp16 scale and offset",
+          zero_point=True, fp16_meta=True),
+    _kivi("fp8-kivi-f16", "fp8", _tok("fp8"), lambda d: d + 4, "fp8-kivi, fp16 scale and offset",
+          zero_point=True, fp16_meta=True),
     _kivi("fp8-kivi-sym", "fp8", _tok("fp8"), lambda d: d + 4, "K per channel, V per token"),
     _kivi("fp8-kivi-v32", "fp8", lambda x: per_group(x, "fp8", 32), lambda d: d + 4 * d / 32,
           "fp8-kivi-sym with V on one scale per 32 channels"),
@@ -240,7 +259,7 @@ class FormatKVCache(NumpyKVCache):
         out = raw[keep % self.shadow_len]            # open block: exact
         if closed > b0:
             blocks = raw[np.arange(b0, closed) % self.shadow_len].reshape(-1, B, *k.shape[1:])
-            deq = per_channel_blocks(blocks, self.fmt.k_block_kind, self.fmt.k_zero_point).reshape(-1, *k.shape[1:])
+            deq = per_channel_blocks(blocks, self.fmt.k_block_kind, self.fmt.k_zero_point, self.fmt.k_fp16_meta).reshape(-1, *k.shape[1:])
             done = keep < closed
             out[done] = deq[keep[done] - b0]
         self.k[layer][slot, keep % cap] = out
