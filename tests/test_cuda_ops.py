@@ -21,7 +21,6 @@ import os
 import zlib
 
 import ml_dtypes
-
 import numpy as np
 import pytest
 
