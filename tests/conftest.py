@@ -72,6 +72,14 @@ def make_tiny_checkpoint(out: Path, case: str, dtype: str = "float32", shard: bo
     return out
 
 
+def with_chat_template(src: Path, dst: Path, template: str) -> Path:
+    """A copy of the checkpoint at src in dst (new or empty) with template as its chat_template.jinja."""
+    import shutil
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    (dst / "chat_template.jinja").write_text(template)
+    return dst
+
+
 def tiny_tokenizer():
     """A byte-level tokenizer whose 256 ids are the 256 bytes (no merges): every text
     round-trips, which is all random-weight models need."""

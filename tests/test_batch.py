@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import with_chat_template
 from tinyllm import LLM, SamplingParams
 from tinyllm.cli import main as cli_main
 
@@ -40,10 +40,7 @@ def chat_dirs(tiny_factory, tmp_path_factory):
     """case -> a copy of the tiny checkpoint with a ChatML-like chat template."""
     out = {}
     for case in ("llama_gqa", "mistral_window"):
-        d = tmp_path_factory.mktemp(f"chat_{case}")
-        shutil.copytree(tiny_factory(case), d, dirs_exist_ok=True)
-        (d / "chat_template.jinja").write_text(CHATML)
-        out[case] = d
+        out[case] = with_chat_template(tiny_factory(case), tmp_path_factory.mktemp(f"chat_{case}"), CHATML)
     return out
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import with_chat_template
 from tinyllm.chat import DEFAULT, ChatSession, Quit, parse_set, read_message
 from tinyllm.errors import TinyLLMError
 from tinyllm.sampling import SamplingParams
@@ -40,20 +40,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
         n += 1
     return n
 
-def _with_template(src: Path, dst: Path, template: str) -> Path:
-    shutil.copytree(src, dst)
-    (dst / "chat_template.jinja").write_text(template)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def chat_model(tiny_factory, tmp_path_factory) -> Path:
-    return _with_template(tiny_factory("llama_gqa"), tmp_path_factory.mktemp("chat") / "m", CHATML)
+    return with_chat_template(tiny_factory("llama_gqa"), tmp_path_factory.mktemp("chat") / "m", CHATML)
 
 
 @pytest.fixture(scope="module")
 def nosys_model(tiny_factory, tmp_path_factory) -> Path:
-    return _with_template(tiny_factory("llama_gqa"), tmp_path_factory.mktemp("nosys") / "m", NO_SYSTEM)
+    return with_chat_template(tiny_factory("llama_gqa"), tmp_path_factory.mktemp("nosys") / "m", NO_SYSTEM)
 
 
 @pytest.fixture(scope="module")

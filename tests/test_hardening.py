@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import with_chat_template
 from tinyllm import LLM, SamplingParams, TinyLLMError
 from tinyllm.cli import build_parser, main as cli_main
 
@@ -74,9 +75,7 @@ def test_bytes_prompt_says_to_decode(llm):
     ([{"role": "user", "content": [{"type": "image_url"}]}], "text content"),
 ])
 def test_chat_rejects_wrong_message_types(tiny_factory, tmp_path, messages, what):
-    d = tmp_path / "m"
-    shutil.copytree(tiny_factory("llama_gqa"), d)
-    (d / "chat_template.jinja").write_text(TEMPLATE)
+    d = with_chat_template(tiny_factory("llama_gqa"), tmp_path / "m", TEMPLATE)
     with pytest.raises(TinyLLMError, match=what):
         LLM(str(d)).chat(messages, SamplingParams(max_tokens=1))
 
@@ -421,10 +420,7 @@ def test_default_threads_leave_out_busy_cores():
 
 @pytest.fixture(scope="module")
 def chat_model(tiny_factory, tmp_path_factory):
-    d = tmp_path_factory.mktemp("chat")
-    shutil.copytree(tiny_factory("llama_gqa"), d, dirs_exist_ok=True)
-    (d / "chat_template.jinja").write_text(TEMPLATE)
-    return d
+    return with_chat_template(tiny_factory("llama_gqa"), tmp_path_factory.mktemp("chat"), TEMPLATE)
 
 
 def spawn_chat(model, tmp_path, *flags):
@@ -456,10 +452,8 @@ def test_a_pasted_block_is_one_message(chat_model, tmp_path, paste):
 
 def test_a_failing_template_keeps_the_conversation(chat_model, tmp_path):
     import pexpect
-    d = tmp_path / "m"
-    shutil.copytree(chat_model, d)
     # renders the first turn, fails from the second on
-    (d / "chat_template.jinja").write_text("{% if messages|length > 2 %}{{ 1 // 0 }}{% endif %}" + TEMPLATE)
+    d = with_chat_template(chat_model, tmp_path / "m", "{% if messages|length > 2 %}{{ 1 // 0 }}{% endif %}" + TEMPLATE)
     c = spawn_chat(d, tmp_path)
     c.sendline("first")
     c.expect_exact(">>> ")

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from conftest import with_chat_template  # noqa: E402
 from tinyllm import LLM, SamplingParams  # noqa: E402
 from tinyllm.engine import Request  # noqa: E402
 
@@ -44,10 +44,7 @@ GREEDY = SamplingParams(max_tokens=20, temperature=0)
 
 @pytest.fixture(scope="module")
 def tiny_dir(tiny_factory, tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve_tiny")
-    shutil.copytree(tiny_factory("llama_gqa"), d, dirs_exist_ok=True)
-    (d / "chat_template.jinja").write_text(CHATML)
-    return d
+    return with_chat_template(tiny_factory("llama_gqa"), tmp_path_factory.mktemp("serve_tiny"), CHATML)
 
 
 @pytest.fixture(scope="module")
