@@ -19,7 +19,7 @@ from .errors import TinyLLMError
 from .jsonfile import JsonObject
 from .model import Transformer
 from .sampling import SamplingParams
-from .kv_cache import resolve_kv_dtype
+from .kv_cache import DEFAULT_BLOCK_SIZE, resolve_kv_dtype
 from .weights import available_memory, checkpoint_dtype, load_weights
 
 DEFAULT_MAX_TOKENS = 512
@@ -39,7 +39,8 @@ class LLM:
     def __init__(self, model=None, backend: str = "numpy", dtype: str | None = None,
                  kv_dtype: str = "auto", max_seq_len: int | None = None, max_batch: int = 8,
                  progress: bool = False, prefill_chunk: int = 512, threads: int | None = None,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, kv_cache_memory: int | str | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, enable_prefix_caching: bool = True):
         from .threads import set_threads
         self.threads = set_threads(threads)
         self.model_dir = resolve_model_dir(model)
@@ -48,7 +49,8 @@ class LLM:
         if hasattr(self.backend, "graphs"):      # cuda: decode steps replay CUDA graphs unless off
             self.backend.graphs.enabled = bool(cuda_graph)
         self.kv_dtype = resolve_kv_dtype(kv_dtype, self.backend.compute_dtype)
-        for name, v in (("max_seq_len", max_seq_len), ("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+        for name, v in (("max_seq_len", max_seq_len), ("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
+                        ("block_size", block_size)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise TinyLLMError(f"{name}={v!r} must be an integer >= 1")
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
@@ -59,7 +61,8 @@ class LLM:
             warnings.warn(f"the context {self.max_seq_len} exceeds the {cfg.max_position_embeddings} tokens this "
                           f"model was trained on (max_position_embeddings); output past that may degrade",
                           ContextWarning, stacklevel=2)
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.block_size = prefill_chunk, block_size
+        self.n_blocks = self._kv_blocks(cfg, kv_cache_memory, max_batch)
         self._check_memory(cfg, max_batch)
         self.cfg, weights = load_weights(self.model_dir, cfg, self.backend, progress=progress)
         self.weights_bytes = weights.nbytes_on_disk
@@ -71,19 +74,41 @@ class LLM:
         self.model = Transformer(self.cfg, weights, self.backend)
         self.engine = Engine(self.model, self.tokenizer, self.backend, self.eos_token_ids,
                              self.max_seq_len, self.kv_dtype, max_batch=max_batch,
-                             prefill_chunk=prefill_chunk)
+                             prefill_chunk=prefill_chunk, block_size=block_size, n_blocks=self.n_blocks,
+                             prefix_caching=bool(enable_prefix_caching))
 
     # ---- setup ---------------------------------------------------------------------
+    def kv_spec(self, cfg: ModelConfig, max_batch: int, n_blocks: int | None = None):
+        from .kv_cache import KVCacheSpec
+        return KVCacheSpec.for_model(cfg, self.kv_dtype, self.max_seq_len, max_batch, chunk=self.prefill_chunk,
+                                     block_size=self.block_size, n_blocks=n_blocks)
+
+    def _kv_blocks(self, cfg: ModelConfig, kv_cache_memory, max_batch: int) -> int | None:
+        """Blocks in the pool: kv_cache_memory bytes ('4GB' or an int) of them, or None for
+        the default (max_batch sequences of max_seq_len: what fixed slots took; the memory
+        check below then says whether it fits)."""
+        if kv_cache_memory is None:
+            return None
+        from .options import parse_memory
+        budget = parse_memory(kv_cache_memory) if isinstance(kv_cache_memory, str) else kv_cache_memory
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+            raise TinyLLMError(f"kv_cache_memory={kv_cache_memory!r} must be a size like '4GB' or a byte count >= 1")
+        spec = self.kv_spec(cfg, max_batch, 1)
+        n = budget // spec.block_nbytes()
+        if n < 1:
+            raise TinyLLMError(f"kv_cache_memory={kv_cache_memory!r} holds no KV block: one block of "
+                               f"{self.block_size} tokens takes {spec.block_nbytes():,} bytes for this model")
+        return int(n)
+
     def _check_memory(self, cfg: ModelConfig, max_batch: int):
         """Weights + KV cache + working memory must fit before anything large is allocated."""
         from .memory import check_host_fits, largest
         if hasattr(self.backend, "check_fits"):  # GPU: weights (bf16) + KV cache + working headroom in free memory
-            from .kv_cache import KVCacheSpec
             graphs = getattr(self.backend, "graphs", None)   # captured decode graphs: their buffers too
             graph_bytes = graphs.estimate_bytes(cfg, max_batch) if graphs is not None and graphs.enabled else 0
 
             def check(batch: int):
-                spec = KVCacheSpec.for_model(cfg, self.kv_dtype, self.max_seq_len, batch, chunk=self.prefill_chunk)
+                spec = self.kv_spec(cfg, batch, self.n_blocks)
                 self.backend.check_fits(cfg.n_params() * 2 + graph_bytes, spec.nbytes(),
                                         kv_bytes_per_token=cfg.kv_bytes_per_token(self.kv_dtype) * batch,
                                         max_seq_len=self.max_seq_len)
@@ -96,7 +121,8 @@ class LLM:
                 raise TinyLLMError(f"{e}; with context {self.max_seq_len} the largest --max-batch that fits "
                                    f"is {best}") from None
             return
-        check_host_fits(cfg, self.kv_dtype, self.max_seq_len, max_batch, self.prefill_chunk, available_memory())
+        check_host_fits(cfg, self.kv_dtype, self.max_seq_len, max_batch, self.prefill_chunk, available_memory(),
+                        self.block_size, self.n_blocks)
 
     def need_tokenizer(self, what: str):
         """The tokenizer, or a TinyLLMError saying that `what` needs one."""
@@ -179,13 +205,12 @@ class LLM:
                     bar.update(1)
         return out  # type: ignore[return-value]
 
-    def stream(self, prompt, params: SamplingParams | None = None, slot: int | None = None,
+    def stream(self, prompt, params: SamplingParams | None = None,
                result: list | None = None) -> Iterator[str]:
-        """Text pieces of one generation as they become certain. With `slot`, the K/V
-        already in that cache slot is reused for the common prefix (chat turns). The
-        Completion is appended to `result` when given."""
+        """Text pieces of one generation as they become certain (full blocks of K/V that an
+        earlier request computed for the same leading tokens come from the prefix cache:
+        chat turns). The Completion is appended to `result` when given."""
         req = self.requests([prompt], params)[0]
-        req.slot = slot
         try:
             for ev in self.engine.run([req]):
                 if ev.kind == "error":

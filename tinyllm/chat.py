@@ -2,7 +2,7 @@
 
 Owns the chat history (whole user/assistant turns), system-prompt folding for templates that
 reject a system role, dropping old turns before the context overflows, KV reuse between turns
-(always cache slot 0), `/set` parsing and multi-line input assembly. `ChatSession` is a plain
+(earlier turns come back from the prefix cache), `/set` parsing and multi-line input assembly. `ChatSession` is a plain
 class (testable without a terminal); `run_chat` is a thin REPL over it. Rendering and
 tokenization belong to tokenizer.py, generation to the engine.
 """
@@ -162,7 +162,7 @@ def read_message(read_line: Callable[[str], str], prompt: str = ">>> ", more: st
 
 def format_stats(c, max_seq_len: int) -> str:
     n_prompt, n_gen = len(c.prompt_token_ids), len(c.token_ids)
-    return (f"[prompt {n_prompt} tokens ({c.prefill_tokens} prefilled, {n_prompt - c.prefill_tokens} reused), "
+    return (f"[prompt {n_prompt} tokens ({c.prefill_tokens} prefilled, {c.cached_tokens} from the prefix cache), "
             f"generated {n_gen} tokens, first token {c.time_to_first_token:.2f} s, "
             f"{c.decode_tokens_per_s:.1f} tokens/s, context {n_prompt + n_gen}/{max_seq_len}, "
             f"finish: {c.finish_reason}]")
@@ -175,8 +175,8 @@ def _stderr(msg: str):
 
 class ChatSession:
     """A conversation with one LLM: history of whole turns, system prompt, sampling
-    settings. Every turn is generated in cache slot 0, so the engine prefills only the
-    tokens after the common prefix of this prompt and what the slot already holds."""
+    settings. A turn's prompt repeats the conversation so far, whose full KV blocks the
+    engine still has in its prefix cache: it prefills only what follows them."""
 
     def __init__(self, llm, params: SamplingParams | None = None, system: str | None = None,
                  notify: Callable[[str], None] = _stderr):
@@ -300,7 +300,7 @@ class ChatSession:
         ids = self.prepare(user)
         result: list = []
         self._result = result                 # abort() reads an interrupted reply's numbers here
-        stream = self.llm.stream(ids, self.params(), slot=0, result=result)
+        stream = self.llm.stream(ids, self.params(), result=result)
         try:
             yield from stream
         finally:

@@ -1,15 +1,22 @@
-"""The generation engine: continuous batching over KV-cache slots.
+"""The generation engine: continuous batching over a paged KV cache.
 
 Every step runs one forward over a ragged batch: each live sequence brings either its next
 prompt chunk (prefill) or its last sampled token (decode). A sequence whose prompt is fully
-cached gets a token sampled from its last logits. A finished sequence frees its slot, and
-the next waiting request's prefill starts there in the following step.
+cached gets a token sampled from its last logits. A finished sequence releases its blocks
+(paging.py), and waiting requests are admitted while the pool has free blocks for their
+prompts (and fewer than max_batch run). A request whose prompt starts with full blocks
+another request already computed takes them from the prefix cache and prefills the rest.
+
+When the pool runs dry mid-generation, the newest running sequence is preempted: its blocks
+are released and it waits at the head of the queue, keeping its tokens, text and RNG; when
+readmitted it recomputes its K/V (most of it usually straight from the prefix cache) and goes
+on exactly where it stopped.
 
 Streaming text is produced here (the tokenizer's incremental decoder), because stop strings
 are matched on text; text that could still become a stop string is held back.
 
-Two ways to drive it: `run(requests)` generates for an iterable (pulled lazily, as slots
-free up) and yields events; a long-lived caller (the HTTP server) instead calls `add(req)`,
+Two ways to drive it: `run(requests)` generates for an iterable (pulled lazily, as room
+frees up) and yields events; a long-lived caller (the HTTP server) instead calls `add(req)`,
 `abort(index)` and `step()` itself, one step at a time, from a single thread.
 """
 
@@ -24,7 +31,8 @@ import numpy as np
 
 from .backends import Batch
 from .errors import TinyLLMError
-from .kv_cache import KVCacheSpec
+from .kv_cache import DEFAULT_BLOCK_SIZE, KVCacheSpec
+from .paging import BlockPool, SeqBlocks
 from .sampling import SamplingParams, sample, token_logprobs
 
 
@@ -36,6 +44,7 @@ class Completion:
     finish_reason: str                   # "stop" | "length"
     index: int = 0                       # position of the request in its input
     prefill_tokens: int = 0              # prompt tokens actually computed (the rest came from the cache)
+    cached_tokens: int = 0               # prompt tokens served from the prefix cache
     time_to_first_token: float = 0.0     # seconds
     elapsed: float = 0.0                 # seconds, from admission to finish
 
@@ -50,7 +59,6 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams               # fully resolved (defaults filled)
     index: int = 0
-    slot: int | None = None              # pin to a slot (chat sessions reuse it)
 
 
 @dataclass
@@ -69,10 +77,9 @@ class Event:
 @dataclass
 class _Seq:
     req: Request
-    slot: int
     ids: list[int]                       # prompt + generated
     n_prompt: int
-    n_cached: int                        # ids[:n_cached] have K/V in the slot
+    n_cached: int                        # ids[:n_cached] have K/V in the blocks
     rng: np.random.Generator
     decoder: object
     stops: list[str]
@@ -83,6 +90,8 @@ class _Seq:
     t_first: float = 0.0
     prefill_tokens: int = 0
     device_seed: int = 0                 # on-device sampling draws from (device_seed, step)
+    blocks: SeqBlocks | None = None      # its block table while it runs
+    cached_tokens: int = 0
 
     @property
     def generated(self) -> list[int]:
@@ -92,7 +101,8 @@ class _Seq:
         """What this sequence produced so far; finish_reason "interrupted" while unfinished."""
         t_first = self.t_first - self.t0 if self.t_first else 0.0
         return Completion(self.ids[:self.n_prompt], self.generated, self.text, self.finish or "interrupted",
-                          self.req.index, self.prefill_tokens, t_first, time.perf_counter() - self.t0)
+                          self.req.index, self.prefill_tokens, self.cached_tokens, t_first,
+                          time.perf_counter() - self.t0)
 
 
 class _NoText:
@@ -105,87 +115,74 @@ class _NoText:
         return ""
 
 
-def reusable_prefix(cached: list[int], ids: list[int], written_hi: int, spec: KVCacheSpec) -> int:
-    """How many leading tokens of `ids` may keep the K/V already in a slot whose first
-    len(cached) positions hold `cached`, and into which positions up to written_hi - 1 were
-    written since it last started from position 0. At least one token is always recomputed
-    (its logits are needed).
-
-    Reusing a prefix p is sound when every key a query at p or later may see is still
-    intact: a rolling cache lost the positions below written_hi - capacity to overwrites, so
-    the window before p, max(0, p - W + 1), must lie above them. Entries at positions >= p
-    that are left over from the old sequence are then masked by position (kv_cache)."""
-    p = 0
-    for a, b in zip(cached, ids[:-1]):
-        if a != b:
-            break
-        p += 1
-    first_needed = max(0, p - spec.window + 1) if spec.window else 0
-    return p if first_needed >= written_hi - spec.capacity else 0
-
-
 class Engine:
     def __init__(self, model, tokenizer, backend, eos_ids: set[int], max_seq_len: int,
-                 kv_dtype: str, max_batch: int = 8, prefill_chunk: int = 512):
+                 kv_dtype: str, max_batch: int = 8, prefill_chunk: int = 512,
+                 block_size: int = DEFAULT_BLOCK_SIZE, n_blocks: int | None = None,
+                 prefix_caching: bool = True):
         self.model, self.tok, self.ops = model, tokenizer, backend
         self.eos_ids = set(eos_ids)
         self.max_seq_len, self.kv_dtype = max_seq_len, kv_dtype
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.block_size, self.n_blocks, self.prefix_caching = block_size, n_blocks, prefix_caching
         self.cache = None
-        self.slot_ids: list[list[int]] = []   # tokens whose K/V each slot holds
-        self.slot_hi: list[int] = []          # highest position written + 1, since position 0
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
-        # The schedule (reset() starts it afresh): requests not yet admitted, in order; the
-        # sequences holding a slot; the slots holding none. len(live) <= max_batch.
-        self.waiting: deque[Request] = deque()
+        self.pool: BlockPool | None = None
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "cached_tokens": 0,
+                      "preemptions": 0}
+        # The schedule (reset() starts it afresh): requests (and preempted sequences) not yet
+        # running, in order; the running sequences, oldest first. len(live) <= max_batch.
+        self.waiting: deque[Request | _Seq] = deque()
         self.live: list[_Seq] = []
-        self.free: list[int] = []
 
     # ---- cache -----------------------------------------------------------------------
-    def spec(self, n_slots: int) -> KVCacheSpec:
-        return KVCacheSpec.for_model(self.model.cfg, self.kv_dtype, self.max_seq_len, n_slots,
-                                     chunk=self.prefill_chunk)
+    def spec(self) -> KVCacheSpec:
+        return KVCacheSpec.for_model(self.model.cfg, self.kv_dtype, self.max_seq_len, self.max_batch,
+                                     chunk=self.prefill_chunk, block_size=self.block_size, n_blocks=self.n_blocks)
 
-    def ensure_cache(self, n_slots: int):
-        if self.cache is None or self.cache.spec.n_slots < n_slots:
-            self.cache = None                  # free the old one before allocating
-            self.cache = self.ops.alloc_kv(self.spec(n_slots))
-            self.slot_ids = [[] for _ in range(n_slots)]
-            self.slot_hi = [0] * n_slots
+    def ensure_cache(self):
+        if self.cache is None:
+            self.cache = self.ops.alloc_kv(self.spec())
+            self.pool = BlockPool(self.cache.spec, self.prefix_caching)
 
-    def _will_write(self, slot: int, start: int, n: int):
-        """Record, before a forward writes positions start .. start+n-1 into a slot, that only
-        ids[:start] are known good; after it, call _wrote. An interrupted forward thus never
-        leaves the slot claiming K/V it may have overwritten."""
-        del self.slot_ids[slot][start:]
-        self.slot_hi[slot] = start + n if start == 0 else max(self.slot_hi[slot], start + n)
-
-    def _wrote(self, slot: int, ids: list[int]):
-        self.slot_ids[slot].extend(ids)
+    def _batch(self, runs: list[tuple[SeqBlocks, int, int]]) -> Batch:
+        """The Batch of runs (blocks, start, n)."""
+        return Batch(np.stack([b.table for b, _, _ in runs]), [s for _, s, _ in runs], [n for _, _, n in runs])
 
     # ---- full-sequence logits (no sampling) --------------------------------------------
-    def logits(self, ids: list[int], slot: int = 0) -> np.ndarray:
-        """(len(ids), vocab) float32 logits at every position, prefilled chunk by chunk."""
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """(len(ids), vocab) float32 logits at every position, prefilled chunk by chunk
+        (through the pool's blocks, released afterwards)."""
         bad = self.check_prompt(ids, allow_full=True)
         if bad:
             raise TinyLLMError(bad[1])
-        self.ensure_cache(max(1, slot + 1))
+        self.ensure_cache()
         chunk = min(self.cache.spec.max_chunk, self.prefill_chunk)
+        seq = self.pool.new_seq()
         out = []
-        for s in range(0, len(ids), chunk):
-            part = ids[s:s + chunk]
-            self._will_write(slot, s, len(part))
-            batch = Batch([slot], [s], [len(part)])
-            out.append(self.ops.to_numpy(self.model.forward(np.asarray(part, np.int32), batch, self.cache,
-                                                            all_logits=True)))
-            self._wrote(slot, part)
+        try:
+            for s in range(0, len(ids), chunk):
+                part = ids[s:s + chunk]
+                if not self.pool.grow(seq, s + len(part)):
+                    raise TinyLLMError(self._pool_full_message(len(ids)))
+                batch = self._batch([(seq, s, len(part))])
+                out.append(self.ops.to_numpy(self.model.forward(np.asarray(part, np.int32), batch, self.cache,
+                                                                all_logits=True)))
+                self.pool.commit(seq, ids, s + len(part))
+        finally:
+            self.pool.free_seq(seq)
         return np.concatenate(out, axis=0)
+
+    def _pool_full_message(self, n: int) -> str:
+        spec = self.cache.spec
+        return (f"{n} tokens need {spec.blocks_for(n)} KV-cache blocks of {spec.block_size} and the cache has "
+                f"{spec.n_blocks} ({spec.tokens()} tokens): raise --kv-cache-memory (kv_cache_memory) or "
+                f"use a smaller --kv-dtype")
 
     # ---- generation --------------------------------------------------------------------
     def run(self, requests: Iterable[Request]) -> Iterator[Event]:
         """Generate for every request, max_batch at a time; yields text pieces as they are
         certain, then one finish (or error) event per request. Requests are pulled from the
-        iterable only when a slot is free for them. Starts a fresh schedule (reset())."""
+        iterable only when there is room for them. Starts a fresh schedule (reset())."""
         pending = iter(requests)
         exhausted = False
 
@@ -207,26 +204,26 @@ class Engine:
 
     # ---- the schedule, step by step (the server's interface) ---------------------------
     def reset(self):
-        """Forget every waiting and running request; all slots become free (their K/V stays
-        valid for prefix reuse)."""
-        self.ensure_cache(self.max_batch)
+        """Forget every waiting and running request; their blocks go back to the pool (their
+        full blocks stay in the prefix cache)."""
+        self.ensure_cache()
+        for s in self.live:
+            self.pool.free_seq(s.blocks)
         self.waiting.clear()
         self.live.clear()
-        self.free = list(range(self.cache.spec.n_slots))
 
     def add(self, req: Request):
-        """Queue a request; a later step() admits it when a slot is free. Its `index` is the
+        """Queue a request; a later step() admits it when there is room. Its `index` is the
         id that its events carry and that abort() takes: keep it unique among queued ones."""
-        if self.cache is None or not (self.free or self.live):     # no schedule started yet
-            self.reset()
+        self.ensure_cache()
         self.waiting.append(req)
 
     def abort(self, index: int) -> bool:
         """Drop the request with this index, waiting or running, without an event. A running
-        one's slot is free for the next admission at once. True if it was found."""
-        for req in self.waiting:
-            if req.index == index:
-                self.waiting.remove(req)
+        one's blocks are free for the next admission at once. True if it was found."""
+        for item in self.waiting:
+            if (item.req if isinstance(item, _Seq) else item).index == index:
+                self.waiting.remove(item)
                 return True
         for s in self.live:
             if s.req.index == index:
@@ -235,33 +232,56 @@ class Engine:
         return False
 
     def step(self, pull: Callable[[], Request | None] | None = None) -> list[Event]:
-        """Admit waiting requests into free slots (then ask `pull` for more, until it returns
-        None), run one forward over the batch, and return its events: per request a "token"
-        event for every token appended to its output, then "text" pieces, and "finish" (or
-        "error": a prompt that cannot run, NaN logits) as it ends. A finished request's slot is
-        free for the next step."""
+        """Admit waiting requests while the pool has blocks for their prompts (then ask `pull`
+        for more, until it returns None), run one forward over the batch, and return its
+        events: per request a "token" event for every token appended to its output, then
+        "text" pieces, and "finish" (or "error": a prompt that cannot run, NaN logits) as it
+        ends. A finished request's blocks are free for the next step."""
         events: list[Event] = []
-        while len(self.live) < self.max_batch and self.free:
-            req = self.waiting.popleft() if self.waiting else pull() if pull else None
-            if req is None:
+        while len(self.live) < self.max_batch:
+            item = self.waiting.popleft() if self.waiting else pull() if pull else None
+            if item is None:
                 break
-            bad = self.check_prompt(req.prompt_ids)
-            if bad:
-                events.append(Event("error", req.index, error=bad[1], code=bad[0]))
-                continue
-            slot = req.slot if req.slot is not None and req.slot in self.free else self.free[0]
-            self.free.remove(slot)
-            self.live.append(self._admit(req, slot))
+            if isinstance(item, Request):
+                bad = self.check_prompt(item.prompt_ids)
+                if bad:
+                    events.append(Event("error", item.index, error=bad[1], code=bad[0]))
+                    continue
+                if self.cache.spec.blocks_for(len(item.prompt_ids)) > self.cache.spec.n_blocks:
+                    events.append(Event("error", item.index, error=self._pool_full_message(len(item.prompt_ids)),
+                                        code="context_length_exceeded"))
+                    continue
+                item = self._new_seq(item)
+            if self.pool.blocks_to_admit(item.ids) > self.pool.n_free and self.live:
+                self.waiting.appendleft(item)          # no room yet: it waits, in order
+                break
+            self._admit(item)
         if self.live:
-            events += self._step(self.live)
+            events += self._step()
             for s in [s for s in self.live if s.finish]:
                 self._release(s)
         return events
 
     def _release(self, s: _Seq):
         self.live.remove(s)
-        self.free.append(s.slot)
-        self.free.sort()
+        self.pool.free_seq(s.blocks)
+        s.blocks = None
+
+    def _admit(self, s: _Seq):
+        s.blocks = self.pool.admit(s.ids)
+        s.n_cached = s.blocks.cached_tokens
+        if not s.t_first:                              # (a readmitted sequence keeps its figure)
+            s.cached_tokens = s.n_cached
+            self.stats["cached_tokens"] += s.n_cached
+        self.live.append(s)
+
+    def _preempt(self, s: _Seq):
+        """Take s off the batch: its blocks go back to the pool and it waits first in line
+        to recompute them (its tokens, text and RNG stay)."""
+        self._release(s)
+        s.n_cached = 0
+        self.waiting.appendleft(s)
+        self.stats["preemptions"] += 1
 
     def check_prompt(self, ids: list[int], allow_full: bool = False) -> tuple[str, str] | None:
         """Why these prompt ids cannot run, as (code, message), or None if they can. A
@@ -278,34 +298,50 @@ class Engine:
             return "invalid_prompt", f"prompt token ids must lie in [0, {vocab})"
         return None
 
-    def _admit(self, req: Request, slot: int) -> _Seq:
+    def _new_seq(self, req: Request) -> _Seq:
         p = req.params
         rng = np.random.default_rng(p.seed)
-        cached = reusable_prefix(self.slot_ids[slot], req.prompt_ids, self.slot_hi[slot], self.cache.spec)
         decoder = self.tok.stream(req.prompt_ids) if self.tok is not None else _NoText()
-        seq = _Seq(req, slot, list(req.prompt_ids), len(req.prompt_ids), cached, rng, decoder, list(p.stop or []))
+        seq = _Seq(req, list(req.prompt_ids), len(req.prompt_ids), 0, rng, decoder, list(p.stop or []))
         seq.device_seed = p.seed % 2**63 if p.seed is not None else int(np.random.default_rng().integers(2**63))
         return seq
 
-    def _step(self, live: list[_Seq]) -> Iterator[Event]:
-        # Decode tokens first (one each), then prompt chunks within the token budget.
-        runs = []
+    def _plan(self) -> list[tuple[_Seq, int]]:
+        """(sequence, new tokens) of this step: decode tokens first (one each), then prompt
+        chunks within the token budget; blocks for them are taken oldest sequence first,
+        preempting the newest when the pool runs dry."""
+        runs: dict[int, int] = {}
         budget = self.prefill_chunk
         max_chunk = self.cache.spec.max_chunk
-        for s in sorted(live, key=lambda s: s.n_cached < s.n_prompt):
+        for s in sorted(self.live, key=lambda s: s.n_cached < s.n_prompt):
             todo = len(s.ids) - s.n_cached
             if todo == 1:
-                n = 1
-            elif budget <= 0:
-                continue                       # this prompt waits for the next step
-            else:
-                n = min(todo, max_chunk, budget)
-                budget -= n
-            runs.append((s, n))
+                runs[id(s)] = 1
+            elif budget > 0:                   # else this prompt waits for the next step
+                runs[id(s)] = min(todo, max_chunk, budget)
+                budget -= runs[id(s)]
+        for s in list(self.live):              # oldest first
+            if id(s) not in runs or s.blocks is None:
+                continue
+            while not self.pool.grow(s.blocks, s.n_cached + runs[id(s)]):
+                victim = self.live[-1]
+                if victim is s and len(self.live) == 1:
+                    raise _PoolFull(s)
+                self._preempt(victim)
+                if victim is s:
+                    break
+        return [(s, runs[id(s)]) for s in sorted(self.live, key=lambda s: s.n_cached < s.n_prompt) if id(s) in runs]
+
+    def _step(self) -> Iterator[Event]:
+        try:
+            runs = self._plan()
+        except _PoolFull as full:              # one sequence alone outgrows the pool: its context ends here
+            yield from self._end(full.seq)
+            return
+        if not runs:
+            return
         tokens = np.concatenate([np.asarray(s.ids[s.n_cached:s.n_cached + n], np.int32) for s, n in runs])
-        batch = Batch([s.slot for s, _ in runs], [s.n_cached for s, _ in runs], [n for _, n in runs])
-        for s, n in runs:
-            self._will_write(s.slot, s.n_cached, n)
+        batch = self._batch([(s.blocks, s.n_cached, n) for s, n in runs])
         chosen = self._graph_decode(tokens, batch, [s for s, _ in runs]) if len(tokens) == len(runs) else None
         if chosen is None:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # NaN/inf are checked below
@@ -313,8 +349,8 @@ class Engine:
         self.stats["steps"] += 1
         ready = []
         for row, (s, n) in enumerate(runs):
-            self._wrote(s.slot, s.ids[s.n_cached:s.n_cached + n])
             s.n_cached += n
+            self.pool.commit(s.blocks, s.ids, s.n_cached)
             if s.n_cached <= s.n_prompt:
                 s.prefill_tokens += n
                 self.stats["prefill_tokens"] += n
@@ -415,11 +451,22 @@ class Engine:
             if hits:
                 s.text, s.finish = s.text[:min(hits)], "stop"
             elif len(s.generated) >= p.max_tokens or len(s.ids) >= self.max_seq_len:
-                s.text += s.decoder.flush()
-                s.finish = "length"
-                hits = [i for i in (s.text.find(x, s.emitted) for x in s.stops) if i >= 0]
-                if hits:
-                    s.text, s.finish = s.text[:min(hits)], "stop"
+                self._flush_length(s)
+        yield from self._emit(s)
+
+    def _flush_length(self, s: _Seq):
+        s.text += s.decoder.flush()
+        s.finish = "length"
+        hits = [i for i in (s.text.find(x, s.emitted) for x in s.stops) if i >= 0]
+        if hits:
+            s.text, s.finish = s.text[:min(hits)], "stop"
+
+    def _end(self, s: _Seq) -> Iterator[Event]:
+        """Finish s now with reason "length" (the pool cannot hold its next token)."""
+        self._flush_length(s)
+        yield from self._emit(s)
+
+    def _emit(self, s: _Seq) -> Iterator[Event]:
         # Emit what can no longer become part of a stop string.
         hold = 0 if s.finish else max((len(x) for x in s.stops), default=1) - 1
         upto = max(s.emitted, len(s.text) - hold)
@@ -428,3 +475,10 @@ class Engine:
             s.emitted = upto
         if s.finish:
             yield Event("finish", s.req.index, completion=s.completion())
+
+
+class _PoolFull(Exception):
+    """The only running sequence needs a block and the pool has none left."""
+
+    def __init__(self, seq: _Seq):
+        self.seq = seq

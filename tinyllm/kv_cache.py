@@ -1,25 +1,46 @@
 """KV-cache layout and index math, shared by both backends (no attention math here).
 
-Layout, per layer (allocated by the backend in its own array type):
+The cache is *paged* (PagedAttention, Kwon et al. 2023; vLLM): a pool of fixed-size blocks,
+and per sequence a block table naming the blocks that hold its positions. Per layer
+(allocated by the backend in its own array type):
 
-    k, v        (n_slots, capacity, n_kv_heads, head_dim)   storage dtype
-    k_scale,    (n_slots, capacity, n_kv_heads)             float32, only for int8/fp8
+    k, v        (n_blocks, block_size, n_kv_heads, head_dim)   storage dtype
+    k_scale,    (n_blocks, block_size, n_kv_heads)             float32, only for int8/fp8
     v_scale
 
-A *slot* is one sequence's row (continuous batching refills slots). Inside a slot, the key of
-position p lives at index p % capacity. Keys are stored **after** RoPE, so the order of
-entries never matters to a query: a rolling cache needs no re-rotation.
+Addressing. A sequence's table has `ring` entries (R); its capacity is C = R * block_size.
+Position p lives in block  table[(p // block_size) % R]  at offset  p % block_size.
+Without a sliding window R = ceil(max_seq_len / block_size): the table just grows and the
+modulo never wraps. With a window W it is a ring: a sequence holds at most
+R = ceil((W + chunk) / block_size) + 1 blocks however long it runs. Keys are stored **after**
+RoPE, so the order of entries never matters to a query: a ring needs no re-rotation.
 
-Worked example (sliding window W=4, chunk 2 → capacity C = W + chunk = 6): after 9 tokens,
-index i holds position  n-1 - ((n-1-i) mod C)  =  [6, 7, 8, 3, 4, 5];  the query at position 8
-sees positions 5..8, all present. Writing a chunk of L new keys before attending overwrites
-the L oldest entries, so a chunk may be at most C - W + 1 long (`max_chunk`), else a query at
-the chunk's start would lose keys it still needs.
+Worked example (no window, block_size 4): a 10-token sequence with table [7, 2, 5, -1, ...]
+keeps positions 0-3 in block 7, 4-7 in block 2 and 8-9 in offsets 0-1 of block 5; position 9
+is k[5, 1]. Unused entries are -1 (never read).
+
+Worked example (window W=4, chunk 2, block_size 2 → R = ceil(6/2) + 1 = 4, C = 8): rows
+j = p // 2 of positions go to entries j % 4. When position 8 (row 4) is written, entry 0
+still names the block of positions 0-1, which no query can see any more (the window of
+position 8 is 5..8): the engine releases it to the pool and puts a fresh block in entry 0
+(paging.py), so a shared or prefix-cached block is never overwritten. Right after that
+switch, with 9 tokens written, entry 0's unwritten offset 1 stands for position
+9 - C = 1 under the addressing rule: stale. Readers therefore start at
+max(total - C, q - W + 1) for a query at q (here 5), never below the window. That is why one
+forward may write at most  max_chunk = C - W - block_size + 2  new tokens into a ring: the
+block rows it replaces must all lie below its first query's window.
 
 Quantized storage (int8 / fp8-e4m3): one scale per (token, kv-head) vector,
 scale = absmax / qmax (qmax 127 for int8, 448 for e4m3), q = round_to_nearest_even(x / scale)
 clipped to ±qmax, all in float32 with IEEE division. The CUDA kernels round identically, so
 stored bytes agree bit for bit between backends. An all-zero vector stores scale 0 and q 0.
+
+Block size (DEFAULT_BLOCK_SIZE = 16, as vLLM): the kernels address every key through the
+table on its own (one table read per key row; a prefill key tile of FA2_BN = 64 keys spans
+four blocks), so the block size need not match a kernel tile. Small blocks waste less (on
+average half a block per sequence is empty) and match prompts at a finer grain; 16 is also
+the key-scale group of the KIVI format (BENCHMARKS.md: 16-token blocks measured best). Any
+size >= 1 is correct.
 """
 
 from __future__ import annotations
@@ -39,22 +60,29 @@ NUMPY_STORAGE = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloa
                  "int8": np.int8, "fp8": ml_dtypes.float8_e4m3fn}
 
 DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_BLOCK_SIZE = 16
 
 
 @dataclass(frozen=True)
 class KVCacheSpec:
     n_layers: int
-    n_slots: int          # sequences that can be live at once (batch slots)
-    capacity: int         # entries per slot: max_seq_len, or W + chunk for a rolling cache
+    n_blocks: int         # blocks in the pool
+    block_size: int       # positions per block
+    ring: int             # block-table entries per sequence (R): the most blocks one sequence holds
     n_kv_heads: int
     head_dim: int
     kv_dtype: str         # resolved: fp32 | fp16 | bf16 | int8 | fp8
     window: int | None    # sliding window W, or None
-    max_seq_len: int      # longest sequence (prompt + generation) a slot accepts
+    max_seq_len: int      # longest sequence (prompt + generation) accepted
 
     @property
     def quantized(self) -> bool:
         return self.kv_dtype in KV_QUANTIZED
+
+    @property
+    def capacity(self) -> int:
+        """C = R * block_size: positions one sequence's table addresses before it wraps."""
+        return self.ring * self.block_size
 
     @property
     def rolling(self) -> bool:
@@ -62,25 +90,50 @@ class KVCacheSpec:
 
     @property
     def max_chunk(self) -> int:
-        """Longest run of new tokens one forward may write into a slot (see module doc)."""
+        """Longest run of new tokens one forward may write for a sequence (see module doc)."""
         if not self.rolling:
             return self.max_seq_len
-        return self.capacity - self.window + 1
+        return self.capacity - self.window - self.block_size + 2
 
-    def nbytes(self) -> int:
+    def block_nbytes(self) -> int:
+        """Bytes of one block over all layers, K and V (and their scales)."""
         per_entry = self.n_kv_heads * self.head_dim * KV_DTYPE_BYTES[self.kv_dtype]
         if self.quantized:
             per_entry += self.n_kv_heads * 4
-        return 2 * self.n_layers * self.n_slots * self.capacity * per_entry
+        return 2 * self.n_layers * self.block_size * per_entry
+
+    def nbytes(self) -> int:
+        return self.n_blocks * self.block_nbytes()
+
+    def tokens(self) -> int:
+        """KV positions the whole pool holds."""
+        return self.n_blocks * self.block_size
+
+    def blocks_for(self, n_tokens: int) -> int:
+        """Blocks one sequence of n_tokens positions holds at most (a ring caps it at R)."""
+        return min(-(-n_tokens // self.block_size), self.ring)
+
+    def slot_tables(self, slots) -> np.ndarray:
+        """(len(slots), R) int32 tables of the fixed layout where 'slot' s owns blocks
+        s*R .. s*R + R-1: the contiguous per-sequence cache expressed as pages (tests and
+        single-sequence tools use it; the engine allocates from the pool instead)."""
+        s = np.asarray(slots, np.int64)
+        if len(s) and (s.max() + 1) * self.ring > self.n_blocks:
+            raise ValueError(f"slot {int(s.max())} needs {(int(s.max()) + 1) * self.ring} blocks; the pool has {self.n_blocks}")
+        return (s[:, None] * self.ring + np.arange(self.ring)[None, :]).astype(np.int32)
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, kv_dtype: str, max_seq_len: int, n_slots: int = 1,
-                  chunk: int = DEFAULT_PREFILL_CHUNK) -> "KVCacheSpec":
+    def for_model(cls, cfg: ModelConfig, kv_dtype: str, max_seq_len: int, n_seqs: int = 1,
+                  chunk: int = DEFAULT_PREFILL_CHUNK, block_size: int = DEFAULT_BLOCK_SIZE,
+                  n_blocks: int | None = None) -> "KVCacheSpec":
+        """The cache of a model: n_blocks from the caller (a memory budget), or enough for
+        n_seqs sequences of max_seq_len each (what fixed slots would have taken)."""
         w = cfg.sliding_window
-        # Rolling cache: bounded by the window, not the context.
-        capacity = min(max_seq_len, w + chunk) if w else max_seq_len
-        return cls(cfg.n_layers, n_slots, capacity, cfg.n_kv_heads, cfg.head_dim, kv_dtype,
-                   w, max_seq_len)
+        ring = -(-max_seq_len // block_size)
+        if w:                                  # the rolling ring: bounded by the window, not the context
+            ring = min(ring, -(-(w + chunk) // block_size) + 1)
+        return cls(cfg.n_layers, n_blocks if n_blocks is not None else n_seqs * ring, block_size, ring,
+                   cfg.n_kv_heads, cfg.head_dim, kv_dtype, w, max_seq_len)
 
 
 def resolve_kv_dtype(kv_dtype: str, compute_dtype: str) -> str:
@@ -89,12 +142,17 @@ def resolve_kv_dtype(kv_dtype: str, compute_dtype: str) -> str:
     return compute_dtype if kv_dtype == "auto" else kv_dtype
 
 
-def slot_positions(n: int, capacity: int) -> np.ndarray:
-    """Position held by each cache index after n tokens were written (-1: empty).
-    Index i holds the latest p < n with p % capacity == i."""
-    i = np.arange(capacity)
-    p = (n - 1) - ((n - 1 - i) % capacity)
-    return np.where(p >= 0, p, -1)
+def visible_lo(total: int, first_query: int, spec: KVCacheSpec) -> int:
+    """The smallest position any query at first_query or later may read after `total`
+    positions were written: what the table still holds, and inside the window."""
+    lo = max(0, total - spec.capacity)
+    return max(lo, first_query - spec.window + 1) if spec.window else lo
+
+
+def entries(table: np.ndarray, positions: np.ndarray, spec: KVCacheSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(block, offset) of each position through one sequence's table (R,)."""
+    positions = np.asarray(positions, np.int64)
+    return table[(positions // spec.block_size) % spec.ring], positions % spec.block_size
 
 
 def quantize(x: np.ndarray, kv_dtype: str) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .config import ModelConfig
 from .errors import TinyLLMError
-from .kv_cache import KVCacheSpec
+from .kv_cache import DEFAULT_BLOCK_SIZE, KVCacheSpec
 
 FIXED_OVERHEAD = 384 * 2**20
 
@@ -32,8 +32,10 @@ class HostPlan:
         return self.weights + self.kv + self.runtime
 
 
-def host_plan(cfg: ModelConfig, kv_dtype: str, max_seq_len: int, max_batch: int, chunk: int) -> HostPlan:
-    spec = KVCacheSpec.for_model(cfg, kv_dtype, max_seq_len, max_batch, chunk=chunk)
+def host_plan(cfg: ModelConfig, kv_dtype: str, max_seq_len: int, max_batch: int, chunk: int,
+              block_size: int = DEFAULT_BLOCK_SIZE, n_blocks: int | None = None) -> HostPlan:
+    spec = KVCacheSpec.for_model(cfg, kv_dtype, max_seq_len, max_batch, chunk=chunk, block_size=block_size,
+                                 n_blocks=n_blocks)
     t = min(chunk, max_seq_len)
     act = t * (4 * cfg.dim + 3 * cfg.q_dim + 2 * cfg.kv_dim + 3 * cfg.hidden_dim) * 4
     attn = 3 * cfg.n_heads * t * spec.capacity * 4 + 2 * spec.capacity * cfg.kv_dim * 4
@@ -52,13 +54,14 @@ def largest(fits, lo: int, hi: int) -> int:
 
 
 def check_host_fits(cfg: ModelConfig, kv_dtype: str, max_seq_len: int, max_batch: int, chunk: int,
-                    available: int | None) -> None:
+                    available: int | None, block_size: int = DEFAULT_BLOCK_SIZE,
+                    n_blocks: int | None = None) -> None:
     """Raise TinyLLMError with the numbers, and the largest context and batch that fit,
     unless the plan fits in `available` bytes (None: unknown, not checked)."""
     from .weights import fmt_bytes
     if available is None:
         return
-    plan = host_plan(cfg, kv_dtype, max_seq_len, max_batch, chunk)
+    plan = host_plan(cfg, kv_dtype, max_seq_len, max_batch, chunk, block_size, n_blocks)
     if plan.total <= available:
         return
     msg = (f"context {max_seq_len} x batch {max_batch} needs {fmt_bytes(plan.total)} of RAM "

@@ -15,11 +15,12 @@ The model never asks which backend it runs on.
     silu_mul(gate, up)                     silu(gate) * up
     rope_kv_write(q, k, v, cache, layer, batch, inv_freq) -> q
                                            rotate q (T, n_heads, hd) and k (T, n_kv, hd)
-                                           (rotate-half), write k, v at each token's slot
-                                           index (quantizing if the cache is int8/fp8)
+                                           (rotate-half), write k, v at each token's cache
+                                           entry through its block table (quantizing if the
+                                           cache is int8/fp8)
     attention(q, cache, layer, batch, scale) -> (T, n_heads*hd)
                                            causal (+ sliding window) GQA attention of the
-                                           batch's queries over their slots' caches
+                                           batch's queries over their sequences' blocks
     take_rows(x, rows)                     x[rows]
 """
 
@@ -37,15 +38,16 @@ CUDA_INSTALL_HINT = "pip install 'tinyllm[cuda12]' (CUDA 12) or 'tinyllm[cuda13]
 
 @dataclass
 class Batch:
-    """One forward's ragged batch: sequence b owns cache slot slots[b] and brings lens[b]
-    new tokens at positions starts[b] .. starts[b]+lens[b]-1 (starts[b] tokens are cached).
-    Tokens of all sequences are concatenated in that order (T = lens.sum())."""
-    slots: np.ndarray    # (B,) int32
+    """One forward's ragged batch: sequence b reads and writes the cache blocks its block
+    table tables[b] names (kv_cache.py) and brings lens[b] new tokens at positions
+    starts[b] .. starts[b]+lens[b]-1 (starts[b] tokens are cached). Tokens of all sequences
+    are concatenated in that order (T = lens.sum())."""
+    tables: np.ndarray   # (B, R) int32 block ids, -1 where unused
     starts: np.ndarray   # (B,) int32
     lens: np.ndarray     # (B,) int32
 
     def __post_init__(self):
-        self.slots = np.asarray(self.slots, np.int32)
+        self.tables = np.ascontiguousarray(np.asarray(self.tables, np.int32).reshape(len(self.lens), -1))
         self.starts = np.asarray(self.starts, np.int32)
         self.lens = np.asarray(self.lens, np.int32)
         self.cu_lens = np.concatenate([[0], np.cumsum(self.lens)]).astype(np.int32)  # (B+1,)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kv_cache import NUMPY_STORAGE, KVCacheSpec, dequantize, quantize, slot_positions
+from ..kv_cache import NUMPY_STORAGE, KVCacheSpec, dequantize, entries, quantize, visible_lo
 
 
 class NumpyKVCache:
+    """kv_cache.py's paged layout in numpy arrays: per layer k, v (n_blocks, block_size,
+    n_kv, hd) and, for int8/fp8, scales (n_blocks, block_size, n_kv)."""
+
     def __init__(self, spec: KVCacheSpec):
         self.spec = spec
-        shape = (spec.n_slots, spec.capacity, spec.n_kv_heads, spec.head_dim)
+        shape = (spec.n_blocks, spec.block_size, spec.n_kv_heads, spec.head_dim)
         dt = NUMPY_STORAGE[spec.kv_dtype]
         self.k = [np.zeros(shape, dt) for _ in range(spec.n_layers)]
         self.v = [np.zeros(shape, dt) for _ in range(spec.n_layers)]
@@ -26,20 +29,23 @@ class NumpyKVCache:
         arrays = self.k + self.v + (self.k_scale + self.v_scale if self.spec.quantized else [])
         return sum(a.nbytes for a in arrays)
 
-    def write(self, layer: int, slot: int, idx: np.ndarray, k: np.ndarray, v: np.ndarray):
-        """k, v (n, n_kv, hd) float32 into cache indices idx (n,) of one slot."""
+    def write(self, layer: int, table: np.ndarray, positions: np.ndarray, k: np.ndarray, v: np.ndarray):
+        """k, v (n, n_kv, hd) float32 of one sequence's positions (n,), through its table (R,)."""
+        at = entries(table, positions, self.spec)                 # (block ids, offsets)
         if self.spec.quantized:
-            self.k[layer][slot, idx], self.k_scale[layer][slot, idx] = quantize(k, self.spec.kv_dtype)
-            self.v[layer][slot, idx], self.v_scale[layer][slot, idx] = quantize(v, self.spec.kv_dtype)
+            self.k[layer][at], self.k_scale[layer][at] = quantize(k, self.spec.kv_dtype)
+            self.v[layer][at], self.v_scale[layer][at] = quantize(v, self.spec.kv_dtype)
         else:
-            self.k[layer][slot, idx] = k
-            self.v[layer][slot, idx] = v
+            self.k[layer][at] = k
+            self.v[layer][at] = v
 
-    def read(self, layer: int, slot: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The first n entries of a slot, float32 (dequantized on the fly for int8/fp8)."""
-        k, v = self.k[layer][slot, :n], self.v[layer][slot, :n]
+    def read(self, layer: int, table: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """K and V (n, n_kv, hd) float32 of one sequence's positions (n,) (dequantized on
+        the fly for int8/fp8): the gather a paged attention kernel does block by block."""
+        at = entries(table, positions, self.spec)
+        k, v = self.k[layer][at], self.v[layer][at]
         if self.spec.quantized:
-            return dequantize(k, self.k_scale[layer][slot, :n]), dequantize(v, self.v_scale[layer][slot, :n])
+            return dequantize(k, self.k_scale[layer][at]), dequantize(v, self.v_scale[layer][at])
         return k.astype(np.float32), v.astype(np.float32)
 
 
@@ -99,28 +105,26 @@ class NumpyBackend:
     def rope_kv_write(self, q, k, v, cache: NumpyKVCache, layer, batch, inv_freq):
         q = rope_rotate(q, batch.positions, inv_freq)
         k = rope_rotate(k, batch.positions, inv_freq)
-        cap = cache.spec.capacity
-        for b, slot in enumerate(batch.slots):
+        for b, table in enumerate(batch.tables):
             r = slice(batch.cu_lens[b], batch.cu_lens[b + 1])
-            cache.write(layer, slot, batch.positions[r] % cap, k[r], v[r])
+            cache.write(layer, table, batch.positions[r], k[r], v[r])
         return q
 
     def attention(self, q, cache: NumpyKVCache, layer, batch, scale):
-        """For each sequence: softmax(q kᵀ · scale + mask) v over its cache slot, where the
-        key at cache index i holds position slot_positions(...)[i] and query position qp
-        sees key positions p with  qp - W < p <= qp  (W = window, or unbounded)."""
+        """For each sequence: softmax(q kᵀ · scale + mask) v over the positions its block
+        table holds, where query position qp sees key positions p with qp - W < p <= qp
+        (W = window, or unbounded). Keys are gathered from lo = kv_cache.visible_lo on."""
         spec = cache.spec
         T, n_heads, hd = q.shape
         n_kv, n_rep = spec.n_kv_heads, n_heads // spec.n_kv_heads
         out = np.empty((T, n_heads, hd), np.float32)
-        for b, slot in enumerate(batch.slots):
+        for b, table in enumerate(batch.tables):
             r = slice(batch.cu_lens[b], batch.cu_lens[b + 1])
-            total = int(batch.starts[b] + batch.lens[b])           # tokens cached after the write
-            n = min(total, spec.capacity)
-            k, v = cache.read(layer, slot, n)                        # (n, n_kv, hd)
-            kpos = slot_positions(total, spec.capacity)[:n]          # (n,)
             qpos = batch.positions[r]                                # (L,)
-            allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= 0)
+            total = int(batch.starts[b] + batch.lens[b])           # positions cached after the write
+            kpos = np.arange(visible_lo(total, int(qpos[0]), spec), total)   # (n,)
+            k, v = cache.read(layer, table, kpos)                    # (n, n_kv, hd)
+            allowed = kpos[None, :] <= qpos[:, None]
             if spec.window:
                 allowed &= kpos[None, :] > qpos[:, None] - spec.window
             # GQA: query head h = g * n_rep + j uses KV head g.
