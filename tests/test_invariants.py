@@ -7,7 +7,7 @@ import pytest
 from tinyllm import LLM, SamplingParams
 from tinyllm.backends import Batch
 from tinyllm.engine import Engine
-from tinyllm.kv_cache import KVCacheSpec, slot_positions
+from tinyllm.kv_cache import KVCacheSpec, entries, visible_lo
 
 IDS = [int(t) for t in np.random.default_rng(1).integers(3, 256, 50)]
 
@@ -17,10 +17,11 @@ def test_cached_decode_equals_full_prefill(tiny_factory, case):
     llm = LLM(str(tiny_factory(case)), max_seq_len=64)
     full = llm.logits(IDS)
     m, eng = llm.model, llm.engine
-    eng.ensure_cache(1)
-    step_logits = [llm.backend.to_numpy(m.forward(np.asarray(IDS[:10], np.int32), Batch([0], [0], [10]), eng.cache))[0]]
+    eng.ensure_cache()
+    table = eng.cache.spec.slot_tables([0])
+    step_logits = [llm.backend.to_numpy(m.forward(np.asarray(IDS[:10], np.int32), Batch(table, [0], [10]), eng.cache))[0]]
     for p in range(10, len(IDS)):
-        out = m.forward(np.asarray([IDS[p]], np.int32), Batch([0], [p], [1]), eng.cache)
+        out = m.forward(np.asarray([IDS[p]], np.int32), Batch(table, [p], [1]), eng.cache)
         step_logits.append(llm.backend.to_numpy(out)[0])
     np.testing.assert_allclose(np.stack(step_logits), full[9:], rtol=1e-4, atol=1e-4)
 
@@ -37,10 +38,13 @@ def test_chunked_prefill_equals_one_shot(tiny_factory, case, chunk):
 def test_rolling_cache_equals_full_cache_with_banded_mask(tiny_factory):
     llm = LLM(str(tiny_factory("mistral_window")), max_seq_len=64)
     W = llm.cfg.sliding_window
-    rolling = Engine(llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=4)
-    assert rolling.spec(1).capacity == W + 4 < 64
+    # Blocks of 4: a ring of ceil((W + 4) / 4) + 1 = 4 blocks (16 positions) that 50 tokens wrap 3 times.
+    rolling = Engine(llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=4,
+                     block_size=4)
+    assert rolling.spec().ring == 4 and rolling.spec().capacity == 16 < 64
     full = Engine(llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=4)
-    full.spec = lambda n: KVCacheSpec(llm.cfg.n_layers, n, 64, llm.cfg.n_kv_heads, llm.cfg.head_dim, "fp32", W, 64)
+    full.spec = lambda: KVCacheSpec(llm.cfg.n_layers, 16, 4, 16, llm.cfg.n_kv_heads, llm.cfg.head_dim, "fp32", W, 64)
+    assert not full.spec().rolling
     np.testing.assert_allclose(rolling.logits(IDS), full.logits(IDS), rtol=1e-4, atol=1e-4)
     # Greedy generation running far past the window, through the rolling cache.
     p = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
@@ -54,25 +58,38 @@ def test_rolling_cache_equals_full_cache_with_banded_mask(tiny_factory):
 @pytest.mark.filterwarnings("ignore::tinyllm.api.ContextWarning")   # contexts far past the trained 256, on purpose
 def test_rolling_cache_memory_is_bounded_by_window(tiny_factory):
     d = str(tiny_factory("mistral_window"))
-    specs = [LLM(d, max_seq_len=n).engine.spec(1) for n in (10_000, 1_000_000)]
-    assert all(s.rolling and s.capacity == 8 + 512 for s in specs)       # W + prefill chunk
+    specs = [LLM(d, max_seq_len=n).engine.spec() for n in (10_000, 1_000_000)]
+    # a ring of ceil((W + prefill chunk) / block size) + 1 blocks per sequence
+    assert all(s.rolling and s.ring == -(-(8 + 512) // 16) + 1 for s in specs)
     assert specs[0].nbytes() == specs[1].nbytes()
     llm = LLM(d, max_seq_len=1_000_000)
     llm.generate([IDS], SamplingParams(max_tokens=2, temperature=0))
-    assert llm.engine.cache.nbytes() == specs[1].nbytes() * llm.engine.max_batch
+    assert llm.engine.cache.nbytes() == specs[1].nbytes()
 
 
-def test_slot_positions_worked_example():
-    # the kv_cache docstring's example: C=6 after 9 tokens
-    assert slot_positions(9, 6).tolist() == [6, 7, 8, 3, 4, 5]
-    assert slot_positions(3, 6).tolist() == [0, 1, 2, -1, -1, -1]
+def test_kv_cache_worked_examples():
+    """The two worked examples of kv_cache.py's docstring."""
+    flat = KVCacheSpec(1, 8, 4, 4, 1, 8, "fp32", None, 16)
+    table = np.array([7, 2, 5, -1], np.int32)
+    blocks, offsets = entries(table, np.arange(10), flat)
+    assert blocks.tolist() == [7] * 4 + [2] * 4 + [5] * 2 and offsets.tolist() == [0, 1, 2, 3] * 2 + [0, 1]
+    ring = KVCacheSpec.for_model(type("C", (), {"sliding_window": 4, "n_layers": 1, "n_kv_heads": 1, "head_dim": 8})(),
+                                 "fp32", 100, chunk=2, block_size=2)
+    assert (ring.ring, ring.capacity, ring.max_chunk) == (4, 8, 4)
+    assert entries(np.array([10, 11, 12, 13], np.int32), [8], ring)[0].tolist() == [10]   # row 4 -> entry 0
+    assert visible_lo(9, 8, ring) == 5
 
 
-def test_prefix_reuse_in_a_rolling_cache_never_reads_overwritten_keys(tiny_factory):
-    """Slot reuse across requests (what chat turns do) must give fresh-prefill logits, also
-    when the shared prefix ends inside the part of a rolling cache the old sequence wrapped."""
+@pytest.mark.parametrize("pool_blocks", [None, 64])
+def test_prefix_reuse_in_a_rolling_cache_never_reads_overwritten_keys(tiny_factory, pool_blocks):
+    """Prefix-cache hits across requests (what chat turns do) must give fresh-prefill logits,
+    also when the shared prefix ends inside the part of a ring the old sequence wrapped, with
+    a pool so small that wrapped blocks are reused at once (None: one ring) or large enough
+    to keep them."""
     d = str(tiny_factory("mistral_window"))                     # W = 8
-    llm = LLM(d, max_seq_len=64, prefill_chunk=2, max_batch=1)   # rolling capacity 10
+    llm = LLM(d, max_seq_len=64, prefill_chunk=2, max_batch=1, block_size=2)   # ring of 6 blocks of 2
+    if pool_blocks:
+        llm.engine.n_blocks = pool_blocks
     fresh = LLM(d, max_seq_len=64, prefill_chunk=2, max_batch=1)
     last = []
     forward = llm.model.forward
@@ -80,10 +97,15 @@ def test_prefix_reuse_in_a_rolling_cache_never_reads_overwritten_keys(tiny_facto
     a = IDS[:30]
     b = a[:28] + [7]            # reuses 28 of 30 positions
     c = b[:26] + [9, 11, 13]    # reuses a prefix whose window the old sequence overwrote
+    cached = []
     for prompt in (a, b, c):
-        list(llm.stream(prompt, SamplingParams(max_tokens=1, temperature=0), slot=0))
+        out = []
+        list(llm.stream(prompt, SamplingParams(max_tokens=1, temperature=0), result=out))
+        cached.append(out[0].cached_tokens)
         np.testing.assert_allclose(last[-1][-1], fresh.logits(prompt)[-1], rtol=1e-5, atol=1e-5)
-    assert llm.engine.stats["prefill_tokens"] < 3 * 30          # b did reuse its prefix
+    # b reuses 14 full blocks (28 tokens); c shares 26 tokens with b: 13 blocks, which a ring
+    # can take only if rows 8..12 are all still in the pool (not with one ring's worth).
+    assert cached == ([0, 28, 0] if pool_blocks is None else [0, 28, 26])
 
 
 def test_bad_token_ids_and_sizes_are_user_errors(tiny_factory):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import ml_dtypes
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 
 from tinyllm import cli
 from tinyllm.evaluate import evaluate_kv
-from tinyllm.kv_cache import KVCacheSpec, slot_positions
+from tinyllm.kv_cache import KVCacheSpec
 from tinyllm.kv_formats import FORMATS, FormatKVCache, KVFormat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,22 +131,24 @@ def kivi_expected(raw: np.ndarray, n: int, B: int, qmax=127.0) -> np.ndarray:
     return out
 
 
-def make_cache(capacity=64, window=None, max_seq_len=64, B=4, fmt="int8-kivi"):
-    spec = KVCacheSpec(1, 1, capacity, 2, 8, "fp32", window, max_seq_len)
+def make_cache(window=None, max_seq_len=64, B=4, fmt="int8-kivi", chunk=4, block_size=4):
+    """A study cache for one sequence whose table owns blocks 0..R-1 (a ring wraps in place)."""
+    cfg = SimpleNamespace(n_layers=1, n_kv_heads=2, head_dim=8, sliding_window=window)
+    spec = KVCacheSpec.for_model(cfg, "fp32", max_seq_len, chunk=chunk, block_size=block_size)
     return FormatKVCache(spec, FORMATS[fmt], block=B)
 
 
 def write(cache, raw, start, n):
     pos = np.arange(start, start + n)
-    cache.write_positions(0, 0, pos, raw[pos], 1 - raw[pos])       # V: per token, any values
+    cache.write(0, cache.spec.slot_tables([0])[0], pos, raw[pos], 1 - raw[pos])   # V: per token, any values
 
 
 def read_positions(cache, n):
-    """K read back for each position the cache holds after n tokens, by position."""
-    cap = cache.spec.capacity
-    k, _ = cache.read(0, 0, min(n, cap))
-    held = slot_positions(n, cap)[:min(n, cap)]
-    return {int(p): k[i] for i, p in enumerate(held) if p >= 0}
+    """K read back for each position the table still holds after n tokens (its last R rows), by position."""
+    spec = cache.spec
+    lo = max(0, ((n - 1) // spec.block_size - spec.ring + 1) * spec.block_size)
+    k, _ = cache.read(0, spec.slot_tables([0])[0], np.arange(lo, n))
+    return {p: k[i] for i, p in enumerate(range(lo, n))}
 
 
 def test_kivi_open_block_is_exact_until_it_closes():
@@ -179,11 +182,12 @@ def test_kivi_chunked_prefill_equals_one_shot():
 
 @pytest.mark.parametrize("window, chunk, B", [(6, 4, 4), (3, 2, 4), (5, 3, 2)])
 def test_kivi_rolling_window_wraps(window, chunk, B):
-    """A rolling cache (capacity W + chunk) holds, for every position it still has, the value
-    the rule gives — also when the window is shorter than a block (W=3, B=4)."""
+    """A ring (paged blocks of 2) holds, for every position it still has, the value the rule
+    gives — also when the window is shorter than a KIVI block (W=3, B=4)."""
     raw = rng_keys((60, 2, 8), seed=3)
-    cap = window + chunk                                           # as KVCacheSpec.for_model makes it
-    cache = make_cache(capacity=cap, window=window, max_seq_len=100, B=B)
+    cache = make_cache(window=window, max_seq_len=100, B=B, chunk=chunk, block_size=2)
+    cap = cache.spec.capacity
+    assert cache.spec.rolling
     max_chunk = cache.spec.max_chunk
     sizes = [1, max_chunk, 2, 1, max_chunk, 3, 1, 1, max_chunk] * 3
     s = 0
@@ -194,7 +198,7 @@ def test_kivi_rolling_window_wraps(window, chunk, B):
         write(cache, raw, s, L)
         s += L
         got, want = read_positions(cache, s), kivi_expected(raw, s, B)
-        assert len(got) == min(s, cap)
+        assert len(got) >= min(s, cap - cache.spec.block_size + 1)
         for p, k in got.items():
             np.testing.assert_array_equal(k, want[p], err_msg=f"position {p} after {s} tokens")
     assert s > 3 * cap                                             # wrapped several times
@@ -233,11 +237,12 @@ def attention_error(fmt: str, seed: int) -> float:
     k[:, :, [5, 17, 40]] += np.asarray([100.0, -300.0, 1000.0], np.float32)
     v = g.standard_normal((n, h, d)).astype(np.float32)
     q = np.float32(0.5) * g.standard_normal((32, h, d)).astype(np.float32)
-    spec = KVCacheSpec(1, 1, n, h, d, "fp32", None, n)
+    spec = KVCacheSpec(1, n // 16, 16, n // 16, h, d, "fp32", None, n)
     cache = FormatKVCache(spec, FORMATS[fmt])
-    cache.write_positions(0, 0, np.arange(250), k[:250], v[:250])
-    cache.write_positions(0, 0, np.arange(250, 256), k[250:], v[250:])
-    kq, vq = cache.read(0, 0, n)
+    table = spec.slot_tables([0])[0]
+    cache.write(0, table, np.arange(250), k[:250], v[:250])
+    cache.write(0, table, np.arange(250, 256), k[250:], v[250:])
+    kq, vq = cache.read(0, table, np.arange(n))
 
     def attend(kk, vv):
         s = np.einsum("qhd,khd->hqk", q, kk) / np.sqrt(d)

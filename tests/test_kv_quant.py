@@ -156,9 +156,12 @@ def cached_kv_rel_error(ref: LLM, llm: LLM) -> float:
     return that rounding's relative error ||stored - exact|| / ||exact||, i.e. the format's
     own error on this model's vectors (independent of how the cache reads them back)."""
     n, kv = len(IDS), llm.engine.cache.spec.kv_dtype
-    exact = ref.engine.cache.read(0, 0, n)
+    # A fresh pool hands out blocks 0, 1, 2, ... in order: logits() of a fresh LLM wrote
+    # IDS into the blocks of the fixed "slot 0" table.
+    table, pos = llm.engine.cache.spec.slot_tables([0])[0], np.arange(n)
+    exact = ref.engine.cache.read(0, table, pos)
     rounded = [dequantize(*quantize(x, kv)) for x in exact]
-    for got, want in zip(llm.engine.cache.read(0, 0, n), rounded):
+    for got, want in zip(llm.engine.cache.read(0, table, pos), rounded):
         np.testing.assert_array_equal(got, want)
     return float(np.sqrt(sum(np.sum((r - x) ** 2) for r, x in zip(rounded, exact))
                          / sum(np.sum(x ** 2) for x in exact)))
@@ -203,11 +206,12 @@ def logit_tolerance(d: str) -> dict:
 
 
 def rolling_llm(d: str, kv: str, max_seq_len: int = 96) -> LLM:
-    """An LLM whose engine prefills in chunks of 4, so a window-8 model gets a rolling cache of
-    capacity 12 that wraps many times during a long prompt and the generation after it."""
+    """An LLM whose engine prefills in chunks of 4 into blocks of 4, so a window-8 model gets a
+    ring of 4 blocks (16 positions) that wraps many times during a long prompt and the
+    generation after it."""
     llm = LLM(d, kv_dtype=kv, max_seq_len=max_seq_len, max_batch=1)
     llm.engine = Engine(llm.model, llm.tokenizer, llm.backend, llm.eos_token_ids, max_seq_len, kv,
-                        max_batch=1, prefill_chunk=4)
+                        max_batch=1, prefill_chunk=4, block_size=4)
     return llm
 
 
@@ -226,7 +230,7 @@ def test_greedy_decoding_with_quantized_cache(tiny_factory, case, rolling):
     for kv in QUANT:
         llm = rolling_llm(d, kv) if rolling else LLM(d, kv_dtype=kv, max_seq_len=96)
         if rolling:
-            assert llm.engine.spec(1).rolling and llm.engine.spec(1).capacity == 12
+            assert llm.engine.spec().rolling and llm.engine.spec().capacity == 16
         toks = llm.generate([prompt], params)[0].token_ids
         assert len(toks) == n_new
         # The reference's logits along the quantized run (full prefill, fp32 cache).
@@ -257,14 +261,15 @@ def allocated_arrays(cache) -> list[np.ndarray]:
 @pytest.mark.parametrize("kv", list(KV_DTYPE_BYTES))
 def test_cache_allocates_exactly_the_configured_bytes(tiny_factory, case, kv):
     cfg = ModelConfig.load(tiny_factory(case))
-    for max_seq_len, n_slots in ((40, 3), (100_000, 2)):       # the second is rolling for mistral
-        spec = KVCacheSpec.for_model(cfg, kv, max_seq_len, n_slots)
+    for max_seq_len, n_seqs in ((40, 3), (100_000, 2)):       # the second is rolling for mistral
+        spec = KVCacheSpec.for_model(cfg, kv, max_seq_len, n_seqs)
         cache = NumpyBackend().alloc_kv(spec)
         arrays = allocated_arrays(cache)
         assert len(arrays) == cfg.n_layers * (4 if kv in QUANT else 2)
         total = sum(a.nbytes for a in arrays)
         assert total == spec.nbytes() == cache.nbytes()
-        assert total == cfg.kv_bytes_per_token(kv) * spec.capacity * n_slots
+        assert total == cfg.kv_bytes_per_token(kv) * spec.capacity * n_seqs == \
+            cfg.kv_bytes_per_token(kv) * spec.block_size * spec.n_blocks
         storage = {a.dtype for a in arrays if a.ndim == 4}
         assert storage == {np.dtype({"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16,
                                      "int8": np.int8, "fp8": ml_dtypes.float8_e4m3fn}[kv])}
@@ -278,8 +283,8 @@ def test_engine_cache_has_the_spec_size(tiny_factory, kv):
     llm.generate([IDS[:5], IDS[5:9]], SamplingParams(max_tokens=2, temperature=0))
     c = llm.engine.cache
     assert c.spec.kv_dtype == kv
-    assert sum(a.nbytes for a in allocated_arrays(c)) == llm.engine.spec(2).nbytes() \
-        == llm.cfg.kv_bytes_per_token(kv) * 48 * 2
+    assert sum(a.nbytes for a in allocated_arrays(c)) == llm.engine.spec().nbytes() \
+        == llm.cfg.kv_bytes_per_token(kv) * 48 * 2          # 2 sequences of 48 = 3 blocks of 16 each
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -70,7 +70,7 @@ import numpy as np
 
 from .backends.numpy_backend import NumpyBackend, NumpyKVCache
 from .errors import TinyLLMError
-from .kv_cache import QMAX, KVCacheSpec, dequantize, quantize
+from .kv_cache import QMAX, KVCacheSpec, dequantize, entries, quantize
 
 KIVI_BLOCK = 16
 E4M3_MAX = 448.0
@@ -224,57 +224,47 @@ def parse_formats(names) -> list[str]:
 class FormatKVCache(NumpyKVCache):
     """A float32 cache whose writes store fmt's round trip of K and V (see the module doc).
 
-    write_positions is the entry point: it needs the positions, not only the cache indices,
-    because KIVI blocks are aligned to positions."""
+    One sequence at a time (the study runs Engine.logits): KIVI needs the raw keys of a
+    block's earlier positions when the block closes, kept here by position in k_raw."""
 
     def __init__(self, spec: KVCacheSpec, fmt: KVFormat, block: int = KIVI_BLOCK):
         if spec.kv_dtype != "fp32":
             raise ValueError("a format study cache stores float32")
         super().__init__(spec)
         self.fmt, self.block = fmt, block
-        self.positions = None            # set by FormatBackend before each write
         if fmt.kivi:
-            # Raw keys of the latest cap + B positions, at position % (cap + B).
-            self.shadow_len = spec.capacity + block
-            shape = (spec.n_slots, self.shadow_len, spec.n_kv_heads, spec.head_dim)
+            shape = (spec.max_seq_len, spec.n_kv_heads, spec.head_dim)
             self.k_raw = [np.zeros(shape, np.float32) for _ in range(spec.n_layers)]
 
-    def write(self, layer, slot, idx, k, v):
-        """NumpyBackend.rope_kv_write's call; positions come from FormatBackend."""
-        self.write_positions(layer, slot, self.positions[slot], k, v)
-
-    def write_positions(self, layer: int, slot: int, pos: np.ndarray, k: np.ndarray, v: np.ndarray):
-        """k, v (n, n_kv, D) float32 of consecutive positions pos (n,) of one slot."""
+    def write(self, layer: int, table: np.ndarray, pos: np.ndarray, k: np.ndarray, v: np.ndarray):
+        """k, v (n, n_kv, D) float32 of consecutive positions pos (n,), through table (R,)."""
         pos = np.asarray(pos, np.int64)
-        cap = self.spec.capacity
-        self.v[layer][slot, pos % cap] = self.fmt.v(v)
+        spec = self.spec
+        self.v[layer][entries(table, pos, spec)] = self.fmt.v(v)
         if not self.fmt.kivi:
-            self.k[layer][slot, pos % cap] = self.fmt.k(k)
+            self.k[layer][entries(table, pos, spec)] = self.fmt.k(k)
             return
-        B, raw = self.block, self.k_raw[layer][slot]
-        raw[pos % self.shadow_len] = k
+        B, raw = self.block, self.k_raw[layer]
+        raw[pos] = k
         p0, p1 = int(pos[0]), int(pos[-1]) + 1
         b0, closed = p0 // B * B, p1 // B * B        # blocks from b0 on are rewritten; < closed are full
-        keep = np.arange(max(b0, p1 - cap), p1)      # positions the cache still holds after this write
-        out = raw[keep % self.shadow_len]            # open block: exact
+        bs = spec.block_size                          # positions the table still holds: its last R rows
+        held = max(0, ((p1 - 1) // bs - spec.ring + 1) * bs)
+        keep = np.arange(max(b0, held), p1)
+        out = raw[keep]                               # open block: exact
         if closed > b0:
-            blocks = raw[np.arange(b0, closed) % self.shadow_len].reshape(-1, B, *k.shape[1:])
+            blocks = raw[b0:closed].reshape(-1, B, *k.shape[1:])
             deq = per_channel_blocks(blocks, self.fmt.k_block_kind, self.fmt.k_zero_point, self.fmt.k_fp16_meta).reshape(-1, *k.shape[1:])
             done = keep < closed
             out[done] = deq[keep[done] - b0]
-        self.k[layer][slot, keep % cap] = out
+        self.k[layer][entries(table, keep, spec)] = out
 
 
 class FormatBackend(NumpyBackend):
-    """The numpy backend with a FormatKVCache: it hands each write its positions."""
+    """The numpy backend with a FormatKVCache."""
 
     def __init__(self, fmt: KVFormat, block: int = KIVI_BLOCK):
         self.fmt, self.block = fmt, block
 
     def alloc_kv(self, spec: KVCacheSpec) -> FormatKVCache:
         return FormatKVCache(spec, self.fmt, self.block)
-
-    def rope_kv_write(self, q, k, v, cache: FormatKVCache, layer, batch, inv_freq):
-        cache.positions = {slot: batch.positions[batch.cu_lens[b]:batch.cu_lens[b + 1]]
-                           for b, slot in enumerate(batch.slots)}
-        return super().rope_kv_write(q, k, v, cache, layer, batch, inv_freq)
