@@ -195,7 +195,7 @@ class Engine:
         while True:
             events = self.step(pull)
             yield from (ev for ev in events if ev.kind != "token")
-            if exhausted and not self.live:
+            if exhausted and not self.live and not self.waiting:
                 return
 
     def partial(self, index: int) -> Completion | None:
