@@ -148,30 +148,44 @@ def test_memory_check_counts_the_kv_cache_and_names_what_fits(model, monkeypatch
         LLM(str(model), max_seq_len=256, max_batch=batch + 1)
 
 
-def test_a_gpu_style_check_also_names_the_largest_batch(model, monkeypatch):
-    """A backend with its own check_fits (the cuda backend's interface) refusing a batch:
-    the error adds the largest --max-batch that passes the same check."""
+def test_gpu_default_pool_shrinks_to_the_free_memory(model, monkeypatch):
+    """A backend with its own check_fits and free_memory (the cuda backend's interface): the
+    default pool takes max_batch sequences of max_seq_len when that fits in 90% of the free
+    memory, else as many blocks as fit (the paged cache preempts); when not even one sequence
+    fits, the check's error stands."""
     import tinyllm.api
+    from tinyllm.backends.cuda_backend import MEMORY_HEADROOM
     from tinyllm.backends.numpy_backend import NumpyBackend
     from tinyllm.config import ModelConfig
     from tinyllm.kv_cache import KVCacheSpec
     cfg = ModelConfig.load(model)
-    per_slot = KVCacheSpec.for_model(cfg, "fp32", 256, 1).nbytes()
+    one = KVCacheSpec.for_model(cfg, "fp32", 256, 1)
+    weights = cfg.n_params() * 2
 
     class Budgeted(NumpyBackend):
+        free = 0
+
+        def free_memory(self):
+            return self.free
+
         def check_fits(self, weight_bytes, kv_bytes=0, kv_bytes_per_token=None, max_seq_len=None):
-            if weight_bytes + kv_bytes > cfg.n_params() * 2 + 5 * per_slot:
+            if weight_bytes + kv_bytes + MEMORY_HEADROOM > self.free:
                 raise TinyLLMError("the model needs more GPU memory than is free")
 
-    monkeypatch.setattr(tinyllm.api, "get_backend", lambda *a, **k: Budgeted())
-    with pytest.raises(TinyLLMError, match="largest --max-batch that fits is 5$"):
+    be = Budgeted()
+    monkeypatch.setattr(tinyllm.api, "get_backend", lambda *a, **k: be)
+    be.free = int((weights + MEMORY_HEADROOM + 88.5 * one.block_nbytes()) / 0.9)     # 5.5 sequences' blocks
+    assert LLM(str(model), max_seq_len=256, max_batch=4, cuda_graph=False).engine.spec().n_blocks == 4 * one.ring
+    shrunk = LLM(str(model), max_seq_len=256, max_batch=16, cuda_graph=False).engine.spec()
+    assert shrunk.n_blocks == 88 == 5.5 * one.ring
+    be.free = weights + MEMORY_HEADROOM + one.nbytes() // 2
+    with pytest.raises(TinyLLMError, match="more GPU memory than is free"):
         LLM(str(model), max_seq_len=256, max_batch=16)
-    LLM(str(model), max_seq_len=256, max_batch=5)
 
 
 def test_planned_kv_bytes_are_what_the_cache_allocates(llm):
     from tinyllm.memory import host_plan
-    llm.engine.ensure_cache(llm.engine.max_batch)
+    llm.engine.ensure_cache()
     plan = host_plan(llm.cfg, llm.kv_dtype, llm.max_seq_len, llm.engine.max_batch, llm.prefill_chunk)
     assert plan.kv == llm.engine.cache.nbytes()
 

@@ -24,6 +24,7 @@ from .weights import available_memory, checkpoint_dtype, load_weights
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_SEQ_LEN = 8192       # the KV-cache length when the caller names none
+GPU_MEMORY_UTILIZATION = 0.9     # the share of free GPU memory the default KV pool may take (as vLLM)
 
 
 def resolve_model_dir(model) -> Path:
@@ -85,8 +86,9 @@ class LLM:
 
     def _kv_blocks(self, cfg: ModelConfig, kv_cache_memory, max_batch: int) -> int | None:
         """Blocks in the pool: kv_cache_memory bytes ('4GB' or an int) of them, or None for
-        the default (max_batch sequences of max_seq_len: what fixed slots took; the memory
-        check below then says whether it fits)."""
+        the default: max_batch sequences of max_seq_len (what fixed slots took); on the CPU the
+        memory check then says whether that fits in RAM, on the GPU it shrinks to fit
+        (_gpu_default_blocks)."""
         if kv_cache_memory is None:
             return None
         from .options import parse_memory
@@ -100,12 +102,26 @@ class LLM:
                                f"{self.block_size} tokens takes {spec.block_nbytes():,} bytes for this model")
         return int(n)
 
+    def _gpu_default_blocks(self, cfg: ModelConfig, max_batch: int, fixed_bytes: int) -> int | None:
+        """The GPU's default pool: as many blocks as max_batch sequences of max_seq_len can
+        use at once, or, when that does not fit, what GPU_MEMORY_UTILIZATION of the free
+        memory holds next to the weights (fixed_bytes) and the working headroom: the paged
+        cache then preempts instead of refusing to start. None (the full size, which the
+        memory check then refuses with its numbers) when not even one sequence fits."""
+        from .backends.cuda_backend import MEMORY_HEADROOM
+        spec = self.kv_spec(cfg, max_batch)
+        room = int(GPU_MEMORY_UTILIZATION * self.backend.free_memory()) - fixed_bytes - MEMORY_HEADROOM
+        n = min(spec.n_blocks, max(room, 0) // spec.block_nbytes())
+        return n if n >= spec.ring else None
+
     def _check_memory(self, cfg: ModelConfig, max_batch: int):
         """Weights + KV cache + working memory must fit before anything large is allocated."""
         from .memory import check_host_fits, largest
         if hasattr(self.backend, "check_fits"):  # GPU: weights (bf16) + KV cache + working headroom in free memory
             graphs = getattr(self.backend, "graphs", None)   # captured decode graphs: their buffers too
             graph_bytes = graphs.estimate_bytes(cfg, max_batch) if graphs is not None and graphs.enabled else 0
+            if self.n_blocks is None:
+                self.n_blocks = self._gpu_default_blocks(cfg, max_batch, cfg.n_params() * 2 + graph_bytes)
 
             def check(batch: int):
                 spec = self.kv_spec(cfg, batch, self.n_blocks)
