@@ -2,12 +2,14 @@
 //
 // numpy twin: NumpyBackend.attention (with every lens[b] == 1)
 //   out[b, h] = softmax_p(q[b, h] . k[p, g] * scale) @ v[p, g],  g = h // n_rep,
-//   p over the positions the query at qp = starts[b] sees (common.cuh key_visible).
+//   p over the positions the query at qp = starts[b] sees (common.cuh key_visible), each read
+//   through b's block table (common.cuh kv_entry: the paged cache of kv_cache.py).
 //
 // decode_split_hd<HD>_r<REP>_v1: grid (n_splits, n_dec, n_kv * rep_chunks), block 32*DEC_WARPS.
 //   The batch's sequences that bring exactly one token are listed in dec_seqs (n_dec of them;
 //   in a mixed step the others go through attention_prefill.cu, writing other output rows).
-//   A CTA takes split s of sequence b = dec_seqs[y]'s visible key range [lo, hi] (split_len positions each)
+//   A CTA takes split s of sequence b = dec_seqs[y]'s visible key range [lo, qp] (split_len
+//   positions each; lo = max(kmin, qp - W + 1), so no key below the window is ever loaded)
 //   for kv head g and up to REP query heads of g's group: every K/V vector is loaded once for
 //   all of them (GQA). Lanes work in groups of HD/8: a group owns one key at a time and each
 //   lane of it 8 consecutive dims (16-byte loads for bf16/fp16, 8-byte for int8/fp8);
@@ -21,7 +23,9 @@
 //   M = max m_s, L = sum l_s 2^(m_s - M), out = sum acc_s 2^(m_s - M) / L.
 //
 // Shapes: q (T, n_heads, hd) bf16, token stride ldq (multiple of 8); sequence b's token is row
-//   cu_lens[b]; cache of one layer as in kv_cache.py; part_m, part_l (n_splits, n_dec, n_heads)
+//   cu_lens[b]; cache of one layer as in kv_cache.py: kc, vc (n_blocks, block_size, n_kv, hd),
+//   ks, vs (n_blocks, block_size, n_kv) for int8/fp8; tables (B, ring) int32 block ids;
+//   part_m, part_l (n_splits, n_dec, n_heads)
 //   fp32; part_o (n_splits, n_dec, n_heads, hd) fp32; out (T, n_heads*hd) bf16, token stride
 //   ldo. hd % 8 == 0, hd <= HD in {64, 128}.
 //   A CTA whose split is empty (short sequences in a ragged batch) writes m = -inf, l = 0.
@@ -45,9 +49,9 @@ template <int HD, int REP>
 __device__ __forceinline__ void decode_split(
     const bf16* __restrict__ q, int ldq, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc,
     const float* __restrict__ ks, const float* __restrict__ vs, float* __restrict__ part_m,
-    float* __restrict__ part_l, float* __restrict__ part_o, const int* dec_seqs, const int* slots,
-    const int* starts, const int* cu_lens, int n_dec, int capacity, int n_heads, int n_kv, int hd, int window,
-    float sl2, int split_len) {
+    float* __restrict__ part_l, float* __restrict__ part_o, const int* dec_seqs, const int* tables,
+    const int* starts, const int* cu_lens, int n_dec, int ring, int block_size, int n_heads, int n_kv, int hd,
+    int window, float sl2, int split_len) {
     constexpr int G = HD / 8;                    // lanes per key
     constexpr int KPW = 32 / G;                  // keys per warp at a time
     constexpr int NG = DEC_WARPS * KPW;          // lane groups per CTA
@@ -69,7 +73,7 @@ __device__ __forceinline__ void decode_split(
     const int t = cu_lens[b];
     const int qp = starts[b];                    // the one query's position
     const int total = qp + 1;
-    const int kmin = total - min(total, capacity);
+    const int kmin = total - min(total, ring * block_size);
     const int lo = max(kmin, window > 0 ? qp - window + 1 : 0);
     const int s0 = lo + split * split_len;
     const int s1 = min(s0 + split_len, qp + 1);
@@ -104,7 +108,7 @@ __device__ __forceinline__ void decode_split(
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[r][i] = 0.f;
     }
-    const long long kv_row0 = (long long)slots[b] * capacity;
+    const int* table = tables + (long long)b * ring;
 
     for (int base = s0; base < s1; base += NG * U) {
         typename KV::Raw8 kraw[U], vraw[U];
@@ -116,7 +120,7 @@ __device__ __forceinline__ void decode_split(
             ok[u] = p < s1;
             sk[u] = sv[u] = 1.f;
             if (ok[u] && dvalid) {
-                const long long entry = (kv_row0 + p % capacity) * n_kv + g;
+                const long long entry = kv_entry(table, ring, block_size, p, n_kv, g);
                 kraw[u] = KV::ld8(kc + entry * hd + d0);
                 vraw[u] = KV::ld8(vc + entry * hd + d0);
                 if constexpr (KV::quantized) {
@@ -204,10 +208,10 @@ __device__ __forceinline__ void decode_split(
 
 #define DECODE_ARGS                                                                                    \
     const bf16 *q, int ldq, const kv_t *kc, const kv_t *vc, const float *ks, const float *vs,          \
-        float *part_m, float *part_l, float *part_o, const int *dec_seqs, const int *slots,            \
-        const int *starts, const int *cu_lens, int n_dec, int capacity, int n_heads, int n_kv, int hd, \
-        int window, float sl2, int split_len
-#define DECODE_PASS q, ldq, kc, vc, ks, vs, part_m, part_l, part_o, dec_seqs, slots, starts, cu_lens, n_dec, capacity, n_heads, n_kv, hd, window, sl2, split_len
+        float *part_m, float *part_l, float *part_o, const int *dec_seqs, const int *tables,           \
+        const int *starts, const int *cu_lens, int n_dec, int ring, int block_size, int n_heads,       \
+        int n_kv, int hd, int window, float sl2, int split_len
+#define DECODE_PASS q, ldq, kc, vc, ks, vs, part_m, part_l, part_o, dec_seqs, tables, starts, cu_lens, n_dec, ring, block_size, n_heads, n_kv, hd, window, sl2, split_len
 
 #define DECODE_ENTRY(HD, REP)                                                                          \
     extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS) decode_split_hd##HD##_r##REP##_v1(DECODE_ARGS) { \

@@ -1,10 +1,10 @@
-// attention_prefill.cu: flash attention of a ragged batch of query chunks over their cache
-// slots (prefill, chunked prefill, and any batch with more than one query per sequence).
+// attention_prefill.cu: flash attention of a ragged batch of query chunks over their paged
+// KV cache (prefill, chunked prefill, and any batch with more than one query per sequence).
 //
 // numpy twin: NumpyBackend.attention
 //   out[t, h] = softmax_p(q[t, h] . k[p, h // n_rep] * scale  masked) @ v[p, h // n_rep]
 //   over the key positions p that query position qp sees (common.cuh key_visible: causal,
-//   sliding window, only what the rolling slot still holds). Scores are never materialized:
+//   sliding window, only what the sequence's block table still holds). Scores are never materialized:
 //   online softmax over key tiles (running max m, running sum l, fp32), exp2 with log2(e)
 //   folded into the scale. Quantized caches (int8/fp8) are dequantized on the fly (x * scale).
 //
@@ -13,12 +13,16 @@
 //   so all query heads of a GQA group share every K/V tile the CTA loads. The host lists the
 //   tiles (tile_seq, tile_row0), so the grid is (n_tiles, n_kv) with no idle CTAs.
 //   Keys are visited by *position* from the smallest one any row of the tile sees to the
-//   largest query position of the tile (causal tiles skip the future entirely); position p is
-//   read from cache index p % C.
+//   largest query position of the tile (causal tiles skip the future entirely): from
+//   lo = max(kmin, qp_first - W + 1), qp_first the tile's first query, so no key below that
+//   query's window is ever loaded (a ring may already have replaced its block). Position p is
+//   read through the sequence's block table (common.cuh kv_entry: block
+//   tables[b, (p / block_size) % ring], offset p % block_size); a key tile (32 or FA2_BN keys)
+//   may span several blocks, each key row looks its block up on its own.
 //
 // Shapes: q (T, n_heads, hd) bf16 (already rotated), token stride ldq (a multiple of 8 for v2);
-//         cache k, v of one layer (n_slots, C, n_kv, hd) of kind KV_KIND, scales (n_slots, C,
-//         n_kv) fp32 for int8/fp8; out (T, n_heads*hd) bf16, token stride ldo. hd <= HD and
+//         cache k, v of one layer (n_blocks, block_size, n_kv, hd) of kind KV_KIND, scales
+//         (n_blocks, block_size, n_kv) fp32 for int8/fp8; tables (B, ring) int32 block ids; out (T, n_heads*hd) bf16, token stride ldo. hd <= HD and
 //         hd % 8 == 0; HD (compile time) is 64 or 128, unused columns are zero-padded.
 //         window 0 means none. sl2 = softmax scale * log2(e).
 //
@@ -52,21 +56,22 @@ typedef KVT<KV_KIND> KV;
 typedef KV::T kv_t;
 
 struct TileInfo {
-    int b, slot, start, len, tok0, total, kmin, rows, r0;
+    const int* table;                            // the sequence's block table (ring entries)
+    int b, start, len, tok0, total, kmin, rows, r0;
 };
 
-__device__ __forceinline__ TileInfo tile_info(const int* tile_seq, const int* tile_row0, const int* slots,
+__device__ __forceinline__ TileInfo tile_info(const int* tile_seq, const int* tile_row0, const int* tables,
                                               const int* starts, const int* lens, const int* cu_lens,
-                                              int capacity, int n_rep) {
+                                              int ring, int block_size, int n_rep) {
     TileInfo ti;
     ti.b = tile_seq[blockIdx.x];
     ti.r0 = tile_row0[blockIdx.x];
-    ti.slot = slots[ti.b];
+    ti.table = tables + (long long)ti.b * ring;
     ti.start = starts[ti.b];
     ti.len = lens[ti.b];
     ti.tok0 = cu_lens[ti.b];
     ti.total = ti.start + ti.len;
-    ti.kmin = ti.total - min(ti.total, capacity);
+    ti.kmin = ti.total - min(ti.total, ring * block_size);
     ti.rows = ti.len * n_rep;
     return ti;
 }
@@ -77,8 +82,8 @@ template <int HD>
 __device__ __forceinline__ void flash_prefill_fma(
     const bf16* __restrict__ q, int ldq, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc,
     const float* __restrict__ ks, const float* __restrict__ vs, bf16* __restrict__ out, int ldo,
-    const int* tile_seq, const int* tile_row0, const int* slots, const int* starts, const int* lens,
-    const int* cu_lens, int capacity, int n_heads, int n_kv, int hd, int window, float sl2) {
+    const int* tile_seq, const int* tile_row0, const int* tables, const int* starts, const int* lens,
+    const int* cu_lens, int ring, int block_size, int n_heads, int n_kv, int hd, int window, float sl2) {
     constexpr int BM = FA1_WARPS * FA1_RPW;
     constexpr int BN = 32;
     constexpr int NT = 32 * FA1_WARPS;
@@ -89,7 +94,7 @@ __device__ __forceinline__ void flash_prefill_fma(
 
     const int n_rep = n_heads / n_kv;
     const int g = blockIdx.y;
-    const TileInfo ti = tile_info(tile_seq, tile_row0, slots, starts, lens, cu_lens, capacity, n_rep);
+    const TileInfo ti = tile_info(tile_seq, tile_row0, tables, starts, lens, cu_lens, ring, block_size, n_rep);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
     // Q tile (pre-scaled by scale*log2e), zero rows/columns outside the problem.
@@ -116,7 +121,6 @@ __device__ __forceinline__ void flash_prefill_fma(
     const int qp_first = ti.start + ti.r0 / n_rep;
     const int hi = ti.start + (min(ti.r0 + BM, ti.rows) - 1) / n_rep;
     const int lo = max(ti.kmin, window > 0 ? qp_first - window + 1 : 0);
-    const long long kv_row0 = (long long)ti.slot * capacity;
 
     for (int kt = lo; kt <= hi; kt += BN) {
         __syncthreads();                         // previous tile fully consumed (and Qs written)
@@ -124,7 +128,7 @@ __device__ __forceinline__ void flash_prefill_fma(
             const int j = e / (HD / 8), d0 = (e % (HD / 8)) * 8, p = kt + j;
             float kf[8], vf[8];
             if (p <= hi && d0 < hd) {
-                const long long entry = (kv_row0 + p % capacity) * n_kv + g;
+                const long long entry = kv_entry(ti.table, ring, block_size, p, n_kv, g);
                 KV::cvt8(KV::ld8(kc + entry * hd + d0), kf);
                 KV::cvt8(KV::ld8(vc + entry * hd + d0), vf);
                 if constexpr (KV::quantized) {
@@ -183,8 +187,8 @@ template <int HD, int KIND>
 __device__ __forceinline__ void flash_prefill_mma(
     const bf16* __restrict__ q, int ldq, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc,
     const float* __restrict__ ks, const float* __restrict__ vs, bf16* __restrict__ out, int ldo,
-    const int* tile_seq, const int* tile_row0, const int* slots, const int* starts, const int* lens,
-    const int* cu_lens, int capacity, int n_heads, int n_kv, int hd, int window, float sl2) {
+    const int* tile_seq, const int* tile_row0, const int* tables, const int* starts, const int* lens,
+    const int* cu_lens, int ring, int block_size, int n_heads, int n_kv, int hd, int window, float sl2) {
     constexpr int BM = 64;                       // 4 warps x 16 rows
     constexpr int BN = FA2_BN;
     constexpr int NT = 128;
@@ -201,7 +205,7 @@ __device__ __forceinline__ void flash_prefill_mma(
 
     const int n_rep = n_heads / n_kv;
     const int g = blockIdx.y;
-    const TileInfo ti = tile_info(tile_seq, tile_row0, slots, starts, lens, cu_lens, capacity, n_rep);
+    const TileInfo ti = tile_info(tile_seq, tile_row0, tables, starts, lens, cu_lens, ring, block_size, n_rep);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gid = lane >> 2, tid4 = lane & 3;
 
@@ -239,7 +243,6 @@ __device__ __forceinline__ void flash_prefill_mma(
     const int qp_first = ti.start + ti.r0 / n_rep;
     const int hi = ti.start + (min(ti.r0 + BM, ti.rows) - 1) / n_rep;
     const int lo = max(ti.kmin, window > 0 ? qp_first - window + 1 : 0);
-    const long long kv_row0 = (long long)ti.slot * capacity;
 
     for (int kt = lo; kt <= hi; kt += BN) {
         __syncthreads();                         // everyone is done with the previous K/V tile
@@ -247,7 +250,7 @@ __device__ __forceinline__ void flash_prefill_mma(
             const int j = e / (HD / 8), d0 = (e % (HD / 8)) * 8, p = kt + j;
             uint4 kv4 = make_uint4(0u, 0u, 0u, 0u), vv4 = make_uint4(0u, 0u, 0u, 0u);
             if (p <= hi && d0 < hd) {
-                const long long entry = (kv_row0 + p % capacity) * n_kv + g;
+                const long long entry = kv_entry(ti.table, ring, block_size, p, n_kv, g);
                 if constexpr (KIND == 0) {           // bf16 cache: a straight 16-byte copy
                     kv4 = KVT<KIND>::ld8(kc + entry * hd + d0);
                     vv4 = KVT<KIND>::ld8(vc + entry * hd + d0);
@@ -369,9 +372,10 @@ __device__ __forceinline__ void flash_prefill_mma(
 
 #define PREFILL_ARGS                                                                                   \
     const bf16 *q, int ldq, const kv_t *kc, const kv_t *vc, const float *ks, const float *vs, bf16 *out, \
-        int ldo, const int *tile_seq, const int *tile_row0, const int *slots, const int *starts,         \
-        const int *lens, const int *cu_lens, int capacity, int n_heads, int n_kv, int hd, int window, float sl2
-#define PREFILL_PASS q, ldq, kc, vc, ks, vs, out, ldo, tile_seq, tile_row0, slots, starts, lens, cu_lens, capacity, n_heads, n_kv, hd, window, sl2
+        int ldo, const int *tile_seq, const int *tile_row0, const int *tables, const int *starts,        \
+        const int *lens, const int *cu_lens, int ring, int block_size, int n_heads, int n_kv, int hd,    \
+        int window, float sl2
+#define PREFILL_PASS q, ldq, kc, vc, ks, vs, out, ldo, tile_seq, tile_row0, tables, starts, lens, cu_lens, ring, block_size, n_heads, n_kv, hd, window, sl2
 
 extern "C" {
 __global__ void __launch_bounds__(32 * FA1_WARPS) flash_prefill_hd64_v1(PREFILL_ARGS) { flash_prefill_fma<64>(PREFILL_PASS); }

@@ -217,12 +217,28 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// ---- attention key ranges (NumpyBackend.attention / kv_cache.slot_positions) ---------------------
-// After the write, sequence b holds total = start + len tokens; its slot keeps the last
-// n = min(total, C) positions [total - n, total - 1], position p at index p % C. A query at
-// position qp sees key positions p with  total - n <= p <= qp  and, with a window W > 0,
-// p > qp - W. Iterating over positions (not indices) visits exactly the keys numpy's
-// slot_positions mask allows, in a rolling cache too.
+// ---- the paged KV cache (kv_cache.py; NumpyKVCache.write / read) ---------------------------------
+// Per layer k, v (n_blocks, block_size, n_kv, hd) and scales (n_blocks, block_size, n_kv).
+// Sequence b's block table is tables[b * ring .. b * ring + ring - 1] (int32 block ids, -1
+// unused); C = ring * block_size positions fit before the table wraps (a sliding window's
+// ring). Position p lives in block table[(p / block_size) % ring] at offset p % block_size:
+// the entry of (p, kv head g) is (block * block_size + offset) * n_kv + g, its elements at
+// entry * hd .. entry * hd + hd - 1 and its scale at entry. One table read per key row: the
+// block size need not match any kernel tile.
+
+__device__ __forceinline__ long long kv_entry(const int* __restrict__ table, int ring, int block_size,
+                                              int p, int n_kv, int g) {
+    const long long block = table[(p / block_size) % ring];
+    return (block * block_size + p % block_size) * n_kv + g;
+}
+
+// ---- attention key ranges (NumpyBackend.attention / kv_cache.visible_lo) ---------------------------
+// After the write, sequence b holds total = start + len tokens; its table addresses the last
+// C positions, so kmin = total - min(total, C). A query at position qp sees key positions p
+// with  kmin <= p <= qp  and, with a window W > 0, p > qp - W. Kernels visit keys by position
+// from lo = max(kmin, qp_first - W + 1) (qp_first: the first query of the CTA) and never LOAD
+// a key below lo: with a ring, a position below its query's window may name a block the
+// engine already replaced (kv_cache.py's worked example), i.e. stale or foreign data.
 
 __device__ __forceinline__ bool key_visible(int p, int qp, int kmin, int window) {
     return p <= qp && p >= kmin && (window <= 0 || p > qp - window);

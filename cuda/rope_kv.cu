@@ -4,7 +4,8 @@
 // numpy twins: NumpyBackend.rope_kv_write  (rope_rotate on q and k, then NumpyKVCache.write)
 //              kv_cache.quantize            (int8 / fp8 storage)
 //   q' = rotate_half(q, pos);  k' = rotate_half(k, pos)
-//   cache.k[slot, pos % C] = k' ; cache.v[slot, pos % C] = v        (quantized if int8/fp8)
+//   blk = tables[b, (pos // block_size) % ring]        (b = seq_of_token[t]; kv_cache.py)
+//   cache.k[blk, pos % block_size] = k' ; cache.v[blk, pos % block_size] = v   (quantized if int8/fp8)
 //   rotate_half: pairs (j, j + hd/2) turn by angle pos * inv_freq[j]:
 //     x1' = x1*cos - x2*sin ; x2' = x2*cos + x1*sin
 //
@@ -19,9 +20,12 @@
 //
 // Shapes: q (T, n_heads, hd) bf16, token stride ldq, heads contiguous (hd apart); rotated in
 //         place. k, v (T, n_kv, hd) bf16, token strides ldk, ldv. cos/sin (n_pos, hd/2) fp32.
-//         positions (T,), seq_of_token (T,), slots (B,) int32 (device). Cache arrays of one
-//         layer: kc, vc (n_slots, C, n_kv, hd) of the storage kind; ks, vs (n_slots, C, n_kv)
-//         fp32 scales (quantized kinds only). hd even and <= 256.
+//         positions (T,), seq_of_token (T,), tables (B, ring) int32 block ids (device). Cache
+//         arrays of one layer: kc, vc (n_blocks, block_size, n_kv, hd) of the storage kind;
+//         ks, vs (n_blocks, block_size, n_kv) fp32 scales (quantized kinds only). hd even and
+//         <= 256. Every written position's table entry names a block (the engine grows the
+//         table before the forward); tokens of one forward never share an entry (rows that
+//         repeat one, a CUDA graph's padding, write identical bytes).
 // Launch: grid (T, ceil((n_heads + 2*n_kv) / ROPE_WARPS)), block 32 * ROPE_WARPS. One warp per
 //         (token, vector); vectors are q heads, then k heads, then v heads. Lane l owns pairs
 //         j = l, l+32, ... (coalesced 2-byte accesses; this kernel moves little data).
@@ -71,9 +75,9 @@ __device__ __forceinline__ void store_vector(const float (&vals)[8], const int (
 extern "C" __global__ void __launch_bounds__(32 * ROPE_WARPS)
 rope_kv_write_v1(bf16* q, int ldq, const bf16* k, int ldk, const bf16* v, int ldv,
                  const float* cos_tab, const float* sin_tab,
-                 const int* positions, const int* seq_of_token, const int* slots,
+                 const int* positions, const int* seq_of_token, const int* tables,
                  kv_t* kc, kv_t* vc, float* ks, float* vs,
-                 int capacity, int n_heads, int n_kv, int hd) {
+                 int ring, int block_size, int n_heads, int n_kv, int hd) {
     const int t = blockIdx.x;
     const int vec = blockIdx.y * ROPE_WARPS + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
@@ -94,8 +98,7 @@ rope_kv_write_v1(bf16* q, int ldq, const bf16* k, int ldk, const bf16* v, int ld
 
     const bool is_k = vec < n_heads + n_kv;
     const int g = is_k ? vec - n_heads : vec - n_heads - n_kv;
-    const long long slot = slots[seq_of_token[t]];
-    const long long entry = (slot * capacity + pos % capacity) * n_kv + g;   // (slot, idx, g)
+    const long long entry = kv_entry(tables + (long long)seq_of_token[t] * ring, ring, block_size, pos, n_kv, g);
     kv_t* dst = (is_k ? kc : vc) + entry * hd;
     float* sdst = KV::quantized ? (is_k ? ks : vs) + entry : nullptr;
 

@@ -138,20 +138,20 @@ def measure_tinyllm_model(be, cfg, ctx, prefill_tokens, decode_steps, iters):
     from tinyllm.backends import Batch
     from tinyllm.kv_cache import KVCacheSpec
     model = build_model(be, cfg)
-    spec = KVCacheSpec(cfg.n_layers, 1, max(ctx + decode_steps + 8, prefill_tokens), cfg.n_kv_heads, cfg.head_dim,
-                       "bf16", None, max(ctx + decode_steps + 8, prefill_tokens))
+    spec = KVCacheSpec.for_model(cfg, "bf16", max(ctx + decode_steps + 8, prefill_tokens), 1, chunk=prefill_tokens)
     cache = be.alloc_kv(spec)
+    table = spec.slot_tables([0])                        # one sequence owning the whole pool
     rng = np.random.default_rng(0)
     toks = rng.integers(0, cfg.vocab_size, prefill_tokens).astype(np.int32)
-    prefill_ms = median_ms(lambda: model.forward(toks, Batch([0], [0], [prefill_tokens]), cache), max(3, iters // 4), 1)
+    prefill_ms = median_ms(lambda: model.forward(toks, Batch(table, [0], [prefill_tokens]), cache), max(3, iters // 4), 1)
     # fill the cache to ctx in chunks, then time single-token steps (forward + device argmax)
     for s in range(0, ctx, prefill_tokens):
         n = min(prefill_tokens, ctx - s)
-        model.forward(toks[:n], Batch([0], [s], [n]), cache)
+        model.forward(toks[:n], Batch(table, [s], [n]), cache)
     pos = [ctx]
 
     def step():
-        logits = model.forward(np.asarray([pos[0] % cfg.vocab_size], np.int32), Batch([0], [pos[0]], [1]), cache)
+        logits = model.forward(np.asarray([pos[0] % cfg.vocab_size], np.int32), Batch(table, [pos[0]], [1]), cache)
         be.argmax(logits)                                    # the host needs the token: one sync per step
         pos[0] += 1
 
@@ -195,15 +195,18 @@ def measure_transformers(cfg, ctx, prefill_tokens, decode_steps, iters):
 
 def attention_setup(be, n_ctx, n_q, kv_dtype, n_heads=32, n_kv=8, hd=128):
     from tinyllm.backends import Batch
-    from tinyllm.kv_cache import KVCacheSpec
-    spec = KVCacheSpec(1, 1, n_ctx, n_kv, hd, kv_dtype, None, n_ctx)
+    from tinyllm.kv_cache import DEFAULT_BLOCK_SIZE, KVCacheSpec
+    ring = -(-n_ctx // DEFAULT_BLOCK_SIZE)
+    spec = KVCacheSpec(1, ring, DEFAULT_BLOCK_SIZE, ring, n_kv, hd, kv_dtype, None, n_ctx)
     cache = be.alloc_kv(spec)
+    # one sequence over every block of the pool, in shuffled order (paged: blocks need not be adjacent)
+    table = np.random.default_rng(0).permutation(ring).astype(np.int32)[None, :]
     k = random_bf16(be, (n_ctx, n_kv, hd), 1.0)
     v = random_bf16(be, (n_ctx, n_kv, hd), 1.0)
     q = random_bf16(be, (n_ctx, n_heads, hd), 1.0)
     # write the whole cache through our kernel (quantizing when asked), zero inv_freq: no rotation
-    be.rope_kv_write(q, k, v, cache, 0, be.prepare(Batch([0], [0], [n_ctx])), np.zeros(hd // 2, np.float32))
-    batch = be.prepare(Batch([0], [n_ctx - n_q], [n_q]))
+    be.rope_kv_write(q, k, v, cache, 0, be.prepare(Batch(table, [0], [n_ctx])), np.zeros(hd // 2, np.float32))
+    batch = be.prepare(Batch(table, [n_ctx - n_q], [n_q]))
     return cache, q[:n_q], batch
 
 
@@ -229,7 +232,7 @@ def measure_flash(be, iters, n=4096):
 def measure_decode_attention(be, iters, n_ctx, kv_dtype):
     cache, q, batch = attention_setup(be, n_ctx, 1, kv_dtype)
     spec = cache.spec
-    cache_bytes = spec.nbytes()                                  # one layer, one slot: all of it is read
+    cache_bytes = spec.nbytes()                                  # one layer, one sequence: all of it is read
     ms = median_ms(lambda: be.attention(q, cache, 0, batch, 128 ** -0.5), iters)
     return ms, cache_bytes / (ms * 1e-3)
 
@@ -284,7 +287,8 @@ class LaunchCounter:
 
 
 def measure_decode_steps(be, model, cache, B: int, ctx: int, steps: int, graph: bool, emu_seconds=lambda: 0.0):
-    """`steps` decode steps of B sequences (slots 0..B-1) at positions ctx, ctx+1, ... with
+    """`steps` decode steps of B sequences (sequence b owning blocks b*R .. b*R+R-1 of the
+    cache, KVCacheSpec.slot_tables) at positions ctx, ctx+1, ... with
     on-device greedy sampling, as the engine runs them: eager (forward, sampling parameters
     uploaded, sample kernel) or through the backend's CUDA graphs (inputs copied, one replay).
     The first step is a warm-up (and the capture). Returns medians: wall ms per step, host ms
@@ -295,9 +299,10 @@ def measure_decode_steps(be, model, cache, B: int, ctx: int, steps: int, graph: 
     be.graphs.enabled = graph
     params = ([0.0] * B, [0] * B, [1.0] * B, list(range(B)))
     toks = np.zeros(B, np.int32)
+    tables = cache.spec.slot_tables(range(B))
     walls, hosts, kernels = [], [], []
     for i in range(steps + 1):
-        batch = Batch(list(range(B)), [ctx + i] * B, [1] * B)
+        batch = Batch(tables, [ctx + i] * B, [1] * B)
         with LaunchCounter() as lc:
             cp.cuda.get_current_stream().synchronize()
             t0, e0 = time.perf_counter(), emu_seconds()
@@ -329,8 +334,7 @@ def decode_graph_rows(be, model, ctx: int, steps: int, batches, bw: float | None
     cfg = model.cfg
     rows, figs = [], {}
     for B in batches:
-        cap = ctx + steps + 8
-        cache = be.alloc_kv(KVCacheSpec(cfg.n_layers, B, cap, cfg.n_kv_heads, cfg.head_dim, "bf16", None, cap))
+        cache = be.alloc_kv(KVCacheSpec.for_model(cfg, "bf16", ctx + steps + 8, B))
         step_bytes = weight_bytes(cfg) + B * cfg.kv_bytes_per_token("bf16") * ctx
         res = {}
         for graph in (False, True):

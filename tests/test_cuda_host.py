@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "fakecupy"
 
 SELECTION = "not 32k and not smollm2 and not 1000_decode_steps"
-MIN_PASSED = 495            # 500 when written: fewer means tests went missing from the selection
+MIN_PASSED = 575            # 582 when written (paged KV cache): fewer means tests went missing from the selection
 
 # Every extern "C" entry point must be launched by the selection, and every KV_KIND variant of
 # each file compiled per cache kind (test_gpu_tests_pass_on_the_cupy_stand_in checks both).
@@ -167,6 +167,17 @@ KERNEL_BUGS = [
      "for (int s = 0; s < n_splits; ++s) {\n            const long long i",
      "for (int s = 0; s < n_splits - 1; ++s) {\n            const long long i",
      "test_cuda_ops.py::test_decode_every_split_counts", "Not equal to tolerance"),
+    # paged cache: every sequence read through the first sequence's block table
+    ("prefill_reads_first_table", "attention_prefill.cu",
+     "ti.table = tables + (long long)ti.b * ring;", "ti.table = tables;",
+     "test_cuda_ops.py::test_attention_paged[shared_prefix-v2-bf16-bs16]", "Not equal to tolerance"),
+    # paged ring: key tiles start at kmin instead of the first query's window, loading keys
+    # whose ring entry already holds a newer (here: stale, NaN) block; masked scores do not
+    # save it (0 * NaN in P@V)
+    ("prefill_loads_below_window", "attention_prefill.cu",
+     "for (int kt = lo; kt <= hi; kt += BN) {\n        __syncthreads();                         // everyone",
+     "for (int kt = ti.kmin; kt <= hi; kt += BN) {\n        __syncthreads();                         // everyone",
+     "test_cuda_ops.py::test_attention_paged[ring_wrap-v2-bf16-bs16]", "Not equal to tolerance"),
 ]
 
 

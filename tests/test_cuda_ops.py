@@ -29,7 +29,7 @@ from tinyllm.backends import cuda_backend as cb
 from tinyllm.backends import cuda_kernels as ck
 from tinyllm.backends.numpy_backend import NumpyBackend, NumpyKVCache
 from tinyllm.errors import TinyLLMError
-from tinyllm.kv_cache import KVCacheSpec
+from tinyllm.kv_cache import KVCacheSpec, visible_lo
 
 REF = NumpyBackend()
 gpu = pytest.mark.gpu
@@ -293,21 +293,80 @@ def cache_to_device(be, np_cache: NumpyKVCache, cu_cache):
             d[...] = cp.asarray(a)
 
 
+# ---- paged block tables -------------------------------------------------------------------------
+
+def paged_tables(rng, spec: KVCacheSpec, starts, lens, shared_rows: int = 0) -> np.ndarray:
+    """(B, R) block tables as the engine hands them out, scattered over the pool: every block
+    row a sequence still reads or writes (its positions from kv_cache.visible_lo on) gets its
+    own block, drawn from a shuffled pool; the first `shared_rows` rows are the same blocks in
+    every table (a shared prefix, read-only). Entries no visible row uses are -1, or, once a
+    ring has wrapped, the stale block of an older row (still held: what a kernel must never
+    read). The blocks are numbered over the whole pool (n_blocks), not handed out in order."""
+    pool = iter(rng.permutation(spec.n_blocks).tolist())
+    shared = [next(pool) for _ in range(shared_rows)]
+    tables = np.full((len(starts), spec.ring), -1, np.int32)
+    for b, (st, n) in enumerate(zip(starts, lens)):
+        total = st + n
+        rows = range(visible_lo(total, st, spec) // spec.block_size, -(-total // spec.block_size))
+        assert len(rows) <= spec.ring, "a ring holding more rows than entries (max_chunk exceeded)"
+        for j in rows:
+            tables[b, j % spec.ring] = shared[j] if j < shared_rows else next(pool)
+        if total > spec.capacity:                          # wrapped: stale blocks in the other entries
+            tables[b, tables[b] < 0] = [next(pool) for _ in range(int((tables[b] < 0).sum()))]
+    return tables
+
+
+def pool_blocks(starts, lens, block_size: int, ring: int, spare: int = 3) -> int:
+    """A pool big enough for paged_tables' sequences (a wrapped ring holds all its R entries,
+    stale ones included), plus spare blocks nobody uses."""
+    return sum(ring if s + n > ring * block_size else -(-(s + n) // block_size)
+               for s, n in zip(starts, lens)) + spare
+
+
+def test_paged_tables_helper():
+    """The test tables really are scattered, shared and stale where asked (not slot tables)."""
+    rng = np.random.default_rng(0)
+    spec = KVCacheSpec(1, 40, 4, 5, 1, 8, "bf16", 8, 64)                     # C = 20, W = 8
+    t = paged_tables(rng, spec, [30, 0, 6], [5, 12, 1], shared_rows=1)
+    assert t.shape == (3, 5) and (t[1:, 0] == t[2, 0]).all() and t[1, 3:].tolist() == [-1, -1]
+    assert (t[0] >= 0).all() and len(set(t[0].tolist())) == 5                 # wrapped: all 5 held
+    held = t[t >= 0].tolist()
+    assert len(set(held)) == len(held) - 1                                     # only the shared block repeats
+    assert held != sorted(held)
+
+
+def cache_for(rng, spec: KVCacheSpec, tables, starts, lens, loud_tail: int = 0) -> NumpyKVCache:
+    """A numpy cache holding random K/V at every position each sequence may read (from
+    kv_cache.visible_lo on, through its table; shared blocks hold what the last sequence
+    wrote) and NaN everywhere else: unwritten offsets, stale blocks, unused blocks (quantized
+    kinds: NaN scales). A kernel that loads a key no query may see gets NaN into its output
+    (through P@V even where the score is masked). loud_tail > 0: the last loud_tail positions
+    of the first sequence get values of +-2000, so that their share of the softmax (however
+    small) dominates the output."""
+    c = NumpyKVCache(spec)
+    for arrays in (c.k, c.v) if not spec.quantized else (c.k_scale, c.v_scale):
+        for a in arrays:
+            a[...] = np.nan
+    n_kv, hd = spec.n_kv_heads, spec.head_dim
+    for i, (table, st, n) in enumerate(zip(tables, starts, lens)):
+        pos = np.arange(visible_lo(st + n, st, spec), st + n)
+        v = randn(rng, len(pos), n_kv, hd)
+        if i == 0 and loud_tail:
+            v[-loud_tail:] = np.where(rng.random((loud_tail, n_kv, hd)) < 0.5, -2000.0, 2000.0)
+        for layer in range(spec.n_layers):
+            c.write(layer, table, pos, randn(rng, len(pos), n_kv, hd, scale=2.0), v)
+    return c
+
+
 # ---- RoPE + cache write ------------------------------------------------------------------------
 
 ROPE_CASES = [(4, 4, 64), (8, 2, 128), (32, 8, 128), (8, 1, 64), (4, 2, 16), (4, 2, 24)]
 
 
-@gpu
-@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-@pytest.mark.parametrize("n_heads,n_kv,hd", ROPE_CASES)
-def test_rope_kv_write_is_bit_exact(be, rng, kv_dtype, n_heads, n_kv, hd):
-    # Three sequences: from position 0; wrapping around the rolling slot (14..17 -> 14,15,0,1);
-    # the last position (63) of max_seq_len.
-    spec = KVCacheSpec(n_layers=2, n_slots=3, capacity=16, n_kv_heads=n_kv, head_dim=hd,
-                       kv_dtype=kv_dtype, window=8, max_seq_len=64)
-    batch = Batch([2, 0, 1], [0, 14, 62], [5, 4, 2])
-    T = batch.n_tokens
+def check_rope_kv_write(be, rng, spec: KVCacheSpec, batch: Batch, n_heads: int):
+    """rope_kv_write on both backends from an all-zero cache: q bit-exact, every byte of the
+    cache (blocks written and untouched alike) equal."""
+    T, n_kv, hd = batch.n_tokens, spec.n_kv_heads, spec.head_dim
     q, k, v = randn(rng, T, n_heads, hd), randn(rng, T, n_kv, hd, scale=2.0), randn(rng, T, n_kv, hd)
     k[0, 0] = 0.0                                                # an all-zero vector: scale 0
     inv_freq = (1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
@@ -324,39 +383,60 @@ def test_rope_kv_write_is_bit_exact(be, rng, kv_dtype, n_heads, n_kv, hd):
             np.testing.assert_array_equal(storage_bits(got), storage_bits(want), err_msg=f"{name}[{layer}]")
 
 
+@gpu
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("n_heads,n_kv,hd", ROPE_CASES)
+def test_rope_kv_write_is_bit_exact(be, rng, kv_dtype, n_heads, n_kv, hd):
+    # Three sequences in blocks of 4 scattered over a pool of 20, a ring of 4 (C = 16): from
+    # position 0; wrapping around the ring (14..17: rows 3 and 4, entries 3 and 0, entry 0 a
+    # fresh block); the last position (63) of max_seq_len.
+    spec = KVCacheSpec(n_layers=2, n_blocks=20, block_size=4, ring=4, n_kv_heads=n_kv, head_dim=hd,
+                       kv_dtype=kv_dtype, window=8, max_seq_len=64)
+    starts, lens = [0, 14, 62], [5, 4, 2]
+    check_rope_kv_write(be, rng, spec, Batch(paged_tables(rng, spec, starts, lens), starts, lens), n_heads)
+
+
+@gpu
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_rope_kv_write_paged_block_sizes(be, rng, kv_dtype, block_size):
+    """Chunks that start and end inside blocks and span several, two sequences writing after
+    a prefix they share (rows 0-1: only read, never written), a decode token at a block's
+    last offset."""
+    starts, lens = [2 * block_size, 2 * block_size + 3, 5 * block_size - 1], [block_size + 5, 2, 1]
+    spec = KVCacheSpec(2, pool_blocks(starts, lens, block_size, 8), block_size, 8, 2, 128, kv_dtype, None, 8 * block_size)
+    tables = paged_tables(rng, spec, starts, lens, shared_rows=2)
+    check_rope_kv_write(be, rng, spec, Batch(tables, starts, lens), 8)
+
+
 # ---- attention ---------------------------------------------------------------------------------------
 
-# (name, slots, starts, lens, capacity, window)
+# (name, starts, lens, block_size, ring, window); the tables come from paged_tables
 ATTN_BATCHES = [
-    ("prefill_from_0", [0], [0], [33], 64, None),
-    ("chunk_after_40", [0], [40], [7], 64, None),
-    ("ragged", [2, 0, 1], [0, 20, 5], [9, 1, 17], 64, None),
-    ("window_rolling", [1, 0], [30, 0], [5, 12], 12, 8),           # C = W + 4, chunk <= C - W + 1
-    ("window_edge", [0], [7], [2], 16, 8),                          # query 8 drops key 0
-    ("decode", [1, 0, 2], [0, 4096, 77], [1, 1, 1], 4100, None),    # position 0 and 4097 keys
-    ("decode_rolling", [0, 1], [100, 3], [1, 1], 36, 32),
+    ("prefill_from_0", [0], [33], 16, 4, None),
+    ("chunk_after_40", [40], [7], 8, 8, None),
+    ("ragged", [0, 20, 5], [9, 1, 17], 16, 4, None),
+    ("window_rolling", [30, 0], [5, 12], 4, 5, 8),               # C = 20 = W + 12, first one wrapped
+    ("window_edge", [7], [2], 4, 4, 8),                          # query 8 drops key 0
+    ("decode", [0, 4096, 77], [1, 1, 1], 16, 257, None),         # position 0 and 4097 keys
+    ("decode_rolling", [100, 3], [1, 1], 8, 6, 32),              # C = 48, W = 32: wrapped twice
 ]
 GQA = [(4, 4), (8, 2), (16, 2), (4, 1), (12, 1)]                   # n_rep 1, 4, 8, all, 12
 
 
-def run_attention(be, rng, batch_case, n_heads, n_kv, hd, kv_dtype, loud_tail: int = 0):
-    """loud_tail > 0: the last loud_tail cached positions of the first sequence get values of
-    +-2000, so that their share of the softmax (however small) dominates the output."""
-    name, slots, starts, lens, cap, window = batch_case
-    n_slots = max(slots) + 1
-    spec = KVCacheSpec(1, n_slots, cap, n_kv, hd, kv_dtype, window, max_seq_len=max(s + n for s, n in zip(starts, lens)) + 1)
-    np_cache = NumpyKVCache(spec)
-    for i, (slot, st, n) in enumerate(zip(slots, starts, lens)):     # fill what each slot holds
-        total = st + n
-        idx = np.arange(min(total, cap))
-        v = randn(rng, len(idx), n_kv, hd)
-        if i == 0 and loud_tail:
-            v[-loud_tail:] = np.where(rng.random((loud_tail, n_kv, hd)) < 0.5, -2000.0, 2000.0)
-        np_cache.write(0, slot, idx, randn(rng, len(idx), n_kv, hd, scale=2.0), v)
-    batch = Batch(slots, starts, lens)
+def run_attention(be, rng, batch_case, n_heads, n_kv, hd, kv_dtype, loud_tail: int = 0, shared_rows: int = 0):
+    """Attention of one batch on both backends over the same cache bytes (cache_for: random
+    where visible, NaN elsewhere) and the same scattered block tables."""
+    name, starts, lens, bs, ring, window = batch_case
+    spec = KVCacheSpec(1, pool_blocks(starts, lens, bs, ring), bs, ring, n_kv, hd, kv_dtype, window,
+                       max_seq_len=max(s + n for s, n in zip(starts, lens)) + 1)
+    tables = paged_tables(rng, spec, starts, lens, shared_rows)
+    np_cache = cache_for(rng, spec, tables, starts, lens, loud_tail)
+    batch = Batch(tables, starts, lens)
     q = randn(rng, batch.n_tokens, n_heads, hd)
     scale = hd ** -0.5
     want = REF.attention(q, np_cache, 0, batch, scale)
+    assert np.isfinite(want).all()
     cu_cache = be.alloc_kv(spec)
     cache_to_device(be, np_cache, cu_cache)
     got = be.to_numpy(be.attention(be.from_numpy(q), cu_cache, 0, be.prepare(batch), scale))
@@ -391,13 +471,44 @@ def test_attention_every_kv_dtype(be, rng, kv_dtype, path, batch_case):
     close(got, want, atol_ulps=8)
 
 
+def paged_case(scenario: str, bs: int) -> tuple:
+    """A batch case of block size bs. "shared_prefix": three sequences over the same first
+    three blocks (shared_rows=3): a prefill chunk starting right after the prefix and running
+    into a second block, a decode token and a two-token chunk, each in its own blocks past the
+    prefix. "ring_wrap": a window W = 2 bs in a ring of R = 4 entries (C = 4 bs, max_chunk
+    bs + 2) wrapped many times (a chunk starting inside a block; a decode token at a block's
+    last offset), next to a sequence that has not wrapped."""
+    if scenario == "shared_prefix":
+        return (scenario, [3 * bs, 3 * bs + 5, 4 * bs + 1], [bs + 3, 1, 2], bs, 8, None)
+    return (scenario, [25 * bs + 3, 40 * bs - 1, 5], [bs // 2 + 1, 1, bs + 2], bs, 4, 2 * bs)
+
+
+PAGED_DTYPES = [(d, 16) for d in KV_DTYPES] + [("bf16", 8), ("bf16", 32), ("int8", 8), ("fp8", 32)]
+
+
+@gpu
+@pytest.mark.parametrize("kv_dtype,block_size", PAGED_DTYPES, ids=[f"{d}-bs{b}" for d, b in PAGED_DTYPES])
+@pytest.mark.parametrize("path", ["v1", "v2", "decode"])
+@pytest.mark.parametrize("scenario", ["shared_prefix", "ring_wrap"])
+def test_attention_paged(be, rng, kv_dtype, block_size, path, scenario):
+    """Shuffled, non-contiguous tables; three sequences sharing their first three blocks
+    (read-only); a sliding-window ring wrapped many times whose replaced entries hold stale
+    blocks of NaN; block sizes 8, 16, 32: each kernel path equals numpy's attention through
+    the same tables (and never loads a stale or unwritten key: those are NaN)."""
+    be.versions["prefill_attention"] = "v1" if path == "v1" else "v2"
+    be.versions["decode_attention"] = "v1" if path == "decode" else "prefill"
+    got, want = run_attention(be, rng, paged_case(scenario, block_size), 8, 2, 64, kv_dtype,
+                              shared_rows=3 if scenario == "shared_prefix" else 0)
+    close(got, want, atol_ulps=8)
+
+
 @gpu
 def test_decode_every_split_counts(be, rng):
     """A 4097-key decode in many splits whose last key (always in the last split) holds a loud
     value: a reduction that skipped the last split would be off by far more than the
     tolerance (with plain random values a last split of 1..65 keys hides inside it)."""
     be.versions["decode_attention"] = "v1"
-    case = ("decode_one", [0], [4096], [1], 4100, None)
+    case = ("decode_one", [4096], [1], 16, 257, None)
     got, want = run_attention(be, rng, case, 8, 2, 128, "bf16", loud_tail=1)
     close(got, want, atol_ulps=8)
 
@@ -412,7 +523,7 @@ def test_decode_kernel_gqa_ratio_2_head_dim_128(be, rng):
 @gpu
 def test_decode_kernel_at_32k_context(be, rng):
     """The split-K reduction over many splits (32k positions, 64 splits on an H100)."""
-    case = ("long", [0], [32767], [1], 32768, None)
+    case = ("long", [32767], [1], 16, 2048, None)
     be.versions["decode_attention"] = "v1"
     got, want = run_attention(be, rng, case, 32, 8, 128, "bf16")
     close(got, want, atol_ulps=8)

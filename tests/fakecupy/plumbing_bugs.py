@@ -51,7 +51,7 @@ def graph_positions_as_scalars():
         write(self, tokens, batch, *rest)
         if self.graph is None:                   # about to be captured: geometry of this step
             pad = np.minimum(np.arange(self.rows), len(batch.lens) - 1)
-            self.batch = CudaBatch(Batch(batch.slots[pad], batch.starts[pad], np.ones(self.rows, np.int32)),
+            self.batch = CudaBatch(Batch(batch.tables[pad], batch.starts[pad], np.ones(self.rows, np.int32)),
                                    cp)
             self.batch.bind(self.d["meta"])
 

@@ -151,16 +151,17 @@ def fits_message(weight_bytes: int, kv_bytes: int, free: int, kv_bytes_per_token
 # ---- device-side containers ---------------------------------------------------------------------
 
 class CudaKVCache:
-    """kv_cache.py's layout in CuPy arrays: per layer k, v (n_slots, capacity, n_kv_heads,
-    head_dim) in the storage dtype (fp8 as raw uint8 bytes) and, for int8/fp8, float32 scales
-    k_scale, v_scale (n_slots, capacity, n_kv_heads). Zero-initialized."""
+    """kv_cache.py's paged layout in CuPy arrays (NumpyKVCache's twin): per layer k, v
+    (n_blocks, block_size, n_kv_heads, head_dim) in the storage dtype (fp8 as raw uint8 bytes)
+    and, for int8/fp8, float32 scales k_scale, v_scale (n_blocks, block_size, n_kv_heads).
+    Zero-initialized. The kernels address it through each batch's block tables."""
 
     def __init__(self, spec: KVCacheSpec, cp, bf16_dtype):
         self.spec = spec
         self.kind = ck.KV_KINDS[spec.kv_dtype]
         dt = {"bf16": bf16_dtype, "fp16": np.float16, "fp32": np.float32, "int8": np.int8,
               "fp8": np.uint8}[spec.kv_dtype]
-        shape = (spec.n_slots, spec.capacity, spec.n_kv_heads, spec.head_dim)
+        shape = (spec.n_blocks, spec.block_size, spec.n_kv_heads, spec.head_dim)
         self.k = [cp.zeros(shape, dt) for _ in range(spec.n_layers)]
         self.v = [cp.zeros(shape, dt) for _ in range(spec.n_layers)]
         if spec.quantized:
@@ -178,10 +179,10 @@ class CudaBatch:
 
     def __init__(self, batch: Batch, cp):
         self.host = batch
-        for name in ("slots", "starts", "lens", "cu_lens", "positions", "seq_of_token", "last_rows"):
+        for name in ("tables", "starts", "lens", "cu_lens", "positions", "seq_of_token", "last_rows"):
             setattr(self, name, getattr(batch, name))
         B, T = len(batch.lens), batch.n_tokens
-        meta = np.concatenate([batch.slots, batch.starts, batch.lens, batch.cu_lens,
+        meta = np.concatenate([batch.tables.reshape(-1), batch.starts, batch.lens, batch.cu_lens,
                                batch.positions, batch.seq_of_token]).astype(np.int32)
         self.bind(cp.asarray(meta))
         self.n_seqs = B
@@ -189,16 +190,19 @@ class CudaBatch:
         self.memo: dict = {}       # per-forward launch metadata, keyed by what it depends on
 
     @staticmethod
-    def meta_size(B: int, T: int) -> int:
-        return 4 * B + 1 + 2 * T
+    def meta_size(B: int, T: int, R: int) -> int:
+        """int32 elements of the device metadata of B sequences, T tokens, tables of R entries."""
+        return B * R + 3 * B + 1 + 2 * T
 
     def bind(self, d_meta) -> None:
-        """Take the device metadata from d_meta (meta_size int32: slots, starts, lens, cu_lens,
-        positions, seq_of_token): a fresh upload, or a CUDA graph's static input buffer."""
+        """Take the device metadata from d_meta (meta_size int32: tables (B, R) row-major,
+        starts, lens, cu_lens, positions, seq_of_token): a fresh upload, or a CUDA graph's
+        static input buffer."""
         B, T = len(self.host.lens), self.host.n_tokens
+        R = self.host.tables.shape[1]
         self.d_meta = d_meta
-        o = np.cumsum([0, B, B, B, B + 1, T, T])
-        (self.d_slots, self.d_starts, self.d_lens, self.d_cu_lens, self.d_positions,
+        o = np.cumsum([0, B * R, B, B, B + 1, T, T])
+        (self.d_tables, self.d_starts, self.d_lens, self.d_cu_lens, self.d_positions,
          self.d_seq_of_token) = (d_meta[o[i]:o[i + 1]] for i in range(6))
 
     @property
@@ -334,7 +338,7 @@ class CudaBackend:
     def alloc_kv(self, spec: KVCacheSpec) -> CudaKVCache:
         head_dim_tile(spec.head_dim)
         need = spec.nbytes()
-        per_token = need // max(spec.n_slots * spec.capacity, 1) * spec.n_slots
+        per_token = spec.block_nbytes() // spec.block_size          # one position of one sequence
         msg = fits_message(0, need, self.free_memory() + MEMORY_HEADROOM // 2, per_token,
                            spec.max_seq_len if not spec.rolling else None)
         if msg:
@@ -384,6 +388,13 @@ class CudaBackend:
     @staticmethod
     def _null():
         return np.uint64(0)
+
+    @staticmethod
+    def _paging(spec: KVCacheSpec, b: CudaBatch) -> tuple:
+        """The kernels' (ring, block_size) scalars; the batch's tables must have `ring` entries."""
+        if b.tables.shape[1] != spec.ring:
+            raise ValueError(f"block tables have {b.tables.shape[1]} entries; the cache's ring is {spec.ring}")
+        return np.int32(spec.ring), np.int32(spec.block_size)
 
     # ---- ops ------------------------------------------------------------------------------------------
     def _gather(self, src, idx, n_src: int):
@@ -536,8 +547,9 @@ class CudaBackend:
 
     def rope_kv_write(self, q, k, v, cache: CudaKVCache, layer: int, batch, inv_freq):
         """NumpyBackend.rope_kv_write (cuda/rope_kv.cu): rotates q in place and returns it;
-        writes rotated k and v (quantized for int8/fp8) at index pos % capacity of each
-        token's slot."""
+        writes rotated k and v (quantized for int8/fp8) at each token's entry through its
+        sequence's block table (block tables[b, (pos // block_size) % ring], offset
+        pos % block_size)."""
         b = self.prepare(batch)
         spec = cache.spec
         T = b.n_tokens
@@ -559,15 +571,15 @@ class CudaBackend:
         kern = ck.get("rope_kv.cu", "rope_kv_write_v1", KV_KIND=cache.kind)
         kern((T, -(-(n_heads + 2 * n_kv) // warps)), (32 * warps,),
              (q, np.int32(ldq), k, np.int32(ldk), v, np.int32(ldv), cos, sin,
-              b.d_positions, b.d_seq_of_token, b.d_slots,
+              b.d_positions, b.d_seq_of_token, b.d_tables,
               cache.k[layer], cache.v[layer], ks, vs,
-              np.int32(spec.capacity), np.int32(n_heads), np.int32(n_kv), np.int32(hd)))
+              *self._paging(spec, b), np.int32(n_heads), np.int32(n_kv), np.int32(hd)))
         return q
 
     # ---- attention ------------------------------------------------------------------------------------
     def attention(self, q, cache: CudaKVCache, layer: int, batch, scale):
         """NumpyBackend.attention: causal (+window) GQA attention of the batch's queries over
-        their slots: sequences bringing one token through cuda/attention_decode.cu, the others
+        the blocks their tables name: sequences bringing one token through cuda/attention_decode.cu, the others
         through cuda/attention_prefill.cu. Returns (T, n_heads*head_dim) bf16."""
         cp = self.cp
         b = self.prepare(batch)
@@ -618,7 +630,7 @@ class CudaBackend:
             kern = ck.get("attention_decode.cu", f"decode_split_hd{HD}_r{rep}_v1", KV_KIND=cache.kind)
             kern((n_splits, n_dec, n_kv * chunks), (32 * ck.TILES["DEC_WARPS"],),
                  (q, np.int32(ldq), kc, vc, ks, vs, part_m, part_l, part_o, d_dec,
-                  b.d_slots, b.d_starts, b.d_cu_lens, np.int32(n_dec), np.int32(spec.capacity),
+                  b.d_tables, b.d_starts, b.d_cu_lens, np.int32(n_dec), *self._paging(spec, b),
                   np.int32(n_heads), np.int32(n_kv), np.int32(hd), window, sl2, np.int32(split_len)))
             red = ck.get("attention_decode.cu", "decode_reduce_v1", KV_KIND=cache.kind)
             red((n_dec, n_heads), (ck.TILES["DEC_RED_THREADS"],),
@@ -636,7 +648,7 @@ class CudaBackend:
             return out
         tile_seq, tile_row0 = d_tiles[:n_tiles], d_tiles[n_tiles:]
         args = (q, np.int32(ldq), kc, vc, ks, vs, out, np.int32(n_heads * hd), tile_seq, tile_row0,
-                b.d_slots, b.d_starts, b.d_lens, b.d_cu_lens, np.int32(spec.capacity),
+                b.d_tables, b.d_starts, b.d_lens, b.d_cu_lens, *self._paging(spec, b),
                 np.int32(n_heads), np.int32(n_kv), np.int32(hd), window, sl2)
         if ver == "v2":
             smem = ck.prefill_v2_smem(HD)

@@ -6,17 +6,20 @@ costing the host microseconds through CuPy. Captured once per bucket into a CUDA
 inputs, one graph launch and one copy of the sampled token ids back. Prefill and mixed
 prefill + decode steps stay eager (engine.py decides; this module only runs decode steps).
 
-Buckets: 1, 2, 4, 8, then multiples of 8 up to the cache's slot count (as nano-vllm and vLLM);
-a batch of B runs in the smallest bucket >= B.
+Buckets: 1, 2, 4, 8, then multiples of 8 (as nano-vllm and vLLM); a batch of B runs in the
+smallest bucket >= B, so the engine's max batch (it never steps more sequences) bounds the
+buckets met; `estimate_bytes` sizes the memory check by that max batch.
 
 Invariants that make a replay equal to an eager step:
-  * No per-step value is a launch argument. Token ids, slots, positions (= starts), the
-    batch metadata and the sampling parameters (temperature, top-k, top-p, seed, RNG step)
-    live in one static device buffer per bucket (`_Graph.inputs`), rewritten by one
-    host-to-device copy before each replay; kernels read them through pointers.
+  * No per-step value is a launch argument. Token ids, block tables (B, R), positions
+    (= starts), the batch metadata and the sampling parameters (temperature, top-k, top-p,
+    seed, RNG step) live in one static device buffer per bucket (`_Graph.inputs`), rewritten
+    by one host-to-device copy before each replay; kernels read them through pointers. The
+    table width R (the cache's ring) and block size are the cache's, fixed while the graphs
+    live (a new cache drops them).
   * Launch geometry is the bucket's, not the step's: padding rows repeat the last real row
-    (same slot, position and token: they write identical K/V bytes to the same cache entry,
-    and their sampled tokens are dropped); the split-K decode grid covers the longest range a
+    (same block table, position and token: they write identical K/V bytes to the same cache
+    entry, and their sampled tokens are dropped); the split-K decode grid covers the longest range a
     query can see (min(max_seq_len, capacity, window)), splits past a sequence's position
     find no keys; the RoPE tables cover every position below max_seq_len.
   * Every buffer a graph touches is allocated before its capture and stays referenced while
@@ -38,7 +41,7 @@ import numpy as np
 from .cuda_backend import MEMORY_HEADROOM
 
 ALIGN = 256                      # bytes: every arena buffer starts on this boundary
-# The largest batch that runs as a graph (None: every bucket up to the cache's slot count).
+# The largest batch that runs as a graph (None: every bucket up to the engine's max batch).
 # Above GEMV_MAX_M rows a graph's linears are GEMV row chunks (no tensor cores, weights read
 # once per chunk), which a GPU may find slower than eager cuBLAS: lower this to 8 if
 # scripts/bench_gpu.py's "decode graph, batch 64" row loses to its eager row.
@@ -97,15 +100,16 @@ class _Graph:
     FIELDS = (("seeds", np.uint64), ("tokens", np.int32), ("steps", np.int32), ("top_k", np.int32),
               ("temperature", np.float32), ("top_p", np.float32))
 
-    def __init__(self, backend, rows: int, max_seq_len: int):
+    def __init__(self, backend, rows: int, max_seq_len: int, ring: int):
         from . import Batch
         from .cuda_backend import CudaBatch
         cp = backend.cp
         self.rows = rows
         # Host metadata of the worst case (every query at the last position): the launch
         # geometry computed from it (decode splits, RoPE table size) fits every step.
-        worst = Batch(np.zeros(rows, np.int32), np.full(rows, max_seq_len - 1, np.int32), np.ones(rows, np.int32))
-        sizes = [("meta", np.int32, CudaBatch.meta_size(rows, rows))] + [(n, d, rows) for n, d in self.FIELDS]
+        worst = Batch(np.zeros((rows, ring), np.int32), np.full(rows, max_seq_len - 1, np.int32),
+                      np.ones(rows, np.int32))
+        sizes = [("meta", np.int32, CudaBatch.meta_size(rows, rows, ring))] + [(n, d, rows) for n, d in self.FIELDS]
         offsets, o = {}, 0
         for name, dt, n in sizes:
             offsets[name] = (o, np.dtype(dt), n)
@@ -128,10 +132,10 @@ class _Graph:
         last real row."""
         B, R = len(batch.lens), self.rows
         pad = np.minimum(np.arange(R), B - 1)
-        slots, starts = batch.slots[pad], batch.starts[pad]
+        tables, starts = batch.tables[pad], batch.starts[pad]
         ar = np.arange(R, dtype=np.int32)
-        self.h["meta"][:] = np.concatenate([slots, starts, np.ones(R, np.int32), np.arange(R + 1, dtype=np.int32),
-                                            starts, ar])
+        self.h["meta"][:] = np.concatenate([tables.reshape(-1), starts, np.ones(R, np.int32),
+                                            np.arange(R + 1, dtype=np.int32), starts, ar])
         self.h["tokens"][:] = np.asarray(tokens, np.int32)[pad]
         for name, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
                         ("steps", steps)):
@@ -201,10 +205,11 @@ class DecodeGraphs:
         if cache is not self._cache:
             self.reset()
             self._cache = cache
-        rows = bucket_for(len(batch.lens), cache.spec.n_slots)
+        n = len(batch.lens)
+        rows = bucket_for(n, n)                  # (the bucket sizes do not depend on the max batch)
         g = self._graphs.get(rows)
         if g is None:
-            g = self._graphs[rows] = _Graph(self.be, rows, cache.spec.max_seq_len)
+            g = self._graphs[rows] = _Graph(self.be, rows, cache.spec.max_seq_len, cache.spec.ring)
         if self._stream is None:
             self._stream = cp.cuda.Stream(non_blocking=False)    # ordered with the default stream
         g.write(tokens, batch, temperature, top_k, top_p, seeds, steps)

@@ -44,7 +44,15 @@ def f32(ptr: int, i: int) -> float:
     return float(mem(ptr + 4 * i, 1, np.float32)[0])
 
 
-# ---- KV cache entries: (slot * capacity + pos % capacity) * n_kv + head, head_dim elements each ----
+# ---- KV cache entries (kv_cache.py's paged layout): sequence b's table is tables[b, :ring];
+# position p is in block table[(p // block_size) % ring] at offset p % block_size; the entry of
+# (p, kv head g) is (block * block_size + offset) * n_kv + g, head_dim elements each ----
+
+def kv_entry(tables, b: int, ring: int, block_size: int, p: int, n_kv: int, g: int) -> int:
+    block = i32(P(tables), b * ring + (p // block_size) % ring)
+    assert block >= 0, f"position {p} of sequence {b} read through an unused block-table entry"
+    return (block * block_size + p % block_size) * n_kv + g
+
 
 def kv_read(kind: int, ptr: int, sptr, entry: int, hd: int) -> np.ndarray:
     """Dequantized float32 values of one cache entry (sptr: the scales, None if not quantized)."""
@@ -150,8 +158,8 @@ def silu_mul(name, grid, block, a, defs):
 
 
 def rope_kv_write(name, grid, block, a, defs):
-    (q, ldq, k, ldk, v, ldv, cos, sin, positions, seq_of_token, slots, kc, vc, ks, vs,
-     C, n_heads, n_kv, hd) = a
+    (q, ldq, k, ldk, v, ldv, cos, sin, positions, seq_of_token, tables, kc, vc, ks, vs,
+     ring, bs, n_heads, n_kv, hd) = a
     kind, half = int(defs["KV_KIND"]), hd // 2
     assert grid[1] * int(defs["ROPE_WARPS"]) >= n_heads + 2 * n_kv and hd % 2 == 0
     assert (ks is None) == (vs is None) == (kind not in QMAX)
@@ -167,17 +175,18 @@ def rope_kv_write(name, grid, block, a, defs):
         for h in range(n_heads):
             ptr = P(q) + (t * ldq + h * hd) * 2
             wr_bf(ptr, rot(rd_bf(ptr, hd)))
-        slot = i32(P(slots), i32(P(seq_of_token), t))
+        b = i32(P(seq_of_token), t)
         for g in range(n_kv):
-            entry = (slot * C + pos % C) * n_kv + g
+            entry = kv_entry(tables, b, ring, bs, pos, n_kv, g)
             kv_write(kind, P(kc), sk, entry, hd, rot(rd_bf(P(k) + (t * ldk + g * hd) * 2, hd)))
             kv_write(kind, P(vc), sv, entry, hd, rd_bf(P(v) + (t * ldv + g * hd) * 2, hd))
 
 
 def flash_prefill(name, grid, block, a, defs):
     HD = int(name.split("hd")[1].split("_")[0])
-    (q, ldq, kc, vc, ks, vs, out, ldo, tile_seq, tile_row0, slots, starts, lens, cu_lens,
-     C, n_heads, n_kv, hd, window, sl2) = a
+    (q, ldq, kc, vc, ks, vs, out, ldo, tile_seq, tile_row0, tables, starts, lens, cu_lens,
+     ring, bs, n_heads, n_kv, hd, window, sl2) = a
+    C = ring * bs
     kind = int(defs["KV_KIND"])
     sk, sv = (P(ks), P(vs)) if ks is not None else (None, None)
     if name.endswith("v1"):
@@ -189,7 +198,7 @@ def flash_prefill(name, grid, block, a, defs):
     n_rep = n_heads // n_kv
     for tile in range(grid[0]):                       # tile: rows r0.. of (token, head-in-group)
         b, r0 = i32(P(tile_seq), tile), i32(P(tile_row0), tile)
-        slot, start, L, tok0 = i32(P(slots), b), i32(P(starts), b), i32(P(lens), b), i32(P(cu_lens), b)
+        start, L, tok0 = i32(P(starts), b), i32(P(lens), b), i32(P(cu_lens), b)
         total = start + L
         kmin, rows = total - min(total, C), L * n_rep
         assert r0 < rows, "empty tile"
@@ -200,7 +209,7 @@ def flash_prefill(name, grid, block, a, defs):
                 keys, values = [], []
                 for p in range(kmin, qp + 1):
                     if window <= 0 or p > qp - window:
-                        e = (slot * C + p % C) * n_kv + g
+                        e = kv_entry(tables, b, ring, bs, p, n_kv, g)
                         keys.append(kv_read(kind, P(kc), sk, e, hd))
                         values.append(kv_read(kind, P(vc), sv, e, hd))
                 if keys:
@@ -214,8 +223,9 @@ def flash_prefill(name, grid, block, a, defs):
 def decode_split(name, grid, block, a, defs):
     HD = int(name.split("hd")[1].split("_")[0])
     REP = int(name.split("_r")[1].split("_")[0])      # query heads per CTA
-    (q, ldq, kc, vc, ks, vs, pm, pl, po, dec_seqs, slots, starts, cu_lens, n_dec, C, n_heads, n_kv, hd,
-     window, sl2, split_len) = a
+    (q, ldq, kc, vc, ks, vs, pm, pl, po, dec_seqs, tables, starts, cu_lens, n_dec, ring, bs, n_heads, n_kv,
+     hd, window, sl2, split_len) = a
+    C = ring * bs
     kind, n_rep = int(defs["KV_KIND"]), n_heads // n_kv
     sk, sv = (P(ks), P(vs)) if ks is not None else (None, None)
     chunks = -(-n_rep // REP)
@@ -223,7 +233,7 @@ def decode_split(name, grid, block, a, defs):
     for split in range(grid[0]):
         for y in range(n_dec):
             b = i32(P(dec_seqs), y)
-            t, qp, slot = i32(P(cu_lens), b), i32(P(starts), b), i32(P(slots), b)
+            t, qp = i32(P(cu_lens), b), i32(P(starts), b)
             lo = max(qp + 1 - min(qp + 1, C), qp - window + 1 if window > 0 else 0)
             s0 = lo + split * split_len
             s1 = min(s0 + split_len, qp + 1)
@@ -236,7 +246,7 @@ def decode_split(name, grid, block, a, defs):
                         m, l, o = -np.inf, 0.0, np.zeros(hd)
                     else:
                         qv = rd_bf(P(q) + (t * ldq + h * hd) * 2, hd).astype(np.float64) * sl2
-                        es = [(slot * C + p % C) * n_kv + g for p in range(s0, s1)]
+                        es = [kv_entry(tables, b, ring, bs, p, n_kv, g) for p in range(s0, s1)]
                         m, l, o = attend(qv, [kv_read(kind, P(kc), sk, e, hd) for e in es],
                                          [kv_read(kind, P(vc), sv, e, hd) for e in es])
                     mem(P(pm) + 4 * part, 1, np.float32)[0] = m
