@@ -4,9 +4,10 @@
 // numpy twin: NumpyBackend.attention
 //   out[t, h] = softmax_p(q[t, h] . k[p, h // n_rep] * scale  masked) @ v[p, h // n_rep]
 //   over the key positions p that query position qp sees (common.cuh key_visible: causal,
-//   sliding window, only what the sequence's block table still holds). Scores are never materialized:
-//   online softmax over key tiles (running max m, running sum l, fp32), exp2 with log2(e)
-//   folded into the scale. Quantized caches (int8/fp8) are dequantized on the fly (x * scale).
+//   sliding window, only what the sequence's block table still holds). Scores are never
+//   materialized: online softmax over key tiles (running max m, running sum l, fp32), exp2
+//   with log2(e) folded into the scale. Quantized caches (int8/fp8) are dequantized on the fly
+//   (x * scale).
 //
 // Rows: a CTA owns (sequence b, a tile of rows, kv head g). Rows are (token, query head) pairs of
 //   that sequence and group: row r -> token cu_lens[b] + r / n_rep, head g*n_rep + r % n_rep,
@@ -22,9 +23,10 @@
 //
 // Shapes: q (T, n_heads, hd) bf16 (already rotated), token stride ldq (a multiple of 8 for v2);
 //         cache k, v of one layer (n_blocks, block_size, n_kv, hd) of kind KV_KIND, scales
-//         (n_blocks, block_size, n_kv) fp32 for int8/fp8; tables (B, ring) int32 block ids; out (T, n_heads*hd) bf16, token stride ldo. hd <= HD and
-//         hd % 8 == 0; HD (compile time) is 64 or 128, unused columns are zero-padded.
-//         window 0 means none. sl2 = softmax scale * log2(e).
+//         (n_blocks, block_size, n_kv) fp32 for int8/fp8; tables (B, ring) int32 block ids;
+//         out (T, n_heads*hd) bf16, token stride ldo. hd <= HD and hd % 8 == 0; HD (compile
+//         time) is 64 or 128, unused columns are zero-padded. window 0 means none.
+//         sl2 = softmax scale * log2(e).
 //
 // Versions (the registry VERSIONS in cuda_backend.py names the default):
 //   v1  FMA: FA1_WARPS warps x FA1_RPW rows, key tiles of 32 (one key per lane for the scores,
