@@ -131,24 +131,6 @@ def test_batched_generation_matches_one_by_one(tiny_factory):
             check_greedy(ref_llm, a, b, q, 0.05, "batched vs alone")
 
 
-def run_all(llm: LLM, prompts, params) -> tuple[list[list[int]], dict]:
-    """Generated ids per prompt, and the engine's stats, through the server's interface
-    (Engine.add, then step until nothing runs or waits). Not llm.generate: Engine.run returns
-    as soon as no sequence is live, dropping a preempted one still waiting when the others
-    finish in the same step (mistral_window below, 7 blocks: request 3 never finishes)."""
-    eng = llm.engine
-    eng.reset()
-    for r in llm.requests(prompts, params):
-        eng.add(r)
-    out = {}
-    while eng.live or eng.waiting:
-        for ev in eng.step():
-            assert ev.kind != "error", ev.error
-            if ev.kind == "finish":
-                out[ev.index] = ev.completion.token_ids
-    return [out[i] for i in range(len(prompts))], dict(eng.stats)
-
-
 @pytest.mark.parametrize("case,block_size", [("llama_gqa", 16), ("mistral_window", 8)])
 def test_paged_prefix_hits_and_preemption_match_numpy(tiny_factory, case, block_size):
     """The paged cache end to end on the device: four requests sharing a 35-token prefix (the
@@ -168,7 +150,8 @@ def test_paged_prefix_hits_and_preemption_match_numpy(tiny_factory, case, block_
         llm = LLM(str(d), backend=backend, kv_dtype=kv, max_seq_len=128, prefill_chunk=16, max_batch=4,
                   block_size=block_size, kv_cache_memory=7 * block)
         assert llm.engine.spec().n_blocks == 7
-        runs[backend], stats = run_all(llm, prompts, p)
+        runs[backend] = [c.token_ids for c in llm.generate(prompts, p)]
+        stats = dict(llm.engine.stats)
         assert stats["preemptions"] > 0 and stats["cached_tokens"] > 0, (backend, stats)
     ref_llm = LLM(str(d), backend="numpy", max_seq_len=128)
     for got, want, q in zip(runs["cuda"], runs["numpy"], prompts):
