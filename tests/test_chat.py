@@ -178,7 +178,8 @@ def test_stats_of_last_reply(llm):
     assert s.finish_notice() == "[the reply reached max_tokens=6; /set max_tokens=N for longer ones]"
     c = s.last
     n = len(c.prompt_token_ids)
-    assert re.search(rf"prompt {n} tokens \({c.prefill_tokens} prefilled, {n - c.prefill_tokens} reused\), "
+    assert c.prefill_tokens + c.cached_tokens == n
+    assert re.search(rf"prompt {n} tokens \({c.prefill_tokens} prefilled, {c.cached_tokens} from the prefix cache\), "
                      rf"generated {len(c.token_ids)} tokens, .*context {n + len(c.token_ids)}/256", s.stats())
 
 
@@ -230,14 +231,15 @@ def test_second_turn_prefills_only_what_the_cache_lacks(llm):
     assert c1.finish_reason == "length"           # precondition: the last sampled token was never fed back
     reply(s, "and then?")
     c2 = s.last
-    # Independently: the prompt the template gives, and what slot 0 holds after turn 1.
+    # Independently: the prompt the template gives, and the K/V turn 1 wrote (its last sampled
+    # token was never fed back); the prefix cache serves the whole blocks of what they share.
     p2 = llm.tokenizer.encode_chat([{"role": "user", "content": user1},
                                     {"role": "assistant", "content": c1.text},
                                     {"role": "user", "content": "and then?"}])
     assert c2.prompt_token_ids == p2
-    cached = c1.prompt_token_ids + c1.token_ids[:-1]
-    reused = min(common_prefix(cached, p2), len(p2) - 1)
-    assert c2.prefill_tokens == len(p2) - reused
+    written = c1.prompt_token_ids + c1.token_ids[:-1]
+    reused = min(common_prefix(written, p2), len(p2) - 1) // llm.block_size * llm.block_size
+    assert (c2.cached_tokens, c2.prefill_tokens) == (reused, len(p2) - reused)
     assert c2.prefill_tokens < len(p2) // 3       # the whole first turn came from the cache
 
 
@@ -329,7 +331,7 @@ def test_repl_reply_commands_and_bye(chat_model, tmp_path):
     assert ask(c, "/set temperature=0.5 max_tokens=3").strip().endswith("set temperature=0.5, max_tokens=3")
     ask(c, "another one")
     stats = ask(c, "/stats")
-    assert "generated 3 tokens" in stats and re.search(r"\(\d+ prefilled, [1-9]\d* reused\)", stats)
+    assert "generated 3 tokens" in stats and re.search(r"\(\d+ prefilled, [1-9]\d* from the prefix cache\)", stats)
     assert "error: invalid sampling parameter: temperature=-1.0" in ask(c, "/set temperature=-1")
     assert "temperature=0.5" in ask(c, "/set")   # the bad value changed nothing
     assert "unknown command /nope; /help lists the commands" in ask(c, "/nope")
@@ -382,11 +384,11 @@ def test_repl_ctrl_c_stops_a_long_reply_and_the_chat_goes_on(chat_model, tmp_pat
     stats = ask(c, "/stats")
     assert "generated 5 tokens" in stats
     # the partial reply is part of the conversation (the prompt is longer than the two user
-    # turns' template alone), and the first turn came from the cache
+    # turns' template alone), and the first turn's full 16-token KV blocks came from the cache
     first = "<|user|>write a long story<|end|>\n<|assistant|>"
-    m = re.search(r"prompt (\d+) tokens \((\d+) prefilled, (\d+) reused", stats)
+    m = re.search(r"prompt (\d+) tokens \((\d+) prefilled, (\d+) from the prefix cache", stats)
     assert int(m.group(1)) > len(first + "<|end|>\n<|user|>short now<|end|>\n<|assistant|>")
-    assert int(m.group(3)) >= len(first)
+    assert int(m.group(3)) >= len(first) // 16 * 16
     c.sendeof()                                   # Ctrl-D quits
     assert finish(c) == 0
 

@@ -62,7 +62,7 @@ def prompts(n: int, seed: int = 3) -> list[list[int]]:
 
 
 def test_engine_step_add_abort(ref):
-    """step() driven by hand gives what run() gives; abort frees a slot for the next step."""
+    """step() driven by hand gives what run() gives; abort frees a request's KV blocks at once."""
     eng = ref.engine
     ps = prompts(3)
     params = ref.resolve_params(SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
@@ -72,13 +72,15 @@ def test_engine_step_add_abort(ref):
         eng.reset()
         for i, p in enumerate(ps):
             eng.add(Request(p, params, i))
-        assert len(eng.free) == eng.cache.spec.n_slots
+        assert eng.pool.n_used == 0 and eng.pool.n_free == eng.cache.spec.n_blocks
         texts, tokens, done = {}, {}, {}
         first = eng.step()
         assert len(eng.live) == 2 and len(eng.waiting) == 1          # max_batch = 2
         assert eng.abort(2) and len(eng.waiting) == 0                # a waiting one
-        slot = eng.live[1].slot
-        assert eng.abort(1) and len(eng.live) == 1 and slot in eng.free   # a running one: slot free at once
+        held, own = eng.pool.n_used, [int(b) for b in eng.live[1].blocks.table if b >= 0]
+        assert own and len(ps[1]) > 0                                # (random prompts: no block is shared)
+        assert eng.abort(1) and len(eng.live) == 1                   # a running one: its blocks free at once
+        assert eng.pool.n_used == held - len(own) and all(eng.pool.ref[b] == 0 for b in own)
         assert not eng.abort(1)
         eng.add(Request(ps[2], params, 5))
         events = first
@@ -291,17 +293,47 @@ def test_logprobs_equal_full_prefill_log_softmax(server, client, ref):
     assert streamed == pytest.approx(expect, abs=1e-4)
 
 
-def test_cached_tokens_report_prefix_reuse(server, client):
-    """A request finding its prompt's K/V in its slot says so in usage (all but the last prompt
-    token, whose logits must be computed); the idle server admits both into slot 0."""
-    prompt = [251, 7, 250, 9, 249, 11, 248, 13]                 # starts unlike any other test's prompt
+def full_blocks(n: int, block_size: int = 16) -> int:
+    """Tokens in the whole KV blocks (16 tokens, the default) among the first n."""
+    return n // block_size * block_size
+
+
+def test_cached_tokens_report_prefix_reuse(server, client, ref):
+    """usage.prompt_tokens_details.cached_tokens: the prompt tokens in whole 16-token blocks an
+    earlier request computed (never the last prompt token, whose logits must be computed),
+    counted by /metrics too; the output is what a fresh computation gives."""
+    rng = np.random.default_rng(31)
+    prefix = [251, 7, 250, 9] + [int(t) for t in rng.integers(3, 256, 33)]   # 37 tokens, unlike other tests'
+    a = prefix + [int(t) for t in rng.integers(3, 256, 11)]
+    b = prefix + [int(t) for t in rng.integers(3, 256, 8)]
+    assert a[37] != b[37]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    kw = dict(model=server.model, max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+    before = server.metrics()["tinyllm_prefix_cache_hit_tokens_total"]
+    got = []
+    for prompt in (a, a, b):                                     # one at a time: each finds the last's blocks
+        wait_idle(server)
+        r = client.completions.create(prompt=prompt, **kw)
+        assert r.choices[0].text == ref.generate([prompt], params)[0].text
+        got.append(r.usage.prompt_tokens_details.cached_tokens)
+    want = [0, full_blocks(len(a) - 1), full_blocks(37)]         # a again: all but its last token; b: the prefix
+    assert got == want == [0, 32, 32]
+    assert server.metrics()["tinyllm_prefix_cache_hit_tokens_total"] - before == sum(want)
+    # Chat: after MESSAGES, another system prompt (sharing the first block with it), then the
+    # same conversation again, streamed with usage.
+    msgs = [{"role": "system", "content": "You answer in one word. " * 3}, {"role": "user", "content": "Why?"}]
+    ids, other = ref.tokenizer.encode_chat(msgs), ref.tokenizer.encode_chat(MESSAGES)
+    got = []
+    for m in (MESSAGES, msgs):
+        wait_idle(server)
+        r = client.chat.completions.create(model=server.model, messages=m, max_tokens=2, temperature=0)
+        got.append(r.usage.prompt_tokens_details.cached_tokens)
     wait_idle(server)
-    first = client.completions.create(model=server.model, prompt=prompt, max_tokens=2, temperature=0)
-    wait_idle(server)
-    again = client.completions.create(model=server.model, prompt=prompt, max_tokens=2, temperature=0)
-    assert first.usage.prompt_tokens_details.cached_tokens == 0
-    assert again.usage.prompt_tokens_details.cached_tokens == len(prompt) - 1
-    assert again.choices[0].text == first.choices[0].text
+    chunks = list(client.chat.completions.create(model=server.model, messages=msgs, max_tokens=2, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    got.append(chunks[-1].usage.prompt_tokens_details.cached_tokens)
+    shared = next(i for i, (x, y) in enumerate(zip(ids, other)) if x != y)
+    assert got[1:] == [full_blocks(shared), full_blocks(len(ids) - 1)] and got[1] == 16
 
 
 def test_16_concurrent_streams_equal_sequential(server, ref):
@@ -325,14 +357,14 @@ def test_16_concurrent_streams_equal_sequential(server, ref):
     steps = after["tinyllm_engine_steps_total"] - before["tinyllm_engine_steps_total"]
     assert tokens == 16 * 24
     assert steps < 0.75 * tokens, "concurrent requests must share decode steps"
-    assert after["tinyllm_kv_cache_slots"] == MAX_BATCH
+    assert after["tinyllm_kv_cache_blocks"] == MAX_BATCH * CTX // 16   # default: MAX_BATCH full contexts
 
 
 def wait_idle(server, timeout=10.0) -> dict:
     t = time.monotonic()
     while time.monotonic() - t < timeout:
         m = server.metrics()
-        if m["tinyllm_requests_running"] == 0 and m["tinyllm_kv_cache_slots_used"] == 0:
+        if m["tinyllm_requests_running"] == 0 and m["tinyllm_kv_cache_blocks_used"] == 0:
             return m
         time.sleep(0.05)
     raise AssertionError(f"the server still runs requests: {m}")
@@ -348,8 +380,9 @@ def test_disconnect_frees_kv(server):
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
             m = server.metrics()
-            assert m["tinyllm_requests_running"] == 1 and m["tinyllm_kv_cache_slots_used"] == 1
-    m = wait_idle(server, 5)                                       # the slot is free again
+            assert m["tinyllm_requests_running"] == 1 and m["tinyllm_kv_cache_blocks_used"] >= 1
+            assert m["tinyllm_kv_cache_usage_ratio"] == m["tinyllm_kv_cache_blocks_used"] / m["tinyllm_kv_cache_blocks"]
+    m = wait_idle(server, 5)                                       # its blocks are free again
     assert m['tinyllm_requests_total{outcome="cancelled"}'] == cancelled + 1
     assert m["tinyllm_kv_cache_usage_ratio"] == 0
     # A plain (non-streamed) request whose client gives up: cancelled too.
@@ -429,8 +462,12 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, clien
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_dir, ref):
-    s = Server(tiny_dir, max_batch=2)
+    s = Server(tiny_dir, "--kv-cache-memory", "1MB", "--block-size", "8", max_batch=2)
     try:
+        # The KV-cache flags reach the engine: blocks of 8 tokens, each 2 (K, V) * layers * 8 *
+        # kv heads * head_dim * 4 bytes (fp32), as many as 1 MiB holds.
+        cfg = ref.cfg
+        assert s.metrics()["tinyllm_kv_cache_blocks"] == 2**20 // (2 * cfg.n_layers * 8 * cfg.n_kv_heads * cfg.head_dim * 4)
         want = ref.generate(["abc"], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))[0]
         with httpx.Client(base_url=s.url, timeout=30) as c:
             with c.stream("POST", "/v1/completions", json={"prompt": "abc", "max_tokens": 200, "stream": True,

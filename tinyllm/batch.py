@@ -234,7 +234,9 @@ def ok_record(item: Item, completion, model: str, created: int) -> dict:
         "id": ("chatcmpl-" if item.chat else "cmpl-") + uuid.uuid4().hex,
         "object": "chat.completion" if item.chat else "text_completion",
         "created": created, "model": model, "choices": [choice],
-        "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen},
+        "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen,
+                  # prompt tokens whose K/V came from the prefix cache (whole blocks an earlier request computed)
+                  "prompt_tokens_details": {"cached_tokens": completion.cached_tokens}},
     }
     return {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": item.custom_id,
             "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body}, "error": None}
@@ -589,7 +591,7 @@ class BatchJob:
 
     def requests(self):
         """Engine Requests for the lines not yet in the output, parsed and tokenized only
-        when the engine has a free slot; a line that cannot run becomes an error line here."""
+        when the engine has room for them; a line that cannot run becomes an error line here."""
         from .engine import Request
         seen: set = set()
         index = 0

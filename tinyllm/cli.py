@@ -52,13 +52,15 @@ def cmd_chat(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from .api import resolve_model_dir
+    from .api import DEFAULT_MAX_SEQ_LEN, resolve_model_dir
     from .config import KV_DTYPE_BYTES, ModelConfig
     from .kv_cache import DEFAULT_PREFILL_CHUNK
     from .weights import checkpoint_dtype, detect_config, fmt_bytes, open_checkpoint
-    budget = parse_memory(a.memory)
+    budget = parse_memory(a.memory)       # a bad size fails before the model is read
+    kv_budget = parse_memory(a.kv_cache_memory) if a.kv_cache_memory is not None else None
     d = resolve_model_dir(a.model)
     cfg = detect_config(ModelConfig.load(d), open_checkpoint(d))
+    context = a.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)   # as LLM picks it
     kind = {1: "MQA", cfg.n_heads: "MHA"}.get(cfg.n_kv_heads, "GQA")
     rows = [
         ("model", str(d)), ("architecture", cfg.arch),
@@ -87,12 +89,14 @@ def cmd_info(a) -> int:
     chunk = DEFAULT_PREFILL_CHUNK
     if backend == "numpy":                  # the same plan the loader checks (memory.py)
         working = f"working memory ({fmt_bytes(host_plan(cfg, 'fp32', 2, 1, chunk).runtime)} and up, growing with the context)"
+        runtime = host_plan(cfg, "fp32", context, 1, chunk).runtime
 
         def fits(kv: str, n: int) -> bool:
             return host_plan(cfg, kv, n, 1, chunk).total <= budget
     else:
         from .backends.cuda_backend import MEMORY_HEADROOM
         working = f"{fmt_bytes(MEMORY_HEADROOM)} working memory"
+        runtime = MEMORY_HEADROOM
 
         def fits(kv: str, n: int) -> bool:
             return weight_bytes + MEMORY_HEADROOM + KVCacheSpec.for_model(cfg, kv, n, 1, chunk=chunk).nbytes() <= budget
@@ -112,7 +116,29 @@ def cmd_info(a) -> int:
         else:
             ctx_s = str(ctx)
         print(f"  {kv:<8} {per:>12,} {cfg.mha_kv_bytes_per_token(kv):>15,}  {ctx_s}")
+    info_pool(cfg, kv_budget if kv_budget is not None else left - runtime, kv_budget is not None, context,
+              a.block_size)
     return 0
+
+
+def info_pool(cfg, budget: int, given: bool, ctx: int, bs: int):
+    """The paged cache a KV budget makes: --kv-cache-memory (given), else what --memory leaves
+    after the weights and the working memory at the context ctx. Per kv dtype: blocks of bs
+    tokens = budget // block bytes, tokens = blocks * bs (kv_cache.KVCacheSpec's arithmetic)."""
+    from .config import KV_DTYPE_BYTES
+    from .kv_cache import KVCacheSpec
+    from .weights import fmt_bytes
+    source = "--kv-cache-memory" if given else "what --memory leaves for the cache"
+    if budget <= 0:
+        print(f"\nno room for a KV cache: {source} is {fmt_bytes(max(budget, 0))}")
+        return
+    print(f"\nKV-cache blocks of {bs} tokens in {fmt_bytes(budget)} ({source}); a sequence of the "
+          f"{ctx}-token context takes {KVCacheSpec.for_model(cfg, 'fp32', ctx, block_size=bs).ring} blocks:")
+    print(f"  {'kv dtype':<8} {'block bytes':>12} {'blocks':>12} {'tokens':>14}  full contexts")
+    for kv in KV_DTYPE_BYTES:
+        spec = KVCacheSpec.for_model(cfg, kv, ctx, block_size=bs)
+        n = budget // spec.block_nbytes()
+        print(f"  {kv:<8} {spec.block_nbytes():>12,} {n:>12,} {n * bs:>14,}  {n // spec.ring:,}")
 
 
 def cmd_convert(a) -> int:
@@ -230,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: 8000)")
     sv.add_argument("--max-batch", type=int, default=8,
-                    help="requests decoded together (KV-cache slots); more wait for a slot (default: 8)")
+                    help="requests decoded together; more wait in a queue, as they do when the KV cache has no "
+                         "free blocks for them (default: 8)")
     sv.add_argument("--api-key", default=None,
                     help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TINYLLM_API_KEY, else none)")
     sv.set_defaults(func=cmd_serve)

@@ -12,6 +12,7 @@ import re
 import sys
 
 from .errors import TinyLLMError
+from .kv_cache import DEFAULT_BLOCK_SIZE
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt])(?:i?b)?\s*$", re.IGNORECASE)
@@ -68,6 +69,22 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="cuda: run decode steps eagerly instead of replaying captured CUDA graphs "
                         "(default: CUDA graphs on)")
+    add_kv_cache_args(p)
+
+
+def add_kv_cache_args(p: argparse.ArgumentParser):
+    """The paged KV cache (kv_cache.py, paging.py): its size, block size and prefix caching."""
+    p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="bytes of KV-cache blocks, with a unit: 4GB, 512MB; a sequence takes blocks as it "
+                        "grows, so more short sequences fit than --max-batch full contexts would "
+                        "(default: enough for --max-batch sequences of the full --ctx-size, on the CPU and "
+                        "the GPU alike)")
+    p.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE, metavar="N",
+                   help=f"tokens per KV-cache block: the unit of allocation and of prefix sharing "
+                        f"(default: {DEFAULT_BLOCK_SIZE}, as vLLM)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="compute every prompt in full instead of reusing the KV blocks of an earlier "
+                        "prompt with the same leading tokens (default: prefix caching on)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -100,6 +117,8 @@ def load_llm(a, max_batch: int = 1, quiet: bool = False):
     stderr unless quiet."""
     from .api import LLM
     from .hub import resolve
+    kv_memory = getattr(a, "kv_cache_memory", None)
+    kv_memory = None if kv_memory is None else parse_memory(kv_memory)    # a bad size fails before loading
     r = resolve(a.model)
     model_dir = r.path
     if not quiet:
@@ -107,13 +126,18 @@ def load_llm(a, max_batch: int = 1, quiet: bool = False):
     llm = LLM(str(model_dir), backend=a.backend, dtype=a.dtype, kv_dtype=a.kv_dtype,
               max_seq_len=a.max_seq_len, max_batch=max_batch, progress=not quiet,
               threads=getattr(a, "threads", None),    # warnings: one line each (cli.main)
-              cuda_graph=getattr(a, "cuda_graph", True))
+              cuda_graph=getattr(a, "cuda_graph", True), kv_cache_memory=kv_memory,
+              block_size=getattr(a, "block_size", DEFAULT_BLOCK_SIZE),
+              enable_prefix_caching=getattr(a, "prefix_caching", True))
     if not quiet:
         why = " (auto: " + ("CuPy sees a GPU" if llm.backend.name == "cuda" else "no GPU visible to CuPy") + ")" \
             if a.backend == "auto" else ""
         threads = f", {llm.threads} BLAS thread{'s' if llm.threads > 1 else ''}" if llm.backend.name == "numpy" else ""
         graphs = getattr(llm.backend, "graphs", None)
         decode = "" if graphs is None else ", decode: " + ("CUDA graphs" if graphs.enabled else "eager")
-        print(f"backend: {llm.backend.name}{why} ({llm.backend.compute_dtype}{threads}), kv cache: {llm.kv_dtype}, "
+        spec = llm.engine.spec()
+        prefix = "" if llm.engine.prefix_caching else ", no prefix caching"
+        print(f"backend: {llm.backend.name}{why} ({llm.backend.compute_dtype}{threads}), kv cache: {llm.kv_dtype} "
+              f"({spec.tokens():,} tokens in {spec.n_blocks:,} blocks of {spec.block_size}{prefix}), "
               f"context: {llm.max_seq_len} tokens{decode}", file=sys.stderr)
     return llm

@@ -10,7 +10,7 @@ loops: take commands from its inbox (add a request, abort one), run one engine s
 every live request, hand each request's events to that request's asyncio queue through
 loop.call_soon_threadsafe. The ASGI handlers run on the event loop and only talk to the
 worker through those queues; so concurrent requests share every decode step, and a client
-that goes away aborts its requests, freeing their KV slots for the next step.
+that goes away aborts its requests, freeing their KV-cache blocks for the next step.
 
     request --> handler --submit--> inbox --> EngineWorker: engine.step() --events--> queue --> handler --> SSE
 """
@@ -90,13 +90,20 @@ class Metrics:
         self.itl = Histogram("tinyllm_inter_token_latency_seconds", "between consecutive tokens of a choice",
                              buckets=ITL_BUCKETS, registry=r)
         self.steps = Counter("tinyllm_engine_steps", "engine steps (one batched forward each)", registry=r)
-        self.running = Gauge("tinyllm_requests_running", "choices holding a KV slot", registry=r)
-        self.waiting = Gauge("tinyllm_requests_waiting", "choices waiting for a KV slot", registry=r)
-        self.kv_slots_used = Gauge("tinyllm_kv_cache_slots_used", "KV-cache slots held by running choices", registry=r)
-        self.kv_slots = Gauge("tinyllm_kv_cache_slots", "KV-cache slots (one sequence each)", registry=r)
+        self.running = Gauge("tinyllm_requests_running", "choices in the running batch", registry=r)
+        self.waiting = Gauge("tinyllm_requests_waiting", "choices waiting for room in the batch or the KV cache "
+                             "(preempted ones included)", registry=r)
+        self.kv_blocks_used = Gauge("tinyllm_kv_cache_blocks_used", "KV-cache blocks held by running choices",
+                                    registry=r)
+        self.kv_blocks = Gauge("tinyllm_kv_cache_blocks", "KV-cache blocks in the pool", registry=r)
         self.kv_tokens_used = Gauge("tinyllm_kv_cache_tokens_used", "tokens whose K/V running choices hold",
                                     registry=r)
-        self.kv_usage = Gauge("tinyllm_kv_cache_usage_ratio", "fraction of KV-cache slots in use", registry=r)
+        self.kv_usage = Gauge("tinyllm_kv_cache_usage_ratio", "fraction of KV-cache blocks held (used / total)",
+                              registry=r)
+        self.prefix_hits = Counter("tinyllm_prefix_cache_hit_tokens", "prompt tokens served from the prefix "
+                                   "cache instead of computed", registry=r)
+        self.preemptions = Counter("tinyllm_preemptions", "running choices preempted when the KV cache ran "
+                                   "out (recomputed later)", registry=r)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -145,7 +152,7 @@ class EngineWorker:
     def _loop(self):
         eng = self.engine
         eng.reset()
-        self.metrics.kv_slots.set(len(eng.free))
+        self.metrics.kv_blocks.set(eng.pool.spec.n_blocks)
         while True:
             cmds = []
             if not eng.live and not eng.waiting:
@@ -175,10 +182,12 @@ class EngineWorker:
 
     def _step(self):
         eng = self.engine
-        steps = eng.stats["steps"]
+        before = dict(eng.stats)
         try:
             events = eng.step()
-            self.metrics.steps.inc(eng.stats["steps"] - steps)
+            self.metrics.steps.inc(eng.stats["steps"] - before["steps"])
+            self.metrics.prefix_hits.inc(eng.stats["cached_tokens"] - before["cached_tokens"])
+            self.metrics.preemptions.inc(eng.stats["preemptions"] - before["preemptions"])
         except Exception:                              # a bug: fail what runs, keep serving
             traceback.print_exc()
             events = [Event("error", i, error="internal error in the engine (see the server log)")
@@ -206,12 +215,11 @@ class EngineWorker:
 
     def _publish(self):
         eng, m = self.engine, self.metrics
-        n_slots = len(eng.free) + len(eng.live)
         m.running.set(len(eng.live))
         m.waiting.set(len(eng.waiting))
-        m.kv_slots_used.set(len(eng.live))
+        m.kv_blocks_used.set(eng.pool.n_used)
         m.kv_tokens_used.set(sum(s.n_cached for s in eng.live))
-        m.kv_usage.set(len(eng.live) / n_slots if n_slots else 0.0)
+        m.kv_usage.set(eng.pool.n_used / eng.pool.spec.n_blocks)
 
 
 # ---- requests ---------------------------------------------------------------------------
@@ -356,9 +364,10 @@ class Generation:
 def usage(job: Job, done: dict) -> dict:
     """OpenAI usage of a finished job; `done` maps choice index -> Completion. The choices of
     one prompt share it, so it counts once (as OpenAI counts it for n > 1); cached_tokens are
-    the prompt tokens the engine reused from a slot instead of computing (first choice)."""
+    the prompt tokens its first choice took from the prefix cache (Completion.cached_tokens:
+    whole KV blocks an earlier request computed) instead of computing them."""
     n_prompt = sum(len(ids) for ids in job.prompts)
-    cached = sum(len(c.prompt_token_ids) - c.prefill_tokens for i, c in done.items() if i % job.n == 0)
+    cached = sum(c.cached_tokens for i, c in done.items() if i % job.n == 0)
     n_gen = sum(len(c.token_ids) for c in done.values())
     return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen,
             "prompt_tokens_details": {"cached_tokens": cached}}
