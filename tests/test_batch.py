@@ -69,12 +69,14 @@ def by_id(records: list[dict]) -> dict:
 
 
 def outcome(rec: dict):
-    """What must not depend on when or in which batch a request ran."""
+    """What must not depend on when or in which batch a request ran (cached_tokens does: it
+    counts the prompt's blocks that requests run before it had computed)."""
     if rec["error"] is not None:
         return ("error", rec["error"]["code"])
     body = rec["response"]["body"]
     ch = body["choices"][0]
-    return (ch.get("text", ch.get("message", {}).get("content")), ch["finish_reason"], body["usage"])
+    usage = {k: v for k, v in body["usage"].items() if k != "prompt_tokens_details"}
+    return (ch.get("text", ch.get("message", {}).get("content")), ch["finish_reason"], usage)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -166,10 +168,46 @@ def test_cli_greedy_equals_individual_both_formats(chat_dirs, tmp_path, case):
             assert body["choices"][0]["text"] == c.text
         assert body["choices"][0]["finish_reason"] == c.finish_reason
         assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(c.token_ids),
-                                 "total_tokens": len(ids) + len(c.token_ids)}
+                                 "total_tokens": len(ids) + len(c.token_ids),
+                                 "prompt_tokens_details": {"cached_tokens": 0}}   # no shared 16-token block
         assert body["model"] == d.name
     assert res["ids"]["response"]["body"]["usage"]["completion_tokens"] == 4
+    firsts = [tuple(ids[:16]) for ids in prompt_ids.values()]
+    assert len(set(firsts)) == len(firsts)                   # (why no prompt found cached blocks)
     assert res["short"]["response"]["body"]["choices"][0]["finish_reason"] == "length"
+
+
+def test_cli_reports_cached_tokens_of_shared_prefixes(tiny_factory, tmp_path):
+    """usage.prompt_tokens_details.cached_tokens (OpenAI's field) counts the prompt tokens in
+    whole 16-token KV blocks that an earlier request computed. One at a time (--max-batch 1),
+    so each request finds everything the ones before it wrote; never the last prompt token
+    (its logits are needed). --no-prefix-caching computes everything; outputs are the same."""
+    d = tiny_factory("llama_gqa")
+    rng = np.random.default_rng(12)
+    shared = [int(t) for t in rng.integers(3, 256, 40)]
+    a = shared + [int(t) for t in rng.integers(3, 256, 9)]             # 49 tokens
+    b = shared + [int(t) for t in rng.integers(3, 256, 5)]             # 45: shares 40 with a
+    assert a[40] != b[40]
+    other = [int(t) for t in rng.integers(3, 256, 20)]
+    rows = [{"id": "a", "prompt": a}, {"id": "b", "prompt": b}, {"id": "a2", "prompt": a},
+            {"id": "b_cut", "prompt": b[:33]}, {"id": "other", "prompt": other}]
+    # Independently: a wrote a's 49 prompt tokens + 3 fed-back generated ones (4 generated);
+    # each later request shares with the union of what ran before it:
+    want = {"a": 0,
+            "b": 32,            # the 40 shared tokens hold 2 whole blocks
+            "a2": 48,           # a[:48] (its 49th is its last prompt token): 3 blocks
+            "b_cut": 32,        # b[:32] (b_cut's last token is its 33rd): 2 blocks
+            "other": 0}
+    inp = write_jsonl(tmp_path / "in.jsonl", [{**r, "max_tokens": 4, "ignore_eos": True} for r in rows])
+    on, off = tmp_path / "on.jsonl", tmp_path / "off.jsonl"
+    assert run_cli("-i", inp, "-o", on, "-m", d, "--max-batch", 1, "--temperature", 0) == 0
+    assert run_cli("-i", inp, "-o", off, "-m", d, "--max-batch", 1, "--temperature", 0, "--no-prefix-caching") == 0
+    got_on, got_off = by_id(read_results(on)), by_id(read_results(off))
+    cached = {k: r["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"] for k, r in got_on.items()}
+    assert cached == want
+    assert all(r["response"]["body"]["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+               for r in got_off.values())
+    assert {k: outcome(v) for k, v in got_on.items()} == {k: outcome(v) for k, v in got_off.items()}
 
 
 def test_cli_seeded_requests_reproducible_across_runs(tiny_factory, tmp_path):
