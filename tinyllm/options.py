@@ -11,6 +11,7 @@ import math
 import re
 import sys
 
+from .api import GPU_MEMORY_UTILIZATION
 from .errors import TinyLLMError
 from .kv_cache import DEFAULT_BLOCK_SIZE
 
@@ -75,10 +76,11 @@ def add_model_args(p: argparse.ArgumentParser):
 def add_kv_cache_args(p: argparse.ArgumentParser):
     """The paged KV cache (kv_cache.py, paging.py): its size, block size and prefix caching."""
     p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
-                   help="bytes of KV-cache blocks, with a unit: 4GB, 512MB; a sequence takes blocks as it "
-                        "grows, so more short sequences fit than --max-batch full contexts would "
-                        "(default: enough for --max-batch sequences of the full --ctx-size, on the CPU and "
-                        "the GPU alike)")
+                   help="bytes of KV-cache blocks, with a unit: 4GB, 512MB; sequences take blocks as they "
+                        "grow (up to --max-batch run at once), and wait or are preempted when none are free "
+                        f"(default: enough for --max-batch sequences of the full --ctx-size; on the GPU, "
+                        f"when that does not fit, what {GPU_MEMORY_UTILIZATION:.0%}% of the free memory holds next "
+                        f"to the weights)")
     p.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE, metavar="N",
                    help=f"tokens per KV-cache block: the unit of allocation and of prefix sharing "
                         f"(default: {DEFAULT_BLOCK_SIZE}, as vLLM)")
