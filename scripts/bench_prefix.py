@@ -6,10 +6,11 @@ prompt, numpy backend, one process.
 
 Every request is the same --system-tokens ids (the start of a text, tokenized) followed by a
 distinct question ("Question i: ..."), and generates exactly --gen tokens (greedy, EOS
-ignored). The same requests run twice through LLM.generate, with prefix caching on and off,
-each on a fresh LLM with the same KV budget: --slots sequences of the full --ctx context,
-i.e. what the previous slot layout (one contiguous max_seq_len region per sequence) could
-hold at most. Reported per run: prompt tokens computed (Completion.prefill_tokens) and served
+ignored). The same requests run three times, prefix caching on, on with the shared prompt
+already cached ("warm": one request with it ran first, untimed, as on a server that has
+served it before) and off, each on a fresh LLM with the same KV budget: --slots sequences
+of the full --ctx context, i.e. what the previous slot layout (one contiguous max_seq_len
+region per sequence) could hold at most. Reported per run: prompt tokens computed (Completion.prefill_tokens) and served
 from the prefix cache, wall time, end-to-end throughput, the peak number of sequences
 in the batch, holding K/V and decoding at once (counted after every engine step, driven
 through Engine.add/step as the server does) and preemptions; then the ratios. The
@@ -63,13 +64,14 @@ def requests(tok, n: int, system_tokens: int) -> list[list[int]]:
     return [system + tok.encode(f"\nQuestion {i}: what is {i} times {i + 7}, and why? Answer:") for i in range(n)]
 
 
-def run(d: Path, prompts, gen: int, ctx: int, budget: int, max_batch: int, caching: bool) -> dict:
-    """One pass over every prompt on a fresh LLM; the figures of the table row."""
+def run(d: Path, prompts, gen: int, ctx: int, budget: int, max_batch: int, caching: bool,
+        warm: list[int] | None = None) -> dict:
+    """One pass over every prompt on a fresh LLM; the figures of the table row. `warm`: a
+    prompt run first, untimed (the shared prompt then sits in the prefix cache)."""
     from tinyllm import LLM, SamplingParams
     llm = LLM(str(d), backend="numpy", max_seq_len=ctx, max_batch=max_batch, kv_cache_memory=budget,
               enable_prefix_caching=caching)
-    warm = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
-    llm.generate([[5, 6, 7]], warm)                              # first-call costs out of the timing
+    llm.generate([warm or [5, 6, 7]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     eng = llm.engine
     eng.stats.update(prefill_tokens=0, decode_tokens=0, cached_tokens=0, preemptions=0, steps=0)
     params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
@@ -96,7 +98,7 @@ def run(d: Path, prompts, gen: int, ctx: int, budget: int, max_batch: int, cachi
     done = [out[i] for i in range(len(prompts))]
     assert all(len(c.token_ids) == gen for c in done)
     n_prompt = sum(len(p) for p in prompts)
-    return {"caching": caching, "seconds": dt, "prefill": sum(c.prefill_tokens for c in done),
+    return {"caching": ("on, warm" if warm else "on") if caching else "off", "seconds": dt, "prefill": sum(c.prefill_tokens for c in done),
             "cached": sum(c.cached_tokens for c in done), "prompt": n_prompt, "generated": gen * len(done),
             "peak": peak, "preemptions": eng.stats["preemptions"], "blocks": eng.cache.spec.n_blocks,
             "block_size": eng.cache.spec.block_size, "tokens": [c.token_ids for c in done]}
@@ -122,10 +124,13 @@ def main():
         per_token = cfg.kv_bytes_per_token("fp32")
         budget = a.slots * a.ctx * per_token                    # the slot layout: --slots full contexts
         load = os.getloadavg()
-        rows = [run(d, prompts, a.gen, a.ctx, budget, a.max_batch, caching) for caching in (True, False)]
+        warm = requests(Tokenizer.load(d), 1, a.system_tokens)[0][:a.system_tokens] + [5, 6, 7]
+        rows = [run(d, prompts, a.gen, a.ctx, budget, a.max_batch, True),
+                run(d, prompts, a.gen, a.ctx, budget, a.max_batch, True, warm),
+                run(d, prompts, a.gen, a.ctx, budget, a.max_batch, False)]
         load_end = os.getloadavg()
-    on, off = rows
-    assert on["tokens"] == off["tokens"], "prefix caching changed a greedy output"
+    on, _, off = rows
+    assert all(r["tokens"] == off["tokens"] for r in rows), "prefix caching changed a greedy output"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     print(f"`python scripts/bench_prefix.py {shlex.join(sys.argv[1:])}` — {d.name}, numpy fp32, "
@@ -142,15 +147,17 @@ def main():
     for r in rows:
         tps = (r["prompt"] + r["generated"]) / r["seconds"]
         pk = r["peak"]
-        print(f"| {'on' if r['caching'] else 'off'} | {r['prompt']:,} | {r['prefill']:,} | {r['cached']:,} | "
+        print(f"| {r['caching']} | {r['prompt']:,} | {r['prefill']:,} | {r['cached']:,} | "
               f"{r['seconds']:.1f} | {tps:.0f} | {r['generated'] / r['seconds']:.1f} | "
               f"{pk['admitted']} / {pk['resident']} / {pk['decoding']} | {a.slots} | {r['preemptions']} |")
     per_seq = -(-(max(map(len, prompts)) + a.gen - 1) // on["block_size"])
-    print(f"\nOn / off: prefill tokens computed {on['prefill'] / off['prefill']:.3f}x, end-to-end throughput "
-          f"{off['seconds'] / on['seconds']:.2f}x. Sequences decoding at once: {on['peak']['decoding']} (on), "
-          f"{off['peak']['decoding']} (off) against the slot layout's {a.slots} in the same bytes; without "
+    warm = rows[1]
+    print(f"\nOn / off: prefill tokens computed {on['prefill'] / off['prefill']:.3f}x (warm "
+          f"{warm['prefill'] / off['prefill']:.3f}x), end-to-end throughput {off['seconds'] / on['seconds']:.2f}x "
+          f"(warm {off['seconds'] / warm['seconds']:.2f}x). Sequences decoding at once: {on['peak']['decoding']} "
+          f"(on), {warm['peak']['decoding']} (warm), {off['peak']['decoding']} (off) against the slot layout's {a.slots} in the same bytes; without "
           f"sharing, {on['blocks']} blocks hold {on['blocks'] // per_seq} whole requests of {per_seq} blocks. "
-          f"Greedy outputs identical on and off.")
+          f"Greedy outputs identical in all three.")
 
 
 if __name__ == "__main__":
