@@ -216,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="architecture, parameters and KV-cache sizes")
     add_model_args(i)
-    i.add_argument("--memory", default="24GB", help="memory budget for the context estimate, with a unit: 24GB, 512MB (default: 24GB)")
+    i.add_argument("--memory", default="24GB",
+                   help="memory budget for the context estimate and, without --kv-cache-memory, for the table of "
+                        "KV tokens it holds, with a unit: 24GB, 512MB (default: 24GB)")
     i.set_defaults(func=cmd_info)
 
     cv = sub.add_parser("convert", help="convert a GGUF file into an HF-layout directory")
