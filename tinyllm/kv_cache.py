@@ -36,7 +36,7 @@ the rest, so any per-token key scale wastes the range on them). Per layer, besid
 
     k_scale, k_zero  (n_blocks, n_kv_heads, head_dim)   fp16: one scale and offset per channel
     v_scale          (n_blocks, block_size, n_kv_heads) float32: one scale per value vector
-    k_open           (n_open, block_size, n_kv_heads, head_dim)  compute dtype (numpy: float32)
+    k_open           (n_open, block_size, n_kv_heads, head_dim)  float32 (both backends)
 
 * V, as it is written: scale = absmax / qmax over the vector, q = rint(x / scale) clipped to
   ±qmax (int8) or the e4m3 cast of the clipped x / scale (round to nearest even), all float32
@@ -134,14 +134,15 @@ class KVCacheSpec:
             b += self.block_size * self.n_kv_heads * 4 + 2 * kv * 2     # v scales; k scale and offset (fp16)
         return self.n_layers * b
 
-    def open_nbytes(self, compute_bytes: int = 4) -> int:
-        """Bytes of the open rows (int8/fp8 only), keys in compute_bytes (numpy 4, cuda 2)."""
-        if not self.quantized:
-            return 0
-        return self.n_layers * self.n_open * self.block_size * self.n_kv_heads * self.head_dim * compute_bytes
+    def open_row_nbytes(self) -> int:
+        """Bytes of one open row (int8/fp8 only): block_size float32 keys per kv head and layer."""
+        return 4 * self.n_layers * self.block_size * self.n_kv_heads * self.head_dim if self.quantized else 0
 
-    def nbytes(self, compute_bytes: int = 4) -> int:
-        return self.n_blocks * self.block_nbytes() + self.open_nbytes(compute_bytes)
+    def open_nbytes(self) -> int:
+        return self.n_open * self.open_row_nbytes()
+
+    def nbytes(self) -> int:
+        return self.n_blocks * self.block_nbytes() + self.open_nbytes()
 
     def tokens(self) -> int:
         """KV positions the whole pool holds."""
