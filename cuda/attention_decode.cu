@@ -17,14 +17,18 @@
 //   keeps DEC_WARPS*(256/HD)*DEC_UNROLL keys of K and V in flight. Scores are reduced across the group with shuffles;
 //   each group keeps its own online-softmax state (m, l, acc) per head, and the CTA merges its
 //   groups through shared memory into one partial (m, l, unnormalized acc) per (split, b, head).
-//   Quantized caches: the per-vector scale multiplies the score (k) and the probability (v),
-//   so codes are never rescaled element by element.
+//   Quantized caches: keys are dequantized per channel as they are loaded (common.cuh
+//   load_key8: closed blocks from codes, scale and offset; the open block from the sequence's
+//   float32 open row); a value's per-vector scale multiplies its probability, so value codes
+//   are never rescaled element by element.
 // decode_reduce_v1: grid (n_dec, n_heads), block DEC_RED_THREADS: merges the splits:
 //   M = max m_s, L = sum l_s 2^(m_s - M), out = sum acc_s 2^(m_s - M) / L.
 //
 // Shapes: q (T, n_heads, hd) bf16, token stride ldq (multiple of 8); sequence b's token is row
 //   cu_lens[b]; cache of one layer as in kv_cache.py: kc, vc (n_blocks, block_size, n_kv, hd),
-//   ks, vs (n_blocks, block_size, n_kv) for int8/fp8; tables (B, ring) int32 block ids;
+//   and for int8/fp8 ks, kz (n_blocks, n_kv, hd) fp16 key scales and offsets, vs (n_blocks,
+//   block_size, n_kv) fp32 value scales, k_open (n_open, block_size, n_kv, hd) fp32 and
+//   opens (B,) int32 (kv_cache.py); tables (B, ring) int32 block ids;
 //   part_m, part_l (n_splits, n_dec, n_heads)
 //   fp32; part_o (n_splits, n_dec, n_heads, hd) fp32; out (T, n_heads*hd) bf16, token stride
 //   ldo. hd % 8 == 0, hd <= HD in {64, 128}.
@@ -48,7 +52,8 @@ typedef KV::T kv_t;
 template <int HD, int REP>
 __device__ __forceinline__ void decode_split(
     const bf16* __restrict__ q, int ldq, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc,
-    const float* __restrict__ ks, const float* __restrict__ vs, float* __restrict__ part_m,
+    const __half* __restrict__ ks, const __half* __restrict__ kz, const float* __restrict__ vs,
+    const float* __restrict__ k_open, const int* __restrict__ opens, float* __restrict__ part_m,
     float* __restrict__ part_l, float* __restrict__ part_o, const int* dec_seqs, const int* tables,
     const int* starts, const int* cu_lens, int n_dec, int ring, int block_size, int n_heads, int n_kv, int hd,
     int window, float sl2, int split_len) {
@@ -109,34 +114,44 @@ __device__ __forceinline__ void decode_split(
         for (int i = 0; i < 8; ++i) acc[r][i] = 0.f;
     }
     const int* table = tables + (long long)b * ring;
+    const int closed = total - total % block_size;                        // int8/fp8: the open block from here
+    const float* open_row = KV::quantized ? k_open + (long long)opens[b] * block_size * n_kv * hd : nullptr;
 
     for (int base = s0; base < s1; base += NG * U) {
         typename KV::Raw8 kraw[U], vraw[U];
-        float sk[U], sv[U];
+        float kq[U][8];                          // int8/fp8 keys, dequantized as loaded
+        float sv[U];
         bool ok[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int p = base + u * NG + grp;
             ok[u] = p < s1;
-            sk[u] = sv[u] = 1.f;
+            sv[u] = 1.f;
+            kraw[u] = typename KV::Raw8();
+            vraw[u] = typename KV::Raw8();
+#pragma unroll
+            for (int i = 0; i < 8; ++i) kq[u][i] = 0.f;
             if (ok[u] && dvalid) {
                 const long long entry = kv_entry(table, ring, block_size, p, n_kv, g);
-                kraw[u] = KV::ld8(kc + entry * hd + d0);
                 vraw[u] = KV::ld8(vc + entry * hd + d0);
                 if constexpr (KV::quantized) {
-                    sk[u] = ks[entry];
+                    load_key8<KV_KIND>(kc, ks, kz, open_row, table, ring, block_size, closed, p, n_kv, g, hd, d0, kq[u]);
                     sv[u] = vs[entry];
+                } else {
+                    kraw[u] = KV::ld8(kc + entry * hd + d0);
                 }
-            } else {
-                kraw[u] = typename KV::Raw8();
-                vraw[u] = typename KV::Raw8();
             }
         }
         float s[U][REP];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             float kf[8];
-            KV::cvt8(kraw[u], kf);
+            if constexpr (KV::quantized) {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) kf[i] = kq[u][i];
+            } else {
+                KV::cvt8(kraw[u], kf);
+            }
 #pragma unroll
             for (int r = 0; r < REP; ++r) {
                 float a = 0.f;
@@ -144,7 +159,7 @@ __device__ __forceinline__ void decode_split(
                 for (int i = 0; i < 8; ++i) a = fmaf(qr[r][i], kf[i], a);
 #pragma unroll
                 for (int o = G / 2; o > 0; o >>= 1) a += __shfl_xor_sync(TL_FULL_MASK, a, o);
-                s[u][r] = ok[u] ? a * sk[u] : TL_NEG_INF;
+                s[u][r] = ok[u] ? a : TL_NEG_INF;
             }
         }
 #pragma unroll
@@ -207,11 +222,11 @@ __device__ __forceinline__ void decode_split(
 }
 
 #define DECODE_ARGS                                                                                    \
-    const bf16 *q, int ldq, const kv_t *kc, const kv_t *vc, const float *ks, const float *vs,          \
-        float *part_m, float *part_l, float *part_o, const int *dec_seqs, const int *tables,           \
+    const bf16 *q, int ldq, const kv_t *kc, const kv_t *vc, const __half *ks, const __half *kz,       \
+        const float *vs, const float *k_open, const int *opens, float *part_m, float *part_l, float *part_o, const int *dec_seqs, const int *tables,           \
         const int *starts, const int *cu_lens, int n_dec, int ring, int block_size, int n_heads,       \
         int n_kv, int hd, int window, float sl2, int split_len
-#define DECODE_PASS q, ldq, kc, vc, ks, vs, part_m, part_l, part_o, dec_seqs, tables, starts, cu_lens, n_dec, ring, block_size, n_heads, n_kv, hd, window, sl2, split_len
+#define DECODE_PASS q, ldq, kc, vc, ks, kz, vs, k_open, opens, part_m, part_l, part_o, dec_seqs, tables, starts, cu_lens, n_dec, ring, block_size, n_heads, n_kv, hd, window, sl2, split_len
 
 #define DECODE_ENTRY(HD, REP)                                                                          \
     extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS) decode_split_hd##HD##_r##REP##_v1(DECODE_ARGS) { \

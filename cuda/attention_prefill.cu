@@ -6,8 +6,9 @@
 //   over the key positions p that query position qp sees (common.cuh key_visible: causal,
 //   sliding window, only what the sequence's block table still holds). Scores are never
 //   materialized: online softmax over key tiles (running max m, running sum l, fp32), exp2
-//   with log2(e) folded into the scale. Quantized caches (int8/fp8) are dequantized on the fly
-//   (x * scale).
+//   with log2(e) folded into the scale. Quantized caches (int8/fp8) are dequantized on the fly:
+//   keys per channel (common.cuh load_key8; the open block from the float32 open row),
+//   values by their vector's scale.
 //
 // Rows: a CTA owns (sequence b, a tile of rows, kv head g). Rows are (token, query head) pairs of
 //   that sequence and group: row r -> token cu_lens[b] + r / n_rep, head g*n_rep + r % n_rep,
@@ -22,8 +23,10 @@
 //   may span several blocks, each key row looks its block up on its own.
 //
 // Shapes: q (T, n_heads, hd) bf16 (already rotated), token stride ldq (a multiple of 8 for v2);
-//         cache k, v of one layer (n_blocks, block_size, n_kv, hd) of kind KV_KIND, scales
-//         (n_blocks, block_size, n_kv) fp32 for int8/fp8; tables (B, ring) int32 block ids;
+//         cache k, v of one layer (n_blocks, block_size, n_kv, hd) of kind KV_KIND; for
+//         int8/fp8 ks, kz (n_blocks, n_kv, hd) fp16, vs (n_blocks, block_size, n_kv) fp32,
+//         k_open (n_open, block_size, n_kv, hd) fp32, opens (B,) int32 (null otherwise);
+//         tables (B, ring) int32 block ids;
 //         out (T, n_heads*hd) bf16, token stride ldo. hd <= HD and hd % 8 == 0; HD (compile
 //         time) is 64 or 128, unused columns are zero-padded. window 0 means none.
 //         sl2 = softmax scale * log2(e).
@@ -83,7 +86,8 @@ __device__ __forceinline__ TileInfo tile_info(const int* tile_seq, const int* ti
 template <int HD>
 __device__ __forceinline__ void flash_prefill_fma(
     const bf16* __restrict__ q, int ldq, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc,
-    const float* __restrict__ ks, const float* __restrict__ vs, bf16* __restrict__ out, int ldo,
+    const __half* __restrict__ ks, const __half* __restrict__ kz, const float* __restrict__ vs,
+    const float* __restrict__ k_open, const int* __restrict__ opens, bf16* __restrict__ out, int ldo,
     const int* tile_seq, const int* tile_row0, const int* tables, const int* starts, const int* lens,
     const int* cu_lens, int ring, int block_size, int n_heads, int n_kv, int hd, int window, float sl2) {
     constexpr int BM = FA1_WARPS * FA1_RPW;
@@ -97,6 +101,8 @@ __device__ __forceinline__ void flash_prefill_fma(
     const int n_rep = n_heads / n_kv;
     const int g = blockIdx.y;
     const TileInfo ti = tile_info(tile_seq, tile_row0, tables, starts, lens, cu_lens, ring, block_size, n_rep);
+    const int closed = ti.total - ti.total % block_size;                  // int8/fp8: the open block from here
+    const float* open_row = KV::quantized ? k_open + (long long)opens[ti.b] * block_size * n_kv * hd : nullptr;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
     // Q tile (pre-scaled by scale*log2e), zero rows/columns outside the problem.
@@ -131,12 +137,14 @@ __device__ __forceinline__ void flash_prefill_fma(
             float kf[8], vf[8];
             if (p <= hi && d0 < hd) {
                 const long long entry = kv_entry(ti.table, ring, block_size, p, n_kv, g);
-                KV::cvt8(KV::ld8(kc + entry * hd + d0), kf);
                 KV::cvt8(KV::ld8(vc + entry * hd + d0), vf);
                 if constexpr (KV::quantized) {
-                    const float sk = ks[entry], sv = vs[entry];
+                    load_key8<KV_KIND>(kc, ks, kz, open_row, ti.table, ring, block_size, closed, p, n_kv, g, hd, d0, kf);
+                    const float sv = vs[entry];
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) { kf[i] *= sk; vf[i] *= sv; }
+                    for (int i = 0; i < 8; ++i) vf[i] *= sv;
+                } else {
+                    KV::cvt8(KV::ld8(kc + entry * hd + d0), kf);
                 }
             } else {
 #pragma unroll
@@ -188,7 +196,8 @@ __device__ __forceinline__ void flash_prefill_fma(
 template <int HD, int KIND>
 __device__ __forceinline__ void flash_prefill_mma(
     const bf16* __restrict__ q, int ldq, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc,
-    const float* __restrict__ ks, const float* __restrict__ vs, bf16* __restrict__ out, int ldo,
+    const __half* __restrict__ ks, const __half* __restrict__ kz, const float* __restrict__ vs,
+    const float* __restrict__ k_open, const int* __restrict__ opens, bf16* __restrict__ out, int ldo,
     const int* tile_seq, const int* tile_row0, const int* tables, const int* starts, const int* lens,
     const int* cu_lens, int ring, int block_size, int n_heads, int n_kv, int hd, int window, float sl2) {
     constexpr int BM = 64;                       // 4 warps x 16 rows
@@ -208,6 +217,8 @@ __device__ __forceinline__ void flash_prefill_mma(
     const int n_rep = n_heads / n_kv;
     const int g = blockIdx.y;
     const TileInfo ti = tile_info(tile_seq, tile_row0, tables, starts, lens, cu_lens, ring, block_size, n_rep);
+    const int closed = ti.total - ti.total % block_size;                  // int8/fp8: the open block from here
+    const float* open_row = KV::quantized ? k_open + (long long)opens[ti.b] * block_size * n_kv * hd : nullptr;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gid = lane >> 2, tid4 = lane & 3;
 
@@ -258,12 +269,14 @@ __device__ __forceinline__ void flash_prefill_mma(
                     vv4 = KVT<KIND>::ld8(vc + entry * hd + d0);
                 } else {
                     float kf[8], vf[8];
-                    KVT<KIND>::cvt8(KVT<KIND>::ld8(kc + entry * hd + d0), kf);
                     KVT<KIND>::cvt8(KVT<KIND>::ld8(vc + entry * hd + d0), vf);
                     if constexpr (KVT<KIND>::quantized) {
-                        const float sk = ks[entry], sv = vs[entry];
+                        load_key8<KIND>(kc, ks, kz, open_row, ti.table, ring, block_size, closed, p, n_kv, g, hd, d0, kf);
+                        const float sv = vs[entry];
 #pragma unroll
-                        for (int i = 0; i < 8; ++i) { kf[i] *= sk; vf[i] *= sv; }
+                        for (int i = 0; i < 8; ++i) vf[i] *= sv;
+                    } else {
+                        KVT<KIND>::cvt8(KVT<KIND>::ld8(kc + entry * hd + d0), kf);
                     }
                     kv4 = pack_bf16x8(kf);
                     vv4 = pack_bf16x8(vf);
@@ -373,11 +386,12 @@ __device__ __forceinline__ void flash_prefill_mma(
 }
 
 #define PREFILL_ARGS                                                                                   \
-    const bf16 *q, int ldq, const kv_t *kc, const kv_t *vc, const float *ks, const float *vs, bf16 *out, \
+    const bf16 *q, int ldq, const kv_t *kc, const kv_t *vc, const __half *ks, const __half *kz,       \
+        const float *vs, const float *k_open, const int *opens, bf16 *out,                           \
         int ldo, const int *tile_seq, const int *tile_row0, const int *tables, const int *starts,        \
         const int *lens, const int *cu_lens, int ring, int block_size, int n_heads, int n_kv, int hd,    \
         int window, float sl2
-#define PREFILL_PASS q, ldq, kc, vc, ks, vs, out, ldo, tile_seq, tile_row0, tables, starts, lens, cu_lens, ring, block_size, n_heads, n_kv, hd, window, sl2
+#define PREFILL_PASS q, ldq, kc, vc, ks, kz, vs, k_open, opens, out, ldo, tile_seq, tile_row0, tables, starts, lens, cu_lens, ring, block_size, n_heads, n_kv, hd, window, sl2
 
 extern "C" {
 __global__ void __launch_bounds__(32 * FA1_WARPS) flash_prefill_hd64_v1(PREFILL_ARGS) { flash_prefill_fma<64>(PREFILL_PASS); }

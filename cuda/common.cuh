@@ -218,18 +218,45 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a
 }
 
 // ---- the paged KV cache (kv_cache.py; NumpyKVCache.write / read) ---------------------------------
-// Per layer k, v (n_blocks, block_size, n_kv, hd) and scales (n_blocks, block_size, n_kv).
+// Per layer k, v (n_blocks, block_size, n_kv, hd) and value scales (n_blocks, block_size, n_kv).
 // Sequence b's block table is tables[b * ring .. b * ring + ring - 1] (int32 block ids, -1
 // unused); C = ring * block_size positions fit before the table wraps (a sliding window's
 // ring). Position p lives in block table[(p / block_size) % ring] at offset p % block_size:
 // the entry of (p, kv head g) is (block * block_size + offset) * n_kv + g, its elements at
-// entry * hd .. entry * hd + hd - 1 and its scale at entry. One table read per key row: the
+// entry * hd .. entry * hd + hd - 1 and a value's scale at entry. One table read per key row: the
 // block size need not match any kernel tile.
 
 __device__ __forceinline__ long long kv_entry(const int* __restrict__ table, int ring, int block_size,
                                               int p, int n_kv, int g) {
     const long long block = table[(p / block_size) % ring];
     return (block * block_size + p % block_size) * n_kv + g;
+}
+
+// ---- int8 / fp8 keys (kv_cache.py; NumpyKVCache.read) ---------------------------------------------
+// Keys of a closed block are codes with one fp16 scale s and offset c per (block, kv head,
+// channel) in k_scale, k_zero (n_blocks, n_kv, hd): k = q * s + c, rounded twice in float32
+// as numpy's dequantize_block. Positions at or past `closed` (total - total % block_size: the
+// sequence's open block) are read from its open row instead: open_row = k_open + opens[b] *
+// block_size * n_kv * hd, float32, offset p % block_size. Values keep one fp32 scale per
+// vector (callers fold it into the probability, as before).
+
+template <int KIND>
+__device__ __forceinline__ void load_key8(const typename KVT<KIND>::T* __restrict__ kc, const __half* __restrict__ k_scale,
+                                          const __half* __restrict__ k_zero, const float* __restrict__ open_row,
+                                          const int* __restrict__ table, int ring, int block_size, int closed,
+                                          int p, int n_kv, int g, int hd, int d0, float f[8]) {
+    if (p >= closed) {
+        KVT<2>::cvt8(KVT<2>::ld8(open_row + ((long long)(p % block_size) * n_kv + g) * hd + d0), f);
+        return;
+    }
+    const long long block = table[(p / block_size) % ring];
+    KVT<KIND>::cvt8(KVT<KIND>::ld8(kc + ((block * block_size + p % block_size) * n_kv + g) * hd + d0), f);
+    const long long m = (block * n_kv + g) * hd + d0;
+    float sc[8], c[8];
+    KVT<1>::cvt8(KVT<1>::ld8(k_scale + m), sc);
+    KVT<1>::cvt8(KVT<1>::ld8(k_zero + m), c);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = __fadd_rn(__fmul_rn(f[i], sc[i]), c[i]);
 }
 
 // ---- attention key ranges (NumpyBackend.attention / kv_cache.visible_lo) ---------------------------

@@ -1,11 +1,13 @@
-// rope_kv.cu: rotary embedding on q and k, fused with the KV-cache write (and its int8/fp8
-// quantization).
+// rope_kv.cu: rotary embedding on q and k, fused with the KV-cache write (and the int8/fp8
+// quantization of values; int8/fp8 keys go on to kv_close.cu).
 //
 // numpy twins: NumpyBackend.rope_kv_write  (rope_rotate on q and k, then NumpyKVCache.write)
-//              kv_cache.quantize            (int8 / fp8 storage)
+//              kv_cache.quantize            (int8 / fp8 values, per vector)
 //   q' = rotate_half(q, pos);  k' = rotate_half(k, pos)
 //   blk = tables[b, (pos // block_size) % ring]        (b = seq_of_token[t]; kv_cache.py)
-//   cache.k[blk, pos % block_size] = k' ; cache.v[blk, pos % block_size] = v   (quantized if int8/fp8)
+//   cache.k[blk, pos % block_size] = k' ; cache.v[blk, pos % block_size] = v   (v quantized if int8/fp8)
+//   int8/fp8: k' is written as float32 to kr[t] instead; kv_close.cu quantizes the blocks it
+//   completes (keys per channel over a block) and keeps the open block's keys.
 //   rotate_half: pairs (j, j + hd/2) turn by angle pos * inv_freq[j]:
 //     x1' = x1*cos - x2*sin ; x2' = x2*cos + x1*sin
 //
@@ -22,7 +24,8 @@
 //         place. k, v (T, n_kv, hd) bf16, token strides ldk, ldv. cos/sin (n_pos, hd/2) fp32.
 //         positions (T,), seq_of_token (T,), tables (B, ring) int32 block ids (device). Cache
 //         arrays of one layer: kc, vc (n_blocks, block_size, n_kv, hd) of the storage kind;
-//         ks, vs (n_blocks, block_size, n_kv) fp32 scales (quantized kinds only). hd even and
+//         vs (n_blocks, block_size, n_kv) fp32 value scales and kr (T, n_kv, hd) fp32 rotated
+//         keys (quantized kinds only; null otherwise). hd even and
 //         <= 256. Every written position's table entry names a block (the engine grows the
 //         table before the forward); tokens of one forward never share an entry (rows that
 //         repeat one, a CUDA graph's padding, write identical bytes).
@@ -76,7 +79,7 @@ extern "C" __global__ void __launch_bounds__(32 * ROPE_WARPS)
 rope_kv_write_v1(bf16* q, int ldq, const bf16* k, int ldk, const bf16* v, int ldv,
                  const float* cos_tab, const float* sin_tab,
                  const int* positions, const int* seq_of_token, const int* tables,
-                 kv_t* kc, kv_t* vc, float* ks, float* vs,
+                 kv_t* kc, kv_t* vc, float* vs, float* kr,
                  int ring, int block_size, int n_heads, int n_kv, int hd) {
     const int t = blockIdx.x;
     const int vec = blockIdx.y * ROPE_WARPS + (threadIdx.x >> 5);
@@ -100,7 +103,7 @@ rope_kv_write_v1(bf16* q, int ldq, const bf16* k, int ldk, const bf16* v, int ld
     const int g = is_k ? vec - n_heads : vec - n_heads - n_kv;
     const long long entry = kv_entry(tables + (long long)seq_of_token[t] * ring, ring, block_size, pos, n_kv, g);
     kv_t* dst = (is_k ? kc : vc) + entry * hd;
-    float* sdst = KV::quantized ? (is_k ? ks : vs) + entry : nullptr;
+    float* sdst = KV::quantized ? vs + entry : nullptr;
 
     float vals[8];
     int el[8];
@@ -129,6 +132,13 @@ rope_kv_write_v1(bf16* q, int ldq, const bf16* k, int ldk, const bf16* v, int ld
             vals[i] = j < hd ? __bfloat162float(x[j]) : 0.f;
             el[i] = j < hd ? j : -1;
         }
+    }
+    if (KV::quantized && is_k) {                       // int8/fp8 keys: rotated, float32, for kv_close.cu
+        float* kdst = kr + ((long long)t * n_kv + g) * hd;
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            if (el[i] >= 0) kdst[el[i]] = vals[i];
+        return;
     }
     store_vector<KV_KIND>(vals, el, dst, sdst);
 }

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "fakecupy"
 
 SELECTION = "not 32k and not smollm2 and not 1000_decode_steps"
-MIN_PASSED = 575            # 584 when written (paged KV cache): fewer means tests went missing from the selection
+MIN_PASSED = 578            # 587 when written (paged KV cache, int8/fp8 KIVI): fewer means tests went missing from the selection
 
 # Every extern "C" entry point must be launched by the selection, and every KV_KIND variant of
 # each file compiled per cache kind (test_gpu_tests_pass_on_the_cupy_stand_in checks both).
@@ -107,7 +107,7 @@ def test_gpu_tests_pass_on_the_cupy_stand_in(tmp_path):
             if "KV_KIND" in extra and any((n, str(extra["KV_KIND"])) in launched for n in names):
                 kinds.add(str(extra["KV_KIND"]))
         if f in ck.KV_VARIANT_FILES:
-            assert kinds == {str(k) for k in ck.KV_KINDS.values()}, f"{f}: only KV_KIND {sorted(kinds)} launched"
+            assert kinds == {str(v["KV_KIND"]) for v in ck.variants(f)}, f"{f}: only KV_KIND {sorted(kinds)} launched"
     assert not missing, f"kernels no selected test launched: {sorted(missing)}"
 
 
@@ -178,6 +178,14 @@ KERNEL_BUGS = [
      "for (int kt = lo; kt <= hi; kt += BN) {\n        __syncthreads();                         // everyone",
      "for (int kt = ti.kmin; kt <= hi; kt += BN) {\n        __syncthreads();                         // everyone",
      "test_cuda_ops.py::test_attention_paged[ring_wrap-v2-bf16-bs16]", "Not equal to tolerance"),
+    # int8/fp8 keys: the block's offset used before its fp16 rounding (numpy stores the rounded one)
+    ("close_offset_unrounded", "kv_close.cu",
+     "const float cf = __half2float(c);", "const float cf = __fmul_rn(__fadd_rn(mx, mn), 0.5f);",
+     "test_cuda_ops.py::test_rope_kv_write_is_bit_exact[8-2-128-int8]", "Arrays are not equal"),
+    # int8/fp8 keys: the open block's first key read from its (not yet quantized: NaN-poisoned) block
+    ("open_block_off_by_one", "common.cuh",
+     "    if (p >= closed) {", "    if (p > closed) {",
+     "test_cuda_ops.py::test_attention_every_kv_dtype[ragged-decode-int8]", "Not equal to tolerance|nan"),
 ]
 
 

@@ -283,14 +283,12 @@ def storage_bits(a: np.ndarray) -> np.ndarray:
 
 
 def cache_to_device(be, np_cache: NumpyKVCache, cu_cache):
-    """Copy a numpy cache's bytes into a CUDA cache of the same spec."""
+    """Copy a numpy cache's bytes (every array: codes, scales, offsets, open rows) into a CUDA
+    cache of the same spec."""
     cp = be.cp
-    for lst_np, lst_cu in ((np_cache.k, cu_cache.k), (np_cache.v, cu_cache.v)):
-        for a, d in zip(lst_np, lst_cu):
-            d.view(storage_bits(a).dtype)[...] = cp.asarray(storage_bits(a))
-    if np_cache.spec.quantized:
-        for a, d in zip(np_cache.k_scale + np_cache.v_scale, cu_cache.k_scale + cu_cache.v_scale):
-            d[...] = cp.asarray(a)
+    for a, d in zip(np_cache.arrays(), cu_cache.arrays(), strict=True):
+        assert a.shape == d.shape and a.dtype.itemsize == d.dtype.itemsize
+        d.view(storage_bits(a).dtype)[...] = cp.asarray(storage_bits(a))
 
 
 # ---- paged block tables -------------------------------------------------------------------------
@@ -344,17 +342,20 @@ def cache_for(rng, spec: KVCacheSpec, tables, starts, lens, loud_tail: int = 0) 
     of the first sequence get values of +-2000, so that their share of the softmax (however
     small) dominates the output."""
     c = NumpyKVCache(spec)
-    for arrays in (c.k, c.v) if not spec.quantized else (c.k_scale, c.v_scale):
+    for arrays in (c.k, c.v) if not spec.quantized else (c.k_scale, c.k_zero, c.v_scale, c.k_open):
         for a in arrays:
             a[...] = np.nan
     n_kv, hd = spec.n_kv_heads, spec.head_dim
     for i, (table, st, n) in enumerate(zip(tables, starts, lens)):
-        pos = np.arange(visible_lo(st + n, st, spec), st + n)
+        lo = visible_lo(st + n, st, spec)
+        if spec.quantized:                 # a key block is quantized from all its keys: write it whole
+            lo -= lo % spec.block_size
+        pos = np.arange(lo, st + n)
         v = randn(rng, len(pos), n_kv, hd)
         if i == 0 and loud_tail:
             v[-loud_tail:] = np.where(rng.random((loud_tail, n_kv, hd)) < 0.5, -2000.0, 2000.0)
         for layer in range(spec.n_layers):
-            c.write(layer, table, pos, randn(rng, len(pos), n_kv, hd, scale=2.0), v)
+            c.write(layer, table, pos, randn(rng, len(pos), n_kv, hd, scale=2.0), v, open_row=i)
     return c
 
 
@@ -376,7 +377,7 @@ def check_rope_kv_write(be, rng, spec: KVCacheSpec, batch: Batch, n_heads: int):
     q_got = be.rope_kv_write(be.from_numpy(q), be.from_numpy(k), be.from_numpy(v), cu_cache, 1,
                              be.prepare(batch), inv_freq)
     np.testing.assert_array_equal(cb.to_bf16_bits(be.to_numpy(q_got)), cb.to_bf16_bits(q_ref))
-    for name in ("k", "v") + (("k_scale", "v_scale") if spec.quantized else ()):
+    for name in ("k", "v") + (("k_scale", "k_zero", "v_scale", "k_open") if spec.quantized else ()):
         for layer in (0, 1):
             want = getattr(np_cache, name)[layer]
             got = getattr(cu_cache, name)[layer].get()
@@ -391,7 +392,7 @@ def test_rope_kv_write_is_bit_exact(be, rng, kv_dtype, n_heads, n_kv, hd):
     # position 0; wrapping around the ring (14..17: rows 3 and 4, entries 3 and 0, entry 0 a
     # fresh block); the last position (63) of max_seq_len.
     spec = KVCacheSpec(n_layers=2, n_blocks=20, block_size=4, ring=4, n_kv_heads=n_kv, head_dim=hd,
-                       kv_dtype=kv_dtype, window=8, max_seq_len=64)
+                       kv_dtype=kv_dtype, window=8, max_seq_len=64, n_open=3)
     starts, lens = [0, 14, 62], [5, 4, 2]
     check_rope_kv_write(be, rng, spec, Batch(paged_tables(rng, spec, starts, lens), starts, lens), n_heads)
 
@@ -404,7 +405,8 @@ def test_rope_kv_write_paged_block_sizes(be, rng, kv_dtype, block_size):
     a prefix they share (rows 0-1: only read, never written), a decode token at a block's
     last offset."""
     starts, lens = [2 * block_size, 2 * block_size + 3, 5 * block_size - 1], [block_size + 5, 2, 1]
-    spec = KVCacheSpec(2, pool_blocks(starts, lens, block_size, 8), block_size, 8, 2, 128, kv_dtype, None, 8 * block_size)
+    spec = KVCacheSpec(2, pool_blocks(starts, lens, block_size, 8), block_size, 8, 2, 128, kv_dtype, None, 8 * block_size,
+                       n_open=3)
     tables = paged_tables(rng, spec, starts, lens, shared_rows=2)
     check_rope_kv_write(be, rng, spec, Batch(tables, starts, lens), 8)
 
@@ -429,7 +431,7 @@ def run_attention(be, rng, batch_case, n_heads, n_kv, hd, kv_dtype, loud_tail: i
     where visible, NaN elsewhere) and the same scattered block tables."""
     name, starts, lens, bs, ring, window = batch_case
     spec = KVCacheSpec(1, pool_blocks(starts, lens, bs, ring), bs, ring, n_kv, hd, kv_dtype, window,
-                       max_seq_len=max(s + n for s, n in zip(starts, lens)) + 1)
+                       max_seq_len=max(s + n for s, n in zip(starts, lens)) + 1, n_open=len(starts))
     tables = paged_tables(rng, spec, starts, lens, shared_rows)
     np_cache = cache_for(rng, spec, tables, starts, lens, loud_tail)
     batch = Batch(tables, starts, lens)

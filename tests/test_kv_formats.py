@@ -272,18 +272,20 @@ def test_planted_outlier_keys_need_per_channel_scales():
 # ---- the study layer inside the model -----------------------------------------------------------
 
 def test_study_formats_reproduce_the_shipped_caches(tiny_factory):
-    """fp32/bf16/int8-token/fp8-token through the study cache give the real caches' logits bit
-    for bit (the same KL and perplexity), so the study measures what a real cache returns."""
+    """fp32/bf16/int8-kivi-zp-f16/fp8-kivi-f16 through the study cache give the real fp32, bf16,
+    int8 and fp8 caches' logits bit for bit (the same KL and perplexity; 64 tokens: 4 closed
+    blocks), so the study measures what a real cache returns."""
     d = tiny_factory("llama_gqa")
-    rows, _ = evaluate_kv(d, TEXT, n_tokens=64, window=32, kv_dtypes=("fp32", "bf16", "int8", "fp8"),
-                          kv_formats=("fp32", "bf16", "int8-token", "fp8-token"))
+    pairs = (("fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8-kivi-zp-f16"), ("fp8", "fp8-kivi-f16"))
+    rows, _ = evaluate_kv(d, TEXT, n_tokens=64, window=32, kv_dtypes=[a for a, _ in pairs],
+                          kv_formats=[b for _, b in pairs])
     by = {}
     for r in rows:
         by.setdefault(r.kv_dtype, []).append(r)
-    for real, study in (("fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8-token"), ("fp8", "fp8-token")):
+    for real, study in pairs:
         a, b = by[real][0], by[study][-1]
         assert (a.kl, a.nll, a.top1_agree) == (b.kl, b.nll, b.top1_agree), real
-    assert by["int8-token"][-1].kl > 0 and by["fp32"][-1].kl == 0
+    assert by["int8-kivi-zp-f16"][-1].kl > 0 and by["fp32"][-1].kl == 0
 
 
 def test_kivi_through_the_engine_with_a_rolling_window(tiny_factory):
@@ -361,9 +363,10 @@ def test_cli_eval_kv_formats(tiny_factory, tmp_path, capsys):
 
 
 def test_cli_eval_defaults_on_numpy_are_the_study_formats(tiny_factory, tmp_path, capsys):
-    """No --kv-dtypes/--kv-formats on numpy: the default formats, q8_0 skipped with a note
-    where head_dim (16 here) is not a multiple of 32."""
-    from tinyllm.evaluate import DEFAULT_FORMATS
+    """No --kv-dtypes/--kv-formats on numpy: the real bf16/int8/fp8 caches next to the default
+    study formats (the anchors), q8_0 skipped with a note where head_dim (16 here) is not a
+    multiple of 32."""
+    from tinyllm.evaluate import DEFAULT_FORMATS, DEFAULT_NUMPY_DTYPES
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     assert cli.main(["eval", "--model", str(tiny_factory("llama_gqa")), "--backend", "numpy", "--text", str(text),
@@ -371,4 +374,4 @@ def test_cli_eval_defaults_on_numpy_are_the_study_formats(tiny_factory, tmp_path
     out = capsys.readouterr().out
     assert "skipped: kv format q8_0 needs head_dim to be a multiple of 32" in out
     names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:]
-    assert names == [f for f in DEFAULT_FORMATS.split(",") if f != "q8_0"]
+    assert names == DEFAULT_NUMPY_DTYPES.split(",") + [f for f in DEFAULT_FORMATS.split(",") if f != "q8_0"]

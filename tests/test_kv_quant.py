@@ -19,7 +19,7 @@ from tinyllm.backends.numpy_backend import NumpyBackend
 from tinyllm.config import KV_DTYPE_BYTES, ModelConfig
 from tinyllm.engine import Engine
 from tinyllm.errors import TinyLLMError
-from tinyllm.kv_cache import KVCacheSpec, dequantize, quantize
+from tinyllm.kv_cache import KVCacheSpec, dequantize, dequantize_block, quantize, quantize_block
 
 QUANT = ("int8", "fp8")
 RNG = np.random.default_rng(0)
@@ -152,16 +152,22 @@ CASES = ["llama_gqa", "llama_mqa", "mistral_window"]
 
 def cached_kv_rel_error(ref: LLM, llm: LLM) -> float:
     """Layer 0's K and V do not depend on the cache, so the quantized cache must hold exactly
-    the format's rounding of the fp32 cache's layer-0 entries; check that bit for bit, and
+    the format's rounding of the fp32 cache's layer-0 entries (K: each closed block of 16 per
+    channel, the open block's 12 keys exact; V per token); check that bit for bit, and
     return that rounding's relative error ||stored - exact|| / ||exact||, i.e. the format's
     own error on this model's vectors (independent of how the cache reads them back)."""
-    n, kv = len(IDS), llm.engine.cache.spec.kv_dtype
+    n, spec = len(IDS), llm.engine.cache.spec
+    kv, bs = spec.kv_dtype, spec.block_size
     # A fresh pool hands out blocks 0, 1, 2, ... in order: logits() of a fresh LLM wrote
-    # IDS into the blocks of the fixed "slot 0" table.
-    table, pos = llm.engine.cache.spec.slot_tables([0])[0], np.arange(n)
+    # IDS into the blocks of the fixed "slot 0" table (and its open row max_batch).
+    table, pos = spec.slot_tables([0])[0], np.arange(n)
     exact = ref.engine.cache.read(0, table, pos)
-    rounded = [dequantize(*quantize(x, kv)) for x in exact]
-    for got, want in zip(llm.engine.cache.read(0, table, pos), rounded):
+    k = exact[0].copy()
+    for b0 in range(0, n // bs * bs, bs):
+        k[b0:b0 + bs] = dequantize_block(*quantize_block(exact[0][b0:b0 + bs], kv))
+    assert n % bs == 12 and np.array_equal(k[-12:], exact[0][-12:])
+    rounded = [k, dequantize(*quantize(exact[1], kv))]
+    for got, want in zip(llm.engine.cache.read(0, table, pos, n, llm.engine.max_batch), rounded):
         np.testing.assert_array_equal(got, want)
     return float(np.sqrt(sum(np.sum((r - x) ** 2) for r, x in zip(rounded, exact))
                          / sum(np.sum(x ** 2) for x in exact)))
@@ -265,16 +271,20 @@ def test_cache_allocates_exactly_the_configured_bytes(tiny_factory, case, kv):
         spec = KVCacheSpec.for_model(cfg, kv, max_seq_len, n_seqs)
         cache = NumpyBackend().alloc_kv(spec)
         arrays = allocated_arrays(cache)
-        assert len(arrays) == cfg.n_layers * (4 if kv in QUANT else 2)
+        assert len(arrays) == cfg.n_layers * (6 if kv in QUANT else 2)
         total = sum(a.nbytes for a in arrays)
         assert total == spec.nbytes() == cache.nbytes()
-        assert total == cfg.kv_bytes_per_token(kv) * spec.capacity * n_seqs == \
+        open_rows = spec.n_open * spec.block_size * cfg.kv_dim * 4 * cfg.n_layers if kv in QUANT else 0
+        assert spec.n_open == n_seqs + 1 and spec.open_nbytes() == open_rows
+        # head_dim 16: the keys' per-channel metadata (4 bytes per 16 tokens) is whole bytes per token
+        assert total - open_rows == cfg.kv_bytes_per_token(kv) * spec.capacity * n_seqs == \
             cfg.kv_bytes_per_token(kv) * spec.block_size * spec.n_blocks
-        storage = {a.dtype for a in arrays if a.ndim == 4}
-        assert storage == {np.dtype({"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16,
-                                     "int8": np.int8, "fp8": ml_dtypes.float8_e4m3fn}[kv])}
+        storage = np.dtype({"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16,
+                            "int8": np.int8, "fp8": ml_dtypes.float8_e4m3fn}[kv])
+        assert {a.dtype for a in cache.k + cache.v} == {storage}
         if kv in QUANT:
-            assert {a.dtype for a in arrays if a.ndim == 3} == {np.dtype(np.float32)}
+            assert {a.dtype for a in cache.k_scale + cache.k_zero} == {np.dtype(np.float16)}
+            assert {a.dtype for a in cache.v_scale + cache.k_open} == {np.dtype(np.float32)}
 
 
 @pytest.mark.parametrize("kv", list(KV_DTYPE_BYTES))
@@ -284,17 +294,19 @@ def test_engine_cache_has_the_spec_size(tiny_factory, kv):
     c = llm.engine.cache
     assert c.spec.kv_dtype == kv
     assert sum(a.nbytes for a in allocated_arrays(c)) == llm.engine.spec().nbytes() \
-        == llm.cfg.kv_bytes_per_token(kv) * 48 * 2          # 2 sequences of 48 = 3 blocks of 16 each
+        == llm.cfg.kv_bytes_per_token(kv) * 48 * 2 + c.spec.open_nbytes()   # 2 sequences of 48 = 3 blocks of 16 each
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_quantized_cache_is_about_half_of_bf16_and_a_quarter_of_fp32(head_dim):
     cfg = ModelConfig.from_hf(dict(SMOLLM2_LIKE, head_dim=head_dim))
     b = {kv: cfg.kv_bytes_per_token(kv) for kv in KV_DTYPE_BYTES}
-    # per (token, kv head, k or v): head_dim bytes + one float32 scale
-    assert b["int8"] == b["fp8"] == 2 * cfg.n_layers * cfg.n_kv_heads * (head_dim + 4)
-    assert b["int8"] / b["bf16"] == (head_dim + 4) / (2 * head_dim) <= 0.55
-    assert b["int8"] / b["fp32"] == (head_dim + 4) / (4 * head_dim) <= 0.275
+    # per (token, kv head): head_dim bytes each for k and v, v's float32 scale, and k's fp16
+    # scale and offset per channel over 16 tokens
+    per = 2 * head_dim + 4 + 4 * head_dim // 16
+    assert b["int8"] == b["fp8"] == cfg.n_layers * cfg.n_kv_heads * per
+    assert b["int8"] / b["bf16"] == per / (4 * head_dim) <= 0.58
+    assert b["int8"] / b["fp32"] == per / (8 * head_dim) <= 0.29
     assert b["bf16"] == b["fp16"] == b["fp32"] // 2
 
 

@@ -275,13 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=1024, help="tokens per evaluated segment (default: 1024)")
     e.add_argument("--kv-dtypes", default=None,
                    help="real caches, comma-separated; each is compared with the fp32 cache on the same backend "
-                        "(default on cuda: fp32,fp16,bf16,int8,fp8; on numpy: none unless given)")
+                        "(default on cuda: fp32,fp16,bf16,int8,fp8; on numpy: bf16,int8,fp8 next to the study formats)")
     e.add_argument("--kv-formats", default=None,
                    help="study formats on the numpy backend (fake-quantized caches, tinyllm/kv_formats.py): "
                         "fp32, bf16, int8-token, fp8-token, q8_0, fp8-vllm, int8-kivi, int8-kivi-zp, fp8-kivi, "
-                        "fp8-kivi-sym, fp8-kivi-v32 "
+                        "int8-kivi-zp-f16 and fp8-kivi-f16 (what the int8 and fp8 caches store), fp8-kivi-sym, fp8-kivi-v32 "
                         "(default on numpy when --kv-dtypes is not given: "
-                        "bf16,int8-token,q8_0,int8-kivi,int8-kivi-zp,fp8-token,fp8-vllm,fp8-kivi; the fp32 "
+                        "int8-token,q8_0,fp8-token,fp8-vllm next to the real caches bf16,int8,fp8; the fp32 "
                         "reference always runs)")
     e.add_argument("--kivi-block", type=int, default=16,
                    help="tokens per block of the KIVI formats' per-channel key scales (default: 16)")

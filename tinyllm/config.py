@@ -22,7 +22,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 # Bytes per element of each KV-cache storage dtype ("auto" resolves to the compute dtype).
 KV_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
-# Quantized KV dtypes also store one float32 scale per (token, kv-head) vector for k and v.
+# Quantized KV dtypes also store scales (kv_cache.py): per (block, kv-head, channel) an fp16
+# scale and offset for k, one float32 scale per (token, kv-head) vector for v.
 KV_QUANTIZED = ("int8", "fp8")
 
 
@@ -66,11 +67,15 @@ class ModelConfig:
     def rope_type(self) -> str:
         return (self.rope_scaling or {}).get("rope_type", "default")
 
-    def kv_bytes_per_token(self, kv_dtype: str) -> int:
-        """2 (k and v) * layers * kv_heads * head_dim * bytes, plus per-vector scales."""
+    def kv_bytes_per_token(self, kv_dtype: str, block_size: int = 16) -> int:
+        """2 (k and v) * layers * kv_heads * head_dim * bytes, plus for int8/fp8 the scales
+        (kv_cache.py): v's float32 scale per token and k's fp16 scale and offset per channel,
+        amortized over a block of block_size tokens (rounded up to whole bytes). Not counted:
+        each running sequence's open block of full-precision keys (KVCacheSpec.open_nbytes)."""
         b = 2 * self.n_layers * self.n_kv_heads * self.head_dim * KV_DTYPE_BYTES[kv_dtype]
         if kv_dtype in KV_QUANTIZED:
-            b += 2 * self.n_layers * self.n_kv_heads * 4
+            b += self.n_layers * self.n_kv_heads * 4
+            b += -(-self.n_layers * self.n_kv_heads * self.head_dim * 4 // block_size)
         return b
 
     def mha_kv_bytes_per_token(self, kv_dtype: str) -> int:

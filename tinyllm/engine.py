@@ -91,6 +91,7 @@ class _Seq:
     prefill_tokens: int = 0
     device_seed: int = 0                 # on-device sampling draws from (device_seed, step)
     blocks: SeqBlocks | None = None      # its block table while it runs
+    open_row: int = 0                    # ... and its open row (int8/fp8 keys, kv_cache.py)
     cached_tokens: int = 0
 
     @property
@@ -133,6 +134,7 @@ class Engine:
         # running, in order; the running sequences, oldest first. len(live) <= max_batch.
         self.waiting: deque[Request | _Seq] = deque()
         self.live: list[_Seq] = []
+        self.open_rows = list(range(max_batch))   # open rows no running sequence holds
 
     # ---- cache -----------------------------------------------------------------------
     def spec(self) -> KVCacheSpec:
@@ -144,9 +146,10 @@ class Engine:
             self.cache = self.ops.alloc_kv(self.spec())
             self.pool = BlockPool(self.cache.spec, self.prefix_caching)
 
-    def _batch(self, runs: list[tuple[SeqBlocks, int, int]]) -> Batch:
-        """The Batch of runs (blocks, start, n)."""
-        return Batch(np.stack([b.table for b, _, _ in runs]), [s for _, s, _ in runs], [n for _, _, n in runs])
+    def _batch(self, runs: list[tuple[SeqBlocks, int, int, int]]) -> Batch:
+        """The Batch of runs (blocks, start, n, open row)."""
+        return Batch(np.stack([r[0].table for r in runs]), [r[1] for r in runs], [r[2] for r in runs],
+                     [r[3] for r in runs])
 
     # ---- full-sequence logits (no sampling) --------------------------------------------
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -164,7 +167,7 @@ class Engine:
                 part = ids[s:s + chunk]
                 if not self.pool.grow(seq, s + len(part)):
                     raise TinyLLMError(self._pool_full_message(len(ids)))
-                batch = self._batch([(seq, s, len(part))])
+                batch = self._batch([(seq, s, len(part), self.max_batch)])   # the open row no sequence holds
                 out.append(self.ops.to_numpy(self.model.forward(np.asarray(part, np.int32), batch, self.cache,
                                                                 all_logits=True)))
                 self.pool.commit(seq, ids, s + len(part))
@@ -207,10 +210,9 @@ class Engine:
         """Forget every waiting and running request; their blocks go back to the pool (their
         full blocks stay in the prefix cache)."""
         self.ensure_cache()
-        for s in self.live:
-            self.pool.free_seq(s.blocks)
+        for s in list(self.live):
+            self._release(s)
         self.waiting.clear()
-        self.live.clear()
 
     def add(self, req: Request):
         """Queue a request; a later step() admits it when there is room. Its `index` is the
@@ -266,9 +268,11 @@ class Engine:
         self.live.remove(s)
         self.pool.free_seq(s.blocks)
         s.blocks = None
+        self.open_rows.append(s.open_row)
 
     def _admit(self, s: _Seq):
         s.blocks = self.pool.admit(s.ids)
+        s.open_row = self.open_rows.pop()
         s.n_cached = s.blocks.cached_tokens
         if not s.t_first:                              # (a readmitted sequence keeps its figure)
             s.cached_tokens = s.n_cached
@@ -341,7 +345,7 @@ class Engine:
         if not runs:
             return
         tokens = np.concatenate([np.asarray(s.ids[s.n_cached:s.n_cached + n], np.int32) for s, n in runs])
-        batch = self._batch([(s.blocks, s.n_cached, n) for s, n in runs])
+        batch = self._batch([(s.blocks, s.n_cached, n, s.open_row) for s, n in runs])
         chosen = self._graph_decode(tokens, batch, [s for s, _ in runs]) if len(tokens) == len(runs) else None
         if chosen is None:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # NaN/inf are checked below

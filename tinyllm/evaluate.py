@@ -205,8 +205,11 @@ def format_table(rows: list[KVRow]) -> str:
 
 
 DEFAULT_DTYPES = "fp32,fp16,bf16,int8,fp8"                           # real caches (any backend)
-# numpy study; the fp32 reference is always run (its perplexity is printed), so not listed
-DEFAULT_FORMATS = "bf16,int8-token,q8_0,int8-kivi,int8-kivi-zp,fp8-token,fp8-vllm,fp8-kivi"
+# On numpy: the real caches next to the anchors other runtimes ship (llama.cpp's q8_0, vLLM's
+# fp8) and our previous per-token formats, as study formats on the same tokens; the fp32
+# reference always runs (its perplexity is printed), so it is not listed.
+DEFAULT_NUMPY_DTYPES = "bf16,int8,fp8"
+DEFAULT_FORMATS = "int8-token,q8_0,fp8-token,fp8-vllm"
 
 
 def _names(arg: str | None) -> list[str]:
@@ -234,7 +237,7 @@ def run_eval(a) -> int:
     if defaults:
         on_numpy = backend == "numpy" or (backend == "auto" and not cuda_available())
         kv_formats = _names(DEFAULT_FORMATS) if on_numpy else []
-        kv_dtypes = [] if on_numpy else _names(DEFAULT_DTYPES)
+        kv_dtypes = _names(DEFAULT_NUMPY_DTYPES if on_numpy else DEFAULT_DTYPES)
     print(f"plan: {a.tokens} tokens of {', '.join(str(f) for f in files)} in segments of {a.window}, "
           f"each prefilled from scratch; kv dtypes: {', '.join(kv_dtypes) or '-'}; "
           f"kv formats (numpy study): {', '.join(kv_formats) or '-'}"

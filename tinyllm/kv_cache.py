@@ -30,10 +30,40 @@ max(total - C, q - W + 1) for a query at q (here 5), never below the window. Tha
 forward may write at most  max_chunk = C - W - block_size + 2  new tokens into a ring: the
 block rows it replaces must all lie below its first query's window.
 
-Quantized storage (int8 / fp8-e4m3): one scale per (token, kv-head) vector,
-scale = absmax / qmax (qmax 127 for int8, 448 for e4m3), q = round_to_nearest_even(x / scale)
-clipped to ±qmax, all in float32 with IEEE division. The CUDA kernels round identically, so
-stored bytes agree bit for bit between backends. An all-zero vector stores scale 0 and q 0.
+Quantized storage (int8 / fp8-e4m3; qmax 127 / 448): keys per channel, values per token
+(KIVI, Liu et al. 2024; BENCHMARKS.md measures why: a few key channels carry offsets 100-1000x
+the rest, so any per-token key scale wastes the range on them). Per layer, besides k and v:
+
+    k_scale, k_zero  (n_blocks, n_kv_heads, head_dim)   fp16: one scale and offset per channel
+    v_scale          (n_blocks, block_size, n_kv_heads) float32: one scale per value vector
+    k_open           (n_open, block_size, n_kv_heads, head_dim)  float32 (both backends)
+
+* V, as it is written: scale = absmax / qmax over the vector, q = rint(x / scale) clipped to
+  ±qmax (int8) or the e4m3 cast of the clipped x / scale (round to nearest even), all float32
+  with IEEE division; an all-zero vector stores scale 0 and q 0 (`quantize`).
+* K of a *closed* block (all block_size positions written), per (kv head, channel) over its
+  block_size keys x: offset c = fp16((max x + min x) / 2), y = x - c, scale s =
+  fp16(max|y| / qmax), q = y / s rounded as for V (q = 0 where s = 0) (`quantize_block`).
+  Read back as q * s + c.
+* K of a sequence's *open* block (its last, partly written row) stays in full precision in
+  the sequence's open row k_open[o] (Batch.opens[b] = o; kept while it runs) at offset
+  p % block_size, until the block's last position is written; then the block is quantized
+  from those keys and the new ones, in the same forward, before attention reads it (KIVI's
+  residual). After `total` positions, positions below total // block_size * block_size are
+  read from blocks, the rest from the open row (`closed_below`).
+The CUDA kernels round identically, so stored bytes agree bit for bit between backends.
+Full blocks are closed, so the prefix cache shares only quantized blocks, and a preempted or
+restarted sequence recomputes from a block boundary.
+
+Worked example (int8, block_size 4, one kv head, one channel): keys 1.0, 3.0, 2.0 at positions
+0-2 sit in the open row; position 3 (-5.0) closes the block: c = (3 + -5) / 2 = -1,
+y = 2, 4, 3, -4, s = fp16(4 / 127) = 0.031494140625, q = rint(y / s) = 64, 127, 95, -127,
+read back as 1.0156, 2.9998, 1.9919, -4.9998.
+
+Bytes per token (ModelConfig.kv_bytes_per_token): per (layer, kv head) 2 * head_dim codes,
+4 for V's scale and 4 * head_dim / block_size for K's scale and offset; plus each running
+sequence's open row (block_size full-precision keys), which is not per token
+(KVCacheSpec.open_nbytes).
 
 Block size (DEFAULT_BLOCK_SIZE = 16, as vLLM): the kernels address every key through the
 table on its own (one table read per key row; a prefill key tile of FA2_BN = 64 keys spans
@@ -74,6 +104,7 @@ class KVCacheSpec:
     kv_dtype: str         # resolved: fp32 | fp16 | bf16 | int8 | fp8
     window: int | None    # sliding window W, or None
     max_seq_len: int      # longest sequence (prompt + generation) accepted
+    n_open: int = 1       # open rows (int8/fp8 keys of running sequences' open blocks)
 
     @property
     def quantized(self) -> bool:
@@ -97,13 +128,21 @@ class KVCacheSpec:
 
     def block_nbytes(self) -> int:
         """Bytes of one block over all layers, K and V (and their scales)."""
-        per_entry = self.n_kv_heads * self.head_dim * KV_DTYPE_BYTES[self.kv_dtype]
+        kv = self.n_kv_heads * self.head_dim
+        b = 2 * self.block_size * kv * KV_DTYPE_BYTES[self.kv_dtype]
         if self.quantized:
-            per_entry += self.n_kv_heads * 4
-        return 2 * self.n_layers * self.block_size * per_entry
+            b += self.block_size * self.n_kv_heads * 4 + 2 * kv * 2     # v scales; k scale and offset (fp16)
+        return self.n_layers * b
+
+    def open_row_nbytes(self) -> int:
+        """Bytes of one open row (int8/fp8 only): block_size float32 keys per kv head and layer."""
+        return 4 * self.n_layers * self.block_size * self.n_kv_heads * self.head_dim if self.quantized else 0
+
+    def open_nbytes(self) -> int:
+        return self.n_open * self.open_row_nbytes()
 
     def nbytes(self) -> int:
-        return self.n_blocks * self.block_nbytes()
+        return self.n_blocks * self.block_nbytes() + self.open_nbytes()
 
     def tokens(self) -> int:
         """KV positions the whole pool holds."""
@@ -133,7 +172,7 @@ class KVCacheSpec:
         if w:                                  # the rolling ring: bounded by the window, not the context
             ring = min(ring, -(-(w + chunk) // block_size) + 1)
         return cls(cfg.n_layers, n_blocks if n_blocks is not None else n_seqs * ring, block_size, ring,
-                   cfg.n_kv_heads, cfg.head_dim, kv_dtype, w, max_seq_len)
+                   cfg.n_kv_heads, cfg.head_dim, kv_dtype, w, max_seq_len, n_open=n_seqs + 1)
 
 
 def resolve_kv_dtype(kv_dtype: str, compute_dtype: str) -> str:
@@ -149,25 +188,51 @@ def visible_lo(total: int, first_query: int, spec: KVCacheSpec) -> int:
     return max(lo, first_query - spec.window + 1) if spec.window else lo
 
 
+def closed_below(total: int, spec: KVCacheSpec) -> int:
+    """Positions below this live in closed blocks after `total` were written (int8/fp8: the
+    rest are in the open row)."""
+    return total // spec.block_size * spec.block_size
+
+
 def entries(table: np.ndarray, positions: np.ndarray, spec: KVCacheSpec) -> tuple[np.ndarray, np.ndarray]:
     """(block, offset) of each position through one sequence's table (R,)."""
     positions = np.asarray(positions, np.int64)
     return table[(positions // spec.block_size) % spec.ring], positions % spec.block_size
 
 
-def quantize(x: np.ndarray, kv_dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """x (..., head_dim) float32 -> (q (..., head_dim) storage dtype, scale (...) float32)."""
-    x = np.asarray(x, dtype=np.float32)
+def _codes(y: np.ndarray, scale: np.ndarray, kv_dtype: str) -> np.ndarray:
+    """y / scale clipped to ±qmax (0 where scale is 0), rounded to the storage dtype."""
     qmax = np.float32(QMAX[kv_dtype])
-    scale = np.abs(x).max(axis=-1) / qmax                       # float32 IEEE division
-    safe = np.where(scale > 0, scale, np.float32(1))
-    y = np.clip(x / safe[..., None], -qmax, qmax)               # |y| <= qmax up to rounding
+    t = np.divide(y, scale, out=np.zeros_like(y), where=scale > 0)   # float32 IEEE division
+    t = np.clip(t, -qmax, qmax)
     if kv_dtype == "int8":
-        q = np.rint(y).astype(np.int8)                          # rint = round half to even
-    else:
-        q = y.astype(ml_dtypes.float8_e4m3fn)                   # round to nearest even
-    return q, scale.astype(np.float32)
+        return np.rint(t).astype(np.int8)                       # rint = round half to even
+    return t.astype(ml_dtypes.float8_e4m3fn)                    # round to nearest even
+
+
+def quantize(x: np.ndarray, kv_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per vector (V): x (..., head_dim) float32 -> (q (..., head_dim) storage dtype,
+    scale (...) float32)."""
+    x = np.asarray(x, dtype=np.float32)
+    scale = np.abs(x).max(axis=-1) / np.float32(QMAX[kv_dtype])
+    return _codes(x, scale[..., None], kv_dtype), scale.astype(np.float32)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale[..., None]
+
+
+def quantize_block(x: np.ndarray, kv_dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per channel over a block (K): x (block_size, ..., head_dim) float32 -> (q like x in the
+    storage dtype, scale (..., head_dim) fp16, offset (..., head_dim) fp16); see the module doc."""
+    x = np.asarray(x, dtype=np.float32)
+    c = ((x.max(axis=0) + x.min(axis=0)) * np.float32(0.5)).astype(np.float16)
+    y = x - c.astype(np.float32)
+    s = (np.abs(y).max(axis=0) / np.float32(QMAX[kv_dtype])).astype(np.float16)
+    return _codes(y, s.astype(np.float32), kv_dtype), s, c
+
+
+def dequantize_block(q: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """q (n, ..., head_dim) with the scale and offset (..., head_dim) of its block, or one
+    per row (n, ..., head_dim)."""
+    return q.astype(np.float32) * scale.astype(np.float32) + offset.astype(np.float32)

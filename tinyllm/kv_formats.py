@@ -70,7 +70,7 @@ import numpy as np
 
 from .backends.numpy_backend import NumpyBackend, NumpyKVCache
 from .errors import TinyLLMError
-from .kv_cache import QMAX, KVCacheSpec, dequantize, entries, quantize
+from .kv_cache import KVCacheSpec, dequantize, dequantize_block, entries, quantize, quantize_block
 
 KIVI_BLOCK = 16
 E4M3_MAX = 448.0
@@ -96,19 +96,17 @@ def per_channel_blocks(blocks: np.ndarray, kind: str, zero_point: bool = False,
     (kv_cache's rounding, with the token axis moved last). zero_point: first subtract each
     channel's midrange c = (max + min) / 2 over the block (stored next to the scale), so the
     scale covers the channel's spread rather than its offset. fp16_meta: offset and scale
-    stored in fp16 (the scale rounded from absmax/qmax; values it pushes past qmax saturate)."""
+    stored in fp16 (the scale rounded from absmax/qmax; values it pushes past qmax saturate):
+    with zero_point, exactly the shipped int8/fp8 key format (kv_cache.quantize_block)."""
+    if fp16_meta:
+        assert zero_point, "the fp16 formats carry an offset"
+        x = blocks.transpose(1, 0, 2, 3)                               # (B, nb, n_kv, D)
+        return dequantize_block(*quantize_block(x, kind)).transpose(1, 0, 2, 3)
     x = blocks.transpose(0, 2, 3, 1)                                   # (nb, n_kv, D, B)
     c = np.float32(0)
     if zero_point:
         c = (x.max(-1, keepdims=True) + x.min(-1, keepdims=True)) * np.float32(0.5)
-    if not fp16_meta:
-        return (per_token(x - c, kind) + c).transpose(0, 3, 1, 2)
-    c = np.asarray(c).astype(np.float16).astype(np.float32)
-    y, qmax = x - c, np.float32(QMAX[kind])
-    s = (np.abs(y).max(-1, keepdims=True) / qmax).astype(np.float16).astype(np.float32)
-    t = np.clip(np.divide(y, s, out=np.zeros_like(y), where=s > 0), -qmax, qmax)
-    q = np.rint(t) if kind == "int8" else t.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
-    return (q * s + c).transpose(0, 3, 1, 2)
+    return (per_token(x - c, kind) + c).transpose(0, 3, 1, 2)
 
 
 def bf16(x: np.ndarray) -> np.ndarray:
@@ -236,7 +234,8 @@ class FormatKVCache(NumpyKVCache):
             shape = (spec.max_seq_len, spec.n_kv_heads, spec.head_dim)
             self.k_raw = [np.zeros(shape, np.float32) for _ in range(spec.n_layers)]
 
-    def write(self, layer: int, table: np.ndarray, pos: np.ndarray, k: np.ndarray, v: np.ndarray):
+    def write(self, layer: int, table: np.ndarray, pos: np.ndarray, k: np.ndarray, v: np.ndarray,
+              open_row: int = 0):
         """k, v (n, n_kv, D) float32 of consecutive positions pos (n,), through table (R,)."""
         pos = np.asarray(pos, np.int64)
         spec = self.spec

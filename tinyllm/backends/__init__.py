@@ -41,12 +41,15 @@ class Batch:
     """One forward's ragged batch: sequence b reads and writes the cache blocks its block
     table tables[b] names (kv_cache.py) and brings lens[b] new tokens at positions
     starts[b] .. starts[b]+lens[b]-1 (starts[b] tokens are cached). Tokens of all sequences
-    are concatenated in that order (T = lens.sum())."""
+    are concatenated in that order (T = lens.sum()). An int8/fp8 cache keeps sequence b's
+    open block of keys in open row opens[b] (kv_cache.py; default: row b)."""
     tables: np.ndarray   # (B, R) int32 block ids, -1 where unused
     starts: np.ndarray   # (B,) int32
     lens: np.ndarray     # (B,) int32
+    opens: np.ndarray | None = None   # (B,) int32
 
     def __post_init__(self):
+        self.opens = np.asarray(np.arange(len(self.lens)) if self.opens is None else self.opens, np.int32)
         self.tables = np.ascontiguousarray(np.asarray(self.tables, np.int32).reshape(len(self.lens), -1))
         self.starts = np.asarray(self.starts, np.int32)
         self.lens = np.asarray(self.lens, np.int32)

@@ -153,8 +153,10 @@ def fits_message(weight_bytes: int, kv_bytes: int, free: int, kv_bytes_per_token
 class CudaKVCache:
     """kv_cache.py's paged layout in CuPy arrays (NumpyKVCache's twin): per layer k, v
     (n_blocks, block_size, n_kv_heads, head_dim) in the storage dtype (fp8 as raw uint8 bytes)
-    and, for int8/fp8, float32 scales k_scale, v_scale (n_blocks, block_size, n_kv_heads).
-    Zero-initialized. The kernels address it through each batch's block tables."""
+    and, for int8/fp8, the keys' fp16 k_scale, k_zero (n_blocks, n_kv_heads, head_dim), the
+    values' float32 v_scale (n_blocks, block_size, n_kv_heads) and the open rows k_open
+    (n_open, block_size, n_kv_heads, head_dim) float32. Zero-initialized. The kernels address
+    it through each batch's block tables (and open rows)."""
 
     def __init__(self, spec: KVCacheSpec, cp, bf16_dtype):
         self.spec = spec
@@ -165,12 +167,18 @@ class CudaKVCache:
         self.k = [cp.zeros(shape, dt) for _ in range(spec.n_layers)]
         self.v = [cp.zeros(shape, dt) for _ in range(spec.n_layers)]
         if spec.quantized:
-            self.k_scale = [cp.zeros(shape[:3], np.float32) for _ in range(spec.n_layers)]
-            self.v_scale = [cp.zeros(shape[:3], np.float32) for _ in range(spec.n_layers)]
+            L, meta = spec.n_layers, (spec.n_blocks, spec.n_kv_heads, spec.head_dim)
+            self.k_scale = [cp.zeros(meta, np.float16) for _ in range(L)]
+            self.k_zero = [cp.zeros(meta, np.float16) for _ in range(L)]
+            self.v_scale = [cp.zeros(shape[:3], np.float32) for _ in range(L)]
+            self.k_open = [cp.zeros((spec.n_open,) + shape[1:], np.float32) for _ in range(L)]
+
+    def arrays(self) -> list:
+        q = self.spec.quantized
+        return self.k + self.v + (self.k_scale + self.k_zero + self.v_scale + self.k_open if q else [])
 
     def nbytes(self) -> int:
-        arrays = self.k + self.v + (self.k_scale + self.v_scale if self.spec.quantized else [])
-        return sum(a.nbytes for a in arrays)
+        return sum(a.nbytes for a in self.arrays())
 
 
 class CudaBatch:
@@ -179,11 +187,11 @@ class CudaBatch:
 
     def __init__(self, batch: Batch, cp):
         self.host = batch
-        for name in ("tables", "starts", "lens", "cu_lens", "positions", "seq_of_token", "last_rows"):
+        for name in ("tables", "starts", "lens", "cu_lens", "positions", "seq_of_token", "last_rows", "opens"):
             setattr(self, name, getattr(batch, name))
         B, T = len(batch.lens), batch.n_tokens
         meta = np.concatenate([batch.tables.reshape(-1), batch.starts, batch.lens, batch.cu_lens,
-                               batch.positions, batch.seq_of_token]).astype(np.int32)
+                               batch.positions, batch.seq_of_token, batch.opens]).astype(np.int32)
         self.bind(cp.asarray(meta))
         self.n_seqs = B
         self.max_pos = int(batch.positions.max()) if T else 0
@@ -192,18 +200,18 @@ class CudaBatch:
     @staticmethod
     def meta_size(B: int, T: int, R: int) -> int:
         """int32 elements of the device metadata of B sequences, T tokens, tables of R entries."""
-        return B * R + 3 * B + 1 + 2 * T
+        return B * R + 4 * B + 1 + 2 * T
 
     def bind(self, d_meta) -> None:
         """Take the device metadata from d_meta (meta_size int32: tables (B, R) row-major,
-        starts, lens, cu_lens, positions, seq_of_token): a fresh upload, or a CUDA graph's
-        static input buffer."""
+        starts, lens, cu_lens, positions, seq_of_token, opens): a fresh upload, or a CUDA
+        graph's static input buffer."""
         B, T = len(self.host.lens), self.host.n_tokens
         R = self.host.tables.shape[1]
         self.d_meta = d_meta
-        o = np.cumsum([0, B * R, B, B, B + 1, T, T])
+        o = np.cumsum([0, B * R, B, B, B + 1, T, T, B])
         (self.d_tables, self.d_starts, self.d_lens, self.d_cu_lens, self.d_positions,
-         self.d_seq_of_token) = (d_meta[o[i]:o[i + 1]] for i in range(6))
+         self.d_seq_of_token, self.d_opens) = (d_meta[o[i]:o[i + 1]] for i in range(7))
 
     @property
     def n_tokens(self) -> int:
@@ -547,9 +555,10 @@ class CudaBackend:
 
     def rope_kv_write(self, q, k, v, cache: CudaKVCache, layer: int, batch, inv_freq):
         """NumpyBackend.rope_kv_write (cuda/rope_kv.cu): rotates q in place and returns it;
-        writes rotated k and v (quantized for int8/fp8) at each token's entry through its
-        sequence's block table (block tables[b, (pos // block_size) % ring], offset
-        pos % block_size)."""
+        writes rotated k and v at each token's entry through its sequence's block table
+        (block tables[b, (pos // block_size) % ring], offset pos % block_size). int8/fp8:
+        values quantized there, keys through a float32 workspace into cuda/kv_close.cu (the
+        blocks this forward completes quantized per channel, the rest to the open rows)."""
         b = self.prepare(batch)
         spec = cache.spec
         T = b.n_tokens
@@ -565,15 +574,21 @@ class CudaBackend:
         if self._arena is not None:
             self._arena.keep += [cos, sin]            # a graph holds raw pointers: keep the tables alive
         null = self._null()
-        ks = cache.k_scale[layer] if spec.quantized else null
         vs = cache.v_scale[layer] if spec.quantized else null
+        kr = self._ws_get("k_rot", T * n_kv * hd, np.float32) if spec.quantized else null
         warps = ck.TILES["ROPE_WARPS"]
         kern = ck.get("rope_kv.cu", "rope_kv_write_v1", KV_KIND=cache.kind)
         kern((T, -(-(n_heads + 2 * n_kv) // warps)), (32 * warps,),
              (q, np.int32(ldq), k, np.int32(ldk), v, np.int32(ldv), cos, sin,
               b.d_positions, b.d_seq_of_token, b.d_tables,
-              cache.k[layer], cache.v[layer], ks, vs,
+              cache.k[layer], cache.v[layer], vs, kr,
               *self._paging(spec, b), np.int32(n_heads), np.int32(n_kv), np.int32(hd)))
+        if spec.quantized:
+            close = ck.get("kv_close.cu", "kv_close_v1", KV_KIND=cache.kind)
+            close((b.n_seqs, n_kv), (ck.TILES["CLOSE_THREADS"],),
+                  (kr, b.d_starts, b.d_lens, b.d_cu_lens, b.d_opens, b.d_tables, *self._paging(spec, b),
+                   cache.k_open[layer], cache.k[layer], cache.k_scale[layer], cache.k_zero[layer],
+                   np.int32(n_kv), np.int32(hd)))
         return q
 
     # ---- attention ------------------------------------------------------------------------------------
@@ -597,8 +612,10 @@ class CudaBackend:
         sl2 = np.float32(float(scale) * math.log2(math.e))
         window = np.int32(spec.window or 0)
         null = self._null()
-        ks = cache.k_scale[layer] if spec.quantized else null
-        vs = cache.v_scale[layer] if spec.quantized else null
+        q8 = spec.quantized                   # int8/fp8: key scales, offsets and open rows too
+        kmeta = (cache.k_scale[layer] if q8 else null, cache.k_zero[layer] if q8 else null,
+                 cache.v_scale[layer] if q8 else null, cache.k_open[layer] if q8 else null,
+                 b.d_opens if q8 else null)
         kc, vc = cache.k[layer], cache.v[layer]
         n_rep = n_heads // n_kv
 
@@ -629,7 +646,7 @@ class CudaBackend:
             part_o = self._ws_get("dec_o", n_splits * n_dec * n_heads * hd, np.float32)
             kern = ck.get("attention_decode.cu", f"decode_split_hd{HD}_r{rep}_v1", KV_KIND=cache.kind)
             kern((n_splits, n_dec, n_kv * chunks), (32 * ck.TILES["DEC_WARPS"],),
-                 (q, np.int32(ldq), kc, vc, ks, vs, part_m, part_l, part_o, d_dec,
+                 (q, np.int32(ldq), kc, vc, *kmeta, part_m, part_l, part_o, d_dec,
                   b.d_tables, b.d_starts, b.d_cu_lens, np.int32(n_dec), *self._paging(spec, b),
                   np.int32(n_heads), np.int32(n_kv), np.int32(hd), window, sl2, np.int32(split_len)))
             red = ck.get("attention_decode.cu", "decode_reduce_v1", KV_KIND=cache.kind)
@@ -647,7 +664,7 @@ class CudaBackend:
         if n_tiles == 0:
             return out
         tile_seq, tile_row0 = d_tiles[:n_tiles], d_tiles[n_tiles:]
-        args = (q, np.int32(ldq), kc, vc, ks, vs, out, np.int32(n_heads * hd), tile_seq, tile_row0,
+        args = (q, np.int32(ldq), kc, vc, *kmeta, out, np.int32(n_heads * hd), tile_seq, tile_row0,
                 b.d_tables, b.d_starts, b.d_lens, b.d_cu_lens, *self._paging(spec, b),
                 np.int32(n_heads), np.int32(n_kv), np.int32(hd), window, sl2)
         if ver == "v2":

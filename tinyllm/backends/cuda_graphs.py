@@ -135,7 +135,7 @@ class _Graph:
         tables, starts = batch.tables[pad], batch.starts[pad]
         ar = np.arange(R, dtype=np.int32)
         self.h["meta"][:] = np.concatenate([tables.reshape(-1), starts, np.ones(R, np.int32),
-                                            np.arange(R + 1, dtype=np.int32), starts, ar])
+                                            np.arange(R + 1, dtype=np.int32), starts, ar, batch.opens[pad]])
         self.h["tokens"][:] = np.asarray(tokens, np.int32)[pad]
         for name, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
                         ("steps", steps)):
@@ -172,7 +172,7 @@ class DecodeGraphs:
         # n_splits <= want + 2 with want = 4 n_sms / (rows n_kv chunks) (decode_splits), so
         # n_splits * rows * n_heads <= 4 n_sms n_rep + 2 rows n_heads
         splits = 4 * self.be.n_sms * (cfg.n_heads // cfg.n_kv_heads) + 2 * rows * cfg.n_heads
-        work = splits * (cfg.head_dim + 2) * 4
+        work = splits * (cfg.head_dim + 2) * 4 + rows * nkv * 4     # + int8/fp8 rotated keys (float32)
         logits = rows * cfg.vocab_size * 4
         inputs = sum(64 * b + 4096 for b in buckets(max_batch))
         return cfg.n_layers * (per_layer + 16 * ALIGN) + work + logits + 3 * rows * cfg.dim * 2 + inputs

@@ -41,6 +41,7 @@ TILES = {
     "GEMV_WARPS": 8,           # output columns per block (one warp each)
     "GEMV_UNROLL": 4,          # 16-byte weight loads in flight per lane
     "ROPE_WARPS": 4,           # (token, head) vectors per block
+    "CLOSE_THREADS": 64,       # kv_close: channels of one (sequence, kv head) in flight
     "FA1_WARPS": 4,            # prefill v1 (FMA): warps per CTA
     "FA1_RPW": 4,              #   rows per warp -> 16-row tiles
     "FA2_BN": 64,              # prefill v2 (mma.sync): keys per tile (rows per CTA fixed at 64)
@@ -57,8 +58,10 @@ DECODE_REPS = (1, 2, 4, 8)     # query heads per decode CTA (more are split over
 # Cache storage kinds -> the KV_KIND define (cuda/common.cuh KVT<KIND>).
 KV_KINDS = {"bf16": 0, "fp16": 1, "fp32": 2, "int8": 3, "fp8": 4}
 
-# Files compiled once per KV storage kind (only the kinds in use are ever compiled).
-KV_VARIANT_FILES = ("rope_kv.cu", "attention_prefill.cu", "attention_decode.cu")
+# Files compiled once per KV storage kind (only the kinds in use are ever compiled); kv_close.cu
+# only exists for the quantized kinds.
+KV_VARIANT_FILES = ("rope_kv.cu", "kv_close.cu", "attention_prefill.cu", "attention_decode.cu")
+QUANTIZED_ONLY_FILES = ("kv_close.cu",)
 
 # Base options: CuPy itself adds -arch=sm_XX, -ftz=true, --device-as-default-execution-space
 # and the CUDA/CCCL include paths; --std=c++17 is its default too but stated for clarity.
@@ -98,7 +101,8 @@ def source(filename: str) -> str:
 def variants(filename: str) -> list[dict]:
     """Extra defines each compiled variant of a file gets."""
     if filename in KV_VARIANT_FILES:
-        return [{"KV_KIND": k} for k in sorted(set(KV_KINDS.values()))]
+        kinds = (KV_KINDS["int8"], KV_KINDS["fp8"]) if filename in QUANTIZED_ONLY_FILES else KV_KINDS.values()
+        return [{"KV_KIND": k} for k in sorted(set(kinds))]
     return [{}]
 
 

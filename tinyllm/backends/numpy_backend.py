@@ -8,45 +8,73 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kv_cache import NUMPY_STORAGE, KVCacheSpec, dequantize, entries, quantize, visible_lo
+from ..kv_cache import (NUMPY_STORAGE, KVCacheSpec, closed_below, dequantize, dequantize_block, entries, quantize,
+                        quantize_block, visible_lo)
 
 
 class NumpyKVCache:
     """kv_cache.py's paged layout in numpy arrays: per layer k, v (n_blocks, block_size,
-    n_kv, hd) and, for int8/fp8, scales (n_blocks, block_size, n_kv)."""
+    n_kv, hd); for int8/fp8 also k_scale, k_zero (n_blocks, n_kv, hd) fp16, v_scale
+    (n_blocks, block_size, n_kv) float32 and the open rows k_open (n_open, block_size, n_kv,
+    hd) float32."""
 
     def __init__(self, spec: KVCacheSpec):
         self.spec = spec
         shape = (spec.n_blocks, spec.block_size, spec.n_kv_heads, spec.head_dim)
         dt = NUMPY_STORAGE[spec.kv_dtype]
-        self.k = [np.zeros(shape, dt) for _ in range(spec.n_layers)]
-        self.v = [np.zeros(shape, dt) for _ in range(spec.n_layers)]
+        L = spec.n_layers
+        self.k = [np.zeros(shape, dt) for _ in range(L)]
+        self.v = [np.zeros(shape, dt) for _ in range(L)]
         if spec.quantized:
-            self.k_scale = [np.zeros(shape[:3], np.float32) for _ in range(spec.n_layers)]
-            self.v_scale = [np.zeros(shape[:3], np.float32) for _ in range(spec.n_layers)]
+            meta = (spec.n_blocks, spec.n_kv_heads, spec.head_dim)
+            self.k_scale = [np.zeros(meta, np.float16) for _ in range(L)]
+            self.k_zero = [np.zeros(meta, np.float16) for _ in range(L)]
+            self.v_scale = [np.zeros(shape[:3], np.float32) for _ in range(L)]
+            self.k_open = [np.zeros((spec.n_open,) + shape[1:], np.float32) for _ in range(L)]
+
+    def arrays(self) -> list[np.ndarray]:
+        q = self.spec.quantized
+        return self.k + self.v + (self.k_scale + self.k_zero + self.v_scale + self.k_open if q else [])
 
     def nbytes(self) -> int:
-        arrays = self.k + self.v + (self.k_scale + self.v_scale if self.spec.quantized else [])
-        return sum(a.nbytes for a in arrays)
+        return sum(a.nbytes for a in self.arrays())
 
-    def write(self, layer: int, table: np.ndarray, positions: np.ndarray, k: np.ndarray, v: np.ndarray):
-        """k, v (n, n_kv, hd) float32 of one sequence's positions (n,), through its table (R,)."""
+    def write(self, layer: int, table: np.ndarray, positions: np.ndarray, k: np.ndarray, v: np.ndarray,
+              open_row: int = 0):
+        """k, v (n, n_kv, hd) float32 of one sequence's consecutive positions (n,), through
+        its table (R,); int8/fp8 keys through its open row (see kv_cache.py)."""
         at = entries(table, positions, self.spec)                 # (block ids, offsets)
-        if self.spec.quantized:
-            self.k[layer][at], self.k_scale[layer][at] = quantize(k, self.spec.kv_dtype)
-            self.v[layer][at], self.v_scale[layer][at] = quantize(v, self.spec.kv_dtype)
-        else:
+        if not self.spec.quantized:
             self.k[layer][at] = k
             self.v[layer][at] = v
+            return
+        self.v[layer][at], self.v_scale[layer][at] = quantize(v, self.spec.kv_dtype)
+        # K: the open row's earlier keys, then the new ones, cover positions row0 .. end-1;
+        # every block they complete is quantized, what is left is the new open row.
+        bs, start, end = self.spec.block_size, int(positions[0]), int(positions[-1]) + 1
+        row0 = start // bs * bs
+        keys = np.concatenate([self.k_open[layer][open_row, :start - row0], k])
+        for r in range(row0, closed_below(end, self.spec), bs):
+            blk = table[(r // bs) % self.spec.ring]
+            self.k[layer][blk], self.k_scale[layer][blk], self.k_zero[layer][blk] = \
+                quantize_block(keys[r - row0:r - row0 + bs], self.spec.kv_dtype)
+        rest = keys[closed_below(end, self.spec) - row0:]
+        self.k_open[layer][open_row, :len(rest)] = rest
 
-    def read(self, layer: int, table: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """K and V (n, n_kv, hd) float32 of one sequence's positions (n,) (dequantized on
-        the fly for int8/fp8): the gather a paged attention kernel does block by block."""
+    def read(self, layer: int, table: np.ndarray, positions: np.ndarray, total: int = 0,
+             open_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """K and V (n, n_kv, hd) float32 of one sequence's positions (n,) after `total` were
+        written (dequantized on the fly for int8/fp8): the gather a paged attention kernel
+        does block by block."""
         at = entries(table, positions, self.spec)
         k, v = self.k[layer][at], self.v[layer][at]
-        if self.spec.quantized:
-            return dequantize(k, self.k_scale[layer][at]), dequantize(v, self.v_scale[layer][at])
-        return k.astype(np.float32), v.astype(np.float32)
+        if not self.spec.quantized:
+            return k.astype(np.float32), v.astype(np.float32)
+        blocks = at[0]
+        k = dequantize_block(k, self.k_scale[layer][blocks], self.k_zero[layer][blocks])
+        is_open = positions >= closed_below(total, self.spec)
+        k[is_open] = self.k_open[layer][open_row, at[1][is_open]]
+        return k, dequantize(v, self.v_scale[layer][at])
 
 
 def rope_rotate(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
@@ -107,7 +135,7 @@ class NumpyBackend:
         k = rope_rotate(k, batch.positions, inv_freq)
         for b, table in enumerate(batch.tables):
             r = slice(batch.cu_lens[b], batch.cu_lens[b + 1])
-            cache.write(layer, table, batch.positions[r], k[r], v[r])
+            cache.write(layer, table, batch.positions[r], k[r], v[r], batch.opens[b])
         return q
 
     def attention(self, q, cache: NumpyKVCache, layer, batch, scale):
@@ -123,7 +151,7 @@ class NumpyBackend:
             qpos = batch.positions[r]                                # (L,)
             total = int(batch.starts[b] + batch.lens[b])           # positions cached after the write
             kpos = np.arange(visible_lo(total, int(qpos[0]), spec), total)   # (n,)
-            k, v = cache.read(layer, table, kpos)                    # (n, n_kv, hd)
+            k, v = cache.read(layer, table, kpos, total, batch.opens[b])   # (n, n_kv, hd)
             allowed = kpos[None, :] <= qpos[:, None]
             if spec.window:
                 allowed &= kpos[None, :] > qpos[:, None] - spec.window

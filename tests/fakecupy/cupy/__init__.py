@@ -374,7 +374,7 @@ cuda = types.SimpleNamespace(
 _SCALARS = {"int": np.int32, "unsigned int": np.uint32, "long long": np.int64,
             "unsigned long long": np.uint64, "float": np.float32}
 _BF16 = ("bfloat16", "uint16")
-_POINTEES = {"bf16": (_BF16, 2), "__nv_bfloat16": (_BF16, 2), "float": (("float32",), 4),
+_POINTEES = {"bf16": (_BF16, 2), "__nv_bfloat16": (_BF16, 2), "__half": (("float16",), 2), "float": (("float32",), 4),
              "int": (("int32",), 4), "unsigned long long": (("uint64",), 8),
              "uint4": (None, 16), "unsigned int": (None, 4), "unsigned short": (None, 2), "unsigned char": (None, 1)}
 _KV_DTYPES = {0: _BF16, 1: ("float16",), 2: ("float32",), 3: ("int8",), 4: ("uint8",)}

@@ -67,6 +67,25 @@ def kv_read(kind: int, ptr: int, sptr, entry: int, hd: int) -> np.ndarray:
     return x * np.float32(f32(sptr, entry)) if kind in QMAX else x
 
 
+def key_read(kind: int, kc, kmeta, tables, b: int, ring: int, bs: int, p: int, n_kv: int, g: int, hd: int,
+             closed: int) -> np.ndarray:
+    """A key as float32: int8/fp8 keys below `closed` (the sequence's open block) are codes
+    times the block's per-channel fp16 scale plus offset, the rest come from the sequence's
+    float32 open row (kv_cache.py); other kinds as kv_read."""
+    if kind not in QMAX:
+        return kv_read(kind, P(kc), None, kv_entry(tables, b, ring, bs, p, n_kv, g), hd)
+    ks, kz, k_open, opens = kmeta
+    if p >= closed:
+        row = i32(P(opens), b)
+        return mem(P(k_open) + 4 * (((row * bs + p % bs) * n_kv + g) * hd), hd, np.float32).copy()
+    block = i32(P(tables), b * ring + (p // bs) % ring)
+    raw = mem(P(kc) + ((block * bs + p % bs) * n_kv + g) * hd, hd, KV_DT[kind])
+    q = raw.astype(np.float32) if kind == 3 else raw.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    m = 2 * ((block * n_kv + g) * hd)
+    s, c = mem(P(ks) + m, hd, np.float16).astype(np.float32), mem(P(kz) + m, hd, np.float16).astype(np.float32)
+    return q * s + c
+
+
 def kv_write(kind: int, ptr: int, sptr, entry: int, hd: int, x: np.ndarray) -> None:
     """Store one entry; int8/fp8: scale = absmax / qmax, q = RNE(clip(x / scale)) (kv_cache.py)."""
     dt = KV_DT[kind]
@@ -158,12 +177,12 @@ def silu_mul(name, grid, block, a, defs):
 
 
 def rope_kv_write(name, grid, block, a, defs):
-    (q, ldq, k, ldk, v, ldv, cos, sin, positions, seq_of_token, tables, kc, vc, ks, vs,
+    (q, ldq, k, ldk, v, ldv, cos, sin, positions, seq_of_token, tables, kc, vc, vs, kr,
      ring, bs, n_heads, n_kv, hd) = a
     kind, half = int(defs["KV_KIND"]), hd // 2
     assert grid[1] * int(defs["ROPE_WARPS"]) >= n_heads + 2 * n_kv and hd % 2 == 0
-    assert (ks is None) == (vs is None) == (kind not in QMAX)
-    sk, sv = (P(ks), P(vs)) if ks is not None else (None, None)
+    assert (kr is None) == (vs is None) == (kind not in QMAX)
+    sv = P(vs) if vs is not None else None
     for t in range(grid[0]):
         pos = i32(P(positions), t)
         c, s = mem(P(cos) + pos * half * 4, half, np.float32), mem(P(sin) + pos * half * 4, half, np.float32)
@@ -178,17 +197,47 @@ def rope_kv_write(name, grid, block, a, defs):
         b = i32(P(seq_of_token), t)
         for g in range(n_kv):
             entry = kv_entry(tables, b, ring, bs, pos, n_kv, g)
-            kv_write(kind, P(kc), sk, entry, hd, rot(rd_bf(P(k) + (t * ldk + g * hd) * 2, hd)))
+            key = rot(rd_bf(P(k) + (t * ldk + g * hd) * 2, hd))
+            if kind in QMAX:                          # int8/fp8 keys: float32 for kv_close
+                mem(P(kr) + 4 * ((t * n_kv + g) * hd), hd, np.float32)[:] = key
+            else:
+                kv_write(kind, P(kc), None, entry, hd, key)
             kv_write(kind, P(vc), sv, entry, hd, rd_bf(P(v) + (t * ldv + g * hd) * 2, hd))
+
+
+def kv_close(name, grid, block, a, defs):
+    """Quantize the key blocks each sequence's write completes, keep its open block (kv_cache.py,
+    NumpyKVCache.write)."""
+    from tinyllm.kv_cache import quantize_block
+    kr, starts, lens, cu_lens, opens, tables, ring, bs, k_open, kc, k_scale, k_zero, n_kv, hd = a
+    kind = int(defs["KV_KIND"])
+    name_kind = {3: "int8", 4: "fp8"}[kind]
+    assert grid[1] == n_kv
+    for b in range(grid[0]):
+        s, L, tok0, row = i32(P(starts), b), i32(P(lens), b), i32(P(cu_lens), b), i32(P(opens), b)
+        e, row0 = s + L, s - s % bs
+        open_keys = mem(P(k_open) + 4 * row * bs * n_kv * hd, bs * n_kv * hd, np.float32).reshape(bs, n_kv, hd)
+        new = mem(P(kr) + 4 * tok0 * n_kv * hd, L * n_kv * hd, np.float32).reshape(L, n_kv, hd)
+        keys = np.concatenate([open_keys[:s - row0], new])
+        for r in range(row0, e - e % bs, bs):
+            block = i32(P(tables), b * ring + (r // bs) % ring)
+            q, sc, c = quantize_block(keys[r - row0:r - row0 + bs], name_kind)
+            n = bs * n_kv * hd
+            mem(P(kc) + block * n, n, KV_DT[kind])[:] = q.view(KV_DT[kind]).reshape(-1)
+            mem(P(k_scale) + 2 * block * n_kv * hd, n_kv * hd, np.float16)[:] = sc.reshape(-1)
+            mem(P(k_zero) + 2 * block * n_kv * hd, n_kv * hd, np.float16)[:] = c.reshape(-1)
+        rest = keys[e - e % bs - row0:] if e - e % bs >= row0 else keys[:0]
+        open_keys[:len(rest)] = rest
 
 
 def flash_prefill(name, grid, block, a, defs):
     HD = int(name.split("hd")[1].split("_")[0])
-    (q, ldq, kc, vc, ks, vs, out, ldo, tile_seq, tile_row0, tables, starts, lens, cu_lens,
+    (q, ldq, kc, vc, ks, kz, vs, k_open, opens, out, ldo, tile_seq, tile_row0, tables, starts, lens, cu_lens,
      ring, bs, n_heads, n_kv, hd, window, sl2) = a
     C = ring * bs
     kind = int(defs["KV_KIND"])
-    sk, sv = (P(ks), P(vs)) if ks is not None else (None, None)
+    sv = P(vs) if vs is not None else None
+    kmeta = (ks, kz, k_open, opens)
     if name.endswith("v1"):
         rows_per_tile = int(defs["FA1_WARPS"]) * int(defs["FA1_RPW"])
     else:
@@ -210,7 +259,7 @@ def flash_prefill(name, grid, block, a, defs):
                 for p in range(kmin, qp + 1):
                     if window <= 0 or p > qp - window:
                         e = kv_entry(tables, b, ring, bs, p, n_kv, g)
-                        keys.append(kv_read(kind, P(kc), sk, e, hd))
+                        keys.append(key_read(kind, kc, kmeta, tables, b, ring, bs, p, n_kv, g, hd, total - total % bs))
                         values.append(kv_read(kind, P(vc), sv, e, hd))
                 if keys:
                     _, l, o = attend(qv, keys, values)
@@ -223,11 +272,12 @@ def flash_prefill(name, grid, block, a, defs):
 def decode_split(name, grid, block, a, defs):
     HD = int(name.split("hd")[1].split("_")[0])
     REP = int(name.split("_r")[1].split("_")[0])      # query heads per CTA
-    (q, ldq, kc, vc, ks, vs, pm, pl, po, dec_seqs, tables, starts, cu_lens, n_dec, ring, bs, n_heads, n_kv,
-     hd, window, sl2, split_len) = a
+    (q, ldq, kc, vc, ks, kz, vs, k_open, opens, pm, pl, po, dec_seqs, tables, starts, cu_lens, n_dec, ring,
+     bs, n_heads, n_kv, hd, window, sl2, split_len) = a
     C = ring * bs
     kind, n_rep = int(defs["KV_KIND"]), n_heads // n_kv
-    sk, sv = (P(ks), P(vs)) if ks is not None else (None, None)
+    sv = P(vs) if vs is not None else None
+    kmeta = (ks, kz, k_open, opens)
     chunks = -(-n_rep // REP)
     assert grid[1] == n_dec and grid[2] == n_kv * chunks and hd <= HD and ldq % 8 == 0 and P(q) % 16 == 0
     for split in range(grid[0]):
@@ -246,9 +296,11 @@ def decode_split(name, grid, block, a, defs):
                         m, l, o = -np.inf, 0.0, np.zeros(hd)
                     else:
                         qv = rd_bf(P(q) + (t * ldq + h * hd) * 2, hd).astype(np.float64) * sl2
-                        es = [kv_entry(tables, b, ring, bs, p, n_kv, g) for p in range(s0, s1)]
-                        m, l, o = attend(qv, [kv_read(kind, P(kc), sk, e, hd) for e in es],
-                                         [kv_read(kind, P(vc), sv, e, hd) for e in es])
+                        ps = range(s0, s1)
+                        keys = [key_read(kind, kc, kmeta, tables, b, ring, bs, p, n_kv, g, hd, qp + 1 - (qp + 1) % bs)
+                                for p in ps]
+                        m, l, o = attend(qv, keys, [kv_read(kind, P(vc), sv, kv_entry(tables, b, ring, bs, p, n_kv, g), hd)
+                                                    for p in ps])
                     mem(P(pm) + 4 * part, 1, np.float32)[0] = m
                     mem(P(pl) + 4 * part, 1, np.float32)[0] = l
                     mem(P(po) + 4 * part * hd, hd, np.float32)[:] = o
@@ -303,7 +355,7 @@ def sample(name, grid, block, a, defs):
 
 FAMILIES = [("gather_rows_v", gather_rows), ("rms_norm_bf16", rms_norm), ("add_rms_norm_bf16", rms_norm),
             ("gemv_bf16_m", gemv), ("bias_add_", bias_add), ("silu_mul_bf16", silu_mul),
-            ("rope_kv_write_v1", rope_kv_write), ("flash_prefill_hd", flash_prefill),
+            ("rope_kv_write_v1", rope_kv_write), ("kv_close_v1", kv_close), ("flash_prefill_hd", flash_prefill),
             ("decode_split_hd", decode_split), ("decode_reduce_v1", decode_reduce),
             ("argmax_f32_v1", argmax), ("sample_f32_v1", sample)]
 
