@@ -74,6 +74,40 @@ def test_prefix_hits_are_counted_exactly(tiny_factory):
     assert [c.token_ids for c in out[True]] == [c.token_ids for c in out[False]]
 
 
+def test_requests_arriving_together_compute_a_shared_prompt_once(tiny_factory):
+    """8 requests sharing a 48-token prompt, admitted in the same step: the first computes
+    the shared 48 tokens (the whole step's prefill budget), the other 7 take them from the
+    prefix cache before their first chunk (not only requests that come later)."""
+    d = str(tiny_factory("llama_gqa"))
+    prompts = [IDS[:48] + IDS[100 + 12 * i:112 + 12 * i] for i in range(8)]
+    runs = {}
+    for caching in (True, False):
+        llm = LLM(d, max_seq_len=128, max_batch=8, prefill_chunk=48, enable_prefix_caching=caching)
+        runs[caching] = llm.generate(prompts, GREEDY)
+    assert [c.cached_tokens for c in runs[True]] == [0] + [48] * 7
+    assert [c.prefill_tokens for c in runs[True]] == [60] + [12] * 7
+    assert [c.token_ids for c in runs[True]] == [c.token_ids for c in runs[False]]
+
+
+def test_admission_reserves_the_blocks_it_counts(tiny_factory):
+    """8 unrelated 60-token prompts (4 blocks of 16 each) and a pool of 20 blocks: 5 are
+    admitted at once, the others wait for blocks; none is admitted only to be preempted
+    (one new token each: nothing grows, so no preemption is ever needed)."""
+    d = tiny_factory("llama_gqa")
+    block = KVCacheSpec.for_model(ModelConfig.load(d), "fp32", 256).block_nbytes()
+    llm = LLM(str(d), max_seq_len=256, max_batch=16, kv_cache_memory=20 * block)
+    eng = llm.engine
+    eng.reset()
+    for i in range(8):
+        eng.add(Request(IDS[60 * i % 300:60 * i % 300 + 60], SamplingParams(max_tokens=1, temperature=0).validate(), i))
+    first = eng.step()                                  # 5 prompts run (and finish: one token each)
+    assert sum(ev.kind == "finish" for ev in first) == 5 and len(eng.waiting) == 3
+    while eng.live or eng.waiting:
+        eng.step()
+    assert eng.stats["preemptions"] == 0
+    check_empty(eng.pool)
+
+
 def test_a_full_hit_still_computes_the_last_token(tiny_factory):
     """A prompt that is exactly 2 blocks, seen before: its logits are needed, so it takes 1
     block from the cache and recomputes the 16 tokens of the second."""

@@ -43,7 +43,8 @@ class Completion:
     text: str
     finish_reason: str                   # "stop" | "length"
     index: int = 0                       # position of the request in its input
-    prefill_tokens: int = 0              # prompt tokens actually computed (the rest came from the cache)
+    prefill_tokens: int = 0              # prompt tokens computed (the rest came from the cache; a
+                                         # preempted request counts what it recomputes again)
     cached_tokens: int = 0               # prompt tokens served from the prefix cache
     time_to_first_token: float = 0.0     # seconds
     elapsed: float = 0.0                 # seconds, from admission to finish
@@ -92,6 +93,7 @@ class _Seq:
     device_seed: int = 0                 # on-device sampling draws from (device_seed, step)
     blocks: SeqBlocks | None = None      # its block table while it runs
     open_row: int = 0                    # ... and its open row (int8/fp8 keys, kv_cache.py)
+    started: bool = False                # it has computed K/V since it was (re)admitted
     cached_tokens: int = 0
 
     @property
@@ -240,6 +242,7 @@ class Engine:
         "text" pieces, and "finish" (or "error": a prompt that cannot run, NaN logits) as it
         ends. A finished request's blocks are free for the next step."""
         events: list[Event] = []
+        promised = sum(self._blocks_wanted(s) for s in self.live)   # blocks this step's runs may take
         while len(self.live) < self.max_batch:
             item = self.waiting.popleft() if self.waiting else pull() if pull else None
             if item is None:
@@ -254,10 +257,12 @@ class Engine:
                                         code="context_length_exceeded"))
                     continue
                 item = self._new_seq(item)
-            if self.pool.blocks_to_admit(item.ids) > self.pool.n_free and self.live:
+            need = self.pool.blocks_to_admit(item.ids)
+            if need > self.pool.n_free - promised and self.live:
                 self.waiting.appendleft(item)          # no room yet: it waits, in order
                 break
             self._admit(item)
+            promised += need
         if self.live:
             events += self._step()
             for s in [s for s in self.live if s.finish]:
@@ -269,6 +274,24 @@ class Engine:
         self.pool.free_seq(s.blocks)
         s.blocks = None
         self.open_rows.append(s.open_row)
+
+    def _blocks_wanted(self, s: _Seq) -> int:
+        """Blocks a running sequence still takes to hold its prompt (or its next token)."""
+        return max(0, self.cache.spec.blocks_for(len(s.ids)) - s.blocks.rows)
+
+    def _rematch(self, s: _Seq):
+        """Before a sequence computes anything (it holds only prefix-cache hits), take any
+        longer prefix that requests ahead of it have cached since it was admitted: requests
+        that arrive together then compute a shared prompt once, not each."""
+        k, _ = self.pool.match(s.ids)
+        if k * self.cache.spec.block_size <= s.n_cached:
+            return
+        new = self.pool.admit(s.ids)
+        self.pool.free_seq(s.blocks)
+        s.blocks, s.n_cached = new, new.cached_tokens
+        if not s.t_first:
+            self.stats["cached_tokens"] += s.n_cached - s.cached_tokens
+            s.cached_tokens = s.n_cached
 
     def _admit(self, s: _Seq):
         s.blocks = self.pool.admit(s.ids)
@@ -283,7 +306,7 @@ class Engine:
         """Take s off the batch: its blocks go back to the pool and it waits first in line
         to recompute them (its tokens, text and RNG stay)."""
         self._release(s)
-        s.n_cached = 0
+        s.n_cached, s.started = 0, False
         self.waiting.appendleft(s)
         self.stats["preemptions"] += 1
 
@@ -314,6 +337,9 @@ class Engine:
         """(sequence, new tokens) of this step: decode tokens first (one each), then prompt
         chunks within the token budget; blocks for them are taken oldest sequence first,
         preempting the newest when the pool runs dry."""
+        for s in self.live:
+            if not s.started:
+                self._rematch(s)
         runs: dict[int, int] = {}
         budget = self.prefill_chunk
         max_chunk = self.cache.spec.max_chunk
@@ -353,6 +379,7 @@ class Engine:
         self.stats["steps"] += 1
         ready = []
         for row, (s, n) in enumerate(runs):
+            s.started = True
             s.n_cached += n
             self.pool.commit(s.blocks, s.ids, s.n_cached)
             if s.n_cached <= s.n_prompt:
