@@ -53,10 +53,12 @@ BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
 
 
 def block_bytes(cfg, kv: str, block_size: int) -> int:
-    """One KV block over all layers: K and V of block_size tokens, plus a float32 scale per
-    (token, kv head) vector for int8/fp8 (kv_cache.py's layout, written out here)."""
-    per_vector = cfg.head_dim * BYTES[kv] + (4 if kv in ("int8", "fp8") else 0)
-    return 2 * cfg.n_layers * block_size * cfg.n_kv_heads * per_vector
+    """One KV block over all layers: K and V of block_size tokens; for int8/fp8 also a float32
+    scale per (token, kv head) value vector and an fp16 scale and offset per (kv head,
+    channel) for the block's keys (kv_cache.py's layout, written out here)."""
+    codes = 2 * block_size * cfg.n_kv_heads * cfg.head_dim * BYTES[kv]
+    scales = block_size * cfg.n_kv_heads * 4 + 2 * cfg.n_kv_heads * cfg.head_dim * 2 if kv in ("int8", "fp8") else 0
+    return cfg.n_layers * (codes + scales)
 
 
 def test_kv_cache_flags_reach_the_llm_of_every_command(tiny_factory, tmp_path):
@@ -106,7 +108,9 @@ def test_info_reports_tokens_a_kv_budget_holds(tiny_factory):
                                "--block-size", str(bs))
         assert rc == 0, err
         table = out.split(f"KV-cache blocks of {bs} tokens in 1.0 MiB (--kv-cache-memory)")[1].splitlines()
-        rows = {ln.split()[0]: [int(x.replace(",", "")) for x in ln.split()[1:]] for ln in table[2:] if ln.strip()}
+        rows = {ln.split()[0]: [int(x.replace(",", "")) for x in ln.split()[1:]]
+                for ln in table[2:] if ln.strip() and ln.split()[0] in BYTES}
+        assert "open block of keys in float32" in out
         assert set(rows) == set(BYTES)
         for kv, (block, blocks, tokens, contexts) in rows.items():
             assert block == block_bytes(cfg, kv, bs), kv

@@ -105,7 +105,7 @@ def cmd_info(a) -> int:
     print(f"  {'kv dtype':<8} {'bytes/token':>12} {'MHA would need':>15}  max context")
     unbounded = 1 << 40
     for kv in KV_DTYPE_BYTES:
-        per = cfg.kv_bytes_per_token(kv)
+        per = cfg.kv_bytes_per_token(kv, a.block_size)
         ctx = largest(lambda n: fits(kv, n), 2, unbounded)
         if ctx < 2:
             ctx_s = "0 (does not fit: no room for a cache)"
@@ -139,6 +139,10 @@ def info_pool(cfg, budget: int, given: bool, ctx: int, bs: int):
         spec = KVCacheSpec.for_model(cfg, kv, ctx, block_size=bs)
         n = budget // spec.block_nbytes()
         print(f"  {kv:<8} {spec.block_nbytes():>12,} {n:>12,} {n * bs:>14,}  {n // spec.ring:,}")
+    q8 = KVCacheSpec.for_model(cfg, "int8", ctx, block_size=bs)
+    print(f"  (int8 and fp8 blocks hold keys quantized per channel and values per token; each running "
+          f"sequence also keeps its open block of keys in float32 outside the pool: "
+          f"{fmt_bytes(q8.open_row_nbytes())} per sequence)")
 
 
 def cmd_convert(a) -> int:
