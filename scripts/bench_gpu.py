@@ -143,7 +143,8 @@ def measure_tinyllm_model(be, cfg, ctx, prefill_tokens, decode_steps, iters):
     table = spec.slot_tables([0])                        # one sequence owning the whole pool
     rng = np.random.default_rng(0)
     toks = rng.integers(0, cfg.vocab_size, prefill_tokens).astype(np.int32)
-    prefill_ms = median_ms(lambda: model.forward(toks, Batch(table, [0], [prefill_tokens]), cache), max(3, iters // 4), 1)
+    prefill_ms = median_ms(lambda: model.forward(toks, Batch(table, [0], [prefill_tokens]), cache),
+                           max(3, iters // 4), 1)
     # fill the cache to ctx in chunks, then time single-token steps (forward + device argmax)
     for s in range(0, ctx, prefill_tokens):
         n = min(prefill_tokens, ctx - s)

@@ -220,7 +220,8 @@ def test_graph_decode_equals_eager(tiny_factory, case, kv_dtype, max_batch):
         runs[graph] = [c.token_ids for c in llm.generate(prompts, params)]
         stats = dict(llm.backend.graphs.stats)
     # The memory check before loading counted at least what the graphs hold.
-    assert 0 < llm.backend.graphs.nbytes() <= llm.backend.graphs.estimate_bytes(llm.cfg, max_batch)
+    ring = llm.engine.cache.spec.ring
+    assert 0 < llm.backend.graphs.nbytes() <= llm.backend.graphs.estimate_bytes(llm.cfg, max_batch, ring)
     assert [len(t) for t in runs[True]] == max_tokens
     for i, (a, b) in enumerate(zip(runs[True], runs[False])):
         assert a == b, f"graph decode differs from eager for request {i}: first at token " \

@@ -38,6 +38,7 @@ import ctypes
 
 import numpy as np
 
+from ..kv_cache import DEFAULT_BLOCK_SIZE
 from .cuda_backend import MEMORY_HEADROOM
 
 ALIGN = 256                      # bytes: every arena buffer starts on this boundary
@@ -162,10 +163,14 @@ class DecodeGraphs:
         return (self._slab.nbytes if self._slab is not None else 0) + sum(
             g.nbytes + g.out.nbytes for g in self._graphs.values())
 
-    def estimate_bytes(self, cfg, max_batch: int) -> int:
+    def estimate_bytes(self, cfg, max_batch: int, ring: int | None = None) -> int:
         """Upper estimate of nbytes() at max_batch, for the memory check before loading: the
         largest bucket's activations (the planning run allocates each op's output afresh,
-        layer after layer), decode workspaces, logits, and the small per-bucket inputs."""
+        layer after layer), decode workspaces, logits, and the per-bucket inputs, whose block
+        tables take 4 * ring bytes a row (ring: the cache's table width, KVCacheSpec.ring;
+        None assumes max_position_embeddings in blocks of DEFAULT_BLOCK_SIZE)."""
+        if ring is None:
+            ring = -(-cfg.max_position_embeddings // DEFAULT_BLOCK_SIZE)
         rows = bucket_for(max_batch, max_batch)
         nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         per_layer = 2 * rows * (2 * cfg.dim + nq + 2 * nkv + nq + cfg.dim + 3 * cfg.hidden_dim + 3 * cfg.dim)
@@ -174,7 +179,7 @@ class DecodeGraphs:
         splits = 4 * self.be.n_sms * (cfg.n_heads // cfg.n_kv_heads) + 2 * rows * cfg.n_heads
         work = splits * (cfg.head_dim + 2) * 4 + rows * nkv * 4     # + int8/fp8 rotated keys (float32)
         logits = rows * cfg.vocab_size * 4
-        inputs = sum(64 * b + 4096 for b in buckets(max_batch))
+        inputs = sum((64 + 4 * ring) * b + 4096 for b in buckets(max_batch))
         return cfg.n_layers * (per_layer + 16 * ALIGN) + work + logits + 3 * rows * cfg.dim * 2 + inputs
 
     def reset(self) -> None:
