@@ -119,7 +119,8 @@ class LLM:
         from .memory import check_host_fits, largest
         if hasattr(self.backend, "check_fits"):  # GPU: weights (bf16) + KV cache + working headroom in free memory
             graphs = getattr(self.backend, "graphs", None)   # captured decode graphs: their buffers too
-            graph_bytes = graphs.estimate_bytes(cfg, max_batch) if graphs is not None and graphs.enabled else 0
+            graph_bytes = (graphs.estimate_bytes(cfg, max_batch, self.kv_spec(cfg, max_batch).ring)
+                           if graphs is not None and graphs.enabled else 0)
             if self.n_blocks is None:
                 self.n_blocks = self._gpu_default_blocks(cfg, max_batch, cfg.n_params() * 2 + graph_bytes)
 
