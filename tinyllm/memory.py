@@ -24,7 +24,7 @@ FIXED_OVERHEAD = 384 * 2**20
 @dataclass(frozen=True)
 class HostPlan:
     weights: int      # bytes, float32
-    kv: int           # bytes of the KV cache (all slots)
+    kv: int           # bytes of the KV cache (the whole pool)
     runtime: int      # bytes of working memory at the largest step
 
     @property

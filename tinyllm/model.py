@@ -3,7 +3,7 @@
 cache is laid out: `rope_kv_write` and `attention` own that.
 
 One forward processes a ragged batch: every sequence brings a run of new tokens (a prompt
-chunk or one decode token) and attends over its own cache slot.
+chunk or one decode token) and attends over the cache blocks its block table names.
 """
 
 from __future__ import annotations
