@@ -137,13 +137,16 @@ __device__ __forceinline__ void flash_prefill_fma(
             float kf[8], vf[8];
             if (p <= hi && d0 < hd) {
                 const long long entry = kv_entry(ti.table, ring, block_size, p, n_kv, g);
-                KV::cvt8(KV::ld8(vc + entry * hd + d0), vf);
                 if constexpr (KV::quantized) {
                     load_key8<KV_KIND>(kc, ks, kz, open_row, ti.table, ring, block_size, closed, p, n_kv, g, hd, d0, kf);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) Ks[j][d0 + i] = kf[i];   // K stored before V loads: no spill
+                    KV::cvt8(KV::ld8(vc + entry * hd + d0), vf);
                     const float sv = vs[entry];
 #pragma unroll
                     for (int i = 0; i < 8; ++i) vf[i] *= sv;
                 } else {
+                    KV::cvt8(KV::ld8(vc + entry * hd + d0), vf);
                     KV::cvt8(KV::ld8(kc + entry * hd + d0), kf);
                 }
             } else {

@@ -41,7 +41,7 @@ TILES = {
     "GEMV_WARPS": 8,           # output columns per block (one warp each)
     "GEMV_UNROLL": 4,          # 16-byte weight loads in flight per lane
     "ROPE_WARPS": 4,           # (token, head) vectors per block
-    "CLOSE_THREADS": 64,       # kv_close: channels of one (sequence, kv head) in flight
+    "CLOSE_THREADS": 128,      # kv_close: channels of one (sequence, kv head) in flight
     "FA1_WARPS": 4,            # prefill v1 (FMA): warps per CTA
     "FA1_RPW": 4,              #   rows per warp -> 16-row tiles
     "FA2_BN": 64,              # prefill v2 (mma.sync): keys per tile (rows per CTA fixed at 64)
