@@ -5,8 +5,7 @@ and per sequence a block table naming the blocks that hold its positions. Per la
 (allocated by the backend in its own array type):
 
     k, v        (n_blocks, block_size, n_kv_heads, head_dim)   storage dtype
-    k_scale,    (n_blocks, block_size, n_kv_heads)             float32, only for int8/fp8
-    v_scale
+    (int8 / fp8 add scales, offsets and open rows: "Quantized storage" below)
 
 Addressing. A sequence's table has `ring` entries (R); its capacity is C = R * block_size.
 Position p lives in block  table[(p // block_size) % R]  at offset  p % block_size.
