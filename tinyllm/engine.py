@@ -242,6 +242,9 @@ class Engine:
         "text" pieces, and "finish" (or "error": a prompt that cannot run, NaN logits) as it
         ends. A finished request's blocks are free for the next step."""
         events: list[Event] = []
+        for s in self.live:                    # (hits appear only after a forward: the last step's)
+            if not s.started:
+                self._rematch(s)
         promised = sum(self._blocks_wanted(s) for s in self.live)   # blocks this step's runs may take
         while len(self.live) < self.max_batch:
             item = self.waiting.popleft() if self.waiting else pull() if pull else None
@@ -257,11 +260,12 @@ class Engine:
                                         code="context_length_exceeded"))
                     continue
                 item = self._new_seq(item)
-            need = self.pool.blocks_to_admit(item.ids)
+            matched = self.pool.match(item.ids)
+            need = self.pool.blocks_to_admit(item.ids, matched)
             if need > self.pool.n_free - promised and self.live:
                 self.waiting.appendleft(item)          # no room yet: it waits, in order
                 break
-            self._admit(item)
+            self._admit(item, matched)
             promised += need
         if self.live:
             events += self._step()
@@ -283,24 +287,25 @@ class Engine:
         """Before a sequence computes anything (it holds only prefix-cache hits), take any
         longer prefix that requests ahead of it have cached since it was admitted: requests
         that arrive together then compute a shared prompt once, not each."""
-        k, _ = self.pool.match(s.ids)
-        if k * self.cache.spec.block_size <= s.n_cached:
-            return
-        new = self.pool.admit(s.ids)
-        self.pool.free_seq(s.blocks)
-        s.blocks, s.n_cached = new, new.cached_tokens
+        matched = self.pool.match(s.ids)
+        if matched[0] * self.cache.spec.block_size > s.n_cached:
+            old = s.blocks
+            self._take_prefix(s, matched)
+            self.pool.free_seq(old)
+
+    def _admit(self, s: _Seq, matched: tuple[int, list[bytes]]):
+        self._take_prefix(s, matched)
+        s.open_row = self.open_rows.pop()
+        self.live.append(s)
+
+    def _take_prefix(self, s: _Seq, matched: tuple[int, list[bytes]]):
+        """A new table for s holding its prefix-cache hits (`matched`: pool.match(s.ids)). The
+        hits of its first admission are its cached_tokens (a readmitted sequence keeps its figure)."""
+        s.blocks = self.pool.admit(s.ids, matched)
+        s.n_cached = s.blocks.cached_tokens
         if not s.t_first:
             self.stats["cached_tokens"] += s.n_cached - s.cached_tokens
             s.cached_tokens = s.n_cached
-
-    def _admit(self, s: _Seq):
-        s.blocks = self.pool.admit(s.ids)
-        s.open_row = self.open_rows.pop()
-        s.n_cached = s.blocks.cached_tokens
-        if not s.t_first:                              # (a readmitted sequence keeps its figure)
-            s.cached_tokens = s.n_cached
-            self.stats["cached_tokens"] += s.n_cached
-        self.live.append(s)
 
     def _preempt(self, s: _Seq):
         """Take s off the batch: its blocks go back to the pool and it waits first in line
@@ -337,13 +342,11 @@ class Engine:
         """(sequence, new tokens) of this step: decode tokens first (one each), then prompt
         chunks within the token budget; blocks for them are taken oldest sequence first,
         preempting the newest when the pool runs dry."""
-        for s in self.live:
-            if not s.started:
-                self._rematch(s)
         runs: dict[int, int] = {}
         budget = self.prefill_chunk
         max_chunk = self.cache.spec.max_chunk
-        for s in sorted(self.live, key=lambda s: s.n_cached < s.n_prompt):
+        order = sorted(self.live, key=lambda s: s.n_cached < s.n_prompt)
+        for s in order:
             todo = len(s.ids) - s.n_cached
             if todo == 1:
                 runs[id(s)] = 1
@@ -360,13 +363,14 @@ class Engine:
                 self._preempt(victim)
                 if victim is s:
                     break
-        return [(s, runs[id(s)]) for s in sorted(self.live, key=lambda s: s.n_cached < s.n_prompt) if id(s) in runs]
+        return [(s, runs[id(s)]) for s in order if id(s) in runs and s.blocks is not None]   # (not preempted)
 
     def _step(self) -> Iterator[Event]:
         try:
             runs = self._plan()
         except _PoolFull as full:              # one sequence alone outgrows the pool: its context ends here
-            yield from self._end(full.seq)
+            self._flush_length(full.seq)
+            yield from self._emit(full.seq)
             return
         if not runs:
             return
@@ -491,11 +495,6 @@ class Engine:
         hits = [i for i in (s.text.find(x, s.emitted) for x in s.stops) if i >= 0]
         if hits:
             s.text, s.finish = s.text[:min(hits)], "stop"
-
-    def _end(self, s: _Seq) -> Iterator[Event]:
-        """Finish s now with reason "length" (the pool cannot hold its next token)."""
-        self._flush_length(s)
-        yield from self._emit(s)
 
     def _emit(self, s: _Seq) -> Iterator[Event]:
         # Emit what can no longer become part of a stop string.

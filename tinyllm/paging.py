@@ -104,6 +104,10 @@ class BlockPool:
             out.append(parent)
         return out
 
+    def _first_held(self, k: int) -> int:
+        """The first of k leading rows a sequence's table holds: 0, or for a ring k - R + 1."""
+        return max(0, k - self.spec.ring + 1) if self.spec.rolling else 0
+
     def match(self, ids: list[int]) -> tuple[int, list[bytes]]:
         """(k, hashes): the longest prefix of k full rows of ids[:-1] this pool can serve
         (for a ring, rows k-R+1 .. k-1 must be present), and the hashes of those rows."""
@@ -111,32 +115,31 @@ class BlockPool:
             return 0, []
         hashes = self.row_hashes(ids[:len(ids) - 1])
         present = [h in self.block_of for h in hashes]
-        R = self.spec.ring
         for k in range(len(hashes), 0, -1):
-            lo = max(0, k - R + 1) if self.spec.rolling else 0
-            if all(present[lo:k]):
+            if all(present[self._first_held(k):k]):
                 return k, hashes[:k]
         return 0, []
 
-    def blocks_to_admit(self, ids: list[int]) -> int:
+    def blocks_to_admit(self, ids: list[int], matched: tuple[int, list[bytes]] | None = None) -> int:
         """Free blocks a sequence with these ids takes to hold them all (its hits that sit
-        free in the pool count: taking them removes them from the free list)."""
-        k, hashes = self.match(ids)
-        R = self.spec.ring
-        kept = hashes[max(0, k - R + 1) if self.spec.rolling else 0:]
+        free in the pool count: taking them removes them from the free list). `matched`:
+        match(ids), when the caller has it."""
+        k, hashes = matched if matched is not None else self.match(ids)
+        kept = hashes[self._first_held(k):]
         free_hits = sum(1 for h in kept if self.ref[self.block_of[h]] == 0)
         return free_hits + self.spec.blocks_for(len(ids)) - min(len(kept), self.spec.blocks_for(len(ids)))
 
-    def admit(self, ids: list[int]) -> SeqBlocks:
-        """A table for a sequence starting from these ids, holding its prefix-cache hits."""
+    def admit(self, ids: list[int], matched: tuple[int, list[bytes]] | None = None) -> SeqBlocks:
+        """A table for a sequence starting from these ids, holding its prefix-cache hits
+        (`matched`: match(ids), when the caller has it)."""
         seq = self.new_seq()
-        k, hashes = self.match(ids)
-        R, bs = self.spec.ring, self.spec.block_size
-        for j in range(max(0, k - R + 1) if self.spec.rolling else 0, k):
+        k, hashes = matched if matched is not None else self.match(ids)
+        R = self.spec.ring
+        for j in range(self._first_held(k), k):
             b = self.block_of[hashes[j]]
             self._share(b)
             seq.table[j % R] = b
-        seq.rows, seq.hashes, seq.cached_tokens = k, hashes, k * bs
+        seq.rows, seq.hashes, seq.cached_tokens = k, hashes, k * self.spec.block_size
         return seq
 
     def grow(self, seq: SeqBlocks, end: int) -> bool:
