@@ -174,6 +174,19 @@ class KVCacheSpec:
                    cfg.n_kv_heads, cfg.head_dim, kv_dtype, w, max_seq_len, n_open=n_seqs + 1)
 
 
+def layout(spec: KVCacheSpec) -> dict[str, tuple[tuple[int, ...], type | None]]:
+    """The arrays of one layer, name -> (shape, dtype), as the module doc lists them; dtype
+    None is the kv dtype's storage, which each backend picks (NUMPY_STORAGE; raw bytes for fp8
+    on CUDA). Both backends allocate exactly these, in this order."""
+    kv = (spec.n_blocks, spec.block_size, spec.n_kv_heads, spec.head_dim)
+    arrays = {"k": (kv, None), "v": (kv, None)}
+    if spec.quantized:
+        meta = (spec.n_blocks, spec.n_kv_heads, spec.head_dim)
+        arrays.update(k_scale=(meta, np.float16), k_zero=(meta, np.float16), v_scale=(kv[:3], np.float32),
+                      k_open=((spec.n_open,) + kv[1:], np.float32))
+    return arrays
+
+
 def resolve_kv_dtype(kv_dtype: str, compute_dtype: str) -> str:
     if kv_dtype not in KV_DTYPES:
         raise TinyLLMError(f"unknown kv dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")

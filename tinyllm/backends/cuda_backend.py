@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import TinyLLMError
-from ..kv_cache import KVCacheSpec
+from ..kv_cache import KVCacheSpec, layout
 from . import Batch
 from . import cuda_kernels as ck
 
@@ -161,21 +161,13 @@ class CudaKVCache:
     def __init__(self, spec: KVCacheSpec, cp, bf16_dtype):
         self.spec = spec
         self.kind = ck.KV_KINDS[spec.kv_dtype]
-        dt = {"bf16": bf16_dtype, "fp16": np.float16, "fp32": np.float32, "int8": np.int8,
-              "fp8": np.uint8}[spec.kv_dtype]
-        shape = (spec.n_blocks, spec.block_size, spec.n_kv_heads, spec.head_dim)
-        self.k = [cp.zeros(shape, dt) for _ in range(spec.n_layers)]
-        self.v = [cp.zeros(shape, dt) for _ in range(spec.n_layers)]
-        if spec.quantized:
-            L, meta = spec.n_layers, (spec.n_blocks, spec.n_kv_heads, spec.head_dim)
-            self.k_scale = [cp.zeros(meta, np.float16) for _ in range(L)]
-            self.k_zero = [cp.zeros(meta, np.float16) for _ in range(L)]
-            self.v_scale = [cp.zeros(shape[:3], np.float32) for _ in range(L)]
-            self.k_open = [cp.zeros((spec.n_open,) + shape[1:], np.float32) for _ in range(L)]
+        storage = {"bf16": bf16_dtype, "fp16": np.float16, "fp32": np.float32, "int8": np.int8,
+                   "fp8": np.uint8}[spec.kv_dtype]
+        for name, (shape, dt) in layout(spec).items():
+            setattr(self, name, [cp.zeros(shape, dt or storage) for _ in range(spec.n_layers)])
 
     def arrays(self) -> list:
-        q = self.spec.quantized
-        return self.k + self.v + (self.k_scale + self.k_zero + self.v_scale + self.k_open if q else [])
+        return [a for name in layout(self.spec) for a in getattr(self, name)]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays())

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kv_cache import (NUMPY_STORAGE, KVCacheSpec, closed_below, dequantize, dequantize_block, entries, quantize,
-                        quantize_block, visible_lo)
+from ..kv_cache import (NUMPY_STORAGE, KVCacheSpec, closed_below, dequantize, dequantize_block, entries, layout,
+                        quantize, quantize_block, visible_lo)
 
 
 class NumpyKVCache:
@@ -20,21 +20,11 @@ class NumpyKVCache:
 
     def __init__(self, spec: KVCacheSpec):
         self.spec = spec
-        shape = (spec.n_blocks, spec.block_size, spec.n_kv_heads, spec.head_dim)
-        dt = NUMPY_STORAGE[spec.kv_dtype]
-        L = spec.n_layers
-        self.k = [np.zeros(shape, dt) for _ in range(L)]
-        self.v = [np.zeros(shape, dt) for _ in range(L)]
-        if spec.quantized:
-            meta = (spec.n_blocks, spec.n_kv_heads, spec.head_dim)
-            self.k_scale = [np.zeros(meta, np.float16) for _ in range(L)]
-            self.k_zero = [np.zeros(meta, np.float16) for _ in range(L)]
-            self.v_scale = [np.zeros(shape[:3], np.float32) for _ in range(L)]
-            self.k_open = [np.zeros((spec.n_open,) + shape[1:], np.float32) for _ in range(L)]
+        for name, (shape, dt) in layout(spec).items():
+            setattr(self, name, [np.zeros(shape, dt or NUMPY_STORAGE[spec.kv_dtype]) for _ in range(spec.n_layers)])
 
     def arrays(self) -> list[np.ndarray]:
-        q = self.spec.quantized
-        return self.k + self.v + (self.k_scale + self.k_zero + self.v_scale + self.k_open if q else [])
+        return [a for name in layout(self.spec) for a in getattr(self, name)]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays())
@@ -52,13 +42,13 @@ class NumpyKVCache:
         # K: the open row's earlier keys, then the new ones, cover positions row0 .. end-1;
         # every block they complete is quantized, what is left is the new open row.
         bs, start, end = self.spec.block_size, int(positions[0]), int(positions[-1]) + 1
-        row0 = start // bs * bs
+        row0, closed = start // bs * bs, closed_below(end, self.spec)
         keys = np.concatenate([self.k_open[layer][open_row, :start - row0], k])
-        for r in range(row0, closed_below(end, self.spec), bs):
+        for r in range(row0, closed, bs):
             blk = table[(r // bs) % self.spec.ring]
             self.k[layer][blk], self.k_scale[layer][blk], self.k_zero[layer][blk] = \
                 quantize_block(keys[r - row0:r - row0 + bs], self.spec.kv_dtype)
-        rest = keys[closed_below(end, self.spec) - row0:]
+        rest = keys[closed - row0:]
         self.k_open[layer][open_row, :len(rest)] = rest
 
     def read(self, layer: int, table: np.ndarray, positions: np.ndarray, total: int = 0,
