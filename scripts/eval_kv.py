@@ -65,7 +65,7 @@ def ablate(model_dir, text: str, n_tokens: int, window: int, only: str = ""):
     llm = LLM(str(model_dir), backend="numpy", kv_dtype="fp32", max_seq_len=window, max_batch=1)
     ids = llm.tokenizer.encode(text)
     segs = [ids[i * window:(i + 1) * window] for i in range(min(n_tokens, len(ids)) // window)]
-    ref_engine = Engine(llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1)
+    ref_engine = Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1)
     refs = [ref_engine.logits(s)[:-1] for s in segs]
     ref_acc = _Acc()
     for s, r in zip(segs, refs):
@@ -89,7 +89,7 @@ def ablate(model_dir, text: str, n_tokens: int, window: int, only: str = ""):
                 continue
             FakeQuantCache.transform = staticmethod(make(kv))
             llm.backend.alloc_kv = FakeQuantCache
-            eng = Engine(llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1)
+            eng = Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1)
             acc = _Acc()
             for s, r in zip(segs, refs):
                 acc.add(eng.logits(s)[:-1], np.asarray(s[1:]), r)
@@ -114,7 +114,7 @@ def score_errors(model_dir, text: str, window: int):
         return q
 
     llm.backend.rope_kv_write = record
-    eng = Engine(llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1)
+    eng = Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1)
     eng.logits(ids)
     T, scale = len(ids), 1.0 / np.sqrt(cfg.head_dim)
     causal = np.tril(np.ones((T, T), bool))

@@ -73,7 +73,7 @@ def test_kv_cache_flags_reach_the_llm_of_every_command(tiny_factory, tmp_path):
         for given in (flags, []):
             a = build_parser().parse_args([cmd, *common, *given, *more])
             llm = load_llm(a, max_batch=getattr(a, "max_batch", 1), quiet=True)
-            spec = llm.engine.spec()
+            spec = llm.engine.spec
             if given:
                 assert (spec.block_size, llm.engine.prefix_caching) == (8, False), cmd
                 assert spec.n_blocks == 2**20 // block_bytes(cfg, "fp32", 8), cmd

@@ -151,7 +151,7 @@ def test_paged_prefix_hits_and_preemption_match_numpy(tiny_factory, case, block_
         block = KVCacheSpec.for_model(cfg, kv, 128, 1, chunk=16, block_size=block_size).block_nbytes()
         llm = LLM(str(d), backend=backend, kv_dtype=kv, max_seq_len=128, prefill_chunk=16, max_batch=4,
                   block_size=block_size, kv_cache_memory=7 * block)
-        assert llm.engine.spec().n_blocks == 7
+        assert llm.engine.spec.n_blocks == 7
         runs[backend] = [c.token_ids for c in llm.generate(prompts, p)]
         stats = dict(llm.engine.stats)
         assert stats["preemptions"] > 0 and stats["cached_tokens"] > 0, (backend, stats)

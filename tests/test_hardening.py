@@ -175,8 +175,8 @@ def test_gpu_default_pool_shrinks_to_the_free_memory(model, monkeypatch):
     be = Budgeted()
     monkeypatch.setattr(tinyllm.api, "get_backend", lambda *a, **k: be)
     be.free = int((weights + MEMORY_HEADROOM + 88.5 * one.block_nbytes()) / 0.9)     # 5.5 sequences' blocks
-    assert LLM(str(model), max_seq_len=256, max_batch=4, cuda_graph=False).engine.spec().n_blocks == 4 * one.ring
-    shrunk = LLM(str(model), max_seq_len=256, max_batch=16, cuda_graph=False).engine.spec()
+    assert LLM(str(model), max_seq_len=256, max_batch=4, cuda_graph=False).engine.spec.n_blocks == 4 * one.ring
+    shrunk = LLM(str(model), max_seq_len=256, max_batch=16, cuda_graph=False).engine.spec
     assert shrunk.n_blocks == 88 == 5.5 * one.ring
     be.free = weights + MEMORY_HEADROOM + one.nbytes() // 2
     with pytest.raises(TinyLLMError, match="more GPU memory than is free"):

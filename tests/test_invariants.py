@@ -1,6 +1,7 @@
 """Invariants of our own machinery (each checked against a second path through it; the
 parity tests check both against transformers)."""
 
+import dataclasses
 import numpy as np
 import pytest
 
@@ -31,7 +32,7 @@ def test_cached_decode_equals_full_prefill(tiny_factory, case):
 def test_chunked_prefill_equals_one_shot(tiny_factory, case, chunk):
     llm = LLM(str(tiny_factory(case)), max_seq_len=64)
     one_shot = llm.logits(IDS)
-    eng = Engine(llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=chunk)
+    eng = Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=chunk)
     np.testing.assert_allclose(eng.logits(IDS), one_shot, rtol=1e-4, atol=1e-4)
 
 
@@ -39,12 +40,12 @@ def test_rolling_cache_equals_full_cache_with_banded_mask(tiny_factory):
     llm = LLM(str(tiny_factory("mistral_window")), max_seq_len=64)
     W = llm.cfg.sliding_window
     # Blocks of 4: a ring of ceil((W + 4) / 4) + 1 = 4 blocks (16 positions) that 50 tokens wrap 3 times.
-    rolling = Engine(llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=4,
+    rolling = Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=4,
                      block_size=4)
-    assert rolling.spec().ring == 4 and rolling.spec().capacity == 16 < 64
-    full = Engine(llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=4)
-    full.spec = lambda: KVCacheSpec(llm.cfg.n_layers, 16, 4, 16, llm.cfg.n_kv_heads, llm.cfg.head_dim, "fp32", W, 64)
-    assert not full.spec().rolling
+    assert rolling.spec.ring == 4 and rolling.spec.capacity == 16 < 64
+    full = Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=4)
+    full.spec = KVCacheSpec(llm.cfg.n_layers, 16, 4, 16, llm.cfg.n_kv_heads, llm.cfg.head_dim, "fp32", W, 64, n_open=2)
+    assert not full.spec.rolling
     np.testing.assert_allclose(rolling.logits(IDS), full.logits(IDS), rtol=1e-4, atol=1e-4)
     # Greedy generation running far past the window, through the rolling cache.
     p = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
@@ -58,7 +59,7 @@ def test_rolling_cache_equals_full_cache_with_banded_mask(tiny_factory):
 @pytest.mark.filterwarnings("ignore::tinyllm.api.ContextWarning")   # contexts far past the trained 256, on purpose
 def test_rolling_cache_memory_is_bounded_by_window(tiny_factory):
     d = str(tiny_factory("mistral_window"))
-    specs = [LLM(d, max_seq_len=n).engine.spec() for n in (10_000, 1_000_000)]
+    specs = [LLM(d, max_seq_len=n).engine.spec for n in (10_000, 1_000_000)]
     # a ring of ceil((W + prefill chunk) / block size) + 1 blocks per sequence
     assert all(s.rolling and s.ring == -(-(8 + 512) // 16) + 1 for s in specs)
     assert specs[0].nbytes() == specs[1].nbytes()
@@ -89,7 +90,7 @@ def test_prefix_reuse_in_a_rolling_cache_never_reads_overwritten_keys(tiny_facto
     d = str(tiny_factory("mistral_window"))                     # W = 8
     llm = LLM(d, max_seq_len=64, prefill_chunk=2, max_batch=1, block_size=2)   # ring of 6 blocks of 2
     if pool_blocks:
-        llm.engine.n_blocks = pool_blocks
+        llm.engine.spec = dataclasses.replace(llm.engine.spec, n_blocks=pool_blocks)
     fresh = LLM(d, max_seq_len=64, prefill_chunk=2, max_batch=1)
     last = []
     forward = llm.model.forward

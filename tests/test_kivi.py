@@ -5,6 +5,7 @@ channels, and the open-block rule through the real numpy cache (decode, chunks, 
 prefix-cache hits). The study twin (kv_formats.py int8-kivi-zp-f16 / fp8-kivi-f16) is checked
 bit for bit against this cache in test_kv_formats; the CUDA kernels in test_cuda_ops."""
 
+import dataclasses
 import ml_dtypes
 import numpy as np
 import pytest
@@ -182,7 +183,7 @@ def test_window_ring_and_prefix_hits_through_the_engine(tiny_factory, kv):
     the open block's keys are exact either way), within float32 noise."""
     d = str(tiny_factory("mistral_window"))
     llm = LLM(d, kv_dtype=kv, max_seq_len=128, prefill_chunk=4, block_size=4, max_batch=1)
-    llm.engine.n_blocks = 64
+    llm.engine.spec = dataclasses.replace(llm.engine.spec, n_blocks=64)
     ids = [int(t) for t in RNG.integers(3, 256, 71)]
     llm.generate([ids[:70] + [9]], SamplingParams(max_tokens=3, temperature=0))
     last = []

@@ -300,7 +300,7 @@ def test_kivi_through_the_engine_with_a_rolling_window(tiny_factory):
 
     def logits(chunk):
         be = FormatBackend(FORMATS["int8-kivi"])
-        eng = Engine(Transformer(llm.cfg, llm.model.w, be), llm.tokenizer, be, set(), 64, "fp32",
+        eng = Engine.for_model(Transformer(llm.cfg, llm.model.w, be), llm.tokenizer, be, set(), 64, "fp32",
                      max_batch=1, prefill_chunk=chunk)
         out = eng.logits(ids)
         return out, eng.cache.spec

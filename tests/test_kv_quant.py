@@ -216,7 +216,7 @@ def rolling_llm(d: str, kv: str, max_seq_len: int = 96) -> LLM:
     ring of 4 blocks (16 positions) that wraps many times during a long prompt and the
     generation after it."""
     llm = LLM(d, kv_dtype=kv, max_seq_len=max_seq_len, max_batch=1)
-    llm.engine = Engine(llm.model, llm.tokenizer, llm.backend, llm.eos_token_ids, max_seq_len, kv,
+    llm.engine = Engine.for_model(llm.model, llm.tokenizer, llm.backend, llm.eos_token_ids, max_seq_len, kv,
                         max_batch=1, prefill_chunk=4, block_size=4)
     return llm
 
@@ -236,7 +236,7 @@ def test_greedy_decoding_with_quantized_cache(tiny_factory, case, rolling):
     for kv in QUANT:
         llm = rolling_llm(d, kv) if rolling else LLM(d, kv_dtype=kv, max_seq_len=96)
         if rolling:
-            assert llm.engine.spec().rolling and llm.engine.spec().capacity == 16
+            assert llm.engine.spec.rolling and llm.engine.spec.capacity == 16
         toks = llm.generate([prompt], params)[0].token_ids
         assert len(toks) == n_new
         # The reference's logits along the quantized run (full prefill, fp32 cache).
@@ -293,7 +293,7 @@ def test_engine_cache_has_the_spec_size(tiny_factory, kv):
     llm.generate([IDS[:5], IDS[5:9]], SamplingParams(max_tokens=2, temperature=0))
     c = llm.engine.cache
     assert c.spec.kv_dtype == kv
-    assert sum(a.nbytes for a in allocated_arrays(c)) == llm.engine.spec().nbytes() \
+    assert sum(a.nbytes for a in allocated_arrays(c)) == llm.engine.spec.nbytes() \
         == llm.cfg.kv_bytes_per_token(kv) * 48 * 2 + c.spec.open_nbytes()   # 2 sequences of 48 = 3 blocks of 16 each
 
 

@@ -5,6 +5,8 @@ exactly, outputs survive eviction and preemption, nothing leaks, window models s
 
 from collections import OrderedDict
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -101,8 +103,8 @@ def test_admission_reserves_the_blocks_it_counts(tiny_factory):
     for i in range(8):
         eng.add(Request(IDS[60 * i % 300:60 * i % 300 + 60], SamplingParams(max_tokens=1, temperature=0).validate(), i))
     first = eng.step()                                  # 5 prompts run (and finish: one token each)
-    assert sum(ev.kind == "finish" for ev in first) == 5 and len(eng.waiting) == 3
-    while eng.live or eng.waiting:
+    assert sum(ev.kind == "finish" for ev in first) == 5 and len(eng.scheduler.waiting) == 3
+    while eng.scheduler.running or eng.scheduler.waiting:
         eng.step()
     assert eng.stats["preemptions"] == 0
     check_empty(eng.pool)
@@ -132,9 +134,9 @@ def test_window_model_prefix_hits(tiny_factory):
     """A ring takes the hits it can hold (rows k-R+1 .. k-1) and gives fresh-prefill logits."""
     d = str(tiny_factory("mistral_window"))                          # W = 8
     llm = LLM(d, max_seq_len=128, prefill_chunk=4, block_size=4, max_batch=1)
-    llm.engine.n_blocks = 64                                         # room to keep released blocks
+    llm.engine.spec = dataclasses.replace(llm.engine.spec, n_blocks=64)                                         # room to keep released blocks
     fresh = LLM(d, max_seq_len=128)
-    assert llm.engine.spec().rolling and llm.engine.spec().ring == 4
+    assert llm.engine.spec.rolling and llm.engine.spec.ring == 4
     prompt = IDS[:70] + [5]
     llm.generate([IDS[:70] + [9]], GREEDY)
     last = []
@@ -159,10 +161,10 @@ def test_pool_bookkeeping():
     pool.free_seq(s)
     assert pool.ref[:3].tolist() == [1, 1, 0] and list(pool.free) == [2, 3]   # the unhashed block first
     pool.free_seq(t)
-    assert list(pool.free) == [2, 3, 0, 1]             # hashed ones kept, least recently released first
+    assert list(pool.free) == [2, 3, 1, 0]   # hashed ones kept; a table frees tail first, head last
     u = pool.new_seq()
-    assert pool.grow(u, 6) and u.table[:3].tolist() == [2, 3, 0]
-    assert pool.match([1, 2, 3, 4, 9])[0] == 0         # block 0 was handed out: row 0 is gone
+    assert pool.grow(u, 6) and u.table[:3].tolist() == [2, 3, 1]
+    assert pool.match([1, 2, 3, 4, 9])[0] == 1         # block 1 (the chain's tail) went: row 0 still hits
     assert not pool.grow(u, 10) and u.rows == 4        # the pool ran dry after row 3
     pool.free_seq(u)
     check_empty(pool)
@@ -180,9 +182,9 @@ def test_outputs_survive_a_pool_far_too_small(tiny_factory):
     params = [SamplingParams(max_tokens=40, ignore_eos=True, temperature=0 if i % 2 else 0.8, seed=i)
               for i in range(8)]
     big = LLM(d, max_seq_len=128, max_batch=8, block_size=4)
-    block = big.engine.spec().block_nbytes()
+    block = big.engine.spec.block_nbytes()
     small = LLM(d, max_seq_len=128, max_batch=8, block_size=4, kv_cache_memory=24 * block)
-    assert small.engine.spec().n_blocks == 24
+    assert small.engine.spec.n_blocks == 24
     want = [c.token_ids for c in big.generate(prompts, params)]
     got = small.generate(prompts, params)
     assert [c.token_ids for c in got] == want
@@ -205,23 +207,24 @@ def test_no_leak_after_1000_random_requests_with_aborts(tiny_factory):
     """1,000 requests of random lengths through add/step/abort with random aborts (waiting
     and running) and a pool that preempts: afterwards every block is free, every count 0."""
     llm = LLM(str(tiny_factory("llama_mqa")), max_seq_len=64, max_batch=8, block_size=4, prefill_chunk=32)
-    llm.engine.n_blocks = 40
+    llm.engine.spec = dataclasses.replace(llm.engine.spec, n_blocks=40)
     eng = llm.engine
     eng.reset()
     rng = np.random.default_rng(11)
     pending, done, aborted = list(range(1000)), 0, 0
     live_ids: set[int] = set()
+    seq_of: dict[int, int] = {}
     while pending or live_ids:
         for _ in range(int(rng.integers(0, 4))):
             if pending:
                 i = pending.pop()
                 n = int(rng.integers(1, 40))
-                eng.add(Request(IDS[i % 300:i % 300 + n], SamplingParams(
+                seq_of[i] = eng.add(Request(IDS[i % 300:i % 300 + n], SamplingParams(
                     max_tokens=int(rng.integers(1, 12)), temperature=0, ignore_eos=True).validate(), i))
                 live_ids.add(i)
         if live_ids and rng.random() < 0.15:
             victim = int(rng.choice(sorted(live_ids)))
-            assert eng.abort(victim)
+            assert eng.abort(seq_of[victim])
             live_ids.discard(victim)
             aborted += 1
         for ev in eng.step():
@@ -229,7 +232,7 @@ def test_no_leak_after_1000_random_requests_with_aborts(tiny_factory):
                 live_ids.discard(ev.index)
                 done += 1
         held = np.zeros(eng.cache.spec.n_blocks, np.int32)       # every count = the live tables naming it
-        for s in eng.live:
+        for s in eng.scheduler.running:
             np.add.at(held, s.blocks.table[s.blocks.table >= 0], 1)
         assert (held == eng.pool.ref).all() and eng.pool.n_used == int((held > 0).sum())
     assert done + aborted == 1000 and aborted > 50 and eng.stats["preemptions"] > 0
@@ -246,10 +249,10 @@ def test_window_model_holds_a_bounded_number_of_blocks(tiny_factory):
     eng.reset()
     eng.add(Request(IDS[:20], SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True).validate(), 0))
     peak, n = 0, 0
-    while eng.live or eng.waiting:
+    while eng.scheduler.running or eng.scheduler.waiting:
         for ev in eng.step():
             if ev.kind == "finish":
                 n = len(ev.completion.token_ids)
         peak = max(peak, eng.pool.n_used)
-    assert n == 10_000 and peak == eng.spec().ring == 4
+    assert n == 10_000 and peak == eng.spec.ring == 4
     check_empty(eng.pool)

@@ -35,7 +35,7 @@ def test_logits_and_greedy_match_transformers(tiny_factory, case, dtype, shard):
     # prefill_chunk 16: prompts run in chunks, and the sliding-window model (W=8) gets a
     # rolling cache of 8 + 16 entries that the 40 + 24 tokens wrap around.
     llm = LLM(str(d), max_seq_len=128, prefill_chunk=16)
-    assert llm.engine.spec().rolling == bool(llm.cfg.sliding_window)
+    assert llm.engine.spec.rolling == bool(llm.cfg.sliding_window)
     ours = llm.logits(PROMPT)
     err = max_rel_err(ours, ref)
     print(f"{case} {dtype} shard={shard}: max rel err {err:.2e}")
@@ -56,7 +56,7 @@ def test_sliding_window_really_masks(tiny_factory):
     import json
     d = tiny_factory("mistral_window")
     llm = LLM(str(d), max_seq_len=128, prefill_chunk=16)
-    assert llm.cfg.sliding_window == 8 and llm.engine.spec().rolling
+    assert llm.cfg.sliding_window == 8 and llm.engine.spec.rolling
     with_window = llm.logits(PROMPT)
     cfg = json.loads((d / "config.json").read_text())
     no_window = d.parent / "no_window"

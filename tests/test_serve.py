@@ -70,23 +70,22 @@ def test_engine_step_add_abort(ref):
     eng.max_batch = 2
     try:
         eng.reset()
-        for i, p in enumerate(ps):
-            eng.add(Request(p, params, i))
+        sid = [eng.add(Request(p, params, i)) for i, p in enumerate(ps)]
         assert eng.pool.n_used == 0 and eng.pool.n_free == eng.cache.spec.n_blocks
         texts, tokens, done = {}, {}, {}
         first = eng.step()
-        assert len(eng.live) == 2 and len(eng.waiting) == 1          # max_batch = 2
-        assert eng.abort(2) and len(eng.waiting) == 0                # a waiting one
-        held, own = eng.pool.n_used, [int(b) for b in eng.live[1].blocks.table if b >= 0]
+        assert len(eng.scheduler.running) == 2 and len(eng.scheduler.waiting) == 1          # max_batch = 2
+        assert eng.abort(sid[2]) and len(eng.scheduler.waiting) == 0                # a waiting one
+        held, own = eng.pool.n_used, [int(b) for b in eng.scheduler.running[1].blocks.table if b >= 0]
         assert own and len(ps[1]) > 0                                # (random prompts: no block is shared)
-        assert eng.abort(1) and len(eng.live) == 1                   # a running one: its blocks free at once
+        assert eng.abort(sid[1]) and len(eng.scheduler.running) == 1                   # a running one: its blocks free at once
         assert eng.pool.n_used == held - len(own) and all(eng.pool.ref[b] == 0 for b in own)
-        assert not eng.abort(1)
+        assert not eng.abort(sid[1])
         eng.add(Request(ps[2], params, 5))
         events = first
-        while eng.live or eng.waiting:
+        while eng.scheduler.running or eng.scheduler.waiting:
             events += eng.step()
-            assert len(eng.live) <= 2
+            assert len(eng.scheduler.running) <= 2
         for ev in events:
             if ev.kind == "token":
                 tokens.setdefault(ev.index, []).append(ev.token_id)

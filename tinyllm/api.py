@@ -47,7 +47,7 @@ class LLM:
         self.model_dir = resolve_model_dir(model)
         cfg = ModelConfig.load(self.model_dir)
         self.backend = get_backend(backend, dtype, checkpoint_dtype(self.model_dir))
-        if hasattr(self.backend, "graphs"):      # cuda: decode steps replay CUDA graphs unless off
+        if self.backend.graphs is not None:      # cuda: decode steps replay CUDA graphs unless off
             self.backend.graphs.enabled = bool(cuda_graph)
         self.kv_dtype = resolve_kv_dtype(kv_dtype, self.backend.compute_dtype)
         for name, v in (("max_seq_len", max_seq_len), ("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
@@ -74,9 +74,8 @@ class LLM:
         self.eos_token_ids = self._eos_ids()
         self.model = Transformer(self.cfg, weights, self.backend)
         self.engine = Engine(self.model, self.tokenizer, self.backend, self.eos_token_ids,
-                             self.max_seq_len, self.kv_dtype, max_batch=max_batch,
-                             prefill_chunk=prefill_chunk, block_size=block_size, n_blocks=self.n_blocks,
-                             prefix_caching=bool(enable_prefix_caching))
+                             self.kv_spec(self.cfg, max_batch, self.n_blocks), max_batch=max_batch,
+                             prefill_chunk=prefill_chunk, prefix_caching=bool(enable_prefix_caching))
 
     # ---- setup ---------------------------------------------------------------------
     def kv_spec(self, cfg: ModelConfig, max_batch: int, n_blocks: int | None = None):
@@ -117,8 +116,8 @@ class LLM:
     def _check_memory(self, cfg: ModelConfig, max_batch: int):
         """Weights + KV cache + working memory must fit before anything large is allocated."""
         from .memory import check_host_fits, largest
-        if hasattr(self.backend, "check_fits"):  # GPU: weights (bf16) + KV cache + working headroom in free memory
-            graphs = getattr(self.backend, "graphs", None)   # captured decode graphs: their buffers too
+        if self.backend.device_memory:  # GPU: weights (bf16) + KV cache + working headroom in free memory
+            graphs = self.backend.graphs                     # captured decode graphs: their buffers too
             graph_bytes = (graphs.estimate_bytes(cfg, max_batch, self.kv_spec(cfg, max_batch).ring)
                            if graphs is not None and graphs.enabled else 0)
             if self.n_blocks is None:
@@ -227,9 +226,9 @@ class LLM:
         """Text pieces of one generation as they become certain (full blocks of K/V that an
         earlier request computed for the same leading tokens come from the prefix cache:
         chat turns). The Completion is appended to `result` when given."""
-        req = self.requests([prompt], params)[0]
+        req, ids = self.requests([prompt], params)[0], []
         try:
-            for ev in self.engine.run([req]):
+            for ev in self.engine.run([req], added=ids.append):
                 if ev.kind == "error":
                     raise TinyLLMError(ev.error)
                 if ev.kind == "text":
@@ -237,7 +236,7 @@ class LLM:
                 elif ev.kind == "finish" and result is not None:
                     result.append(ev.completion)
         except (GeneratorExit, KeyboardInterrupt):      # stopped early: Ctrl-C here or in the consumer
-            c = self.engine.partial(req.index) if result is not None else None
+            c = self.engine.partial(ids[0]) if result is not None and ids else None
             if c is not None:                           # what was generated so far, finish "interrupted"
                 result.append(c)
             raise

@@ -146,11 +146,11 @@ def evaluate_kv(model_dir, text: str, n_tokens: int = 4096, window: int = 1024,
         raise TinyLLMError(f"the text has {len(ids)} tokens, fewer than one window of {window}; "
                            f"lower --window or pass a longer --text")
     segments = [ids[i * window:(i + 1) * window] for i in range(n_seg)]
-    engines = {kv: Engine(llm.model, llm.tokenizer, llm.backend, set(), window, kv, max_batch=1)
+    engines = {kv: Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), window, kv, max_batch=1)
                for kv in dict.fromkeys([REFERENCE_KV] + kvs)}
     for f in fmts:                            # keys "format:NAME" never clash with kv dtypes
         study = FormatBackend(FORMATS[f], kivi_block)
-        engines[f"format:{f}"] = Engine(Transformer(llm.cfg, llm.model.w, study), llm.tokenizer, study,
+        engines[f"format:{f}"] = Engine.for_model(Transformer(llm.cfg, llm.model.w, study), llm.tokenizer, study,
                                         set(), window, REFERENCE_KV, max_batch=1)
     accs = {kv: _Acc() for kv in engines}
     info = {"model_dir": str(llm.model_dir), "backend": llm.backend.name, "text_tokens": len(ids),

@@ -103,11 +103,23 @@ class KVCacheSpec:
     kv_dtype: str         # resolved: fp32 | fp16 | bf16 | int8 | fp8
     window: int | None    # sliding window W, or None
     max_seq_len: int      # longest sequence (prompt + generation) accepted
-    n_open: int = 1       # open rows (int8/fp8 keys of running sequences' open blocks)
+    n_open: int = 1       # open rows (int8/fp8 keys of open blocks): one per running sequence
+                          # (rows 0 .. n_open-2) and the logits row (n_open-1, see logits_row)
 
     @property
     def quantized(self) -> bool:
         return self.kv_dtype in KV_QUANTIZED
+
+    @property
+    def logits_row(self) -> int:
+        """The open row of full-sequence logits (Engine.logits): never one a running
+        sequence holds, so logits() can run between generation steps."""
+        return self.n_open - 1
+
+    @property
+    def seq_open_rows(self) -> range:
+        """The open rows running sequences take, one each."""
+        return range(self.n_open - 1)
 
     @property
     def capacity(self) -> int:

@@ -22,7 +22,7 @@ class Transformer:
         self.scale = 1.0 / float(np.sqrt(cfg.head_dim))
         nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.splits = (nq, nq + nkv)                                  # q | k | v columns of a fused qkv
-        if hasattr(backend, "concat_rows"):
+        if backend.fused_projections:
             self._fuse_projections()
 
     def _fuse_projections(self):

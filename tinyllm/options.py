@@ -137,7 +137,7 @@ def load_llm(a, max_batch: int = 1, quiet: bool = False):
         threads = f", {llm.threads} BLAS thread{'s' if llm.threads > 1 else ''}" if llm.backend.name == "numpy" else ""
         graphs = getattr(llm.backend, "graphs", None)
         decode = "" if graphs is None else ", decode: " + ("CUDA graphs" if graphs.enabled else "eager")
-        spec = llm.engine.spec()
+        spec = llm.engine.spec
         prefix = "" if llm.engine.prefix_caching else ", no prefix caching"
         print(f"backend: {llm.backend.name}{why} ({llm.backend.compute_dtype}{threads}), kv cache: {llm.kv_dtype} "
               f"({spec.tokens():,} tokens in {spec.n_blocks:,} blocks of {spec.block_size}{prefix}), "

@@ -108,26 +108,40 @@ class BlockPool:
         """The first of k leading rows a sequence's table holds: 0, or for a ring k - R + 1."""
         return max(0, k - self.spec.ring + 1) if self.spec.rolling else 0
 
-    def match(self, ids: list[int]) -> tuple[int, list[bytes]]:
+    def match(self, ids: list[int], hashes: list[bytes] | None = None) -> tuple[int, list[bytes]]:
         """(k, hashes): the longest prefix of k full rows of ids[:-1] this pool can serve
-        (for a ring, rows k-R+1 .. k-1 must be present), and the hashes of those rows."""
+        (for a ring, rows k-R+1 .. k-1 must be present), and the hashes of those rows.
+
+        `hashes` is the sequence's own cache of its row hashes (Sequence.block_hashes): it is
+        extended in place to every full row of ids[:-1], so a sequence hashes each row once
+        however often it is matched. One pass over the rows: a flat table stops at the first
+        miss; a ring keeps the length of the run of present rows ending at row k-1."""
         if not self.prefix_caching:
             return 0, []
-        hashes = self.row_hashes(ids[:len(ids) - 1])
-        present = [h in self.block_of for h in hashes]
-        for k in range(len(hashes), 0, -1):
-            if all(present[self._first_held(k):k]):
-                return k, hashes[:k]
-        return 0, []
+        hashes = [] if hashes is None else hashes
+        full = (len(ids) - 1) // self.spec.block_size
+        if len(hashes) < full:
+            hashes += self.row_hashes(ids[:full * self.spec.block_size], hashes[-1] if hashes else ROOT,
+                                      len(hashes))
+        best, run = 0, 0
+        for k in range(1, full + 1):
+            run = run + 1 if hashes[k - 1] in self.block_of else 0
+            if run == 0 and not self.spec.rolling:
+                break
+            if run >= k - self._first_held(k):
+                best = k
+        return best, hashes[:best]
 
-    def blocks_to_admit(self, ids: list[int], matched: tuple[int, list[bytes]] | None = None) -> int:
-        """Free blocks a sequence with these ids takes to hold them all (its hits that sit
-        free in the pool count: taking them removes them from the free list). `matched`:
-        match(ids), when the caller has it."""
-        k, hashes = matched if matched is not None else self.match(ids)
+    def admit_cost(self, matched: tuple[int, list[bytes]], n_tokens: int) -> tuple[int, int]:
+        """(hits, fresh): the free blocks a sequence of n_tokens takes when admitted with
+        `matched` (match()): its hits that sit free in the pool (taking them removes them from
+        the free list at once), and the fresh blocks it allocates later for the rest. Only the
+        fresh ones are still owed after admission: the hits are off the free list by then."""
+        k, hashes = matched
         kept = hashes[self._first_held(k):]
-        free_hits = sum(1 for h in kept if self.ref[self.block_of[h]] == 0)
-        return free_hits + self.spec.blocks_for(len(ids)) - min(len(kept), self.spec.blocks_for(len(ids)))
+        hits = sum(1 for h in kept if self.ref[self.block_of[h]] == 0)
+        total = self.spec.blocks_for(n_tokens)
+        return hits, total - min(len(kept), total)
 
     def admit(self, ids: list[int], matched: tuple[int, list[bytes]] | None = None) -> SeqBlocks:
         """A table for a sequence starting from these ids, holding its prefix-cache hits
@@ -178,8 +192,16 @@ class BlockPool:
         seq.hashes += new
 
     def free_seq(self, seq: SeqBlocks):
-        """Release every block of seq (hashed ones stay findable until reused)."""
-        for e in np.nonzero(seq.table >= 0)[0]:
+        """Release every block of seq, tail first (hashed ones stay findable until reused).
+        The LRU then evicts a cached chain from its end: its head, which every descendant
+        needs to match, goes last (vLLM, nano-vllm)."""
+        R = self.spec.ring
+        for j in range(seq.rows - 1, max(seq.rows - R, 0) - 1, -1):
+            e = j % R
+            if seq.table[e] >= 0:
+                self._release(int(seq.table[e]))
+                seq.table[e] = -1
+        for e in np.nonzero(seq.table >= 0)[0]:        # (rows a ring never reached: none today)
             self._release(int(seq.table[e]))
         seq.table[:] = -1
         seq.rows = 0

@@ -120,14 +120,26 @@ class _Tracked:
 
 
 class EngineWorker:
-    """The one thread that runs the engine. Other threads call submit/abort/stop only."""
+    """The one thread that runs the engine. Other threads call submit/abort/stop only.
+
+    An exception anywhere in a step (a bug) fails every in-flight request at once with a 500
+    in OpenAI's shape and starts the engine afresh on a new block pool (Engine.reset(hard));
+    if even that fails, the worker is `failed`: /health says so with a 503, every request is
+    refused with a 503, and `on_fatal` (run_serve: stop the server, exit status 1) is called.
+    No request ever waits on a thread that is gone."""
+
+    FAULT = "internal error in the engine (see the server log); the request was not completed"
 
     def __init__(self, engine, metrics: Metrics):
         self.engine, self.metrics = engine, metrics
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.tracked: dict[int, _Tracked] = {}          # engine thread only
+        self.seq_of: dict[int, int] = {}                # request index -> engine sequence id
         self._ids = itertools.count()
         self.thread = threading.Thread(target=self._loop, name="tinyllm-engine", daemon=True)
+        self.failed: str | None = None                  # why the engine is gone for good
+        self.faults = 0
+        self.on_fatal: Callable[[], None] | None = None
 
     def start(self):
         self.thread.start()
@@ -138,6 +150,9 @@ class EngineWorker:
     def submit(self, req: Request, sink: Callable[[list[Event]], None]):
         """Queue a request; `sink` receives its events, a list per engine step, on the engine
         thread, and must not block. The request's index must come from new_index()."""
+        if self.failed:
+            sink([Event("error", req.index, error=self.failed, code="engine_failed")])
+            return
         self.inbox.put(("add", req, sink, time.perf_counter()))
 
     def abort(self, index: int):
@@ -151,48 +166,80 @@ class EngineWorker:
 
     def _loop(self):
         eng = self.engine
-        eng.reset()
-        self.metrics.kv_blocks.set(eng.pool.spec.n_blocks)
+        try:
+            eng.ensure_cache()
+            self.metrics.kv_blocks.set(eng.spec.n_blocks)
+        except Exception:
+            self._fault(recover=False)
         while True:
             cmds = []
-            if not eng.live and not eng.waiting:
+            if not eng.has_work():
                 cmds.append(self.inbox.get())           # sleep here when there is nothing to run
             try:
                 while True:
                     cmds.append(self.inbox.get_nowait())
             except queue.Empty:
                 pass
-            for kind, a, sink, t in cmds:
-                if kind == "add":
-                    self.tracked[a.index] = _Tracked(sink, t)
-                    self.metrics.prompt_tokens.inc(len(a.prompt_ids))
-                    eng.add(a)
-                elif kind == "abort":
-                    if self.tracked.pop(a, None) is not None:
-                        eng.abort(a)
-                else:                                   # stop
-                    for index in list(self.tracked):
-                        eng.abort(index)
-                    self.tracked.clear()
-                    self._publish()
+            try:
+                if self._commands(cmds):
                     return
-            if eng.live or eng.waiting:
-                self._step()
-            self._publish()
+                if eng.has_work() and not self.failed:
+                    self._step()
+                self._publish()
+            except Exception:
+                self._fault()
+
+    def _commands(self, cmds) -> bool:
+        """Apply the inbox's commands; True on stop."""
+        eng = self.engine
+        for kind, a, sink, t in cmds:
+            if kind == "add":
+                if self.failed:
+                    sink([Event("error", a.index, error=self.failed, code="engine_failed")])
+                    continue
+                self.tracked[a.index] = _Tracked(sink, t)
+                self.metrics.prompt_tokens.inc(len(a.prompt_ids))
+                self.seq_of[a.index] = eng.add(a)
+            elif kind == "abort":
+                if self.tracked.pop(a, None) is not None:
+                    eng.abort(self.seq_of.pop(a))
+            else:                                       # stop
+                for index in list(self.tracked):
+                    eng.abort(self.seq_of.pop(index))
+                self.tracked.clear()
+                self._publish()
+                return True
+        return False
+
+    def _fault(self, recover: bool = True):
+        """A bug in the engine: fail every tracked request now, then start afresh (or give up)."""
+        traceback.print_exc()
+        self.faults += 1
+        tracked, self.tracked = self.tracked, {}
+        self.seq_of.clear()
+        for index, tr in tracked.items():
+            try:
+                tr.sink([Event("error", index, error=self.FAULT, code="server_error")])
+            except Exception:
+                traceback.print_exc()
+        try:
+            if not recover:
+                raise RuntimeError("the engine could not start")
+            self.engine.reset(self.FAULT, hard=True)
+        except Exception:
+            traceback.print_exc()
+            self.failed = ("the engine failed and could not recover (see the server log); "
+                           "the server is shutting down: restart it")
+            if self.on_fatal is not None:
+                self.on_fatal()
 
     def _step(self):
         eng = self.engine
         before = dict(eng.stats)
-        try:
-            events = eng.step()
-            self.metrics.steps.inc(eng.stats["steps"] - before["steps"])
-            self.metrics.prefix_hits.inc(eng.stats["cached_tokens"] - before["cached_tokens"])
-            self.metrics.preemptions.inc(eng.stats["preemptions"] - before["preemptions"])
-        except Exception:                              # a bug: fail what runs, keep serving
-            traceback.print_exc()
-            events = [Event("error", i, error="internal error in the engine (see the server log)")
-                      for i in self.tracked]
-            eng.reset()
+        events = eng.step()
+        self.metrics.steps.inc(eng.stats["steps"] - before["steps"])
+        self.metrics.prefix_hits.inc(eng.stats["cached_tokens"] - before["cached_tokens"])
+        self.metrics.preemptions.inc(eng.stats["preemptions"] - before["preemptions"])
         now = time.perf_counter()
         by_req: dict[int, list[Event]] = {}
         for ev in events:
@@ -210,15 +257,21 @@ class EngineWorker:
                 self.metrics.finished.labels(ev.completion.finish_reason).inc()
             by_req.setdefault(ev.index, []).append(ev)
         for index, evs in by_req.items():
-            tr = self.tracked[index] if evs[-1].kind not in ("finish", "error") else self.tracked.pop(index)
+            if evs[-1].kind in ("finish", "error"):
+                tr = self.tracked.pop(index)
+                self.seq_of.pop(index, None)
+            else:
+                tr = self.tracked[index]
             tr.sink(evs)
 
     def _publish(self):
         eng, m = self.engine, self.metrics
-        m.running.set(len(eng.live))
-        m.waiting.set(len(eng.waiting))
+        if eng.scheduler is None:
+            return
+        m.running.set(len(eng.scheduler.running))
+        m.waiting.set(len(eng.scheduler.waiting))
         m.kv_blocks_used.set(eng.pool.n_used)
-        m.kv_tokens_used.set(sum(s.n_cached for s in eng.live))
+        m.kv_tokens_used.set(sum(s.n_cached for s in eng.scheduler.running))
         m.kv_usage.set(eng.pool.n_used / eng.pool.spec.n_blocks)
 
 
@@ -424,6 +477,11 @@ class Logprobs:
                 "text_offset": offsets}
 
 
+def _status(ev: Event) -> int:
+    """The HTTP status of a failed generation: 503 when the engine is gone, else 500 (a bug)."""
+    return 503 if ev.code == "engine_failed" else 500
+
+
 def _envelope(job: Job, rid: str, created: int, choices: list, **extra) -> dict:
     kind = ("chat.completion" if job.chat else "text_completion") + (".chunk" if job.stream and job.chat else "")
     return {"id": rid, "object": kind, "created": created, "model": job.model, "choices": choices, **extra}
@@ -481,7 +539,7 @@ class Server:
                     done[i] = ev.completion
                 elif ev.kind == "error":
                     outcome = "error"
-                    raise APIError(500, ev.error)
+                    raise APIError(_status(ev), ev.error, ev.code)
             outcome = "ok"
         except ClientGone:
             return Response(status_code=499)            # nobody reads it (nginx's "client closed")
@@ -539,7 +597,7 @@ class Server:
                                                                      logprobs=rest)], **extra))
                 elif ev.kind == "error":
                     outcome = "error"
-                    yield _sse(APIError(500, ev.error).body())
+                    yield _sse(APIError(_status(ev), ev.error, ev.code).body())
                     break
             if job.include_usage and outcome != "error":
                 yield _sse(_envelope(job, rid, created, [], usage=usage(job, done)))
@@ -600,8 +658,9 @@ def create_app(llm, names: tuple[str, ...], api_key: str | None = None, on_ready
 
     @app.get("/health")
     async def health():
-        if not srv.worker.thread.is_alive():
-            return JSONResponse(APIError(503, "the engine thread is not running").body(), status_code=503)
+        if srv.worker.failed or not srv.worker.thread.is_alive():
+            why = srv.worker.failed or "the engine thread is not running"
+            return JSONResponse(APIError(503, why).body(), status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -669,6 +728,14 @@ def run_serve(a) -> int:
     # re-raises the signal. No-op handlers here make that re-raise harmless: exit status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+
+    def on_fatal():                                  # the engine is gone: stop, exit status 1
+        server.should_exit = True
+    app.state.server.worker.on_fatal = on_fatal
+    server.run(sockets=[sock])
+    if app.state.server.worker.failed:
+        print(f"tinyllm serve: {app.state.server.worker.failed}", file=sys.stderr, flush=True)
+        return 1
     print("tinyllm serve: stopped", file=sys.stderr, flush=True)
     return 0

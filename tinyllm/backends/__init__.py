@@ -22,6 +22,14 @@ The model never asks which backend it runs on.
                                            causal (+ sliding window) GQA attention of the
                                            batch's queries over their sequences' blocks
     take_rows(x, rows)                     x[rows]
+
+and declares what it can do beyond that (class attributes; nothing probes with hasattr):
+
+    graphs            None, or the captured decode graphs (cuda_graphs.DecodeGraphs)
+    device_sampling   sample(logits, temperature, top_k, top_p, seeds, steps) draws on the device
+    device_memory     weights and KV live in device memory: free_memory(), total_memory(),
+                      peak_memory() and check_fits() exist (memory.py plans with them)
+    fused_projections concat_rows(arrays) fuses q|k|v and gate|up into one matrix each
 """
 
 from __future__ import annotations

@@ -215,6 +215,10 @@ class CudaBatch:
 class CudaBackend:
     name = "cuda"
     compute_dtype = "bf16"
+    # Capabilities (backends/__init__.py); `graphs` (DecodeGraphs) is set per instance.
+    device_sampling = True       # sample() draws on the device (sample.cu)
+    device_memory = True         # weights and KV live in GPU memory (memory.py's GPU plan)
+    fused_projections = True     # concat_rows(): one GEMV for q|k|v and one for gate|up
 
     def __init__(self, dtype: str | None = None, checkpoint_dtype: str = "float32", device: int | None = None):
         if dtype not in (None, "auto", "bf16", "bfloat16"):

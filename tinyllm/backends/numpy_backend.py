@@ -85,6 +85,11 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 class NumpyBackend:
     name = "numpy"
     compute_dtype = "fp32"
+    # Capabilities (backends/__init__.py): what the engine and the memory plan may rely on.
+    graphs = None                # no captured decode graphs
+    device_sampling = False      # sampling runs on the host (sampling.py)
+    device_memory = False        # weights and KV live in host RAM (memory.py's host plan)
+    fused_projections = False    # q|k|v and gate|up stay separate matrices (readable)
 
     def upload(self, name: str, a: np.ndarray) -> np.ndarray:
         # An owned, aligned float32 copy: a safetensors memmap view may sit at an offset

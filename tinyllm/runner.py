@@ -1,0 +1,118 @@
+"""The model runner: one forward of a scheduled batch on the backend, and the next tokens.
+
+Given the scheduler's runs [(sequence, n new tokens)], it builds the ragged Batch (block
+tables, start positions, lengths, open rows; backends/__init__.py), runs the forward, and
+samples for every sequence whose ids are all cached after it (a prompt's last chunk, or a
+decode token):
+
+    decode-only step, backend with graphs, no host sampling  ->  the captured decode graph
+                                                                 (forward + sampling on device)
+    otherwise                                                ->  eager forward (B, vocab) logits
+        NaN/inf rows  ->  those sequences fail ("model_error"), naming a bad weight if any
+        sampling      ->  on the device (cuda: seeded by (device_seed, step), ids copied back)
+                          or on the host (numpy backend, repetition penalty: the request's RNG)
+        logprobs      ->  host copies of the rows of requests that ask for them
+
+What a backend can do it declares (`graphs`, `device_sampling`); nothing here probes it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backends import Batch
+from .sampling import sample, token_logprobs
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model, backend, cache):
+        self.model, self.ops, self.cache = model, backend, cache
+
+    def forward(self, runs: list[tuple[Sequence, int]]):
+        """Eager forward of the runs: (B, vocab) logits of each run's last token, on the backend."""
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # NaN/inf: checked later
+            return self.model.forward(self._tokens(runs), self._batch(runs), self.cache)
+
+    def logits(self, ids: list[int], blocks, start: int, row: int) -> np.ndarray:
+        """(len(ids), vocab) float32 logits of every position of one chunk at `start`, through
+        `blocks` with open row `row` (Engine.logits)."""
+        batch = Batch(blocks.table[None], [start], [len(ids)], [row])
+        return self.ops.to_numpy(self.model.forward(np.asarray(ids, np.int32), batch, self.cache,
+                                                    all_logits=True))
+
+    @staticmethod
+    def _tokens(runs) -> np.ndarray:
+        return np.concatenate([np.asarray(s.ids[s.n_cached:s.n_cached + n], np.int32) for s, n in runs])
+
+    @staticmethod
+    def _batch(runs) -> Batch:
+        return Batch(np.stack([s.blocks.table for s, _ in runs]), [s.n_cached for s, _ in runs],
+                     [n for _, n in runs], [s.open_row for s, _ in runs])
+
+    # ---- graphs -------------------------------------------------------------------------------
+    def on_device(self, s: Sequence) -> bool:
+        """s samples on the device (the host sampler does repetition penalty)."""
+        return self.ops.device_sampling and (s.req.params.repetition_penalty or 1.0) == 1.0
+
+    def graph_step(self, runs: list[tuple[Sequence, int]]) -> list[int] | None:
+        """A step where every sequence brings one token, through the backend's captured decode
+        graph: the sampled ids, or None where the backend has no graphs (or they are off), a
+        sequence samples on the host, or one wants logprobs (a graph keeps its logits)."""
+        seqs = [s for s, _ in runs]
+        if (self.ops.graphs is None or any(n != 1 for _, n in runs)
+                or not all(self.on_device(s) and s.req.params.logprobs is None for s in seqs)):
+            return None
+        toks = self.ops.graphs.step(self.model, self._tokens(runs), self._batch(runs), self.cache,
+                                    *device_params(seqs))
+        return None if toks is None else [int(t) for t in toks]
+
+    # ---- after an eager forward ---------------------------------------------------------------
+    def nonfinite_rows(self, logits, rows: list[int]) -> set[int]:
+        """The rows among `rows` holding NaN or inf (one device reduction when all are finite)."""
+        if not rows or bool(np.isfinite(logits).all()):     # NEP-18: on the device for cupy
+            return set()
+        host = np.asarray(self.ops.to_numpy(logits))
+        return {r for r in rows if not np.isfinite(host[r]).all()}
+
+    def nonfinite_reason(self) -> str:
+        """The error for NaN/inf logits, naming the first weight tensor holding NaN or inf
+        (one pass over the weights, only when this happens)."""
+        for name, a in self.model.w.named():
+            if not bool(np.isfinite(a).all()):
+                return (f"the model produced NaN/inf logits: weight tensor {name} holds NaN or inf "
+                        f"values; the checkpoint is corrupt, re-download it")
+        return ("the model produced NaN/inf logits (its weights are finite: activations overflowed; "
+                "try a wider compute dtype, e.g. --dtype bf16 instead of fp16, or --backend numpy)")
+
+    def sample(self, logits, ready: list[tuple[int, Sequence]]) -> list[int]:
+        """Next token of each ready (logits row, sequence)."""
+        out: dict[int, int] = {}
+        dev = [(r, s) for r, s in ready if self.on_device(s)]
+        host = [(r, s) for r, s in ready if not self.on_device(s)]
+        if dev:
+            rows = self.ops.take_rows(logits, np.asarray([r for r, _ in dev], np.int32))
+            toks = self.ops.sample(rows, *device_params([s for _, s in dev]))
+            out.update({s.id: int(t) for (_, s), t in zip(dev, toks)})
+        if host:
+            rows = self.ops.to_numpy(self.ops.take_rows(logits, np.asarray([r for r, _ in host], np.int32)))
+            for (_, s), row in zip(host, rows):
+                out[s.id] = sample(row, s.req.params, s.rng, np.asarray(s.ids, np.int64))
+        return [out[s.id] for _, s in ready]
+
+    def logprobs(self, logits, ready: list[tuple[int, Sequence]], toks: list[int]) -> dict:
+        """seq id -> (logprob of its chosen token, top alternatives), for the sequences whose
+        request asks for logprobs (their rows are copied to the host)."""
+        want = [(r, s, t) for (r, s), t in zip(ready, toks) if s.req.params.logprobs is not None]
+        if not want:
+            return {}
+        rows = self.ops.to_numpy(self.ops.take_rows(logits, np.asarray([r for r, _, _ in want], np.int32)))
+        return {s.id: token_logprobs(row, t, s.req.params.logprobs) for (_, s, t), row in zip(want, rows)}
+
+
+def device_params(seqs: list[Sequence]) -> tuple[list, list, list, list, list]:
+    """Per sequence: temperature, top_k, top_p, seed and RNG step of on-device sampling."""
+    p = [s.req.params for s in seqs]
+    return ([q.temperature or 0.0 for q in p], [q.top_k or 0 for q in p],
+            [q.top_p if q.top_p is not None else 1.0 for q in p],
+            [s.device_seed for s in seqs], [len(s.generated) for s in seqs])
