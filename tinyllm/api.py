@@ -227,8 +227,9 @@ class LLM:
         earlier request computed for the same leading tokens come from the prefix cache:
         chat turns). The Completion is appended to `result` when given."""
         req, ids = self.requests([prompt], params)[0], []
+        run = self.engine.run([req], added=ids.append)     # (held: closing it aborts the request)
         try:
-            for ev in self.engine.run([req], added=ids.append):
+            for ev in run:
                 if ev.kind == "error":
                     raise TinyLLMError(ev.error)
                 if ev.kind == "text":
@@ -240,6 +241,8 @@ class LLM:
             if c is not None:                           # what was generated so far, finish "interrupted"
                 result.append(c)
             raise
+        finally:
+            run.close()
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
         """One assistant reply to `messages` ([{"role": str, "content": str}, ...])."""

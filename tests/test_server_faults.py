@@ -1,0 +1,111 @@
+"""A planted fault in the server's engine thread (issue #19): every in-flight request fails at
+once with a 500 in OpenAI's error shape, /health tells, and the engine comes back on a fresh
+block pool; when the recovery itself fails, the server refuses with 503s and asks to exit
+(status 1) — never a hang. The server runs in this process (uvicorn on a loopback socket) so
+the engine can be broken from here."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from tinyllm import LLM  # noqa: E402
+from tinyllm.serve import create_app, listen  # noqa: E402
+
+
+class Live:
+    def __init__(self, llm):
+        self.app = create_app(llm, ("tiny",))
+        sock = listen("127.0.0.1", 0)
+        self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.worker = self.app.state.server.worker
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture
+def live(tiny_factory):
+    s = Live(LLM(str(tiny_factory("llama_gqa")), max_seq_len=256, max_batch=4))
+    yield s
+    s.stop()
+
+
+def complete_all(url: str, n: int, max_tokens: int = 40) -> list[httpx.Response]:
+    """n concurrent completions; their responses (each within 60 s: a hang fails here)."""
+    out: list = [None] * n
+
+    def one(i):
+        out[i] = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": [5 + i, 6, 7],
+                                                            "max_tokens": max_tokens, "temperature": 0},
+                            timeout=60)
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(70)
+    return out
+
+
+def plant(engine, monkeypatch, after: int, reset_fails: bool = False):
+    """engine.step raises on its `after`-th call from now (and reset too, if asked)."""
+    real, calls = engine.step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == after:
+            raise RuntimeError("planted fault")
+        return real(*a, **k)
+    monkeypatch.setattr(engine, "step", step)
+    if reset_fails:
+        def reset(*a, **k):
+            raise RuntimeError("planted fault during recovery")
+        monkeypatch.setattr(engine, "reset", reset)
+
+
+def is_openai_500(r: httpx.Response) -> bool:
+    err = r.json().get("error", {})
+    return r.status_code == 500 and err.get("type") == "server_error" and "internal error" in err["message"]
+
+
+def is_refused(r: httpx.Response) -> bool:
+    return r.status_code == 503 and r.json()["error"]["code"] == "engine_failed"
+
+
+def test_fault_fails_every_in_flight_request_and_the_engine_comes_back(live, monkeypatch):
+    plant(live.worker.engine, monkeypatch, after=4)
+    rs = complete_all(live.url, 3)
+    assert all(is_openai_500(r) for r in rs), [r.text for r in rs]
+    assert live.worker.faults == 1 and live.worker.failed is None
+    assert httpx.get(live.url + "/health").json() == {"status": "ok"}
+    again = complete_all(live.url, 2, max_tokens=5)
+    assert all(r.status_code == 200 and len(r.json()["choices"][0]["text"]) > 0 for r in again)
+    assert live.worker.engine.pool.n_used == 0
+
+
+def test_fault_during_recovery_refuses_with_503_and_asks_to_exit(live, monkeypatch):
+    fatal = []
+    live.worker.on_fatal = lambda: fatal.append(1)
+    plant(live.worker.engine, monkeypatch, after=3, reset_fails=True)
+    rs = complete_all(live.url, 3)      # in flight at the fault: 500; arriving after it: 503
+    assert any(is_openai_500(r) for r in rs), [r.text for r in rs]
+    assert all(is_openai_500(r) or is_refused(r) for r in rs), [r.text for r in rs]
+    assert fatal == [1] and live.worker.failed
+    h = httpx.get(live.url + "/health")
+    assert h.status_code == 503 and "could not recover" in h.json()["error"]["message"]
+    r = httpx.post(live.url + "/v1/completions", json={"model": "tiny", "prompt": [5], "max_tokens": 2},
+                   timeout=30)
+    assert is_refused(r)
