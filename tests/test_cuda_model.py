@@ -255,3 +255,35 @@ def test_cli_no_cuda_graph_flag(tiny_factory, capsys):
     want = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))[0].text
     assert llm.backend.graphs.stats["replays"] > 0
     assert out == want + "\n"
+
+
+def test_default_pool_is_sized_from_the_measured_warmup(tiny_factory, monkeypatch):
+    """The default pool is what 90% of the memory free after loading holds next to the measured
+    working memory of the largest step (memory.py); generating at that batch and chunk with
+    the planned pool allocated never takes the allocator above the measured peak."""
+    import cupy
+    from tinyllm import memory
+    from tinyllm.backends.cuda_backend import CudaBackend
+    d = tiny_factory("llama_gqa")
+    seen = []
+    real = memory.measure_working
+    monkeypatch.setattr(memory, "measure_working", lambda *a: seen.append(real(*a)) or seen[-1])
+    kw = dict(backend="cuda", max_seq_len=128, prefill_chunk=16, max_batch=4, cuda_graph=False)
+    spec = LLM(str(d), **kw).engine.spec
+    assert spec.n_blocks == 4 * spec.ring == 32                  # a large device: the full pool
+    working = seen[-1]
+    budget = int((working + 20.5 * spec.block_nbytes()) / memory.GPU_MEMORY_UTILIZATION) + 1
+    monkeypatch.setattr(CudaBackend, "free_memory", lambda self: budget)
+    llm = LLM(str(d), **kw)
+    working = seen[-1]                                           # (this load's own measurement)
+    room = int(memory.GPU_MEMORY_UTILIZATION * budget) - working
+    assert llm.engine.spec.n_blocks == room // spec.block_nbytes() < 32     # the budget binds
+    llm.engine.ensure_cache()
+    pool = cupy.get_default_memory_pool()
+    pool.free_all_blocks()
+    held = pool.used_bytes()                                     # weights + KV pool
+    rng = np.random.default_rng(4)
+    prompts = [[int(t) for t in rng.integers(3, 256, 40)] for _ in range(4)]
+    llm.generate(prompts, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    peak = pool.total_bytes() - held
+    assert 0 < peak <= working - memory.GPU_CONTEXT_MARGIN - memory.CUBLAS_WORKSPACE, (peak, working)

@@ -149,36 +149,44 @@ def test_memory_check_counts_the_kv_cache_and_names_what_fits(model, monkeypatch
 
 
 def test_gpu_default_pool_shrinks_to_the_free_memory(model, monkeypatch):
-    """A backend with its own check_fits and free_memory (the cuda backend's interface): the
-    default pool takes max_batch sequences of max_seq_len when that fits in 90% of the free
-    memory, else as many blocks as fit (the paged cache preempts); when not even one sequence
-    fits, the check's error stands."""
+    """A backend with device memory (the cuda backend's interface): the default pool takes
+    max_batch sequences of max_seq_len when that fits in 90% of the free memory next to the
+    *measured* working memory of the warm-up step (memory.py), else as many blocks as fit (the
+    paged cache preempts); when not even one sequence fits, the check's error stands."""
     import tinyllm.api
-    from tinyllm.backends.cuda_backend import MEMORY_HEADROOM
     from tinyllm.backends.numpy_backend import NumpyBackend
     from tinyllm.config import ModelConfig
     from tinyllm.kv_cache import KVCacheSpec
+    from tinyllm.memory import CUBLAS_WORKSPACE, GPU_CONTEXT_MARGIN
     cfg = ModelConfig.load(model)
     one = KVCacheSpec.for_model(cfg, "fp32", 256, 1)
     weights = cfg.n_params() * 2
+    peak = 100 << 20
 
     class Budgeted(NumpyBackend):
+        device_memory = True
         free = 0
+        warmups = 0
 
         def free_memory(self):
             return self.free
 
-        def check_fits(self, weight_bytes, kv_bytes=0, kv_bytes_per_token=None, max_seq_len=None):
-            if weight_bytes + kv_bytes + MEMORY_HEADROOM > self.free:
+        def measure_peak(self, fn):
+            fn()                                   # the warm-up forward runs
+            self.warmups += 1
+            return peak
+
+        def check_fits(self, weight_bytes, kv_bytes=0, working=0, kv_bytes_per_token=None, max_seq_len=None):
+            if weight_bytes + kv_bytes + working > self.free:
                 raise TinyLLMError("the model needs more GPU memory than is free")
 
     be = Budgeted()
     monkeypatch.setattr(tinyllm.api, "get_backend", lambda *a, **k: be)
-    be.free = int((weights + MEMORY_HEADROOM + 88.5 * one.block_nbytes()) / 0.9)     # 5.5 sequences' blocks
+    be.free = int((peak + CUBLAS_WORKSPACE + GPU_CONTEXT_MARGIN + 88.5 * one.block_nbytes()) / 0.9) + 1   # 5.5 sequences
     assert LLM(str(model), max_seq_len=256, max_batch=4, cuda_graph=False).engine.spec.n_blocks == 4 * one.ring
     shrunk = LLM(str(model), max_seq_len=256, max_batch=16, cuda_graph=False).engine.spec
-    assert shrunk.n_blocks == 88 == 5.5 * one.ring
-    be.free = weights + MEMORY_HEADROOM + one.nbytes() // 2
+    assert shrunk.n_blocks == 88 == 5.5 * one.ring and be.warmups == 2
+    be.free = weights + one.nbytes() // 2
     with pytest.raises(TinyLLMError, match="more GPU memory than is free"):
         LLM(str(model), max_seq_len=256, max_batch=16)
 
@@ -204,7 +212,7 @@ def test_context_above_the_trained_maximum_warns(model):
 @pytest.mark.parametrize("text, value", [("24GB", 24 * 2**30), ("512MiB", 512 * 2**20), ("1.5G", 3 * 2**29),
                                          (" 2 tb ", 2 * 2**40), ("64k", 64 * 2**10), ("1e3MB", 1000 * 2**20)])
 def test_memory_sizes(text, value):
-    from tinyllm.options import parse_memory
+    from tinyllm.memory import parse_memory
     assert parse_memory(text) == value
 
 
@@ -212,7 +220,7 @@ def test_memory_sizes(text, value):
                                        ("1e400GB", "too large"), ("9e20TB", "too large"), ("nanGB", "cannot read"),
                                        ("infGB", "cannot read"), ("GB", "cannot read"), ("12XB", "cannot read")])
 def test_bad_memory_sizes(text, why):
-    from tinyllm.options import parse_memory
+    from tinyllm.memory import parse_memory
     with pytest.raises(TinyLLMError, match=why):
         parse_memory(text)
 

@@ -19,12 +19,12 @@ from .errors import TinyLLMError
 from .jsonfile import JsonObject
 from .model import Transformer
 from .sampling import SamplingParams
+from . import memory
 from .kv_cache import DEFAULT_BLOCK_SIZE, resolve_kv_dtype
 from .weights import available_memory, checkpoint_dtype, load_weights
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_SEQ_LEN = 8192       # the KV-cache length when the caller names none
-GPU_MEMORY_UTILIZATION = 0.9     # the share of free GPU memory the default KV pool may take (as vLLM)
 
 
 def resolve_model_dir(model) -> Path:
@@ -63,7 +63,8 @@ class LLM:
                           f"model was trained on (max_position_embeddings); output past that may degrade",
                           ContextWarning, stacklevel=2)
         self.prefill_chunk, self.block_size = prefill_chunk, block_size
-        self.n_blocks = self._kv_blocks(cfg, kv_cache_memory, max_batch)
+        # The memory plan (memory.py), decided once: the pool's blocks, checked before loading.
+        self.n_blocks = memory.budget_blocks(self.kv_spec(cfg, max_batch, 1), kv_cache_memory)
         self._check_memory(cfg, max_batch)
         self.cfg, weights = load_weights(self.model_dir, cfg, self.backend, progress=progress)
         self.weights_bytes = weights.nbytes_on_disk
@@ -73,6 +74,11 @@ class LLM:
         self.generation_defaults = self._generation_defaults()
         self.eos_token_ids = self._eos_ids()
         self.model = Transformer(self.cfg, weights, self.backend)
+        if self.backend.device_memory and self.n_blocks is None:     # GPU: from a measured warm-up
+            working = memory.measure_working(self.backend, self.model, self.kv_spec(self.cfg, max_batch),
+                                             prefill_chunk, max_batch)
+            self.n_blocks = memory.gpu_pool_blocks(self.backend, self.kv_spec(self.cfg, max_batch), working,
+                                                   self._graph_bytes(self.cfg, max_batch))
         self.engine = Engine(self.model, self.tokenizer, self.backend, self.eos_token_ids,
                              self.kv_spec(self.cfg, max_batch, self.n_blocks), max_batch=max_batch,
                              prefill_chunk=prefill_chunk, prefix_caching=bool(enable_prefix_caching))
@@ -83,62 +89,21 @@ class LLM:
         return KVCacheSpec.for_model(cfg, self.kv_dtype, self.max_seq_len, max_batch, chunk=self.prefill_chunk,
                                      block_size=self.block_size, n_blocks=n_blocks)
 
-    def _kv_blocks(self, cfg: ModelConfig, kv_cache_memory, max_batch: int) -> int | None:
-        """Blocks in the pool: kv_cache_memory bytes ('4GB' or an int) of them, or None for
-        the default: max_batch sequences of max_seq_len (what fixed slots took); on the CPU the
-        memory check then says whether that fits in RAM, on the GPU it shrinks to fit
-        (_gpu_default_blocks)."""
-        if kv_cache_memory is None:
-            return None
-        from .options import parse_memory
-        budget = parse_memory(kv_cache_memory) if isinstance(kv_cache_memory, str) else kv_cache_memory
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-            raise TinyLLMError(f"kv_cache_memory={kv_cache_memory!r} must be a size like '4GB' or a byte count >= 1")
-        spec = self.kv_spec(cfg, max_batch, 1)
-        n = budget // spec.block_nbytes()
-        if n < 1:
-            raise TinyLLMError(f"kv_cache_memory={kv_cache_memory!r} holds no KV block: one block of "
-                               f"{self.block_size} tokens takes {spec.block_nbytes():,} bytes for this model")
-        return int(n)
-
-    def _gpu_default_blocks(self, cfg: ModelConfig, max_batch: int, fixed_bytes: int) -> int | None:
-        """The GPU's default pool: as many blocks as max_batch sequences of max_seq_len can
-        use at once, or, when that does not fit, what GPU_MEMORY_UTILIZATION of the free
-        memory holds next to the weights (fixed_bytes) and the working headroom: the paged
-        cache then preempts instead of refusing to start. None (the full size, which the
-        memory check then refuses with its numbers) when not even one sequence fits."""
-        from .backends.cuda_backend import MEMORY_HEADROOM
-        spec = self.kv_spec(cfg, max_batch)
-        room = int(GPU_MEMORY_UTILIZATION * self.backend.free_memory()) - fixed_bytes - MEMORY_HEADROOM
-        n = min(spec.n_blocks, max(room, 0) // spec.block_nbytes())
-        return n if n >= spec.ring else None
+    def _graph_bytes(self, cfg: ModelConfig, max_batch: int) -> int:
+        """Device memory the captured decode graphs will hold (0 without graphs)."""
+        graphs = self.backend.graphs
+        if graphs is None or not graphs.enabled:
+            return 0
+        return graphs.estimate_bytes(cfg, max_batch, self.kv_spec(cfg, max_batch).ring)
 
     def _check_memory(self, cfg: ModelConfig, max_batch: int):
         """Weights + KV cache + working memory must fit before anything large is allocated."""
-        from .memory import check_host_fits, largest
-        if self.backend.device_memory:  # GPU: weights (bf16) + KV cache + working headroom in free memory
-            graphs = self.backend.graphs                     # captured decode graphs: their buffers too
-            graph_bytes = (graphs.estimate_bytes(cfg, max_batch, self.kv_spec(cfg, max_batch).ring)
-                           if graphs is not None and graphs.enabled else 0)
-            if self.n_blocks is None:
-                self.n_blocks = self._gpu_default_blocks(cfg, max_batch, cfg.n_params() * 2 + graph_bytes)
-
-            def check(batch: int):
-                spec = self.kv_spec(cfg, batch, self.n_blocks)
-                self.backend.check_fits(cfg.n_params() * 2 + graph_bytes, spec.nbytes(),
-                                        kv_bytes_per_token=cfg.kv_bytes_per_token(self.kv_dtype) * batch,
-                                        max_seq_len=self.max_seq_len)
-            try:
-                check(max_batch)
-            except TinyLLMError as e:         # the backend names the longest context; add the largest batch
-                best = largest(lambda b: _succeeds(check, b), 1, max_batch - 1) if max_batch > 1 else 0
-                if best < 1:
-                    raise
-                raise TinyLLMError(f"{e}; with context {self.max_seq_len} the largest --max-batch that fits "
-                                   f"is {best}") from None
-            return
-        check_host_fits(cfg, self.kv_dtype, self.max_seq_len, max_batch, self.prefill_chunk, available_memory(),
-                        self.block_size, self.n_blocks)
+        if self.backend.device_memory:
+            memory.check_gpu_fits(self.backend, cfg, lambda b, n: self.kv_spec(cfg, b, n), max_batch,
+                                  self.n_blocks, self.prefill_chunk, lambda b: self._graph_bytes(cfg, b))
+        else:
+            memory.check_host_fits(cfg, self.kv_dtype, self.max_seq_len, max_batch, self.prefill_chunk,
+                                   available_memory(), self.block_size, self.n_blocks)
 
     def need_tokenizer(self, what: str):
         """The tokenizer, or a TinyLLMError saying that `what` needs one."""
@@ -249,14 +214,6 @@ class LLM:
         from .tokenizer import check_messages
         ids = self.need_tokenizer("chat").encode_chat(check_messages(messages), add_generation_prompt=True)
         return self.generate([ids], params)[0]
-
-
-def _succeeds(check, *args) -> bool:
-    try:
-        check(*args)
-    except TinyLLMError:
-        return False
-    return True
 
 
 class ContextWarning(UserWarning):

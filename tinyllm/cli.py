@@ -15,7 +15,8 @@ from pathlib import Path
 
 from . import __version__
 from .errors import TinyLLMError
-from .options import add_model_args, add_sampling_args, load_llm, parse_memory, sampling_from_args
+from .memory import parse_memory
+from .options import add_model_args, add_sampling_args, load_llm, sampling_from_args
 
 
 # ---- commands ------------------------------------------------------------------------
@@ -94,12 +95,12 @@ def cmd_info(a) -> int:
         def fits(kv: str, n: int) -> bool:
             return host_plan(cfg, kv, n, 1, chunk).total <= budget
     else:
-        from .backends.cuda_backend import MEMORY_HEADROOM
-        working = f"{fmt_bytes(MEMORY_HEADROOM)} working memory"
-        runtime = MEMORY_HEADROOM
+        from .memory import gpu_working_estimate
+        runtime = gpu_working_estimate(cfg, chunk, 1)
+        working = f"{fmt_bytes(runtime)} working memory (estimated; measured at load)"
 
         def fits(kv: str, n: int) -> bool:
-            return weight_bytes + MEMORY_HEADROOM + KVCacheSpec.for_model(cfg, kv, n, 1, chunk=chunk).nbytes() <= budget
+            return weight_bytes + runtime + KVCacheSpec.for_model(cfg, kv, n, 1, chunk=chunk).nbytes() <= budget
     print(f"\nKV cache per token, and the longest context (one sequence) that fits in {fmt_bytes(budget)} "
           f"next to the weights ({fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param) and {working}:")
     print(f"  {'kv dtype':<8} {'bytes/token':>12} {'MHA would need':>15}  max context")

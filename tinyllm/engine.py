@@ -51,6 +51,7 @@ class Engine:
         self._lock = threading.RLock()
         self._routes: dict[int, deque] = {}    # seq id -> the event queue of the run() that added it
         self._pending: list[Event] = []        # events for the next step's caller (rejected prompts)
+        self._aborted: dict[int, Completion] = {}   # seq id -> its completion when aborted (partial())
 
     @property
     def max_batch(self) -> int:
@@ -108,15 +109,25 @@ class Engine:
 
     def abort(self, seq_id: int) -> bool:
         """Drop a sequence, waiting or running, without an event; its blocks are free at once."""
+        return self._abort(seq_id) is not None
+
+    def _abort(self, seq_id: int) -> Sequence | None:
         with self._lock:
             self._routes.pop(seq_id, None)
-            return self.scheduler is not None and self.scheduler.abort(seq_id) is not None
+            s = self.scheduler.abort(seq_id) if self.scheduler is not None else None
+            if s is not None:                  # what it had, for partial() (the latest few)
+                self._aborted[seq_id] = completion(s)
+                while len(self._aborted) > 16:
+                    del self._aborted[next(iter(self._aborted))]
+            return s
 
     def partial(self, seq_id: int) -> Completion | None:
-        """The Completion so far of a sequence still running (finish_reason "interrupted")."""
+        """The Completion so far (finish_reason "interrupted") of a sequence still running or
+        just aborted (a run() generator closed, or interrupted by an exception)."""
         with self._lock:
             running = self.scheduler.running if self.scheduler else []
-            return next((completion(s) for s in running if s.id == seq_id), None)
+            c = next((completion(s) for s in running if s.id == seq_id), None)
+            return c or self._aborted.pop(seq_id, None)
 
     def has_work(self) -> bool:
         return bool(self._pending) or (self.scheduler is not None and len(self.scheduler) > 0)
@@ -172,7 +183,7 @@ class Engine:
                         yield ev
         finally:
             for sid in open_ids:
-                self.abort(sid)
+                self._abort(sid)
 
     def step(self, pull: Callable[[], Sequence | None] | None = None) -> list[Event]:
         """One scheduling step and forward. Returns the events of sequences no run() claims:

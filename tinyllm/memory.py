@@ -1,6 +1,18 @@
-"""Host memory plan for the numpy backend: weights + KV cache + runtime working memory,
-checked against MemAvailable before anything large is allocated. (The cuda backend checks
-free GPU memory itself: CudaBackend.check_fits.)
+"""The memory plan, decided once: weights + KV-cache pool + working memory, on the host or the GPU.
+
+LLM asks this module, and only this module, how many KV blocks the pool gets (`kv_blocks`),
+and hands the resulting KVCacheSpec down to the engine. Three cases:
+
+- an explicit budget (--kv-cache-memory): as many blocks as it holds;
+- host (numpy backend): max_batch sequences of max_seq_len, checked against MemAvailable
+  with the estimate below before anything large is allocated (check_host_fits);
+- GPU (a backend with device_memory): before loading, weights + one sequence's blocks + an
+  *estimate* of the working memory must fit (early refusal with the longest context that
+  would); after loading, a warm-up forward of the largest step (one prefill chunk and
+  max_batch - 1 decode tokens, in a scratch cache) is *measured* by the backend (the CuPy
+  pool's high-water mark), and the pool gets what GPU_MEMORY_UTILIZATION of the memory then
+  free holds next to that measured peak and the decode graphs' buffers, capped at max_batch
+  sequences of max_seq_len (nano-vllm sizes its pool the same way).
 
 Working memory of one numpy forward over a chunk of T <= prefill_chunk tokens (float32):
   activations   T * (4*dim + 3*q_dim + 2*kv_dim + 3*hidden_dim) * 4     x, h, q, k, v, a, gate, up, m
@@ -14,11 +26,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+import re
+
+import numpy as np
+
 from .config import ModelConfig
 from .errors import TinyLLMError
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCacheSpec
 
 FIXED_OVERHEAD = 384 * 2**20
+GPU_MEMORY_UTILIZATION = 0.9     # the share of free GPU memory the default KV pool may take (as vLLM)
+# cuBLAS's default workspace is 32 MiB on Hopper (4 MiB before): CUDA docs, cublasSetWorkspace.
+CUBLAS_WORKSPACE = 32 * 2**20
+GPU_CONTEXT_MARGIN = 256 * 2**20  # allocations outside CuPy's pool (modules, cuBLAS handles, graphs)
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt])(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+MAX_MEMORY = 2**60          # an exabyte: anything larger is a typo
+
+
+def parse_memory(text: str) -> int:
+    """'24GB', '512MiB', '1.5G' -> bytes (GB and GiB both mean 2**30: memory, not disks).
+    A unit is required; zero, negative, non-finite and absurd sizes are errors."""
+    t = str(text).strip()
+    m = _SIZE.match(t)
+    if not m:
+        if re.fullmatch(r"[0-9.eE+]+", t):
+            raise TinyLLMError(f"memory size {text!r} has no unit; write it like {t}GB or {t}MB")
+        if t.startswith("-"):
+            raise TinyLLMError(f"memory size {text!r} is negative; write a size like 24GB")
+        raise TinyLLMError(f"cannot read memory size {text!r}; write it like 24GB or 512MB")
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not math.isfinite(value) or value > MAX_MEMORY:
+        raise TinyLLMError(f"memory size {text!r} is too large; write a size like 24GB")
+    if value < 1:
+        raise TinyLLMError(f"memory size {text!r} must be more than zero")
+    return int(value)
+
 
 
 @dataclass(frozen=True)
@@ -83,3 +128,102 @@ def check_host_fits(cfg: ModelConfig, kv_dtype: str, max_seq_len: int, max_batch
     if kv_dtype in ("fp32", "fp16", "bf16"):
         hints.append("--kv-dtype int8 stores the cache in a quarter of fp32's space")
     raise TinyLLMError(f"{msg}; " + "; ".join(hints))
+
+
+# ---- the KV pool: how many blocks -----------------------------------------------------------------
+
+def budget_blocks(one_block: KVCacheSpec, kv_cache_memory) -> int | None:
+    """Blocks in a pool of kv_cache_memory bytes ('4GB' or an int); None: the default pool."""
+    if kv_cache_memory is None:
+        return None
+    budget = parse_memory(kv_cache_memory) if isinstance(kv_cache_memory, str) else kv_cache_memory
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise TinyLLMError(f"kv_cache_memory={kv_cache_memory!r} must be a size like '4GB' or a byte "
+                           f"count >= 1")
+    n = budget // one_block.block_nbytes()
+    if n < 1:
+        raise TinyLLMError(f"kv_cache_memory={kv_cache_memory!r} holds no KV block: one block of "
+                           f"{one_block.block_size} tokens takes {one_block.block_nbytes():,} bytes for "
+                           f"this model (--kv-cache-memory)")
+    return int(n)
+
+
+def gpu_working_estimate(cfg: ModelConfig, chunk: int, max_batch: int) -> int:
+    """Working memory of the largest step *before* it can be measured (the pre-load check,
+    `tinyllm info`): T = chunk + max_batch - 1 tokens of bf16 activations (x, h, q|k|v,
+    attention out, gate|up, m: the same terms as the host plan), max_batch rows of float32
+    logits, cuBLAS's workspace and a margin for allocations outside CuPy's pool."""
+    t = chunk + max_batch - 1
+    act = t * (4 * cfg.dim + 3 * cfg.q_dim + 2 * cfg.kv_dim + 3 * cfg.hidden_dim) * 2
+    return act + max_batch * cfg.vocab_size * 4 + CUBLAS_WORKSPACE + GPU_CONTEXT_MARGIN
+
+
+def measure_working(backend, model, spec: KVCacheSpec, chunk: int, max_batch: int) -> int:
+    """The measured working memory of the largest step: a forward of one prompt chunk and
+    max_batch - 1 decode tokens through a scratch cache of just their blocks, as the backend's
+    allocator saw it (backend.measure_peak), plus what lives outside CuPy's pool (cuBLAS's
+    workspace and the margin: the same terms gpu_working_estimate adds)."""
+    from .backends import Batch
+    t = max(1, min(chunk, spec.max_chunk))
+    bs, first = spec.block_size, -(-(t + 1) // spec.block_size)
+    scratch = KVCacheSpec(spec.n_layers, first + max_batch - 1, bs, first, spec.n_kv_heads, spec.head_dim,
+                          spec.kv_dtype, spec.window, first * bs, n_open=max_batch + 1)
+    tables = np.full((max_batch, first), -1, np.int32)
+    tables[0] = np.arange(first)
+    tables[1:, 0] = first + np.arange(max_batch - 1)
+    batch = Batch(tables, [0] * max_batch, [t] + [1] * (max_batch - 1), list(range(max_batch)))
+    tokens = np.zeros(t + max_batch - 1, np.int32)
+    cache = backend.alloc_kv(scratch)
+    try:
+        peak = backend.measure_peak(lambda: model.forward(tokens, batch, cache))
+        return peak + CUBLAS_WORKSPACE + GPU_CONTEXT_MARGIN
+    finally:
+        del cache
+
+
+def gpu_pool_blocks(backend, full: KVCacheSpec, working: int, graph_bytes: int) -> int:
+    """The default GPU pool after the weights are loaded: GPU_MEMORY_UTILIZATION of the free
+    memory, less the measured working memory and the decode graphs' buffers, in blocks; at
+    most `full` (max_batch sequences of max_seq_len); at least one sequence's ring."""
+    from .weights import fmt_bytes
+    free = backend.free_memory()
+    room = int(GPU_MEMORY_UTILIZATION * free) - working - graph_bytes
+    n = min(full.n_blocks, max(room, 0) // full.block_nbytes())
+    if n < full.ring:
+        raise TinyLLMError(
+            f"after loading the weights {fmt_bytes(free)} of GPU memory is free; the working memory "
+            f"({fmt_bytes(working)} measured) and decode graphs ({fmt_bytes(graph_bytes)}) leave room for "
+            f"{n} KV blocks and one sequence of {full.max_seq_len} tokens needs {full.ring}: lower "
+            f"--ctx-size or --max-batch, or use --kv-dtype int8")
+    return int(n)
+
+
+def check_gpu_fits(backend, cfg: ModelConfig, spec_of, max_batch: int, n_blocks: int | None, chunk: int,
+                   graph_bytes_of) -> None:
+    """Before loading: bf16 weights + the KV pool (n_blocks, or for the default pool the one
+    sequence it must at least hold) + the estimated working memory + decode graphs must fit in
+    free GPU memory; else the backend's refusal names the longest context, and the largest
+    --max-batch that fits is added. spec_of(batch, n_blocks) -> KVCacheSpec; graph_bytes_of(batch)."""
+    def check(batch: int):
+        spec = spec_of(batch, n_blocks)
+        kv = spec.nbytes() if n_blocks is not None else spec.ring * spec.block_nbytes() + spec.open_nbytes()
+        backend.check_fits(cfg.n_params() * 2 + graph_bytes_of(batch), kv,
+                           gpu_working_estimate(cfg, chunk, batch),
+                           kv_bytes_per_token=cfg.kv_bytes_per_token(spec.kv_dtype),
+                           max_seq_len=spec.max_seq_len)
+    try:
+        check(max_batch)
+    except TinyLLMError as e:
+        best = largest(lambda b: _fits(check, b), 1, max_batch - 1) if max_batch > 1 else 0
+        if best < 1:
+            raise
+        raise TinyLLMError(f"{e}; with context {spec_of(1, None).max_seq_len} the largest --max-batch "
+                           f"that fits is {best}") from None
+
+
+def _fits(check, *args) -> bool:
+    try:
+        check(*args)
+    except TinyLLMError:
+        return False
+    return True

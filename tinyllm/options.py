@@ -7,37 +7,11 @@ way (cli -> chat/batch -> options), never back into cli.
 from __future__ import annotations
 
 import argparse
-import math
-import re
 import sys
 
-from .api import GPU_MEMORY_UTILIZATION
 from .errors import TinyLLMError
 from .kv_cache import DEFAULT_BLOCK_SIZE
-
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt])(?:i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-MAX_MEMORY = 2**60          # an exabyte: anything larger is a typo
-
-
-def parse_memory(text: str) -> int:
-    """'24GB', '512MiB', '1.5G' -> bytes (GB and GiB both mean 2**30: memory, not disks).
-    A unit is required; zero, negative, non-finite and absurd sizes are errors."""
-    t = str(text).strip()
-    m = _SIZE.match(t)
-    if not m:
-        if re.fullmatch(r"[0-9.eE+]+", t):
-            raise TinyLLMError(f"memory size {text!r} has no unit; write it like {t}GB or {t}MB")
-        if t.startswith("-"):
-            raise TinyLLMError(f"memory size {text!r} is negative; write a size like 24GB")
-        raise TinyLLMError(f"cannot read memory size {text!r}; write it like 24GB or 512MB")
-    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if not math.isfinite(value) or value > MAX_MEMORY:
-        raise TinyLLMError(f"memory size {text!r} is too large; write a size like 24GB")
-    if value < 1:
-        raise TinyLLMError(f"memory size {text!r} must be more than zero")
-    return int(value)
+from .memory import GPU_MEMORY_UTILIZATION
 
 
 def _positive_int(text: str) -> int:

@@ -54,7 +54,6 @@ CUBLAS_GEMM_DEFAULT = -1
 UPLOAD_CHUNK_BYTES = 64 << 20      # pinned staging buffer (x2) for weight uploads
 DECODE_MIN_SPLIT = 64              # fewest key positions per decode split
 DECODE_CTAS_PER_SM = 4             # decode grid target: this many CTAs per SM
-MEMORY_HEADROOM = 1 << 30          # kept free for activations, workspaces and cuBLAS
 LOGIT_WEIGHT_NAMES = ("lm_head.weight", "embed_tokens.weight", "tok_embeddings.weight", "output.weight")
 
 
@@ -126,17 +125,17 @@ def fmt_gb(n: float) -> str:
     return f"{n / 2**30:.1f} GB"
 
 
-def fits_message(weight_bytes: int, kv_bytes: int, free: int, kv_bytes_per_token: int | None = None,
-                 max_seq_len: int | None = None) -> str | None:
-    """None if weights + KV cache (+ headroom) fit in `free` bytes, else the user-facing reason
-    with the longest context that would fit."""
-    need = weight_bytes + kv_bytes + MEMORY_HEADROOM
+def fits_message(weight_bytes: int, kv_bytes: int, free: int, working: int = 0,
+                 kv_bytes_per_token: int | None = None, max_seq_len: int | None = None) -> str | None:
+    """None if weights + KV cache + working memory (memory.py's estimate) fit in `free` bytes,
+    else the user-facing reason with the longest context that would fit."""
+    need = weight_bytes + kv_bytes + working
     if need <= free:
         return None
     msg = (f"the model needs {fmt_gb(need)} of GPU memory ({fmt_gb(weight_bytes)} weights + "
-           f"{fmt_gb(kv_bytes)} KV cache + {fmt_gb(MEMORY_HEADROOM)} working memory) and "
+           f"{fmt_gb(kv_bytes)} KV cache + {fmt_gb(working)} working memory) and "
            f"{fmt_gb(free)} is free")
-    room = free - weight_bytes - MEMORY_HEADROOM
+    room = free - weight_bytes - working
     if kv_bytes_per_token and room > 0:
         longest = room // kv_bytes_per_token
         if max_seq_len:
@@ -271,11 +270,22 @@ class CudaBackend:
     def total_memory(self) -> int:
         return int(self.cp.cuda.runtime.memGetInfo()[1])
 
-    def check_fits(self, weight_bytes: int, kv_bytes: int = 0, kv_bytes_per_token: int | None = None,
-                   max_seq_len: int | None = None) -> None:
+    def measure_peak(self, fn) -> int:
+        """Bytes CuPy's pool had to hold for fn() beyond what was in use before: its cached
+        blocks are freed first, so afterwards the pool's total is the high-water mark."""
+        pool = self.cp.get_default_memory_pool()
+        self.cp.cuda.get_current_stream().synchronize()
+        pool.free_all_blocks()
+        used = pool.used_bytes()
+        fn()
+        self.cp.cuda.get_current_stream().synchronize()
+        return max(0, int(pool.total_bytes()) - int(used))
+
+    def check_fits(self, weight_bytes: int, kv_bytes: int = 0, working: int = 0,
+                   kv_bytes_per_token: int | None = None, max_seq_len: int | None = None) -> None:
         """Raise TinyLLMError (needed GB, longest context that fits) unless weights not yet
         uploaded (weight_bytes) plus a KV cache of kv_bytes fit in free GPU memory."""
-        msg = fits_message(weight_bytes, kv_bytes, self.free_memory(), kv_bytes_per_token, max_seq_len)
+        msg = fits_message(weight_bytes, kv_bytes, self.free_memory(), working, kv_bytes_per_token, max_seq_len)
         if msg:
             raise TinyLLMError(f"{msg} ({self.gpu_name})")
 
@@ -343,7 +353,7 @@ class CudaBackend:
         head_dim_tile(spec.head_dim)
         need = spec.nbytes()
         per_token = spec.block_nbytes() // spec.block_size          # one position of one sequence
-        msg = fits_message(0, need, self.free_memory() + MEMORY_HEADROOM // 2, per_token,
+        msg = fits_message(0, need, self.free_memory(), 0, per_token,
                            spec.max_seq_len if not spec.rolling else None)
         if msg:
             raise TinyLLMError(f"KV cache does not fit: {msg} ({self.gpu_name})")

@@ -39,7 +39,7 @@ import ctypes
 import numpy as np
 
 from ..kv_cache import DEFAULT_BLOCK_SIZE
-from .cuda_backend import MEMORY_HEADROOM
+from ..memory import CUBLAS_WORKSPACE
 
 ALIGN = 256                      # bytes: every arena buffer starts on this boundary
 # The largest batch that runs as a graph (None: every bucket up to the engine's max batch).
@@ -243,7 +243,7 @@ class DecodeGraphs:
         self.stats["eager_plans"] += 1
         need = arena.nbytes()
         if self._slab is None or self._slab.nbytes < need:
-            if be.free_memory() - need < MEMORY_HEADROOM // 2:   # (api.py counted estimate_bytes)
+            if be.free_memory() - need < CUBLAS_WORKSPACE:   # (memory.py counted estimate_bytes)
                 self.enabled = False                 # decode goes on eagerly
                 self.off_reason = f"no GPU memory left for {need / 2**20:.0f} MiB of decode-graph buffers"
                 return out

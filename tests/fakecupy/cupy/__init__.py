@@ -82,12 +82,22 @@ _starts: list[int] = []                             # sorted keys of _allocs
 _prune_at = 4096
 
 
+_live = [0, 0]          # bytes of live device buffers, and their high-water mark (the pool's total)
+
+
+def _freed(nbytes: int):
+    _live[0] -= nbytes
+
+
 def _register(buf: np.ndarray) -> None:
     global _prune_at
     start = buf.__array_interface__["data"][0]
     if start not in _allocs:
         bisect.insort(_starts, start)
     _allocs[start] = (start + buf.nbytes, weakref.ref(buf))
+    weakref.finalize(buf, _freed, buf.nbytes)
+    _live[0] += buf.nbytes
+    _live[1] = max(_live[1], _live[0])
     if len(_starts) > _prune_at:                    # forget freed buffers now and then
         for s in [s for s, (_, ref) in _allocs.items() if ref() is None]:
             del _allocs[s]
@@ -201,11 +211,17 @@ def asnumpy(a):
 
 
 class _MemoryPool:
+    """CuPy's pool: used = live buffers; total = what it holds, live or cached for reuse, which
+    (as CuPy's, barring fragmentation) is the high-water mark of used since free_all_blocks."""
+
     def used_bytes(self):
         return sum(end - start for start, (end, ref) in _allocs.items() if ref() is not None)
 
     def total_bytes(self):
-        return self.used_bytes()
+        return max(_live[1], self.used_bytes())
+
+    def free_all_blocks(self):
+        _live[1] = _live[0]
 
 
 _pool = _MemoryPool()
