@@ -32,7 +32,7 @@ from .output import Completion, Event, OutputProcessor, completion, error
 from .paging import BlockPool
 from .runner import ModelRunner
 from .scheduler import Scheduler
-from .sequence import Request, Sequence
+from .sequence import Request, Sequence, prompt_problem
 
 __all__ = ["Completion", "Engine", "Event", "Request"]
 
@@ -41,13 +41,12 @@ class Engine:
     def __init__(self, model, tokenizer, backend, eos_ids: set[int], spec: KVCacheSpec,
                  max_batch: int = 8, prefill_chunk: int = 512, prefix_caching: bool = True):
         self.model, self.ops, self.spec = model, backend, spec
-        self.scheduler = None
+        self.cache = self.pool = self.scheduler = self.runner = None
         self.max_seq_len, self.max_batch, self.prefill_chunk = spec.max_seq_len, max_batch, prefill_chunk
         self.prefix_caching = prefix_caching
         self.output = OutputProcessor(tokenizer, eos_ids, spec.max_seq_len)
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "cached_tokens": 0,
                       "preemptions": 0}
-        self.cache = self.pool = self.scheduler = self.runner = None
         self._lock = threading.RLock()
         self._routes: dict[int, deque] = {}    # seq id -> the event queue of the run() that added it
         self._pending: list[Event] = []        # events for the next step's caller (rejected prompts)
@@ -100,8 +99,6 @@ class Engine:
         if route is not None:
             self._routes[s.id] = route
         bad = self.check_prompt(req.prompt_ids)
-        if bad is None and self.spec.blocks_for(len(req.prompt_ids)) > self.spec.n_blocks:
-            bad = "context_length_exceeded", self.pool_full_message(len(req.prompt_ids))
         if bad:
             self._pending.append(error(s, bad[1], bad[0]))
             return None
@@ -207,28 +204,16 @@ class Engine:
         return self._route(events)
 
     def _forward(self, runs: list[tuple[Sequence, int]]) -> list[Event]:
-        chosen = self.runner.graph_step(runs)
-        logits = self.runner.forward(runs) if chosen is None else None
+        sampled, failed, why = self.runner.execute(runs)
         self.stats["steps"] += 1
-        ready = []
-        for row, (s, n) in enumerate(runs):
+        for s, n in runs:
             self.scheduler.advance(s, n)
             kind = "prefill_tokens" if s.n_cached <= s.n_prompt else "decode_tokens"
             self.stats[kind] += n
             s.prefill_tokens += n if kind == "prefill_tokens" else 0
-            if s.n_cached == len(s.ids):       # else: the prompt is not fully cached yet
-                ready.append((row, s))
-        events = []
-        if chosen is None:
-            bad = self.runner.nonfinite_rows(logits, [r for r, _ in ready])
-            if bad:
-                why = self.runner.nonfinite_reason()
-                events += [error(s, why, "model_error") for r, s in ready if r in bad]
-                ready = [(r, s) for r, s in ready if r not in bad]
-            chosen = self.runner.sample(logits, ready) if ready else []
-        lps = self.runner.logprobs(logits, ready, chosen)
-        for (_, s), tok in zip(ready, chosen):
-            events += self.output.accept(s, tok, *lps.get(s.id, (None, None)))
+        events = [error(s, why, "model_error") for s in failed]
+        for s, tok, lp, top in sampled:
+            events += self.output.accept(s, tok, lp, top)
         return events
 
     def _route(self, events: list[Event]) -> list[Event]:
@@ -238,46 +223,17 @@ class Engine:
             (route.append if route is not None else out.append)(ev)
         return out
 
-    # ---- full-sequence logits (no sampling) ---------------------------------------------------
+    # ---- full-sequence logits (no sampling), and prompt checks ------------------------------------
     def logits(self, ids: list[int]):
-        """(len(ids), vocab) float32 logits at every position, prefilled chunk by chunk through
-        the pool's blocks (released afterwards) and the spec's own logits row: safe between
-        steps of running sequences."""
+        """(len(ids), vocab) float32 logits at every position (runner.full_logits: through the
+        pool's blocks and the spec's logits row, so safe between steps of running sequences)."""
         bad = self.check_prompt(ids, allow_full=True)
         if bad:
             raise TinyLLMError(bad[1])
-        import numpy as np
         with self._lock:
             self.ensure_cache()
-            chunk, blocks, out = min(self.spec.max_chunk, self.prefill_chunk), self.pool.new_seq(), []
-            try:
-                for s in range(0, len(ids), chunk):
-                    part = ids[s:s + chunk]
-                    if not self.pool.grow(blocks, s + len(part)):
-                        raise TinyLLMError(self.pool_full_message(len(ids)))
-                    out.append(self.runner.logits(part, blocks, s, self.spec.logits_row))
-                    self.pool.commit(blocks, ids, s + len(part))
-            finally:
-                self.pool.free_seq(blocks)
-        return np.concatenate(out, axis=0)
-
-    def pool_full_message(self, n: int) -> str:
-        spec = self.spec
-        return (f"{n} tokens need {spec.blocks_for(n)} KV-cache blocks of {spec.block_size} and the cache "
-                f"has {spec.n_blocks} ({spec.tokens()} tokens): raise --kv-cache-memory "
-                f"(kv_cache_memory) or use a smaller --kv-dtype")
+            return self.runner.full_logits(ids, self.pool, min(self.spec.max_chunk, self.prefill_chunk))
 
     def check_prompt(self, ids: list[int], allow_full: bool = False) -> tuple[str, str] | None:
-        """Why these prompt ids cannot run, as (code, message), or None if they can. A
-        generation needs room for at least one new token; full-sequence logits (allow_full)
-        do not. The codes are the OpenAI-style ones batch output lines carry."""
-        n = len(ids)
-        if n == 0:
-            return "invalid_prompt", "the prompt is empty: nothing to continue from"
-        if n > self.max_seq_len or (n == self.max_seq_len and not allow_full):
-            return ("context_length_exceeded", f"the prompt is {n} tokens and the context is "
-                    f"{self.max_seq_len}: shorten it or raise the context size (--ctx-size, max_seq_len)")
-        vocab = self.model.cfg.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            return "invalid_prompt", f"prompt token ids must lie in [0, {vocab})"
-        return None
+        """Why these prompt ids cannot run, as (code, message), or None (sequence.prompt_problem)."""
+        return prompt_problem(ids, self.spec, self.model.cfg.vocab_size, allow_full)

@@ -29,17 +29,46 @@ class ModelRunner:
     def __init__(self, model, backend, cache):
         self.model, self.ops, self.cache = model, backend, cache
 
+    def execute(self, runs: list[tuple[Sequence, int]]) -> tuple[list, list[Sequence], str]:
+        """One step: ([(sequence, token, logprob, top logprobs)] for every sequence whose ids are
+        all cached after it, [sequences whose logits hold NaN/inf], why they failed)."""
+        ready = [(row, s) for row, (s, n) in enumerate(runs) if s.n_cached + n == len(s.ids)]
+        chosen = self.graph_step(runs)
+        if chosen is not None:
+            return [(s, t, None, None) for (_, s), t in zip(ready, chosen)], [], ""
+        logits = self.forward(runs)
+        bad = self.nonfinite_rows(logits, [r for r, _ in ready])
+        failed = [s for r, s in ready if r in bad]
+        why = self.nonfinite_reason() if failed else ""
+        ready = [(r, s) for r, s in ready if r not in bad]
+        chosen = self.sample(logits, ready) if ready else []
+        lps = self.logprobs(logits, ready, chosen)
+        return [(s, t, *lps.get(s.id, (None, None))) for (_, s), t in zip(ready, chosen)], failed, why
+
     def forward(self, runs: list[tuple[Sequence, int]]):
         """Eager forward of the runs: (B, vocab) logits of each run's last token, on the backend."""
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # NaN/inf: checked later
             return self.model.forward(self._tokens(runs), self._batch(runs), self.cache)
 
-    def logits(self, ids: list[int], blocks, start: int, row: int) -> np.ndarray:
-        """(len(ids), vocab) float32 logits of every position of one chunk at `start`, through
-        `blocks` with open row `row` (Engine.logits)."""
-        batch = Batch(blocks.table[None], [start], [len(ids)], [row])
-        return self.ops.to_numpy(self.model.forward(np.asarray(ids, np.int32), batch, self.cache,
-                                                    all_logits=True))
+    def full_logits(self, ids: list[int], pool, chunk: int) -> np.ndarray:
+        """(len(ids), vocab) float32 logits at every position, prefilled `chunk` tokens at a time
+        through blocks of the pool (released afterwards; full ones stay in the prefix cache) and
+        the spec's logits row, which no running sequence holds."""
+        from .errors import TinyLLMError
+        from .sequence import pool_full_message
+        spec, blocks, out = pool.spec, pool.new_seq(), []
+        try:
+            for s in range(0, len(ids), chunk):
+                part = ids[s:s + chunk]
+                if not pool.grow(blocks, s + len(part)):
+                    raise TinyLLMError(pool_full_message(spec, len(ids)))
+                batch = Batch(blocks.table[None], [s], [len(part)], [spec.logits_row])
+                out.append(self.ops.to_numpy(self.model.forward(np.asarray(part, np.int32), batch,
+                                                                self.cache, all_logits=True)))
+                pool.commit(blocks, ids, s + len(part))
+        finally:
+            pool.free_seq(blocks)
+        return np.concatenate(out, axis=0)
 
     @staticmethod
     def _tokens(runs) -> np.ndarray:

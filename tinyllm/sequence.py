@@ -95,3 +95,27 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.n_cached < self.n_prompt
+
+
+def pool_full_message(spec, n: int) -> str:
+    return (f"{n} tokens need {spec.blocks_for(n)} KV-cache blocks of {spec.block_size} and the cache "
+            f"has {spec.n_blocks} ({spec.tokens()} tokens): raise --kv-cache-memory "
+            f"(kv_cache_memory) or use a smaller --kv-dtype")
+
+
+def prompt_problem(ids: list[int], spec, vocab: int, allow_full: bool = False) -> tuple[str, str] | None:
+    """Why these prompt ids cannot become a sequence, as (code, message), or None if they can.
+    A generation needs room for at least one new token; full-sequence logits (allow_full) do
+    not; a prompt the whole KV pool cannot hold never can. The codes are the OpenAI-style ones
+    batch output lines carry."""
+    n, limit = len(ids), spec.max_seq_len
+    if n == 0:
+        return "invalid_prompt", "the prompt is empty: nothing to continue from"
+    if n > limit or (n == limit and not allow_full):
+        return ("context_length_exceeded", f"the prompt is {n} tokens and the context is "
+                f"{limit}: shorten it or raise the context size (--ctx-size, max_seq_len)")
+    if min(ids) < 0 or max(ids) >= vocab:
+        return "invalid_prompt", f"prompt token ids must lie in [0, {vocab})"
+    if not allow_full and spec.blocks_for(n) > spec.n_blocks:
+        return "context_length_exceeded", pool_full_message(spec, n)
+    return None
