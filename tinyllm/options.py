@@ -11,7 +11,7 @@ import sys
 
 from .errors import TinyLLMError
 from .kv_cache import DEFAULT_BLOCK_SIZE
-from .memory import GPU_MEMORY_UTILIZATION
+from .memory import GPU_MEMORY_UTILIZATION, parse_memory
 
 
 def _positive_int(text: str) -> int:
