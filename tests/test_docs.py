@@ -17,7 +17,9 @@ def _path(f: str) -> Path:
 
 
 def _defines(src: str, name: str) -> bool:
-    return re.search(rf"\b(def|class)\s+{re.escape(name)}\b|\b{re.escape(name)}\s*[:=(<]", src) is not None
+    """src defines name: a def or class, a field or assignment, or a kernel/template."""
+    n = re.escape(name)
+    return re.search(rf"\b(def|class)\s+{n}\b|\b{n}\s*[:=(<]", src) is not None
 
 
 def test_every_file_and_name_exists():
