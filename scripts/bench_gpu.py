@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """GPU benchmark: one table, every figure next to the ceiling or reference measured in the same
-run on the same GPU (PERF.md). Needs CuPy, torch and transformers; no files, no network: the
+run on the same GPU (docs/PERF.md). Needs CuPy, torch and transformers; no files, no network: the
 Mistral-7B-shaped model gets random bf16 weights built directly on the device.
 
 Rows:

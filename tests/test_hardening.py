@@ -331,13 +331,22 @@ def slow_rows(n=40):
 
 
 def test_a_second_run_on_the_same_output_is_refused(model, tmp_path):
+    """The first run is frozen (SIGSTOP) as soon as its first result line is on disk. It took
+    the output's lock before that write and releases it only after its last one, so while it
+    has fewer than all lines it holds the lock and, frozen, cannot finish: the second run meets
+    the lock however long it takes to start on a loaded machine (no timing race)."""
     inp = write_jsonl(tmp_path / "in.jsonl", slow_rows())
     out = tmp_path / "out.jsonl"
     first = subprocess.Popen([sys.executable, "-m", "tinyllm", "batch", "-i", str(inp), "-o", str(out), "-m",
                               str(model), "--backend", "numpy", "--no-progress", "--max-batch", "1"],
                              env=ENV, cwd=REPO, stderr=subprocess.PIPE, text=True)
-    wait_lines(out, 1, first)
-    second = batch(model, inp, out, "--resume")
+    try:
+        wait_lines(out, 1, first)
+        first.send_signal(signal.SIGSTOP)
+        assert out.read_bytes().count(b"\n") < len(slow_rows()), "the first run ended before it was paused"
+        second = batch(model, inp, out, "--resume")
+    finally:
+        first.send_signal(signal.SIGCONT)                        # never leave it stopped
     one_error(second, "another tinyllm batch is writing")
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err

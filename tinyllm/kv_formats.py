@@ -2,16 +2,21 @@
 
 Each format is applied as quantize-then-dequantize to K and V as they are written to a float32
 cache, so attention reads exactly the values a real cache in that format would return. This
-module measures formats; it stores nothing in them. The shipped caches (kv_cache.py: int8 and
-fp8 with one scale per (token, kv-head) vector) are untouched, and `int8-token` / `fp8-token`
-here reuse kv_cache.quantize so they return the very values those caches do.
+module measures formats; it stores nothing in them. The runtime's int8 and fp8 caches
+(kv_cache.py) are KIVI: keys per channel over each closed block of B tokens (an fp16 scale and
+midrange offset per (block, kv-head, channel)), values per token (an fp32 scale per vector),
+each sequence's open block of keys in full precision. `int8-kivi-zp-f16` / `fp8-kivi-f16` here
+call that very rounding (kv_cache.quantize_block for K, kv_cache.quantize for V), so they return
+the values those caches do (test_study_formats_reproduce_the_shipped_caches). `int8-token` /
+`fp8-token` are the caches as they were before KIVI (K and V both per token, kv_cache.quantize),
+kept as a baseline.
 
 Formats (K / V; D = head_dim, B = KIVI token block, default 16):
 
     fp32        reference, exact
     bf16        round to bfloat16 (nearest even)
-    int8-token  one fp32 scale per (token, kv-head) vector, absmax/127   (today's int8 cache)
-    fp8-token   the same with e4m3, absmax/448                           (today's fp8 cache)
+    int8-token  one fp32 scale per (token, kv-head) vector, absmax/127   (int8 cache before KIVI)
+    fp8-token   the same with e4m3, absmax/448                           (fp8 cache before KIVI)
     q8_0        llama.cpp's q8_0: 32-wide blocks along D, fp16 scale d = absmax/127,
                 q = round-half-away(x / d) with d in fp32, read back as q * fp16(d)
                 (ggml quantize_row_q8_0_ref); D must be a multiple of 32
@@ -23,7 +28,8 @@ Formats (K / V; D = head_dim, B = KIVI token block, default 16):
                 scale), so the scale covers the channel's spread, not its offset
     fp8-kivi    the best e4m3 variant found: K per channel over blocks with the midrange
                 offset, in e4m3 (scale absmax(x - c)/448); V: e4m3 per token (as fp8-token)
-    int8-kivi-zp-f16, fp8-kivi-f16  the two above with the keys' scale and offset in fp16
+    int8-kivi-zp-f16, fp8-kivi-f16  the two above with the keys' scale and offset in fp16:
+                the runtime's int8 / fp8 caches
     fp8-kivi-sym  fp8-kivi without the offset (symmetric per-channel key scales)
     fp8-kivi-v32  fp8-kivi-sym with V on one fp32 scale per 32 channels
 
@@ -34,8 +40,9 @@ once: exact while its block is open, block-quantized after. A prefill chunk clos
 it completes before attention runs (as the real cache's kernels would), decode steps close
 one block every B tokens, and restarting a sequence at position p (prefix reuse) reopens the
 block holding p (the study re-quantizes it from the full-precision keys it kept; a real cache
-holds only the quantized ones, so it must reuse whole blocks or recompute from the block start). Blocks are aligned to positions (block j = positions jB .. jB+B-1), not to
-cache indices, so a rolling sliding-window cache wraps without moving block boundaries; a
+holds only the quantized ones, so it must reuse whole blocks or recompute from the block
+start). Blocks are aligned to positions (block j = positions jB .. jB+B-1), not to cache
+indices, so a rolling sliding-window cache wraps without moving block boundaries; a
 block's raw keys are kept in a shadow of cap + B rows, which holds them even when the window
 is shorter than a block.
 
@@ -80,7 +87,8 @@ Transform = Callable[[np.ndarray], np.ndarray]      # (..., D) float32 -> same, 
 
 
 def per_token(x: np.ndarray, kind: str) -> np.ndarray:
-    """kv_cache's own int8/fp8 round trip: one scale per vector (last axis)."""
+    """kv_cache.quantize's int8/fp8 round trip, one scale per vector (last axis): the caches'
+    V rounding (and, before KIVI, their K rounding too)."""
     return dequantize(*quantize(x, kind))
 
 
@@ -182,8 +190,8 @@ def _same(f: Transform, nbytes: Callable[[int], float]):
 FORMATS: dict[str, KVFormat] = {f.name: f for f in (
     KVFormat("fp32", *_same(lambda x: x, lambda d: 4 * d), doc="reference"),
     KVFormat("bf16", *_same(bf16, lambda d: 2 * d), doc="bfloat16"),
-    KVFormat("int8-token", *_same(_tok("int8"), lambda d: d + 4), doc="today's int8 cache"),
-    KVFormat("fp8-token", *_same(_tok("fp8"), lambda d: d + 4), doc="today's fp8 cache"),
+    KVFormat("int8-token", *_same(_tok("int8"), lambda d: d + 4), doc="the int8 cache before KIVI"),
+    KVFormat("fp8-token", *_same(_tok("fp8"), lambda d: d + 4), doc="the fp8 cache before KIVI"),
     KVFormat("q8_0", *_same(q8_0, lambda d: d + 2 * d / Q8_0_BLOCK), doc="llama.cpp q8_0"),
     KVFormat("fp8-vllm", *_same(e4m3_cast, lambda d: d), doc="vLLM's default fp8"),
     _kivi("int8-kivi", "int8", _tok("int8"), lambda d: d + 4, "K per channel, V per token"),

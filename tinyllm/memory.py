@@ -1,7 +1,8 @@
 """The memory plan, decided once: weights + KV-cache pool + working memory, on the host or the GPU.
 
-LLM asks this module, and only this module, how many KV blocks the pool gets (`kv_blocks`),
-and hands the resulting KVCacheSpec down to the engine. Three cases:
+LLM asks this module, and only this module, how many KV blocks the pool gets (`budget_blocks`;
+on a GPU without a budget, `measure_working` then `gpu_pool_blocks`), and hands the resulting
+KVCacheSpec down to the engine. Three cases:
 
 - an explicit budget (--kv-cache-memory): as many blocks as it holds;
 - host (numpy backend): max_batch sequences of max_seq_len, checked against MemAvailable

@@ -4,7 +4,8 @@ A decode step (every sequence brings one token) is a few hundred small kernel la
 costing the host microseconds through CuPy. Captured once per bucket into a CUDA graph
 (CuPy stream capture, CUPY.md §4) and replayed, the step costs the host one copy of its
 inputs, one graph launch and one copy of the sampled token ids back. Prefill and mixed
-prefill + decode steps stay eager (engine.py decides; this module only runs decode steps).
+prefill + decode steps stay eager (runner.py's ModelRunner.graph_step decides; this module
+only runs decode steps).
 
 Buckets: 1, 2, 4, 8, then multiples of 8 (as nano-vllm and vLLM); a batch of B runs in the
 smallest bucket >= B, so the engine's max batch (it never steps more sequences) bounds the
