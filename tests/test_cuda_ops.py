@@ -662,9 +662,9 @@ def test_launch_geometry_helpers():
 def test_fits_message_names_longest_context():
     gb = 1 << 30
     assert cb.fits_message(2 * gb, gb, 80 * gb) is None
-    msg = cb.fits_message(14 * gb, 4 * gb, 16 * gb, 0, kv_bytes_per_token=128 << 10, max_seq_len=32768)
+    msg = cb.fits_message(14 * gb, 4 * gb, 16 * gb, gb, kv_bytes_per_token=128 << 10, max_seq_len=32768)
     assert "19.0 GB" in msg and "longest context that fits is 8192 tokens" in msg
-    assert "weights alone do not fit" in cb.fits_message(20 * gb, 0, 16 * gb, 0, 1)
+    assert "weights alone do not fit" in cb.fits_message(20 * gb, 0, 16 * gb, gb, 1)
 
 
 def test_bf16_bit_helpers_round_to_nearest_even():
