@@ -75,9 +75,9 @@ class LLM:
         self.eos_token_ids = self._eos_ids()
         self.model = Transformer(self.cfg, weights, self.backend)
         if self.backend.device_memory and self.n_blocks is None:     # GPU: from a measured warm-up
-            working = memory.measure_working(self.backend, self.model, self.kv_spec(self.cfg, max_batch),
-                                             prefill_chunk, max_batch)
-            self.n_blocks = memory.gpu_pool_blocks(self.backend, self.kv_spec(self.cfg, max_batch), working,
+            full = self.kv_spec(self.cfg, max_batch)
+            working = memory.measure_working(self.backend, self.model, full, prefill_chunk, max_batch)
+            self.n_blocks = memory.gpu_pool_blocks(self.backend, full, working,
                                                    self._graph_bytes(self.cfg, max_batch))
         self.engine = Engine(self.model, self.tokenizer, self.backend, self.eos_token_ids,
                              self.kv_spec(self.cfg, max_batch, self.n_blocks), max_batch=max_batch,

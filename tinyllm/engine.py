@@ -88,12 +88,13 @@ class Engine:
         returned by step(). Returns the sequence id abort() and partial() take."""
         with self._lock:
             s = self._start(req, route)
-            if s is not None:
+            if not s.finish:
                 self.scheduler.add(s)
-            return s.id if s is not None else self._pending[-1].seq_id
+            return s.id
 
-    def _start(self, req: Request, route: deque | None) -> Sequence | None:
-        """The sequence of a request, or None (an error event pending) if it cannot run."""
+    def _start(self, req: Request, route: deque | None) -> Sequence:
+        """The sequence of a request; if it cannot run, it is finished ("error") and its error
+        event is pending for the next step."""
         self.ensure_cache()
         s = Sequence.start(req, self.output.decoder(req.prompt_ids))
         if route is not None:
@@ -101,7 +102,6 @@ class Engine:
         bad = self.check_prompt(req.prompt_ids)
         if bad:
             self._pending.append(error(s, bad[1], bad[0]))
-            return None
         return s
 
     def abort(self, seq_id: int) -> bool:
@@ -122,7 +122,7 @@ class Engine:
         """The Completion so far (finish_reason "interrupted") of a sequence still running or
         just aborted (a run() generator closed, or interrupted by an exception)."""
         with self._lock:
-            running = self.scheduler.running if self.scheduler else []
+            running = self.scheduler.running if self.scheduler is not None else []
             c = next((completion(s) for s in running if s.id == seq_id), None)
             return c or self._aborted.pop(seq_id, None)
 
@@ -157,11 +157,10 @@ class Engine:
             nonlocal exhausted
             for req in pending:
                 s = self._start(req, mine)
-                sid = s.id if s is not None else self._pending[-1].seq_id
-                open_ids.add(sid)
+                open_ids.add(s.id)
                 if added:
-                    added(sid)
-                if s is not None:
+                    added(s.id)
+                if not s.finish:
                     return s
             exhausted = True
             return None

@@ -78,12 +78,17 @@ class HostPlan:
         return self.weights + self.kv + self.runtime
 
 
+def activation_elems(cfg: ModelConfig, t: int) -> int:
+    """Activation values of one forward over t tokens: x, h, q|k|v, a, gate, up, m (module doc)."""
+    return t * (4 * cfg.dim + 3 * cfg.q_dim + 2 * cfg.kv_dim + 3 * cfg.hidden_dim)
+
+
 def host_plan(cfg: ModelConfig, kv_dtype: str, max_seq_len: int, max_batch: int, chunk: int,
               block_size: int = DEFAULT_BLOCK_SIZE, n_blocks: int | None = None) -> HostPlan:
     spec = KVCacheSpec.for_model(cfg, kv_dtype, max_seq_len, max_batch, chunk=chunk, block_size=block_size,
                                  n_blocks=n_blocks)
     t = min(chunk, max_seq_len)
-    act = t * (4 * cfg.dim + 3 * cfg.q_dim + 2 * cfg.kv_dim + 3 * cfg.hidden_dim) * 4
+    act = activation_elems(cfg, t) * 4
     attn = 3 * cfg.n_heads * t * spec.capacity * 4 + 2 * spec.capacity * cfg.kv_dim * 4
     logits = max(t, max_batch) * cfg.vocab_size * 4
     return HostPlan(cfg.n_params() * 4, spec.nbytes(), act + attn + logits + FIXED_OVERHEAD)
@@ -154,8 +159,7 @@ def gpu_working_estimate(cfg: ModelConfig, chunk: int, max_batch: int) -> int:
     `tinyllm info`): T = chunk + max_batch - 1 tokens of bf16 activations (x, h, q|k|v,
     attention out, gate|up, m: the same terms as the host plan), max_batch rows of float32
     logits, cuBLAS's workspace and a margin for allocations outside CuPy's pool."""
-    t = chunk + max_batch - 1
-    act = t * (4 * cfg.dim + 3 * cfg.q_dim + 2 * cfg.kv_dim + 3 * cfg.hidden_dim) * 2
+    act = activation_elems(cfg, chunk + max_batch - 1) * 2
     return act + max_batch * cfg.vocab_size * 4 + CUBLAS_WORKSPACE + GPU_CONTEXT_MARGIN
 
 
@@ -174,12 +178,9 @@ def measure_working(backend, model, spec: KVCacheSpec, chunk: int, max_batch: in
     tables[1:, 0] = first + np.arange(max_batch - 1)
     batch = Batch(tables, [0] * max_batch, [t] + [1] * (max_batch - 1), list(range(max_batch)))
     tokens = np.zeros(t + max_batch - 1, np.int32)
-    cache = backend.alloc_kv(scratch)
-    try:
-        peak = backend.measure_peak(lambda: model.forward(tokens, batch, cache))
-        return peak + CUBLAS_WORKSPACE + GPU_CONTEXT_MARGIN
-    finally:
-        del cache
+    cache = backend.alloc_kv(scratch)                 # (freed on return, before the pool is sized)
+    peak = backend.measure_peak(lambda: model.forward(tokens, batch, cache))
+    return peak + CUBLAS_WORKSPACE + GPU_CONTEXT_MARGIN
 
 
 def gpu_pool_blocks(backend, full: KVCacheSpec, working: int, graph_bytes: int) -> int:

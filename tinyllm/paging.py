@@ -201,7 +201,4 @@ class BlockPool:
             if seq.table[e] >= 0:
                 self._release(int(seq.table[e]))
                 seq.table[e] = -1
-        for e in np.nonzero(seq.table >= 0)[0]:        # (rows a ring never reached: none today)
-            self._release(int(seq.table[e]))
-        seq.table[:] = -1
         seq.rows = 0

@@ -222,16 +222,16 @@ class EngineWorker:
                 tr.sink([Event("error", index, error=self.FAULT, code="server_error")])
             except Exception:
                 traceback.print_exc()
-        try:
-            if not recover:
-                raise RuntimeError("the engine could not start")
-            self.engine.reset(self.FAULT, hard=True)
-        except Exception:
-            traceback.print_exc()
-            self.failed = ("the engine failed and could not recover (see the server log); "
-                           "the server is shutting down: restart it")
-            if self.on_fatal is not None:
-                self.on_fatal()
+        if recover:
+            try:
+                self.engine.reset(self.FAULT, hard=True)
+                return
+            except Exception:
+                traceback.print_exc()
+        self.failed = ("the engine failed and could not recover (see the server log); "
+                       "the server is shutting down: restart it")
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def _step(self):
         eng = self.engine
