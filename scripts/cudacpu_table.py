@@ -28,7 +28,9 @@ def main(path: str) -> None:
             r[0].add(KINDS[kind])
         r[1] += n
         r[2].update(geoms)
-    print("| entry point | KV kinds | launches | distinct geometries (grid * threads [+ dyn. smem]), sample |")
+    print(
+        "| entry point | KV kinds | launches | distinct geometries (grid * threads [+ dyn. smem]), sample |"
+    )
     print("|---|---|---:|---|")
     for name in sorted(rows):
         kinds, n, geoms = rows[name]

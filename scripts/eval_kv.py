@@ -1,15 +1,15 @@
 """KV-cache quantization quality: the benchmark run, and the ablations behind BENCHMARKS.md.
 
-    python scripts/eval_kv.py [--model DIR] [--tokens 4096] [--window 1024]
-        = tinyllm eval --backend numpy --kv-dtypes fp32,fp16,bf16,int8,fp8 (tinyllm/evaluate.py)
-    python scripts/eval_kv.py --ablate [--tokens 1024] [--window 512]
-        fake-quantized caches on the numpy backend (stored values = dequantize(quantize(x)),
-        bit-identical to what the int8/fp8 caches hold): K only, V only, finer scale groups,
-        the outlier channel kept exact. Diagnostic only; the runtime stores one scale per
-        (token, kv-head) vector as kv_cache.py defines.
-    python scripts/eval_kv.py --scores [--window 1024]
-        per layer, on one segment: how much quantizing K moves the attention scores
-        q·k/sqrt(d) and the attention output, and how large the scores are.
+python scripts/eval_kv.py [--model DIR] [--tokens 4096] [--window 1024]
+    = tinyllm eval --backend numpy --kv-dtypes fp32,fp16,bf16,int8,fp8 (tinyllm/evaluate.py)
+python scripts/eval_kv.py --ablate [--tokens 1024] [--window 512]
+    fake-quantized caches on the numpy backend (stored values = dequantize(quantize(x)),
+    bit-identical to what the int8/fp8 caches hold): K only, V only, finer scale groups,
+    the outlier channel kept exact. Diagnostic only; the runtime stores one scale per
+    (token, kv-head) vector as kv_cache.py defines.
+python scripts/eval_kv.py --scores [--window 1024]
+    per layer, on one segment: how much quantizing K moves the attention scores
+    q·k/sqrt(d) and the attention output, and how large the scores are.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from tinyllm import cli  # noqa: E402
 
 def fake_quant(x: np.ndarray, kv: str, group: int | None = None) -> np.ndarray:
     from tinyllm.kv_cache import dequantize, quantize
+
     if group is None:
         return dequantize(*quantize(x, kv))
-    y = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)     # one scale per group
+    y = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)  # one scale per group
     return dequantize(*quantize(y, kv)).reshape(x.shape)
 
 
@@ -49,9 +50,18 @@ ABLATIONS = {
     "K and V": (("int8", "fp8"), lambda kv: lambda k, v: (fake_quant(k, kv), fake_quant(v, kv))),
     "K only": (("int8", "fp8"), lambda kv: lambda k, v: (fake_quant(k, kv), v)),
     "V only": (("int8", "fp8"), lambda kv: lambda k, v: (k, fake_quant(v, kv))),
-    "K and V, scale per 32 channels": (("int8", "fp8"), lambda kv: lambda k, v: (fake_quant(k, kv, 32), fake_quant(v, kv, 32))),
-    "K and V, scale per 16 channels": (("int8", "fp8"), lambda kv: lambda k, v: (fake_quant(k, kv, 16), fake_quant(v, kv, 16))),
-    "K outlier channel exact, V": (("int8", "fp8"), lambda kv: lambda k, v: (fake_quant_outlier_exact(k, kv), fake_quant(v, kv))),
+    "K and V, scale per 32 channels": (
+        ("int8", "fp8"),
+        lambda kv: lambda k, v: (fake_quant(k, kv, 32), fake_quant(v, kv, 32)),
+    ),
+    "K and V, scale per 16 channels": (
+        ("int8", "fp8"),
+        lambda kv: lambda k, v: (fake_quant(k, kv, 16), fake_quant(v, kv, 16)),
+    ),
+    "K outlier channel exact, V": (
+        ("int8", "fp8"),
+        lambda kv: lambda k, v: (fake_quant_outlier_exact(k, kv), fake_quant(v, kv)),
+    ),
     "K as int8, V": (("fp8",), lambda kv: lambda k, v: (fake_quant(k, "int8"), fake_quant(v, kv))),
 }
 
@@ -64,15 +74,17 @@ def ablate(model_dir, text: str, n_tokens: int, window: int, only: str = ""):
 
     llm = LLM(str(model_dir), backend="numpy", kv_dtype="fp32", max_seq_len=window, max_batch=1)
     ids = llm.tokenizer.encode(text)
-    segs = [ids[i * window:(i + 1) * window] for i in range(min(n_tokens, len(ids)) // window)]
-    ref_engine = Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1)
+    segs = [ids[i * window : (i + 1) * window] for i in range(min(n_tokens, len(ids)) // window)]
+    ref_engine = Engine.for_model(
+        llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1
+    )
     refs = [ref_engine.logits(s)[:-1] for s in segs]
     ref_acc = _Acc()
     for s, r in zip(segs, refs):
         ref_acc.add(r, np.asarray(s[1:]), None)
     ref_nll = ref_acc.nll / ref_acc.n
 
-    class FakeQuantCache(NumpyKVCache):          # float32 storage holding the rounded values
+    class FakeQuantCache(NumpyKVCache):  # float32 storage holding the rounded values
         transform = None
 
         def write(self, layer, slot, idx, k, v):
@@ -89,13 +101,18 @@ def ablate(model_dir, text: str, n_tokens: int, window: int, only: str = ""):
                 continue
             FakeQuantCache.transform = staticmethod(make(kv))
             llm.backend.alloc_kv = FakeQuantCache
-            eng = Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1)
+            eng = Engine.for_model(
+                llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1
+            )
             acc = _Acc()
             for s, r in zip(segs, refs):
                 acc.add(eng.logits(s)[:-1], np.asarray(s[1:]), r)
             llm.backend.alloc_kv = real_alloc
             dppl = 100 * (np.exp(acc.nll / acc.n - ref_nll) - 1)
-            print(f"| {kv} | {name} | {dppl:+.3f}% | {acc.kl / acc.n:.2e} | {100 * acc.agree / acc.n:.2f}% |", flush=True)
+            print(
+                f"| {kv} | {name} | {dppl:+.3f}% | {acc.kl / acc.n:.2e} | {100 * acc.agree / acc.n:.2f}% |",
+                flush=True,
+            )
 
 
 def score_errors(model_dir, text: str, window: int):
@@ -108,25 +125,35 @@ def score_errors(model_dir, text: str, window: int):
     cfg, queries = llm.cfg, {}
     rope_kv_write = llm.backend.rope_kv_write
 
-    def record(q, k, v, cache, layer, batch, inv_freq):         # keep the rotated queries
+    def record(q, k, v, cache, layer, batch, inv_freq):  # keep the rotated queries
         q = rope_kv_write(q, k, v, cache, layer, batch, inv_freq)
         queries.setdefault(layer, []).append(q)
         return q
 
     llm.backend.rope_kv_write = record
-    eng = Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1)
+    eng = Engine.for_model(
+        llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1
+    )
     eng.logits(ids)
     T, scale = len(ids), 1.0 / np.sqrt(cfg.head_dim)
     causal = np.tril(np.ones((T, T), bool))
-    print(f"{T} tokens. Per layer, over all query heads and causal (query, key) pairs: the score error")
-    print("q·(k̂ - k)/sqrt(d) from storing K quantized (V exact), RMS and max; the attention output's worst")
-    print("relative error over heads; the largest |score|; how often a K vector's absmax sits in the")
+    print(
+        f"{T} tokens. Per layer, over all query heads and causal (query, key) pairs: the score error"
+    )
+    print(
+        "q·(k̂ - k)/sqrt(d) from storing K quantized (V exact), RMS and max; the attention output's worst"
+    )
+    print(
+        "relative error over heads; the largest |score|; how often a K vector's absmax sits in the"
+    )
     print("head's most frequent absmax channel.\n")
-    print("| layer | int8 score err rms / max | int8 out err | fp8 score err rms / max | fp8 out err | max abs score | outlier channel |")
+    print(
+        "| layer | int8 score err rms / max | int8 out err | fp8 score err rms / max | fp8 out err | max abs score | outlier channel |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for layer in range(cfg.n_layers):
-        q = np.concatenate(queries[layer])                          # (T, n_heads, hd)
-        k, v = eng.cache.read(layer, 0, T)                          # (T, n_kv, hd), K after RoPE
+        q = np.concatenate(queries[layer])  # (T, n_heads, hd)
+        k, v = eng.cache.read(layer, 0, T)  # (T, n_kv, hd), K after RoPE
         cells, smax = [], 0.0
         for kv in ("int8", "fp8"):
             kq = fake_quant(k, kv)
@@ -137,35 +164,57 @@ def score_errors(model_dir, text: str, window: int):
                 sq = q[:, h] @ kq[:, g].T * scale
                 d = (sq - s)[causal]
                 rms.append(np.mean(d * d))
-                mx, smax = max(mx, float(np.abs(d).max())), max(smax, float(np.abs(s[causal]).max()))
+                mx, smax = (
+                    max(mx, float(np.abs(d).max())),
+                    max(smax, float(np.abs(s[causal]).max())),
+                )
                 o = softmax(np.where(causal, s, -np.inf)) @ v[:, g]
                 oq = softmax(np.where(causal, sq, -np.inf)) @ v[:, g]
                 out = max(out, float(np.linalg.norm(oq - o) / np.linalg.norm(o)))
             cells += [f"{np.sqrt(np.mean(rms)):.3f} / {mx:.2f}", f"{100 * out:.1f}%"]
-        top = np.abs(k).argmax(-1)                                  # (T, n_kv)
+        top = np.abs(k).argmax(-1)  # (T, n_kv)
         share = np.mean([np.bincount(top[:, g]).max() / T for g in range(cfg.n_kv_heads)])
-        print(f"| {layer} | " + " | ".join(cells) + f" | {smax:.1f} | {100 * share:.0f}% |", flush=True)
+        print(
+            f"| {layer} | " + " | ".join(cells) + f" | {smax:.1f} | {100 * share:.0f}% |",
+            flush=True,
+        )
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=None)
     p.add_argument("--text", default=None)
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--kv-dtypes", default="fp32,fp16,bf16,int8,fp8")
-    p.add_argument("--ablate", action="store_true", help="run the fake-quantization ablations instead")
+    p.add_argument(
+        "--ablate", action="store_true", help="run the fake-quantization ablations instead"
+    )
     p.add_argument("--scores", action="store_true", help="per-layer attention-score errors instead")
-    p.add_argument("--only", default="", help="with --ablate: the ablations whose name contains this")
+    p.add_argument(
+        "--only", default="", help="with --ablate: the ablations whose name contains this"
+    )
     a = p.parse_args(argv)
     if not (a.ablate or a.scores):
-        args = ["eval", "--backend", "numpy", "--kv-dtypes", a.kv_dtypes,
-                "--tokens", str(a.tokens or 4096), "--window", str(a.window or 1024)]
+        args = [
+            "eval",
+            "--backend",
+            "numpy",
+            "--kv-dtypes",
+            a.kv_dtypes,
+            "--tokens",
+            str(a.tokens or 4096),
+            "--window",
+            str(a.window or 1024),
+        ]
         args += ["--model", a.model] if a.model else []
         args += ["--text", a.text] if a.text else []
         return cli.main(args)
     from tinyllm.api import resolve_model_dir
     from tinyllm.evaluate import default_text_files, load_text
+
     n, w = a.tokens or 1024, a.window or 512
     files = [Path(a.text)] if a.text else default_text_files(min_chars=5 * n)
     print(f"text: {', '.join(map(str, files))}")

@@ -49,8 +49,12 @@ def plant(src: Path, out: Path, factors: list[float]) -> Path:
         w[p + "self_attn.q_proj.bias"] = np.zeros(n_q, np.float32)
         w[p + "self_attn.v_proj.bias"] = np.zeros(n_kv * d, np.float32)
     save_file(w, str(out / "model.safetensors"))
-    cfg.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", attention_bias=True,
-               use_sliding_window=False)
+    cfg.update(
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        attention_bias=True,
+        use_sliding_window=False,
+    )
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
@@ -59,7 +63,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", required=True, help="a Llama-architecture HF checkpoint directory")
     ap.add_argument("--out", required=True, help="where to write the Qwen2-architecture copy")
-    ap.add_argument("--factors", default="100,300", help="bias / key rms, one planted channel per factor")
+    ap.add_argument(
+        "--factors", default="100,300", help="bias / key rms, one planted channel per factor"
+    )
     a = ap.parse_args(argv)
     out = plant(Path(a.src), Path(a.out), [float(x) for x in a.factors.split(",")])
     print(out)

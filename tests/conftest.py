@@ -25,6 +25,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     from tinyllm.backends import cuda_available
+
     if cuda_available():
         return
     skip = pytest.mark.skip(reason="no GPU: CuPy is missing or sees no device")
@@ -38,25 +39,66 @@ TINY_CASES = {
     "llama_mha": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4)),
     "llama_gqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2)),
     "llama_mqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=1)),
-    "llama3_rope": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
-                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
-    "llama_linear_rope": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2,
-                                              rope_scaling={"type": "linear", "factor": 2.0})),
-    "llama_head_dim": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24)),
-    "llama_tied": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
-    "mistral_window": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8)),
-    "qwen2_bias": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)),
+    "llama3_rope": (
+        "LlamaConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
+    "llama_linear_rope": (
+        "LlamaConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_scaling={"type": "linear", "factor": 2.0},
+        ),
+    ),
+    "llama_head_dim": (
+        "LlamaConfig",
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+    ),
+    "llama_tied": (
+        "LlamaConfig",
+        dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+    "mistral_window": (
+        "MistralConfig",
+        dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8),
+    ),
+    "qwen2_bias": (
+        "Qwen2Config",
+        dict(num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6),
+    ),
 }
 
 
-def make_tiny_checkpoint(out: Path, case: str, dtype: str = "float32", shard: bool = False, seed: int = 0) -> Path:
+def make_tiny_checkpoint(
+    out: Path, case: str, dtype: str = "float32", shard: bool = False, seed: int = 0
+) -> Path:
     """Save a tiny random model of one of TINY_CASES with save_pretrained; return its dir."""
     import torch
     import transformers
+
     cls_name, overrides = TINY_CASES[case]
-    kw = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              max_position_embeddings=256, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    kw = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     kw.update(overrides)
     cfg = getattr(transformers, cls_name)(**kw)
     torch.manual_seed(seed)
@@ -75,6 +117,7 @@ def make_tiny_checkpoint(out: Path, case: str, dtype: str = "float32", shard: bo
 def with_chat_template(src: Path, dst: Path, template: str) -> Path:
     """A copy of the checkpoint at src in dst (new or empty) with template as its chat_template.jinja."""
     import shutil
+
     shutil.copytree(src, dst, dirs_exist_ok=True)
     (dst / "chat_template.jinja").write_text(template)
     return dst
@@ -85,17 +128,24 @@ def tiny_tokenizer():
     round-trips, which is all random-weight models need."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     byte_to_char = sorted(alphabet, key=lambda ch: _byte_of(ch))
     tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(byte_to_char)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=byte_to_char[1], eos_token=byte_to_char[2])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=byte_to_char[1], eos_token=byte_to_char[2]
+    )
 
 
 def _byte_of(ch: str) -> int:
     """Inverse of GPT-2's bytes_to_unicode table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -112,8 +162,11 @@ def tiny_factory(tmp_path_factory):
     def get(case: str, dtype: str = "float32", shard: bool = False) -> Path:
         key = (case, dtype, shard)
         if key not in cache:
-            cache[key] = make_tiny_checkpoint(tmp_path_factory.mktemp(f"{case}_{dtype}"), case, dtype, shard)
+            cache[key] = make_tiny_checkpoint(
+                tmp_path_factory.mktemp(f"{case}_{dtype}"), case, dtype, shard
+            )
         return cache[key]
+
     return get
 
 
@@ -140,9 +193,12 @@ def smollm2_hf(tmp_path_factory, smollm2_gguf_path):
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     d = smollm2_gguf_path.parent
     tok = AutoTokenizer.from_pretrained(d, gguf_file=smollm2_gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=smollm2_gguf_path.name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        d, gguf_file=smollm2_gguf_path.name, dtype=torch.float32
+    ).eval()
     out = tmp_path_factory.mktemp("smollm2_hf")
     tok.save_pretrained(out)
     cfg = model.config.to_dict()

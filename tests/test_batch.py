@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import with_chat_template
+
 from tinyllm import LLM, SamplingParams
 from tinyllm.cli import main as cli_main
 
@@ -40,7 +40,9 @@ def chat_dirs(tiny_factory, tmp_path_factory):
     """case -> a copy of the tiny checkpoint with a ChatML-like chat template."""
     out = {}
     for case in ("llama_gqa", "mistral_window"):
-        out[case] = with_chat_template(tiny_factory(case), tmp_path_factory.mktemp(f"chat_{case}"), CHATML)
+        out[case] = with_chat_template(
+            tiny_factory(case), tmp_path_factory.mktemp(f"chat_{case}"), CHATML
+        )
     return out
 
 
@@ -90,10 +92,11 @@ def run_cli(*args) -> int:
 
 # ---- the Python API ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", ["llama_gqa", "mistral_window"])
 def test_generate_batched_greedy_equals_individual(tiny_factory, case):
     d = tiny_factory(case)
-    llm = LLM(str(d), max_seq_len=96, max_batch=3)          # 8 prompts through 3 slots
+    llm = LLM(str(d), max_seq_len=96, max_batch=3)  # 8 prompts through 3 slots
     params = SamplingParams(max_tokens=10, temperature=0)
     got = llm.generate(PROMPTS, params)
     ref = LLM(str(d), max_seq_len=96, max_batch=1)
@@ -107,7 +110,7 @@ def test_generate_batched_greedy_equals_individual(tiny_factory, case):
 def test_generate_seeded_sampling_independent_of_batch_mates(tiny_factory):
     d = str(tiny_factory("llama_gqa"))
     seeded = [(PROMPTS[i % 4], seed) for i, seed in enumerate([11, 12, 13, 14, 15, 16])]
-    seeded.append((PROMPTS[0], 99))                          # same prompt as seed 11, other seed
+    seeded.append((PROMPTS[0], 99))  # same prompt as seed 11, other seed
 
     def params(seed):
         return SamplingParams(max_tokens=12, temperature=1.0, seed=seed, ignore_eos=True)
@@ -118,48 +121,86 @@ def test_generate_seeded_sampling_independent_of_batch_mates(tiny_factory):
         mixed = []
         for p, s in reversed(seeded):
             mixed += [(p, s), (PROMPTS[5], None)]
-        out = LLM(d, max_batch=max_batch).generate([p for p, _ in mixed], [params(s) for _, s in mixed])
+        out = LLM(d, max_batch=max_batch).generate(
+            [p for p, _ in mixed], [params(s) for _, s in mixed]
+        )
         got = {s: c.token_ids for (_, s), c in zip(mixed, out) if s is not None}
         assert got == {s: c.token_ids for (_, s), c in zip(seeded, alone)}
-    assert alone[0].token_ids != alone[-1].token_ids         # the seed does matter
+    assert alone[0].token_ids != alone[-1].token_ids  # the seed does matter
 
 
 # ---- tinyllm batch: results ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", ["llama_gqa", "mistral_window"])
 def test_cli_greedy_equals_individual_both_formats(chat_dirs, tmp_path, case):
     d = chat_dirs[case]
-    texts = ["Hello, world", "a", "The sliding window is eight bytes long, this is longer", "xyz" * 9]
-    chats = [[{"role": "user", "content": "hi there"}],
-             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]]
+    texts = [
+        "Hello, world",
+        "a",
+        "The sliding window is eight bytes long, this is longer",
+        "xyz" * 9,
+    ]
+    chats = [
+        [{"role": "user", "content": "hi there"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Why is the sky blue?"},
+        ],
+    ]
     rows = []
     for i, t in enumerate(texts):
         if i % 2:
             rows.append({"id": f"p{i}", "prompt": t})
         else:
-            rows.append({"custom_id": f"p{i}", "method": "POST", "url": "/v1/completions", "body": {"prompt": t}})
-    rows += [{"custom_id": "c0", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": chats[0]}},
-             {"id": "c1", "messages": chats[1]},
-             {"id": "ids", "prompt": PROMPTS[3], "max_completion_tokens": 4, "ignore_eos": True},
-             {"id": "short", "prompt": "abc", "max_tokens": 3, "ignore_eos": True}]
+            rows.append(
+                {
+                    "custom_id": f"p{i}",
+                    "method": "POST",
+                    "url": "/v1/completions",
+                    "body": {"prompt": t},
+                }
+            )
+    rows += [
+        {
+            "custom_id": "c0",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"messages": chats[0]},
+        },
+        {"id": "c1", "messages": chats[1]},
+        {"id": "ids", "prompt": PROMPTS[3], "max_completion_tokens": 4, "ignore_eos": True},
+        {"id": "short", "prompt": "abc", "max_tokens": 3, "ignore_eos": True},
+    ]
     inp, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
     # CLI flags are defaults; per-request max_tokens wins.
-    assert run_cli("-i", inp, "-o", out, "-m", d, "--max-batch", 2, "--max-tokens", 9, "--temperature", 0) == 0
+    assert (
+        run_cli(
+            "-i", inp, "-o", out, "-m", d, "--max-batch", 2, "--max-tokens", 9, "--temperature", 0
+        )
+        == 0
+    )
     res = by_id(read_results(out))
     assert set(res) == {r.get("custom_id", r.get("id")) for r in rows}
 
     ref = LLM(str(d), max_batch=1)
     tok = ref.tokenizer
     prompt_ids = {f"p{i}": tok.encode(t) for i, t in enumerate(texts)}
-    prompt_ids |= {"c0": tok.encode_chat(chats[0]), "c1": tok.encode_chat(chats[1]), "ids": PROMPTS[3],
-                   "short": tok.encode("abc")}
+    prompt_ids |= {
+        "c0": tok.encode_chat(chats[0]),
+        "c1": tok.encode_chat(chats[1]),
+        "ids": PROMPTS[3],
+        "short": tok.encode("abc"),
+    }
     for cid, ids in prompt_ids.items():
         rec = res[cid]
         assert rec["error"] is None and rec["response"]["status_code"] == 200
         assert rec["id"].startswith("batch_req_")
         body = rec["response"]["body"]
         n = {"ids": 4, "short": 3}.get(cid, 9)
-        c = ref.generate([ids], SamplingParams(max_tokens=n, temperature=0, ignore_eos=cid in ("ids", "short")))[0]
+        c = ref.generate(
+            [ids], SamplingParams(max_tokens=n, temperature=0, ignore_eos=cid in ("ids", "short"))
+        )[0]
         if cid.startswith("c"):
             assert body["object"] == "chat.completion"
             assert body["choices"][0]["message"] == {"role": "assistant", "content": c.text}
@@ -167,13 +208,16 @@ def test_cli_greedy_equals_individual_both_formats(chat_dirs, tmp_path, case):
             assert body["object"] == "text_completion"
             assert body["choices"][0]["text"] == c.text
         assert body["choices"][0]["finish_reason"] == c.finish_reason
-        assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(c.token_ids),
-                                 "total_tokens": len(ids) + len(c.token_ids),
-                                 "prompt_tokens_details": {"cached_tokens": 0}}   # no shared 16-token block
+        assert body["usage"] == {
+            "prompt_tokens": len(ids),
+            "completion_tokens": len(c.token_ids),
+            "total_tokens": len(ids) + len(c.token_ids),
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }  # no shared 16-token block
         assert body["model"] == d.name
     assert res["ids"]["response"]["body"]["usage"]["completion_tokens"] == 4
     firsts = [tuple(ids[:16]) for ids in prompt_ids.values()]
-    assert len(set(firsts)) == len(firsts)                   # (why no prompt found cached blocks)
+    assert len(set(firsts)) == len(firsts)  # (why no prompt found cached blocks)
     assert res["short"]["response"]["body"]["choices"][0]["finish_reason"] == "length"
 
 
@@ -185,38 +229,93 @@ def test_cli_reports_cached_tokens_of_shared_prefixes(tiny_factory, tmp_path):
     d = tiny_factory("llama_gqa")
     rng = np.random.default_rng(12)
     shared = [int(t) for t in rng.integers(3, 256, 40)]
-    a = shared + [int(t) for t in rng.integers(3, 256, 9)]             # 49 tokens
-    b = shared + [int(t) for t in rng.integers(3, 256, 5)]             # 45: shares 40 with a
+    a = shared + [int(t) for t in rng.integers(3, 256, 9)]  # 49 tokens
+    b = shared + [int(t) for t in rng.integers(3, 256, 5)]  # 45: shares 40 with a
     assert a[40] != b[40]
     other = [int(t) for t in rng.integers(3, 256, 20)]
-    rows = [{"id": "a", "prompt": a}, {"id": "b", "prompt": b}, {"id": "a2", "prompt": a},
-            {"id": "b_cut", "prompt": b[:33]}, {"id": "other", "prompt": other}]
+    rows = [
+        {"id": "a", "prompt": a},
+        {"id": "b", "prompt": b},
+        {"id": "a2", "prompt": a},
+        {"id": "b_cut", "prompt": b[:33]},
+        {"id": "other", "prompt": other},
+    ]
     # Independently: a wrote a's 49 prompt tokens + 3 fed-back generated ones (4 generated);
     # each later request shares with the union of what ran before it:
-    want = {"a": 0,
-            "b": 32,            # the 40 shared tokens hold 2 whole blocks
-            "a2": 48,           # a[:48] (its 49th is its last prompt token): 3 blocks
-            "b_cut": 32,        # b[:32] (b_cut's last token is its 33rd): 2 blocks
-            "other": 0}
-    inp = write_jsonl(tmp_path / "in.jsonl", [{**r, "max_tokens": 4, "ignore_eos": True} for r in rows])
+    want = {
+        "a": 0,
+        "b": 32,  # the 40 shared tokens hold 2 whole blocks
+        "a2": 48,  # a[:48] (its 49th is its last prompt token): 3 blocks
+        "b_cut": 32,  # b[:32] (b_cut's last token is its 33rd): 2 blocks
+        "other": 0,
+    }
+    inp = write_jsonl(
+        tmp_path / "in.jsonl", [{**r, "max_tokens": 4, "ignore_eos": True} for r in rows]
+    )
     on, off = tmp_path / "on.jsonl", tmp_path / "off.jsonl"
     assert run_cli("-i", inp, "-o", on, "-m", d, "--max-batch", 1, "--temperature", 0) == 0
-    assert run_cli("-i", inp, "-o", off, "-m", d, "--max-batch", 1, "--temperature", 0, "--no-prefix-caching") == 0
+    assert (
+        run_cli(
+            "-i",
+            inp,
+            "-o",
+            off,
+            "-m",
+            d,
+            "--max-batch",
+            1,
+            "--temperature",
+            0,
+            "--no-prefix-caching",
+        )
+        == 0
+    )
     got_on, got_off = by_id(read_results(on)), by_id(read_results(off))
-    cached = {k: r["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"] for k, r in got_on.items()}
+    cached = {
+        k: r["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"]
+        for k, r in got_on.items()
+    }
     assert cached == want
-    assert all(r["response"]["body"]["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
-               for r in got_off.values())
+    assert all(
+        r["response"]["body"]["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        for r in got_off.values()
+    )
     assert {k: outcome(v) for k, v in got_on.items()} == {k: outcome(v) for k, v in got_off.items()}
 
 
 def test_cli_seeded_requests_reproducible_across_runs(tiny_factory, tmp_path):
     d = tiny_factory("llama_gqa")
-    rows = [{"id": f"s{i}", "prompt": PROMPTS[i % len(PROMPTS)], "temperature": 1.0, "seed": 100 + i,
-             "max_tokens": 8, "ignore_eos": True} for i in range(6)]
+    rows = [
+        {
+            "id": f"s{i}",
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "temperature": 1.0,
+            "seed": 100 + i,
+            "max_tokens": 8,
+            "ignore_eos": True,
+        }
+        for i in range(6)
+    ]
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    assert run_cli("-i", write_jsonl(tmp_path / "in_a.jsonl", rows), "-o", a, "-m", d, "--max-batch", 4) == 0
-    assert run_cli("-i", write_jsonl(tmp_path / "in_b.jsonl", rows[::-1]), "-o", b, "-m", d, "--max-batch", 1) == 0
+    assert (
+        run_cli(
+            "-i", write_jsonl(tmp_path / "in_a.jsonl", rows), "-o", a, "-m", d, "--max-batch", 4
+        )
+        == 0
+    )
+    assert (
+        run_cli(
+            "-i",
+            write_jsonl(tmp_path / "in_b.jsonl", rows[::-1]),
+            "-o",
+            b,
+            "-m",
+            d,
+            "--max-batch",
+            1,
+        )
+        == 0
+    )
     ra, rb = by_id(read_results(a)), by_id(read_results(b))
     assert {k: outcome(v) for k, v in ra.items()} == {k: outcome(v) for k, v in rb.items()}
 
@@ -225,32 +324,49 @@ def test_cli_malformed_lines_become_error_lines(chat_dirs, tmp_path, capsys):
     d = chat_dirs["llama_gqa"]
     good = {"id": "good", "prompt": "fine", "max_tokens": 3}
     rows = [
-        good,                                                                  # 1
-        '{"id": "broken", "prompt": ',                                         # 2 invalid JSON
-        {"prompt": "no id"},                                                   # 3
-        {"id": "noprompt", "max_tokens": 3},                                   # 4
-        {"id": "badtemp", "prompt": "x", "temperature": -1},                   # 5
-        {"id": "typo", "prompt": "x", "max_new_tokens": 3},                    # 6
-        {"id": "long", "prompt": "y" * 80},                                    # 7 > --ctx-size 64
-        {"id": "good", "prompt": "again"},                                     # 8 duplicate id
-        {"custom_id": "url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},  # 9
-        {"id": "n2", "prompt": "x", "n": 2},                                   # 10
-        "[1, 2, 3]",                                                           # 11 not an object
-        "   ",                                                                 # 12 blank: ignored
-        {"id": "role", "messages": [{"role": "tool", "content": "x"}]},        # 13 template refuses
-        {"id": "chatprompt", "method": "POST", "url": "/v1/chat/completions", "body": {"prompt": "x"}},  # 14
-        {"id": "last", "messages": [{"role": "user", "content": "ok"}], "max_tokens": 2},               # 15
+        good,  # 1
+        '{"id": "broken", "prompt": ',  # 2 invalid JSON
+        {"prompt": "no id"},  # 3
+        {"id": "noprompt", "max_tokens": 3},  # 4
+        {"id": "badtemp", "prompt": "x", "temperature": -1},  # 5
+        {"id": "typo", "prompt": "x", "max_new_tokens": 3},  # 6
+        {"id": "long", "prompt": "y" * 80},  # 7 > --ctx-size 64
+        {"id": "good", "prompt": "again"},  # 8 duplicate id
+        {
+            "custom_id": "url",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"input": "x"},
+        },  # 9
+        {"id": "n2", "prompt": "x", "n": 2},  # 10
+        "[1, 2, 3]",  # 11 not an object
+        "   ",  # 12 blank: ignored
+        {"id": "role", "messages": [{"role": "tool", "content": "x"}]},  # 13 template refuses
+        {
+            "id": "chatprompt",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"prompt": "x"},
+        },  # 14
+        {"id": "last", "messages": [{"role": "user", "content": "ok"}], "max_tokens": 2},  # 15
     ]
     inp, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
     assert run_cli("-i", inp, "-o", out, "-m", d, "--ctx-size", 64) == 0
     recs = read_results(out)
-    assert len(recs) == 14                                   # every non-blank line, once
+    assert len(recs) == 14  # every non-blank line, once
     errors = {r["error"]["line"]: (r["custom_id"], r["error"]["code"]) for r in recs if r["error"]}
     assert errors == {
-        2: (None, "invalid_json"), 3: (None, "missing_custom_id"), 4: ("noprompt", "missing_prompt"),
-        5: ("badtemp", "invalid_parameter"), 6: ("typo", "unknown_parameter"),
-        7: ("long", "context_length_exceeded"), 8: ("good", "duplicate_custom_id"), 9: ("url", "invalid_url"),
-        10: ("n2", "unsupported_parameter"), 11: (None, "invalid_request"), 13: ("role", "invalid_messages"),
+        2: (None, "invalid_json"),
+        3: (None, "missing_custom_id"),
+        4: ("noprompt", "missing_prompt"),
+        5: ("badtemp", "invalid_parameter"),
+        6: ("typo", "unknown_parameter"),
+        7: ("long", "context_length_exceeded"),
+        8: ("good", "duplicate_custom_id"),
+        9: ("url", "invalid_url"),
+        10: ("n2", "unsupported_parameter"),
+        11: (None, "invalid_request"),
+        13: ("role", "invalid_messages"),
         14: ("chatprompt", "missing_prompt"),
     }
     for r in recs:
@@ -261,7 +377,10 @@ def test_cli_malformed_lines_become_error_lines(chat_dirs, tmp_path, capsys):
     assert set(ok) == {"good", "last"}
     n_tokens = sum(r["response"]["body"]["usage"]["completion_tokens"] for r in ok.values())
     summary = capsys.readouterr().err.strip().splitlines()[-1]
-    assert summary.startswith("done: 2 ok, 12 failed") and f"; {n_tokens} tokens generated in " in summary
+    assert (
+        summary.startswith("done: 2 ok, 12 failed")
+        and f"; {n_tokens} tokens generated in " in summary
+    )
     assert "tokens/s" in summary and "requests/s" in summary
     assert "unknown role: tool" in errors_msg(recs, 13)
     # A resume writes nothing more: error lines without an id are keyed by their line.
@@ -275,6 +394,7 @@ def errors_msg(recs, line):
 
 
 # ---- tinyllm batch: files, resume, interruption -----------------------------------------
+
 
 def test_cli_refuses_existing_output_without_resume(tiny_factory, tmp_path, capsys):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x", "max_tokens": 2}])
@@ -293,9 +413,14 @@ def test_cli_refuses_existing_output_without_resume(tiny_factory, tmp_path, caps
 def test_cli_fatal_problems_are_one_line(tiny_factory, tmp_path, capsys):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}])
     model = tiny_factory("llama_gqa")
-    cases = [(["-i", tmp_path / "missing.jsonl", "-o", tmp_path / "o1.jsonl", "-m", model], "missing.jsonl"),
-             (["-i", inp, "-o", tmp_path / "no" / "dir.jsonl", "-m", model], "cannot write"),
-             (["-i", inp, "-o", tmp_path / "o2.jsonl", "-m", tmp_path / "nomodel"], "nomodel")]
+    cases = [
+        (
+            ["-i", tmp_path / "missing.jsonl", "-o", tmp_path / "o1.jsonl", "-m", model],
+            "missing.jsonl",
+        ),
+        (["-i", inp, "-o", tmp_path / "no" / "dir.jsonl", "-m", model], "cannot write"),
+        (["-i", inp, "-o", tmp_path / "o2.jsonl", "-m", tmp_path / "nomodel"], "nomodel"),
+    ]
     for args, needle in cases:
         assert run_cli(*args) == 2
         err = capsys.readouterr().err.strip()
@@ -310,7 +435,7 @@ def test_cli_resume_truncates_a_torn_last_line(tiny_factory, tmp_path):
     assert run_cli("-i", inp, "-o", full, "-m", d) == 0
     data = full.read_bytes()
     last_start = data.rstrip(b"\n").rfind(b"\n") + 1
-    torn.write_bytes(data[:last_start + (len(data) - last_start) // 2])   # half of the last line
+    torn.write_bytes(data[: last_start + (len(data) - last_start) // 2])  # half of the last line
     assert run_cli("-i", inp, "-o", torn, "-m", d, "--resume") == 0
     a, b = by_id(read_results(full)), by_id(read_results(torn))
     assert set(b) == {r["id"] for r in rows}
@@ -330,14 +455,35 @@ def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float =
 
 def test_cli_interrupted_and_killed_then_resumed_equals_uninterrupted(tiny_factory, tmp_path):
     d = tiny_factory("llama_gqa")
-    rows = [{"id": f"r{i}", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 40, "ignore_eos": True,
-             **({"temperature": 1.0, "seed": i} if i % 2 else {})} for i in range(60)]
+    rows = [
+        {
+            "id": f"r{i}",
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_tokens": 40,
+            "ignore_eos": True,
+            **({"temperature": 1.0, "seed": i} if i % 2 else {}),
+        }
+        for i in range(60)
+    ]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
     assert run_cli("-i", inp, "-o", ref, "-m", d, "--max-batch", 2) == 0
 
-    cmd = [sys.executable, "-m", "tinyllm", "batch", "-i", str(inp), "-o", str(out), "-m", str(d),
-           "--max-batch", "2", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tinyllm",
+        "batch",
+        "-i",
+        str(inp),
+        "-o",
+        str(out),
+        "-m",
+        str(d),
+        "--max-batch",
+        "2",
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # 1) Ctrl-C: exit 130, says how to resume, keeps only whole lines.
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
@@ -364,6 +510,7 @@ def test_cli_reads_requests_lazily(tiny_factory, tmp_path, monkeypatch):
     """A request is tokenized only when a slot is free, not the whole file up front."""
     import tinyllm.batch
     from tinyllm.tokenizer import HFTokenizer
+
     encoded, at_write = [], []
     real_encode, real_write = HFTokenizer.encode, tinyllm.batch.OutputFile.write
 
@@ -377,8 +524,11 @@ def test_cli_reads_requests_lazily(tiny_factory, tmp_path, monkeypatch):
 
     monkeypatch.setattr(HFTokenizer, "encode", encode)
     monkeypatch.setattr(tinyllm.batch.OutputFile, "write", write)
-    rows = [{"id": f"r{i}", "prompt": f"prompt number {i}", "max_tokens": 3, "ignore_eos": True} for i in range(12)]
+    rows = [
+        {"id": f"r{i}", "prompt": f"prompt number {i}", "max_tokens": 3, "ignore_eos": True}
+        for i in range(12)
+    ]
     inp, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
     assert run_cli("-i", inp, "-o", out, "-m", tiny_factory("llama_gqa"), "--max-batch", 2) == 0
     assert len(read_results(out)) == 12 and len(encoded) == 12
-    assert at_write[0] <= 3                                  # 2 slots (+ at most one waiting)
+    assert at_write[0] <= 3  # 2 slots (+ at most one waiting)

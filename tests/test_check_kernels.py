@@ -19,11 +19,20 @@ def have_nvcc() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not have_nvcc(), reason="nvcc not found (the CUDA toolkit is not installed)")
 def test_every_kernel_compiles_cleanly():
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_kernels.py")],
-                       capture_output=True, text=True, timeout=1800)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "check_kernels.py")],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     print(p.stdout[-6000:])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     assert "all kernels compiled cleanly" in p.stdout
     # the resource table lists every launched kernel family
-    for name in ("flash_prefill_hd128_v2", "decode_split_hd128_r4_v1", "gemv_bf16_m1_bf16_v1", "rope_kv_write_v1"):
+    for name in (
+        "flash_prefill_hd128_v2",
+        "decode_split_hd128_r4_v1",
+        "gemv_bf16_m1_bf16_v1",
+        "rope_kv_write_v1",
+    ):
         assert name in p.stdout

@@ -39,14 +39,16 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "fakecupy"
 
 SELECTION = "not 32k and not smollm2 and not 1000_decode_steps"
-MIN_PASSED = 578            # 587 when written (paged KV cache, int8/fp8 KIVI): fewer means tests went missing from the selection
+MIN_PASSED = 578  # 587 when written (paged KV cache, int8/fp8 KIVI): fewer means tests went missing from the selection
 
 # Every extern "C" entry point must be launched by the selection, and every KV_KIND variant of
 # each file compiled per cache kind (test_gpu_tests_pass_on_the_cupy_stand_in checks both).
 
 
 def _entry_points_module():
-    spec = importlib.util.spec_from_file_location("cuda_entry_points", FAKE / "cuda_entry_points.py")
+    spec = importlib.util.spec_from_file_location(
+        "cuda_entry_points", FAKE / "cuda_entry_points.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -58,28 +60,52 @@ import executor as CUDACPU  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(cuda_available(), reason="a GPU is present: the GPU tests themselves run"),
-    pytest.mark.skipif(ENTRY.preprocessor() is None, reason="no C preprocessor (cpp, gcc or clang)"),
+    pytest.mark.skipif(
+        ENTRY.preprocessor() is None, reason="no C preprocessor (cpp, gcc or clang)"
+    ),
     pytest.mark.skipif(CUDACPU.available() is not None, reason=f"cudacpu: {CUDACPU.available()}"),
 ]
 
 
-def run_on_fake_cupy(pytest_args: list[str], tmp_path: Path, timeout: int, **env) -> tuple[int, str, dict]:
+def run_on_fake_cupy(
+    pytest_args: list[str], tmp_path: Path, timeout: int, **env
+) -> tuple[int, str, dict]:
     """pytest in a subprocess with the stand-in first on PYTHONPATH (shadowing any real CuPy);
     returns (exit status, output, {"passed": n, "failed": n, ...} from the summary line)."""
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(FAKE)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
+    e["PYTHONPATH"] = os.pathsep.join(
+        [str(FAKE)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else [])
+    )
     e["TINYLLM_FAKE_CUPY"] = "1"
-    e.update(CUDACPU.asan_env())                    # out-of-bounds accesses abort with a report
+    e.update(CUDACPU.asan_env())  # out-of-bounds accesses abort with a report
     # pytest captures fd 2, and an abort loses what was captured: the sanitizers log to files.
     logs = tmp_path / "sanitizer"
     e["ASAN_OPTIONS"] += f":log_path={logs}"
     e["UBSAN_OPTIONS"] = f"print_stacktrace=1:log_path={logs}"
     e.update(env)
-    p = subprocess.run([sys.executable, "-m", "pytest", *pytest_args, "-q", "-p", "no:cacheprovider",
-                        f"--basetemp={tmp_path / 'basetemp'}"],
-                       cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            *pytest_args,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--basetemp={tmp_path / 'basetemp'}",
+        ],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     out = p.stdout + p.stderr + "".join(f.read_text() for f in sorted(tmp_path.glob("sanitizer*")))
-    summary = [ln for ln in out.splitlines() if re.search(r"\d+ (passed|failed|error|skipped|deselected)", ln)]
+    summary = [
+        ln
+        for ln in out.splitlines()
+        if re.search(r"\d+ (passed|failed|error|skipped|deselected)", ln)
+    ]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (\w+)", summary[-1])} if summary else {}
     return p.returncode, out, counts
 
@@ -90,12 +116,18 @@ def test_gpu_tests_pass_on_the_cupy_stand_in(tmp_path):
     # now also runs the measured warm-up forward (memory.py). The limit leaves room for a cold
     # cache and a loaded machine inside CI's 90 minutes.
     log = tmp_path / "launched.json"
-    rc, out, counts = run_on_fake_cupy(["tests/test_cuda_ops.py", "tests/test_cuda_model.py", "-k", SELECTION],
-                                       tmp_path, timeout=2400, FAKECUPY_LAUNCH_LOG=str(log))
+    rc, out, counts = run_on_fake_cupy(
+        ["tests/test_cuda_ops.py", "tests/test_cuda_model.py", "-k", SELECTION],
+        tmp_path,
+        timeout=2400,
+        FAKECUPY_LAUNCH_LOG=str(log),
+    )
     print(out[-3000:])
     assert rc == 0, out[-6000:]
     assert counts.get("passed", 0) >= MIN_PASSED, counts
-    assert not any(counts.get(k) for k in ("skipped", "failed", "error", "errors", "xfailed", "xpassed")), counts
+    assert not any(
+        counts.get(k) for k in ("skipped", "failed", "error", "errors", "xfailed", "xpassed")
+    ), counts
 
     # The stand-in wrote its launch log (so it, not a real CuPy, ran the tests), and the
     # selection launched every kernel of every KV-cache variant (bar the known gaps).
@@ -110,24 +142,43 @@ def test_gpu_tests_pass_on_the_cupy_stand_in(tmp_path):
             if "KV_KIND" in extra and any((n, str(extra["KV_KIND"])) in launched for n in names):
                 kinds.add(str(extra["KV_KIND"]))
         if f in ck.KV_VARIANT_FILES:
-            assert kinds == {str(v["KV_KIND"]) for v in ck.variants(f)}, f"{f}: only KV_KIND {sorted(kinds)} launched"
+            assert kinds == {str(v["KV_KIND"]) for v in ck.variants(f)}, (
+                f"{f}: only KV_KIND {sorted(kinds)} launched"
+            )
     assert not missing, f"kernels no selected test launched: {sorted(missing)}"
 
 
 # (bug in tests/fakecupy/plumbing_bugs.py, a test of SELECTION it must break, how it is caught)
 BUG_CASES = [
-    ("kv_swapped", "test_cuda_ops.py::test_attention_bf16_cache[64-ragged-8-2-v2]", "Not equal to tolerance"),
+    (
+        "kv_swapped",
+        "test_cuda_ops.py::test_attention_bf16_cache[64-ragged-8-2-v2]",
+        "Not equal to tolerance",
+    ),
     ("row_stride", "test_cuda_ops.py::test_rms_norm[7-64-v2]", "heap-buffer-overflow"),
     ("int64_scalar", "test_cuda_ops.py::test_linear[False-7-64-1-v1]", "int64 for int N"),
-    ("short_splits", "test_cuda_ops.py::test_attention_bf16_cache[128-decode-8-2-v2]", "Not equal to tolerance"),
-    ("upload_no_wait", "test_cuda_ops.py::test_linear[True-7-64-1-v1]",
-     "reused before the copy that read it was waited on"),
+    (
+        "short_splits",
+        "test_cuda_ops.py::test_attention_bf16_cache[128-decode-8-2-v2]",
+        "Not equal to tolerance",
+    ),
+    (
+        "upload_no_wait",
+        "test_cuda_ops.py::test_linear[True-7-64-1-v1]",
+        "reused before the copy that read it was waited on",
+    ),
     # (the dropped keys change request 0's tokens from token 30 on the numpy emulation, but on
     # the real kernels this tiny model's tokens survive them: this case runs on the emulation)
-    ("graph_scalar_positions", "test_cuda_model.py::test_graph_decode_equals_eager[llama_gqa-bf16]",
-     "graph decode differs from eager"),
-    ("graph_upload_in_capture", "test_cuda_model.py::test_graph_decode_equals_eager[llama_gqa-bf16]",
-     "cupy.asarray / a device copy during CUDA graph capture"),
+    (
+        "graph_scalar_positions",
+        "test_cuda_model.py::test_graph_decode_equals_eager[llama_gqa-bf16]",
+        "graph decode differs from eager",
+    ),
+    (
+        "graph_upload_in_capture",
+        "test_cuda_model.py::test_graph_decode_equals_eager[llama_gqa-bf16]",
+        "cupy.asarray / a device copy during CUDA graph capture",
+    ),
 ]
 EMULATED_BUGS = {"graph_scalar_positions"}
 
@@ -135,8 +186,13 @@ EMULATED_BUGS = {"graph_scalar_positions"}
 @pytest.mark.parametrize("bug,test_id,caught_by", BUG_CASES, ids=[b[0] for b in BUG_CASES])
 def test_stand_in_catches_plumbing_bugs(tmp_path, bug, test_id, caught_by):
     kernels = "emu" if bug in EMULATED_BUGS else "cudacpu"
-    rc, out, counts = run_on_fake_cupy(["tests/" + test_id, "-p", "plumbing_bugs"], tmp_path, timeout=300,
-                                       FAKECUPY_BUG=bug, FAKECUPY_KERNELS=kernels)
+    rc, out, counts = run_on_fake_cupy(
+        ["tests/" + test_id, "-p", "plumbing_bugs"],
+        tmp_path,
+        timeout=300,
+        FAKECUPY_BUG=bug,
+        FAKECUPY_KERNELS=kernels,
+    )
     assert_caught(rc, out, counts, caught_by)
 
 
@@ -153,51 +209,99 @@ def assert_caught(rc: int, out: str, counts: dict, caught_by: str) -> None:
 # Planted kernel bugs: (name, file in cuda/, text, replacement, a test of SELECTION it must
 # break, what catches it). Each edit must match exactly once.
 KERNEL_BUGS = [
-    ("missing_syncthreads", "attention_prefill.cu",
-     "        __syncthreads();\n\n        // S = Q K^T", "\n        // S = Q K^T",
-     "test_cuda_ops.py::test_attention_bf16_cache[64-ragged-8-2-v2]", r"race: thread orders"),
-    ("swapped_mma_fragment", "attention_prefill.cu",
-     "mma_bf16_16816(s[2 * nt2], qf[kk], b0, b1);", "mma_bf16_16816(s[2 * nt2], qf[kk], b1, b0);",
-     "test_cuda_ops.py::test_attention_bf16_cache[64-ragged-8-2-v2]", "Not equal to tolerance"),
-    ("window_off_by_one", "common.cuh",
-     "(window <= 0 || p > qp - window)", "(window <= 0 || p >= qp - window)",
-     "test_cuda_ops.py::test_attention_bf16_cache[64-window_edge-8-2-v2]", "Not equal to tolerance"),
-    ("ldmatrix_row_address", "attention_prefill.cu",
-     "const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;",
-     "const int row = warp * 16 + (lane & 7) + ((lane >> 4) & 1) * 8;",
-     "test_cuda_ops.py::test_attention_bf16_cache[64-ragged-8-2-v2]", "Not equal to tolerance"),
-    ("reduce_drops_last_split", "attention_decode.cu",
-     "for (int s = 0; s < n_splits; ++s) {\n            const long long i",
-     "for (int s = 0; s < n_splits - 1; ++s) {\n            const long long i",
-     "test_cuda_ops.py::test_decode_every_split_counts", "Not equal to tolerance"),
+    (
+        "missing_syncthreads",
+        "attention_prefill.cu",
+        "        __syncthreads();\n\n        // S = Q K^T",
+        "\n        // S = Q K^T",
+        "test_cuda_ops.py::test_attention_bf16_cache[64-ragged-8-2-v2]",
+        r"race: thread orders",
+    ),
+    (
+        "swapped_mma_fragment",
+        "attention_prefill.cu",
+        "mma_bf16_16816(s[2 * nt2], qf[kk], b0, b1);",
+        "mma_bf16_16816(s[2 * nt2], qf[kk], b1, b0);",
+        "test_cuda_ops.py::test_attention_bf16_cache[64-ragged-8-2-v2]",
+        "Not equal to tolerance",
+    ),
+    (
+        "window_off_by_one",
+        "common.cuh",
+        "(window <= 0 || p > qp - window)",
+        "(window <= 0 || p >= qp - window)",
+        "test_cuda_ops.py::test_attention_bf16_cache[64-window_edge-8-2-v2]",
+        "Not equal to tolerance",
+    ),
+    (
+        "ldmatrix_row_address",
+        "attention_prefill.cu",
+        "const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;",
+        "const int row = warp * 16 + (lane & 7) + ((lane >> 4) & 1) * 8;",
+        "test_cuda_ops.py::test_attention_bf16_cache[64-ragged-8-2-v2]",
+        "Not equal to tolerance",
+    ),
+    (
+        "reduce_drops_last_split",
+        "attention_decode.cu",
+        "for (int s = 0; s < n_splits; ++s) {\n            const long long i",
+        "for (int s = 0; s < n_splits - 1; ++s) {\n            const long long i",
+        "test_cuda_ops.py::test_decode_every_split_counts",
+        "Not equal to tolerance",
+    ),
     # paged cache: every sequence read through the first sequence's block table
-    ("prefill_reads_first_table", "attention_prefill.cu",
-     "ti.table = tables + (long long)ti.b * ring;", "ti.table = tables;",
-     "test_cuda_ops.py::test_attention_paged[shared_prefix-v2-bf16-bs16]", "Not equal to tolerance"),
+    (
+        "prefill_reads_first_table",
+        "attention_prefill.cu",
+        "ti.table = tables + (long long)ti.b * ring;",
+        "ti.table = tables;",
+        "test_cuda_ops.py::test_attention_paged[shared_prefix-v2-bf16-bs16]",
+        "Not equal to tolerance",
+    ),
     # paged ring: key tiles start at kmin instead of the first query's window, loading keys
     # whose ring entry already holds a newer (here: stale, NaN) block; masked scores do not
     # save it (0 * NaN in P@V)
-    ("prefill_loads_below_window", "attention_prefill.cu",
-     "for (int kt = lo; kt <= hi; kt += BN) {\n        __syncthreads();                         // everyone",
-     "for (int kt = ti.kmin; kt <= hi; kt += BN) {\n        __syncthreads();                         // everyone",
-     "test_cuda_ops.py::test_attention_paged[ring_wrap-v2-bf16-bs16]", "Not equal to tolerance"),
+    (
+        "prefill_loads_below_window",
+        "attention_prefill.cu",
+        "for (int kt = lo; kt <= hi; kt += BN) {\n        __syncthreads();                         // everyone",
+        "for (int kt = ti.kmin; kt <= hi; kt += BN) {\n        __syncthreads();                         // everyone",
+        "test_cuda_ops.py::test_attention_paged[ring_wrap-v2-bf16-bs16]",
+        "Not equal to tolerance",
+    ),
     # int8/fp8 keys: the block's offset used before its fp16 rounding (numpy stores the rounded one)
-    ("close_offset_unrounded", "kv_close.cu",
-     "const float cf = __half2float(c);", "const float cf = __fmul_rn(__fadd_rn(mx, mn), 0.5f);",
-     "test_cuda_ops.py::test_rope_kv_write_is_bit_exact[8-2-128-int8]", "Arrays are not equal"),
+    (
+        "close_offset_unrounded",
+        "kv_close.cu",
+        "const float cf = __half2float(c);",
+        "const float cf = __fmul_rn(__fadd_rn(mx, mn), 0.5f);",
+        "test_cuda_ops.py::test_rope_kv_write_is_bit_exact[8-2-128-int8]",
+        "Arrays are not equal",
+    ),
     # int8/fp8 keys: the open block's first key read from its (not yet quantized: NaN-poisoned) block
-    ("open_block_off_by_one", "common.cuh",
-     "    if (p >= closed) {", "    if (p > closed) {",
-     "test_cuda_ops.py::test_attention_every_kv_dtype[ragged-decode-int8]", "Not equal to tolerance|nan"),
+    (
+        "open_block_off_by_one",
+        "common.cuh",
+        "    if (p >= closed) {",
+        "    if (p > closed) {",
+        "test_cuda_ops.py::test_attention_every_kv_dtype[ragged-decode-int8]",
+        "Not equal to tolerance|nan",
+    ),
 ]
 
 
-@pytest.mark.parametrize("bug,filename,text,replacement,test_id,caught_by", KERNEL_BUGS, ids=[b[0] for b in KERNEL_BUGS])
-def test_executor_catches_planted_kernel_bugs(tmp_path, bug, filename, text, replacement, test_id, caught_by):
+@pytest.mark.parametrize(
+    "bug,filename,text,replacement,test_id,caught_by", KERNEL_BUGS, ids=[b[0] for b in KERNEL_BUGS]
+)
+def test_executor_catches_planted_kernel_bugs(
+    tmp_path, bug, filename, text, replacement, test_id, caught_by
+):
     cuda = tmp_path / "cuda"
     shutil.copytree(ck.CUDA_DIR, cuda)
     src = (cuda / filename).read_text()
     assert src.count(text) == 1, f"{bug}: the text to edit is not in {filename} exactly once"
     (cuda / filename).write_text(src.replace(text, replacement))
-    rc, out, counts = run_on_fake_cupy(["tests/" + test_id], tmp_path, timeout=300, TINYLLM_CUDA_DIR=str(cuda))
+    rc, out, counts = run_on_fake_cupy(
+        ["tests/" + test_id], tmp_path, timeout=300, TINYLLM_CUDA_DIR=str(cuda)
+    )
     assert_caught(rc, out, counts, caught_by)

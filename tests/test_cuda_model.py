@@ -18,14 +18,14 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CASES
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY_CASES
 from tinyllm import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
 
-PROMPT = [int(t) for t in np.random.default_rng(0).integers(3, 256, 40)]   # longer than every window
+PROMPT = [int(t) for t in np.random.default_rng(0).integers(3, 256, 40)]  # longer than every window
 MESSAGES = [{"role": "user", "content": "Name three primary colors."}]
 
 
@@ -41,7 +41,9 @@ def torch_bf16_rel_err(model: torch.nn.Module, ids: list[int]) -> float:
     return rel_err(low, ref)
 
 
-def check_logits(ours: np.ndarray, ref: np.ndarray, yardstick: float, floor: float = 2e-3, what: str = ""):
+def check_logits(
+    ours: np.ndarray, ref: np.ndarray, yardstick: float, floor: float = 2e-3, what: str = ""
+):
     err = rel_err(ours, ref)
     print(f"{what}: cuda vs numpy rel err {err:.2e} (transformers bf16 vs fp32: {yardstick:.2e})")
     assert np.isfinite(ours).all()
@@ -50,11 +52,15 @@ def check_logits(ours: np.ndarray, ref: np.ndarray, yardstick: float, floor: flo
     diff = float(np.abs(ours - ref).max())
     top2 = np.sort(ref, axis=-1)[:, -2:]
     clear = (top2[:, 1] - top2[:, 0]) > 2 * diff
-    assert (ours.argmax(-1)[clear] == ref.argmax(-1)[clear]).all(), f"{what}: top-1 differs at a clear margin"
+    assert (ours.argmax(-1)[clear] == ref.argmax(-1)[clear]).all(), (
+        f"{what}: top-1 differs at a clear margin"
+    )
     return diff
 
 
-def check_greedy(llm_ref: LLM, got: list[int], want: list[int], prompt: list[int], near_tie: float, what: str):
+def check_greedy(
+    llm_ref: LLM, got: list[int], want: list[int], prompt: list[int], near_tie: float, what: str
+):
     """Equal, or diverging first where float32's top-2 logits are within near_tie. (A run
     that stopped earlier chose EOS there, which its token_ids do not record.)"""
     if got == want:
@@ -63,7 +69,9 @@ def check_greedy(llm_ref: LLM, got: list[int], want: list[int], prompt: list[int
     i = next((j for j in range(n) if got[j] != want[j]), n)
     row = llm_ref.logits(prompt + want[:i])[-1]
     a, b = np.sort(row)[-2:][::-1]
-    print(f"{what}: greedy diverges at token {i}: float32 top-2 margin {a - b:.3e} (near-tie bound {near_tie:.3e})")
+    print(
+        f"{what}: greedy diverges at token {i}: float32 top-2 margin {a - b:.3e} (near-tie bound {near_tie:.3e})"
+    )
     if i < n:
         assert got[i] in np.argsort(row)[-2:], f"{what}: token {i} is not float32's top-2"
     assert a - b <= near_tie, f"{what}: divergence at token {i} is not at a near-tie"
@@ -71,8 +79,10 @@ def check_greedy(llm_ref: LLM, got: list[int], want: list[int], prompt: list[int
 
 def tiny_llms(d, kv_dtype="auto", **kw):
     kw = dict(max_seq_len=128, prefill_chunk=16, **kw)
-    return (LLM(str(d), backend="numpy", kv_dtype="fp32" if kv_dtype == "auto" else kv_dtype, **kw),
-            LLM(str(d), backend="cuda", kv_dtype=kv_dtype, **kw))
+    return (
+        LLM(str(d), backend="numpy", kv_dtype="fp32" if kv_dtype == "auto" else kv_dtype, **kw),
+        LLM(str(d), backend="cuda", kv_dtype=kv_dtype, **kw),
+    )
 
 
 @pytest.mark.parametrize("case", list(TINY_CASES))
@@ -80,7 +90,9 @@ def test_tiny_logits_and_greedy_match_numpy(tiny_factory, case):
     d = tiny_factory(case)
     ref_llm, llm = tiny_llms(d)
     assert llm.backend.name == "cuda" and llm.kv_dtype == "bf16"
-    yard = torch_bf16_rel_err(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval(), PROMPT)
+    yard = torch_bf16_rel_err(
+        AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval(), PROMPT
+    )
     ref = ref_llm.logits(PROMPT)
     ours = llm.logits(PROMPT)
     assert ours.shape == ref.shape and ours.dtype == np.float32
@@ -101,9 +113,13 @@ def test_tiny_kv_dtypes_match_numpy(tiny_factory, case, kv_dtype):
     a larger floor (one int8 step is 1/127 of a vector's absmax)."""
     d = tiny_factory(case)
     ref_llm, llm = tiny_llms(d, kv_dtype)
-    yard = torch_bf16_rel_err(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval(), PROMPT)
+    yard = torch_bf16_rel_err(
+        AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval(), PROMPT
+    )
     floor = 2e-2 if kv_dtype in ("int8", "fp8") else 2e-3
-    check_logits(llm.logits(PROMPT), ref_llm.logits(PROMPT), yard, floor=floor, what=f"{case} kv={kv_dtype}")
+    check_logits(
+        llm.logits(PROMPT), ref_llm.logits(PROMPT), yard, floor=floor, what=f"{case} kv={kv_dtype}"
+    )
     out = llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 8
 
@@ -112,7 +128,9 @@ def test_fp16_and_bf16_checkpoints_run_in_bf16(tiny_factory):
     for dtype in ("float16", "bfloat16"):
         d = tiny_factory("llama_gqa", dtype)
         ref_llm, llm = tiny_llms(d)
-        yard = torch_bf16_rel_err(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval(), PROMPT)
+        yard = torch_bf16_rel_err(
+            AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval(), PROMPT
+        )
         check_logits(llm.logits(PROMPT), ref_llm.logits(PROMPT), yard, what=f"llama_gqa {dtype}")
 
 
@@ -126,13 +144,15 @@ def test_batched_generation_matches_one_by_one(tiny_factory):
     together = [c.token_ids for c in llm.generate(prompts, p)]
     alone = [llm.generate([q], p)[0].token_ids for q in prompts]
     for a, b, q in zip(together, alone, prompts):
-        if a != b:      # the GEMV and cuBLAS paths round differently: allow near-ties only
+        if a != b:  # the GEMV and cuBLAS paths round differently: allow near-ties only
             ref_llm = LLM(str(d), backend="numpy", max_seq_len=128)
             check_greedy(ref_llm, a, b, q, 0.05, "batched vs alone")
 
 
-@pytest.mark.parametrize("case,block_size,kv", [("llama_gqa", 16, "bf16"), ("mistral_window", 8, "bf16"),
-                                                ("mistral_window", 8, "int8")])
+@pytest.mark.parametrize(
+    "case,block_size,kv",
+    [("llama_gqa", 16, "bf16"), ("mistral_window", 8, "bf16"), ("mistral_window", 8, "int8")],
+)
 def test_paged_prefix_hits_and_preemption_match_numpy(tiny_factory, case, block_size, kv):
     """The paged cache end to end on the device: four requests sharing a 35-token prefix (the
     later ones take its full blocks from the prefix cache) in a pool of 7 blocks, far too
@@ -142,15 +162,26 @@ def test_paged_prefix_hits_and_preemption_match_numpy(tiny_factory, case, block_
     (quantized) blocks, and every preempted sequence rebuilds its open rows."""
     from tinyllm.config import ModelConfig
     from tinyllm.kv_cache import KVCacheSpec
+
     d = tiny_factory(case)
     cfg = ModelConfig.load(d)
     prompts = [PROMPT[:35] + [7 + i, 11 + i] for i in range(4)]
     p = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     runs = {}
     for backend, kv in (("numpy", "fp32" if kv == "bf16" else kv), ("cuda", kv)):
-        block = KVCacheSpec.for_model(cfg, kv, 128, 1, chunk=16, block_size=block_size).block_nbytes()
-        llm = LLM(str(d), backend=backend, kv_dtype=kv, max_seq_len=128, prefill_chunk=16, max_batch=4,
-                  block_size=block_size, kv_cache_memory=7 * block)
+        block = KVCacheSpec.for_model(
+            cfg, kv, 128, 1, chunk=16, block_size=block_size
+        ).block_nbytes()
+        llm = LLM(
+            str(d),
+            backend=backend,
+            kv_dtype=kv,
+            max_seq_len=128,
+            prefill_chunk=16,
+            max_batch=4,
+            block_size=block_size,
+            kv_cache_memory=7 * block,
+        )
         assert llm.engine.spec.n_blocks == 7
         runs[backend] = [c.token_ids for c in llm.generate(prompts, p)]
         stats = dict(llm.engine.stats)
@@ -176,6 +207,7 @@ def test_smollm2_logits_and_greedy_chat(smollm2_hf):
 
 def test_1000_decode_steps_without_memory_growth(tiny_factory):
     import cupy
+
     d = tiny_factory("llama_gqa")
     llm = LLM(str(d), backend="cuda", max_seq_len=1100, max_batch=1)
     pool = cupy.get_default_memory_pool()
@@ -192,10 +224,16 @@ def test_1000_decode_steps_without_memory_growth(tiny_factory):
 
 # ---- decode as CUDA graphs (tinyllm/backends/cuda_graphs.py) ------------------------------------------
 
-GRAPH_CASES = [("llama_gqa", "bf16", 9), ("mistral_window", "int8", 3), ("mistral_window", "fp8", 3)]
+GRAPH_CASES = [
+    ("llama_gqa", "bf16", 9),
+    ("mistral_window", "int8", 3),
+    ("mistral_window", "fp8", 3),
+]
 
 
-@pytest.mark.parametrize("case,kv_dtype,max_batch", GRAPH_CASES, ids=[f"{c}-{k}" for c, k, _ in GRAPH_CASES])
+@pytest.mark.parametrize(
+    "case,kv_dtype,max_batch", GRAPH_CASES, ids=[f"{c}-{k}" for c, k, _ in GRAPH_CASES]
+)
 def test_graph_decode_equals_eager(tiny_factory, case, kv_dtype, max_batch):
     """Replayed decode graphs give exactly the eager tokens: greedy and seeded sampling, long
     enough that positions pass the first decode split (64 keys) and the sliding window's rolling
@@ -208,24 +246,44 @@ def test_graph_decode_equals_eager(tiny_factory, case, kv_dtype, max_batch):
     n_req = max_batch + 3
     lens = [40, 5, 23, 1, 31, 12, 8, 17, 3, 26, 9, 14][:n_req]
     max_tokens = [64, 6, 30, 4, 40, 8, 10, 5, 7, 6, 9, 5][:n_req]
-    prompts = [PROMPT[i % 7:][:n] if n <= len(PROMPT) - i % 7 else PROMPT[:n] for i, n in enumerate(lens)]
-    params = [SamplingParams(max_tokens=m, ignore_eos=True, temperature=0) if i % 2 else
-              SamplingParams(max_tokens=m, ignore_eos=True, temperature=0.9, top_k=40, top_p=0.95, seed=100 + i)
-              for i, m in enumerate(max_tokens)]
+    prompts = [
+        PROMPT[i % 7 :][:n] if n <= len(PROMPT) - i % 7 else PROMPT[:n] for i, n in enumerate(lens)
+    ]
+    params = [
+        SamplingParams(max_tokens=m, ignore_eos=True, temperature=0)
+        if i % 2
+        else SamplingParams(
+            max_tokens=m, ignore_eos=True, temperature=0.9, top_k=40, top_p=0.95, seed=100 + i
+        )
+        for i, m in enumerate(max_tokens)
+    ]
     runs = {}
     for graph in (False, True):
-        llm = LLM(str(d), backend="cuda", kv_dtype=kv_dtype, max_seq_len=128, prefill_chunk=16,
-                  max_batch=max_batch, cuda_graph=graph)
+        llm = LLM(
+            str(d),
+            backend="cuda",
+            kv_dtype=kv_dtype,
+            max_seq_len=128,
+            prefill_chunk=16,
+            max_batch=max_batch,
+            cuda_graph=graph,
+        )
         llm.backend.versions["gemv"] = "v1-all"
         runs[graph] = [c.token_ids for c in llm.generate(prompts, params)]
         stats = dict(llm.backend.graphs.stats)
     # The memory check before loading counted at least what the graphs hold.
     ring = llm.engine.cache.spec.ring
-    assert 0 < llm.backend.graphs.nbytes() <= llm.backend.graphs.estimate_bytes(llm.cfg, max_batch, ring)
+    assert (
+        0
+        < llm.backend.graphs.nbytes()
+        <= llm.backend.graphs.estimate_bytes(llm.cfg, max_batch, ring)
+    )
     assert [len(t) for t in runs[True]] == max_tokens
     for i, (a, b) in enumerate(zip(runs[True], runs[False])):
-        assert a == b, f"graph decode differs from eager for request {i}: first at token " \
-                       f"{next(j for j in range(len(a)) if a[j] != b[j])}"
+        assert a == b, (
+            f"graph decode differs from eager for request {i}: first at token "
+            f"{next(j for j in range(len(a)) if a[j] != b[j])}"
+        )
     # The graph run really replayed: one capture per bucket it met, most steps replays.
     want_buckets = {1, 2, 4, 8, 16} if max_batch == 9 else {1, 2, 4}
     assert stats["captures"] == len(want_buckets), stats
@@ -245,9 +303,26 @@ def test_graph_decode_is_the_default_and_can_be_turned_off(tiny_factory):
 def test_cli_no_cuda_graph_flag(tiny_factory, capsys):
     """--no-cuda-graph decodes eagerly (the CLI says so) and prints what graph decode gives."""
     from tinyllm.cli import main
+
     d = tiny_factory("llama_gqa")
-    rc = main(["generate", "--model", str(d), "--prompt", "Hello", "-n", "8", "--temperature", "0",
-               "--backend", "cuda", "--ctx-size", "64", "--no-cuda-graph"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(d),
+            "--prompt",
+            "Hello",
+            "-n",
+            "8",
+            "--temperature",
+            "0",
+            "--backend",
+            "cuda",
+            "--ctx-size",
+            "64",
+            "--no-cuda-graph",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "decode: eager" in err, err
@@ -262,28 +337,33 @@ def test_default_pool_is_sized_from_the_measured_warmup(tiny_factory, monkeypatc
     working memory of the largest step (memory.py); generating at that batch and chunk with
     the planned pool allocated never takes the allocator above the measured peak."""
     import cupy
+
     from tinyllm import memory
     from tinyllm.backends.cuda_backend import CudaBackend
+
     d = tiny_factory("llama_gqa")
     seen = []
     real = memory.measure_working
     monkeypatch.setattr(memory, "measure_working", lambda *a: seen.append(real(*a)) or seen[-1])
     kw = dict(backend="cuda", max_seq_len=128, prefill_chunk=16, max_batch=4, cuda_graph=False)
     spec = LLM(str(d), **kw).engine.spec
-    assert spec.n_blocks == 4 * spec.ring == 32                  # a large device: the full pool
+    assert spec.n_blocks == 4 * spec.ring == 32  # a large device: the full pool
     working = seen[-1]
     budget = int((working + 20.5 * spec.block_nbytes()) / memory.GPU_MEMORY_UTILIZATION) + 1
     monkeypatch.setattr(CudaBackend, "free_memory", lambda self: budget)
     llm = LLM(str(d), **kw)
-    working = seen[-1]                                           # (this load's own measurement)
+    working = seen[-1]  # (this load's own measurement)
     room = int(memory.GPU_MEMORY_UTILIZATION * budget) - working
-    assert llm.engine.spec.n_blocks == room // spec.block_nbytes() < 32     # the budget binds
+    assert llm.engine.spec.n_blocks == room // spec.block_nbytes() < 32  # the budget binds
     llm.engine.ensure_cache()
     pool = cupy.get_default_memory_pool()
     pool.free_all_blocks()
-    held = pool.used_bytes()                                     # weights + KV pool
+    held = pool.used_bytes()  # weights + KV pool
     rng = np.random.default_rng(4)
     prompts = [[int(t) for t in rng.integers(3, 256, 40)] for _ in range(4)]
     llm.generate(prompts, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
     peak = pool.total_bytes() - held
-    assert 0 < peak <= working - memory.GPU_CONTEXT_MARGIN - memory.CUBLAS_WORKSPACE, (peak, working)
+    assert 0 < peak <= working - memory.GPU_CONTEXT_MARGIN - memory.CUBLAS_WORKSPACE, (
+        peak,
+        working,
+    )

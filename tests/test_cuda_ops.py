@@ -38,12 +38,13 @@ gpu = pytest.mark.gpu
 @pytest.fixture(scope="module")
 def backend():
     from tinyllm.backends.cuda_backend import CudaBackend
+
     return CudaBackend()
 
 
 @pytest.fixture
 def be(backend):
-    backend.versions = dict(cb.VERSIONS)          # each test starts from the registry defaults
+    backend.versions = dict(cb.VERSIONS)  # each test starts from the registry defaults
     return backend
 
 
@@ -69,6 +70,7 @@ def close(got, want, rtol=2**-7, atol_ulps=4):
 
 # ---- gathers ------------------------------------------------------------------------------------
 
+
 @gpu
 @pytest.mark.parametrize("V,dim", [(1, 8), (33, 64), (4097, 24), (7, 4097)])
 @pytest.mark.parametrize("T", [1, 7, 33])
@@ -87,7 +89,7 @@ def test_take_rows_is_exact(be, rng, dtype):
     rows = np.array([32, 0, 5, 5], np.int64)
     dx = be.from_numpy(x) if dtype == "bf16" else be.cp.asarray(x)
     np.testing.assert_array_equal(be.to_numpy(be.take_rows(dx, rows)), REF.take_rows(x, rows))
-    wide = be.from_numpy(randn(rng, 33, 64))[:, 8:48]           # strided rows
+    wide = be.from_numpy(randn(rng, 33, 64))[:, 8:48]  # strided rows
     np.testing.assert_array_equal(be.to_numpy(be.take_rows(wide, rows)), be.to_numpy(wide)[rows])
 
 
@@ -101,6 +103,7 @@ def test_take_rows_narrow_vectors(be, rng, dtype, width):
 
 
 # ---- RMSNorm --------------------------------------------------------------------------------------
+
 
 @gpu
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -119,7 +122,7 @@ def test_add_rms_norm(be, rng, version, rows, dim):
     be.versions["rms_norm"] = version
     x, d, w = randn(rng, rows, dim), randn(rng, rows, dim), randn(rng, dim)
     s, h = be.add_rms_norm(be.from_numpy(x), be.from_numpy(d), be.upload("w", w), 1e-6)
-    s_ref = bf(x + d)                    # fp32 sum rounded once: the same bits on both sides
+    s_ref = bf(x + d)  # fp32 sum rounded once: the same bits on both sides
     np.testing.assert_array_equal(be.to_numpy(s), s_ref)
     close(be.to_numpy(h), REF.rms_norm(s_ref, w, 1e-6))
 
@@ -128,7 +131,7 @@ def test_add_rms_norm(be, rng, version, rows, dim):
 def test_rms_norm_strided_input(be, rng):
     big = randn(rng, 7, 80)
     w = randn(rng, 64)
-    x = be.from_numpy(big)[:, 16:]                               # row stride 80, offset 32 bytes
+    x = be.from_numpy(big)[:, 16:]  # row stride 80, offset 32 bytes
     close(be.to_numpy(be.rms_norm(x, be.upload("w", w), 1e-5)), REF.rms_norm(big[:, 16:], w, 1e-5))
 
 
@@ -139,6 +142,7 @@ def test_graph_replay_reads_device_memory_as_it_is_at_launch(be, rng):
     with its captured arguments over the buffers as they are at launch time, so an input
     rewritten by a host-to-device copy between replays is seen."""
     import ctypes
+
     cp = be.cp
     xs, w = [randn(rng, 3, 64, scale=3.0) for _ in range(3)], randn(rng, 64)
     x, wd, out = be.from_numpy(xs[0]), be.upload("w", w), cp.zeros((3, 64), be.bf16)
@@ -146,7 +150,11 @@ def test_graph_replay_reads_device_memory_as_it_is_at_launch(be, rng):
     s = cp.cuda.Stream(non_blocking=False)
     with s:
         s.begin_capture()
-        k((3,), (ck.TILES["RMS_THREADS"],), (x, np.int32(64), wd, out, np.int32(64), np.float32(1e-5)))
+        k(
+            (3,),
+            (ck.TILES["RMS_THREADS"],),
+            (x, np.int32(64), wd, out, np.int32(64), np.float32(1e-5)),
+        )
         g = s.end_capture()
         assert not be.to_numpy(out).any(), "a captured launch ran"
         for xh in xs[1:]:
@@ -157,7 +165,9 @@ def test_graph_replay_reads_device_memory_as_it_is_at_launch(be, rng):
 
 
 @gpu
-@pytest.mark.skipif(os.environ.get("TINYLLM_FAKE_CUPY") != "1", reason="rules of the CuPy stand-in's capture model")
+@pytest.mark.skipif(
+    os.environ.get("TINYLLM_FAKE_CUPY") != "1", reason="rules of the CuPy stand-in's capture model"
+)
 def test_stand_in_capture_model(be, rng):
     """What tests/fakecupy makes of a capture, beyond what a GPU shows without failing: the
     captured scalar is replayed (dim 64 though the host now means 32), a buffer freed after
@@ -165,6 +175,7 @@ def test_stand_in_capture_model(be, rng):
     inside a capture are refused."""
     import cupy
     from cupy_backends.cuda.libs import cublas
+
     cp = be.cp
     x, w = be.from_numpy(randn(rng, 2, 64)), be.upload("w", randn(rng, 64))
     out = cp.zeros((2, 64), be.bf16)
@@ -174,15 +185,20 @@ def test_stand_in_capture_model(be, rng):
         s.begin_capture()
         dim = 64
         k((2,), (256,), (x, np.int32(64), w, out, np.int32(dim), np.float32(1e-5)))
-        for refused in (lambda: cp.empty(4, np.float32), lambda: out.get(), lambda: cublas.gemmEx(*[0] * 19)):
+        for refused in (
+            lambda: cp.empty(4, np.float32),
+            lambda: out.get(),
+            lambda: cublas.gemmEx(*[0] * 19),
+        ):
             with pytest.raises((AssertionError, NotImplementedError), match="capture"):
                 refused()
         g = s.end_capture()
-        dim = 32                                   # noqa: F841  (the graph keeps 64)
+        dim = 32  # noqa: F841  (the graph keeps 64)
         g.launch(stream=s)
         assert np.isfinite(be.to_numpy(out)[:, 32:]).all() and be.to_numpy(out)[:, 32:].any()
         del out
         import gc
+
         gc.collect()
         with pytest.raises(AssertionError, match="out-of-bounds|no live allocation"):
             g.launch(stream=s)
@@ -201,7 +217,7 @@ LINEAR_SHAPES = [(7, 64), (33, 4096), (4097, 64), (64, 4097), (256, 1024)]
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(be, rng, gemv, M, N, K, bias):
     be.versions["gemv"] = gemv
-    x, w = randn(rng, M, K), randn(rng, N, K, scale=K ** -0.5)
+    x, w = randn(rng, M, K), randn(rng, N, K, scale=K**-0.5)
     b = randn(rng, N) if bias else None
     y = be.linear(be.from_numpy(x), be.upload("w", w), be.upload("b", b) if bias else None)
     assert y.shape == (M, N) and y.dtype == be.bf16
@@ -233,10 +249,13 @@ def test_linear_gemv_row_chunks(be, rng, M):
 def test_linear_logits_are_fp32(be, rng, M, gemv, bias):
     be.versions["gemv"] = gemv
     V, K = 4097, 256
-    x, w = randn(rng, M, K), randn(rng, V, K, scale=K ** -0.5)
-    b = randn(rng, V) if bias else None                       # a biased vocabulary projection
-    y = be.linear(be.from_numpy(x).reshape(M, K), be.upload("lm_head.weight", w),
-                  be.upload("lm_head.bias", b) if bias else None)
+    x, w = randn(rng, M, K), randn(rng, V, K, scale=K**-0.5)
+    b = randn(rng, V) if bias else None  # a biased vocabulary projection
+    y = be.linear(
+        be.from_numpy(x).reshape(M, K),
+        be.upload("lm_head.weight", w),
+        be.upload("lm_head.bias", b) if bias else None,
+    )
     assert y.dtype == np.float32
     want = x.astype(np.float64) @ w.T.astype(np.float64) + (b if bias else 0)
     # fp32 output: only accumulation order differs (cuBLAS may use split-K)
@@ -252,6 +271,7 @@ def test_linear_3d_input(be, rng):
 
 
 # ---- SwiGLU --------------------------------------------------------------------------------------
+
 
 @gpu
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -293,6 +313,7 @@ def cache_to_device(be, np_cache: NumpyKVCache, cu_cache):
 
 # ---- paged block tables -------------------------------------------------------------------------
 
+
 def paged_tables(rng, spec: KVCacheSpec, starts, lens, shared_rows: int = 0) -> np.ndarray:
     """(B, R) block tables as the engine hands them out, scattered over the pool: every block
     row a sequence still reads or writes (its positions from kv_cache.visible_lo on) gets its
@@ -309,7 +330,7 @@ def paged_tables(rng, spec: KVCacheSpec, starts, lens, shared_rows: int = 0) -> 
         assert len(rows) <= spec.ring, "a ring holding more rows than entries (max_chunk exceeded)"
         for j in rows:
             tables[b, j % spec.ring] = shared[j] if j < shared_rows else next(pool)
-        if total > spec.capacity:                          # wrapped: stale blocks in the other entries
+        if total > spec.capacity:  # wrapped: stale blocks in the other entries
             tables[b, tables[b] < 0] = [next(pool) for _ in range(int((tables[b] < 0).sum()))]
     return tables
 
@@ -317,19 +338,24 @@ def paged_tables(rng, spec: KVCacheSpec, starts, lens, shared_rows: int = 0) -> 
 def pool_blocks(starts, lens, block_size: int, ring: int, spare: int = 3) -> int:
     """A pool big enough for paged_tables' sequences (a wrapped ring holds all its R entries,
     stale ones included), plus spare blocks nobody uses."""
-    return sum(ring if s + n > ring * block_size else -(-(s + n) // block_size)
-               for s, n in zip(starts, lens)) + spare
+    return (
+        sum(
+            ring if s + n > ring * block_size else -(-(s + n) // block_size)
+            for s, n in zip(starts, lens)
+        )
+        + spare
+    )
 
 
 def test_paged_tables_helper():
     """The test tables really are scattered, shared and stale where asked (not slot tables)."""
     rng = np.random.default_rng(0)
-    spec = KVCacheSpec(1, 40, 4, 5, 1, 8, "bf16", 8, 64)                     # C = 20, W = 8
+    spec = KVCacheSpec(1, 40, 4, 5, 1, 8, "bf16", 8, 64)  # C = 20, W = 8
     t = paged_tables(rng, spec, [30, 0, 6], [5, 12, 1], shared_rows=1)
     assert t.shape == (3, 5) and (t[1:, 0] == t[2, 0]).all() and t[1, 3:].tolist() == [-1, -1]
-    assert (t[0] >= 0).all() and len(set(t[0].tolist())) == 5                 # wrapped: all 5 held
+    assert (t[0] >= 0).all() and len(set(t[0].tolist())) == 5  # wrapped: all 5 held
     held = t[t >= 0].tolist()
-    assert len(set(held)) == len(held) - 1                                     # only the shared block repeats
+    assert len(set(held)) == len(held) - 1  # only the shared block repeats
     assert held != sorted(held)
 
 
@@ -348,7 +374,7 @@ def cache_for(rng, spec: KVCacheSpec, tables, starts, lens, loud_tail: int = 0) 
     n_kv, hd = spec.n_kv_heads, spec.head_dim
     for i, (table, st, n) in enumerate(zip(tables, starts, lens)):
         lo = visible_lo(st + n, st, spec)
-        if spec.quantized:                 # a key block is quantized from all its keys: write it whole
+        if spec.quantized:  # a key block is quantized from all its keys: write it whole
             lo -= lo % spec.block_size
         pos = np.arange(lo, st + n)
         v = randn(rng, len(pos), n_kv, hd)
@@ -368,20 +394,33 @@ def check_rope_kv_write(be, rng, spec: KVCacheSpec, batch: Batch, n_heads: int):
     """rope_kv_write on both backends from an all-zero cache: q bit-exact, every byte of the
     cache (blocks written and untouched alike) equal."""
     T, n_kv, hd = batch.n_tokens, spec.n_kv_heads, spec.head_dim
-    q, k, v = randn(rng, T, n_heads, hd), randn(rng, T, n_kv, hd, scale=2.0), randn(rng, T, n_kv, hd)
-    k[0, 0] = 0.0                                                # an all-zero vector: scale 0
+    q, k, v = (
+        randn(rng, T, n_heads, hd),
+        randn(rng, T, n_kv, hd, scale=2.0),
+        randn(rng, T, n_kv, hd),
+    )
+    k[0, 0] = 0.0  # an all-zero vector: scale 0
     inv_freq = (1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
     np_cache = NumpyKVCache(spec)
     q_ref = REF.rope_kv_write(q, k, v, np_cache, 1, batch, inv_freq)
     cu_cache = be.alloc_kv(spec)
-    q_got = be.rope_kv_write(be.from_numpy(q), be.from_numpy(k), be.from_numpy(v), cu_cache, 1,
-                             be.prepare(batch), inv_freq)
+    q_got = be.rope_kv_write(
+        be.from_numpy(q),
+        be.from_numpy(k),
+        be.from_numpy(v),
+        cu_cache,
+        1,
+        be.prepare(batch),
+        inv_freq,
+    )
     np.testing.assert_array_equal(cb.to_bf16_bits(be.to_numpy(q_got)), cb.to_bf16_bits(q_ref))
     for name in ("k", "v") + (("k_scale", "k_zero", "v_scale", "k_open") if spec.quantized else ()):
         for layer in (0, 1):
             want = getattr(np_cache, name)[layer]
             got = getattr(cu_cache, name)[layer].get()
-            np.testing.assert_array_equal(storage_bits(got), storage_bits(want), err_msg=f"{name}[{layer}]")
+            np.testing.assert_array_equal(
+                storage_bits(got), storage_bits(want), err_msg=f"{name}[{layer}]"
+            )
 
 
 @gpu
@@ -391,10 +430,22 @@ def test_rope_kv_write_is_bit_exact(be, rng, kv_dtype, n_heads, n_kv, hd):
     # Three sequences in blocks of 4 scattered over a pool of 20, a ring of 4 (C = 16): from
     # position 0; wrapping around the ring (14..17: rows 3 and 4, entries 3 and 0, entry 0 a
     # fresh block); the last position (63) of max_seq_len.
-    spec = KVCacheSpec(n_layers=2, n_blocks=20, block_size=4, ring=4, n_kv_heads=n_kv, head_dim=hd,
-                       kv_dtype=kv_dtype, window=8, max_seq_len=64, n_open=3)
+    spec = KVCacheSpec(
+        n_layers=2,
+        n_blocks=20,
+        block_size=4,
+        ring=4,
+        n_kv_heads=n_kv,
+        head_dim=hd,
+        kv_dtype=kv_dtype,
+        window=8,
+        max_seq_len=64,
+        n_open=3,
+    )
     starts, lens = [0, 14, 62], [5, 4, 2]
-    check_rope_kv_write(be, rng, spec, Batch(paged_tables(rng, spec, starts, lens), starts, lens), n_heads)
+    check_rope_kv_write(
+        be, rng, spec, Batch(paged_tables(rng, spec, starts, lens), starts, lens), n_heads
+    )
 
 
 @gpu
@@ -405,8 +456,18 @@ def test_rope_kv_write_paged_block_sizes(be, rng, kv_dtype, block_size):
     a prefix they share (rows 0-1: only read, never written), a decode token at a block's
     last offset."""
     starts, lens = [2 * block_size, 2 * block_size + 3, 5 * block_size - 1], [block_size + 5, 2, 1]
-    spec = KVCacheSpec(2, pool_blocks(starts, lens, block_size, 8), block_size, 8, 2, 128, kv_dtype, None, 8 * block_size,
-                       n_open=3)
+    spec = KVCacheSpec(
+        2,
+        pool_blocks(starts, lens, block_size, 8),
+        block_size,
+        8,
+        2,
+        128,
+        kv_dtype,
+        None,
+        8 * block_size,
+        n_open=3,
+    )
     tables = paged_tables(rng, spec, starts, lens, shared_rows=2)
     check_rope_kv_write(be, rng, spec, Batch(tables, starts, lens), 8)
 
@@ -418,25 +479,37 @@ ATTN_BATCHES = [
     ("prefill_from_0", [0], [33], 16, 4, None),
     ("chunk_after_40", [40], [7], 8, 8, None),
     ("ragged", [0, 20, 5], [9, 1, 17], 16, 4, None),
-    ("window_rolling", [30, 0], [5, 12], 4, 5, 8),               # C = 20 = W + 12, first one wrapped
-    ("window_edge", [7], [2], 4, 4, 8),                          # query 8 drops key 0
-    ("decode", [0, 4096, 77], [1, 1, 1], 16, 257, None),         # position 0 and 4097 keys
-    ("decode_rolling", [100, 3], [1, 1], 8, 6, 32),              # C = 48, W = 32: wrapped twice
+    ("window_rolling", [30, 0], [5, 12], 4, 5, 8),  # C = 20 = W + 12, first one wrapped
+    ("window_edge", [7], [2], 4, 4, 8),  # query 8 drops key 0
+    ("decode", [0, 4096, 77], [1, 1, 1], 16, 257, None),  # position 0 and 4097 keys
+    ("decode_rolling", [100, 3], [1, 1], 8, 6, 32),  # C = 48, W = 32: wrapped twice
 ]
-GQA = [(4, 4), (8, 2), (16, 2), (4, 1), (12, 1)]                   # n_rep 1, 4, 8, all, 12
+GQA = [(4, 4), (8, 2), (16, 2), (4, 1), (12, 1)]  # n_rep 1, 4, 8, all, 12
 
 
-def run_attention(be, rng, batch_case, n_heads, n_kv, hd, kv_dtype, loud_tail: int = 0, shared_rows: int = 0):
+def run_attention(
+    be, rng, batch_case, n_heads, n_kv, hd, kv_dtype, loud_tail: int = 0, shared_rows: int = 0
+):
     """Attention of one batch on both backends over the same cache bytes (cache_for: random
     where visible, NaN elsewhere) and the same scattered block tables."""
     name, starts, lens, bs, ring, window = batch_case
-    spec = KVCacheSpec(1, pool_blocks(starts, lens, bs, ring), bs, ring, n_kv, hd, kv_dtype, window,
-                       max_seq_len=max(s + n for s, n in zip(starts, lens)) + 1, n_open=len(starts))
+    spec = KVCacheSpec(
+        1,
+        pool_blocks(starts, lens, bs, ring),
+        bs,
+        ring,
+        n_kv,
+        hd,
+        kv_dtype,
+        window,
+        max_seq_len=max(s + n for s, n in zip(starts, lens)) + 1,
+        n_open=len(starts),
+    )
     tables = paged_tables(rng, spec, starts, lens, shared_rows)
     np_cache = cache_for(rng, spec, tables, starts, lens, loud_tail)
     batch = Batch(tables, starts, lens)
     q = randn(rng, batch.n_tokens, n_heads, hd)
-    scale = hd ** -0.5
+    scale = hd**-0.5
     want = REF.attention(q, np_cache, 0, batch, scale)
     assert np.isfinite(want).all()
     cu_cache = be.alloc_kv(spec)
@@ -463,8 +536,11 @@ def test_attention_bf16_cache(be, rng, version, n_heads, n_kv, batch_case, hd):
 @gpu
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @pytest.mark.parametrize("path", ["v1", "v2", "decode"])
-@pytest.mark.parametrize("batch_case", [ATTN_BATCHES[2], ATTN_BATCHES[3], ATTN_BATCHES[5], ATTN_BATCHES[6]],
-                         ids=["ragged", "window_rolling", "decode", "decode_rolling"])
+@pytest.mark.parametrize(
+    "batch_case",
+    [ATTN_BATCHES[2], ATTN_BATCHES[3], ATTN_BATCHES[5], ATTN_BATCHES[6]],
+    ids=["ragged", "window_rolling", "decode", "decode_rolling"],
+)
 def test_attention_every_kv_dtype(be, rng, kv_dtype, path, batch_case):
     """Quantized caches are dequantized in the kernel: numpy dequantizes the same bytes."""
     be.versions["prefill_attention"] = "v1" if path == "v1" else "v2"
@@ -489,7 +565,9 @@ PAGED_DTYPES = [(d, 16) for d in KV_DTYPES] + [("bf16", 8), ("bf16", 32), ("int8
 
 
 @gpu
-@pytest.mark.parametrize("kv_dtype,block_size", PAGED_DTYPES, ids=[f"{d}-bs{b}" for d, b in PAGED_DTYPES])
+@pytest.mark.parametrize(
+    "kv_dtype,block_size", PAGED_DTYPES, ids=[f"{d}-bs{b}" for d, b in PAGED_DTYPES]
+)
 @pytest.mark.parametrize("path", ["v1", "v2", "decode"])
 @pytest.mark.parametrize("scenario", ["shared_prefix", "ring_wrap"])
 def test_attention_paged(be, rng, kv_dtype, block_size, path, scenario):
@@ -499,8 +577,16 @@ def test_attention_paged(be, rng, kv_dtype, block_size, path, scenario):
     the same tables (and never loads a stale or unwritten key: those are NaN)."""
     be.versions["prefill_attention"] = "v1" if path == "v1" else "v2"
     be.versions["decode_attention"] = "v1" if path == "decode" else "prefill"
-    got, want = run_attention(be, rng, paged_case(scenario, block_size), 8, 2, 64, kv_dtype,
-                              shared_rows=3 if scenario == "shared_prefix" else 0)
+    got, want = run_attention(
+        be,
+        rng,
+        paged_case(scenario, block_size),
+        8,
+        2,
+        64,
+        kv_dtype,
+        shared_rows=3 if scenario == "shared_prefix" else 0,
+    )
     close(got, want, atol_ulps=8)
 
 
@@ -533,11 +619,12 @@ def test_decode_kernel_at_32k_context(be, rng):
 
 # ---- next-token choice ----------------------------------------------------------------------------
 
+
 @gpu
 @pytest.mark.parametrize("rows,V", [(1, 7), (7, 4097), (3, 32000), (2, 151936)])
 def test_argmax_matches_numpy_first_index(be, rng, rows, V):
     x = rng.standard_normal((rows, V)).astype(np.float32)
-    x[:, V // 2] = x[:, V - 1] = x.max(axis=1) + 1.0             # a tie: the first index wins
+    x[:, V // 2] = x[:, V - 1] = x.max(axis=1) + 1.0  # a tie: the first index wins
     np.testing.assert_array_equal(be.argmax(be.cp.asarray(x)), np.argmax(x, axis=-1))
     # bf16 logits are widened first
     xb = bf(x)
@@ -578,10 +665,11 @@ def test_sample_distribution_top_k_top_p(be):
     assert topp[0] == topp[1] == 0 and within(topp[3], 4 / 7), topp
     # temperature sharpens: p ~ x^4 -> 0.4^4 / sum = 0.7004
     cold = np.bincount(be.sample(x, 0.25, 0, 1.0, 42, steps), minlength=4) / R
-    assert within(cold[3], 0.4 ** 4 / (0.1 ** 4 + 0.2 ** 4 + 0.3 ** 4 + 0.4 ** 4)), cold
+    assert within(cold[3], 0.4**4 / (0.1**4 + 0.2**4 + 0.3**4 + 0.4**4)), cold
 
 
 # ---- memory -----------------------------------------------------------------------------------------
+
 
 @gpu
 def test_free_memory_and_check_fits(be):
@@ -598,34 +686,60 @@ def test_upload_casts_fp32_fp16_bf16_on_the_host(be, rng):
     for a in (x, x.astype(np.float16), x.astype(ml_dtypes.bfloat16)):
         got = be.to_numpy(be.upload("w", a))
         np.testing.assert_array_equal(got, bf(a.astype(np.float32)))
-    big = rng.standard_normal(cb.UPLOAD_CHUNK_BYTES // 2 + 4097).astype(np.float32)   # > one chunk
+    big = rng.standard_normal(cb.UPLOAD_CHUNK_BYTES // 2 + 4097).astype(np.float32)  # > one chunk
     np.testing.assert_array_equal(be.to_numpy(be.upload("w", big)), bf(big))
 
 
 # ---- pure Python: runs without a GPU --------------------------------------------------------------
 
+
 def test_kernel_sources_inline_the_common_header():
     for f in ck.kernel_files():
         src = ck.source(f)
         assert '#include "common.cuh"' not in src
-        assert "ceil_div" in src and "#line 1 \"common.cuh\"" in src
+        assert "ceil_div" in src and '#line 1 "common.cuh"' in src
 
 
 def test_every_launched_kernel_exists_in_the_sources():
     text = {f: ck.source(f) for f in ck.kernel_files()}
     names = [("embedding.cu", f"gather_rows_v{v}_v1") for v in (16, 4, 2, 1)]
-    names += [("rmsnorm.cu", f"{op}_bf16_{v}") for op in ("rms_norm", "add_rms_norm") for v in ("v1", "v2")]
+    names += [
+        ("rmsnorm.cu", f"{op}_bf16_{v}")
+        for op in ("rms_norm", "add_rms_norm")
+        for v in ("v1", "v2")
+    ]
     names += [("swiglu.cu", f"silu_mul_bf16_{v}") for v in ("v1", "v2")]
-    names += [("matmul.cu", f"gemv_bf16_m{m}_{o}_v1") for m in range(1, ck.GEMV_MAX_M + 1) for o in ("bf16", "f32")]
-    names += [("matmul.cu", "bias_add_bf16_v1"), ("matmul.cu", "bias_add_f32_v1"), ("rope_kv.cu", "rope_kv_write_v1")]
-    names += [("attention_prefill.cu", f"flash_prefill_hd{h}_{v}") for h in ck.HEAD_DIMS for v in ("v1", "v2")]
-    names += [("attention_decode.cu", f"decode_split_hd{h}_r{r}_v1") for h in ck.HEAD_DIMS for r in ck.DECODE_REPS]
-    names += [("attention_decode.cu", "decode_reduce_v1"), ("sample.cu", "argmax_f32_v1"), ("sample.cu", "sample_f32_v1")]
+    names += [
+        ("matmul.cu", f"gemv_bf16_m{m}_{o}_v1")
+        for m in range(1, ck.GEMV_MAX_M + 1)
+        for o in ("bf16", "f32")
+    ]
+    names += [
+        ("matmul.cu", "bias_add_bf16_v1"),
+        ("matmul.cu", "bias_add_f32_v1"),
+        ("rope_kv.cu", "rope_kv_write_v1"),
+    ]
+    names += [
+        ("attention_prefill.cu", f"flash_prefill_hd{h}_{v}")
+        for h in ck.HEAD_DIMS
+        for v in ("v1", "v2")
+    ]
+    names += [
+        ("attention_decode.cu", f"decode_split_hd{h}_r{r}_v1")
+        for h in ck.HEAD_DIMS
+        for r in ck.DECODE_REPS
+    ]
+    names += [
+        ("attention_decode.cu", "decode_reduce_v1"),
+        ("sample.cu", "argmax_f32_v1"),
+        ("sample.cu", "sample_f32_v1"),
+    ]
     for f, n in names:
         src = text[f]
         # entry points are extern "C": either spelled out or produced by the file's ENTRY macro
-        macro_ok = ("gemv_bf16_m##M" in src and n.startswith("gemv_")) or \
-                   ("decode_split_hd##HD" in src and n.startswith("decode_split"))
+        macro_ok = ("gemv_bf16_m##M" in src and n.startswith("gemv_")) or (
+            "decode_split_hd##HD" in src and n.startswith("decode_split")
+        )
         assert n in src or macro_ok, f"{n} missing from {f}"
 
 
@@ -640,20 +754,24 @@ def test_options_carry_the_tile_table_and_no_arch():
 
 
 def test_launch_geometry_helpers():
-    assert cb.head_dim_tile(16) == 64 and cb.head_dim_tile(64) == 64 and cb.head_dim_tile(128) == 128
+    assert (
+        cb.head_dim_tile(16) == 64 and cb.head_dim_tile(64) == 64 and cb.head_dim_tile(128) == 128
+    )
     for bad in (12, 130, 256):
         with pytest.raises(TinyLLMError, match="head_dim"):
             cb.head_dim_tile(bad)
     assert cb.decode_rep(1) == (1, 1) and cb.decode_rep(3) == (4, 1) and cb.decode_rep(4) == (4, 1)
-    assert cb.decode_rep(8) == (8, 1) and cb.decode_rep(12) == (8, 2) and cb.decode_rep(32) == (8, 4)
+    assert (
+        cb.decode_rep(8) == (8, 1) and cb.decode_rep(12) == (8, 2) and cb.decode_rep(32) == (8, 4)
+    )
     # Mistral-7B decode at 32k, batch 1, 132 SMs: 64 splits of 512 positions -> 512 CTAs
     assert cb.decode_splits([32768], 8, 132) == (512, 64)
     split_len, n = cb.decode_splits([5, 1, 300], 3 * 8, 132)
     assert split_len % 32 == 0 and split_len >= cb.DECODE_MIN_SPLIT and split_len * n >= 300
     seq, row0 = cb.prefill_tiles(np.array([3, 17, 1]), 4, 16)
     assert seq.tolist() == [0, 1, 1, 1, 1, 1, 2] and row0.tolist() == [0, 0, 16, 32, 48, 64, 0]
-    assert cb.visible_range(100, 1, 40, 30) == (71, 100)            # window binds
-    assert cb.visible_range(100, 1, 40, None) == (61, 100)          # rolling capacity binds
+    assert cb.visible_range(100, 1, 40, 30) == (71, 100)  # window binds
+    assert cb.visible_range(100, 1, 40, None) == (61, 100)  # rolling capacity binds
     assert cb.visible_range(0, 1, 10, None) == (0, 0)
     assert cb.gather_vec_bytes(128, 256, 0, 512) == 16 and cb.gather_vec_bytes(6, 6, 0, 0) == 2
     assert ck.prefill_v2_smem(128) == (64 + 2 * ck.TILES["FA2_BN"]) * 136 * 2
@@ -662,7 +780,9 @@ def test_launch_geometry_helpers():
 def test_fits_message_names_longest_context():
     gb = 1 << 30
     assert cb.fits_message(2 * gb, gb, 80 * gb) is None
-    msg = cb.fits_message(14 * gb, 4 * gb, 16 * gb, gb, kv_bytes_per_token=128 << 10, max_seq_len=32768)
+    msg = cb.fits_message(
+        14 * gb, 4 * gb, 16 * gb, gb, kv_bytes_per_token=128 << 10, max_seq_len=32768
+    )
     assert "19.0 GB" in msg and "longest context that fits is 8192 tokens" in msg
     assert "weights alone do not fit" in cb.fits_message(20 * gb, 0, 16 * gb, gb, 1)
 
@@ -676,6 +796,17 @@ def test_bf16_bit_helpers_round_to_nearest_even():
 
 def test_graph_buckets():
     from tinyllm.backends.cuda_graphs import bucket_for, buckets
+
     assert buckets(1) == [1] and buckets(8) == [1, 2, 4, 8] and buckets(9) == [1, 2, 4, 8, 16]
     assert buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
-    assert [bucket_for(n, 64) for n in (1, 2, 3, 5, 8, 9, 17, 63, 64)] == [1, 2, 4, 8, 8, 16, 24, 64, 64]
+    assert [bucket_for(n, 64) for n in (1, 2, 3, 5, 8, 9, 17, 63, 64)] == [
+        1,
+        2,
+        4,
+        8,
+        8,
+        16,
+        24,
+        64,
+        64,
+    ]

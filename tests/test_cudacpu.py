@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "cudacpu"))
 import executor  # noqa: E402
 
-pytestmark = pytest.mark.skipif(executor.available() is not None, reason=f"cudacpu: {executor.available()}")
+pytestmark = pytest.mark.skipif(
+    executor.available() is not None, reason=f"cudacpu: {executor.available()}"
+)
 
 COMMON = (ROOT / "cuda" / "common.cuh").read_text()
 
@@ -64,7 +66,9 @@ def test_shuffles_follow_the_cuda_programming_guide(arg, width):
     base = lanes - lanes % width
     idx = base + arg % width
     xor = lanes ^ arg
-    xor = np.where((xor >= base) & (xor < base + width), xor, lanes)     # outside the segment: own value
+    xor = np.where(
+        (xor >= base) & (xor < base + width), xor, lanes
+    )  # outside the segment: own value
     down = np.where(lanes + arg < base + width, lanes + arg, lanes)
     up = np.where(lanes - arg >= base, lanes - arg, lanes)
     np.testing.assert_array_equal(out[:32], 100 + idx)
@@ -94,7 +98,7 @@ extern "C" __global__ void ldsm(const unsigned short* src, int trans, unsigned* 
 
 @pytest.mark.parametrize("trans", [False, True])
 def test_ldmatrix_x4_fragments_match_the_ptx_isa(trans):
-    mats = np.arange(256, dtype=np.uint16).reshape(4, 8, 8) * 3 + 1      # distinct values
+    mats = np.arange(256, dtype=np.uint16).reshape(4, 8, 8) * 3 + 1  # distinct values
     out = np.zeros(128, np.uint32)
     LDSM.launch("ldsm", (1,), (32,), [P(mats.reshape(-1)), I(int(trans)), P(out)])
     got = out.reshape(32, 4)
@@ -148,7 +152,7 @@ def test_mma_m16n8k16_bf16_is_a_times_b_plus_c_in_the_ptx_fragment_layouts():
     b = np.zeros((32, 2), np.uint32)
     c = np.zeros((32, 4), np.float32)
     for lane in range(32):
-        g, t = lane // 4, lane % 4               # groupID, threadID_in_group
+        g, t = lane // 4, lane % 4  # groupID, threadID_in_group
         # A: a_i (i = 0..7) at row g for i in {0,1,4,5} else g+8, column 2t + (i & 1) (+8 for i >= 4);
         # register j holds a_{2j}, a_{2j+1}.
         for j in range(4):
@@ -192,15 +196,24 @@ extern "C" __global__ void conv(const float* x, int n, unsigned short* bf, unsig
 
 def test_bf16_fp16_fp8_conversions_round_as_ml_dtypes():
     rng = np.random.default_rng(1)
-    x = np.concatenate([rng.standard_normal(20000) * 10.0 ** rng.integers(-6, 4, 20000),
-                        # exact ties of each format (halfway between neighbours)
-                        (np.arange(1, 2000) * 2 + 1) * 2.0 ** -9,
-                        [0.0, -0.0, 447.9, 448.0, 1e-9, 65504.0, 3.0e38]]).astype(np.float32)
+    x = np.concatenate(
+        [
+            rng.standard_normal(20000) * 10.0 ** rng.integers(-6, 4, 20000),
+            # exact ties of each format (halfway between neighbours)
+            (np.arange(1, 2000) * 2 + 1) * 2.0**-9,
+            [0.0, -0.0, 447.9, 448.0, 1e-9, 65504.0, 3.0e38],
+        ]
+    ).astype(np.float32)
     n = len(x)
-    bf, h, f8, back = (np.zeros(n, np.uint16), np.zeros(n, np.uint16), np.zeros(n, np.uint8), np.zeros(n, np.float32))
+    bf, h, f8, back = (
+        np.zeros(n, np.uint16),
+        np.zeros(n, np.uint16),
+        np.zeros(n, np.uint8),
+        np.zeros(n, np.float32),
+    )
     CONV.launch("conv", (1,), (256,), [P(x), I(n), P(bf), P(h), P(f8), P(back)])
     np.testing.assert_array_equal(bf, x.astype(ml_dtypes.bfloat16).view(np.uint16))
-    with np.errstate(over="ignore"):                    # 3e38 -> inf in both
+    with np.errstate(over="ignore"):  # 3e38 -> inf in both
         np.testing.assert_array_equal(h, x.astype(np.float16).view(np.uint16))
     want8 = np.clip(x, -448, 448).astype(ml_dtypes.float8_e4m3fn)
     np.testing.assert_array_equal(f8, want8.view(np.uint8))
@@ -252,11 +265,18 @@ def test_a_missing_syncthreads_is_a_race_between_thread_orders():
     RACY.launch_checked("neighbours", (2,), (64,), [P(x), P(y), I(1)], 0, buffers, orders=(0, 1))
     np.testing.assert_array_equal(y.reshape(2, 64), np.roll(x.reshape(2, 64), -1, axis=1))
     with pytest.raises(AssertionError, match=r"neighbours: race: .*missing __syncthreads"):
-        RACY.launch_checked("neighbours", (2,), (64,), [P(x), P(y), I(0)], 0, buffers, orders=(0, 1))
+        RACY.launch_checked(
+            "neighbours", (2,), (64,), [P(x), P(y), I(0)], 0, buffers, orders=(0, 1)
+        )
 
 
-@pytest.mark.parametrize("kernel,msg", [("partial_barrier", r"deadlock.*__syncthreads.*16 of 32 threads have exited"),
-                                        ("mixed_collectives", r"deadlock")])
+@pytest.mark.parametrize(
+    "kernel,msg",
+    [
+        ("partial_barrier", r"deadlock.*__syncthreads.*16 of 32 threads have exited"),
+        ("mixed_collectives", r"deadlock"),
+    ],
+)
 def test_a_barrier_or_collective_not_reached_by_all_is_an_error_not_a_hang(kernel, msg):
     with pytest.raises(AssertionError, match=rf"{kernel}: {msg}"):
         RACY.launch(kernel, (1,), (32,), [P(np.zeros(32, np.float32))])
@@ -287,17 +307,27 @@ print("no error")
 """
 
 
-@pytest.mark.parametrize("name,body,report", [
-    ("global_overrun", "y[threadIdx.x + 1] = 1.f;", "heap-buffer-overflow"),
-    ("shared_overrun", "__shared__ float s[64]; s[threadIdx.x + 1] = 1.f; __syncthreads(); y[threadIdx.x] = s[0];",
-     "global-buffer-overflow"),
-])
+@pytest.mark.parametrize(
+    "name,body,report",
+    [
+        ("global_overrun", "y[threadIdx.x + 1] = 1.f;", "heap-buffer-overflow"),
+        (
+            "shared_overrun",
+            "__shared__ float s[64]; s[threadIdx.x + 1] = 1.f; __syncthreads(); y[threadIdx.x] = s[0];",
+            "global-buffer-overflow",
+        ),
+    ],
+)
 def test_out_of_bounds_accesses_are_caught_under_the_sanitizer(tmp_path, name, body, report):
     """Sanitized builds (CUDACPU_SANITIZE=1, libasan preloaded) abort with AddressSanitizer's
     report on the first out-of-bounds byte; the kernel's name is in the report's stack."""
     script = tmp_path / "oob.py"
-    script.write_text(OOB_SCRIPT.format(cudacpu=str(ROOT / "tests" / "cudacpu"), name=name, body=body))
+    script.write_text(
+        OOB_SCRIPT.format(cudacpu=str(ROOT / "tests" / "cudacpu"), name=name, body=body)
+    )
     env = dict(os.environ, CUDACPU_CACHE=str(tmp_path / "cache"), **executor.asan_env())
-    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert p.returncode != 0 and "no error" not in p.stdout, p.stdout + p.stderr[-3000:]
     assert report in p.stderr and name in p.stderr, p.stderr[-3000:]

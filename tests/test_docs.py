@@ -38,8 +38,11 @@ def test_every_file_and_name_exists():
 def test_every_class_method_exists():
     missing = []
     for cls, meth in set(re.findall(r"\b([A-Z][A-Za-z]+)\.(_?[a-z]\w*)\b", READING)):
-        bodies = [m.group(1) for src in PY.values()
-                  for m in re.finditer(rf"^class {cls}\b(.*?)(?=^\S|\Z)", src, re.S | re.M)]
+        bodies = [
+            m.group(1)
+            for src in PY.values()
+            for m in re.finditer(rf"^class {cls}\b(.*?)(?=^\S|\Z)", src, re.S | re.M)
+        ]
         if bodies and not any(_defines(b, meth) for b in bodies):
             missing.append(f"{cls}.{meth}")
     assert not missing, missing

@@ -20,8 +20,7 @@ import threading
 import numpy as np
 import pytest
 
-from tinyllm import LLM, SamplingParams
-from tinyllm import paging
+from tinyllm import LLM, SamplingParams, paging
 from tinyllm.engine import Request
 from tinyllm.output import OutputProcessor
 from tinyllm.sequence import Sequence
@@ -42,6 +41,7 @@ def alone(llm, prompts, params=GREEDY):
 
 # ---- concurrent use of one LLM ---------------------------------------------------------------
 
+
 def test_interleaved_streams_each_get_their_own_output(llm):
     """Two stream() generators advanced in turn each get the text they get alone."""
     m = llm
@@ -50,7 +50,7 @@ def test_interleaved_streams_each_get_their_own_output(llm):
     ra, rb = [], []
     ga, gb = m.stream(a_ids, GREEDY, ra), m.stream(b_ids, GREEDY, rb)
     ta, tb, live = [], [], {0: ga, 1: gb}
-    while live:                                # one piece of each in turn
+    while live:  # one piece of each in turn
         for k, g in list(live.items()):
             piece = next(g, None)
             if piece is None:
@@ -71,12 +71,13 @@ def test_generate_inside_a_stream_loop(llm):
 
 
 def test_two_threads_on_one_llm(llm):
-    prompts = [IDS[i * 30:i * 30 + 5 + 3 * i] for i in range(6)]
+    prompts = [IDS[i * 30 : i * 30 + 5 + 3 * i] for i in range(6)]
     want = alone(llm, prompts)
     got: dict[int, list] = {}
 
     def work(k):
         got[k] = [c.token_ids for c in llm.generate(prompts[k::2], GREEDY)]
+
     threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
     for t in threads:
         t.start()
@@ -96,17 +97,18 @@ def test_closing_a_stream_early_aborts_its_request(llm):
 
 # ---- the block manager -------------------------------------------------------------------------
 
+
 def test_tail_first_freeing_keeps_the_chain_head_matchable(tiny_factory):
     """A 10-row prompt is cached; an unrelated request then takes k = 3 free blocks: the LRU
     evicts the chain's last 3 rows, so its first 10 - 3 = 7 rows still hit."""
     m = LLM(str(tiny_factory("llama_gqa")), max_seq_len=256, max_batch=2, block_size=4)
     m.engine.spec = dataclasses.replace(m.engine.spec, n_blocks=14)
-    chain = IDS[:41]                                          # 10 full rows of 4 (+1: ids[:-1])
+    chain = IDS[:41]  # 10 full rows of 4 (+1: ids[:-1])
     m.generate([chain], SamplingParams(max_tokens=1, temperature=0))
     pool = m.engine.pool
     assert pool.match(chain)[0] == 10 and pool.n_free == 14
-    other = pool.new_seq()              # unhashed blocks go first: 3 never used + the partial row
-    assert pool.grow(other, 4 * 7)      # 4 unhashed + k = 3 of the chain's (its tail)
+    other = pool.new_seq()  # unhashed blocks go first: 3 never used + the partial row
+    assert pool.grow(other, 4 * 7)  # 4 unhashed + k = 3 of the chain's (its tail)
     assert pool.match(chain)[0] == 7
     pool.free_seq(other)
 
@@ -116,14 +118,14 @@ def test_a_burst_sharing_a_cached_prompt_is_admitted_in_one_step(tiny_factory):
     block: 12 + 6 = 18 blocks are there, so all 6 run in the first step."""
     m = LLM(str(tiny_factory("llama_gqa")), max_seq_len=256, max_batch=8, block_size=4)
     m.engine.spec = dataclasses.replace(m.engine.spec, n_blocks=20)
-    system = IDS[:48]                                         # 12 full blocks
+    system = IDS[:48]  # 12 full blocks
     m.generate([system + [7]], SamplingParams(max_tokens=1, temperature=0))
     eng = m.engine
     p = m.resolve_params(SamplingParams(max_tokens=1, temperature=0))
     for i in range(6):
         eng.add(Request(system + [10 + i, 20 + i], p, i))
     first = eng.step()
-    assert sum(ev.kind == "finish" for ev in first) == 6     # one token each: all ran at once
+    assert sum(ev.kind == "finish" for ev in first) == 6  # one token each: all ran at once
     while eng.has_work():
         eng.step()
     assert eng.pool.n_used == 0
@@ -139,19 +141,20 @@ def test_matching_hashes_a_prompt_once(tiny_factory, monkeypatch):
     p = m.resolve_params(SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     m.engine.spec = dataclasses.replace(m.engine.spec, n_blocks=60)
     eng = m.engine
-    eng.add(Request(IDS[:200], p, 0))                        # 50 (then 52) blocks of 60:
-    eng.add(Request(IDS[200:390], p, 1))                     # 48 more do not fit; 47 rows to hash
+    eng.add(Request(IDS[:200], p, 0))  # 50 (then 52) blocks of 60:
+    eng.add(Request(IDS[200:390], p, 1))  # 48 more do not fit; 47 rows to hash
     eng.step()
     first = len(calls)
     for _ in range(5):
         eng.step()
     hashed_after = len(calls) - first
-    assert hashed_after <= 6                                 # commits of new full rows only
+    assert hashed_after <= 6  # commits of new full rows only
     while eng.has_work():
         eng.step()
 
 
 # ---- output --------------------------------------------------------------------------------------
+
 
 class _Decoder:
     """Holds everything back until flush (as a decoder holding an incomplete character)."""
@@ -172,7 +175,7 @@ def test_eos_path_checks_stop_strings():
     out = OutputProcessor(None, {2}, 100)
     req = Request([1], SamplingParams(max_tokens=10, stop=["##"]).validate(), 0)
     s = Sequence.start(req, _Decoder())
-    evs = list(out.accept(s, 5)) + list(out.accept(s, 6)) + list(out.accept(s, 2))   # 2 = EOS
+    evs = list(out.accept(s, 5)) + list(out.accept(s, 6)) + list(out.accept(s, 2))  # 2 = EOS
     fin = [e for e in evs if e.kind == "finish"][0].completion
     assert fin.text == "abc" and fin.finish_reason == "stop"
 

@@ -9,7 +9,9 @@ import pytest
 
 
 def run_cli(*args, timeout=120):
-    p = subprocess.run([sys.executable, "-m", "tinyllm", *args], capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "tinyllm", *args], capture_output=True, text=True, timeout=timeout
+    )
     return p.returncode, p.stdout, p.stderr
 
 
@@ -50,7 +52,9 @@ def test_unsupported_architecture(broken):
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (broken / "config.json").write_text(json.dumps(cfg))
     rc, _, err = generate(broken)
-    assert_one_line_error(rc, err, "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    assert_one_line_error(
+        rc, err, "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"
+    )
 
 
 def test_unsupported_rope_type(broken):
@@ -63,8 +67,9 @@ def test_unsupported_rope_type(broken):
 
 
 def _rewrite_tensors(d, edit):
-    from safetensors.numpy import load_file, save_file
     import ml_dtypes  # noqa: F401
+    from safetensors.numpy import load_file, save_file
+
     t = load_file(str(d / "model.safetensors"))
     edit(t)
     save_file(t, str(d / "model.safetensors"))
@@ -78,7 +83,10 @@ def test_missing_tensor(broken):
 
 def test_wrong_shape(broken):
     def edit(t):
-        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:-1]
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][
+            :-1
+        ]
+
     _rewrite_tensors(broken, edit)
     rc, _, err = generate(broken)
     assert_one_line_error(rc, err, "mis-shaped", "model.layers.0.self_attn.k_proj.weight")
@@ -99,12 +107,15 @@ def test_garbage_safetensors(broken):
 
 
 def test_bad_sampling_flag(broken):
-    rc, _, err = run_cli("generate", "--model", str(broken), "--prompt", "hi", "--backend", "numpy", "--top-p", "1.5")
+    rc, _, err = run_cli(
+        "generate", "--model", str(broken), "--prompt", "hi", "--backend", "numpy", "--top-p", "1.5"
+    )
     assert_one_line_error(rc, err, "top_p")
 
 
 def test_cuda_without_gpu_is_a_clear_error(broken):
     from tinyllm.backends import cuda_available
+
     if cuda_available():
         pytest.skip("a GPU is present")
     rc, _, err = run_cli("generate", "--model", str(broken), "--prompt", "hi", "--backend", "cuda")

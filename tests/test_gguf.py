@@ -53,19 +53,31 @@ CORPUS = [
 
 def bytes_alphabet() -> list[str]:
     from transformers.convert_slow_tokenizer import bytes_to_unicode
+
     return [bytes_to_unicode()[b] for b in range(256)]
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """What llama.cpp's convert_hf_to_gguf does to q/k rows (HF rotate-half -> interleaved):
     rows grouped (head, half, j) are stored (head, j, half)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 # byte offsets of the fp16 scale fields in one block, per llama.cpp's block_* structs; random
 # blocks get sane scales there (random bytes elsewhere are valid quants)
-F16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
-              "IQ4_NL": (0,), "IQ4_XS": (0,)}
+F16_FIELDS = {
+    "Q2_K": (80, 82),
+    "Q3_K": (108,),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+    "IQ4_NL": (0,),
+    "IQ4_XS": (0,),
+}
 QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # gguf.quants.quantize implements these
 
 
@@ -73,8 +85,10 @@ def random_blocks(rng, rows: int, cols: int, qtype: str) -> np.ndarray:
     block, size = gguf.GGML_QUANT_SIZES[Q[qtype]]
     data = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
     for off in F16_FIELDS.get(qtype, ()):
-        scale = (rng.uniform(0.0005, 0.01, size=(rows, cols // block)) * rng.choice([-1, 1], (rows, cols // block)))
-        data[:, :, off:off + 2] = scale.astype(np.float16)[..., None].view(np.uint8)
+        scale = rng.uniform(0.0005, 0.01, size=(rows, cols // block)) * rng.choice(
+            [-1, 1], (rows, cols // block)
+        )
+        data[:, :, off : off + 2] = scale.astype(np.float16)[..., None].view(np.uint8)
     return data.reshape(rows, -1)
 
 
@@ -84,15 +98,40 @@ def byte_vocab() -> dict:
     merged = ["Ġt", "he", "Ġthe", "in", "Ġin"]
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + alpha + merged
     merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ in"]
-    return dict(model="gpt2", pre="default", tokens=tokens, types=[3, 3, 3] + [1] * (len(tokens) - 3),
-                merges=merges, bos=1, eos=2, unk=None, pad=2, add_bos=False,
-                template="{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    return dict(
+        model="gpt2",
+        pre="default",
+        tokens=tokens,
+        types=[3, 3, 3] + [1] * (len(tokens) - 3),
+        merges=merges,
+        bos=1,
+        eos=2,
+        unk=None,
+        pad=2,
+        add_bos=False,
+        template="{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+    )
 
 
-def write_gguf(path: Path, *, arch: str = "llama", qtype: str = "F32", name: str = "tiny", vocab: dict | None = None,
-               n_layers: int = 2, dim: int = 256, ffn: int = 512, n_heads: int = 4, n_kv: int = 2,
-               tie: bool = False, bias: bool | None = None, theta: float = 10000.0, extra=None, seed: int = 0,
-               overrides: dict[str, str] | None = None) -> dict:
+def write_gguf(
+    path: Path,
+    *,
+    arch: str = "llama",
+    qtype: str = "F32",
+    name: str = "tiny",
+    vocab: dict | None = None,
+    n_layers: int = 2,
+    dim: int = 256,
+    ffn: int = 512,
+    n_heads: int = 4,
+    n_kv: int = 2,
+    tie: bool = False,
+    bias: bool | None = None,
+    theta: float = 10000.0,
+    extra=None,
+    seed: int = 0,
+    overrides: dict[str, str] | None = None,
+) -> dict:
     """Write a random llama/qwen2 GGUF the way llama.cpp lays one out. 2-D weights get `qtype`,
     norms and biases F32. Returns the HF-layout float32 source tensors (None for tensors whose
     bytes are random blocks, which have no float source)."""
@@ -106,7 +145,9 @@ def write_gguf(path: Path, *, arch: str = "llama", qtype: str = "F32", name: str
     gnames: dict[str, str] = {}
 
     def add(hf: str, gg: str, shape):
-        src[hf] = (rng.standard_normal(shape) * (0.05 if len(shape) == 2 else 1.0)).astype(np.float32)
+        src[hf] = (rng.standard_normal(shape) * (0.05 if len(shape) == 2 else 1.0)).astype(
+            np.float32
+        )
         if len(shape) == 1 and hf.endswith("layernorm.weight") or hf == "model.norm.weight":
             src[hf] = 1.0 + 0.1 * src[hf]
         gnames[hf] = gg
@@ -187,22 +228,26 @@ def write_gguf(path: Path, *, arch: str = "llama", qtype: str = "F32", name: str
 def transformers_state_dict(path: Path) -> dict[str, np.ndarray]:
     """transformers' own reading of a GGUF: dequantized, q/k reverse-permuted, float32."""
     from transformers import AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+
+    m = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
     return {k: v.detach().numpy() for k, v in m.state_dict().items()}
 
 
 def transformers_tokenizer(path: Path):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def converted_tensors(d: Path) -> dict[str, np.ndarray]:
     """safetensors -> float32 arrays (bf16 widened), plus each tensor's stored dtype."""
     header_len = int.from_bytes((d / "model.safetensors").read_bytes()[:8], "little")
-    header = json.loads((d / "model.safetensors").read_bytes()[8:8 + header_len])
+    header = json.loads((d / "model.safetensors").read_bytes()[8 : 8 + header_len])
     out = {}
     with (d / "model.safetensors").open("rb") as f:
-        blob = f.read()[8 + header_len:]
+        blob = f.read()[8 + header_len :]
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -221,11 +266,15 @@ def widen(arr: np.ndarray, dtype: str) -> np.ndarray:
 
 # ---- the real model: SmolLM2-135M-Instruct Q4_1 ------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def smollm2_converted(tmp_path_factory, smollm2_gguf_path) -> Path:
     t0 = time.perf_counter()
     d = convert_gguf(smollm2_gguf_path, tmp_path_factory.mktemp("conv") / "smollm2", progress=False)
-    print(f"\n[test_gguf] SmolLM2-135M Q4_1 GGUF converted in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(
+        f"\n[test_gguf] SmolLM2-135M Q4_1 GGUF converted in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
     return d
 
 
@@ -233,24 +282,45 @@ def test_smollm2_config_matches_transformers(smollm2_converted, smollm2_hf):
     cfg = json.loads((smollm2_converted / "config.json").read_text())
     ref = smollm2_hf[1].config
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == ref.model_type
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size",
-                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "vocab_size",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ):
         assert cfg[key] == getattr(ref, key), key
     assert cfg["rms_norm_eps"] == pytest.approx(ref.rms_norm_eps, rel=1e-6)
     assert cfg["rope_theta"] == pytest.approx(ref.rope_parameters["rope_theta"])
     assert cfg["rope_scaling"] is None and ref.rope_parameters["rope_type"] == "default"
     assert cfg["torch_dtype"] == "float32"
     mc = ModelConfig.load(smollm2_converted)  # and tinyllm reads it
-    assert (mc.arch, mc.dim, mc.n_heads, mc.n_kv_heads, mc.head_dim, mc.tie_embeddings) == \
-        ("llama", ref.hidden_size, ref.num_attention_heads, ref.num_key_value_heads, ref.head_dim, True)
+    assert (mc.arch, mc.dim, mc.n_heads, mc.n_kv_heads, mc.head_dim, mc.tie_embeddings) == (
+        "llama",
+        ref.hidden_size,
+        ref.num_attention_heads,
+        ref.num_key_value_heads,
+        ref.head_dim,
+        True,
+    )
     gen = json.loads((smollm2_converted / "generation_config.json").read_text())
     eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
     assert ref.eos_token_id in eos and gen["bos_token_id"] == ref.bos_token_id
 
 
 def test_smollm2_tensors_match_transformers(smollm2_converted, smollm2_hf):
-    ref = {k: v.detach().numpy() for k, v in smollm2_hf[1].state_dict().items() if k != "lm_head.weight"}
+    ref = {
+        k: v.detach().numpy()
+        for k, v in smollm2_hf[1].state_dict().items()
+        if k != "lm_head.weight"
+    }
     mine = load_file(str(smollm2_converted / "model.safetensors"))
     assert set(mine) == set(ref)  # tied: no lm_head.weight
     for name, arr in mine.items():
@@ -260,6 +330,7 @@ def test_smollm2_tensors_match_transformers(smollm2_converted, smollm2_hf):
 
 def test_smollm2_tokenizer_matches_transformers(smollm2_converted, smollm2_hf):
     from transformers import PreTrainedTokenizerFast
+
     ref = smollm2_hf[2]
     raw = Tokenizer.from_file(str(smollm2_converted / "tokenizer.json"))
     fast = PreTrainedTokenizerFast(tokenizer_file=str(smollm2_converted / "tokenizer.json"))
@@ -281,20 +352,25 @@ def test_smollm2_tokenizer_config_matches_transformers(smollm2_converted, smollm
     assert tc["add_bos_token"] is False
     msgs = [{"role": "user", "content": "What is 2+2?"}]
     from transformers import AutoTokenizer
+
     mine = AutoTokenizer.from_pretrained(str(smollm2_converted))
-    assert mine.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == \
-        ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert mine.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=False
+    ) == ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
 def test_smollm2_converted_dir_gives_transformers_logits(smollm2_converted, smollm2_hf):
     """The converted directory is a valid HF checkpoint: transformers loads it and computes the
     same logits as its own GGUF reading."""
     from transformers import AutoModelForCausalLM
+
     ref_model, tok = smollm2_hf[1], smollm2_hf[2]
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_converted), dtype=torch.float32).eval()
     ids = torch.tensor([tok("The capital of France is", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
-        np.testing.assert_allclose(model(ids).logits.numpy(), ref_model(ids).logits.numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(
+            model(ids).logits.numpy(), ref_model(ids).logits.numpy(), atol=1e-4, rtol=0
+        )
 
 
 def test_smollm2_greedy_chat_matches_transformers(smollm2_converted, smollm2_hf):
@@ -306,17 +382,20 @@ def test_smollm2_greedy_chat_matches_transformers(smollm2_converted, smollm2_hf)
         pytest.skip("tinyllm.LLM is not available yet")
     model, tok = smollm2_hf[1], smollm2_hf[2]
     msgs = [{"role": "user", "content": "Name three colors."}]
-    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = tok.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
-    want = out[0, len(ids):].tolist()
+    want = out[0, len(ids) :].tolist()
     llm = LLM(str(smollm2_converted), max_seq_len=256)
     assert llm.tokenizer.encode_chat(msgs) == list(ids)
     got = llm.chat(msgs, SamplingParams(max_tokens=24, temperature=0)).token_ids
-    assert got == [t for t in want if t not in llm.eos_token_ids] and got == want[:len(got)]
+    assert got == [t for t in want if t not in llm.eos_token_ids] and got == want[: len(got)]
 
 
 # ---- synthetic files: dtypes, quantization, permutation ---------------------------------
+
 
 def _convert(tmp_path: Path, **kw):
     path = tmp_path / "m.gguf"
@@ -336,7 +415,9 @@ def test_float_tensors_exact_and_qk_unpermuted(tmp_path, qtype):
             np.testing.assert_array_equal(arr, want.astype(np.float16), err_msg=name)
         elif want.ndim == 2 and qtype == "BF16":
             assert dt == "BF16"  # bits copied, not re-rounded
-            ref = torch.from_numpy(want).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            ref = (
+                torch.from_numpy(want).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            )
             np.testing.assert_array_equal(arr, ref, err_msg=name)
         else:
             assert dt == "F32"
@@ -352,8 +433,10 @@ def test_permutation_actually_matters(tmp_path):
     r = gguf.GGUFReader(str(path))
     stored = next(t for t in r.tensors if t.name == "blk.0.attn_q.weight").data
     assert not np.array_equal(stored, src["model.layers.0.self_attn.q_proj.weight"])
-    np.testing.assert_array_equal(gguf_convert.unpermute_rows(np.asarray(stored), 4),
-                                  src["model.layers.0.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(
+        gguf_convert.unpermute_rows(np.asarray(stored), 4),
+        src["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 # Largest rounding error as a fraction of the block's absmax, from each format's definition:
@@ -375,7 +458,7 @@ def test_legacy_quants_close_to_source_and_equal_to_transformers(tmp_path, qtype
             blocks = want.reshape(want.shape[0], -1, 32)
             err = np.abs(arr.reshape(blocks.shape) - blocks).max(-1)
             # plus the fp16 rounding of the block scale(s) times the largest value
-            bound = np.abs(blocks).max(-1) * (QUANT_ERR[qtype] + 2 ** -10) + 1e-6
+            bound = np.abs(blocks).max(-1) * (QUANT_ERR[qtype] + 2**-10) + 1e-6
             assert (err <= bound).all(), (name, float((err / bound).max()))
         else:
             np.testing.assert_array_equal(arr, want)
@@ -386,6 +469,7 @@ def test_kquants_equal_transformers_and_torch_dequant(tmp_path, qtype):
     """gguf cannot quantize these, so the file holds random blocks; the reference is transformers'
     whole-file reading, plus its independent torch dequantizer on the un-permuted tensors."""
     from transformers.integrations.gguf.dequant import dequantize as torch_dequantize
+
     path, src, d = _convert(tmp_path, qtype=qtype)
     out = converted_tensors(d)
     ref = transformers_state_dict(path)
@@ -393,13 +477,19 @@ def test_kquants_equal_transformers_and_torch_dequant(tmp_path, qtype):
     for name, (arr, dt) in out.items():
         assert dt == "F32"
         np.testing.assert_allclose(arr, ref[name], rtol=0, atol=1e-7, err_msg=name)
-        gg = {"model.layers.0.mlp.down_proj.weight": "blk.0.ffn_down.weight",
-              "model.layers.1.self_attn.v_proj.weight": "blk.1.attn_v.weight",
-              "model.embed_tokens.weight": "token_embd.weight"}.get(name)
+        gg = {
+            "model.layers.0.mlp.down_proj.weight": "blk.0.ffn_down.weight",
+            "model.layers.1.self_attn.v_proj.weight": "blk.1.attn_v.weight",
+            "model.embed_tokens.weight": "token_embd.weight",
+        }.get(name)
         if gg:
             t = raw[gg]
-            flat = torch_dequantize(torch.from_numpy(np.array(t.data).reshape(-1)), int(t.tensor_type))
-            np.testing.assert_allclose(arr.reshape(-1), flat.numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
+            flat = torch_dequantize(
+                torch.from_numpy(np.array(t.data).reshape(-1)), int(t.tensor_type)
+            )
+            np.testing.assert_allclose(
+                arr.reshape(-1), flat.numpy(), rtol=1e-6, atol=1e-6, err_msg=name
+            )
 
 
 def test_qwen2_not_permuted_biases_and_config(tmp_path):
@@ -410,10 +500,19 @@ def test_qwen2_not_permuted_biases_and_config(tmp_path):
         np.testing.assert_array_equal(arr, src[name], err_msg=name)
     cfg = json.loads((d / "config.json").read_text())
     from transformers import AutoConfig
+
     ref = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     assert cfg["architectures"] == ["Qwen2ForCausalLM"] and ref.model_type == "qwen2"
-    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
-                "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings"):
+    for key in (
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_hidden_layers",
+        "intermediate_size",
+        "vocab_size",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+    ):
         assert cfg[key] == getattr(ref, key), key
     assert cfg["rms_norm_eps"] == pytest.approx(ref.rms_norm_eps)
     mc = ModelConfig.load(d)
@@ -440,10 +539,21 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
     build it from transformers' own llama3 inv_freq and check the parameters come back."""
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    params = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
-    hf_cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_parameters=params,
-                         max_position_embeddings=131072)
+
+    params = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+    }
+    hf_cfg = LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=4,
+        rope_parameters=params,
+        max_position_embeddings=131072,
+    )
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
     base = 1.0 / 500000.0 ** (torch.arange(0, 64, 2, dtype=torch.int64).float() / 64)
     divisors = (base / scaled).numpy().astype(np.float32)
@@ -468,7 +578,10 @@ def test_linear_rope_scaling(tmp_path):
         w.add_rope_scaling_factor(4.0)
 
     _, _, d = _convert(tmp_path, dim=64, ffn=128, extra=extra)
-    assert json.loads((d / "config.json").read_text())["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    assert json.loads((d / "config.json").read_text())["rope_scaling"] == {
+        "rope_type": "linear",
+        "factor": 4.0,
+    }
 
 
 def test_dtype_override_bfloat16_rounds_like_torch(tmp_path):
@@ -479,19 +592,31 @@ def test_dtype_override_bfloat16_rounds_like_torch(tmp_path):
     out = converted_tensors(d)
     for name, (arr, dt) in out.items():
         assert dt == "BF16"
-        want = torch.from_numpy(ref[name]).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        want = (
+            torch.from_numpy(ref[name]).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        )
         np.testing.assert_array_equal(arr, want, err_msg=name)
     assert json.loads((d / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 # ---- tokenizers ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smollm2_vocab(smollm2_gguf_path) -> dict:
     r = gguf.GGUFReader(str(smollm2_gguf_path))
     get = lambda k: r.fields[k].contents()  # noqa: E731
-    return dict(model="gpt2", tokens=get("tokenizer.ggml.tokens"), types=get("tokenizer.ggml.token_type"),
-                merges=get("tokenizer.ggml.merges"), bos=1, eos=2, unk=None, pad=2, add_bos=False)
+    return dict(
+        model="gpt2",
+        tokens=get("tokenizer.ggml.tokens"),
+        types=get("tokenizer.ggml.token_type"),
+        merges=get("tokenizer.ggml.merges"),
+        bos=1,
+        eos=2,
+        unk=None,
+        pad=2,
+        add_bos=False,
+    )
 
 
 @pytest.mark.parametrize("pre", ["default", "llama-bpe", "qwen2"])
@@ -505,30 +630,66 @@ def test_byte_level_pre_tokenizers_match_transformers(tmp_path, smollm2_vocab, p
     ref = transformers_tokenizer(path)
     for text in CORPUS:
         ref_text = unicodedata.normalize("NFC", text) if pre == "qwen2" else text
-        assert mine.encode(text, add_special_tokens=False).ids == \
-            ref(ref_text, add_special_tokens=False)["input_ids"], (pre, text)
+        assert (
+            mine.encode(text, add_special_tokens=False).ids
+            == ref(ref_text, add_special_tokens=False)["input_ids"]
+        ), (pre, text)
 
 
 def _sentencepiece_vocab(tmp_path: Path):
     """Train a small SentencePiece BPE model (byte fallback, identity normalization) and lay
     its pieces out as llama.cpp's converter does: scores, and token types from the proto."""
     spm = pytest.importorskip("sentencepiece")
-    text = [t for t in CORPUS if t.strip()] * 20 + ["the theory of the thing is that there are three tokens"] * 40
+    text = [t for t in CORPUS if t.strip()] * 20 + [
+        "the theory of the thing is that there are three tokens"
+    ] * 40
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_writer=model, vocab_size=600, model_type="bpe", byte_fallback=True,
-        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
-        character_coverage=0.999, unk_id=0, bos_id=1, eos_id=2, hard_vocab_limit=False,
-        allow_whitespace_only_pieces=True, minloglevel=2)
+        sentence_iterator=iter(text),
+        model_writer=model,
+        vocab_size=600,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        character_coverage=0.999,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        hard_vocab_limit=False,
+        allow_whitespace_only_pieces=True,
+        minloglevel=2,
+    )
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     tokens, scores, types = [], [], []
     for i in range(sp.get_piece_size()):
         tokens.append(sp.id_to_piece(i))
         scores.append(sp.get_score(i))
-        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
-                     else 5 if sp.is_unused(i) else 1)
-    vocab = dict(model="llama", tokens=tokens, scores=scores, types=types, merges=None, bos=1, eos=2, unk=0,
-                 pad=None, add_bos=True, add_space_prefix=True)
+        types.append(
+            2
+            if sp.is_unknown(i)
+            else 3
+            if sp.is_control(i)
+            else 6
+            if sp.is_byte(i)
+            else 5
+            if sp.is_unused(i)
+            else 1
+        )
+    vocab = dict(
+        model="llama",
+        tokens=tokens,
+        scores=scores,
+        types=types,
+        merges=None,
+        bos=1,
+        eos=2,
+        unk=0,
+        pad=None,
+        add_bos=True,
+        add_space_prefix=True,
+    )
     return sp, vocab
 
 
@@ -542,7 +703,12 @@ def test_sentencepiece_vocab_matches_sentencepiece_and_transformers(tmp_path):
     path, _, d = _convert(tmp_path, vocab=vocab, dim=32, ffn=64, n_heads=2, n_kv=1, n_layers=1)
     mine = Tokenizer.from_file(str(d / "tokenizer.json"))
     ref = transformers_tokenizer(path)
-    samples = [t for t in CORPUS if "<|" not in t] + ["the theory", "  two leading", "<s>hi</s>", "tokens tokens"]
+    samples = [t for t in CORPUS if "<|" not in t] + [
+        "the theory",
+        "  two leading",
+        "<s>hi</s>",
+        "tokens tokens",
+    ]
     for text in samples:
         ids = mine.encode(text, add_special_tokens=False).ids
         assert ids == ref(text, add_special_tokens=False)["input_ids"], text
@@ -550,12 +716,20 @@ def test_sentencepiece_vocab_matches_sentencepiece_and_transformers(tmp_path):
         if not text[:1].isspace() and "<s>" not in text:
             assert ids == sp.encode(text), text
             assert mine.decode(ids) == sp.decode(ids), text
-    assert mine.encode("<s>", add_special_tokens=False).ids == [1]  # control tokens are matched whole
+    assert mine.encode("<s>", add_special_tokens=False).ids == [
+        1
+    ]  # control tokens are matched whole
     tc = json.loads((d / "tokenizer_config.json").read_text())
-    assert (tc["bos_token"], tc["eos_token"], tc["unk_token"], tc["add_bos_token"]) == ("<s>", "</s>", "<unk>", True)
+    assert (tc["bos_token"], tc["eos_token"], tc["unk_token"], tc["add_bos_token"]) == (
+        "<s>",
+        "</s>",
+        "<unk>",
+        True,
+    )
 
 
 # ---- errors and file handling ------------------------------------------------------------
+
 
 def test_unsupported_architecture(tmp_path):
     path = tmp_path / "m.gguf"
@@ -573,7 +747,9 @@ def test_unsupported_architecture(tmp_path):
 def test_unsupported_quant_type(tmp_path):
     path = tmp_path / "m.gguf"
     write_gguf(path, qtype="Q8_0", n_layers=1, overrides={"blk.0.ffn_up.weight": "IQ2_XXS"})
-    with pytest.raises(TinyLLMError, match=r"blk.0.ffn_up.weight.*IQ2_XXS.*supported: F32, F16, BF16, Q8_0"):
+    with pytest.raises(
+        TinyLLMError, match=r"blk.0.ffn_up.weight.*IQ2_XXS.*supported: F32, F16, BF16, Q8_0"
+    ):
         convert_gguf(path, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == [path]  # nothing written
 

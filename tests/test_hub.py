@@ -42,8 +42,16 @@ def env(tmp_path, monkeypatch):
     return types.SimpleNamespace(cache=cache, weights=weights, tmp=tmp_path)
 
 
-def make_snapshot(cache: Path, repo: str, commit: str = "a" * 40, *, ref: str | None = "main",
-                  sharded: bool = False, missing_shard: bool = False, arch: str = "LlamaForCausalLM") -> Path:
+def make_snapshot(
+    cache: Path,
+    repo: str,
+    commit: str = "a" * 40,
+    *,
+    ref: str | None = "main",
+    sharded: bool = False,
+    missing_shard: bool = False,
+    arch: str = "LlamaForCausalLM",
+) -> Path:
     """One cached snapshot, laid out as huggingface_hub does (files are links into blobs/)."""
     root = cache / ("models--" + repo.replace("/", "--"))
     snap = root / "snapshots" / commit
@@ -52,7 +60,9 @@ def make_snapshot(cache: Path, repo: str, commit: str = "a" * 40, *, ref: str | 
     files = {"config.json": json.dumps({"architectures": [arch]}), "tokenizer.json": "{}"}
     if sharded:
         shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-        files["model.safetensors.index.json"] = json.dumps({"weight_map": {"a": shards[0], "b": shards[1]}})
+        files["model.safetensors.index.json"] = json.dumps(
+            {"weight_map": {"a": shards[0], "b": shards[1]}}
+        )
         files.update({s: "w" for s in shards[: 1 if missing_shard else 2]})
     else:
         files["model.safetensors"] = "w"
@@ -76,8 +86,11 @@ def make_model_dir(d: Path) -> Path:
 
 # ---- the HF cache ------------------------------------------------------------------------
 
+
 def test_alias_resolves_through_refs_main(env):
-    make_snapshot(env.cache, "mistralai/Mistral-7B-Instruct-v0.3", "b" * 40, ref=None)  # an older one
+    make_snapshot(
+        env.cache, "mistralai/Mistral-7B-Instruct-v0.3", "b" * 40, ref=None
+    )  # an older one
     snap = make_snapshot(env.cache, "mistralai/Mistral-7B-Instruct-v0.3", "c" * 40)
     r = hub.resolve("mistral-7b")
     assert r.path == snap and r.source == "hf-cache" and r.revision == "c" * 40
@@ -92,7 +105,14 @@ def test_missing_refs_uses_newest_complete_snapshot(env):
     os.utime(old, (time.time() - 100, time.time() - 100))
     assert hub.resolve_model("qwen2.5-0.5b") == new
     # an interrupted download (a shard missing) is never picked, even when newer
-    make_snapshot(env.cache, "Qwen/Qwen2.5-0.5B-Instruct", "3" * 40, ref="main", sharded=True, missing_shard=True)
+    make_snapshot(
+        env.cache,
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        "3" * 40,
+        ref="main",
+        sharded=True,
+        missing_shard=True,
+    )
     assert hub.resolve_model("qwen2.5-0.5b") == new
 
 
@@ -120,18 +140,26 @@ def _hf_hub_cache_of(environ: dict) -> str:
     variables at import time, hence a fresh interpreter)."""
     env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
     env.update(environ)
-    out = subprocess.run([sys.executable, "-c", "import huggingface_hub.constants as c; print(c.HF_HUB_CACHE)"],
-                         env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import huggingface_hub.constants as c; print(c.HF_HUB_CACHE)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 
-@pytest.mark.parametrize("variables", [
-    {"HF_HUB_CACHE": "{t}/explicit"},
-    {"HF_HOME": "{t}/home"},
-    {"HF_HOME": "{t}/home", "HF_HUB_CACHE": "{t}/explicit"},
-    {"XDG_CACHE_HOME": "{t}/xdg"},
-    {"HOME": "{t}/user"},
-])
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"HF_HUB_CACHE": "{t}/explicit"},
+        {"HF_HOME": "{t}/home"},
+        {"HF_HOME": "{t}/home", "HF_HUB_CACHE": "{t}/explicit"},
+        {"XDG_CACHE_HOME": "{t}/xdg"},
+        {"HOME": "{t}/user"},
+    ],
+)
 def test_cache_location_agrees_with_huggingface_hub(tmp_path, monkeypatch, variables):
     pytest.importorskip("huggingface_hub")
     variables = {k: v.format(t=tmp_path) for k, v in variables.items()}
@@ -155,13 +183,16 @@ def test_hf_home_cache_is_used(env, monkeypatch):
 
 # ---- weights/ and paths --------------------------------------------------------------------
 
+
 def test_weights_dir_takes_precedence_over_cache(env):
     make_snapshot(env.cache, "mistralai/Mistral-7B-Instruct-v0.1")
     local = make_model_dir(env.weights / "mistral-7b-v0.1")
     r = hub.resolve("mistral-7b:v0.1")
     assert r.path == local and r.source == "weights"
     other = make_model_dir(env.tmp / "elsewhere" / "Qwen2-0.5B-Instruct")
-    assert hub.resolve_model("qwen2-0.5b", weights_dir=other.parent) == other  # explicit dir, repo basename
+    assert (
+        hub.resolve_model("qwen2-0.5b", weights_dir=other.parent) == other
+    )  # explicit dir, repo basename
     mine = make_model_dir(env.weights / "my-finetune")
     assert hub.resolve_model("my-finetune") == mine
 
@@ -196,7 +227,9 @@ def test_unknown_names_suggest_close_ones(env):
     make_model_dir(env.weights / "my-finetune")
     with pytest.raises(TinyLLMError, match=r"my-finetune"):
         hub.resolve_model("my-finetun")
-    with pytest.raises(TinyLLMError, match=r"unknown variant 'mistral-7b:v0.9'; known: mistral-7b, mistral-7b:base"):
+    with pytest.raises(
+        TinyLLMError, match=r"unknown variant 'mistral-7b:v0.9'; known: mistral-7b, mistral-7b:base"
+    ):
         hub.resolve_model("mistral-7b:v0.9")
     with pytest.raises(TinyLLMError, match="unknown model 'zzzz'; \\(`tinyllm list`"):
         hub.resolve_model("zzzz")
@@ -220,13 +253,16 @@ def test_weights_dir_defaults(monkeypatch, tmp_path):
         assert hub.resolve_weights_dir() == want  # running from a checkout
     monkeypatch.setattr(hub, "__file__", str(tmp_path / "site-packages" / "tinyllm" / "hub.py"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert hub.resolve_weights_dir() == tmp_path / "xdg" / "tinyllm" / "weights"  # an installed package
+    assert (
+        hub.resolve_weights_dir() == tmp_path / "xdg" / "tinyllm" / "weights"
+    )  # an installed package
     monkeypatch.setenv("TINYLLM_WEIGHTS", str(tmp_path / "w"))
     assert hub.resolve_weights_dir() == tmp_path / "w"
     assert hub.resolve_weights_dir(tmp_path / "x") == tmp_path / "x"
 
 
 # ---- the embedded default ------------------------------------------------------------------
+
 
 @pytest.fixture
 def fake_converter(monkeypatch, tmp_path):
@@ -240,9 +276,15 @@ def fake_converter(monkeypatch, tmp_path):
     def convert(src, out, progress=True, dtype=None, overwrite=False):
         calls.append(Path(out))
         make_model_dir(Path(out))
-        (Path(out) / gguf_convert.PROVENANCE_FILE).write_text(json.dumps(
-            {"source": Path(src).name, "source_bytes": Path(src).stat().st_size,
-             "converter_version": gguf_convert.CONVERTER_VERSION}))
+        (Path(out) / gguf_convert.PROVENANCE_FILE).write_text(
+            json.dumps(
+                {
+                    "source": Path(src).name,
+                    "source_bytes": Path(src).stat().st_size,
+                    "converter_version": gguf_convert.CONVERTER_VERSION,
+                }
+            )
+        )
         return Path(out)
 
     monkeypatch.setattr(gguf_convert, "convert_gguf", convert)
@@ -255,8 +297,14 @@ def test_default_model_converted_once(env, fake_converter):
     assert d == env.weights / "smollm2-135m-instruct" and fake_converter.calls == [d]
     assert hub.default_model_dir(progress=False) == d and len(fake_converter.calls) == 1  # reused
     r = hub.resolve(None)
-    assert r.path == d and r.source == "embedded" and r.repo_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert hub.resolve_model("smollm2-135m") == d and hub.resolve_model("smollm2-135m:instruct") == d
+    assert (
+        r.path == d
+        and r.source == "embedded"
+        and r.repo_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    assert (
+        hub.resolve_model("smollm2-135m") == d and hub.resolve_model("smollm2-135m:instruct") == d
+    )
     assert len(fake_converter.calls) == 1
 
 
@@ -278,7 +326,11 @@ def test_default_model_without_the_package(env, fake_converter, monkeypatch):
     monkeypatch.setattr(hub, "embedded_gguf", lambda: None)
     with pytest.raises(TinyLLMError) as e:
         hub.resolve_model(None)
-    assert hub.DEMO_INSTALL in str(e.value) and hub.demo_install_command() in str(e.value) and "--model" in str(e.value)
+    assert (
+        hub.DEMO_INSTALL in str(e.value)
+        and hub.demo_install_command() in str(e.value)
+        and "--model" in str(e.value)
+    )
     monkeypatch.setattr(hub, "embedded_gguf", lambda: fake_converter.gguf)
     d = hub.default_model_dir(progress=False)
     monkeypatch.setattr(hub, "embedded_gguf", lambda: None)
@@ -297,8 +349,11 @@ def test_default_model_real_conversion_is_reused(env, monkeypatch):
     running.mkdir()
     t0 = time.perf_counter()
     d = hub.default_model_dir(progress=False)
-    print(f"\n[test_hub] default model converted in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(
+        f"\n[test_hub] default model converted in {time.perf_counter() - t0:.1f}s", file=sys.stderr
+    )
     from tinyllm.config import ModelConfig
+
     assert ModelConfig.load(d).n_layers == 30
     stamp = (d / "model.safetensors").stat().st_mtime_ns
 
@@ -313,20 +368,41 @@ def test_default_model_real_conversion_is_reused(env, monkeypatch):
 
 # ---- downloads -----------------------------------------------------------------------------
 
+
 def test_select_files():
-    mistral = ["config.json", "consolidated.safetensors", "generation_config.json", "params.json",
-               "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
-               "model-00003-of-00003.safetensors", "model.safetensors.index.json", "tokenizer.json",
-               "tokenizer.model", "tokenizer.model.v3", "tokenizer_config.json", "README.md"]
+    mistral = [
+        "config.json",
+        "consolidated.safetensors",
+        "generation_config.json",
+        "params.json",
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer.model.v3",
+        "tokenizer_config.json",
+        "README.md",
+    ]
     index = {f"w{i}": f"model-0000{i % 3 + 1}-of-00003.safetensors" for i in range(9)}
     got = hub.select_files(mistral, index)
     assert "consolidated.safetensors" not in got and "README.md" not in got
     assert {f for f in got if f.endswith(".safetensors")} == set(index.values())
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "model.safetensors.index.json"} <= set(got)
-    single = hub.select_files(["config.json", "model.safetensors", "tokenizer.json", "pytorch_model.bin"])
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors.index.json",
+    } <= set(got)
+    single = hub.select_files(
+        ["config.json", "model.safetensors", "tokenizer.json", "pytorch_model.bin"]
+    )
     assert single == ["config.json", "tokenizer.json", "model.safetensors"]
-    native = hub.select_files(["params.json", "consolidated.safetensors", "tokenizer.model.v3", "README.md"])
+    native = hub.select_files(
+        ["params.json", "consolidated.safetensors", "tokenizer.model.v3", "README.md"]
+    )
     assert set(native) == {"params.json", "consolidated.safetensors", "tokenizer.model.v3"}
     with pytest.raises(TinyLLMError, match="no safetensors"):
         hub.select_files(["config.json", "pytorch_model.bin"])
@@ -338,18 +414,35 @@ def fake_hub(env, monkeypatch):
     hf = pytest.importorskip("huggingface_hub")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     seen = {}
-    files = ["config.json", "consolidated.safetensors", "params.json", "model.safetensors.index.json",
-             "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "tokenizer.json"]
+    files = [
+        "config.json",
+        "consolidated.safetensors",
+        "params.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "tokenizer.json",
+    ]
     index = env.tmp / "index.json"
-    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
-                                                "b": "model-00002-of-00002.safetensors"}}))
+    index.write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "a": "model-00001-of-00002.safetensors",
+                    "b": "model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
 
     def snapshot_download(repo_id, revision=None, allow_patterns=None, token=None, **kw):
         seen.update(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
         return str(make_snapshot(env.cache, repo_id, sharded=True))
 
-    monkeypatch.setattr(hub, "_check_reachable", lambda endpoint: None)   # no network here
-    monkeypatch.setattr(hf.HfApi, "list_repo_files", lambda self, repo_id, revision=None, token=None: files)
+    monkeypatch.setattr(hub, "_check_reachable", lambda endpoint: None)  # no network here
+    monkeypatch.setattr(
+        hf.HfApi, "list_repo_files", lambda self, repo_id, revision=None, token=None: files
+    )
     monkeypatch.setattr(hf, "hf_hub_download", lambda *a, **k: str(index))
     monkeypatch.setattr(hf, "snapshot_download", snapshot_download)
     return types.SimpleNamespace(hf=hf, seen=seen)
@@ -370,7 +463,9 @@ def test_download_gated_and_unreachable(env, fake_hub, monkeypatch):
     resp = types.SimpleNamespace(status_code=401, headers={}, request=None)
 
     def gated(self, repo_id, revision=None, token=None):
-        raise errors.GatedRepoError("Access to model meta-llama/Llama-3.1-8B-Instruct is restricted", response=resp)
+        raise errors.GatedRepoError(
+            "Access to model meta-llama/Llama-3.1-8B-Instruct is restricted", response=resp
+        )
 
     monkeypatch.setattr(fake_hub.hf.HfApi, "list_repo_files", gated)
     with pytest.raises(TinyLLMError, match="gated.*HF_TOKEN"):
@@ -385,7 +480,7 @@ def test_download_gated_and_unreachable(env, fake_hub, monkeypatch):
 
     # what huggingface_hub really raises without a network: its HTTP client's ConnectError
     client = next(c for c in errors.HfHubHTTPError.__mro__ if c.__module__.startswith("httpx"))
-    connect_error = getattr(sys.modules[client.__module__.split(".")[0]], "ConnectError")
+    connect_error = sys.modules[client.__module__.split(".")[0]].ConnectError
 
     def unreachable(self, repo_id, revision=None, token=None):
         raise connect_error("[Errno -2] Name or service not known")
@@ -412,6 +507,7 @@ def test_download_preconditions(env, monkeypatch):
 
 # ---- listing -------------------------------------------------------------------------------
 
+
 def test_list_models(env, fake_converter):
     snap = make_snapshot(env.cache, "Qwen/Qwen2.5-0.5B-Instruct")
     extra = make_snapshot(env.cache, "someone/llama-finetune")
@@ -419,15 +515,25 @@ def test_list_models(env, fake_converter):
     local = make_model_dir(env.weights / "my-model")
     rows = hub.list_models()
     by_name = {r["alias"]: r for r in rows}
-    assert by_name["qwen2.5-0.5b"] == {"alias": "qwen2.5-0.5b", "repo": "Qwen/Qwen2.5-0.5B-Instruct",
-                                       "present": True, "path": str(snap), "source": "hf-cache"}
+    assert by_name["qwen2.5-0.5b"] == {
+        "alias": "qwen2.5-0.5b",
+        "repo": "Qwen/Qwen2.5-0.5B-Instruct",
+        "present": True,
+        "path": str(snap),
+        "source": "hf-cache",
+    }
     assert by_name["mistral-7b"]["present"] is False and by_name["mistral-7b"]["path"] is None
     assert "mistral-7b:v0.3" not in by_name  # same repo as mistral-7b: listed once
-    assert by_name["smollm2-135m"]["source"] == "embedded" and by_name["smollm2-135m"]["present"] is False
+    assert (
+        by_name["smollm2-135m"]["source"] == "embedded"
+        and by_name["smollm2-135m"]["present"] is False
+    )
     assert by_name["my-model"]["path"] == str(local) and by_name["my-model"]["repo"] == ""
     assert by_name["someone/llama-finetune"]["path"] == str(extra)
     assert "someone/bert" not in by_name
-    assert all(isinstance(r["alias"], str) and isinstance(r["repo"], str) for r in rows)  # printable as-is
+    assert all(
+        isinstance(r["alias"], str) and isinstance(r["repo"], str) for r in rows
+    )  # printable as-is
     hub.default_model_dir(progress=False)
     rows = hub.list_models()
     assert {r["alias"]: r for r in rows}["smollm2-135m"]["present"] is True
@@ -438,6 +544,7 @@ def test_download_without_network_fails_at_once():
     """Nothing listens on port 9 of this machine: the reachability check refuses in one line
     instead of huggingface_hub's half-minute of retries."""
     import time
+
     t0 = time.perf_counter()
     with pytest.raises(TinyLLMError, match="cannot reach 127.0.0.1.*check the network"):
         hub._check_reachable("http://127.0.0.1:9")

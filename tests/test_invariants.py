@@ -2,6 +2,7 @@
 parity tests check both against transformers)."""
 
 import dataclasses
+
 import numpy as np
 import pytest
 
@@ -20,7 +21,11 @@ def test_cached_decode_equals_full_prefill(tiny_factory, case):
     m, eng = llm.model, llm.engine
     eng.ensure_cache()
     table = eng.cache.spec.slot_tables([0])
-    step_logits = [llm.backend.to_numpy(m.forward(np.asarray(IDS[:10], np.int32), Batch(table, [0], [10]), eng.cache))[0]]
+    step_logits = [
+        llm.backend.to_numpy(
+            m.forward(np.asarray(IDS[:10], np.int32), Batch(table, [0], [10]), eng.cache)
+        )[0]
+    ]
     for p in range(10, len(IDS)):
         out = m.forward(np.asarray([IDS[p]], np.int32), Batch(table, [p], [1]), eng.cache)
         step_logits.append(llm.backend.to_numpy(out)[0])
@@ -32,7 +37,9 @@ def test_cached_decode_equals_full_prefill(tiny_factory, case):
 def test_chunked_prefill_equals_one_shot(tiny_factory, case, chunk):
     llm = LLM(str(tiny_factory(case)), max_seq_len=64)
     one_shot = llm.logits(IDS)
-    eng = Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=chunk)
+    eng = Engine.for_model(
+        llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=chunk
+    )
     np.testing.assert_allclose(eng.logits(IDS), one_shot, rtol=1e-4, atol=1e-4)
 
 
@@ -40,11 +47,24 @@ def test_rolling_cache_equals_full_cache_with_banded_mask(tiny_factory):
     llm = LLM(str(tiny_factory("mistral_window")), max_seq_len=64)
     W = llm.cfg.sliding_window
     # Blocks of 4: a ring of ceil((W + 4) / 4) + 1 = 4 blocks (16 positions) that 50 tokens wrap 3 times.
-    rolling = Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=4,
-                     block_size=4)
+    rolling = Engine.for_model(
+        llm.model,
+        llm.tokenizer,
+        llm.backend,
+        set(),
+        64,
+        "fp32",
+        max_batch=1,
+        prefill_chunk=4,
+        block_size=4,
+    )
     assert rolling.spec.ring == 4 and rolling.spec.capacity == 16 < 64
-    full = Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=4)
-    full.spec = KVCacheSpec(llm.cfg.n_layers, 16, 4, 16, llm.cfg.n_kv_heads, llm.cfg.head_dim, "fp32", W, 64, n_open=2)
+    full = Engine.for_model(
+        llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=4
+    )
+    full.spec = KVCacheSpec(
+        llm.cfg.n_layers, 16, 4, 16, llm.cfg.n_kv_heads, llm.cfg.head_dim, "fp32", W, 64, n_open=2
+    )
     assert not full.spec.rolling
     np.testing.assert_allclose(rolling.logits(IDS), full.logits(IDS), rtol=1e-4, atol=1e-4)
     # Greedy generation running far past the window, through the rolling cache.
@@ -56,7 +76,9 @@ def test_rolling_cache_equals_full_cache_with_banded_mask(tiny_factory):
     assert a == b and len(a) == 40
 
 
-@pytest.mark.filterwarnings("ignore::tinyllm.api.ContextWarning")   # contexts far past the trained 256, on purpose
+@pytest.mark.filterwarnings(
+    "ignore::tinyllm.api.ContextWarning"
+)  # contexts far past the trained 256, on purpose
 def test_rolling_cache_memory_is_bounded_by_window(tiny_factory):
     d = str(tiny_factory("mistral_window"))
     specs = [LLM(d, max_seq_len=n).engine.spec for n in (10_000, 1_000_000)]
@@ -73,11 +95,23 @@ def test_kv_cache_worked_examples():
     flat = KVCacheSpec(1, 8, 4, 4, 1, 8, "fp32", None, 16)
     table = np.array([7, 2, 5, -1], np.int32)
     blocks, offsets = entries(table, np.arange(10), flat)
-    assert blocks.tolist() == [7] * 4 + [2] * 4 + [5] * 2 and offsets.tolist() == [0, 1, 2, 3] * 2 + [0, 1]
-    ring = KVCacheSpec.for_model(type("C", (), {"sliding_window": 4, "n_layers": 1, "n_kv_heads": 1, "head_dim": 8})(),
-                                 "fp32", 100, chunk=2, block_size=2)
+    assert blocks.tolist() == [7] * 4 + [2] * 4 + [5] * 2 and offsets.tolist() == [
+        0,
+        1,
+        2,
+        3,
+    ] * 2 + [0, 1]
+    ring = KVCacheSpec.for_model(
+        type("C", (), {"sliding_window": 4, "n_layers": 1, "n_kv_heads": 1, "head_dim": 8})(),
+        "fp32",
+        100,
+        chunk=2,
+        block_size=2,
+    )
     assert (ring.ring, ring.capacity, ring.max_chunk) == (4, 8, 4)
-    assert entries(np.array([10, 11, 12, 13], np.int32), [8], ring)[0].tolist() == [10]   # row 4 -> entry 0
+    assert entries(np.array([10, 11, 12, 13], np.int32), [8], ring)[0].tolist() == [
+        10
+    ]  # row 4 -> entry 0
     assert visible_lo(9, 8, ring) == 5
 
 
@@ -87,8 +121,10 @@ def test_prefix_reuse_in_a_rolling_cache_never_reads_overwritten_keys(tiny_facto
     also when the shared prefix ends inside the part of a ring the old sequence wrapped, with
     a pool so small that wrapped blocks are reused at once (None: one ring) or large enough
     to keep them."""
-    d = str(tiny_factory("mistral_window"))                     # W = 8
-    llm = LLM(d, max_seq_len=64, prefill_chunk=2, max_batch=1, block_size=2)   # ring of 6 blocks of 2
+    d = str(tiny_factory("mistral_window"))  # W = 8
+    llm = LLM(
+        d, max_seq_len=64, prefill_chunk=2, max_batch=1, block_size=2
+    )  # ring of 6 blocks of 2
     if pool_blocks:
         llm.engine.spec = dataclasses.replace(llm.engine.spec, n_blocks=pool_blocks)
     fresh = LLM(d, max_seq_len=64, prefill_chunk=2, max_batch=1)
@@ -96,8 +132,8 @@ def test_prefix_reuse_in_a_rolling_cache_never_reads_overwritten_keys(tiny_facto
     forward = llm.model.forward
     llm.model.forward = lambda *a, **k: last.append(np.array(forward(*a, **k))) or last[-1]
     a = IDS[:30]
-    b = a[:28] + [7]            # reuses 28 of 30 positions
-    c = b[:26] + [9, 11, 13]    # reuses a prefix whose window the old sequence overwrote
+    b = a[:28] + [7]  # reuses 28 of 30 positions
+    c = b[:26] + [9, 11, 13]  # reuses a prefix whose window the old sequence overwrote
     cached = []
     for prompt in (a, b, c):
         out = []
@@ -111,12 +147,13 @@ def test_prefix_reuse_in_a_rolling_cache_never_reads_overwritten_keys(tiny_facto
 
 def test_bad_token_ids_and_sizes_are_user_errors(tiny_factory):
     from tinyllm import TinyLLMError
+
     d = str(tiny_factory("llama_gqa"))
     llm = LLM(d, max_seq_len=16)
     for ids in ([], [256], [-1], list(range(17))):
         with pytest.raises(TinyLLMError):
             llm.logits(ids)
-    assert llm.logits(list(range(16))).shape == (16, 256)    # a full context is fine for logits
+    assert llm.logits(list(range(16))).shape == (16, 256)  # a full context is fine for logits
     for kw in ({"max_batch": 0}, {"prefill_chunk": 0}):
         with pytest.raises(TinyLLMError):
             LLM(d, **kw)
@@ -127,6 +164,10 @@ def test_bad_token_ids_and_sizes_are_user_errors(tiny_factory):
 
 def test_tiny_temperature_is_greedy_not_nan(tiny_factory):
     llm = LLM(str(tiny_factory("llama_gqa")))
-    greedy = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0].token_ids
-    cold = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=1e-300, seed=0, ignore_eos=True))[0].token_ids
+    greedy = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[
+        0
+    ].token_ids
+    cold = llm.generate(
+        "Hello", SamplingParams(max_tokens=4, temperature=1e-300, seed=0, ignore_eos=True)
+    )[0].token_ids
     assert cold == greedy

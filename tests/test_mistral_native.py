@@ -9,18 +9,23 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_checkpoint
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_checkpoint
 from tinyllm import LLM, TinyLLMError
 
 HF_TO_NATIVE = {
-    "model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
     "lm_head.weight": "output.weight",
-    "input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
-    "self_attn.v_proj.weight": "attention.wv.weight", "self_attn.o_proj.weight": "attention.wo.weight",
-    "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
     "mlp.up_proj.weight": "feed_forward.w3.weight",
 }
 
@@ -35,6 +40,7 @@ def hf_to_native_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def native_pair(tmp_path_factory):
     import mistral_common
+
     tok_file = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
     root = tmp_path_factory.mktemp("native")
     hf = root / "hf"
@@ -49,7 +55,7 @@ def native_pair(tmp_path_factory):
     out = {}
     for name, t in sd.items():
         if name.startswith("model.layers."):
-            i, rest = name[len("model.layers."):].split(".", 1)
+            i, rest = name[len("model.layers.") :].split(".", 1)
             new = f"layers.{i}.{HF_TO_NATIVE[rest]}"
             if rest.startswith("self_attn.q_proj"):
                 t = hf_to_native_rows(t, n_heads)
@@ -59,17 +65,30 @@ def native_pair(tmp_path_factory):
             new = HF_TO_NATIVE[name]
         out[new] = t.contiguous()
     save_file(out, str(native / "consolidated.safetensors"))
-    (native / "params.json").write_text(json.dumps({
-        "dim": cfg["hidden_size"], "n_layers": cfg["num_hidden_layers"], "head_dim": cfg["hidden_size"] // n_heads,
-        "hidden_dim": cfg["intermediate_size"], "n_heads": n_heads, "n_kv_heads": n_kv,
-        "norm_eps": cfg["rms_norm_eps"], "vocab_size": cfg["vocab_size"], "sliding_window": cfg["sliding_window"]}))
+    (native / "params.json").write_text(
+        json.dumps(
+            {
+                "dim": cfg["hidden_size"],
+                "n_layers": cfg["num_hidden_layers"],
+                "head_dim": cfg["hidden_size"] // n_heads,
+                "hidden_dim": cfg["intermediate_size"],
+                "n_heads": n_heads,
+                "n_kv_heads": n_kv,
+                "norm_eps": cfg["rms_norm_eps"],
+                "vocab_size": cfg["vocab_size"],
+                "sliding_window": cfg["sliding_window"],
+            }
+        )
+    )
     shutil.copy(tok_file, native / "tokenizer.model.v1")
     return hf, native
 
 
 def test_native_layout_gives_hf_logits(native_pair):
     hf, native = native_pair
-    ids = [int(t) for t in np.random.default_rng(3).integers(3, 256, 30)]  # longer than the window (8)
+    ids = [
+        int(t) for t in np.random.default_rng(3).integers(3, 256, 30)
+    ]  # longer than the window (8)
     a = LLM(str(hf), max_seq_len=64, prefill_chunk=8)
     b = LLM(str(native), max_seq_len=64, prefill_chunk=8)
     assert b.cfg.sliding_window == 8 and b.cfg.rope_theta == 10000.0
@@ -80,6 +99,7 @@ def test_native_qk_left_interleaved_would_be_wrong(native_pair, monkeypatch):
     """Guard against a vacuous pass: loading the native Q/K rows without the un-permutation
     must change the logits."""
     from tinyllm import weights
+
     hf, native = native_pair
     ids = [int(t) for t in np.random.default_rng(3).integers(3, 256, 30)]
     monkeypatch.setattr(weights, "unpermute_native", lambda w, n: w)
@@ -106,5 +126,9 @@ def test_native_weights_next_to_a_config_json_are_still_unpermuted(native_pair, 
     shutil.copytree(native, d)
     shutil.copy(hf / "config.json", d / "config.json")
     ids = [int(t) for t in np.random.default_rng(4).integers(3, 256, 20)]
-    np.testing.assert_allclose(LLM(str(d), max_seq_len=64).logits(ids), LLM(str(hf), max_seq_len=64).logits(ids),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        LLM(str(d), max_seq_len=64).logits(ids),
+        LLM(str(hf), max_seq_len=64).logits(ids),
+        rtol=1e-5,
+        atol=1e-5,
+    )

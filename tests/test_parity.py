@@ -4,9 +4,9 @@ and greedy continuations through the KV cache."""
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CASES
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY_CASES
 from tinyllm import LLM, SamplingParams
 
 PROMPT = [int(t) for t in np.random.default_rng(0).integers(3, 256, 40)]  # longer than every window
@@ -20,11 +20,16 @@ def max_rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-CASES = [(c, "float32", False) for c in TINY_CASES] + [("llama_gqa", "float32", True), ("llama_gqa", "bfloat16", False),
-                                                       ("mistral_window", "float16", True)]
+CASES = [(c, "float32", False) for c in TINY_CASES] + [
+    ("llama_gqa", "float32", True),
+    ("llama_gqa", "bfloat16", False),
+    ("mistral_window", "float16", True),
+]
 
 
-@pytest.mark.parametrize("case,dtype,shard", CASES, ids=[f"{c}-{d}{'-sharded' if s else ''}" for c, d, s in CASES])
+@pytest.mark.parametrize(
+    "case,dtype,shard", CASES, ids=[f"{c}-{d}{'-sharded' if s else ''}" for c, d, s in CASES]
+)
 def test_logits_and_greedy_match_transformers(tiny_factory, case, dtype, shard):
     d = tiny_factory(case, dtype, shard)
     if shard:
@@ -43,8 +48,14 @@ def test_logits_and_greedy_match_transformers(tiny_factory, case, dtype, shard):
 
     # 24 greedy tokens through the cache (prefill, then one-token decode steps).
     with torch.no_grad():
-        gen = ref_model.generate(torch.tensor([PROMPT]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
+        gen = ref_model.generate(
+            torch.tensor([PROMPT]),
+            max_new_tokens=24,
+            min_new_tokens=24,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(PROMPT) :].tolist()
     out = llm.generate([PROMPT], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
     assert out.token_ids == gen
     assert out.finish_reason == "length"
@@ -54,6 +65,7 @@ def test_sliding_window_really_masks(tiny_factory):
     """The Mistral case is only meaningful if the window changes the result: the same weights
     without a window must give different logits past position W."""
     import json
+
     d = tiny_factory("mistral_window")
     llm = LLM(str(d), max_seq_len=128, prefill_chunk=16)
     assert llm.cfg.sliding_window == 8 and llm.engine.spec.rolling

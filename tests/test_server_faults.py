@@ -25,7 +25,9 @@ class Live:
         sock = listen("127.0.0.1", 0)
         self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started and time.monotonic() < deadline:
@@ -49,9 +51,17 @@ def complete_all(url: str, n: int, max_tokens: int = 200) -> list[httpx.Response
     out: list = [None] * n
 
     def one(i):
-        out[i] = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": [5 + i, 6, 7],
-                                                            "max_tokens": max_tokens, "temperature": 0},
-                            timeout=60)
+        out[i] = httpx.post(
+            url + "/v1/completions",
+            json={
+                "model": "tiny",
+                "prompt": [5 + i, 6, 7],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+            timeout=60,
+        )
+
     ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in ts:
         t.start()
@@ -70,16 +80,23 @@ def plant(worker, monkeypatch, in_flight: int, reset_fails: bool = False):
             fired.append(1)
             raise RuntimeError("planted fault")
         return real(*a, **k)
+
     monkeypatch.setattr(engine, "step", step)
     if reset_fails:
+
         def reset(*a, **k):
             raise RuntimeError("planted fault during recovery")
+
         monkeypatch.setattr(engine, "reset", reset)
 
 
 def is_openai_500(r: httpx.Response) -> bool:
     err = r.json().get("error", {})
-    return r.status_code == 500 and err.get("type") == "server_error" and "internal error" in err["message"]
+    return (
+        r.status_code == 500
+        and err.get("type") == "server_error"
+        and "internal error" in err["message"]
+    )
 
 
 def is_refused(r: httpx.Response) -> bool:
@@ -106,6 +123,9 @@ def test_fault_during_recovery_refuses_with_503_and_asks_to_exit(live, monkeypat
     assert fatal == [1] and live.worker.failed
     h = httpx.get(live.url + "/health")
     assert h.status_code == 503 and "could not recover" in h.json()["error"]["message"]
-    r = httpx.post(live.url + "/v1/completions", json={"model": "tiny", "prompt": [5], "max_tokens": 2},
-                   timeout=30)
+    r = httpx.post(
+        live.url + "/v1/completions",
+        json={"model": "tiny", "prompt": [5], "max_tokens": 2},
+        timeout=30,
+    )
     assert is_refused(r)

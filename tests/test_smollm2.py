@@ -13,8 +13,11 @@ def test_smollm2_logits_and_greedy_chat_match_transformers(smollm2_hf):
     d, ref_model, ref_tok = smollm2_hf
     llm = LLM(str(d), max_seq_len=256)
     ids = llm.tokenizer.encode_chat(MESSAGES)
-    assert ids == list(ref_tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False))
+    assert ids == list(
+        ref_tok.apply_chat_template(
+            MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits[0].numpy()
     ours = llm.logits(ids)
@@ -23,9 +26,11 @@ def test_smollm2_logits_and_greedy_chat_match_transformers(smollm2_hf):
     assert err < 1e-4
 
     with torch.no_grad():
-        gen = ref_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+        gen = ref_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[
+            0, len(ids) :
+        ].tolist()
     out = llm.chat(MESSAGES, SamplingParams(max_tokens=24, temperature=0))
     eos = llm.eos_token_ids
-    assert out.token_ids == [t for t in gen if t not in eos][:len(out.token_ids)]
-    assert out.token_ids == gen[:len(out.token_ids)]
+    assert out.token_ids == [t for t in gen if t not in eos][: len(out.token_ids)]
+    assert out.token_ids == gen[: len(out.token_ids)]
     assert out.text == ref_tok.decode(out.token_ids, skip_special_tokens=True)

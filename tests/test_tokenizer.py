@@ -35,11 +35,19 @@ CORPUS = [
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}],
-    [{"role": "user", "content": "Hi 東京 😀"}, {"role": "assistant", "content": "Hello! How can I help?"},
-     {"role": "user", "content": "Tell me a joke about  spaces."}],
-    [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "a"},
-     {"role": "assistant", "content": "b"}, {"role": "user", "content": "c\n\nd"},
-     {"role": "assistant", "content": "e"}, {"role": "user", "content": "f"}],
+    [
+        {"role": "user", "content": "Hi 東京 😀"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a joke about  spaces."},
+    ],
+    [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c\n\nd"},
+        {"role": "assistant", "content": "e"},
+        {"role": "user", "content": "f"},
+    ],
 ]
 
 
@@ -50,6 +58,7 @@ def stream_all(dec: StreamDecoder, ids) -> tuple[str, list[str]]:
 
 
 # ----------------------------------------------------------------------------- SmolLM2 (byte-level BPE)
+
 
 @pytest.fixture(scope="module")
 def smol(smollm2_hf):
@@ -70,14 +79,18 @@ def test_smollm2_special_tokens_match_transformers(smol):
 def test_smollm2_encode_matches_transformers(smol, add_special_tokens):
     tok, hf = smol
     for text in CORPUS:
-        assert tok.encode(text, add_special_tokens=add_special_tokens) == \
-            hf(text, add_special_tokens=add_special_tokens)["input_ids"], text
+        assert (
+            tok.encode(text, add_special_tokens=add_special_tokens)
+            == hf(text, add_special_tokens=add_special_tokens)["input_ids"]
+        ), text
 
 
 @pytest.mark.parametrize("skip", [True, False])
 def test_smollm2_decode_matches_transformers(smol, skip):
     tok, hf = smol
-    chat_ids = hf.apply_chat_template(CONVERSATIONS[2], add_generation_prompt=True, tokenize=True)["input_ids"]
+    chat_ids = hf.apply_chat_template(CONVERSATIONS[2], add_generation_prompt=True, tokenize=True)[
+        "input_ids"
+    ]
     for ids in [hf(t)["input_ids"] for t in CORPUS] + [chat_ids]:
         assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
 
@@ -86,10 +99,18 @@ def test_smollm2_decode_matches_transformers(smol, skip):
 def test_smollm2_chat_template_matches_transformers(smol, add_generation_prompt):
     tok, hf = smol
     for messages in CONVERSATIONS:
-        assert tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == \
-            hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-        ref = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        assert tok.encode_chat(messages, add_generation_prompt=add_generation_prompt) == ref["input_ids"]
+        assert tok.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt
+        ) == hf.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+        ref = hf.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True
+        )
+        assert (
+            tok.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+            == ref["input_ids"]
+        )
 
 
 def test_smollm2_stream_equals_one_shot_decode(smol):
@@ -114,9 +135,12 @@ def test_smollm2_stream_after_a_chat_prompt(smol):
     prompt = tok.encode_chat(CONVERSATIONS[2])
     reply = tok.encode("Sure! 東京 is 🦜-friendly.<|im_end|>", add_special_tokens=False)
     joined, _ = stream_all(tok.stream(prompt), reply)
-    full, head = hf.decode(prompt + reply, skip_special_tokens=True), hf.decode(prompt, skip_special_tokens=True)
+    full, head = (
+        hf.decode(prompt + reply, skip_special_tokens=True),
+        hf.decode(prompt, skip_special_tokens=True),
+    )
     assert full.startswith(head)
-    assert joined == full[len(head):]
+    assert joined == full[len(head) :]
 
 
 # ----------------------------------------------------------------------------- Llama-style byte-fallback BPE
@@ -138,29 +162,56 @@ def _build_llama_style(kind: str):
     from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     trainer_tok = Backend(models.BPE(unk_token="<unk>"))
-    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-    trainer_tok.train_from_iterator(TRAIN_TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first", split=False
+    )
+    trainer_tok.train_from_iterator(
+        TRAIN_TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"])
+    )
     learned = json.loads(trainer_tok.to_str())["model"]
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    pieces += [p for p, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if p not in pieces]
+    pieces += [
+        p for p, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if p not in pieces
+    ]
     vocab = {p: i for i, p in enumerate(pieces)}
 
-    tok = Backend(models.BPE(vocab=vocab, merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-                                                  for m in learned["merges"]],
-                             unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok = Backend(
+        models.BPE(
+            vocab=vocab,
+            merges=[
+                tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]
+            ],
+            unk_token="<unk>",
+            byte_fallback=True,
+            fuse_unk=True,
+        )
+    )
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])
     if kind == "metaspace":
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="\u2581", prepend_scheme="first", split=False
+        )
     else:
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+        )
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     return tok
 
 
-def _save(tok, d: Path, config: dict | None = None, post_processor=True, files: dict | None = None) -> Path:
+def _save(
+    tok, d: Path, config: dict | None = None, post_processor=True, files: dict | None = None
+) -> Path:
     """A tokenizer directory: tokenizer.json, tokenizer_config.json and any extra {path: text}."""
     d.mkdir(parents=True, exist_ok=True)
     spec = json.loads(tok.to_str())
@@ -178,9 +229,12 @@ def _save(tok, d: Path, config: dict | None = None, post_processor=True, files: 
 @pytest.fixture(scope="module", params=["metaspace", "legacy"])
 def llama_style(request, tmp_path_factory):
     from transformers import PreTrainedTokenizerFast
+
     backend = _build_llama_style(request.param)
     d = _save(backend, tmp_path_factory.mktemp(f"llama_{request.param}"))
-    ref = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    ref = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     return Tokenizer.load(d), ref, backend
 
 
@@ -192,7 +246,9 @@ def test_llama_style_encode_decode_match_transformers(llama_style):
             ids = tok.encode(text, add_special_tokens=add)
             assert ids == ref(text, add_special_tokens=add)["input_ids"], text
             for skip in (True, False):
-                assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+                assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(
+                    ids, skip_special_tokens=skip
+                )
 
 
 def test_llama_style_stream_keeps_spaces_and_characters(llama_style):
@@ -207,9 +263,11 @@ def test_llama_style_stream_keeps_spaces_and_characters(llama_style):
         # After a prompt: what the stream prints is exactly what decoding the whole adds.
         prompt = tok.encode("Question: what is this?")
         joined, _ = stream_all(tok.stream(prompt), ids[1:])
-        full, head = (ref.decode(prompt + ids[1:], skip_special_tokens=True),
-                      ref.decode(prompt, skip_special_tokens=True))
-        assert full.startswith(head) and joined == full[len(head):], text
+        full, head = (
+            ref.decode(prompt + ids[1:], skip_special_tokens=True),
+            ref.decode(prompt, skip_special_tokens=True),
+        )
+        assert full.startswith(head) and joined == full[len(head) :], text
     assert byte_fallback_seen
     # Token-by-token decoding really loses spaces and splits characters here.
     ids = tok.encode("Hello world 東京", add_special_tokens=False)
@@ -226,14 +284,17 @@ def test_stream_is_constant_work_per_token(llama_style):
         return tok.decode(window)
 
     joined, _ = stream_all(StreamDecoder(decode, prompt_ids=ids[:50]), ids[50:])
-    assert joined == tok.decode(ids)[len(tok.decode(ids[:50])):]
-    assert len(ids) > 1000 and max(seen) <= STREAM_CONTEXT + 8  # longest character is a few byte tokens
+    assert joined == tok.decode(ids)[len(tok.decode(ids[:50])) :]
+    assert (
+        len(ids) > 1000 and max(seen) <= STREAM_CONTEXT + 8
+    )  # longest character is a few byte tokens
 
 
 def _random_stream_check(tok, seed: int, low: int) -> int:
     """Random id sequences, one id in five drawn from the `low` first ids (bytes, specials): the
     stream must join to the one-shot decode whenever that decode is valid text."""
     import random
+
     rng = random.Random(seed)
 
     def draw():
@@ -243,7 +304,7 @@ def _random_stream_check(tok, seed: int, low: int) -> int:
     for _ in range(300):
         ids = [draw() for _ in range(rng.randint(1, 30))]
         prompt = [draw() for _ in range(rng.randint(0, 8))]
-        ref = tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+        ref = tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
         if "\ufffd" in ref:
             continue
         assert tok.decode(prompt + ids).startswith(tok.decode(prompt))
@@ -270,9 +331,16 @@ def test_add_bos_token_follows_transformers(tmp_path):
     """transformers (>= 5) lets tokenizer.json's post-processor decide; tokenizer_config's
     add_bos_token/add_eos_token do not override it."""
     from transformers import AutoTokenizer
+
     backend = _build_llama_style("metaspace")
-    for i, (post, cfg) in enumerate([(True, {}), (True, {"add_bos_token": False, "add_eos_token": True}),
-                                     (False, {}), (False, {"add_bos_token": True})]):
+    for i, (post, cfg) in enumerate(
+        [
+            (True, {}),
+            (True, {"add_bos_token": False, "add_eos_token": True}),
+            (False, {}),
+            (False, {"add_bos_token": True}),
+        ]
+    ):
         d = _save(backend, tmp_path / str(i), cfg, post_processor=post)
         ref = AutoTokenizer.from_pretrained(d)
         for text in ("Hello world", "x</s> y"):
@@ -281,8 +349,10 @@ def test_add_bos_token_follows_transformers(tmp_path):
 
 # ----------------------------------------------------------------------------- chat templates vs transformers
 
-CHATML = ("{% for m in messages %}{{ '<s>' + m['role'] + '\n' + m['content'] + '</s>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<s>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<s>' + m['role'] + '\n' + m['content'] + '</s>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<s>assistant\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -292,14 +362,21 @@ def backend():
 
 def _both(d: Path):
     from transformers import AutoTokenizer
+
     return Tokenizer.load(d), AutoTokenizer.from_pretrained(d)
 
 
 def _same_render(tok, ref, messages, **kw):
     text = tok.apply_chat_template(messages, add_generation_prompt=True, **kw)
-    assert text == ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kw)
-    assert tok.encode_chat(messages, **kw) == \
-        ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw)["input_ids"]
+    assert text == ref.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False, **kw
+    )
+    assert (
+        tok.encode_chat(messages, **kw)
+        == ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw)[
+            "input_ids"
+        ]
+    )
     return text
 
 
@@ -312,22 +389,32 @@ def test_template_features_render_like_transformers(backend, tmp_path):
         "  {% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}"
         "META {{ messages[0] | tojson(indent=2, sort_keys=True) }} {{ {'a': '<é>'} | tojson }}\n"
         "{{ strftime_now('%Y-%m') }} {{ custom_flag }} {{ unk_token }}"
-        "{% if add_generation_prompt %}\n[ASSISTANT]{% endif %}")
+        "{% if add_generation_prompt %}\n[ASSISTANT]{% endif %}"
+    )
     tok, ref = _both(_save(backend, tmp_path, {"chat_template": template}))
     messages = CONVERSATIONS[3]
     text = _same_render(tok, ref, messages, custom_flag="on")
     # the template really ran: tags, filters, {% break %} after four messages, trim_blocks
-    assert text.startswith("<s>[SYSTEM]") and text.endswith("on <unk>[ASSISTANT]") and "[USER] f" not in text
-    _same_render(tok, ref, messages, custom_flag=1, bos_token="<BOS>")  # kwargs override special tokens
+    assert (
+        text.startswith("<s>[SYSTEM]")
+        and text.endswith("on <unk>[ASSISTANT]")
+        and "[USER] f" not in text
+    )
+    _same_render(
+        tok, ref, messages, custom_flag=1, bos_token="<BOS>"
+    )  # kwargs override special tokens
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     _same_render(tok, ref, messages, tools=tools, custom_flag=None)
 
 
 def test_raise_exception_becomes_chat_template_error(backend, tmp_path):
     import jinja2
-    template = ("{% if messages[0]['role'] == 'system' %}"
-                "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-                "{% endif %}" + CHATML)
+
+    template = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}" + CHATML
+    )
     tok, ref = _both(_save(backend, tmp_path, {"chat_template": template}))
     with pytest.raises(jinja2.exceptions.TemplateError) as ref_err:
         ref.apply_chat_template(CONVERSATIONS[1], tokenize=False)
@@ -339,8 +426,11 @@ def test_raise_exception_becomes_chat_template_error(backend, tmp_path):
 
 
 def test_named_templates_in_tokenizer_config(backend, tmp_path):
-    named = [{"name": "tool_use", "template": "TOOLS " + CHATML}, {"name": "default", "template": CHATML},
-             {"name": "rag", "template": "RAG " + CHATML}]
+    named = [
+        {"name": "tool_use", "template": "TOOLS " + CHATML},
+        {"name": "default", "template": CHATML},
+        {"name": "rag", "template": "RAG " + CHATML},
+    ]
     tok, ref = _both(_save(backend, tmp_path, {"chat_template": named}))
     assert _same_render(tok, ref, CONVERSATIONS[2]).startswith("<s>user")
     tools = [{"type": "function", "function": {"name": "f"}}]
@@ -348,21 +438,45 @@ def test_named_templates_in_tokenizer_config(backend, tmp_path):
 
 
 def test_chat_template_jinja_takes_precedence(backend, tmp_path):
-    tok, ref = _both(_save(backend, tmp_path, {"chat_template": "CONFIG " + CHATML},
-                           files={"chat_template.jinja": "FILE " + CHATML}))
+    tok, ref = _both(
+        _save(
+            backend,
+            tmp_path,
+            {"chat_template": "CONFIG " + CHATML},
+            files={"chat_template.jinja": "FILE " + CHATML},
+        )
+    )
     assert _same_render(tok, ref, CONVERSATIONS[1]).startswith("FILE ")
 
 
 def test_additional_chat_templates_dir(backend, tmp_path):
-    tok, ref = _both(_save(backend, tmp_path, files={"chat_template.jinja": CHATML,
-                                                     "additional_chat_templates/tool_use.jinja": "T " + CHATML}))
+    tok, ref = _both(
+        _save(
+            backend,
+            tmp_path,
+            files={
+                "chat_template.jinja": CHATML,
+                "additional_chat_templates/tool_use.jinja": "T " + CHATML,
+            },
+        )
+    )
     _same_render(tok, ref, CONVERSATIONS[0])
-    _same_render(tok, ref, CONVERSATIONS[0], tools=[{"type": "function", "function": {"name": "f"}}])
+    _same_render(
+        tok, ref, CONVERSATIONS[0], tools=[{"type": "function", "function": {"name": "f"}}]
+    )
 
 
 def test_special_tokens_map_overrides_config_like_transformers(backend, tmp_path):
-    d = _save(backend, tmp_path, {"eos_token": "<unk>", "chat_template": "{{ eos_token }}" + CHATML},
-              files={"special_tokens_map.json": json.dumps({"eos_token": {"content": "</s>", "lstrip": False}})})
+    d = _save(
+        backend,
+        tmp_path,
+        {"eos_token": "<unk>", "chat_template": "{{ eos_token }}" + CHATML},
+        files={
+            "special_tokens_map.json": json.dumps(
+                {"eos_token": {"content": "</s>", "lstrip": False}}
+            )
+        },
+    )
     tok, ref = _both(d)
     assert tok.eos_token_id == ref.eos_token_id
     _same_render(tok, ref, CONVERSATIONS[0])
@@ -379,20 +493,34 @@ def test_missing_chat_template_is_a_user_error(backend, tmp_path):
 
 # ----------------------------------------------------------------------------- Mistral native (SentencePiece)
 
+
 def _mistral_data() -> Path | None:
     spec = importlib.util.find_spec("mistral_common")
     return Path(spec.origin).parent / "data" if spec and spec.origin else None
 
 
-MISTRAL_FILES = {"v1": "tokenizer.model.v1", "v2": "mistral_instruct_tokenizer_240216.model.v2",
-                 "v3": "mistral_instruct_tokenizer_240323.model.v3"}
+MISTRAL_FILES = {
+    "v1": "tokenizer.model.v1",
+    "v2": "mistral_instruct_tokenizer_240216.model.v2",
+    "v3": "mistral_instruct_tokenizer_240323.model.v3",
+}
 
 MISTRAL_CONVERSATIONS = CONVERSATIONS + [
-    [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "system", "content": "S1"},
-     {"role": "user", "content": "c"}, {"role": "system", "content": "S2"}, {"role": "assistant", "content": "x"},
-     {"role": "assistant", "content": "y  "}, {"role": "user", "content": "東京 🦜 ꙮ"}],
-    [{"role": "system", "content": "sys"}, {"role": "assistant", "content": "Hi there"},
-     {"role": "user", "content": "q"}],
+    [
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "system", "content": "S1"},
+        {"role": "user", "content": "c"},
+        {"role": "system", "content": "S2"},
+        {"role": "assistant", "content": "x"},
+        {"role": "assistant", "content": "y  "},
+        {"role": "user", "content": "東京 🦜 ꙮ"},
+    ],
+    [
+        {"role": "system", "content": "sys"},
+        {"role": "assistant", "content": "Hi there"},
+        {"role": "user", "content": "q"},
+    ],
 ]
 
 
@@ -418,9 +546,14 @@ def _mistral_common(src: Path):
 
 def test_mistral_encode_decode_match_sentencepiece(mistral):
     import sentencepiece
+
     _, src, tok = mistral
     sp = sentencepiece.SentencePieceProcessor(model_file=str(src))
-    assert (tok.vocab_size, tok.bos_token_id, tok.eos_token_ids) == (sp.vocab_size(), sp.bos_id(), {sp.eos_id()})
+    assert (tok.vocab_size, tok.bos_token_id, tok.eos_token_ids) == (
+        sp.vocab_size(),
+        sp.bos_id(),
+        {sp.eos_id()},
+    )
     for text in CORPUS:
         assert tok.encode(text) == [sp.bos_id()] + sp.encode(text)
         assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
@@ -441,11 +574,18 @@ def test_mistral_encode_decode_match_mistral_common(mistral):
 def test_mistral_chat_ids_match_mistral_common(mistral):
     _, src, tok = mistral
     ref = _mistral_common(src)
-    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.messages import (
+        AssistantMessage,
+        SystemMessage,
+        UserMessage,
+    )
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
     from_role = {"user": UserMessage, "assistant": AssistantMessage, "system": SystemMessage}
     for messages in MISTRAL_CONVERSATIONS:
-        request = ChatCompletionRequest(messages=[from_role[m["role"]](content=m["content"]) for m in messages])
+        request = ChatCompletionRequest(
+            messages=[from_role[m["role"]](content=m["content"]) for m in messages]
+        )
         assert tok.encode_chat(messages) == ref.encode_chat_completion(request).tokens, messages
 
 
@@ -453,18 +593,27 @@ def test_mistral_chat_text_has_the_documented_shape(mistral):
     # docs.mistral.ai, "tokenization templates": V1 puts spaces around [INST]/[/INST] (plain
     # text), V3 uses control tokens and no space before [/INST].
     version, _, tok = mistral
-    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Fine"},
-                {"role": "user", "content": "Next"}]
-    expected = {"v1": "<s> [INST] Hello [/INST] Fine</s> [INST] Next [/INST]",
-                "v2": "<s>[INST] Hello[/INST] Fine</s>[INST] Next[/INST]",
-                "v3": "<s>[INST] Hello[/INST] Fine</s>[INST] Next[/INST]"}[version]
+    messages = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Fine"},
+        {"role": "user", "content": "Next"},
+    ]
+    expected = {
+        "v1": "<s> [INST] Hello [/INST] Fine</s> [INST] Next [/INST]",
+        "v2": "<s>[INST] Hello[/INST] Fine</s>[INST] Next[/INST]",
+        "v3": "<s>[INST] Hello[/INST] Fine</s>[INST] Next[/INST]",
+    }[version]
     assert tok.apply_chat_template(messages) == expected
     if version != "v1":
-        assert tok.encode_chat(messages)[:2] == [tok.bos_token_id, 3] and tok.encode_chat(messages)[-1] == 4
+        assert (
+            tok.encode_chat(messages)[:2] == [tok.bos_token_id, 3]
+            and tok.encode_chat(messages)[-1] == 4
+        )
 
 
 def test_mistral_stream_equals_decode(mistral):
     import sentencepiece
+
     _, src, tok = mistral
     sp = sentencepiece.SentencePieceProcessor(model_file=str(src))
     byte_tokens = 0
@@ -477,7 +626,7 @@ def test_mistral_stream_equals_decode(mistral):
         prompt = tok.encode_chat(CONVERSATIONS[2])
         joined, _ = stream_all(tok.stream(prompt), ids[1:] + [tok.eos_token_id])
         full, head = tok.decode(prompt + ids[1:]), tok.decode(prompt)
-        assert full.startswith(head) and joined == full[len(head):]
+        assert full.startswith(head) and joined == full[len(head) :]
     assert byte_tokens > 0  # the rare characters went through byte fallback
 
 
@@ -500,14 +649,18 @@ def test_mistral_without_sentencepiece_is_a_user_error(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- missing / unsupported files
 
-@pytest.mark.parametrize("files, match", [
-    ({}, "no tokenizer.json or tokenizer.model"),
-    ({"tekken.json": "{}"}, "not supported yet"),
-    ({"tokenizer.model": ""}, "no tokenizer.json"),
-    ({"tokenizer.model.v1": "", "tokenizer.model.v3": ""}, "several Mistral tokenizers"),
-    ({"tokenizer.model.v7": ""}, "not supported yet"),
-    ({"tokenizer.json": "{not json"}, "cannot load"),
-])
+
+@pytest.mark.parametrize(
+    "files, match",
+    [
+        ({}, "no tokenizer.json or tokenizer.model"),
+        ({"tekken.json": "{}"}, "not supported yet"),
+        ({"tokenizer.model": ""}, "no tokenizer.json"),
+        ({"tokenizer.model.v1": "", "tokenizer.model.v3": ""}, "several Mistral tokenizers"),
+        ({"tokenizer.model.v7": ""}, "not supported yet"),
+        ({"tokenizer.json": "{not json"}, "cannot load"),
+    ],
+)
 def test_load_errors_name_the_problem(tmp_path, files, match):
     for name, text in files.items():
         (tmp_path / name).write_text(text)

@@ -1,35 +1,36 @@
 """The Python API: LLM ties config, weights, tokenizer, model and engine together.
 
-    llm = LLM("weights/smollm2-135m-instruct")
-    llm.generate(["Once upon a time"], SamplingParams(max_tokens=32, temperature=0))
+llm = LLM("weights/smollm2-135m-instruct")
+llm.generate(["Once upon a time"], SamplingParams(max_tokens=32, temperature=0))
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
+from . import memory
 from .backends import get_backend
 from .config import ModelConfig
 from .engine import Completion, Engine, Request
 from .errors import TinyLLMError
 from .jsonfile import JsonObject
+from .kv_cache import DEFAULT_BLOCK_SIZE, resolve_kv_dtype
 from .model import Transformer
 from .sampling import SamplingParams
-from . import memory
-from .kv_cache import DEFAULT_BLOCK_SIZE, resolve_kv_dtype
 from .weights import available_memory, checkpoint_dtype, load_weights
 
 DEFAULT_MAX_TOKENS = 512
-DEFAULT_MAX_SEQ_LEN = 8192       # the KV-cache length when the caller names none
+DEFAULT_MAX_SEQ_LEN = 8192  # the KV-cache length when the caller names none
 
 
 def resolve_model_dir(model) -> Path:
     """A path, or (through tinyllm.hub) a name, an alias or None for the embedded default."""
     from .hub import resolve_model
+
     return Path(resolve_model(None if model is None else str(model)))
 
 
@@ -37,21 +38,37 @@ class LLM:
     """A loaded model ready to generate. `threads` sets the BLAS threads of this process
     (numpy backend; see threads.py for the default)."""
 
-    def __init__(self, model=None, backend: str = "numpy", dtype: str | None = None,
-                 kv_dtype: str = "auto", max_seq_len: int | None = None, max_batch: int = 8,
-                 progress: bool = False, prefill_chunk: int = 512, threads: int | None = None,
-                 cuda_graph: bool = True, kv_cache_memory: int | str | None = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        model=None,
+        backend: str = "numpy",
+        dtype: str | None = None,
+        kv_dtype: str = "auto",
+        max_seq_len: int | None = None,
+        max_batch: int = 8,
+        progress: bool = False,
+        prefill_chunk: int = 512,
+        threads: int | None = None,
+        cuda_graph: bool = True,
+        kv_cache_memory: int | str | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        enable_prefix_caching: bool = True,
+    ):
         from .threads import set_threads
+
         self.threads = set_threads(threads)
         self.model_dir = resolve_model_dir(model)
         cfg = ModelConfig.load(self.model_dir)
         self.backend = get_backend(backend, dtype, checkpoint_dtype(self.model_dir))
-        if self.backend.graphs is not None:      # cuda: decode steps replay CUDA graphs unless off
+        if self.backend.graphs is not None:  # cuda: decode steps replay CUDA graphs unless off
             self.backend.graphs.enabled = bool(cuda_graph)
         self.kv_dtype = resolve_kv_dtype(kv_dtype, self.backend.compute_dtype)
-        for name, v in (("max_seq_len", max_seq_len), ("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
-                        ("block_size", block_size)):
+        for name, v in (
+            ("max_seq_len", max_seq_len),
+            ("max_batch", max_batch),
+            ("prefill_chunk", prefill_chunk),
+            ("block_size", block_size),
+        ):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise TinyLLMError(f"{name}={v!r} must be an integer >= 1")
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
@@ -59,9 +76,12 @@ class LLM:
             raise TinyLLMError(f"max_seq_len={self.max_seq_len} is too small (need at least 2)")
         if self.max_seq_len > cfg.max_position_embeddings:
             # as llama.cpp: allowed, but positions past the trained length are out of distribution
-            warnings.warn(f"the context {self.max_seq_len} exceeds the {cfg.max_position_embeddings} tokens this "
-                          f"model was trained on (max_position_embeddings); output past that may degrade",
-                          ContextWarning, stacklevel=2)
+            warnings.warn(
+                f"the context {self.max_seq_len} exceeds the {cfg.max_position_embeddings} tokens this "
+                f"model was trained on (max_position_embeddings); output past that may degrade",
+                ContextWarning,
+                stacklevel=2,
+            )
         self.prefill_chunk, self.block_size = prefill_chunk, block_size
         # The memory plan (memory.py), decided once: the pool's blocks, checked before loading.
         self.n_blocks = memory.budget_blocks(self.kv_spec(cfg, max_batch, 1), kv_cache_memory)
@@ -69,25 +89,46 @@ class LLM:
         self.cfg, weights = load_weights(self.model_dir, cfg, self.backend, progress=progress)
         self.weights_bytes = weights.nbytes_on_disk
         from .tokenizer import Tokenizer
+
         # A checkpoint without tokenizer files still runs on token ids (vLLM's skip_tokenizer_init).
-        self.tokenizer = Tokenizer.load(self.model_dir) if Tokenizer.present(self.model_dir) else None
+        self.tokenizer = (
+            Tokenizer.load(self.model_dir) if Tokenizer.present(self.model_dir) else None
+        )
         self.generation_defaults = self._generation_defaults()
         self.eos_token_ids = self._eos_ids()
         self.model = Transformer(self.cfg, weights, self.backend)
-        if self.backend.device_memory and self.n_blocks is None:     # GPU: from a measured warm-up
+        if self.backend.device_memory and self.n_blocks is None:  # GPU: from a measured warm-up
             full = self.kv_spec(self.cfg, max_batch)
-            working = memory.measure_working(self.backend, self.model, full, prefill_chunk, max_batch)
-            self.n_blocks = memory.gpu_pool_blocks(self.backend, full, working,
-                                                   self._graph_bytes(self.cfg, max_batch))
-        self.engine = Engine(self.model, self.tokenizer, self.backend, self.eos_token_ids,
-                             self.kv_spec(self.cfg, max_batch, self.n_blocks), max_batch=max_batch,
-                             prefill_chunk=prefill_chunk, prefix_caching=bool(enable_prefix_caching))
+            working = memory.measure_working(
+                self.backend, self.model, full, prefill_chunk, max_batch
+            )
+            self.n_blocks = memory.gpu_pool_blocks(
+                self.backend, full, working, self._graph_bytes(self.cfg, max_batch)
+            )
+        self.engine = Engine(
+            self.model,
+            self.tokenizer,
+            self.backend,
+            self.eos_token_ids,
+            self.kv_spec(self.cfg, max_batch, self.n_blocks),
+            max_batch=max_batch,
+            prefill_chunk=prefill_chunk,
+            prefix_caching=bool(enable_prefix_caching),
+        )
 
     # ---- setup ---------------------------------------------------------------------
     def kv_spec(self, cfg: ModelConfig, max_batch: int, n_blocks: int | None = None):
         from .kv_cache import KVCacheSpec
-        return KVCacheSpec.for_model(cfg, self.kv_dtype, self.max_seq_len, max_batch, chunk=self.prefill_chunk,
-                                     block_size=self.block_size, n_blocks=n_blocks)
+
+        return KVCacheSpec.for_model(
+            cfg,
+            self.kv_dtype,
+            self.max_seq_len,
+            max_batch,
+            chunk=self.prefill_chunk,
+            block_size=self.block_size,
+            n_blocks=n_blocks,
+        )
 
     def _graph_bytes(self, cfg: ModelConfig, max_batch: int) -> int:
         """Device memory the captured decode graphs will hold (0 without graphs)."""
@@ -99,17 +140,34 @@ class LLM:
     def _check_memory(self, cfg: ModelConfig, max_batch: int):
         """Weights + KV cache + working memory must fit before anything large is allocated."""
         if self.backend.device_memory:
-            memory.check_gpu_fits(self.backend, cfg, lambda b, n: self.kv_spec(cfg, b, n), max_batch,
-                                  self.n_blocks, self.prefill_chunk, lambda b: self._graph_bytes(cfg, b))
+            memory.check_gpu_fits(
+                self.backend,
+                cfg,
+                lambda b, n: self.kv_spec(cfg, b, n),
+                max_batch,
+                self.n_blocks,
+                self.prefill_chunk,
+                lambda b: self._graph_bytes(cfg, b),
+            )
         else:
-            memory.check_host_fits(cfg, self.kv_dtype, self.max_seq_len, max_batch, self.prefill_chunk,
-                                   available_memory(), self.block_size, self.n_blocks)
+            memory.check_host_fits(
+                cfg,
+                self.kv_dtype,
+                self.max_seq_len,
+                max_batch,
+                self.prefill_chunk,
+                available_memory(),
+                self.block_size,
+                self.n_blocks,
+            )
 
     def need_tokenizer(self, what: str):
         """The tokenizer, or a TinyLLMError saying that `what` needs one."""
         if self.tokenizer is None:
-            raise TinyLLMError(f"{what} needs a tokenizer and {self.model_dir} has none (no tokenizer.json or "
-                               f"tokenizer.model.v1/v2/v3); pass token ids instead")
+            raise TinyLLMError(
+                f"{what} needs a tokenizer and {self.model_dir} has none (no tokenizer.json or "
+                f"tokenizer.model.v1/v2/v3); pass token ids instead"
+            )
         return self.tokenizer
 
     def _generation_config(self) -> JsonObject:
@@ -120,11 +178,18 @@ class LLM:
         """Sampling defaults from generation_config.json, as transformers reads them:
         without do_sample=true, generation is greedy. Every value is range-checked."""
         g = self._generation_config()
-        d = {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
-             "repetition_penalty": 1.0}
-        sampled = {"temperature": g.number("temperature", 1.0, positive=False, lo=0),
-                   "top_p": g.number("top_p", 1.0, hi=1.0),
-                   "top_k": g.int("top_k", 50, lo=0)}            # transformers' GenerationConfig defaults
+        d = {
+            "max_tokens": DEFAULT_MAX_TOKENS,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "repetition_penalty": 1.0,
+        }
+        sampled = {
+            "temperature": g.number("temperature", 1.0, positive=False, lo=0),
+            "top_p": g.number("top_p", 1.0, hi=1.0),
+            "top_k": g.int("top_k", 50, lo=0),
+        }  # transformers' GenerationConfig defaults
         if g.bool("do_sample", False):
             d.update(sampled)
         d["repetition_penalty"] = g.number("repetition_penalty", 1.0)
@@ -133,7 +198,11 @@ class LLM:
     def _eos_ids(self) -> set[int]:
         """Every EOS id from generation_config.json, config.json and the tokenizer."""
         tok_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set()
-        return set(self.cfg.eos_token_ids) | tok_ids | set(self._generation_config().token_ids("eos_token_id"))
+        return (
+            set(self.cfg.eos_token_ids)
+            | tok_ids
+            | set(self._generation_config().token_ids("eos_token_id"))
+        )
 
     # ---- API -----------------------------------------------------------------------
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -142,7 +211,9 @@ class LLM:
 
     def resolve_params(self, params: SamplingParams | None) -> SamplingParams:
         if params is not None and not isinstance(params, SamplingParams):
-            raise TinyLLMError(f"params must be a SamplingParams or None, not {type(params).__name__}")
+            raise TinyLLMError(
+                f"params must be a SamplingParams or None, not {type(params).__name__}"
+            )
         p = (params or SamplingParams()).validate().with_defaults(self.generation_defaults)
         if p.stop and self.tokenizer is None:
             self.need_tokenizer("a stop string")
@@ -157,26 +228,38 @@ class LLM:
         """One Request per prompt. `prompts` is a str, a list of token ids, or a list of those."""
         if isinstance(prompts, np.ndarray):
             prompts = prompts.tolist()
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and len(prompts)
-                                        and _is_token(prompts[0])):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and len(prompts) and _is_token(prompts[0])
+        ):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
-            raise TinyLLMError(f"prompts must be a str, a list of token ids, or a list of those; "
-                               f"got {type(prompts).__name__}" + _BYTES_HINT.get(type(prompts), ""))
+            raise TinyLLMError(
+                f"prompts must be a str, a list of token ids, or a list of those; "
+                f"got {type(prompts).__name__}" + _BYTES_HINT.get(type(prompts), "")
+            )
         plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if not all(p is None or isinstance(p, SamplingParams) for p in plist):
-            raise TinyLLMError("params must be a SamplingParams, a list of them (one per prompt), or None")
+            raise TinyLLMError(
+                "params must be a SamplingParams, a list of them (one per prompt), or None"
+            )
         if len(plist) != len(prompts):
-            raise TinyLLMError(f"{len(plist)} SamplingParams for {len(prompts)} prompts: pass one, or one per prompt")
-        return [Request(self._encode(p, i), self.resolve_params(sp), i) for i, (p, sp) in enumerate(zip(prompts, plist))]
+            raise TinyLLMError(
+                f"{len(plist)} SamplingParams for {len(prompts)} prompts: pass one, or one per prompt"
+            )
+        return [
+            Request(self._encode(p, i), self.resolve_params(sp), i)
+            for i, (p, sp) in enumerate(zip(prompts, plist))
+        ]
 
-    def generate(self, prompts, params: SamplingParams | list | None = None,
-                 progress: bool = False) -> list[Completion]:
+    def generate(
+        self, prompts, params: SamplingParams | list | None = None, progress: bool = False
+    ) -> list[Completion]:
         """Continuous-batched generation; results in input order. A prompt is a str or a
         list of token ids. A prompt that cannot run raises TinyLLMError."""
         reqs = self.requests(prompts, params)
         out: list[Completion | None] = [None] * len(reqs)
         from tqdm.auto import tqdm
+
         with tqdm(total=len(reqs), desc="generating", unit="req", disable=not progress) as bar:
             for ev in self.engine.run(reqs):
                 if ev.kind == "error":
@@ -186,13 +269,14 @@ class LLM:
                     bar.update(1)
         return out  # type: ignore[return-value]
 
-    def stream(self, prompt, params: SamplingParams | None = None,
-               result: list | None = None) -> Iterator[str]:
+    def stream(
+        self, prompt, params: SamplingParams | None = None, result: list | None = None
+    ) -> Iterator[str]:
         """Text pieces of one generation as they become certain (full blocks of K/V that an
         earlier request computed for the same leading tokens come from the prefix cache:
         chat turns). The Completion is appended to `result` when given."""
         req, ids = self.requests([prompt], params)[0], []
-        run = self.engine.run([req], added=ids.append)     # (held: closing it aborts the request)
+        run = self.engine.run([req], added=ids.append)  # (held: closing it aborts the request)
         try:
             for ev in run:
                 if ev.kind == "error":
@@ -201,9 +285,9 @@ class LLM:
                     yield ev.text
                 elif ev.kind == "finish" and result is not None:
                     result.append(ev.completion)
-        except (GeneratorExit, KeyboardInterrupt):      # stopped early: Ctrl-C here or in the consumer
+        except (GeneratorExit, KeyboardInterrupt):  # stopped early: Ctrl-C here or in the consumer
             c = self.engine.partial(ids[0]) if result is not None and ids else None
-            if c is not None:                           # what was generated so far, finish "interrupted"
+            if c is not None:  # what was generated so far, finish "interrupted"
                 result.append(c)
             raise
         finally:
@@ -212,7 +296,10 @@ class LLM:
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
         """One assistant reply to `messages` ([{"role": str, "content": str}, ...])."""
         from .tokenizer import check_messages
-        ids = self.need_tokenizer("chat").encode_chat(check_messages(messages), add_generation_prompt=True)
+
+        ids = self.need_tokenizer("chat").encode_chat(
+            check_messages(messages), add_generation_prompt=True
+        )
         return self.generate([ids], params)[0]
 
 
@@ -232,8 +319,14 @@ def _token_ids(ids, what: str) -> list[int]:
     if isinstance(ids, np.ndarray):
         ids = ids.tolist()
     if not isinstance(ids, (list, tuple)) or not all(_is_token(t) for t in ids):
-        kind = type(ids).__name__ if not isinstance(ids, (list, tuple)) else \
-            "a list holding " + ", ".join(sorted({type(t).__name__ for t in ids if not _is_token(t)}))
-        raise TinyLLMError(f"{what} must be a str or a list of integer token ids, not {kind}"
-                           + _BYTES_HINT.get(type(ids), ""))
+        kind = (
+            type(ids).__name__
+            if not isinstance(ids, (list, tuple))
+            else "a list holding "
+            + ", ".join(sorted({type(t).__name__ for t in ids if not _is_token(t)}))
+        )
+        raise TinyLLMError(
+            f"{what} must be a str or a list of integer token ids, not {kind}"
+            + _BYTES_HINT.get(type(ids), "")
+        )
     return [int(t) for t in ids]

@@ -29,14 +29,14 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator
 
 try:
     import fcntl
-except ImportError:                                 # not POSIX: outputs are not locked
+except ImportError:  # not POSIX: outputs are not locked
     fcntl = None
 
 from .errors import TinyLLMError
@@ -46,16 +46,28 @@ CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 
 # Body fields that map onto SamplingParams (OpenAI names, plus vLLM's extras).
 PARAM_FIELDS = {
-    "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
-    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-    "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop",
-    "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
+    "max_tokens": "max_tokens",
+    "max_completion_tokens": "max_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "repetition_penalty": "repetition_penalty",
+    "seed": "seed",
+    "stop": "stop",
+    "ignore_eos": "ignore_eos",
+    "stop_token_ids": "stop_token_ids",
 }
 # Accepted and ignored: they do not change what is generated.
 IGNORED_FIELDS = {"model", "user", "metadata", "store", "service_tier", "stream_options"}
 # Accepted only at their neutral value: anything else asks for a feature we do not have.
-NEUTRAL_FIELDS = {"n": 1, "stream": False, "logprobs": False, "echo": False,
-                  "frequency_penalty": 0, "presence_penalty": 0}
+NEUTRAL_FIELDS = {
+    "n": 1,
+    "stream": False,
+    "logprobs": False,
+    "echo": False,
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+}
 
 
 class LineError(Exception):
@@ -64,20 +76,22 @@ class LineError(Exception):
     def __init__(self, code: str, message: str, param: str | None = None):
         super().__init__(message)
         self.code, self.message = code, message
-        self.param = param                  # the request field at fault, when there is one
+        self.param = param  # the request field at fault, when there is one
 
 
 @dataclass
 class Item:
     """One parsed input line, not yet tokenized."""
+
     lineno: int
     custom_id: str | int
-    chat: bool                           # /v1/chat/completions (messages) or /v1/completions (prompt)
-    prompt: object                       # messages list, prompt str, or list of token ids
-    params: SamplingParams               # the request's own values; None = not given
+    chat: bool  # /v1/chat/completions (messages) or /v1/completions (prompt)
+    prompt: object  # messages list, prompt str, or list of token ids
+    params: SamplingParams  # the request's own values; None = not given
 
 
 # ---- reading input ---------------------------------------------------------------------
+
 
 def input_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw bytes) of every non-blank line, read lazily."""
@@ -97,19 +111,45 @@ def identify(raw: bytes, lineno: int, seen: set) -> tuple[tuple, dict | None, Li
     except UnicodeDecodeError:
         return line_key, None, LineError("invalid_json", f"input line {lineno} is not UTF-8 text")
     except ValueError as e:
-        return line_key, None, LineError("invalid_json", f"input line {lineno} is not valid JSON ({e})")
+        return (
+            line_key,
+            None,
+            LineError("invalid_json", f"input line {lineno} is not valid JSON ({e})"),
+        )
     if not isinstance(obj, dict):
-        return line_key, None, LineError("invalid_request", f"input line {lineno} is not a JSON object")
+        return (
+            line_key,
+            None,
+            LineError("invalid_request", f"input line {lineno} is not a JSON object"),
+        )
     cid = obj.get("custom_id", obj.get("id"))
     if cid is None or cid == "":
-        return line_key, obj, LineError("missing_custom_id",
-                                        f"input line {lineno} has no \"custom_id\" (or \"id\"): results are keyed by it")
+        return (
+            line_key,
+            obj,
+            LineError(
+                "missing_custom_id",
+                f'input line {lineno} has no "custom_id" (or "id"): results are keyed by it',
+            ),
+        )
     if isinstance(cid, bool) or not isinstance(cid, (str, int)):
-        return line_key, obj, LineError("invalid_custom_id",
-                                        f"input line {lineno}: the id must be a string or an integer, not {cid!r}")
+        return (
+            line_key,
+            obj,
+            LineError(
+                "invalid_custom_id",
+                f"input line {lineno}: the id must be a string or an integer, not {cid!r}",
+            ),
+        )
     if ("id", cid) in seen:
-        return line_key, obj, LineError("duplicate_custom_id",
-                                        f"input line {lineno}: id {cid!r} appeared on an earlier line; ids must be unique")
+        return (
+            line_key,
+            obj,
+            LineError(
+                "duplicate_custom_id",
+                f"input line {lineno}: id {cid!r} appeared on an earlier line; ids must be unique",
+            ),
+        )
     seen.add(("id", cid))
     return ("id", cid), obj, None
 
@@ -117,28 +157,32 @@ def identify(raw: bytes, lineno: int, seen: set) -> tuple[tuple, dict | None, Li
 def parse_item(obj: dict, lineno: int) -> Item:
     """Validate one request object (either form) into an Item; raises LineError."""
     cid = obj.get("custom_id", obj.get("id"))
-    if "body" in obj or "url" in obj or "method" in obj:             # OpenAI Batch form
+    if "body" in obj or "url" in obj or "method" in obj:  # OpenAI Batch form
         extra = set(obj) - {"custom_id", "id", "method", "url", "body"}
         if extra:
-            raise LineError("invalid_request", f"unknown field(s) {', '.join(sorted(extra))} next to \"body\"")
+            raise LineError(
+                "invalid_request", f'unknown field(s) {", ".join(sorted(extra))} next to "body"'
+            )
         if obj.get("method", "POST") != "POST":
             raise LineError("invalid_request", f"method must be POST, not {obj['method']!r}")
         body = obj.get("body")
         if not isinstance(body, dict):
-            raise LineError("invalid_request", "\"body\" must be a JSON object with the request")
+            raise LineError("invalid_request", '"body" must be a JSON object with the request')
         url = obj.get("url") or (CHAT_URL if "messages" in body else COMPLETIONS_URL)
         if url not in (CHAT_URL, COMPLETIONS_URL):
-            raise LineError("invalid_url", f"url {url!r} is not supported; use {CHAT_URL} or {COMPLETIONS_URL}")
+            raise LineError(
+                "invalid_url", f"url {url!r} is not supported; use {CHAT_URL} or {COMPLETIONS_URL}"
+            )
         chat = url == CHAT_URL
         need = "messages" if chat else "prompt"
         if need not in body:
-            raise LineError("missing_prompt", f"{url} needs \"{need}\" in the body")
-    else:                                                          # plain form
+            raise LineError("missing_prompt", f'{url} needs "{need}" in the body')
+    else:  # plain form
         body = {k: v for k, v in obj.items() if k not in ("id", "custom_id")}
         if "messages" in body and "prompt" in body:
-            raise LineError("invalid_request", "give either \"prompt\" or \"messages\", not both")
+            raise LineError("invalid_request", 'give either "prompt" or "messages", not both')
         if "messages" not in body and "prompt" not in body:
-            raise LineError("missing_prompt", "the request has neither \"prompt\" nor \"messages\"")
+            raise LineError("missing_prompt", 'the request has neither "prompt" nor "messages"')
         chat = "messages" in body
     prompt = check_messages(body["messages"]) if chat else check_prompt(body["prompt"])
     rest = {k: v for k, v in body.items() if k not in ("messages", "prompt")}
@@ -148,6 +192,7 @@ def parse_item(obj: dict, lineno: int) -> Item:
 def check_messages(messages) -> list[dict]:
     """OpenAI messages -> [{"role", "content": str}] (tokenizer.check_messages), as a LineError."""
     from .tokenizer import check_messages as check
+
     try:
         return check(messages)
     except TinyLLMError as e:
@@ -157,11 +202,21 @@ def check_messages(messages) -> list[dict]:
 def check_prompt(prompt):
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
         return prompt
     if isinstance(prompt, list) and prompt and all(isinstance(t, str) for t in prompt):
-        raise LineError("invalid_prompt", "one prompt per request: split a list of prompts into separate lines", "prompt")
-    raise LineError("invalid_prompt", "\"prompt\" must be a string or a non-empty list of token ids", "prompt")
+        raise LineError(
+            "invalid_prompt",
+            "one prompt per request: split a list of prompts into separate lines",
+            "prompt",
+        )
+    raise LineError(
+        "invalid_prompt", '"prompt" must be a string or a non-empty list of token ids', "prompt"
+    )
 
 
 def request_params(body: dict, extra: tuple[str, ...] = ()) -> SamplingParams:
@@ -169,7 +224,7 @@ def request_params(body: dict, extra: tuple[str, ...] = ()) -> SamplingParams:
     `extra` names fields the caller handles itself (the server's `stream`, `n`, ...): they
     are skipped here but listed among the known ones in an unknown-parameter error."""
     kw: dict = {}
-    given: dict = {}                                 # SamplingParams field -> body key
+    given: dict = {}  # SamplingParams field -> body key
     for k, v in body.items():
         if k in extra:
             continue
@@ -177,31 +232,45 @@ def request_params(body: dict, extra: tuple[str, ...] = ()) -> SamplingParams:
             if v is None:
                 continue
             name = PARAM_FIELDS[k]
-            if name in ("max_tokens", "top_k", "seed") and (isinstance(v, bool) or not isinstance(v, int)):
+            if name in ("max_tokens", "top_k", "seed") and (
+                isinstance(v, bool) or not isinstance(v, int)
+            ):
                 raise LineError("invalid_parameter", f"{k}={v!r} must be an integer", k)
             if name in ("temperature", "top_p", "repetition_penalty") and (
-                    isinstance(v, bool) or not isinstance(v, (int, float))):
+                isinstance(v, bool) or not isinstance(v, (int, float))
+            ):
                 raise LineError("invalid_parameter", f"{k}={v!r} must be a number", k)
             if name == "ignore_eos" and not isinstance(v, bool):
                 raise LineError("invalid_parameter", f"ignore_eos={v!r} must be true or false", k)
-            if name == "stop_token_ids" and not (isinstance(v, list) and all(
-                    isinstance(t, int) and not isinstance(t, bool) for t in v)):
-                raise LineError("invalid_parameter", f"stop_token_ids={v!r} must be a list of integers", k)
+            if name == "stop_token_ids" and not (
+                isinstance(v, list)
+                and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+            ):
+                raise LineError(
+                    "invalid_parameter", f"stop_token_ids={v!r} must be a list of integers", k
+                )
             if name == "top_k" and v == -1:
-                v = 0                                            # vLLM's spelling of "off"
+                v = 0  # vLLM's spelling of "off"
             if name in kw:
-                raise LineError("invalid_parameter", "give max_tokens or max_completion_tokens, not both", k)
+                raise LineError(
+                    "invalid_parameter", "give max_tokens or max_completion_tokens, not both", k
+                )
             kw[name] = v
             given[name] = k
         elif k in IGNORED_FIELDS:
             continue
         elif k in NEUTRAL_FIELDS:
             if v is not None and v != NEUTRAL_FIELDS[k]:
-                raise LineError("unsupported_parameter",
-                                f"{k}={v!r} is not supported (only {json.dumps(NEUTRAL_FIELDS[k])})", k)
+                raise LineError(
+                    "unsupported_parameter",
+                    f"{k}={v!r} is not supported (only {json.dumps(NEUTRAL_FIELDS[k])})",
+                    k,
+                )
         else:
             known = sorted(set(PARAM_FIELDS) | IGNORED_FIELDS | set(NEUTRAL_FIELDS) | set(extra))
-            raise LineError("unknown_parameter", f"unknown parameter {k!r}; known: {', '.join(known)}", k)
+            raise LineError(
+                "unknown_parameter", f"unknown parameter {k!r}; known: {', '.join(known)}", k
+            )
     try:
         return SamplingParams(**kw).validate()
     except TinyLLMError as e:
@@ -222,6 +291,7 @@ def merge_params(request: SamplingParams, defaults: SamplingParams) -> SamplingP
 
 # ---- output records --------------------------------------------------------------------
 
+
 def ok_record(item: Item, completion, model: str, created: int) -> dict:
     n_prompt, n_gen = len(completion.prompt_token_ids), len(completion.token_ids)
     choice: dict = {"index": 0}
@@ -233,18 +303,32 @@ def ok_record(item: Item, completion, model: str, created: int) -> dict:
     body = {
         "id": ("chatcmpl-" if item.chat else "cmpl-") + uuid.uuid4().hex,
         "object": "chat.completion" if item.chat else "text_completion",
-        "created": created, "model": model, "choices": [choice],
-        "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen,
-                  # prompt tokens whose K/V came from the prefix cache (whole blocks an earlier request computed)
-                  "prompt_tokens_details": {"cached_tokens": completion.cached_tokens}},
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": n_prompt,
+            "completion_tokens": n_gen,
+            "total_tokens": n_prompt + n_gen,
+            # prompt tokens whose K/V came from the prefix cache (whole blocks an earlier request computed)
+            "prompt_tokens_details": {"cached_tokens": completion.cached_tokens},
+        },
     }
-    return {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": item.custom_id,
-            "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body}, "error": None}
+    return {
+        "id": "batch_req_" + uuid.uuid4().hex,
+        "custom_id": item.custom_id,
+        "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body},
+        "error": None,
+    }
 
 
 def error_record(custom_id, lineno: int, err: LineError) -> dict:
-    return {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": custom_id, "response": None,
-            "error": {"code": err.code, "message": err.message, "line": lineno}}
+    return {
+        "id": "batch_req_" + uuid.uuid4().hex,
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": err.code, "message": err.message, "line": lineno},
+    }
 
 
 def fingerprint(obj: dict | None, raw: bytes, run: str) -> str:
@@ -252,8 +336,12 @@ def fingerprint(obj: dict | None, raw: bytes, run: str) -> str:
     canonical form, or the raw line when it is not a JSON object) and the run (`run`: the
     model and the generation settings, see run_identity)."""
     if isinstance(obj, dict):
-        body = json.dumps({k: v for k, v in obj.items() if k not in ("custom_id", "id")},
-                          sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        body = json.dumps(
+            {k: v for k, v in obj.items() if k not in ("custom_id", "id")},
+            sort_keys=True,
+            ensure_ascii=False,
+            separators=(",", ":"),
+        ).encode("utf-8")
     else:
         body = raw.strip()
     return "sha256:" + hashlib.sha256(run.encode("utf-8") + b"\n" + body).hexdigest()[:32]
@@ -262,14 +350,36 @@ def fingerprint(obj: dict | None, raw: bytes, run: str) -> str:
 def run_identity(a, model_dir: Path) -> str:
     """The model (its directory, config.json bytes, and weight file names and sizes) and the
     flags that change what is generated, as one canonical string for fingerprint()."""
-    files = sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors") if p.is_file())
+    files = sorted(
+        (p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors") if p.is_file()
+    )
     cfg = model_dir / "config.json"
     cfg_hash = hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else None
-    settings = {k: getattr(a, k, None) for k in ("backend", "dtype", "kv_dtype", "max_seq_len", "max_tokens",
-                                                 "temperature", "top_p", "top_k", "repetition_penalty",
-                                                 "seed", "stop")}
-    return json.dumps({"model": str(model_dir.resolve()), "config": cfg_hash, "weights": files,
-                       "settings": settings}, sort_keys=True)
+    settings = {
+        k: getattr(a, k, None)
+        for k in (
+            "backend",
+            "dtype",
+            "kv_dtype",
+            "max_seq_len",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "repetition_penalty",
+            "seed",
+            "stop",
+        )
+    }
+    return json.dumps(
+        {
+            "model": str(model_dir.resolve()),
+            "config": cfg_hash,
+            "weights": files,
+            "settings": settings,
+        },
+        sort_keys=True,
+    )
 
 
 def record_key(rec: dict) -> tuple:
@@ -282,7 +392,7 @@ def record_key(rec: dict) -> tuple:
 
 # ---- the output file -------------------------------------------------------------------
 
-LINE_START = b'{"id": "batch_req_'                  # how every line we write begins
+LINE_START = b'{"id": "batch_req_'  # how every line we write begins
 
 
 def scan_output(path: Path, repair: bool = True) -> tuple[dict, int]:
@@ -293,24 +403,34 @@ def scan_output(path: Path, repair: bool = True) -> tuple[dict, int]:
     keys, n, keep = {}, 0, 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n") and (raw.startswith(LINE_START) or LINE_START.startswith(raw)):
-                break                               # torn: `keep` stops before it
+            if not raw.endswith(b"\n") and (
+                raw.startswith(LINE_START) or LINE_START.startswith(raw)
+            ):
+                break  # torn: `keep` stops before it
             keep += len(raw)
             if not raw.strip():
                 continue
             try:
                 rec = json.loads(raw)
-                if not isinstance(rec, dict) or "custom_id" not in rec or not {"response", "error"} <= set(rec):
+                if (
+                    not isinstance(rec, dict)
+                    or "custom_id" not in rec
+                    or not {"response", "error"} <= set(rec)
+                ):
                     raise ValueError("not a batch result")
             except ValueError:
-                raise TinyLLMError(f"{path} line {lineno} is not a batch result line; is -o the right file?") from None
+                raise TinyLLMError(
+                    f"{path} line {lineno} is not a batch result line; is -o the right file?"
+                ) from None
             keys[record_key(rec)] = rec.get("fingerprint")
             n += 1
     if repair and keep < path.stat().st_size:
         with open(path, "r+b") as f:
             f.truncate(keep)
             os.fsync(f.fileno())
-        print(f"{path}: removed an incomplete last line left by an interrupted run", file=sys.stderr)
+        print(
+            f"{path}: removed an incomplete last line left by an interrupted run", file=sys.stderr
+        )
     return keys, n
 
 
@@ -325,14 +445,16 @@ def check_not_locked(path: Path):
 
 def _lock(f, path: Path):
     """An exclusive, non-blocking lock on an open file (released when it is closed)."""
-    if fcntl is None:                                # not POSIX: no locking
+    if fcntl is None:  # not POSIX: no locking
         return
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise TinyLLMError(f"another tinyllm batch is writing {path} right now; wait for it to finish, "
-                           f"or choose another output file") from None
-    except OSError:                                  # a file system without locks (some network mounts)
+        raise TinyLLMError(
+            f"another tinyllm batch is writing {path} right now; wait for it to finish, "
+            f"or choose another output file"
+        ) from None
+    except OSError:  # a file system without locks (some network mounts)
         pass
 
 
@@ -348,21 +470,23 @@ class OutputFile:
         self.path = path
         self.written = 0
         try:
-            _lock(self.f, path)                      # held until close(): one writer per output file
+            _lock(self.f, path)  # held until close(): one writer per output file
         except TinyLLMError:
             self.f.close()
             raise
 
     def write(self, rec: dict):
         line = json.dumps(rec, ensure_ascii=False).encode("utf-8") + b"\n"
-        with ctrl_c.critical():                      # Ctrl-C lands after the line, not inside it
+        with ctrl_c.critical():  # Ctrl-C lands after the line, not inside it
             try:
                 self.f.write(line)
                 self.f.flush()
                 os.fsync(self.f.fileno())
-            except OSError as e:                    # disk full, file system gone
-                raise TinyLLMError(f"cannot write {self.path}: {e.strerror or e}; the {self.written} results "
-                                   f"written before are kept: free the space and rerun with --resume") from None
+            except OSError as e:  # disk full, file system gone
+                raise TinyLLMError(
+                    f"cannot write {self.path}: {e.strerror or e}; the {self.written} results "
+                    f"written before are kept: free the space and rerun with --resume"
+                ) from None
             self.written += 1
 
     def close(self, discard_if_empty: bool = False):
@@ -370,7 +494,7 @@ class OutputFile:
         never wrote to is removed again."""
         try:
             self.f.close()
-        except OSError:                             # the failed write was already reported
+        except OSError:  # the failed write was already reported
             pass
         if discard_if_empty and self.created and self.written == 0:
             try:
@@ -387,7 +511,7 @@ class _DeferredCtrlC:
 
     def __init__(self):
         self.depth, self.pending = 0, False
-        self.signum = signal.SIGINT                     # the last signal received (SIGINT or SIGTERM)
+        self.signum = signal.SIGINT  # the last signal received (SIGINT or SIGTERM)
 
     def handler(self, signum, frame):
         self.signum = signum
@@ -412,8 +536,10 @@ class _DeferredCtrlC:
         """Use handler() for SIGINT and SIGTERM inside the block (only possible in the main
         thread): `kill` stops a run as Ctrl-C does, with its summary."""
         try:
-            previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:                              # not the main thread: leave the signals alone
+            previous = {
+                sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)
+            }
+        except ValueError:  # not the main thread: leave the signals alone
             yield
             return
         try:
@@ -428,13 +554,14 @@ ctrl_c = _DeferredCtrlC()
 
 # ---- the run ---------------------------------------------------------------------------
 
+
 @dataclass
 class Tally:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
-    tokens: int = 0                      # generated
-    seconds: float = 0.0                 # generation wall time
+    tokens: int = 0  # generated
+    seconds: float = 0.0  # generation wall time
 
 
 def open_input(path_arg: str) -> Path:
@@ -475,9 +602,11 @@ def _changed_error(changed: list, out_path: Path) -> TinyLLMError:
     other tools may be reading; stopping loses nothing and lets the user choose."""
     shown = ", ".join(repr(k[1]) if k[0] == "id" else f"line {k[1]}" for k in changed[:8])
     more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
-    return TinyLLMError(f"--resume: {len(changed)} request(s) changed since their results in {out_path} were written "
-                        f"(request body, model or generation settings): {shown}{more}; write to a new output file, "
-                        f"or delete those lines from {out_path} and --resume again")
+    return TinyLLMError(
+        f"--resume: {len(changed)} request(s) changed since their results in {out_path} were written "
+        f"(request body, model or generation settings): {shown}{more}; write to a new output file, "
+        f"or delete those lines from {out_path} and --resume again"
+    )
 
 
 def run_batch(a) -> int:
@@ -502,21 +631,29 @@ def run_batch(a) -> int:
     run = run_identity(a, resolve(a.model).path)
     has_results = out_path.is_file() and out_path.stat().st_size > 0
     if has_results and not a.resume:
-        raise TinyLLMError(f"{out_path} already has results; pass --resume to skip the requests it holds "
-                           f"and append the rest (or choose another output file)")
+        raise TinyLLMError(
+            f"{out_path} already has results; pass --resume to skip the requests it holds "
+            f"and append the rest (or choose another output file)"
+        )
     done = scan_output(out_path, repair=False)[0] if has_results else {}
     todo, n_skip, changed = count_todo(in_path, done, run)
     unchecked = sum(1 for fp in done.values() if fp is None)
     if unchecked:
-        print(f"note: {unchecked} results in {out_path} carry no fingerprint (written by an older tinyllm); "
-              f"they are kept without checking that their requests are unchanged", file=sys.stderr)
+        print(
+            f"note: {unchecked} results in {out_path} carry no fingerprint (written by an older tinyllm); "
+            f"they are kept without checking that their requests are unchanged",
+            file=sys.stderr,
+        )
     if todo + n_skip == 0:
         raise TinyLLMError(f"{in_path} has no requests: it is empty (or only blank lines)")
     if changed:
         raise _changed_error(changed, out_path)
     quiet = a.no_progress
     if todo == 0:
-        print(f"nothing to do: all {n_skip} requests of {in_path} are already in {out_path}", file=sys.stderr)
+        print(
+            f"nothing to do: all {n_skip} requests of {in_path} are already in {out_path}",
+            file=sys.stderr,
+        )
         return 0
     try:
         llm = load_llm(a, max_batch=a.max_batch, quiet=quiet)
@@ -524,49 +661,79 @@ def run_batch(a) -> int:
         raise TinyLLMError(f"cannot load the model: {e}") from None
     out = OutputFile(out_path)
     try:
-        done, n_kept = scan_output(out_path) if out_path.stat().st_size else ({}, 0)   # now under the lock
+        done, n_kept = (
+            scan_output(out_path) if out_path.stat().st_size else ({}, 0)
+        )  # now under the lock
         todo, n_skip, changed = count_todo(in_path, done, run)
         if changed:
             raise _changed_error(changed, out_path)
         if n_skip and not quiet:
-            print(f"resuming: {n_skip} requests already in {out_path}, {todo} to go", file=sys.stderr)
+            print(
+                f"resuming: {n_skip} requests already in {out_path}, {todo} to go", file=sys.stderr
+            )
         job = BatchJob(llm, defaults, in_path, out, done, Tally(skipped=n_skip), run)
         try:
             with ctrl_c.installed():
                 job.run(todo, progress=not quiet)
         except KeyboardInterrupt:
             by = " by SIGTERM" if ctrl_c.signum == signal.SIGTERM else ""
-            print(f"\ninterrupted{by}: {out.written} results written this run, {n_kept + out.written} in {out_path}; "
-                  f"{len(job.inflight)} unfinished requests were dropped.\n"
-                  f"to continue, run the same command with --resume", file=sys.stderr)
+            print(
+                f"\ninterrupted{by}: {out.written} results written this run, {n_kept + out.written} in {out_path}; "
+                f"{len(job.inflight)} unfinished requests were dropped.\n"
+                f"to continue, run the same command with --resume",
+                file=sys.stderr,
+            )
             return 143 if ctrl_c.signum == signal.SIGTERM else 130
     finally:
         out.close(discard_if_empty=True)
     t = job.tally
     skipped = f", {t.skipped} already done" if t.skipped else ""
     failed = f" (see the error lines in {out_path})" if t.failed else ""
-    print(f"done: {t.ok} ok, {t.failed} failed{failed}{skipped}; {t.tokens} tokens generated in "
-          f"{t.seconds:.1f} s: {t.tokens / t.seconds:.1f} tokens/s, {(t.ok + t.failed) / t.seconds:.2f} requests/s",
-          file=sys.stderr)
+    print(
+        f"done: {t.ok} ok, {t.failed} failed{failed}{skipped}; {t.tokens} tokens generated in "
+        f"{t.seconds:.1f} s: {t.tokens / t.seconds:.1f} tokens/s, {(t.ok + t.failed) / t.seconds:.2f} requests/s",
+        file=sys.stderr,
+    )
     return 0
 
 
 class BatchJob:
     """One pass over the input: lines stream lazily into the engine, results stream out."""
 
-    def __init__(self, llm, defaults: SamplingParams, in_path: Path, out: OutputFile, done: dict, tally: Tally,
-                 run: str = ""):
-        self.llm, self.defaults, self.in_path, self.out, self.done = llm, defaults, in_path, out, done
+    def __init__(
+        self,
+        llm,
+        defaults: SamplingParams,
+        in_path: Path,
+        out: OutputFile,
+        done: dict,
+        tally: Tally,
+        run: str = "",
+    ):
+        self.llm, self.defaults, self.in_path, self.out, self.done = (
+            llm,
+            defaults,
+            in_path,
+            out,
+            done,
+        )
         self.tally, self.run_id = tally, run
-        self.prints: dict[int, str] = {}            # input line -> fingerprint of its request
-        self.inflight: dict[int, Item] = {}         # engine index -> item, admitted and not finished
+        self.prints: dict[int, str] = {}  # input line -> fingerprint of its request
+        self.inflight: dict[int, Item] = {}  # engine index -> item, admitted and not finished
         self.bar = None
 
     def run(self, total: int, progress: bool = True):
         from tqdm.auto import tqdm
+
         t0 = time.perf_counter()
-        with tqdm(total=total, unit="req", desc="batch", file=sys.stderr, disable=not progress,
-                  dynamic_ncols=True) as self.bar:
+        with tqdm(
+            total=total,
+            unit="req",
+            desc="batch",
+            file=sys.stderr,
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as self.bar:
             for ev in self.llm.engine.run(self.requests()):
                 if ev.kind == "text":
                     continue
@@ -575,17 +742,24 @@ class BatchJob:
                     self.fail(item.custom_id, item.lineno, LineError(ev.code, ev.error))
                     continue
                 c = ev.completion
-                self.out.write({**ok_record(item, c, self.llm.model_dir.name, int(time.time())),
-                                "fingerprint": self.prints.pop(item.lineno)})
+                self.out.write(
+                    {
+                        **ok_record(item, c, self.llm.model_dir.name, int(time.time())),
+                        "fingerprint": self.prints.pop(item.lineno),
+                    }
+                )
                 self.tally.ok += 1
                 self.tally.tokens += len(c.token_ids)
                 self.bar.update(1)
-                self.bar.set_postfix_str(f"{self.tally.tokens / (time.perf_counter() - t0):.1f} tok/s",
-                                         refresh=False)
+                self.bar.set_postfix_str(
+                    f"{self.tally.tokens / (time.perf_counter() - t0):.1f} tok/s", refresh=False
+                )
         self.tally.seconds = max(time.perf_counter() - t0, 1e-9)
 
     def fail(self, custom_id, lineno: int, err: LineError):
-        self.out.write({**error_record(custom_id, lineno, err), "fingerprint": self.prints.pop(lineno, None)})
+        self.out.write(
+            {**error_record(custom_id, lineno, err), "fingerprint": self.prints.pop(lineno, None)}
+        )
         self.tally.failed += 1
         self.bar.update(1)
 
@@ -593,6 +767,7 @@ class BatchJob:
         """Engine Requests for the lines not yet in the output, parsed and tokenized only
         when the engine has room for them; a line that cannot run becomes an error line here."""
         from .engine import Request
+
         seen: set = set()
         index = 0
         for lineno, raw in input_lines(self.in_path):
@@ -600,9 +775,14 @@ class BatchJob:
             if key in self.done:
                 continue
             self.prints[lineno] = fingerprint(obj, raw, self.run_id)
-            if err is not None:                    # only a repeated id is echoed; the rest own no id
-                self.fail(obj.get("custom_id", obj.get("id")) if err.code == "duplicate_custom_id" else None,
-                          lineno, err)
+            if err is not None:  # only a repeated id is echoed; the rest own no id
+                self.fail(
+                    obj.get("custom_id", obj.get("id"))
+                    if err.code == "duplicate_custom_id"
+                    else None,
+                    lineno,
+                    err,
+                )
                 continue
             try:
                 item = parse_item(obj, lineno)
@@ -627,7 +807,9 @@ def tokenize(llm, item: Item) -> list[int]:
         try:
             ids = llm.tokenizer.encode_chat(item.prompt, add_generation_prompt=True)
         except TinyLLMError as e:
-            raise LineError("invalid_messages", f"cannot apply the chat template: {e}", "messages") from None
+            raise LineError(
+                "invalid_messages", f"cannot apply the chat template: {e}", "messages"
+            ) from None
     elif isinstance(item.prompt, str):
         ids = llm.tokenizer.encode(item.prompt)
     else:

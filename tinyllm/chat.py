@@ -15,7 +15,7 @@ import os
 import re
 import select
 import sys
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import TinyLLMError
 from .sampling import SamplingParams
@@ -50,8 +50,12 @@ PLAIN_USER, PLAIN_ASSISTANT = "User: ", "Assistant:"
 
 # /set keys, and the spellings other tools (ollama, HF) use for some of them.
 SET_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_tokens", "stop")
-SET_ALIASES = {"temp": "temperature", "repeat_penalty": "repetition_penalty",
-               "num_predict": "max_tokens", "max_new_tokens": "max_tokens"}
+SET_ALIASES = {
+    "temp": "temperature",
+    "repeat_penalty": "repetition_penalty",
+    "num_predict": "max_tokens",
+    "max_new_tokens": "max_tokens",
+}
 
 
 class Quit(Exception):
@@ -59,6 +63,7 @@ class Quit(Exception):
 
 
 # ---- /set parsing ----------------------------------------------------------------------
+
 
 def _number(key: str, text: str, kind: type):
     try:
@@ -89,10 +94,12 @@ def parse_set(text: str) -> dict:
             continue
         if re.match(r"^[A-Za-z_-]+=", tok):
             pairs.append(tok.split("=", 1))
-        elif pairs:                         # a space inside a value (stop strings)
+        elif pairs:  # a space inside a value (stop strings)
             pairs[-1][1] += " " + tok
         else:
-            raise TinyLLMError(f"/set expects key=value pairs (e.g. /set temperature=0.7), got {tok!r}")
+            raise TinyLLMError(
+                f"/set expects key=value pairs (e.g. /set temperature=0.7), got {tok!r}"
+            )
     out: dict = {}
     for raw_key, value in pairs:
         key = raw_key.lower().replace("-", "_")
@@ -102,7 +109,11 @@ def parse_set(text: str) -> dict:
         if value in ("", "default"):
             out[key] = DEFAULT
         elif key == "stop":
-            out[key] = [] if value == "none" else [_unescape(s.strip()) for s in value.split(",") if s.strip()]
+            out[key] = (
+                []
+                if value == "none"
+                else [_unescape(s.strip()) for s in value.split(",") if s.strip()]
+            )
         elif key == "seed":
             out[key] = None if value in ("none", "random") else _number(key, value, int)
         elif key in ("top_k", "max_tokens"):
@@ -124,6 +135,7 @@ DEFAULT = _Default()
 
 # ---- input assembly --------------------------------------------------------------------
 
+
 def read_message(read_line: Callable[[str], str], prompt: str = ">>> ", more: str = "... ") -> str:
     """One message from `read_line(prompt)` (input() in the REPL): a line; a line ending in
     a backslash continues on the next; a line starting with \"\"\" opens a block that a line
@@ -133,7 +145,7 @@ def read_message(read_line: Callable[[str], str], prompt: str = ">>> ", more: st
     head = line.lstrip()
     if head.startswith('"""'):
         rest = head[3:]
-        if rest.rstrip().endswith('"""'):                     # """one line"""
+        if rest.rstrip().endswith('"""'):  # """one line"""
             return rest.rstrip()[:-3]
         lines = [rest]
         while True:
@@ -160,12 +172,15 @@ def read_message(read_line: Callable[[str], str], prompt: str = ">>> ", more: st
 
 # ---- the session ------------------------------------------------------------------------
 
+
 def format_stats(c, max_seq_len: int) -> str:
     n_prompt, n_gen = len(c.prompt_token_ids), len(c.token_ids)
-    return (f"[prompt {n_prompt} tokens ({c.prefill_tokens} prefilled, {c.cached_tokens} from the prefix cache), "
-            f"generated {n_gen} tokens, first token {c.time_to_first_token:.2f} s, "
-            f"{c.decode_tokens_per_s:.1f} tokens/s, context {n_prompt + n_gen}/{max_seq_len}, "
-            f"finish: {c.finish_reason}]")
+    return (
+        f"[prompt {n_prompt} tokens ({c.prefill_tokens} prefilled, {c.cached_tokens} from the prefix cache), "
+        f"generated {n_gen} tokens, first token {c.time_to_first_token:.2f} s, "
+        f"{c.decode_tokens_per_s:.1f} tokens/s, context {n_prompt + n_gen}/{max_seq_len}, "
+        f"finish: {c.finish_reason}]"
+    )
 
 
 def _stderr(msg: str):
@@ -178,17 +193,22 @@ class ChatSession:
     settings. A turn's prompt repeats the conversation so far, whose full KV blocks the
     engine still has in its prefix cache: it prefills only what follows them."""
 
-    def __init__(self, llm, params: SamplingParams | None = None, system: str | None = None,
-                 notify: Callable[[str], None] = _stderr):
+    def __init__(
+        self,
+        llm,
+        params: SamplingParams | None = None,
+        system: str | None = None,
+        notify: Callable[[str], None] = _stderr,
+    ):
         self.llm = llm
         self.tok = llm.tokenizer
         self.base_params = params or SamplingParams()
-        self.overrides: dict = {}             # from /set
+        self.overrides: dict = {}  # from /set
         self.system = system or None
         self.turns: list[tuple[str, str]] = []  # (user, assistant), oldest first
         self.notify = notify
-        self.fold_system = False              # the template rejects a system role
-        self.last = None                      # Completion of the last finished reply
+        self.fold_system = False  # the template rejects a system role
+        self.last = None  # Completion of the last finished reply
         self.last_interrupted = False
         self.templated = bool(getattr(self.tok, "has_chat_template", False))
 
@@ -196,7 +216,7 @@ class ChatSession:
     def params(self) -> SamplingParams:
         """CLI params with the /set overrides applied (None fields: model defaults)."""
         p = SamplingParams(**{**vars(self.base_params), **self.overrides})
-        if not self.templated:                # the plain transcript ends a reply at the next "User:"
+        if not self.templated:  # the plain transcript ends a reply at the next "User:"
             p.stop = list(p.stop or []) + ["\n" + PLAIN_USER.strip()]
         return p
 
@@ -210,9 +230,11 @@ class ChatSession:
             else:
                 new[k] = v
         candidate = SamplingParams(**{**vars(self.base_params), **new})
-        self.llm.resolve_params(candidate)    # validates; raises TinyLLMError on a bad value
+        self.llm.resolve_params(candidate)  # validates; raises TinyLLMError on a bad value
         self.overrides = new
-        return "set " + ", ".join(f"{k}={'default' if v is DEFAULT else _show(v)}" for k, v in changes.items())
+        return "set " + ", ".join(
+            f"{k}={'default' if v is DEFAULT else _show(v)}" for k, v in changes.items()
+        )
 
     def describe_params(self) -> str:
         p = self.llm.resolve_params(self.params())
@@ -253,8 +275,10 @@ class ChatSession:
             except BaseException:
                 self.fold_system = False
                 raise
-            self.notify("[this model's chat template has no system role: the system prompt is "
-                        "prepended to the first user message]")
+            self.notify(
+                "[this model's chat template has no system role: the system prompt is "
+                "prepended to the first user message]"
+            )
             return ids
 
     def _plain_transcript(self, user: str, turns) -> str:
@@ -276,8 +300,10 @@ class ChatSession:
         alone = self.render(user, [])
         if len(alone) >= ctx:
             what = "your message with the system prompt" if self.system else "your message"
-            raise TinyLLMError(f"{what} is {len(alone)} tokens, the context is {ctx}: shorten it "
-                               f"or start with a larger --ctx-size")
+            raise TinyLLMError(
+                f"{what} is {len(alone)} tokens, the context is {ctx}: shorten it "
+                f"or start with a larger --ctx-size"
+            )
         reserve = self.reply_reserve()
         dropped = 0
         ids = self.render(user)
@@ -286,8 +312,10 @@ class ChatSession:
             ids = alone if dropped == len(self.turns) else self.render(user, self.turns[dropped:])
         if dropped:
             del self.turns[:dropped]
-            self.notify(f"[context full: dropped the oldest {_plural(dropped, 'turn')} "
-                        f"(user message + reply) to fit the {ctx}-token context]")
+            self.notify(
+                f"[context full: dropped the oldest {_plural(dropped, 'turn')} "
+                f"(user message + reply) to fit the {ctx}-token context]"
+            )
         room = ctx - len(ids)
         if room < reserve:
             self.notify(f"[only {_plural(room, 'token')} of context left for the reply]")
@@ -299,12 +327,12 @@ class ChatSession:
         consumer stops early (Ctrl-C), it calls `abort` with the text it showed."""
         ids = self.prepare(user)
         result: list = []
-        self._result = result                 # abort() reads an interrupted reply's numbers here
+        self._result = result  # abort() reads an interrupted reply's numbers here
         stream = self.llm.stream(ids, self.params(), result=result)
         try:
             yield from stream
         finally:
-            stream.close()                    # on an early close too, so `result` holds the partial reply
+            stream.close()  # on an early close too, so `result` holds the partial reply
         c = result[0]
         self.turns.append((user, c.text))
         self.last, self.last_interrupted = c, False
@@ -316,7 +344,9 @@ class ChatSession:
         if c is None or self.last_interrupted or c.finish_reason != "length":
             return None
         if len(c.prompt_token_ids) + len(c.token_ids) >= self.llm.max_seq_len:
-            return "[the reply stopped because the context is full; older turns are dropped next time]"
+            return (
+                "[the reply stopped because the context is full; older turns are dropped next time]"
+            )
         return f"[the reply reached max_tokens={len(c.token_ids)}; {how} for longer ones]"
 
     def abort(self, user: str, shown: str) -> str:
@@ -324,7 +354,7 @@ class ChatSession:
         forget the message too). Returns the notice to print."""
         self.last_interrupted = True
         partial = getattr(self, "_result", None)
-        if partial:                           # the interrupted reply's numbers, for /stats
+        if partial:  # the interrupted reply's numbers, for /stats
             self.last = partial[0]
         if shown:
             self.turns.append((user, shown))
@@ -334,7 +364,11 @@ class ChatSession:
     def stats(self) -> str:
         """The last reply's numbers; an interrupted reply counts up to where it stopped."""
         if self.last is None:
-            return "no reply yet" if not self.last_interrupted else "no reply yet (the last was interrupted before it began)"
+            return (
+                "no reply yet"
+                if not self.last_interrupted
+                else "no reply yet (the last was interrupted before it began)"
+            )
         return format_stats(self.last, self.llm.max_seq_len)
 
     # ---- commands ----
@@ -354,7 +388,11 @@ class ChatSession:
             return f"[conversation cleared: {_plural(n, 'turn')} forgotten{kept}]"
         if name == "/system":
             if not arg:
-                return f"system prompt: {self.system!r}" if self.system else "no system prompt (set one with /system TEXT)"
+                return (
+                    f"system prompt: {self.system!r}"
+                    if self.system
+                    else "no system prompt (set one with /system TEXT)"
+                )
             self.system = None if arg.lower() == "none" else arg
             return "[system prompt removed]" if self.system is None else "[system prompt set]"
         if name == "/set":
@@ -404,19 +442,21 @@ def _setup_readline():
             readline.write_history_file(path)
         except OSError:
             pass
+
     return save
 
 
 def _line_buffer() -> str:
     try:
         import readline
+
         return readline.get_line_buffer()
     except (ImportError, AttributeError):
         return ""
 
 
 # A line that arrives this soon after the previous one was pasted, not typed.
-PASTE_GAP = 0.02          # seconds
+PASTE_GAP = 0.02  # seconds
 
 
 def _more_pasted() -> bool:
@@ -447,7 +487,9 @@ def _stream_reply(session: ChatSession, text: str, out, tty: bool, verbose: bool
     _end_reply(session, "".join(shown), out, verbose)
 
 
-def _end_reply(session: ChatSession, reply: str, out, verbose: bool, how: str = "/set max_tokens=N"):
+def _end_reply(
+    session: ChatSession, reply: str, out, verbose: bool, how: str = "/set max_tokens=N"
+):
     out.write("\n" if not reply.endswith("\n") else "")
     out.flush()
     notice = session.finish_notice(how)
@@ -481,15 +523,18 @@ def _settings_line(session: ChatSession) -> str:
 def run_chat(args) -> int:
     """`tinyllm chat`: one answer (question argument or piped stdin), or the REPL."""
     from .options import load_llm, sampling_from_args
+
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
     params = sampling_from_args(args)
     if args.question is None and sys.stdin is None:
-        raise TinyLLMError("stdin is closed: pass a question as an argument, or pipe a message into stdin")
+        raise TinyLLMError(
+            "stdin is closed: pass a question as an argument, or pipe a message into stdin"
+        )
     interactive = args.question is None and sys.stdin.isatty()
     question = args.question
     if question is None and not interactive:
-        question = sys.stdin.read()               # like `ollama run`: all piped input is one message
+        question = sys.stdin.read()  # like `ollama run`: all piped input is one message
         if not question.strip():
             raise TinyLLMError("no input: pass a question or pipe a message into stdin")
     llm = load_llm(args)
@@ -512,19 +557,22 @@ def run_chat(args) -> int:
     _stderr(HINT)
     save_history = _setup_readline()
     tty = sys.stdout.isatty()
-    typed: list[str] = []                     # lines of the message being read
+    typed: list[str] = []  # lines of the message being read
 
     def read_line(prompt: str) -> str:
         typed.append(input(prompt))
         return typed[-1]
+
     try:
         while True:
             typed.clear()
             try:
                 text = read_message(read_line)
-                while _more_pasted():                 # a paste without bracketed-paste markers
+                while _more_pasted():  # a paste without bracketed-paste markers
                     text += "\n" + read_line("... ")
-            except KeyboardInterrupt:         # like a shell: drop what was typed; at an empty prompt, say how to quit
+            except (
+                KeyboardInterrupt
+            ):  # like a shell: drop what was typed; at an empty prompt, say how to quit
                 print()
                 if not typed and not _line_buffer():
                     _stderr(QUIT_HINT)
@@ -542,7 +590,7 @@ def run_chat(args) -> int:
                 return 0
             except TinyLLMError as e:
                 _stderr(f"error: {e}")
-            except KeyboardInterrupt:         # a second Ctrl-C while handling the first
+            except KeyboardInterrupt:  # a second Ctrl-C while handling the first
                 print()
     finally:
         if save_history:

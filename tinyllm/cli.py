@@ -18,8 +18,8 @@ from .errors import TinyLLMError
 from .memory import parse_memory
 from .options import add_model_args, add_sampling_args, load_llm, sampling_from_args
 
-
 # ---- commands ------------------------------------------------------------------------
+
 
 def cmd_generate(a) -> int:
     if a.text is not None and a.prompt is not None:
@@ -27,8 +27,10 @@ def cmd_generate(a) -> int:
     prompt = a.text if a.text is not None else a.prompt
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
-            raise TinyLLMError('no prompt: pass one (tinyllm generate "Once upon a time"), or pipe it into stdin')
-        prompt = sys.stdin.read().rstrip("\n")    # like chat: all piped input is the prompt
+            raise TinyLLMError(
+                'no prompt: pass one (tinyllm generate "Once upon a time"), or pipe it into stdin'
+            )
+        prompt = sys.stdin.read().rstrip("\n")  # like chat: all piped input is the prompt
         if not prompt.strip():
             raise TinyLLMError("no prompt: stdin was empty")
     llm = load_llm(a)
@@ -42,13 +44,17 @@ def cmd_generate(a) -> int:
     sys.stdout.flush()
     c = result[0]
     dt = time.perf_counter() - t0
-    print(f"[{len(c.prompt_token_ids)} prompt tokens, {len(c.token_ids)} generated in {dt:.2f} s, "
-          f"{c.decode_tokens_per_s:.1f} tok/s decode, finish: {c.finish_reason}]", file=sys.stderr)
+    print(
+        f"[{len(c.prompt_token_ids)} prompt tokens, {len(c.token_ids)} generated in {dt:.2f} s, "
+        f"{c.decode_tokens_per_s:.1f} tok/s decode, finish: {c.finish_reason}]",
+        file=sys.stderr,
+    )
     return 0
 
 
 def cmd_chat(a) -> int:
     from .chat import run_chat
+
     return run_chat(a)
 
 
@@ -57,17 +63,25 @@ def cmd_info(a) -> int:
     from .config import KV_DTYPE_BYTES, ModelConfig
     from .kv_cache import DEFAULT_PREFILL_CHUNK
     from .weights import checkpoint_dtype, detect_config, fmt_bytes, open_checkpoint
-    budget = parse_memory(a.memory)       # a bad size fails before the model is read
+
+    budget = parse_memory(a.memory)  # a bad size fails before the model is read
     kv_budget = parse_memory(a.kv_cache_memory) if a.kv_cache_memory is not None else None
     d = resolve_model_dir(a.model)
     cfg = detect_config(ModelConfig.load(d), open_checkpoint(d))
-    context = a.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)   # as LLM picks it
+    context = a.max_seq_len or min(
+        cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN
+    )  # as LLM picks it
     kind = {1: "MQA", cfg.n_heads: "MHA"}.get(cfg.n_kv_heads, "GQA")
     rows = [
-        ("model", str(d)), ("architecture", cfg.arch),
-        ("parameters", f"{cfg.n_params() / 1e6:.1f} M"), ("checkpoint dtype", checkpoint_dtype(d)),
+        ("model", str(d)),
+        ("architecture", cfg.arch),
+        ("parameters", f"{cfg.n_params() / 1e6:.1f} M"),
+        ("checkpoint dtype", checkpoint_dtype(d)),
         ("layers / dim / hidden", f"{cfg.n_layers} / {cfg.dim} / {cfg.hidden_dim}"),
-        ("attention", f"{kind}: {cfg.n_heads} query heads, {cfg.n_kv_heads} KV heads, head_dim {cfg.head_dim}"),
+        (
+            "attention",
+            f"{kind}: {cfg.n_heads} query heads, {cfg.n_kv_heads} KV heads, head_dim {cfg.head_dim}",
+        ),
         ("rope", f"{cfg.rope_type}, theta {cfg.rope_theta:g}"),
         ("sliding window", str(cfg.sliding_window or "none")),
         ("max context", str(cfg.max_position_embeddings)),
@@ -77,18 +91,22 @@ def cmd_info(a) -> int:
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
     from .backends import cuda_available
+
     backend = a.backend if a.backend != "auto" else ("cuda" if cuda_available() else "numpy")
     compute_bytes = 4 if backend == "numpy" else 2
     weight_bytes = cfg.n_params() * compute_bytes
     left = budget - weight_bytes
     if left <= 0:
-        print(f"\ndoes not fit: the weights alone take {fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param "
-              f"({backend}), more than the {fmt_bytes(budget)} budget (--memory)")
+        print(
+            f"\ndoes not fit: the weights alone take {fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param "
+            f"({backend}), more than the {fmt_bytes(budget)} budget (--memory)"
+        )
         return 0
     from .kv_cache import KVCacheSpec
     from .memory import host_plan, largest
+
     chunk = DEFAULT_PREFILL_CHUNK
-    if backend == "numpy":                  # the same plan the loader checks (memory.py)
+    if backend == "numpy":  # the same plan the loader checks (memory.py)
         working = f"working memory ({fmt_bytes(host_plan(cfg, 'fp32', 2, 1, chunk).runtime)} and up, growing with the context)"
         runtime = host_plan(cfg, "fp32", context, 1, chunk).runtime
 
@@ -96,13 +114,20 @@ def cmd_info(a) -> int:
             return host_plan(cfg, kv, n, 1, chunk).total <= budget
     else:
         from .memory import gpu_working_estimate
+
         runtime = gpu_working_estimate(cfg, chunk, 1)
         working = f"{fmt_bytes(runtime)} working memory (estimated; measured at load)"
 
         def fits(kv: str, n: int) -> bool:
-            return weight_bytes + runtime + KVCacheSpec.for_model(cfg, kv, n, 1, chunk=chunk).nbytes() <= budget
-    print(f"\nKV cache per token, and the longest context (one sequence) that fits in {fmt_bytes(budget)} "
-          f"next to the weights ({fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param) and {working}:")
+            return (
+                weight_bytes + runtime + KVCacheSpec.for_model(cfg, kv, n, 1, chunk=chunk).nbytes()
+                <= budget
+            )
+
+    print(
+        f"\nKV cache per token, and the longest context (one sequence) that fits in {fmt_bytes(budget)} "
+        f"next to the weights ({fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param) and {working}:"
+    )
     print(f"  {'kv dtype':<8} {'bytes/token':>12} {'MHA would need':>15}  max context")
     unbounded = 1 << 40
     for kv in KV_DTYPE_BYTES:
@@ -110,15 +135,20 @@ def cmd_info(a) -> int:
         ctx = largest(lambda n: fits(kv, n), 2, unbounded)
         if ctx < 2:
             ctx_s = "0 (does not fit: no room for a cache)"
-        elif cfg.sliding_window and ctx == unbounded:      # the rolling cache's size is bounded
+        elif cfg.sliding_window and ctx == unbounded:  # the rolling cache's size is bounded
             ctx_s = "unbounded (rolling window)"
         elif ctx > cfg.max_position_embeddings:
             ctx_s = f"{cfg.max_position_embeddings} (model max; memory allows {ctx:,})"
         else:
             ctx_s = str(ctx)
         print(f"  {kv:<8} {per:>12,} {cfg.mha_kv_bytes_per_token(kv):>15,}  {ctx_s}")
-    info_pool(cfg, kv_budget if kv_budget is not None else left - runtime, kv_budget is not None, context,
-              a.block_size)
+    info_pool(
+        cfg,
+        kv_budget if kv_budget is not None else left - runtime,
+        kv_budget is not None,
+        context,
+        a.block_size,
+    )
     return 0
 
 
@@ -129,25 +159,31 @@ def info_pool(cfg, budget: int, given: bool, ctx: int, bs: int):
     from .config import KV_DTYPE_BYTES
     from .kv_cache import KVCacheSpec
     from .weights import fmt_bytes
+
     source = "--kv-cache-memory" if given else "what --memory leaves for the cache"
     if budget <= 0:
         print(f"\nno room for a KV cache: {source} is {fmt_bytes(max(budget, 0))}")
         return
-    print(f"\nKV-cache blocks of {bs} tokens in {fmt_bytes(budget)} ({source}); a sequence of the "
-          f"{ctx}-token context takes {KVCacheSpec.for_model(cfg, 'fp32', ctx, block_size=bs).ring} blocks:")
+    print(
+        f"\nKV-cache blocks of {bs} tokens in {fmt_bytes(budget)} ({source}); a sequence of the "
+        f"{ctx}-token context takes {KVCacheSpec.for_model(cfg, 'fp32', ctx, block_size=bs).ring} blocks:"
+    )
     print(f"  {'kv dtype':<8} {'block bytes':>12} {'blocks':>12} {'tokens':>14}  full contexts")
     for kv in KV_DTYPE_BYTES:
         spec = KVCacheSpec.for_model(cfg, kv, ctx, block_size=bs)
         n = budget // spec.block_nbytes()
         print(f"  {kv:<8} {spec.block_nbytes():>12,} {n:>12,} {n * bs:>14,}  {n // spec.ring:,}")
     q8 = KVCacheSpec.for_model(cfg, "int8", ctx, block_size=bs)
-    print(f"  (int8 and fp8 blocks hold keys quantized per channel and values per token; each running "
-          f"sequence also keeps its open block of keys in float32 outside the pool: "
-          f"{fmt_bytes(q8.open_row_nbytes())} per sequence)")
+    print(
+        f"  (int8 and fp8 blocks hold keys quantized per channel and values per token; each running "
+        f"sequence also keeps its open block of keys in float32 outside the pool: "
+        f"{fmt_bytes(q8.open_row_nbytes())} per sequence)"
+    )
 
 
 def cmd_convert(a) -> int:
     from .gguf_convert import convert_gguf
+
     t0 = time.perf_counter()
     out = convert_gguf(a.gguf, a.out_dir, dtype=a.dtype, overwrite=a.overwrite)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
@@ -156,6 +192,7 @@ def cmd_convert(a) -> int:
 
 def cmd_download(a) -> int:
     from .hub import download
+
     print(download(a.name))
     return 0
 
@@ -163,11 +200,14 @@ def cmd_download(a) -> int:
 def cmd_list(a) -> int:
     from .hub import list_models
     from .weights import fmt_bytes
+
     rows = list_models()
     print(f"{'alias':<24} {'repository':<45} {'size':>10}  local")
     for r in rows:
         size = fmt_bytes(dir_size(r["path"])) if r.get("path") else "-"
-        print(f"{r['alias']:<24} {r['repo']:<45} {size:>10}  {r.get('path') or r.get('note') or '-'}")
+        print(
+            f"{r['alias']:<24} {r['repo']:<45} {size:>10}  {r.get('path') or r.get('note') or '-'}"
+        )
     return 0
 
 
@@ -185,57 +225,94 @@ def dir_size(path) -> int:
 
 def cmd_batch(a) -> int:
     from .batch import run_batch
+
     return run_batch(a)
 
 
 def cmd_serve(a) -> int:
     from .serve import run_serve
+
     return run_serve(a)
 
 
 def cmd_eval(a) -> int:
     from .evaluate import run_eval
+
     return run_eval(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tinyllm", description="Run LLaMA-family models (Llama, Mistral, Qwen2).")
+    p = argparse.ArgumentParser(
+        prog="tinyllm", description="Run LLaMA-family models (Llama, Mistral, Qwen2)."
+    )
     p.add_argument("--version", action="version", version=f"tinyllm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="continue a prompt, streaming to stdout")
     add_model_args(g)
     add_sampling_args(g)
-    g.add_argument("text", nargs="?", default=None, metavar="PROMPT",
-                   help="the text to continue (default: --prompt, else all of stdin)")
-    g.add_argument("--prompt", "-p", default=None, help="the text to continue, as an option (default: none)")
+    g.add_argument(
+        "text",
+        nargs="?",
+        default=None,
+        metavar="PROMPT",
+        help="the text to continue (default: --prompt, else all of stdin)",
+    )
+    g.add_argument(
+        "--prompt", "-p", default=None, help="the text to continue, as an option (default: none)"
+    )
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat (or one answer with a question argument)")
     add_model_args(c)
     add_sampling_args(c)
     c.add_argument("--system", default=None, help="system prompt (default: none)")
-    c.add_argument("--verbose", "-v", action="store_true", help="print stats after every reply (default: off)")
-    c.add_argument("question", nargs="?", default=None, help="answer this once and exit (default: piped stdin as one message, else interactive)")
+    c.add_argument(
+        "--verbose", "-v", action="store_true", help="print stats after every reply (default: off)"
+    )
+    c.add_argument(
+        "question",
+        nargs="?",
+        default=None,
+        help="answer this once and exit (default: piped stdin as one message, else interactive)",
+    )
     c.set_defaults(func=cmd_chat)
 
     i = sub.add_parser("info", help="architecture, parameters and KV-cache sizes")
     add_model_args(i)
-    i.add_argument("--memory", default="24GB",
-                   help="memory budget for the context estimate and, without --kv-cache-memory, for the table of "
-                        "KV tokens it holds, with a unit: 24GB, 512MB (default: 24GB)")
+    i.add_argument(
+        "--memory",
+        default="24GB",
+        help="memory budget for the context estimate and, without --kv-cache-memory, for the table of "
+        "KV tokens it holds, with a unit: 24GB, 512MB (default: 24GB)",
+    )
     i.set_defaults(func=cmd_info)
 
     cv = sub.add_parser("convert", help="convert a GGUF file into an HF-layout directory")
     cv.add_argument("gguf", help="the .gguf file to read")
-    cv.add_argument("out_dir", help="directory to write config.json, tokenizer files and model.safetensors into")
-    cv.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                    help="one dtype for every tensor (default: float32 for quantized, F16/BF16 kept)")
-    cv.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (default: refuse)")
+    cv.add_argument(
+        "out_dir", help="directory to write config.json, tokenizer files and model.safetensors into"
+    )
+    cv.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="one dtype for every tensor (default: float32 for quantized, F16/BF16 kept)",
+    )
+    cv.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty output directory (default: refuse)",
+    )
     cv.set_defaults(func=cmd_convert)
 
-    dl = sub.add_parser("download", help="fetch a model from the Hugging Face Hub into the local HF cache")
-    dl.add_argument("name", help="an alias (tinyllm list), or a repo id such as Qwen/Qwen2.5-0.5B-Instruct[@revision]")
+    dl = sub.add_parser(
+        "download", help="fetch a model from the Hugging Face Hub into the local HF cache"
+    )
+    dl.add_argument(
+        "name",
+        help="an alias (tinyllm list), or a repo id such as Qwen/Qwen2.5-0.5B-Instruct[@revision]",
+    )
     dl.set_defaults(func=cmd_download)
 
     ls = sub.add_parser("list", help="known aliases and which are present locally")
@@ -244,66 +321,132 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("batch", help="generate for every request of a JSONL file")
     add_model_args(b)
     add_sampling_args(b)
-    b.add_argument("-i", "--input", required=True,
-                   help="JSONL requests: OpenAI Batch lines (custom_id, body) or {id, prompt|messages, ...} (required)")
-    b.add_argument("-o", "--output", required=True,
-                   help="JSONL results, one line per id, appended and fsync'd as each finishes; locked while a run "
-                        "writes it (required)")
-    b.add_argument("--max-batch", type=int, default=8,
-                   help="sequences decoded together; refused before starting if it does not fit in memory (default: 8)")
-    b.add_argument("--resume", action="store_true",
-                   help="skip the requests already in the output; stops if any of them changed since (default: off, "
-                        "a non-empty output is refused)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar or model lines on stderr (default: off)")
+    b.add_argument(
+        "-i",
+        "--input",
+        required=True,
+        help="JSONL requests: OpenAI Batch lines (custom_id, body) or {id, prompt|messages, ...} (required)",
+    )
+    b.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="JSONL results, one line per id, appended and fsync'd as each finishes; locked while a run "
+        "writes it (required)",
+    )
+    b.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="sequences decoded together; refused before starting if it does not fit in memory (default: 8)",
+    )
+    b.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the requests already in the output; stops if any of them changed since (default: off, "
+        "a non-empty output is refused)",
+    )
+    b.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar or model lines on stderr (default: off)",
+    )
     b.set_defaults(func=cmd_batch)
 
-    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, completions)")
+    sv = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (chat/completions, completions)"
+    )
     add_model_args(sv)
-    sv.add_argument("--host", default="127.0.0.1",
-                    help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
-    sv.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: 8000)")
-    sv.add_argument("--max-batch", type=int, default=8,
-                    help="requests decoded together; more wait in a queue, as they do when the KV cache has no "
-                         "free blocks for them (default: 8)")
-    sv.add_argument("--api-key", default=None,
-                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TINYLLM_API_KEY, else none)")
+    sv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)",
+    )
+    sv.add_argument(
+        "--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: 8000)"
+    )
+    sv.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="requests decoded together; more wait in a queue, as they do when the KV cache has no "
+        "free blocks for them (default: 8)",
+    )
+    sv.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TINYLLM_API_KEY, else none)",
+    )
     sv.set_defaults(func=cmd_serve)
 
-    e = sub.add_parser("eval", help="perplexity and KL divergence per KV-cache dtype or study format")
-    e.add_argument("--model", "-m", default=None, help="as for the other commands (default: the embedded model)")
-    e.add_argument("--backend", default="auto", choices=["auto", "numpy", "cuda"],
-                   help="cuda (GPU) or numpy (CPU); auto picks cuda when CuPy sees a GPU (default: auto)")
-    e.add_argument("--dtype", default=None, help="compute dtype (default: bf16 on cuda, fp32 on numpy)")
-    e.add_argument("--text", default=None, help="text file to score (default: a license text on this machine)")
-    e.add_argument("--tokens", type=int, default=2048,
-                   help="tokens of the text to score (default: 2048, a few minutes on 2 cores; 4096 for the full measurement)")
-    e.add_argument("--window", type=int, default=1024, help="tokens per evaluated segment (default: 1024)")
-    e.add_argument("--kv-dtypes", default=None,
-                   help="real caches, comma-separated; each is compared with the fp32 cache on the same backend "
-                        "(default on cuda: fp32,fp16,bf16,int8,fp8; on numpy: bf16,int8,fp8 next to the study formats)")
-    e.add_argument("--kv-formats", default=None,
-                   help="study formats on the numpy backend (fake-quantized caches, tinyllm/kv_formats.py): "
-                        "fp32, bf16, int8-token, fp8-token, q8_0, fp8-vllm, int8-kivi, int8-kivi-zp, fp8-kivi, "
-                        "int8-kivi-zp-f16 and fp8-kivi-f16 (what the int8 and fp8 caches store), fp8-kivi-sym, fp8-kivi-v32 "
-                        "(default on numpy when --kv-dtypes is not given: "
-                        "int8-token,q8_0,fp8-token,fp8-vllm next to the real caches bf16,int8,fp8; the fp32 "
-                        "reference always runs)")
-    e.add_argument("--kivi-block", type=int, default=16,
-                   help="tokens per block of the KIVI formats' per-channel key scales (default: 16)")
+    e = sub.add_parser(
+        "eval", help="perplexity and KL divergence per KV-cache dtype or study format"
+    )
+    e.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="as for the other commands (default: the embedded model)",
+    )
+    e.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "numpy", "cuda"],
+        help="cuda (GPU) or numpy (CPU); auto picks cuda when CuPy sees a GPU (default: auto)",
+    )
+    e.add_argument(
+        "--dtype", default=None, help="compute dtype (default: bf16 on cuda, fp32 on numpy)"
+    )
+    e.add_argument(
+        "--text", default=None, help="text file to score (default: a license text on this machine)"
+    )
+    e.add_argument(
+        "--tokens",
+        type=int,
+        default=2048,
+        help="tokens of the text to score (default: 2048, a few minutes on 2 cores; 4096 for the full measurement)",
+    )
+    e.add_argument(
+        "--window", type=int, default=1024, help="tokens per evaluated segment (default: 1024)"
+    )
+    e.add_argument(
+        "--kv-dtypes",
+        default=None,
+        help="real caches, comma-separated; each is compared with the fp32 cache on the same backend "
+        "(default on cuda: fp32,fp16,bf16,int8,fp8; on numpy: bf16,int8,fp8 next to the study formats)",
+    )
+    e.add_argument(
+        "--kv-formats",
+        default=None,
+        help="study formats on the numpy backend (fake-quantized caches, tinyllm/kv_formats.py): "
+        "fp32, bf16, int8-token, fp8-token, q8_0, fp8-vllm, int8-kivi, int8-kivi-zp, fp8-kivi, "
+        "int8-kivi-zp-f16 and fp8-kivi-f16 (what the int8 and fp8 caches store), fp8-kivi-sym, fp8-kivi-v32 "
+        "(default on numpy when --kv-dtypes is not given: "
+        "int8-token,q8_0,fp8-token,fp8-vllm next to the real caches bf16,int8,fp8; the fp32 "
+        "reference always runs)",
+    )
+    e.add_argument(
+        "--kivi-block",
+        type=int,
+        default=16,
+        help="tokens per block of the KIVI formats' per-channel key scales (default: 16)",
+    )
     e.set_defaults(func=cmd_eval)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if sys.stderr is None:                 # started with stderr closed: nowhere to report anything
+    if sys.stderr is None:  # started with stderr closed: nowhere to report anything
         return 2
     args = build_parser().parse_args(argv)
     warnings.showwarning = _warning_line
     try:
-        if sys.stdout is None:             # Python sets it to None when fd 1 was closed at start
-            raise TinyLLMError("stdout is closed; tinyllm writes its output there: redirect it to a file "
-                               "or /dev/null instead of closing it")
+        if sys.stdout is None:  # Python sets it to None when fd 1 was closed at start
+            raise TinyLLMError(
+                "stdout is closed; tinyllm writes its output there: redirect it to a file "
+                "or /dev/null instead of closing it"
+            )
         return args.func(args)
     except TinyLLMError as e:
         print(f"tinyllm: error: {e}", file=sys.stderr)
@@ -311,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:                # the reader went away (| head): stop quietly
+    except BrokenPipeError:  # the reader went away (| head): stop quietly
         _silence_stdout()
         return 0
 

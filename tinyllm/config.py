@@ -29,24 +29,24 @@ KV_QUANTIZED = ("int8", "fp8")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str                      # "llama" | "mistral" | "qwen2"
-    vocab_size: int                # e.g. 32000 for Mistral-7B
-    dim: int                       # hidden size, e.g. 4096
-    n_layers: int                  # e.g. 32
-    n_heads: int                   # query heads, e.g. 32
-    n_kv_heads: int                # e.g. 8 for Mistral-7B (GQA); 1 is MQA; == n_heads is MHA
-    head_dim: int                  # e.g. 128; may differ from dim // n_heads (Mistral-Nemo)
-    hidden_dim: int                # SwiGLU inner size, e.g. 14336
-    norm_eps: float = 1e-5         # RMSNorm epsilon (1e-6 for Qwen2)
+    arch: str  # "llama" | "mistral" | "qwen2"
+    vocab_size: int  # e.g. 32000 for Mistral-7B
+    dim: int  # hidden size, e.g. 4096
+    n_layers: int  # e.g. 32
+    n_heads: int  # query heads, e.g. 32
+    n_kv_heads: int  # e.g. 8 for Mistral-7B (GQA); 1 is MQA; == n_heads is MHA
+    head_dim: int  # e.g. 128; may differ from dim // n_heads (Mistral-Nemo)
+    hidden_dim: int  # SwiGLU inner size, e.g. 14336
+    norm_eps: float = 1e-5  # RMSNorm epsilon (1e-6 for Qwen2)
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None   # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
     max_position_embeddings: int = 4096
     sliding_window: int | None = None  # W: query q sees keys q-W+1 .. q
-    tie_embeddings: bool = False       # lm_head reuses the embedding table
-    qkv_bias: bool = False             # Qwen2: q/k/v projections carry biases
+    tie_embeddings: bool = False  # lm_head reuses the embedding table
+    qkv_bias: bool = False  # Qwen2: q/k/v projections carry biases
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    torch_dtype: str = "float32"       # the checkpoint's dtype as declared
+    torch_dtype: str = "float32"  # the checkpoint's dtype as declared
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ---- derived sizes ------------------------------------------------------------
@@ -93,13 +93,15 @@ class ModelConfig:
 
     # ---- parsing --------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, cfg: dict | JsonObject, source: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, cfg: dict | JsonObject, source: str = "config.json") -> ModelConfig:
         """An HF config.json, every value checked for type and range (jsonfile.py)."""
         c = cfg if isinstance(cfg, JsonObject) else JsonObject(cfg, source)
         archs = c.get("architectures") or []
         if not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
             raise c.error("architectures", archs, "must be a list of class names")
-        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        arch = next(
+            (SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None
+        )
         if arch is None:
             mt = c.get("model_type")
             if mt in SUPPORTED_ARCHITECTURES.values() and not archs:
@@ -107,11 +109,13 @@ class ModelConfig:
             else:
                 name = ", ".join(archs) or _show_name(mt)
                 raise TinyLLMError(
-                    f"unsupported architecture {name}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+                    f"unsupported architecture {name}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                )
         dim, n_layers = c.int("hidden_size"), c.int("num_hidden_layers")
         vocab, hidden = c.int("vocab_size"), c.int("intermediate_size")
-        n_heads, n_kv, head_dim = _heads(c, dim, "num_attention_heads", "num_key_value_heads", "head_dim",
-                                         "hidden_size")
+        n_heads, n_kv, head_dim = _heads(
+            c, dim, "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size"
+        )
 
         # RoPE: newer transformers writes everything under `rope_parameters`.
         rp = c.object("rope_parameters")
@@ -131,49 +135,76 @@ class ModelConfig:
             window = None  # a window as long as the context never masks anything
         bos = c.token_ids("bos_token_id")
         return cls(
-            arch=arch, vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
-            n_kv_heads=n_kv, head_dim=head_dim, hidden_dim=hidden,
+            arch=arch,
+            vocab_size=vocab,
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            hidden_dim=hidden,
             norm_eps=c.number("rms_norm_eps", 1e-6 if arch == "qwen2" else 1e-5, hi=1.0),
-            rope_theta=theta, rope_scaling=scaling, max_position_embeddings=max_pos,
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=max_pos,
             sliding_window=window,
             tie_embeddings=c.bool("tie_word_embeddings", False),
             qkv_bias=c.bool("attention_bias", False),
-            bos_token_id=bos[0] if bos else None, eos_token_ids=c.token_ids("eos_token_id"),
+            bos_token_id=bos[0] if bos else None,
+            eos_token_ids=c.token_ids("eos_token_id"),
             torch_dtype=c.str("torch_dtype") or c.str("dtype") or "float32",
         )
 
     @classmethod
-    def from_mistral_params(cls, p: dict | JsonObject, vocab_size: int | None = None) -> "ModelConfig":
+    def from_mistral_params(
+        cls, p: dict | JsonObject, vocab_size: int | None = None
+    ) -> ModelConfig:
         """Mistral's native params.json. A missing rope_theta means 1e4 (v0.1 reference),
         not mistral-inference's current 1e6 default."""
         c = p if isinstance(p, JsonObject) else JsonObject(p, "params.json")
         if c.get("moe"):
-            raise TinyLLMError("mixture-of-experts params.json (Mixtral) is not supported; supported: dense Mistral")
+            raise TinyLLMError(
+                "mixture-of-experts params.json (Mixtral) is not supported; supported: dense Mistral"
+            )
         dim = c.int("dim")
         n_heads, n_kv, head_dim = _heads(c, dim, "n_heads", "n_kv_heads", "head_dim", "dim")
         max_pos = c.int("max_seq_len", None) or c.int("max_position_embeddings", 32768)
         return cls(
-            arch="mistral", vocab_size=c.int("vocab_size", vocab_size), dim=dim,
-            n_layers=c.int("n_layers"), n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
-            hidden_dim=c.int("hidden_dim"), norm_eps=c.number("norm_eps", 1e-5, hi=1.0),
-            rope_theta=c.number("rope_theta", 10000.0), max_position_embeddings=max_pos,
+            arch="mistral",
+            vocab_size=c.int("vocab_size", vocab_size),
+            dim=dim,
+            n_layers=c.int("n_layers"),
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            hidden_dim=c.int("hidden_dim"),
+            norm_eps=c.number("norm_eps", 1e-5, hi=1.0),
+            rope_theta=c.number("rope_theta", 10000.0),
+            max_position_embeddings=max_pos,
             sliding_window=c.int("sliding_window", None),
-            tie_embeddings=False, bos_token_id=1, eos_token_ids=(2,), torch_dtype="bfloat16",
+            tie_embeddings=False,
+            bos_token_id=1,
+            eos_token_ids=(2,),
+            torch_dtype="bfloat16",
         )
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "ModelConfig":
+    def load(cls, model_dir: str | Path) -> ModelConfig:
         d = Path(model_dir)
         path = d / "config.json"
         if not path.is_file():
             if (d / "params.json").is_file():
                 return cls.from_mistral_params(JsonObject.read(d / "params.json"))
-            raise TinyLLMError(f"{d} has no config.json (nor a Mistral params.json): is it a model directory?")
+            raise TinyLLMError(
+                f"{d} has no config.json (nor a Mistral params.json): is it a model directory?"
+            )
         return cls.from_hf(JsonObject.read(path))
 
 
 def _show_name(v) -> str:
-    return repr(v) if isinstance(v, str) and len(v) < 60 else ("None" if v is None else "(not a name)")
+    return (
+        repr(v) if isinstance(v, str) and len(v) < 60 else ("None" if v is None else "(not a name)")
+    )
 
 
 def _heads(c: JsonObject, dim: int, heads_key: str, kv_key: str, head_dim_key: str, dim_key: str):
@@ -182,11 +213,17 @@ def _heads(c: JsonObject, dim: int, heads_key: str, kv_key: str, head_dim_key: s
     n_heads = c.int(heads_key)
     n_kv = c.int(kv_key, n_heads)
     if n_heads % n_kv:
-        raise c.error(kv_key, n_kv, f"must divide {heads_key}={n_heads} (each KV head serves a group of query heads)")
+        raise c.error(
+            kv_key,
+            n_kv,
+            f"must divide {heads_key}={n_heads} (each KV head serves a group of query heads)",
+        )
     head_dim = c.int(head_dim_key, None)
     if head_dim is None:
         if dim % n_heads:
-            raise c.error(heads_key, n_heads, f"must divide {dim_key}={dim} when {head_dim_key} is not given")
+            raise c.error(
+                heads_key, n_heads, f"must divide {dim_key}={dim} when {head_dim_key} is not given"
+            )
         head_dim = dim // n_heads
     if head_dim % 2:
         raise c.error(head_dim_key, head_dim, "must be even (RoPE rotates pairs of dimensions)")
@@ -202,7 +239,9 @@ def _normalize_rope_scaling(s: JsonObject | None) -> dict | None:
     rtype = s.get("rope_type", s.get("type", "default"))
     if rtype not in SUPPORTED_ROPE_TYPES:
         shown = repr(rtype) if isinstance(rtype, str) and len(rtype) < 40 else "(not a name)"
-        raise TinyLLMError(f"unsupported RoPE type {shown}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        raise TinyLLMError(
+            f"unsupported RoPE type {shown}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
     if rtype == "default":
         return None
     out = {k: v for k, v in s.data.items() if k != "type"}

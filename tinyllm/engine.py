@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .errors import TinyLLMError
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCacheSpec
@@ -38,38 +38,78 @@ __all__ = ["Completion", "Engine", "Event", "Request"]
 
 
 class Engine:
-    def __init__(self, model, tokenizer, backend, eos_ids: set[int], spec: KVCacheSpec,
-                 max_batch: int = 8, prefill_chunk: int = 512, prefix_caching: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        backend,
+        eos_ids: set[int],
+        spec: KVCacheSpec,
+        max_batch: int = 8,
+        prefill_chunk: int = 512,
+        prefix_caching: bool = True,
+    ):
         self.model, self.ops, self.spec = model, backend, spec
         self.cache = self.pool = self.scheduler = self.runner = None
-        self.max_seq_len, self.max_batch, self.prefill_chunk = spec.max_seq_len, max_batch, prefill_chunk
+        self.max_seq_len, self.max_batch, self.prefill_chunk = (
+            spec.max_seq_len,
+            max_batch,
+            prefill_chunk,
+        )
         self.prefix_caching = prefix_caching
         self.output = OutputProcessor(tokenizer, eos_ids, spec.max_seq_len)
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "cached_tokens": 0,
-                      "preemptions": 0}
+        self.stats = {
+            "steps": 0,
+            "prefill_tokens": 0,
+            "decode_tokens": 0,
+            "cached_tokens": 0,
+            "preemptions": 0,
+        }
         self._lock = threading.RLock()
-        self._routes: dict[int, deque] = {}    # seq id -> the event queue of the run() that added it
-        self._pending: list[Event] = []        # events for the next step's caller (rejected prompts)
-        self._aborted: dict[int, Completion] = {}   # seq id -> its completion when aborted (partial())
+        self._routes: dict[int, deque] = {}  # seq id -> the event queue of the run() that added it
+        self._pending: list[Event] = []  # events for the next step's caller (rejected prompts)
+        self._aborted: dict[
+            int, Completion
+        ] = {}  # seq id -> its completion when aborted (partial())
 
     @property
     def max_batch(self) -> int:
         return self._max_batch
 
     @max_batch.setter
-    def max_batch(self, n: int):              # (lowered by tests and benchmarks; the spec's open
-        self._max_batch = n                   # rows bound it from above: scheduler.py)
+    def max_batch(self, n: int):  # (lowered by tests and benchmarks; the spec's open
+        self._max_batch = n  # rows bound it from above: scheduler.py)
         if self.scheduler is not None:
             self.scheduler.max_batch = n
 
     @classmethod
-    def for_model(cls, model, tokenizer, backend, eos_ids: set[int], max_seq_len: int, kv_dtype: str,
-                  max_batch: int = 8, prefill_chunk: int = 512, block_size: int = DEFAULT_BLOCK_SIZE,
-                  n_blocks: int | None = None, prefix_caching: bool = True) -> Engine:
+    def for_model(
+        cls,
+        model,
+        tokenizer,
+        backend,
+        eos_ids: set[int],
+        max_seq_len: int,
+        kv_dtype: str,
+        max_batch: int = 8,
+        prefill_chunk: int = 512,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        n_blocks: int | None = None,
+        prefix_caching: bool = True,
+    ) -> Engine:
         """An engine whose spec is built here (tools and tests; LLM hands down its plan's spec)."""
-        spec = KVCacheSpec.for_model(model.cfg, kv_dtype, max_seq_len, max_batch, chunk=prefill_chunk,
-                                     block_size=block_size, n_blocks=n_blocks)
-        return cls(model, tokenizer, backend, eos_ids, spec, max_batch, prefill_chunk, prefix_caching)
+        spec = KVCacheSpec.for_model(
+            model.cfg,
+            kv_dtype,
+            max_seq_len,
+            max_batch,
+            chunk=prefill_chunk,
+            block_size=block_size,
+            n_blocks=n_blocks,
+        )
+        return cls(
+            model, tokenizer, backend, eos_ids, spec, max_batch, prefill_chunk, prefix_caching
+        )
 
     def ensure_cache(self):
         """Allocate the KV cache and its block pool (once, at first use)."""
@@ -112,7 +152,7 @@ class Engine:
         with self._lock:
             self._routes.pop(seq_id, None)
             s = self.scheduler.abort(seq_id) if self.scheduler is not None else None
-            if s is not None:                  # what it had, for partial() (the latest few)
+            if s is not None:  # what it had, for partial() (the latest few)
                 self._aborted[seq_id] = completion(s)
                 while len(self._aborted) > 16:
                     del self._aborted[next(iter(self._aborted))]
@@ -145,7 +185,9 @@ class Engine:
             return self._route(events)
 
     # ---- steps ------------------------------------------------------------------------------
-    def run(self, requests: Iterable[Request], added: Callable[[int], None] | None = None) -> Iterator[Event]:
+    def run(
+        self, requests: Iterable[Request], added: Callable[[int], None] | None = None
+    ) -> Iterator[Event]:
         """Generate for every request; yields its text pieces as they are certain, then one
         finish (or error) event per request. Requests are pulled from the iterable only when
         the batch has room; `added(seq_id)` is told each one's id. Closing the generator
@@ -153,7 +195,7 @@ class Engine:
         pending, mine, open_ids = iter(requests), deque(), set()
         exhausted = False
 
-        def pull() -> Sequence | None:         # called by the scheduler, under the lock
+        def pull() -> Sequence | None:  # called by the scheduler, under the lock
             nonlocal exhausted
             for req in pending:
                 s = self._start(req, mine)
@@ -164,12 +206,13 @@ class Engine:
                     return s
             exhausted = True
             return None
+
         try:
             while not exhausted or open_ids or mine:
                 if not mine:
                     self.step(None if exhausted else pull)
                     if not mine and exhausted and not self.has_work():
-                        return                 # (its sequences were aborted from outside)
+                        return  # (its sequences were aborted from outside)
                 while mine:
                     ev = mine.popleft()
                     if ev.kind in ("finish", "error"):
@@ -192,13 +235,13 @@ class Engine:
         self.ensure_cache()
         events, self._pending = self._pending, []
         plan = self.scheduler.schedule(pull)
-        if plan.outgrown is not None:          # one sequence alone outgrows the pool: it ends here
+        if plan.outgrown is not None:  # one sequence alone outgrows the pool: it ends here
             events += self.output.finish_length(plan.outgrown)
         elif plan.runs:
             events += self._forward(plan.runs)
         for s in [s for s in self.scheduler.running if s.finish]:
             self.scheduler.finish(s)
-        events += self._pending                # (rejected while pulling)
+        events += self._pending  # (rejected while pulling)
         self._pending = []
         return self._route(events)
 
@@ -231,7 +274,9 @@ class Engine:
             raise TinyLLMError(bad[1])
         with self._lock:
             self.ensure_cache()
-            return self.runner.full_logits(ids, self.pool, min(self.spec.max_chunk, self.prefill_chunk))
+            return self.runner.full_logits(
+                ids, self.pool, min(self.spec.max_chunk, self.prefill_chunk)
+            )
 
     def check_prompt(self, ids: list[int], allow_full: bool = False) -> tuple[str, str] | None:
         """Why these prompt ids cannot run, as (code, message), or None (sequence.prompt_problem)."""

@@ -28,23 +28,23 @@ from .errors import TinyLLMError
 DEFAULT_TEXTS = ("GPL-3", "GPL-2", "Apache-2.0", "LGPL-2.1", "MPL-2.0", "GFDL-1.3")
 LICENSE_DIR = Path("/usr/share/common-licenses")
 REFERENCE_KV = "fp32"
-ROWS_PER_BLOCK = 256     # log-softmax in float64 a block of positions at a time (memory)
+ROWS_PER_BLOCK = 256  # log-softmax in float64 a block of positions at a time (memory)
 
 
 @dataclass
 class KVRow:
     kv_dtype: str
-    bytes_per_token: float   # K and V, all layers, with scales (and a KIVI format's open block)
-    n_scored: int            # next-token predictions scored (window - 1 per segment)
-    nll: float               # mean negative log-likelihood, nats
+    bytes_per_token: float  # K and V, all layers, with scales (and a KIVI format's open block)
+    n_scored: int  # next-token predictions scored (window - 1 per segment)
+    nll: float  # mean negative log-likelihood, nats
     ppl: float
-    ppl_delta_pct: float     # 100 * (ppl / ppl_ref - 1)
+    ppl_delta_pct: float  # 100 * (ppl / ppl_ref - 1)
     ppl_delta_se_pct: float  # its standard error from the per-token NLL differences (tokens
-                             # taken as independent, so a lower bound on the real noise)
-    kl: float                # mean KL(P_ref || P_kv), nats
+    # taken as independent, so a lower bound on the real noise)
+    kl: float  # mean KL(P_ref || P_kv), nats
     max_abs_logit_diff: float
-    top1_agree: float        # fraction of positions whose argmax equals the reference's
-    seconds: float           # prefill time for all segments with this cache
+    top1_agree: float  # fraction of positions whose argmax equals the reference's
+    seconds: float  # prefill time for all segments with this cache
 
 
 def default_text_files(min_chars: int = 0) -> list[Path]:
@@ -82,7 +82,7 @@ class _Acc:
 
     def __init__(self):
         self.nll = self.kl = 0.0
-        self.dnll = self.dnll2 = 0.0       # Σ and Σ² of per-token NLL(kv) - NLL(reference)
+        self.dnll = self.dnll2 = 0.0  # Σ and Σ² of per-token NLL(kv) - NLL(reference)
         self.n = self.agree = 0
         self.max_diff = 0.0
         self.seconds = 0.0
@@ -105,10 +105,20 @@ class _Acc:
         self.n += len(targets)
 
 
-def evaluate_kv(model_dir, text: str, n_tokens: int = 4096, window: int = 1024,
-                kv_dtypes=("fp32", "int8", "fp8"), backend: str = "numpy", dtype: str | None = None,
-                progress: bool = False, kv_formats=(), plan=None,
-                drop_unfit: bool = False, kivi_block: int = 16) -> tuple[list[KVRow], dict]:
+def evaluate_kv(
+    model_dir,
+    text: str,
+    n_tokens: int = 4096,
+    window: int = 1024,
+    kv_dtypes=("fp32", "int8", "fp8"),
+    backend: str = "numpy",
+    dtype: str | None = None,
+    progress: bool = False,
+    kv_formats=(),
+    plan=None,
+    drop_unfit: bool = False,
+    kivi_block: int = 16,
+) -> tuple[list[KVRow], dict]:
     """Perplexity and divergence from the reference cache for each kv dtype (a real cache)
     and each kv format (kv_formats.py, a fake-quantized cache on the numpy backend).
 
@@ -129,13 +139,21 @@ def evaluate_kv(model_dir, text: str, n_tokens: int = 4096, window: int = 1024,
         raise TinyLLMError(f"--window {window} is too short: a segment needs at least 2 tokens")
     if kivi_block < 1:
         raise TinyLLMError(f"--kivi-block {kivi_block}: a block holds at least 1 token")
-    llm = LLM(str(model_dir), backend=backend, dtype=dtype, kv_dtype=REFERENCE_KV, max_seq_len=window,
-              max_batch=1)
+    llm = LLM(
+        str(model_dir),
+        backend=backend,
+        dtype=dtype,
+        kv_dtype=REFERENCE_KV,
+        max_seq_len=window,
+        max_batch=1,
+    )
     kvs = list(dict.fromkeys(resolve_kv_dtype(k, llm.backend.compute_dtype) for k in kv_dtypes))
     fmts = parse_formats(kv_formats)
     if fmts and llm.backend.name != "numpy":
-        raise TinyLLMError("--kv-formats is a study on the numpy backend; add --backend numpy "
-                           "(or use --kv-dtypes for the real caches on this backend)")
+        raise TinyLLMError(
+            "--kv-formats is a study on the numpy backend; add --backend numpy "
+            "(or use --kv-dtypes for the real caches on this backend)"
+        )
     unfit = {f: why for f in fmts if (why := unfit_reason(f, llm.cfg.head_dim))}
     if unfit and not drop_unfit:
         raise TinyLLMError(next(iter(unfit.values())))
@@ -143,22 +161,44 @@ def evaluate_kv(model_dir, text: str, n_tokens: int = 4096, window: int = 1024,
     ids = llm.tokenizer.encode(text)
     n_seg = min(n_tokens, len(ids)) // window
     if n_seg == 0:
-        raise TinyLLMError(f"the text has {len(ids)} tokens, fewer than one window of {window}; "
-                           f"lower --window or pass a longer --text")
-    segments = [ids[i * window:(i + 1) * window] for i in range(n_seg)]
-    engines = {kv: Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), window, kv, max_batch=1)
-               for kv in dict.fromkeys([REFERENCE_KV] + kvs)}
-    for f in fmts:                            # keys "format:NAME" never clash with kv dtypes
+        raise TinyLLMError(
+            f"the text has {len(ids)} tokens, fewer than one window of {window}; "
+            f"lower --window or pass a longer --text"
+        )
+    segments = [ids[i * window : (i + 1) * window] for i in range(n_seg)]
+    engines = {
+        kv: Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), window, kv, max_batch=1)
+        for kv in dict.fromkeys([REFERENCE_KV] + kvs)
+    }
+    for f in fmts:  # keys "format:NAME" never clash with kv dtypes
         study = FormatBackend(FORMATS[f], kivi_block)
-        engines[f"format:{f}"] = Engine.for_model(Transformer(llm.cfg, llm.model.w, study), llm.tokenizer, study,
-                                        set(), window, REFERENCE_KV, max_batch=1)
+        engines[f"format:{f}"] = Engine.for_model(
+            Transformer(llm.cfg, llm.model.w, study),
+            llm.tokenizer,
+            study,
+            set(),
+            window,
+            REFERENCE_KV,
+            max_batch=1,
+        )
     accs = {kv: _Acc() for kv in engines}
-    info = {"model_dir": str(llm.model_dir), "backend": llm.backend.name, "text_tokens": len(ids),
-            "tokens": n_seg * window, "segments": n_seg, "window": window, "reference": REFERENCE_KV,
-            "passes": len(engines), "dropped": unfit}
+    info = {
+        "model_dir": str(llm.model_dir),
+        "backend": llm.backend.name,
+        "text_tokens": len(ids),
+        "tokens": n_seg * window,
+        "segments": n_seg,
+        "window": window,
+        "reference": REFERENCE_KV,
+        "passes": len(engines),
+        "dropped": unfit,
+    }
 
     from tqdm.auto import tqdm
-    for i, seg in enumerate(tqdm(segments, desc="segments", unit="seg", disable=not progress, file=sys.stderr)):
+
+    for i, seg in enumerate(
+        tqdm(segments, desc="segments", unit="seg", disable=not progress, file=sys.stderr)
+    ):
         targets = np.asarray(seg[1:], np.int64)
         t0 = time.perf_counter()
         ref = engines[REFERENCE_KV].logits(seg)[:-1]
@@ -172,39 +212,62 @@ def evaluate_kv(model_dir, text: str, n_tokens: int = 4096, window: int = 1024,
             t0 = time.perf_counter()
             lg = eng.logits(seg)[:-1]
             accs[kv].seconds += time.perf_counter() - t0
-            eng.cache = None                    # one candidate cache alive at a time
+            eng.cache = None  # one candidate cache alive at a time
             accs[kv].add(lg, targets, ref)
 
     ref_ppl = float(np.exp(accs[REFERENCE_KV].nll / accs[REFERENCE_KV].n))
     cfg = llm.cfg
     named = [(kv, kv, cfg.kv_bytes_per_token(kv)) for kv in kvs]
-    named += [(f"format:{f}", f, FORMATS[f].bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, window,
-                                                           kivi_block))
-              for f in fmts]
+    named += [
+        (
+            f"format:{f}",
+            f,
+            FORMATS[f].bytes_per_token(
+                cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, window, kivi_block
+            ),
+        )
+        for f in fmts
+    ]
     rows = []
     for key, name, nbytes in named:
         a = accs[key]
         nll = a.nll / a.n
         ppl = float(np.exp(nll))
         mean_d = a.dnll / a.n
-        se = np.sqrt(max(a.dnll2 / a.n - mean_d ** 2, 0.0) / max(a.n - 1, 1))
-        rows.append(KVRow(name, nbytes, a.n, nll, ppl, 100 * (ppl / ref_ppl - 1),
-                          100 * float(np.exp(mean_d) * se),
-                          a.kl / a.n, a.max_diff, a.agree / a.n, a.seconds))
+        se = np.sqrt(max(a.dnll2 / a.n - mean_d**2, 0.0) / max(a.n - 1, 1))
+        rows.append(
+            KVRow(
+                name,
+                nbytes,
+                a.n,
+                nll,
+                ppl,
+                100 * (ppl / ref_ppl - 1),
+                100 * float(np.exp(mean_d) * se),
+                a.kl / a.n,
+                a.max_diff,
+                a.agree / a.n,
+                a.seconds,
+            )
+        )
     info["reference_ppl"] = ref_ppl
     return rows, info
 
 
 def format_table(rows: list[KVRow]) -> str:
-    lines = ["| kv dtype / format | bytes/token | perplexity | Δ ppl vs fp32 (± 1 s.e.) | mean KL (nats) | max abs Δlogit | top-1 agree | time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| kv dtype / format | bytes/token | perplexity | Δ ppl vs fp32 (± 1 s.e.) | mean KL (nats) | max abs Δlogit | top-1 agree | time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r.kv_dtype} | {r.bytes_per_token:,.0f} | {r.ppl:.4f} | {r.ppl_delta_pct:+.3f}% ± {r.ppl_delta_se_pct:.3f} | "
-                     f"{r.kl:.2e} | {r.max_abs_logit_diff:.4f} | {100 * r.top1_agree:.2f}% | {r.seconds:.1f} |")
+        lines.append(
+            f"| {r.kv_dtype} | {r.bytes_per_token:,.0f} | {r.ppl:.4f} | {r.ppl_delta_pct:+.3f}% ± {r.ppl_delta_se_pct:.3f} | "
+            f"{r.kl:.2e} | {r.max_abs_logit_diff:.4f} | {100 * r.top1_agree:.2f}% | {r.seconds:.1f} |"
+        )
     return "\n".join(lines)
 
 
-DEFAULT_DTYPES = "fp32,fp16,bf16,int8,fp8"                           # real caches (any backend)
+DEFAULT_DTYPES = "fp32,fp16,bf16,int8,fp8"  # real caches (any backend)
 # On numpy: the real caches next to the anchors other runtimes ship (llama.cpp's q8_0, vLLM's
 # fp8) and our previous per-token formats, as study formats on the same tokens; the fp32
 # reference always runs (its perplexity is printed), so it is not listed.
@@ -221,6 +284,7 @@ def run_eval(a) -> int:
     on one segment, then the markdown table."""
     from .api import resolve_model_dir
     from .backends import cuda_available
+
     model_dir = resolve_model_dir(a.model)
     if a.text:
         files = [Path(a.text)]
@@ -238,28 +302,51 @@ def run_eval(a) -> int:
         on_numpy = backend == "numpy" or (backend == "auto" and not cuda_available())
         kv_formats = _names(DEFAULT_FORMATS) if on_numpy else []
         kv_dtypes = _names(DEFAULT_NUMPY_DTYPES if on_numpy else DEFAULT_DTYPES)
-    print(f"plan: {a.tokens} tokens of {', '.join(str(f) for f in files)} in segments of {a.window}, "
-          f"each prefilled from scratch; kv dtypes: {', '.join(kv_dtypes) or '-'}; "
-          f"kv formats (numpy study): {', '.join(kv_formats) or '-'}"
-          + (f" (KIVI key block {kivi_block} tokens)" if any("kivi" in f for f in kv_formats) else ""), flush=True)
+    print(
+        f"plan: {a.tokens} tokens of {', '.join(str(f) for f in files)} in segments of {a.window}, "
+        f"each prefilled from scratch; kv dtypes: {', '.join(kv_dtypes) or '-'}; "
+        f"kv formats (numpy study): {', '.join(kv_formats) or '-'}"
+        + (
+            f" (KIVI key block {kivi_block} tokens)" if any("kivi" in f for f in kv_formats) else ""
+        ),
+        flush=True,
+    )
 
     def plan(info, seconds):
         for why in info["dropped"].values():
             print(f"skipped: {why}", flush=True)
         total = seconds * info["passes"] * info["segments"]
-        print(f"estimate: {info['passes']} passes x {info['segments']} segments x {seconds:.1f} s "
-              f"(the reference's first segment) = about {total / 60:.1f} min", flush=True)
+        print(
+            f"estimate: {info['passes']} passes x {info['segments']} segments x {seconds:.1f} s "
+            f"(the reference's first segment) = about {total / 60:.1f} min",
+            flush=True,
+        )
 
     t0 = time.perf_counter()
-    rows, info = evaluate_kv(model_dir, text, a.tokens, a.window, kv_dtypes, backend=backend,
-                             dtype=getattr(a, "dtype", None), progress=True, kv_formats=kv_formats, plan=plan,
-                             drop_unfit=defaults, kivi_block=kivi_block)
+    rows, info = evaluate_kv(
+        model_dir,
+        text,
+        a.tokens,
+        a.window,
+        kv_dtypes,
+        backend=backend,
+        dtype=getattr(a, "dtype", None),
+        progress=True,
+        kv_formats=kv_formats,
+        plan=plan,
+        drop_unfit=defaults,
+        kivi_block=kivi_block,
+    )
     print(f"model: {info['model_dir']}  backend: {info['backend']}")
-    print(f"text: {', '.join(str(f) for f in files)} ({info['text_tokens']} tokens); evaluated "
-          f"{info['tokens']} tokens = {info['segments']} segments of {info['window']}, each prefilled "
-          f"from scratch; reference: kv {info['reference']} (perplexity {info['reference_ppl']:.4f})")
+    print(
+        f"text: {', '.join(str(f) for f in files)} ({info['text_tokens']} tokens); evaluated "
+        f"{info['tokens']} tokens = {info['segments']} segments of {info['window']}, each prefilled "
+        f"from scratch; reference: kv {info['reference']} (perplexity {info['reference_ppl']:.4f})"
+    )
     if info["tokens"] < a.tokens:
-        print(f"note: {a.tokens} tokens were asked for; the text gave {info['tokens']} in whole windows")
+        print(
+            f"note: {a.tokens} tokens were asked for; the text gave {info['tokens']} in whole windows"
+        )
     print()
     print(format_table(rows))
     print(f"\n[{time.perf_counter() - t0:.1f} s in all]")

@@ -30,12 +30,33 @@ from .errors import TinyLLMError
 
 # GGUF general.architecture -> the HF class we write. llama.cpp converts Mistral-7B to the
 # "llama" architecture; we recognise it by name (as transformers' GGUF loader does).
-SUPPORTED_GGUF_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_GGUF_ARCHS = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # Everything gguf.quants can dequantize that tinyllm tests (tests/test_gguf.py): the legacy
 # block formats, the K-quants that make up the usual Q*_K_M files, and the IQ4 formats.
-QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
-OUT_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", np.uint16)}
+QUANT_TYPES = (
+    "Q8_0",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "IQ4_NL",
+    "IQ4_XS",
+)
+OUT_DTYPES = {
+    "float32": ("F32", np.float32),
+    "float16": ("F16", np.float16),
+    "bfloat16": ("BF16", np.uint16),
+}
 
 # Bumped when the output of a conversion changes, so cached conversions are redone (hub.py).
 CONVERTER_VERSION = 1
@@ -45,23 +66,36 @@ PROVENANCE_FILE = "tinyllm_convert.json"
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Pre-tokenizer regexes, as the original HF tokenizer.json files of these families spell them.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # tokenizer.ggml.pre -> (how to pre-tokenize, regex). "gpt2": ByteLevel's built-in GPT-2
 # regex; "digits": each digit alone, then the GPT-2 regex (SmolLM/StarCoder tokenizers);
 # "split": a Split on the family's regex, then ByteLevel without its own regex.
 GPT2_PRE_TOKENIZERS = {
-    "default": ("gpt2", None), "gpt2": ("gpt2", None), "gpt-2": ("gpt2", None),
-    "smollm": ("digits", None), "starcoder": ("digits", None), "refact": ("digits", None),
+    "default": ("gpt2", None),
+    "gpt2": ("gpt2", None),
+    "gpt-2": ("gpt2", None),
+    "smollm": ("digits", None),
+    "starcoder": ("digits", None),
+    "refact": ("digits", None),
     "codeshell": ("digits", None),
-    "llama-bpe": ("split", _LLAMA3_SPLIT), "llama3": ("split", _LLAMA3_SPLIT),
-    "llama-v3": ("split", _LLAMA3_SPLIT), "smaug-bpe": ("split", _LLAMA3_SPLIT),
-    "qwen2": ("split", _QWEN2_SPLIT), "deepseek-r1-qwen": ("split", _QWEN2_SPLIT),
+    "llama-bpe": ("split", _LLAMA3_SPLIT),
+    "llama3": ("split", _LLAMA3_SPLIT),
+    "llama-v3": ("split", _LLAMA3_SPLIT),
+    "smaug-bpe": ("split", _LLAMA3_SPLIT),
+    "qwen2": ("split", _QWEN2_SPLIT),
+    "deepseek-r1-qwen": ("split", _QWEN2_SPLIT),
     "tekken": ("split", _TEKKEN_SPLIT),
 }
 # llama.cpp turns ignore_merges on for the Llama-3 family (a pre-token that is already a
@@ -69,22 +103,36 @@ GPT2_PRE_TOKENIZERS = {
 _IGNORE_MERGES_PRE = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe"}
 _NFC_PRE = {"qwen2", "deepseek-r1-qwen"}  # Qwen2's tokenizer.json normalizes to NFC
 # End-of-generation tokens llama.cpp stops on by their text even when no id key names them.
-_EOG_TEXTS = {"<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>",
-              "<|end|>", "<end_of_turn>", "</s>"}
+_EOG_TEXTS = {
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+}
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",   # w1
-    "ffn_up.weight": "mlp.up_proj.weight",       # w3
-    "ffn_down.weight": "mlp.down_proj.weight",   # w2
+    "ffn_gate.weight": "mlp.gate_proj.weight",  # w1
+    "ffn_up.weight": "mlp.up_proj.weight",  # w3
+    "ffn_down.weight": "mlp.down_proj.weight",  # w2
 }
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _IGNORED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.attn_rot_embd\.weight)$")
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
@@ -98,8 +146,10 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     m = _BLK.match(gguf_name)
     if m and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    raise TinyLLMError(f"unexpected tensor {gguf_name!r} in the GGUF file: only dense "
-                       f"{', '.join(SUPPORTED_GGUF_ARCHS)} models are supported")
+    raise TinyLLMError(
+        f"unexpected tensor {gguf_name!r} in the GGUF file: only dense "
+        f"{', '.join(SUPPORTED_GGUF_ARCHS)} models are supported"
+    )
 
 
 def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -114,6 +164,7 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 # ---- reading the GGUF ------------------------------------------------------------------
+
 
 class _Meta:
     """Key/value metadata with defaults; values decoded by gguf's ReaderField.contents()."""
@@ -133,7 +184,9 @@ def _open(gguf_path: Path):
     try:
         import gguf
     except ImportError:
-        raise TinyLLMError("reading GGUF files needs the gguf package: pip install 'tinyllm[gguf]'") from None
+        raise TinyLLMError(
+            "reading GGUF files needs the gguf package: pip install 'tinyllm[gguf]'"
+        ) from None
     if not gguf_path.is_file():
         raise TinyLLMError(f"{gguf_path} does not exist (expected a .gguf file)")
     try:
@@ -146,9 +199,9 @@ def _open(gguf_path: Path):
 class _Tensor:
     gguf_name: str
     hf_name: str
-    qtype: str            # GGML type name, e.g. "Q4_K"
-    shape: tuple          # HF (row-major) shape
-    out: str              # safetensors dtype: F32 | F16 | BF16
+    qtype: str  # GGML type name, e.g. "Q4_K"
+    shape: tuple  # HF (row-major) shape
+    out: str  # safetensors dtype: F32 | F16 | BF16
     reader_tensor: object
     permute_heads: int = 0  # >0: un-permute rows with this many heads
 
@@ -157,7 +210,9 @@ class _Tensor:
         return math.prod(self.shape) * (4 if self.out == "F32" else 2)
 
 
-def _plan_tensors(reader, arch: str, n_heads: int, n_kv_heads: int, dtype: str | None) -> list[_Tensor]:
+def _plan_tensors(
+    reader, arch: str, n_heads: int, n_kv_heads: int, dtype: str | None
+) -> list[_Tensor]:
     supported = set(FLOAT_TYPES) | set(QUANT_TYPES)
     plan = []
     for t in reader.tensors:
@@ -168,7 +223,8 @@ def _plan_tensors(reader, arch: str, n_heads: int, n_kv_heads: int, dtype: str |
         if qtype not in supported:
             raise TinyLLMError(
                 f"tensor {t.name} has GGUF type {qtype}, which tinyllm cannot convert; supported: "
-                f"{', '.join(FLOAT_TYPES + QUANT_TYPES)} (re-quantize the model, e.g. to Q4_K_M or Q8_0)")
+                f"{', '.join(FLOAT_TYPES + QUANT_TYPES)} (re-quantize the model, e.g. to Q4_K_M or Q8_0)"
+            )
         if dtype is not None:
             out = OUT_DTYPES[dtype][0]
         else:
@@ -184,6 +240,7 @@ def _plan_tensors(reader, arch: str, n_heads: int, n_kv_heads: int, dtype: str |
 def _tensor_values(t: _Tensor) -> np.ndarray:
     """The tensor in HF layout and its output dtype (bf16 travels as uint16 bits)."""
     import gguf
+
     rt = t.reader_tensor
     if t.qtype == "BF16":
         a = np.ascontiguousarray(rt.data).view(np.uint16).reshape(t.shape)
@@ -201,6 +258,7 @@ def _cast(a: np.ndarray, src: str, out: str) -> np.ndarray:
         if src == "BF16":
             return a
         import ml_dtypes  # round to nearest even, like torch's .to(bfloat16)
+
         return a.astype(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
     if src == "BF16":
         a = (a.astype(np.uint32) << 16).view(np.float32)
@@ -211,15 +269,22 @@ def _write_safetensors(path: Path, plan: list[_Tensor], progress: bool) -> None:
     """safetensors = u64 header length + JSON header + raw row-major bytes. Written one
     tensor at a time, so peak memory is one dequantized tensor, not the model."""
     from tqdm.auto import tqdm
+
     header: dict = {"__metadata__": {"format": "pt", "source": "gguf"}}
     offset = 0
     for t in plan:
-        header[t.hf_name] = {"dtype": t.out, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.hf_name] = {
+            "dtype": t.out,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
-    with open(path, "wb") as f, tqdm(total=len(plan), unit="tensor", desc="Converting GGUF",
-                                       disable=not progress) as bar:
+    with (
+        open(path, "wb") as f,
+        tqdm(total=len(plan), unit="tensor", desc="Converting GGUF", disable=not progress) as bar,
+    ):
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in plan:
@@ -230,6 +295,7 @@ def _write_safetensors(path: Path, plan: list[_Tensor], progress: bool) -> None:
 
 
 # ---- config ----------------------------------------------------------------------------
+
 
 def _llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int) -> dict:
     """Recover HF's llama3 rope_scaling from llama.cpp's `rope_freqs` tensor.
@@ -247,20 +313,34 @@ def _llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int) -> di
                 if high <= low:
                     continue
                 smooth = np.clip((old_ctx / wavelen - low) / (high - low), 0.0, 1.0)
-                want = np.where(wavelen < old_ctx / high, 1.0,
-                                np.where(wavelen > old_ctx / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+                want = np.where(
+                    wavelen < old_ctx / high,
+                    1.0,
+                    np.where(
+                        wavelen > old_ctx / low, factor, 1.0 / ((1 - smooth) / factor + smooth)
+                    ),
+                )
                 if np.allclose(want, factors, rtol=1e-4, atol=1e-6):
-                    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                            "high_freq_factor": high, "original_max_position_embeddings": old_ctx}
-    raise TinyLLMError("cannot recover the llama3 RoPE scaling from the GGUF's rope_freqs tensor "
-                       "(unusual parameters); convert the original HF checkpoint instead")
+                    return {
+                        "rope_type": "llama3",
+                        "factor": factor,
+                        "low_freq_factor": low,
+                        "high_freq_factor": high,
+                        "original_max_position_embeddings": old_ctx,
+                    }
+    raise TinyLLMError(
+        "cannot recover the llama3 RoPE scaling from the GGUF's rope_freqs tensor "
+        "(unusual parameters); convert the original HF checkpoint instead"
+    )
 
 
 def _hf_architecture(meta: _Meta) -> tuple[str, str]:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHS:
-        raise TinyLLMError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_GGUF_ARCHS)} "
-                           "(Llama 2/3, Mistral, Qwen2/2.5, SmolLM2, TinyLlama, ...)")
+        raise TinyLLMError(
+            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_GGUF_ARCHS)} "
+            "(Llama 2/3, Mistral, Qwen2/2.5, SmolLM2, TinyLlama, ...)"
+        )
     hf = SUPPORTED_GGUF_ARCHS[arch]
     names = " ".join(str(meta.get(k) or "") for k in ("general.name", "general.basename")).lower()
     if arch == "llama" and "mistral" in names:
@@ -299,20 +379,30 @@ def _build_config(meta: _Meta, reader, arch: str, hf_arch: str) -> dict:
     head_dim = q_rows // n_heads if q_rows else int(key("attention.key_length", dim // n_heads))
     rope_dim = key("rope.dimension_count")
     if rope_dim is not None and int(rope_dim) != head_dim:
-        raise TinyLLMError(f"partial rotary embeddings (rope dim {rope_dim} < head_dim {head_dim}) are not supported")
-    vocab = rows("token_embd.weight") or int(key("vocab_size") or len(meta.get("tokenizer.ggml.tokens")))
+        raise TinyLLMError(
+            f"partial rotary embeddings (rope dim {rope_dim} < head_dim {head_dim}) are not supported"
+        )
+    vocab = rows("token_embd.weight") or int(
+        key("vocab_size") or len(meta.get("tokenizer.ggml.tokens"))
+    )
     theta = _f32(key("rope.freq_base", 10000.0))
     scaling = None
     stype = key("rope.scaling.type")
     if stype not in (None, "none", ""):
         if stype != "linear":
-            raise TinyLLMError(f"unsupported RoPE scaling {stype!r} in the GGUF; supported: linear, llama3")
+            raise TinyLLMError(
+                f"unsupported RoPE scaling {stype!r} in the GGUF; supported: linear, llama3"
+            )
         scaling = {"rope_type": "linear", "factor": _f32(key("rope.scaling.factor"))}
     if "rope_freqs.weight" in tensors:
         import gguf
+
         t = tensors["rope_freqs.weight"]
-        scaling = _llama3_rope_scaling(gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1).astype(np.float64),
-                                       theta, head_dim)
+        scaling = _llama3_rope_scaling(
+            gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1).astype(np.float64),
+            theta,
+            head_dim,
+        )
 
     ids = _special_ids(meta)
     eos = [i for i in (ids["eos"], ids["eot"], ids["eom"]) if i is not None]
@@ -320,7 +410,11 @@ def _build_config(meta: _Meta, reader, arch: str, hf_arch: str) -> dict:
     has_bias = "blk.0.attn_q.bias" in tensors
     cfg = {
         "architectures": [hf_arch],
-        "model_type": {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}[hf_arch],
+        "model_type": {
+            "LlamaForCausalLM": "llama",
+            "MistralForCausalLM": "mistral",
+            "Qwen2ForCausalLM": "qwen2",
+        }[hf_arch],
         "hidden_size": dim,
         "intermediate_size": rows("blk.0.ffn_gate.weight") or int(key("feed_forward_length")),
         "num_hidden_layers": n_layers,
@@ -328,7 +422,9 @@ def _build_config(meta: _Meta, reader, arch: str, hf_arch: str) -> dict:
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": _f32(key("attention.layer_norm_rms_epsilon", 1e-6 if arch == "qwen2" else 1e-5)),
+        "rms_norm_eps": _f32(
+            key("attention.layer_norm_rms_epsilon", 1e-6 if arch == "qwen2" else 1e-5)
+        ),
         "rope_theta": theta,
         "rope_scaling": scaling,
         "max_position_embeddings": int(key("context_length", 4096)),
@@ -350,20 +446,37 @@ def _build_config(meta: _Meta, reader, arch: str, hf_arch: str) -> dict:
     emb = tensors.get("token_embd.weight")
     cfg["torch_dtype"] = "float32"
     if not types - set(FLOAT_TYPES) and emb is not None:
-        cfg["torch_dtype"] = {"F16": "float16", "BF16": "bfloat16"}.get(emb.tensor_type.name, "float32")
+        cfg["torch_dtype"] = {"F16": "float16", "BF16": "bfloat16"}.get(
+            emb.tensor_type.name, "float32"
+        )
     return cfg
 
 
 def _special_ids(meta: _Meta) -> dict:
-    names = {"bos": "bos_token_id", "eos": "eos_token_id", "eot": "eot_token_id", "eom": "eom_token_id",
-             "unk": "unknown_token_id", "pad": "padding_token_id"}
-    return {k: (None if meta.get(f"tokenizer.ggml.{v}") is None else int(meta.get(f"tokenizer.ggml.{v}")))
-            for k, v in names.items()}
+    names = {
+        "bos": "bos_token_id",
+        "eos": "eos_token_id",
+        "eot": "eot_token_id",
+        "eom": "eom_token_id",
+        "unk": "unknown_token_id",
+        "pad": "padding_token_id",
+    }
+    return {
+        k: (
+            None
+            if meta.get(f"tokenizer.ggml.{v}") is None
+            else int(meta.get(f"tokenizer.ggml.{v}"))
+        )
+        for k, v in names.items()
+    }
 
 
 # ---- tokenizer -------------------------------------------------------------------------
 
-def spm_merges(tokens: list[str], scores: list[float], types: list[int] | None) -> list[tuple[str, str]]:
+
+def spm_merges(
+    tokens: list[str], scores: list[float], types: list[int] | None
+) -> list[tuple[str, str]]:
     """Merges implied by a SentencePiece BPE vocabulary (GGUFs from tokenizer.model carry none).
 
     SentencePiece merges the adjacent pair whose concatenation is the best-scoring vocabulary
@@ -381,14 +494,34 @@ def spm_merges(tokens: list[str], scores: list[float], types: list[int] | None) 
         for k in range(1, len(piece)):
             left, right = piece[:k], piece[k:]
             if left in vocab and right in vocab:
-                cands.append((-float(scores[i]), -len(left), -len(right), i, vocab[left], vocab[right], left, right))
+                cands.append(
+                    (
+                        -float(scores[i]),
+                        -len(left),
+                        -len(right),
+                        i,
+                        vocab[left],
+                        vocab[right],
+                        left,
+                        right,
+                    )
+                )
     cands.sort()
     return [(c[6], c[7]) for c in cands]
 
 
 def build_tokenizer(meta: _Meta):
     """A `tokenizers.Tokenizer` equivalent to the GGUF's vocabulary, plus the add_bos flag."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
 
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -404,22 +537,39 @@ def build_tokenizer(meta: _Meta):
     if kind == "gpt2":
         pre = meta.get("tokenizer.ggml.pre") or "default"
         if pre not in GPT2_PRE_TOKENIZERS:
-            raise TinyLLMError(f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(GPT2_PRE_TOKENIZERS)}")
+            raise TinyLLMError(
+                f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(GPT2_PRE_TOKENIZERS)}"
+            )
         if merges is None:
-            raise TinyLLMError("the GGUF's byte-level BPE vocabulary has no merges (tokenizer.ggml.merges)")
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
-                                   fuse_unk=False, byte_fallback=False, ignore_merges=pre in _IGNORE_MERGES_PRE))
+            raise TinyLLMError(
+                "the GGUF's byte-level BPE vocabulary has no merges (tokenizer.ggml.merges)"
+            )
+        tok = Tokenizer(
+            models.BPE(
+                vocab=vocab,
+                merges=[tuple(m.split(" ", 1)) for m in merges],
+                fuse_unk=False,
+                byte_fallback=False,
+                ignore_merges=pre in _IGNORE_MERGES_PRE,
+            )
+        )
         how, regex = GPT2_PRE_TOKENIZERS[pre]
         if how == "gpt2":
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         elif how == "digits":
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Digits(individual_digits=True),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+                ]
+            )
         else:
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
         if pre in _NFC_PRE:
             tok.normalizer = normalizers.NFC()
         tok.decoder = decoders.ByteLevel()
@@ -436,10 +586,13 @@ def build_tokenizer(meta: _Meta):
         else:
             raise TinyLLMError("the GGUF's SentencePiece vocabulary has neither merges nor scores")
         unk = tokens[ids["unk"]] if ids["unk"] is not None else None
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
+        tok = Tokenizer(
+            models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True)
+        )
         # "first": only the start of the text gets "▁" (HF's non-legacy Llama/Mistral tokenizers)
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if add_space else "never",
-                                                     split=False)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if add_space else "never", split=False
+        )
         steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
         if add_space:
             steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -448,16 +601,28 @@ def build_tokenizer(meta: _Meta):
         default_bos = True  # llama.cpp adds BOS to SentencePiece vocabularies unless told not to
         special_types = (CONTROL, UNKNOWN)
     else:
-        raise TinyLLMError(f"unsupported GGUF tokenizer model {kind!r}; supported: gpt2 (byte-level BPE), "
-                           "llama (SentencePiece BPE)")
+        raise TinyLLMError(
+            f"unsupported GGUF tokenizer model {kind!r}; supported: gpt2 (byte-level BPE), "
+            "llama (SentencePiece BPE)"
+        )
 
     # Control tokens (<|im_start|>, <s>, [INST]) are matched whole and are special; user-defined
     # ones are matched whole but decoded like text.
     if types is not None:
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, ty in zip(tokens, types) if ty in special_types])
-        tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+        tok.add_special_tokens(
+            [
+                AddedToken(t, special=True, normalized=False)
+                for t, ty in zip(tokens, types)
+                if ty in special_types
+            ]
+        )
+        tok.add_tokens(
+            [
+                AddedToken(t, special=False, normalized=False)
+                for t, ty in zip(tokens, types)
+                if ty == USER_DEFINED
+            ]
+        )
 
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)) and ids["bos"] is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and ids["eos"] is not None
@@ -482,9 +647,12 @@ def _tokenizer_config(meta: _Meta, add_bos: bool, add_eos: bool, ctx: int) -> di
 
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": text(ids["bos"]), "eos_token": text(ids["eos"]),
-        "unk_token": text(ids["unk"]), "pad_token": text(ids["pad"]),
-        "add_bos_token": add_bos, "add_eos_token": add_eos,
+        "bos_token": text(ids["bos"]),
+        "eos_token": text(ids["eos"]),
+        "unk_token": text(ids["unk"]),
+        "pad_token": text(ids["pad"]),
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
         "clean_up_tokenization_spaces": False,
         "model_max_length": ctx,
     }
@@ -501,12 +669,21 @@ def _generation_config(meta: _Meta, config: dict) -> dict:
     types = meta.get("tokenizer.ggml.token_type") or [CONTROL] * len(tokens)
     eos = config["eos_token_id"]
     eos = list(eos) if isinstance(eos, list) else ([eos] if eos is not None else [])
-    eos += [i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL and t in _EOG_TEXTS and i not in eos]
+    eos += [
+        i
+        for i, (t, ty) in enumerate(zip(tokens, types))
+        if ty == CONTROL and t in _EOG_TEXTS and i not in eos
+    ]
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos[0] if len(eos) == 1 else eos}
     if config.get("pad_token_id") is not None:
         gen["pad_token_id"] = config["pad_token_id"]
-    for key, hf in (("temp", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
-                    ("min_p", "min_p"), ("penalty_repeat", "repetition_penalty")):
+    for key, hf in (
+        ("temp", "temperature"),
+        ("top_p", "top_p"),
+        ("top_k", "top_k"),
+        ("min_p", "min_p"),
+        ("penalty_repeat", "repetition_penalty"),
+    ):
         v = meta.get(f"general.sampling.{key}")
         if v is not None:
             gen[hf] = int(v) if hf == "top_k" else _f32(v)
@@ -517,8 +694,14 @@ def _generation_config(meta: _Meta, config: dict) -> dict:
 
 # ---- entry point -----------------------------------------------------------------------
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True,
-                 dtype: str | None = None, overwrite: bool = False) -> Path:
+
+def convert_gguf(
+    gguf_path: str | Path,
+    out_dir: str | Path,
+    progress: bool = True,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Convert a llama.cpp GGUF file into an HF-layout directory that tinyllm (and
     transformers) can load. The directory appears atomically: everything is written to a
     temporary sibling first and renamed at the end, so an interrupted conversion never
@@ -529,7 +712,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     if dtype is not None and dtype not in OUT_DTYPES:
         raise TinyLLMError(f"unknown output dtype {dtype!r}; choose one of {', '.join(OUT_DTYPES)}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise TinyLLMError(f"{out_dir} already exists and is not empty; choose another directory or delete it")
+        raise TinyLLMError(
+            f"{out_dir} already exists and is not empty; choose another directory or delete it"
+        )
     reader = _open(gguf_path)
     meta = _Meta(reader)
     arch, hf_arch = _hf_architecture(meta)
@@ -538,7 +723,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
         config["torch_dtype"] = dtype
     ModelConfig.from_hf(config)  # fail now, not after writing gigabytes, if tinyllm cannot run it
     tok, add_bos, add_eos = build_tokenizer(meta)
-    plan = _plan_tensors(reader, arch, config["num_attention_heads"], config["num_key_value_heads"], dtype)
+    plan = _plan_tensors(
+        reader, arch, config["num_attention_heads"], config["num_key_value_heads"], dtype
+    )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -549,11 +736,20 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", _generation_config(meta, config))
         tok.save(str(tmp / "tokenizer.json"))
-        _write_json(tmp / "tokenizer_config.json",
-                    _tokenizer_config(meta, add_bos, add_eos, config["max_position_embeddings"]))
+        _write_json(
+            tmp / "tokenizer_config.json",
+            _tokenizer_config(meta, add_bos, add_eos, config["max_position_embeddings"]),
+        )
         _write_safetensors(tmp / "model.safetensors", plan, progress)
-        _write_json(tmp / PROVENANCE_FILE, {"source": gguf_path.name, "source_bytes": gguf_path.stat().st_size,
-                                            "converter_version": CONVERTER_VERSION, "dtype": dtype or "auto"})
+        _write_json(
+            tmp / PROVENANCE_FILE,
+            {
+                "source": gguf_path.name,
+                "source_bytes": gguf_path.stat().st_size,
+                "converter_version": CONVERTER_VERSION,
+                "dtype": dtype or "auto",
+            },
+        )
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         os.replace(tmp, out_dir)

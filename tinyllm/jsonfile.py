@@ -45,18 +45,26 @@ def read_json_object(path: Path, what: str | None = None) -> dict:
     try:
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
-            raise TinyLLMError(f"{path}: {size:,} bytes is too large for {name} "
-                               f"(limit {MAX_JSON_BYTES // 2**20} MiB); is it the right file?")
+            raise TinyLLMError(
+                f"{path}: {size:,} bytes is too large for {name} "
+                f"(limit {MAX_JSON_BYTES // 2**20} MiB); is it the right file?"
+            )
         raw = path.read_bytes()
     except OSError as e:
         raise TinyLLMError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
     try:
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise TinyLLMError(f"{path} is not UTF-8 text, so not a valid {name}; re-download it") from None
+        raise TinyLLMError(
+            f"{path} is not UTF-8 text, so not a valid {name}; re-download it"
+        ) from None
     except (ValueError, RecursionError) as e:
-        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
-        raise TinyLLMError(f"{path} is not valid JSON{where}, so not a valid {name}; re-download it") from None
+        where = (
+            f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        )
+        raise TinyLLMError(
+            f"{path} is not valid JSON{where}, so not a valid {name}; re-download it"
+        ) from None
     if not isinstance(obj, dict):
         raise TinyLLMError(f"{path}: {name} must be a JSON object, not {_json_type(obj)}")
     return obj
@@ -92,7 +100,7 @@ class JsonObject:
         self.data, self.source = data, source
 
     @classmethod
-    def read(cls, path: Path, what: str | None = None) -> "JsonObject":
+    def read(cls, path: Path, what: str | None = None) -> JsonObject:
         return cls(read_json_object(path, what), path.name)
 
     def __contains__(self, key) -> bool:
@@ -116,21 +124,38 @@ class JsonObject:
         """An integer in [lo, hi] (a JSON null counts as absent)."""
         v, given = self._value(key, default)
         if given and not (is_int(v) and lo <= v <= hi):
-            raise self.error(key, v, f"must be an integer >= {lo}" + (f" and <= {hi:,}" if hi < MAX_SIZE else ""))
+            raise self.error(
+                key, v, f"must be an integer >= {lo}" + (f" and <= {hi:,}" if hi < MAX_SIZE else "")
+            )
         return v
 
-    def number(self, key: str, default=_REQUIRED, positive: bool = True, lo: float | None = None,
-               hi: float | None = None):
+    def number(
+        self,
+        key: str,
+        default=_REQUIRED,
+        positive: bool = True,
+        lo: float | None = None,
+        hi: float | None = None,
+    ):
         """A finite number (> 0 when positive; within [lo, hi] when given)."""
         v, given = self._value(key, default)
         if not given:
             return v
-        ok = is_number(v) and math.isfinite(v) and (not positive or v > 0) \
-            and (lo is None or v >= lo) and (hi is None or v <= hi)
+        ok = (
+            is_number(v)
+            and math.isfinite(v)
+            and (not positive or v > 0)
+            and (lo is None or v >= lo)
+            and (hi is None or v <= hi)
+        )
         if not ok:
             rng = "> 0" if positive else ""
-            rng += (" and " if rng and lo is not None else "") + (f">= {lo:g}" if lo is not None else "")
-            rng += (" and " if rng and hi is not None else "") + (f"<= {hi:g}" if hi is not None else "")
+            rng += (" and " if rng and lo is not None else "") + (
+                f">= {lo:g}" if lo is not None else ""
+            )
+            rng += (" and " if rng and hi is not None else "") + (
+                f"<= {hi:g}" if hi is not None else ""
+            )
             raise self.error(key, v, "must be a finite number" + (f" {rng}" if rng else ""))
         return float(v)
 
@@ -146,7 +171,7 @@ class JsonObject:
             raise self.error(key, v, "must be a string")
         return v
 
-    def object(self, key: str) -> "JsonObject | None":
+    def object(self, key: str) -> JsonObject | None:
         v, given = self._value(key, None)
         if not given:
             return None

@@ -85,8 +85,13 @@ from .errors import TinyLLMError
 KV_DTYPES = ("auto",) + tuple(KV_DTYPE_BYTES)
 QMAX = {"int8": 127.0, "fp8": 448.0}
 # numpy storage dtype for each kv dtype (the CUDA backend stores fp8 as raw uint8 bytes).
-NUMPY_STORAGE = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16,
-                 "int8": np.int8, "fp8": ml_dtypes.float8_e4m3fn}
+NUMPY_STORAGE = {
+    "fp32": np.float32,
+    "fp16": np.float16,
+    "bf16": ml_dtypes.bfloat16,
+    "int8": np.int8,
+    "fp8": ml_dtypes.float8_e4m3fn,
+}
 
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_BLOCK_SIZE = 16
@@ -95,16 +100,16 @@ DEFAULT_BLOCK_SIZE = 16
 @dataclass(frozen=True)
 class KVCacheSpec:
     n_layers: int
-    n_blocks: int         # blocks in the pool
-    block_size: int       # positions per block
-    ring: int             # block-table entries per sequence (R): the most blocks one sequence holds
+    n_blocks: int  # blocks in the pool
+    block_size: int  # positions per block
+    ring: int  # block-table entries per sequence (R): the most blocks one sequence holds
     n_kv_heads: int
     head_dim: int
-    kv_dtype: str         # resolved: fp32 | fp16 | bf16 | int8 | fp8
-    window: int | None    # sliding window W, or None
-    max_seq_len: int      # longest sequence (prompt + generation) accepted
-    n_open: int = 1       # open rows (int8/fp8 keys of open blocks): one per running sequence
-                          # (rows 0 .. n_open-2) and the logits row (n_open-1, see logits_row)
+    kv_dtype: str  # resolved: fp32 | fp16 | bf16 | int8 | fp8
+    window: int | None  # sliding window W, or None
+    max_seq_len: int  # longest sequence (prompt + generation) accepted
+    n_open: int = 1  # open rows (int8/fp8 keys of open blocks): one per running sequence
+    # (rows 0 .. n_open-2) and the logits row (n_open-1, see logits_row)
 
     @property
     def quantized(self) -> bool:
@@ -142,12 +147,18 @@ class KVCacheSpec:
         kv = self.n_kv_heads * self.head_dim
         b = 2 * self.block_size * kv * KV_DTYPE_BYTES[self.kv_dtype]
         if self.quantized:
-            b += self.block_size * self.n_kv_heads * 4 + 2 * kv * 2     # v scales; k scale and offset (fp16)
+            b += (
+                self.block_size * self.n_kv_heads * 4 + 2 * kv * 2
+            )  # v scales; k scale and offset (fp16)
         return self.n_layers * b
 
     def open_row_nbytes(self) -> int:
         """Bytes of one open row (int8/fp8 only): block_size float32 keys per kv head and layer."""
-        return 4 * self.n_layers * self.block_size * self.n_kv_heads * self.head_dim if self.quantized else 0
+        return (
+            4 * self.n_layers * self.block_size * self.n_kv_heads * self.head_dim
+            if self.quantized
+            else 0
+        )
 
     def open_nbytes(self) -> int:
         return self.n_open * self.open_row_nbytes()
@@ -169,21 +180,40 @@ class KVCacheSpec:
         single-sequence tools use it; the engine allocates from the pool instead)."""
         s = np.asarray(slots, np.int64)
         if len(s) and (s.max() + 1) * self.ring > self.n_blocks:
-            raise ValueError(f"slot {int(s.max())} needs {(int(s.max()) + 1) * self.ring} blocks; the pool has {self.n_blocks}")
+            raise ValueError(
+                f"slot {int(s.max())} needs {(int(s.max()) + 1) * self.ring} blocks; the pool has {self.n_blocks}"
+            )
         return (s[:, None] * self.ring + np.arange(self.ring)[None, :]).astype(np.int32)
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, kv_dtype: str, max_seq_len: int, n_seqs: int = 1,
-                  chunk: int = DEFAULT_PREFILL_CHUNK, block_size: int = DEFAULT_BLOCK_SIZE,
-                  n_blocks: int | None = None) -> "KVCacheSpec":
+    def for_model(
+        cls,
+        cfg: ModelConfig,
+        kv_dtype: str,
+        max_seq_len: int,
+        n_seqs: int = 1,
+        chunk: int = DEFAULT_PREFILL_CHUNK,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        n_blocks: int | None = None,
+    ) -> KVCacheSpec:
         """The cache of a model: n_blocks from the caller (a memory budget), or enough for
         n_seqs sequences of max_seq_len each (what fixed slots would have taken)."""
         w = cfg.sliding_window
         ring = -(-max_seq_len // block_size)
-        if w:                                  # the rolling ring: bounded by the window, not the context
+        if w:  # the rolling ring: bounded by the window, not the context
             ring = min(ring, -(-(w + chunk) // block_size) + 1)
-        return cls(cfg.n_layers, n_blocks if n_blocks is not None else n_seqs * ring, block_size, ring,
-                   cfg.n_kv_heads, cfg.head_dim, kv_dtype, w, max_seq_len, n_open=n_seqs + 1)
+        return cls(
+            cfg.n_layers,
+            n_blocks if n_blocks is not None else n_seqs * ring,
+            block_size,
+            ring,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            kv_dtype,
+            w,
+            max_seq_len,
+            n_open=n_seqs + 1,
+        )
 
 
 def layout(spec: KVCacheSpec) -> dict[str, tuple[tuple[int, ...], type | None]]:
@@ -194,8 +224,12 @@ def layout(spec: KVCacheSpec) -> dict[str, tuple[tuple[int, ...], type | None]]:
     arrays = {"k": (kv, None), "v": (kv, None)}
     if spec.quantized:
         meta = (spec.n_blocks, spec.n_kv_heads, spec.head_dim)
-        arrays.update(k_scale=(meta, np.float16), k_zero=(meta, np.float16), v_scale=(kv[:3], np.float32),
-                      k_open=((spec.n_open,) + kv[1:], np.float32))
+        arrays.update(
+            k_scale=(meta, np.float16),
+            k_zero=(meta, np.float16),
+            v_scale=(kv[:3], np.float32),
+            k_open=((spec.n_open,) + kv[1:], np.float32),
+        )
     return arrays
 
 
@@ -218,7 +252,9 @@ def closed_below(total: int, spec: KVCacheSpec) -> int:
     return total // spec.block_size * spec.block_size
 
 
-def entries(table: np.ndarray, positions: np.ndarray, spec: KVCacheSpec) -> tuple[np.ndarray, np.ndarray]:
+def entries(
+    table: np.ndarray, positions: np.ndarray, spec: KVCacheSpec
+) -> tuple[np.ndarray, np.ndarray]:
     """(block, offset) of each position through one sequence's table (R,)."""
     positions = np.asarray(positions, np.int64)
     return table[(positions // spec.block_size) % spec.ring], positions % spec.block_size
@@ -227,11 +263,11 @@ def entries(table: np.ndarray, positions: np.ndarray, spec: KVCacheSpec) -> tupl
 def _codes(y: np.ndarray, scale: np.ndarray, kv_dtype: str) -> np.ndarray:
     """y / scale clipped to ±qmax (0 where scale is 0), rounded to the storage dtype."""
     qmax = np.float32(QMAX[kv_dtype])
-    t = np.divide(y, scale, out=np.zeros_like(y), where=scale > 0)   # float32 IEEE division
+    t = np.divide(y, scale, out=np.zeros_like(y), where=scale > 0)  # float32 IEEE division
     t = np.clip(t, -qmax, qmax)
     if kv_dtype == "int8":
-        return np.rint(t).astype(np.int8)                       # rint = round half to even
-    return t.astype(ml_dtypes.float8_e4m3fn)                    # round to nearest even
+        return np.rint(t).astype(np.int8)  # rint = round half to even
+    return t.astype(ml_dtypes.float8_e4m3fn)  # round to nearest even
 
 
 def quantize(x: np.ndarray, kv_dtype: str) -> tuple[np.ndarray, np.ndarray]:

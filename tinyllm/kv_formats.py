@@ -69,8 +69,8 @@ fp8-kivi = 30*3*(64 + 8*64/16 + 68 + 4) = 15,120.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -83,7 +83,7 @@ KIVI_BLOCK = 16
 E4M3_MAX = 448.0
 Q8_0_BLOCK = 32
 
-Transform = Callable[[np.ndarray], np.ndarray]      # (..., D) float32 -> same, the values read back
+Transform = Callable[[np.ndarray], np.ndarray]  # (..., D) float32 -> same, the values read back
 
 
 def per_token(x: np.ndarray, kind: str) -> np.ndarray:
@@ -98,8 +98,9 @@ def per_group(x: np.ndarray, kind: str, group: int) -> np.ndarray:
     return per_token(y, kind).reshape(x.shape)
 
 
-def per_channel_blocks(blocks: np.ndarray, kind: str, zero_point: bool = False,
-                       fp16_meta: bool = False) -> np.ndarray:
+def per_channel_blocks(
+    blocks: np.ndarray, kind: str, zero_point: bool = False, fp16_meta: bool = False
+) -> np.ndarray:
     """blocks (nb, B, n_kv, D): one scale per (block, kv-head, channel) over the B tokens
     (kv_cache's rounding, with the token axis moved last). zero_point: first subtract each
     channel's midrange c = (max + min) / 2 over the block (stored next to the scale), so the
@@ -108,9 +109,9 @@ def per_channel_blocks(blocks: np.ndarray, kind: str, zero_point: bool = False,
     with zero_point, exactly the shipped int8/fp8 key format (kv_cache.quantize_block)."""
     if fp16_meta:
         assert zero_point, "the fp16 formats carry an offset"
-        x = blocks.transpose(1, 0, 2, 3)                               # (B, nb, n_kv, D)
+        x = blocks.transpose(1, 0, 2, 3)  # (B, nb, n_kv, D)
         return dequantize_block(*quantize_block(x, kind)).transpose(1, 0, 2, 3)
-    x = blocks.transpose(0, 2, 3, 1)                                   # (nb, n_kv, D, B)
+    x = blocks.transpose(0, 2, 3, 1)  # (nb, n_kv, D, B)
     c = np.float32(0)
     if zero_point:
         c = (x.max(-1, keepdims=True) + x.min(-1, keepdims=True)) * np.float32(0.5)
@@ -134,34 +135,37 @@ def q8_0(x: np.ndarray) -> np.ndarray:
     (ggml's SIMD paths round ties to even instead; exact ties are rare in activations.)"""
     x = np.asarray(x, np.float32)
     if x.shape[-1] % Q8_0_BLOCK:
-        raise TinyLLMError(f"kv format q8_0 needs head_dim to be a multiple of {Q8_0_BLOCK} "
-                           f"(this model's is {x.shape[-1]}); choose another --kv-formats entry")
+        raise TinyLLMError(
+            f"kv format q8_0 needs head_dim to be a multiple of {Q8_0_BLOCK} "
+            f"(this model's is {x.shape[-1]}); choose another --kv-formats entry"
+        )
     y = x.reshape(*x.shape[:-1], x.shape[-1] // Q8_0_BLOCK, Q8_0_BLOCK)
     d = np.abs(y).max(axis=-1, keepdims=True) / np.float32(127)
     inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
     t = y * inv
-    q = np.trunc(t + np.copysign(np.float32(0.5), t))               # roundf: half away from zero
+    q = np.trunc(t + np.copysign(np.float32(0.5), t))  # roundf: half away from zero
     return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
 
 
 @dataclass(frozen=True)
 class KVFormat:
     name: str
-    k: Transform | None              # per-token K transform; None: per-channel blocks (KIVI)
+    k: Transform | None  # per-token K transform; None: per-channel blocks (KIVI)
     v: Transform
-    k_bytes: Callable[[int, int], float]   # (D, B) -> bytes per (layer, kv-head, token)
-    v_bytes: Callable[[int], float]        # D -> bytes
-    k_block_kind: str = ""           # "int8" | "fp8" for KIVI keys
-    k_zero_point: bool = False       # KIVI keys: a per-channel midrange offset too
-    k_fp16_meta: bool = False        # KIVI keys: scale (and offset) in fp16, not fp32
+    k_bytes: Callable[[int, int], float]  # (D, B) -> bytes per (layer, kv-head, token)
+    v_bytes: Callable[[int], float]  # D -> bytes
+    k_block_kind: str = ""  # "int8" | "fp8" for KIVI keys
+    k_zero_point: bool = False  # KIVI keys: a per-channel midrange offset too
+    k_fp16_meta: bool = False  # KIVI keys: scale (and offset) in fp16, not fp32
     doc: str = ""
 
     @property
     def kivi(self) -> bool:
         return self.k is None
 
-    def bytes_per_token(self, n_layers: int, n_kv_heads: int, head_dim: int, context: int,
-                        block: int = KIVI_BLOCK) -> float:
+    def bytes_per_token(
+        self, n_layers: int, n_kv_heads: int, head_dim: int, context: int, block: int = KIVI_BLOCK
+    ) -> float:
         """K and V bytes per token, all layers, including scales and (KIVI) the open block of
         fp32 keys amortised over `context` tokens."""
         per = self.k_bytes(head_dim, block) + self.v_bytes(head_dim)
@@ -170,12 +174,28 @@ class KVFormat:
         return n_layers * n_kv_heads * per
 
 
-def _kivi(name: str, kind: str, v: Transform, v_bytes, doc: str, zero_point: bool = False,
-          fp16_meta: bool = False) -> KVFormat:
+def _kivi(
+    name: str,
+    kind: str,
+    v: Transform,
+    v_bytes,
+    doc: str,
+    zero_point: bool = False,
+    fp16_meta: bool = False,
+) -> KVFormat:
     # bytes of scale (and offset) per channel and block
     per_channel = (2 if zero_point else 1) * (2 if fp16_meta else 4)
-    return KVFormat(name, None, v, lambda d, b: d + per_channel * d / b, v_bytes, kind, zero_point,
-                    fp16_meta, doc)
+    return KVFormat(
+        name,
+        None,
+        v,
+        lambda d, b: d + per_channel * d / b,
+        v_bytes,
+        kind,
+        zero_point,
+        fp16_meta,
+        doc,
+    )
 
 
 def _tok(kind: str) -> Transform:
@@ -187,26 +207,64 @@ def _same(f: Transform, nbytes: Callable[[int], float]):
     return f, f, lambda d, b: nbytes(d), nbytes
 
 
-FORMATS: dict[str, KVFormat] = {f.name: f for f in (
-    KVFormat("fp32", *_same(lambda x: x, lambda d: 4 * d), doc="reference"),
-    KVFormat("bf16", *_same(bf16, lambda d: 2 * d), doc="bfloat16"),
-    KVFormat("int8-token", *_same(_tok("int8"), lambda d: d + 4), doc="the int8 cache before KIVI"),
-    KVFormat("fp8-token", *_same(_tok("fp8"), lambda d: d + 4), doc="the fp8 cache before KIVI"),
-    KVFormat("q8_0", *_same(q8_0, lambda d: d + 2 * d / Q8_0_BLOCK), doc="llama.cpp q8_0"),
-    KVFormat("fp8-vllm", *_same(e4m3_cast, lambda d: d), doc="vLLM's default fp8"),
-    _kivi("int8-kivi", "int8", _tok("int8"), lambda d: d + 4, "K per channel, V per token"),
-    _kivi("int8-kivi-zp", "int8", _tok("int8"), lambda d: d + 4, "K per channel with offset, V per token",
-          zero_point=True),
-    _kivi("fp8-kivi", "fp8", _tok("fp8"), lambda d: d + 4, "K per channel with offset, V per token",
-          zero_point=True),
-    _kivi("int8-kivi-zp-f16", "int8", _tok("int8"), lambda d: d + 4, "int8-kivi-zp, fp16 scale and offset",
-          zero_point=True, fp16_meta=True),
-    _kivi("fp8-kivi-f16", "fp8", _tok("fp8"), lambda d: d + 4, "fp8-kivi, fp16 scale and offset",
-          zero_point=True, fp16_meta=True),
-    _kivi("fp8-kivi-sym", "fp8", _tok("fp8"), lambda d: d + 4, "K per channel, V per token"),
-    _kivi("fp8-kivi-v32", "fp8", lambda x: per_group(x, "fp8", 32), lambda d: d + 4 * d / 32,
-          "fp8-kivi-sym with V on one scale per 32 channels"),
-)}
+FORMATS: dict[str, KVFormat] = {
+    f.name: f
+    for f in (
+        KVFormat("fp32", *_same(lambda x: x, lambda d: 4 * d), doc="reference"),
+        KVFormat("bf16", *_same(bf16, lambda d: 2 * d), doc="bfloat16"),
+        KVFormat(
+            "int8-token", *_same(_tok("int8"), lambda d: d + 4), doc="the int8 cache before KIVI"
+        ),
+        KVFormat(
+            "fp8-token", *_same(_tok("fp8"), lambda d: d + 4), doc="the fp8 cache before KIVI"
+        ),
+        KVFormat("q8_0", *_same(q8_0, lambda d: d + 2 * d / Q8_0_BLOCK), doc="llama.cpp q8_0"),
+        KVFormat("fp8-vllm", *_same(e4m3_cast, lambda d: d), doc="vLLM's default fp8"),
+        _kivi("int8-kivi", "int8", _tok("int8"), lambda d: d + 4, "K per channel, V per token"),
+        _kivi(
+            "int8-kivi-zp",
+            "int8",
+            _tok("int8"),
+            lambda d: d + 4,
+            "K per channel with offset, V per token",
+            zero_point=True,
+        ),
+        _kivi(
+            "fp8-kivi",
+            "fp8",
+            _tok("fp8"),
+            lambda d: d + 4,
+            "K per channel with offset, V per token",
+            zero_point=True,
+        ),
+        _kivi(
+            "int8-kivi-zp-f16",
+            "int8",
+            _tok("int8"),
+            lambda d: d + 4,
+            "int8-kivi-zp, fp16 scale and offset",
+            zero_point=True,
+            fp16_meta=True,
+        ),
+        _kivi(
+            "fp8-kivi-f16",
+            "fp8",
+            _tok("fp8"),
+            lambda d: d + 4,
+            "fp8-kivi, fp16 scale and offset",
+            zero_point=True,
+            fp16_meta=True,
+        ),
+        _kivi("fp8-kivi-sym", "fp8", _tok("fp8"), lambda d: d + 4, "K per channel, V per token"),
+        _kivi(
+            "fp8-kivi-v32",
+            "fp8",
+            lambda x: per_group(x, "fp8", 32),
+            lambda d: d + 4 * d / 32,
+            "fp8-kivi-sym with V on one scale per 32 channels",
+        ),
+    )
+}
 
 
 def unfit_reason(name: str, head_dim: int) -> str | None:
@@ -242,8 +300,15 @@ class FormatKVCache(NumpyKVCache):
             shape = (spec.max_seq_len, spec.n_kv_heads, spec.head_dim)
             self.k_raw = [np.zeros(shape, np.float32) for _ in range(spec.n_layers)]
 
-    def write(self, layer: int, table: np.ndarray, pos: np.ndarray, k: np.ndarray, v: np.ndarray,
-              open_row: int = 0):
+    def write(
+        self,
+        layer: int,
+        table: np.ndarray,
+        pos: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        open_row: int = 0,
+    ):
         """k, v (n, n_kv, D) float32 of consecutive positions pos (n,), through table (R,)."""
         pos = np.asarray(pos, np.int64)
         spec = self.spec
@@ -254,14 +319,16 @@ class FormatKVCache(NumpyKVCache):
         B, raw = self.block, self.k_raw[layer]
         raw[pos] = k
         p0, p1 = int(pos[0]), int(pos[-1]) + 1
-        b0, closed = p0 // B * B, p1 // B * B        # blocks from b0 on are rewritten; < closed are full
-        bs = spec.block_size                          # positions the table still holds: its last R rows
+        b0, closed = p0 // B * B, p1 // B * B  # blocks from b0 on are rewritten; < closed are full
+        bs = spec.block_size  # positions the table still holds: its last R rows
         held = max(0, ((p1 - 1) // bs - spec.ring + 1) * bs)
         keep = np.arange(max(b0, held), p1)
-        out = raw[keep]                               # open block: exact
+        out = raw[keep]  # open block: exact
         if closed > b0:
             blocks = raw[b0:closed].reshape(-1, B, *k.shape[1:])
-            deq = per_channel_blocks(blocks, self.fmt.k_block_kind, self.fmt.k_zero_point, self.fmt.k_fp16_meta).reshape(-1, *k.shape[1:])
+            deq = per_channel_blocks(
+                blocks, self.fmt.k_block_kind, self.fmt.k_zero_point, self.fmt.k_fp16_meta
+            ).reshape(-1, *k.shape[1:])
             done = keep < closed
             out[done] = deq[keep[done] - b0]
         self.k[layer][entries(table, keep, spec)] = out

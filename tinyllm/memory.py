@@ -25,10 +25,9 @@ plus a fixed FIXED_OVERHEAD for the interpreter, numpy/BLAS buffers and the toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,14 +36,16 @@ from .errors import TinyLLMError
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCacheSpec
 
 FIXED_OVERHEAD = 384 * 2**20
-GPU_MEMORY_UTILIZATION = 0.9     # the share of free GPU memory the default KV pool may take (as vLLM)
+GPU_MEMORY_UTILIZATION = 0.9  # the share of free GPU memory the default KV pool may take (as vLLM)
 # cuBLAS's default workspace is 32 MiB on Hopper (4 MiB before): CUDA docs, cublasSetWorkspace.
 CUBLAS_WORKSPACE = 32 * 2**20
-GPU_CONTEXT_MARGIN = 256 * 2**20  # allocations outside CuPy's pool (modules, cuBLAS handles, graphs)
+GPU_CONTEXT_MARGIN = (
+    256 * 2**20
+)  # allocations outside CuPy's pool (modules, cuBLAS handles, graphs)
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt])(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-MAX_MEMORY = 2**60          # an exabyte: anything larger is a typo
+MAX_MEMORY = 2**60  # an exabyte: anything larger is a typo
 
 
 def parse_memory(text: str) -> int:
@@ -66,12 +67,11 @@ def parse_memory(text: str) -> int:
     return int(value)
 
 
-
 @dataclass(frozen=True)
 class HostPlan:
-    weights: int      # bytes, float32
-    kv: int           # bytes of the KV cache (the whole pool)
-    runtime: int      # bytes of working memory at the largest step
+    weights: int  # bytes, float32
+    kv: int  # bytes of the KV cache (the whole pool)
+    runtime: int  # bytes of working memory at the largest step
 
     @property
     def total(self) -> int:
@@ -83,10 +83,18 @@ def activation_elems(cfg: ModelConfig, t: int) -> int:
     return t * (4 * cfg.dim + 3 * cfg.q_dim + 2 * cfg.kv_dim + 3 * cfg.hidden_dim)
 
 
-def host_plan(cfg: ModelConfig, kv_dtype: str, max_seq_len: int, max_batch: int, chunk: int,
-              block_size: int = DEFAULT_BLOCK_SIZE, n_blocks: int | None = None) -> HostPlan:
-    spec = KVCacheSpec.for_model(cfg, kv_dtype, max_seq_len, max_batch, chunk=chunk, block_size=block_size,
-                                 n_blocks=n_blocks)
+def host_plan(
+    cfg: ModelConfig,
+    kv_dtype: str,
+    max_seq_len: int,
+    max_batch: int,
+    chunk: int,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    n_blocks: int | None = None,
+) -> HostPlan:
+    spec = KVCacheSpec.for_model(
+        cfg, kv_dtype, max_seq_len, max_batch, chunk=chunk, block_size=block_size, n_blocks=n_blocks
+    )
     t = min(chunk, max_seq_len)
     act = activation_elems(cfg, t) * 4
     attn = 3 * cfg.n_heads * t * spec.capacity * 4 + 2 * spec.capacity * cfg.kv_dim * 4
@@ -104,26 +112,42 @@ def largest(fits, lo: int, hi: int) -> int:
     return lo
 
 
-def check_host_fits(cfg: ModelConfig, kv_dtype: str, max_seq_len: int, max_batch: int, chunk: int,
-                    available: int | None, block_size: int = DEFAULT_BLOCK_SIZE,
-                    n_blocks: int | None = None) -> None:
+def check_host_fits(
+    cfg: ModelConfig,
+    kv_dtype: str,
+    max_seq_len: int,
+    max_batch: int,
+    chunk: int,
+    available: int | None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    n_blocks: int | None = None,
+) -> None:
     """Raise TinyLLMError with the numbers, and the largest context and batch that fit,
     unless the plan fits in `available` bytes (None: unknown, not checked)."""
     from .weights import fmt_bytes
+
     if available is None:
         return
     plan = host_plan(cfg, kv_dtype, max_seq_len, max_batch, chunk, block_size, n_blocks)
     if plan.total <= available:
         return
-    msg = (f"context {max_seq_len} x batch {max_batch} needs {fmt_bytes(plan.total)} of RAM "
-           f"({fmt_bytes(plan.weights)} float32 weights + {fmt_bytes(plan.kv)} {kv_dtype} KV cache + "
-           f"{fmt_bytes(plan.runtime)} working memory) and {fmt_bytes(available)} is available")
+    msg = (
+        f"context {max_seq_len} x batch {max_batch} needs {fmt_bytes(plan.total)} of RAM "
+        f"({fmt_bytes(plan.weights)} float32 weights + {fmt_bytes(plan.kv)} {kv_dtype} KV cache + "
+        f"{fmt_bytes(plan.runtime)} working memory) and {fmt_bytes(available)} is available"
+    )
     base = host_plan(cfg, kv_dtype, 2, 1, chunk)
     if base.total > available:
-        raise TinyLLMError(f"{msg}; even the weights with the smallest cache do not fit: "
-                           f"use a smaller model or --backend cuda")
-    ctx = largest(lambda n: host_plan(cfg, kv_dtype, n, max_batch, chunk).total <= available, 2, max_seq_len)
-    batch = largest(lambda b: host_plan(cfg, kv_dtype, max_seq_len, b, chunk).total <= available, 1, max_batch)
+        raise TinyLLMError(
+            f"{msg}; even the weights with the smallest cache do not fit: "
+            f"use a smaller model or --backend cuda"
+        )
+    ctx = largest(
+        lambda n: host_plan(cfg, kv_dtype, n, max_batch, chunk).total <= available, 2, max_seq_len
+    )
+    batch = largest(
+        lambda b: host_plan(cfg, kv_dtype, max_seq_len, b, chunk).total <= available, 1, max_batch
+    )
     hints = []
     if ctx >= 2:
         hints.append(f"the largest --ctx-size that fits with --max-batch {max_batch} is {ctx}")
@@ -138,19 +162,23 @@ def check_host_fits(cfg: ModelConfig, kv_dtype: str, max_seq_len: int, max_batch
 
 # ---- the KV pool: how many blocks -----------------------------------------------------------------
 
+
 def budget_blocks(one_block: KVCacheSpec, kv_cache_memory) -> int | None:
     """Blocks in a pool of kv_cache_memory bytes ('4GB' or an int); None: the default pool."""
     if kv_cache_memory is None:
         return None
     budget = parse_memory(kv_cache_memory) if isinstance(kv_cache_memory, str) else kv_cache_memory
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise TinyLLMError(f"kv_cache_memory={kv_cache_memory!r} must be a size like '4GB' or a byte "
-                           f"count >= 1")
+        raise TinyLLMError(
+            f"kv_cache_memory={kv_cache_memory!r} must be a size like '4GB' or a byte count >= 1"
+        )
     n = budget // one_block.block_nbytes()
     if n < 1:
-        raise TinyLLMError(f"kv_cache_memory={kv_cache_memory!r} holds no KV block: one block of "
-                           f"{one_block.block_size} tokens takes {one_block.block_nbytes():,} bytes for "
-                           f"this model (--kv-cache-memory)")
+        raise TinyLLMError(
+            f"kv_cache_memory={kv_cache_memory!r} holds no KV block: one block of "
+            f"{one_block.block_size} tokens takes {one_block.block_nbytes():,} bytes for "
+            f"this model (--kv-cache-memory)"
+        )
     return int(n)
 
 
@@ -169,16 +197,27 @@ def measure_working(backend, model, spec: KVCacheSpec, chunk: int, max_batch: in
     allocator saw it (backend.measure_peak), plus what lives outside CuPy's pool (cuBLAS's
     workspace and the margin: the same terms gpu_working_estimate adds)."""
     from .backends import Batch
+
     t = max(1, min(chunk, spec.max_chunk))
     bs, first = spec.block_size, -(-(t + 1) // spec.block_size)
-    scratch = KVCacheSpec(spec.n_layers, first + max_batch - 1, bs, first, spec.n_kv_heads, spec.head_dim,
-                          spec.kv_dtype, spec.window, first * bs, n_open=max_batch + 1)
+    scratch = KVCacheSpec(
+        spec.n_layers,
+        first + max_batch - 1,
+        bs,
+        first,
+        spec.n_kv_heads,
+        spec.head_dim,
+        spec.kv_dtype,
+        spec.window,
+        first * bs,
+        n_open=max_batch + 1,
+    )
     tables = np.full((max_batch, first), -1, np.int32)
     tables[0] = np.arange(first)
     tables[1:, 0] = first + np.arange(max_batch - 1)
     batch = Batch(tables, [0] * max_batch, [t] + [1] * (max_batch - 1), list(range(max_batch)))
     tokens = np.zeros(t + max_batch - 1, np.int32)
-    cache = backend.alloc_kv(scratch)                 # (freed on return, before the pool is sized)
+    cache = backend.alloc_kv(scratch)  # (freed on return, before the pool is sized)
     peak = backend.measure_peak(lambda: model.forward(tokens, batch, cache))
     return peak + CUBLAS_WORKSPACE + GPU_CONTEXT_MARGIN
 
@@ -188,6 +227,7 @@ def gpu_pool_blocks(backend, full: KVCacheSpec, working: int, graph_bytes: int) 
     memory, less the measured working memory and the decode graphs' buffers, in blocks; at
     most `full` (max_batch sequences of max_seq_len); at least one sequence's ring."""
     from .weights import fmt_bytes
+
     free = backend.free_memory()
     room = int(GPU_MEMORY_UTILIZATION * free) - working - graph_bytes
     n = min(full.n_blocks, max(room, 0) // full.block_nbytes())
@@ -196,31 +236,50 @@ def gpu_pool_blocks(backend, full: KVCacheSpec, working: int, graph_bytes: int) 
             f"after loading the weights {fmt_bytes(free)} of GPU memory is free; the working memory "
             f"({fmt_bytes(working)} measured) and decode graphs ({fmt_bytes(graph_bytes)}) leave room for "
             f"{n} KV blocks and one sequence of {full.max_seq_len} tokens needs {full.ring}: lower "
-            f"--ctx-size or --max-batch, or use --kv-dtype int8")
+            f"--ctx-size or --max-batch, or use --kv-dtype int8"
+        )
     return int(n)
 
 
-def check_gpu_fits(backend, cfg: ModelConfig, spec_of, max_batch: int, n_blocks: int | None, chunk: int,
-                   graph_bytes_of) -> None:
+def check_gpu_fits(
+    backend,
+    cfg: ModelConfig,
+    spec_of,
+    max_batch: int,
+    n_blocks: int | None,
+    chunk: int,
+    graph_bytes_of,
+) -> None:
     """Before loading: bf16 weights + the KV pool (n_blocks, or for the default pool the one
     sequence it must at least hold) + the estimated working memory + decode graphs must fit in
     free GPU memory; else the backend's refusal names the longest context, and the largest
     --max-batch that fits is added. spec_of(batch, n_blocks) -> KVCacheSpec; graph_bytes_of(batch)."""
+
     def check(batch: int):
         spec = spec_of(batch, n_blocks)
-        kv = spec.nbytes() if n_blocks is not None else spec.ring * spec.block_nbytes() + spec.open_nbytes()
-        backend.check_fits(cfg.n_params() * 2 + graph_bytes_of(batch), kv,
-                           gpu_working_estimate(cfg, chunk, batch),
-                           kv_bytes_per_token=cfg.kv_bytes_per_token(spec.kv_dtype),
-                           max_seq_len=spec.max_seq_len)
+        kv = (
+            spec.nbytes()
+            if n_blocks is not None
+            else spec.ring * spec.block_nbytes() + spec.open_nbytes()
+        )
+        backend.check_fits(
+            cfg.n_params() * 2 + graph_bytes_of(batch),
+            kv,
+            gpu_working_estimate(cfg, chunk, batch),
+            kv_bytes_per_token=cfg.kv_bytes_per_token(spec.kv_dtype),
+            max_seq_len=spec.max_seq_len,
+        )
+
     try:
         check(max_batch)
     except TinyLLMError as e:
         best = largest(lambda b: _fits(check, b), 1, max_batch - 1) if max_batch > 1 else 0
         if best < 1:
             raise
-        raise TinyLLMError(f"{e}; with context {spec_of(1, None).max_seq_len} the largest --max-batch "
-                           f"that fits is {best}") from None
+        raise TinyLLMError(
+            f"{e}; with context {spec_of(1, None).max_seq_len} the largest --max-batch "
+            f"that fits is {best}"
+        ) from None
 
 
 def _fits(check, *args) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import TinyLLMError
 from .kv_cache import DEFAULT_BLOCK_SIZE
 from .memory import GPU_MEMORY_UTILIZATION, parse_memory
 
@@ -26,66 +25,141 @@ def _positive_int(text: str) -> int:
 
 
 def add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("--model", "-m", default=None,
-                   help="path, name under weights/, HF repo id or alias (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cuda"],
-                   help="where to compute: cuda (NVIDIA GPU through CuPy) or numpy (CPU); "
-                        "auto picks cuda when CuPy sees a GPU (default: auto)")
-    p.add_argument("--dtype", default=None,
-                   help="compute dtype: cuda bf16 | fp16, numpy fp32 (default: bf16 on cuda, fp32 on numpy)")
-    p.add_argument("--kv-dtype", default="auto",
-                   help="KV-cache storage: auto | fp32 | fp16 | bf16 | int8 | fp8 (default: auto = the compute dtype)")
-    p.add_argument("--ctx-size", "--max-seq-len", dest="max_seq_len", type=_positive_int, default=None,
-                   help="context length (tokens) to allocate; above the model's trained maximum it warns "
-                        "(default: min(model max, 8192))")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU threads for the numpy backend's matrix products (BLAS) "
-                        "(default: the cores not busy with other processes at start, at least 1)")
-    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
-                   help="cuda: run decode steps eagerly instead of replaying captured CUDA graphs "
-                        "(default: CUDA graphs on)")
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="path, name under weights/, HF repo id or alias (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "numpy", "cuda"],
+        help="where to compute: cuda (NVIDIA GPU through CuPy) or numpy (CPU); "
+        "auto picks cuda when CuPy sees a GPU (default: auto)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="compute dtype: cuda bf16 | fp16, numpy fp32 (default: bf16 on cuda, fp32 on numpy)",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        default="auto",
+        help="KV-cache storage: auto | fp32 | fp16 | bf16 | int8 | fp8 (default: auto = the compute dtype)",
+    )
+    p.add_argument(
+        "--ctx-size",
+        "--max-seq-len",
+        dest="max_seq_len",
+        type=_positive_int,
+        default=None,
+        help="context length (tokens) to allocate; above the model's trained maximum it warns "
+        "(default: min(model max, 8192))",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads for the numpy backend's matrix products (BLAS) "
+        "(default: the cores not busy with other processes at start, at least 1)",
+    )
+    p.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_false",
+        help="cuda: run decode steps eagerly instead of replaying captured CUDA graphs "
+        "(default: CUDA graphs on)",
+    )
     add_kv_cache_args(p)
 
 
 def add_kv_cache_args(p: argparse.ArgumentParser):
     """The paged KV cache (kv_cache.py, paging.py): its size, block size and prefix caching."""
-    p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
-                   help="bytes of KV-cache blocks, with a unit: 4GB, 512MB; sequences take blocks as they "
-                        "grow (up to --max-batch run at once), and wait or are preempted when none are free "
-                        f"(default: enough for --max-batch sequences of the full --ctx-size; on the GPU, "
-                        f"when that does not fit, what {GPU_MEMORY_UTILIZATION:.0%}% of the free memory holds next "
-                        f"to the weights)")
-    p.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE, metavar="N",
-                   help=f"tokens per KV-cache block: the unit of allocation and of prefix sharing "
-                        f"(default: {DEFAULT_BLOCK_SIZE}, as vLLM)")
-    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
-                   help="compute every prompt in full instead of reusing the KV blocks of an earlier "
-                        "prompt with the same leading tokens (default: prefix caching on)")
+    p.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        metavar="SIZE",
+        help="bytes of KV-cache blocks, with a unit: 4GB, 512MB; sequences take blocks as they "
+        "grow (up to --max-batch run at once), and wait or are preempted when none are free "
+        f"(default: enough for --max-batch sequences of the full --ctx-size; on the GPU, "
+        f"when that does not fit, what {GPU_MEMORY_UTILIZATION:.0%}% of the free memory holds next "
+        f"to the weights)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=_positive_int,
+        default=DEFAULT_BLOCK_SIZE,
+        metavar="N",
+        help=f"tokens per KV-cache block: the unit of allocation and of prefix sharing "
+        f"(default: {DEFAULT_BLOCK_SIZE}, as vLLM)",
+    )
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt in full instead of reusing the KV blocks of an earlier "
+        "prompt with the same leading tokens (default: prefix caching on)",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
     model = "the model's generation_config.json"
-    p.add_argument("--max-tokens", "-n", type=int, default=None,
-                   help="most tokens to generate (default: 512)")
-    p.add_argument("--temperature", "-t", type=float, default=None,
-                   help=f"sampling temperature, 0 = greedy (default: {model} when it sets do_sample, else 0)")
-    p.add_argument("--top-p", type=float, default=None,
-                   help=f"nucleus sampling mass in (0, 1] (default: {model} when it sets do_sample, else 1 = off)")
-    p.add_argument("--top-k", type=int, default=None,
-                   help=f"sample among the k most likely tokens, 0 = off (default: {model} when it sets "
-                        f"do_sample, 50 if it names none; else 0)")
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help=f"HF-style penalty for repeated tokens, 1 = off (default: {model}, else 1)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: none, varies per run)")
-    p.add_argument("--stop", action="append", default=None,
-                   help="stop when this text appears, not included in the output; repeatable (default: none)")
+    p.add_argument(
+        "--max-tokens", "-n", type=int, default=None, help="most tokens to generate (default: 512)"
+    )
+    p.add_argument(
+        "--temperature",
+        "-t",
+        type=float,
+        default=None,
+        help=f"sampling temperature, 0 = greedy (default: {model} when it sets do_sample, else 0)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help=f"nucleus sampling mass in (0, 1] (default: {model} when it sets do_sample, else 1 = off)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help=f"sample among the k most likely tokens, 0 = off (default: {model} when it sets "
+        f"do_sample, 50 if it names none; else 0)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help=f"HF-style penalty for repeated tokens, 1 = off (default: {model}, else 1)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed for sampling (default: none, varies per run)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        help="stop when this text appears, not included in the output; repeatable (default: none)",
+    )
 
 
 def sampling_from_args(a):
     from .sampling import SamplingParams
-    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
-                          top_k=a.top_k, repetition_penalty=a.repetition_penalty, seed=a.seed,
-                          stop=a.stop).validate()
+
+    return SamplingParams(
+        max_tokens=a.max_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        repetition_penalty=a.repetition_penalty,
+        seed=a.seed,
+        stop=a.stop,
+    ).validate()
 
 
 def load_llm(a, max_batch: int = 1, quiet: bool = False):
@@ -93,27 +167,52 @@ def load_llm(a, max_batch: int = 1, quiet: bool = False):
     stderr unless quiet."""
     from .api import LLM
     from .hub import resolve
+
     kv_memory = getattr(a, "kv_cache_memory", None)
-    kv_memory = None if kv_memory is None else parse_memory(kv_memory)    # a bad size fails before loading
+    kv_memory = (
+        None if kv_memory is None else parse_memory(kv_memory)
+    )  # a bad size fails before loading
     r = resolve(a.model)
     model_dir = r.path
     if not quiet:
         print(f"model: {r.describe()}", file=sys.stderr)
-    llm = LLM(str(model_dir), backend=a.backend, dtype=a.dtype, kv_dtype=a.kv_dtype,
-              max_seq_len=a.max_seq_len, max_batch=max_batch, progress=not quiet,
-              threads=getattr(a, "threads", None),    # warnings: one line each (cli.main)
-              cuda_graph=getattr(a, "cuda_graph", True), kv_cache_memory=kv_memory,
-              block_size=getattr(a, "block_size", DEFAULT_BLOCK_SIZE),
-              enable_prefix_caching=getattr(a, "prefix_caching", True))
+    llm = LLM(
+        str(model_dir),
+        backend=a.backend,
+        dtype=a.dtype,
+        kv_dtype=a.kv_dtype,
+        max_seq_len=a.max_seq_len,
+        max_batch=max_batch,
+        progress=not quiet,
+        threads=getattr(a, "threads", None),  # warnings: one line each (cli.main)
+        cuda_graph=getattr(a, "cuda_graph", True),
+        kv_cache_memory=kv_memory,
+        block_size=getattr(a, "block_size", DEFAULT_BLOCK_SIZE),
+        enable_prefix_caching=getattr(a, "prefix_caching", True),
+    )
     if not quiet:
-        why = " (auto: " + ("CuPy sees a GPU" if llm.backend.name == "cuda" else "no GPU visible to CuPy") + ")" \
-            if a.backend == "auto" else ""
-        threads = f", {llm.threads} BLAS thread{'s' if llm.threads > 1 else ''}" if llm.backend.name == "numpy" else ""
+        why = (
+            " (auto: "
+            + ("CuPy sees a GPU" if llm.backend.name == "cuda" else "no GPU visible to CuPy")
+            + ")"
+            if a.backend == "auto"
+            else ""
+        )
+        threads = (
+            f", {llm.threads} BLAS thread{'s' if llm.threads > 1 else ''}"
+            if llm.backend.name == "numpy"
+            else ""
+        )
         graphs = getattr(llm.backend, "graphs", None)
-        decode = "" if graphs is None else ", decode: " + ("CUDA graphs" if graphs.enabled else "eager")
+        decode = (
+            "" if graphs is None else ", decode: " + ("CUDA graphs" if graphs.enabled else "eager")
+        )
         spec = llm.engine.spec
         prefix = "" if llm.engine.prefix_caching else ", no prefix caching"
-        print(f"backend: {llm.backend.name}{why} ({llm.backend.compute_dtype}{threads}), kv cache: {llm.kv_dtype} "
-              f"({spec.tokens():,} tokens in {spec.n_blocks:,} blocks of {spec.block_size}{prefix}), "
-              f"context: {llm.max_seq_len} tokens{decode}", file=sys.stderr)
+        print(
+            f"backend: {llm.backend.name}{why} ({llm.backend.compute_dtype}{threads}), kv cache: {llm.kv_dtype} "
+            f"({spec.tokens():,} tokens in {spec.n_blocks:,} blocks of {spec.block_size}{prefix}), "
+            f"context: {llm.max_seq_len} tokens{decode}",
+            file=sys.stderr,
+        )
     return llm

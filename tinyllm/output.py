@@ -15,8 +15,8 @@ way, the text decoded so far is flushed and checked against the stop strings onc
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from .sequence import Sequence
 
@@ -24,15 +24,15 @@ from .sequence import Sequence
 @dataclass
 class Completion:
     prompt_token_ids: list[int]
-    token_ids: list[int]                 # generated only
+    token_ids: list[int]  # generated only
     text: str
-    finish_reason: str                   # "stop" | "length" | "interrupted" (stopped by the caller)
-    index: int = 0                       # the request's index (its position in its input)
-    prefill_tokens: int = 0              # prompt tokens computed (the rest came from the cache; a
-                                         # preempted request counts what it recomputes again)
-    cached_tokens: int = 0               # prompt tokens served from the prefix cache
-    time_to_first_token: float = 0.0     # seconds from arrival (Engine.add) to the first token
-    elapsed: float = 0.0                 # seconds from arrival to finish
+    finish_reason: str  # "stop" | "length" | "interrupted" (stopped by the caller)
+    index: int = 0  # the request's index (its position in its input)
+    prefill_tokens: int = 0  # prompt tokens computed (the rest came from the cache; a
+    # preempted request counts what it recomputes again)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    time_to_first_token: float = 0.0  # seconds from arrival (Engine.add) to the first token
+    elapsed: float = 0.0  # seconds from arrival to finish
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -42,23 +42,32 @@ class Completion:
 
 @dataclass
 class Event:
-    kind: str                            # "token" (step() only) | "text" | "finish" | "error"
-    index: int                           # the request's own index
+    kind: str  # "token" (step() only) | "text" | "finish" | "error"
+    index: int  # the request's own index
     text: str = ""
     completion: Completion | None = None
     error: str = ""
-    code: str = "invalid_prompt"          # for errors: the OpenAI-style code batch output lines carry
-    token_id: int = -1                   # "token": the id just appended to the output
-    logprob: float | None = None         # "token", when the request asks for logprobs: log p(token_id)
-    top_logprobs: list | None = None     # ... and its [(id, logprob)] alternatives, most likely first
-    seq_id: int = -1                     # the engine's id of the sequence (sequence.py)
+    code: str = "invalid_prompt"  # for errors: the OpenAI-style code batch output lines carry
+    token_id: int = -1  # "token": the id just appended to the output
+    logprob: float | None = None  # "token", when the request asks for logprobs: log p(token_id)
+    top_logprobs: list | None = None  # ... and its [(id, logprob)] alternatives, most likely first
+    seq_id: int = -1  # the engine's id of the sequence (sequence.py)
 
 
 def completion(s: Sequence) -> Completion:
     """What a sequence produced so far; finish_reason "interrupted" while unfinished."""
     t_first = s.t_first - s.t_arrival if s.t_first else 0.0
-    return Completion(s.ids[:s.n_prompt], s.generated, s.text, s.finish or "interrupted", s.req.index,
-                      s.prefill_tokens, s.cached_tokens, t_first, time.perf_counter() - s.t_arrival)
+    return Completion(
+        s.ids[: s.n_prompt],
+        s.generated,
+        s.text,
+        s.finish or "interrupted",
+        s.req.index,
+        s.prefill_tokens,
+        s.cached_tokens,
+        t_first,
+        time.perf_counter() - s.t_arrival,
+    )
 
 
 def error(s: Sequence, message: str, code: str) -> Event:
@@ -85,8 +94,9 @@ class OutputProcessor:
     def decoder(self, prompt_ids: list[int]):
         return self.tok.stream(prompt_ids) if self.tok is not None else NoText()
 
-    def accept(self, s: Sequence, tok: int, logprob: float | None = None,
-               top: list | None = None) -> Iterator[Event]:
+    def accept(
+        self, s: Sequence, tok: int, logprob: float | None = None, top: list | None = None
+    ) -> Iterator[Event]:
         """s sampled `tok`: a "token" event (unless tok ends it), text, and "finish" if done."""
         p = s.req.params
         if not s.t_first:
@@ -95,10 +105,13 @@ class OutputProcessor:
             self._finish(s, "stop")
         else:
             s.ids.append(tok)
-            yield Event("token", s.req.index, token_id=tok, logprob=logprob, top_logprobs=top, seq_id=s.id)
+            yield Event(
+                "token", s.req.index, token_id=tok, logprob=logprob, top_logprobs=top, seq_id=s.id
+            )
             s.text += s.decoder.push(tok)
-            if not self._cut_at_stop(s) and (len(s.generated) >= p.max_tokens
-                                             or len(s.ids) >= self.max_seq_len):
+            if not self._cut_at_stop(s) and (
+                len(s.generated) >= p.max_tokens or len(s.ids) >= self.max_seq_len
+            ):
                 self._finish(s, "length")
         yield from self.emit(s)
 
@@ -119,7 +132,7 @@ class OutputProcessor:
         stops = s.req.params.stop or []
         hits = [i for i in (s.text.find(x, s.emitted) for x in stops) if i >= 0]
         if hits:
-            s.text, s.finish = s.text[:min(hits)], "stop"
+            s.text, s.finish = s.text[: min(hits)], "stop"
         return bool(hits)
 
     @staticmethod
@@ -128,7 +141,7 @@ class OutputProcessor:
         hold = 0 if s.finish else max((len(x) for x in s.req.params.stop or []), default=1) - 1
         upto = max(s.emitted, len(s.text) - hold)
         if upto > s.emitted:
-            yield Event("text", s.req.index, text=s.text[s.emitted:upto], seq_id=s.id)
+            yield Event("text", s.req.index, text=s.text[s.emitted : upto], seq_id=s.id)
             s.emitted = upto
         if s.finish:
             yield Event("finish", s.req.index, completion=completion(s), seq_id=s.id)

@@ -46,10 +46,11 @@ def chain_hash(parent: bytes, tokens) -> bytes:
 @dataclass
 class SeqBlocks:
     """One sequence's block table and what the pool knows about its rows."""
-    table: np.ndarray                                 # (R,) int32 block ids, -1 unused
-    rows: int = 0                                     # block rows allocated so far (0 .. rows-1)
+
+    table: np.ndarray  # (R,) int32 block ids, -1 unused
+    rows: int = 0  # block rows allocated so far (0 .. rows-1)
     hashes: list[bytes] = field(default_factory=list)  # chain hash of every full row, in order
-    cached_tokens: int = 0                            # leading tokens taken from the prefix cache
+    cached_tokens: int = 0  # leading tokens taken from the prefix cache
 
 
 class BlockPool:
@@ -57,8 +58,8 @@ class BlockPool:
         self.spec, self.prefix_caching = spec, prefix_caching
         self.ref = np.zeros(spec.n_blocks, np.int32)
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(spec.n_blocks))
-        self.hash_of: dict[int, bytes] = {}            # block -> hash of its (full) contents
-        self.block_of: dict[bytes, int] = {}           # hash -> block
+        self.hash_of: dict[int, bytes] = {}  # block -> hash of its (full) contents
+        self.block_of: dict[bytes, int] = {}  # hash -> block
 
     # ---- counts ------------------------------------------------------------------------------
     @property
@@ -73,10 +74,10 @@ class BlockPool:
     def _allocate(self) -> int | None:
         if not self.free:
             return None
-        b, _ = self.free.popitem(last=False)           # least recently released
+        b, _ = self.free.popitem(last=False)  # least recently released
         h = self.hash_of.pop(b, None)
         if h is not None:
-            del self.block_of[h]                       # its old contents are about to go
+            del self.block_of[h]  # its old contents are about to go
         self.ref[b] = 1
         return b
 
@@ -90,7 +91,7 @@ class BlockPool:
         assert self.ref[b] >= 0, f"block {b} released more often than taken"
         if self.ref[b] == 0:
             self.free[b] = None
-            if b not in self.hash_of:                  # nothing to keep: hand it out first
+            if b not in self.hash_of:  # nothing to keep: hand it out first
                 self.free.move_to_end(b, last=False)
 
     # ---- sequences ---------------------------------------------------------------------------
@@ -100,7 +101,7 @@ class BlockPool:
     def row_hashes(self, ids: list[int], parent: bytes = ROOT, start_row: int = 0) -> list[bytes]:
         bs, out = self.spec.block_size, []
         for j in range(start_row, len(ids) // bs):
-            parent = chain_hash(parent, ids[j * bs:(j + 1) * bs])
+            parent = chain_hash(parent, ids[j * bs : (j + 1) * bs])
             out.append(parent)
         return out
 
@@ -121,8 +122,9 @@ class BlockPool:
         hashes = [] if hashes is None else hashes
         full = (len(ids) - 1) // self.spec.block_size
         if len(hashes) < full:
-            hashes += self.row_hashes(ids[:full * self.spec.block_size], hashes[-1] if hashes else ROOT,
-                                      len(hashes))
+            hashes += self.row_hashes(
+                ids[: full * self.spec.block_size], hashes[-1] if hashes else ROOT, len(hashes)
+            )
         best, run = 0, 0
         for k in range(1, full + 1):
             run = run + 1 if hashes[k - 1] in self.block_of else 0
@@ -138,7 +140,7 @@ class BlockPool:
         the free list at once), and the fresh blocks it allocates later for the rest. Only the
         fresh ones are still owed after admission: the hits are off the free list by then."""
         k, hashes = matched
-        kept = hashes[self._first_held(k):]
+        kept = hashes[self._first_held(k) :]
         hits = sum(1 for h in kept if self.ref[self.block_of[h]] == 0)
         total = self.spec.blocks_for(n_tokens)
         return hits, total - min(len(kept), total)
@@ -183,7 +185,7 @@ class BlockPool:
         if full <= len(seq.hashes):
             return
         parent = seq.hashes[-1] if seq.hashes else ROOT
-        new = self.row_hashes(ids[:full * self.spec.block_size], parent, len(seq.hashes))
+        new = self.row_hashes(ids[: full * self.spec.block_size], parent, len(seq.hashes))
         R = self.spec.ring
         for j, h in enumerate(new, start=len(seq.hashes)):
             b = int(seq.table[j % R])

@@ -43,11 +43,17 @@ class ModelRunner:
         ready = [(r, s) for r, s in ready if r not in bad]
         chosen = self.sample(logits, ready) if ready else []
         lps = self.logprobs(logits, ready, chosen)
-        return [(s, t, *lps.get(s.id, (None, None))) for (_, s), t in zip(ready, chosen)], failed, why
+        return (
+            [(s, t, *lps.get(s.id, (None, None))) for (_, s), t in zip(ready, chosen)],
+            failed,
+            why,
+        )
 
     def forward(self, runs: list[tuple[Sequence, int]]):
         """Eager forward of the runs: (B, vocab) logits of each run's last token, on the backend."""
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # NaN/inf: checked later
+        with np.errstate(
+            over="ignore", invalid="ignore", divide="ignore"
+        ):  # NaN/inf: checked later
             return self.model.forward(self._tokens(runs), self._batch(runs), self.cache)
 
     def full_logits(self, ids: list[int], pool, chunk: int) -> np.ndarray:
@@ -56,15 +62,21 @@ class ModelRunner:
         the spec's logits row, which no running sequence holds."""
         from .errors import TinyLLMError
         from .sequence import pool_full_message
+
         spec, blocks, out = pool.spec, pool.new_seq(), []
         try:
             for s in range(0, len(ids), chunk):
-                part = ids[s:s + chunk]
+                part = ids[s : s + chunk]
                 if not pool.grow(blocks, s + len(part)):
                     raise TinyLLMError(pool_full_message(spec, len(ids)))
                 batch = Batch(blocks.table[None], [s], [len(part)], [spec.logits_row])
-                out.append(self.ops.to_numpy(self.model.forward(np.asarray(part, np.int32), batch,
-                                                                self.cache, all_logits=True)))
+                out.append(
+                    self.ops.to_numpy(
+                        self.model.forward(
+                            np.asarray(part, np.int32), batch, self.cache, all_logits=True
+                        )
+                    )
+                )
                 pool.commit(blocks, ids, s + len(part))
         finally:
             pool.free_seq(blocks)
@@ -72,12 +84,18 @@ class ModelRunner:
 
     @staticmethod
     def _tokens(runs) -> np.ndarray:
-        return np.concatenate([np.asarray(s.ids[s.n_cached:s.n_cached + n], np.int32) for s, n in runs])
+        return np.concatenate(
+            [np.asarray(s.ids[s.n_cached : s.n_cached + n], np.int32) for s, n in runs]
+        )
 
     @staticmethod
     def _batch(runs) -> Batch:
-        return Batch(np.stack([s.blocks.table for s, _ in runs]), [s.n_cached for s, _ in runs],
-                     [n for _, n in runs], [s.open_row for s, _ in runs])
+        return Batch(
+            np.stack([s.blocks.table for s, _ in runs]),
+            [s.n_cached for s, _ in runs],
+            [n for _, n in runs],
+            [s.open_row for s, _ in runs],
+        )
 
     # ---- graphs -------------------------------------------------------------------------------
     def on_device(self, s: Sequence) -> bool:
@@ -89,17 +107,21 @@ class ModelRunner:
         graph: the sampled ids, or None where the backend has no graphs (or they are off), a
         sequence samples on the host, or one wants logprobs (a graph keeps its logits)."""
         seqs = [s for s, _ in runs]
-        if (self.ops.graphs is None or any(n != 1 for _, n in runs)
-                or not all(self.on_device(s) and s.req.params.logprobs is None for s in seqs)):
+        if (
+            self.ops.graphs is None
+            or any(n != 1 for _, n in runs)
+            or not all(self.on_device(s) and s.req.params.logprobs is None for s in seqs)
+        ):
             return None
-        toks = self.ops.graphs.step(self.model, self._tokens(runs), self._batch(runs), self.cache,
-                                    *device_params(seqs))
+        toks = self.ops.graphs.step(
+            self.model, self._tokens(runs), self._batch(runs), self.cache, *device_params(seqs)
+        )
         return None if toks is None else [int(t) for t in toks]
 
     # ---- after an eager forward ---------------------------------------------------------------
     def nonfinite_rows(self, logits, rows: list[int]) -> set[int]:
         """The rows among `rows` holding NaN or inf (one device reduction when all are finite)."""
-        if not rows or bool(np.isfinite(logits).all()):     # NEP-18: on the device for cupy
+        if not rows or bool(np.isfinite(logits).all()):  # NEP-18: on the device for cupy
             return set()
         host = np.asarray(self.ops.to_numpy(logits))
         return {r for r in rows if not np.isfinite(host[r]).all()}
@@ -109,10 +131,14 @@ class ModelRunner:
         (one pass over the weights, only when this happens)."""
         for name, a in self.model.w.named():
             if not bool(np.isfinite(a).all()):
-                return (f"the model produced NaN/inf logits: weight tensor {name} holds NaN or inf "
-                        f"values; the checkpoint is corrupt, re-download it")
-        return ("the model produced NaN/inf logits (its weights are finite: activations overflowed; "
-                "try a wider compute dtype, e.g. --dtype bf16 instead of fp16, or --backend numpy)")
+                return (
+                    f"the model produced NaN/inf logits: weight tensor {name} holds NaN or inf "
+                    f"values; the checkpoint is corrupt, re-download it"
+                )
+        return (
+            "the model produced NaN/inf logits (its weights are finite: activations overflowed; "
+            "try a wider compute dtype, e.g. --dtype bf16 instead of fp16, or --backend numpy)"
+        )
 
     def sample(self, logits, ready: list[tuple[int, Sequence]]) -> list[int]:
         """Next token of each ready (logits row, sequence)."""
@@ -124,7 +150,9 @@ class ModelRunner:
             toks = self.ops.sample(rows, *device_params([s for _, s in dev]))
             out.update({s.id: int(t) for (_, s), t in zip(dev, toks)})
         if host:
-            rows = self.ops.to_numpy(self.ops.take_rows(logits, np.asarray([r for r, _ in host], np.int32)))
+            rows = self.ops.to_numpy(
+                self.ops.take_rows(logits, np.asarray([r for r, _ in host], np.int32))
+            )
             for (_, s), row in zip(host, rows):
                 out[s.id] = sample(row, s.req.params, s.rng, np.asarray(s.ids, np.int64))
         return [out[s.id] for _, s in ready]
@@ -135,13 +163,22 @@ class ModelRunner:
         want = [(r, s, t) for (r, s), t in zip(ready, toks) if s.req.params.logprobs is not None]
         if not want:
             return {}
-        rows = self.ops.to_numpy(self.ops.take_rows(logits, np.asarray([r for r, _, _ in want], np.int32)))
-        return {s.id: token_logprobs(row, t, s.req.params.logprobs) for (_, s, t), row in zip(want, rows)}
+        rows = self.ops.to_numpy(
+            self.ops.take_rows(logits, np.asarray([r for r, _, _ in want], np.int32))
+        )
+        return {
+            s.id: token_logprobs(row, t, s.req.params.logprobs)
+            for (_, s, t), row in zip(want, rows)
+        }
 
 
 def device_params(seqs: list[Sequence]) -> tuple[list, list, list, list, list]:
     """Per sequence: temperature, top_k, top_p, seed and RNG step of on-device sampling."""
     p = [s.req.params for s in seqs]
-    return ([q.temperature or 0.0 for q in p], [q.top_k or 0 for q in p],
-            [q.top_p if q.top_p is not None else 1.0 for q in p],
-            [s.device_seed for s in seqs], [len(s.generated) for s in seqs])
+    return (
+        [q.temperature or 0.0 for q in p],
+        [q.top_k or 0 for q in p],
+        [q.top_p if q.top_p is not None else 1.0 for q in p],
+        [s.device_seed for s in seqs],
+        [len(s.generated) for s in seqs],
+    )

@@ -14,13 +14,13 @@ import numpy as np
 
 from .errors import TinyLLMError
 
-
-MAX_LOGPROBS = 20                        # alternatives per token, as OpenAI's top_logprobs
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
 
 
 @dataclass
 class SamplingParams:
     """None means "the model's default" (generation_config.json), resolved by the LLM."""
+
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -30,38 +30,55 @@ class SamplingParams:
     stop: list[str] | str | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
-    logprobs: int | None = None          # report each generated token's logprob and this many alternatives
+    logprobs: int | None = None  # report each generated token's logprob and this many alternatives
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         def bad(what):
             raise TinyLLMError(f"invalid sampling parameter: {what}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
             bad(f"max_tokens={self.max_tokens!r} (must be an integer >= 1)")
-        if self.temperature is not None and not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+        if self.temperature is not None and not (
+            isinstance(self.temperature, (int, float)) and self.temperature >= 0
+        ):
             bad(f"temperature={self.temperature!r} (must be >= 0; 0 is greedy)")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        if self.top_p is not None and not (
+            isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1
+        ):
             bad(f"top_p={self.top_p!r} (must be in (0, 1])")
         if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 0):
             bad(f"top_k={self.top_k!r} (must be an integer >= 0; 0 disables it)")
         if self.repetition_penalty is not None and not (
-                isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
+            isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0
+        ):
             bad(f"repetition_penalty={self.repetition_penalty!r} (must be > 0; 1 disables it)")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0
+        ):
             bad(f"seed={self.seed!r} (must be an integer >= 0)")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.stop is not None and not (isinstance(self.stop, (list, tuple))
-                                          and all(isinstance(s, str) and s for s in self.stop)):
+        if self.stop is not None and not (
+            isinstance(self.stop, (list, tuple))
+            and all(isinstance(s, str) and s for s in self.stop)
+        ):
             bad(f"stop={self.stop!r} (must be a string or a list of non-empty strings)")
-        if not (isinstance(self.stop_token_ids, (list, tuple))
-                and all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids)):
+        if not (
+            isinstance(self.stop_token_ids, (list, tuple))
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids)
+        ):
             bad(f"stop_token_ids={self.stop_token_ids!r} (must be a list of token ids)")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int)
+            or isinstance(self.logprobs, bool)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
             bad(f"logprobs={self.logprobs!r} (must be an integer from 0 to {MAX_LOGPROBS})")
         return self
 
-    def with_defaults(self, defaults: dict) -> "SamplingParams":
+    def with_defaults(self, defaults: dict) -> SamplingParams:
         """Fill the None fields from `defaults` (generation_config values)."""
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         for k, v in defaults.items():
@@ -119,10 +136,13 @@ def token_logprobs(logits: np.ndarray, tok: int, k: int) -> tuple[float, list[tu
     return float(lp[tok]), [(int(i), float(lp[i])) for i in top]
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-           seen: np.ndarray) -> int:
+def sample(
+    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen: np.ndarray
+) -> int:
     """One token from one row of logits (vocab,). `seen` = prompt + generated ids."""
-    logits = apply_repetition_penalty(np.asarray(logits, np.float32), seen, params.repetition_penalty or 1.0)
+    logits = apply_repetition_penalty(
+        np.asarray(logits, np.float32), seen, params.repetition_penalty or 1.0
+    )
     if not params.temperature:
         return int(np.argmax(logits))
     # Subtract the max first: a tiny temperature then sends the others to -inf, not inf - inf.
@@ -132,4 +152,6 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     probs = softmax(logits)
     # Inverse-CDF draw with one uniform per step: reproducible for a given seed.
     u = rng.random()
-    return int(min(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"), len(probs) - 1))
+    return int(
+        min(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"), len(probs) - 1)
+    )

@@ -22,8 +22,8 @@ backend, no tokenizer. Each step (continuous batching, as vLLM and nano-vllm):
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .paging import BlockPool
 from .sequence import Sequence, Status
@@ -31,8 +31,8 @@ from .sequence import Sequence, Status
 
 @dataclass
 class Plan:
-    runs: list[tuple[Sequence, int]] = field(default_factory=list)   # (sequence, new tokens)
-    outgrown: Sequence | None = None     # the only running sequence, and the pool has no block for it
+    runs: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens)
+    outgrown: Sequence | None = None  # the only running sequence, and the pool has no block for it
 
 
 class Scheduler:
@@ -40,8 +40,8 @@ class Scheduler:
         self.pool, self.spec = pool, pool.spec
         self.max_batch, self.prefill_chunk, self.stats = max_batch, prefill_chunk, stats
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []              # oldest first
-        self.open_rows = list(self.spec.seq_open_rows)   # open rows no running sequence holds
+        self.running: list[Sequence] = []  # oldest first
+        self.open_rows = list(self.spec.seq_open_rows)  # open rows no running sequence holds
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -72,7 +72,7 @@ class Scheduler:
 
     # ---- one step ---------------------------------------------------------------------------
     def schedule(self, pull: Callable[[], Sequence | None] | None = None) -> Plan:
-        for s in self.running:                 # (hits appear only after a forward: the last step's)
+        for s in self.running:  # (hits appear only after a forward: the last step's)
             if not s.started:
                 self._rematch(s)
         self._admit_waiting(pull)
@@ -87,7 +87,7 @@ class Scheduler:
             matched = self.pool.match(s.ids, s.block_hashes)
             hits, fresh = self.pool.admit_cost(matched, len(s.ids))
             if hits + fresh > self.pool.n_free - owed and self.running:
-                self.waiting.appendleft(s)             # no room yet: it waits, in order
+                self.waiting.appendleft(s)  # no room yet: it waits, in order
                 return
             self._take_prefix(s, matched)
             s.open_row, s.status = self.open_rows.pop(), Status.RUNNING
@@ -129,10 +129,10 @@ class Scheduler:
         for s in order:
             if s.todo == 1:
                 want[s.id] = 1
-            elif budget > 0:                   # else this prompt waits for the next step
+            elif budget > 0:  # else this prompt waits for the next step
                 want[s.id] = min(s.todo, self.spec.max_chunk, budget)
                 budget -= want[s.id]
-        for s in list(self.running):           # oldest first
+        for s in list(self.running):  # oldest first
             if s.id not in want or s.blocks is None:
                 continue
             while not self.pool.grow(s.blocks, s.n_cached + want[s.id]):

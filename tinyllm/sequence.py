@@ -38,8 +38,8 @@ from .sampling import SamplingParams
 @dataclass
 class Request:
     prompt_ids: list[int]
-    params: SamplingParams               # fully resolved (defaults filled)
-    index: int = 0                       # the caller's own id; events carry it back
+    params: SamplingParams  # fully resolved (defaults filled)
+    index: int = 0  # the caller's own id; events carry it back
 
 
 class Status(enum.Enum):
@@ -48,44 +48,52 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-_ids = itertools.count()                 # sequence ids: unique for the process (atomic under the GIL)
+_ids = itertools.count()  # sequence ids: unique for the process (atomic under the GIL)
 
 
 @dataclass
 class Sequence:
     req: Request
-    ids: list[int]                       # prompt + generated
+    ids: list[int]  # prompt + generated
     n_prompt: int
-    rng: np.random.Generator             # host sampling draws from it (it survives preemption)
-    device_seed: int                     # on-device sampling draws from (device_seed, step)
-    decoder: object                      # the tokenizer's incremental decoder (output.py)
+    rng: np.random.Generator  # host sampling draws from it (it survives preemption)
+    device_seed: int  # on-device sampling draws from (device_seed, step)
+    decoder: object  # the tokenizer's incremental decoder (output.py)
     id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
-    n_cached: int = 0                    # ids[:n_cached] have K/V in the blocks
-    blocks: SeqBlocks | None = None      # its block table while it runs
-    open_row: int = -1                   # ... and its open row (int8/fp8 keys, kv_cache.py)
-    started: bool = False                # it has computed K/V since it was (re)admitted
-    block_hashes: list[bytes] = field(default_factory=list)   # see the module docstring
+    n_cached: int = 0  # ids[:n_cached] have K/V in the blocks
+    blocks: SeqBlocks | None = None  # its block table while it runs
+    open_row: int = -1  # ... and its open row (int8/fp8 keys, kv_cache.py)
+    started: bool = False  # it has computed K/V since it was (re)admitted
+    block_hashes: list[bytes] = field(default_factory=list)  # see the module docstring
     # output (output.py)
     text: str = ""
-    emitted: int = 0                     # text[:emitted] has been handed out
-    finish: str | None = None            # "stop" | "length" | "error"
+    emitted: int = 0  # text[:emitted] has been handed out
+    finish: str | None = None  # "stop" | "length" | "error"
     # accounting
     t_arrival: float = field(default_factory=time.perf_counter)
     t_first: float = 0.0
     prefill_tokens: int = 0
-    cached_tokens: int = 0               # prompt tokens served from the prefix cache (first admission)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
 
     @classmethod
     def start(cls, req: Request, decoder) -> Sequence:
         p = req.params
-        seed = p.seed % 2**63 if p.seed is not None else int(np.random.default_rng().integers(2**63))
-        return cls(req, list(req.prompt_ids), len(req.prompt_ids), np.random.default_rng(p.seed), seed,
-                   decoder)
+        seed = (
+            p.seed % 2**63 if p.seed is not None else int(np.random.default_rng().integers(2**63))
+        )
+        return cls(
+            req,
+            list(req.prompt_ids),
+            len(req.prompt_ids),
+            np.random.default_rng(p.seed),
+            seed,
+            decoder,
+        )
 
     @property
     def generated(self) -> list[int]:
-        return self.ids[self.n_prompt:]
+        return self.ids[self.n_prompt :]
 
     @property
     def todo(self) -> int:
@@ -98,12 +106,16 @@ class Sequence:
 
 
 def pool_full_message(spec, n: int) -> str:
-    return (f"{n} tokens need {spec.blocks_for(n)} KV-cache blocks of {spec.block_size} and the cache "
-            f"has {spec.n_blocks} ({spec.tokens()} tokens): raise --kv-cache-memory "
-            f"(kv_cache_memory) or use a smaller --kv-dtype")
+    return (
+        f"{n} tokens need {spec.blocks_for(n)} KV-cache blocks of {spec.block_size} and the cache "
+        f"has {spec.n_blocks} ({spec.tokens()} tokens): raise --kv-cache-memory "
+        f"(kv_cache_memory) or use a smaller --kv-dtype"
+    )
 
 
-def prompt_problem(ids: list[int], spec, vocab: int, allow_full: bool = False) -> tuple[str, str] | None:
+def prompt_problem(
+    ids: list[int], spec, vocab: int, allow_full: bool = False
+) -> tuple[str, str] | None:
     """Why these prompt ids cannot become a sequence, as (code, message), or None if they can.
     A generation needs room for at least one new token; full-sequence logits (allow_full) do
     not; a prompt the whole KV pool cannot hold never can. The codes are the OpenAI-style ones
@@ -112,8 +124,11 @@ def prompt_problem(ids: list[int], spec, vocab: int, allow_full: bool = False) -
     if n == 0:
         return "invalid_prompt", "the prompt is empty: nothing to continue from"
     if n > limit or (n == limit and not allow_full):
-        return ("context_length_exceeded", f"the prompt is {n} tokens and the context is "
-                f"{limit}: shorten it or raise the context size (--ctx-size, max_seq_len)")
+        return (
+            "context_length_exceeded",
+            f"the prompt is {n} tokens and the context is "
+            f"{limit}: shorten it or raise the context size (--ctx-size, max_seq_len)",
+        )
     if min(ids) < 0 or max(ids) >= vocab:
         return "invalid_prompt", f"prompt token ids must lie in [0, {vocab})"
     if not allow_full and spec.blocks_for(n) > spec.n_blocks:

@@ -31,9 +31,9 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
 
 from .batch import Item, LineError, check_messages, check_prompt, request_params, tokenize
 from .engine import Event, Request
@@ -42,27 +42,80 @@ from .sampling import MAX_LOGPROBS, SamplingParams
 
 # Body fields the server reads itself; everything else goes through batch.request_params.
 SERVER_FIELDS = ("stream", "stream_options", "n", "logprobs", "top_logprobs")
-MAX_N = 16                              # choices per request
+MAX_N = 16  # choices per request
 # How long SIGINT/SIGTERM waits for in-flight requests before cancelling them.
 GRACEFUL_SHUTDOWN_S = 10
 # Prometheus histogram buckets (seconds), after vLLM's (with finer ones below 10 ms for small models).
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0, 20.0, 40.0, 80.0)
-ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
-               2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 
 class APIError(Exception):
     """An OpenAI-shaped error response: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 type: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        type: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 class ClientGone(Exception):
@@ -71,52 +124,92 @@ class ClientGone(Exception):
 
 # ---- metrics ---------------------------------------------------------------------------
 
+
 class Metrics:
     """Prometheus metrics in a registry of this server's own (prometheus_client is thread-safe:
     the engine thread observes token timings, the handlers count requests)."""
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("tinyllm_requests", "HTTP generation requests by outcome "
-                                "(ok, cancelled: the client went away, invalid: 4xx, error: 5xx)",
-                                ["outcome"], registry=r)
-        self.finished = Counter("tinyllm_sequences_finished", "generated choices by finish_reason",
-                                ["finish_reason"], registry=r)
-        self.prompt_tokens = Counter("tinyllm_prompt_tokens", "prompt tokens of admitted choices", registry=r)
-        self.generation_tokens = Counter("tinyllm_generation_tokens", "generated tokens", registry=r)
-        self.ttft = Histogram("tinyllm_time_to_first_token_seconds", "from arrival to the first token",
-                              buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("tinyllm_inter_token_latency_seconds", "between consecutive tokens of a choice",
-                             buckets=ITL_BUCKETS, registry=r)
-        self.steps = Counter("tinyllm_engine_steps", "engine steps (one batched forward each)", registry=r)
+        self.requests = Counter(
+            "tinyllm_requests",
+            "HTTP generation requests by outcome "
+            "(ok, cancelled: the client went away, invalid: 4xx, error: 5xx)",
+            ["outcome"],
+            registry=r,
+        )
+        self.finished = Counter(
+            "tinyllm_sequences_finished",
+            "generated choices by finish_reason",
+            ["finish_reason"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "tinyllm_prompt_tokens", "prompt tokens of admitted choices", registry=r
+        )
+        self.generation_tokens = Counter(
+            "tinyllm_generation_tokens", "generated tokens", registry=r
+        )
+        self.ttft = Histogram(
+            "tinyllm_time_to_first_token_seconds",
+            "from arrival to the first token",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "tinyllm_inter_token_latency_seconds",
+            "between consecutive tokens of a choice",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.steps = Counter(
+            "tinyllm_engine_steps", "engine steps (one batched forward each)", registry=r
+        )
         self.running = Gauge("tinyllm_requests_running", "choices in the running batch", registry=r)
-        self.waiting = Gauge("tinyllm_requests_waiting", "choices waiting for room in the batch or the KV cache "
-                             "(preempted ones included)", registry=r)
-        self.kv_blocks_used = Gauge("tinyllm_kv_cache_blocks_used", "KV-cache blocks held by running choices",
-                                    registry=r)
+        self.waiting = Gauge(
+            "tinyllm_requests_waiting",
+            "choices waiting for room in the batch or the KV cache (preempted ones included)",
+            registry=r,
+        )
+        self.kv_blocks_used = Gauge(
+            "tinyllm_kv_cache_blocks_used", "KV-cache blocks held by running choices", registry=r
+        )
         self.kv_blocks = Gauge("tinyllm_kv_cache_blocks", "KV-cache blocks in the pool", registry=r)
-        self.kv_tokens_used = Gauge("tinyllm_kv_cache_tokens_used", "tokens whose K/V running choices hold",
-                                    registry=r)
-        self.kv_usage = Gauge("tinyllm_kv_cache_usage_ratio", "fraction of KV-cache blocks held (used / total)",
-                              registry=r)
-        self.prefix_hits = Counter("tinyllm_prefix_cache_hit_tokens", "prompt tokens served from the prefix "
-                                   "cache instead of computed", registry=r)
-        self.preemptions = Counter("tinyllm_preemptions", "running choices preempted when the KV cache ran "
-                                   "out (recomputed later)", registry=r)
+        self.kv_tokens_used = Gauge(
+            "tinyllm_kv_cache_tokens_used", "tokens whose K/V running choices hold", registry=r
+        )
+        self.kv_usage = Gauge(
+            "tinyllm_kv_cache_usage_ratio",
+            "fraction of KV-cache blocks held (used / total)",
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "tinyllm_prefix_cache_hit_tokens",
+            "prompt tokens served from the prefix cache instead of computed",
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "tinyllm_preemptions",
+            "running choices preempted when the KV cache ran out (recomputed later)",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
+
         return generate_latest(self.registry)
 
 
 # ---- the engine thread ------------------------------------------------------------------
 
+
 @dataclass
 class _Tracked:
-    sink: Callable[[list[Event]], None]   # called on the engine thread with this step's events
+    sink: Callable[[list[Event]], None]  # called on the engine thread with this step's events
     arrival: float
-    last: float = 0.0                     # time of the latest token (0: none yet)
+    last: float = 0.0  # time of the latest token (0: none yet)
 
 
 class EngineWorker:
@@ -133,11 +226,11 @@ class EngineWorker:
     def __init__(self, engine, metrics: Metrics):
         self.engine, self.metrics = engine, metrics
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.tracked: dict[int, _Tracked] = {}          # engine thread only
-        self.seq_of: dict[int, int] = {}                # request index -> engine sequence id
+        self.tracked: dict[int, _Tracked] = {}  # engine thread only
+        self.seq_of: dict[int, int] = {}  # request index -> engine sequence id
         self._ids = itertools.count()
         self.thread = threading.Thread(target=self._loop, name="tinyllm-engine", daemon=True)
-        self.failed: str | None = None                  # why the engine is gone for good
+        self.failed: str | None = None  # why the engine is gone for good
         self.faults = 0
         self.on_fatal: Callable[[], None] | None = None
 
@@ -145,7 +238,7 @@ class EngineWorker:
         self.thread.start()
 
     def new_index(self) -> int:
-        return next(self._ids)                          # itertools.count is atomic under the GIL
+        return next(self._ids)  # itertools.count is atomic under the GIL
 
     def submit(self, req: Request, sink: Callable[[list[Event]], None]):
         """Queue a request; `sink` receives its events, a list per engine step, on the engine
@@ -174,7 +267,7 @@ class EngineWorker:
         while True:
             cmds = []
             if not eng.has_work():
-                cmds.append(self.inbox.get())           # sleep here when there is nothing to run
+                cmds.append(self.inbox.get())  # sleep here when there is nothing to run
             try:
                 while True:
                     cmds.append(self.inbox.get_nowait())
@@ -203,7 +296,7 @@ class EngineWorker:
             elif kind == "abort":
                 if self.tracked.pop(a, None) is not None:
                     eng.abort(self.seq_of.pop(a))
-            else:                                       # stop
+            else:  # stop
                 for index in list(self.tracked):
                     eng.abort(self.seq_of.pop(index))
                 self.tracked.clear()
@@ -228,8 +321,10 @@ class EngineWorker:
                 return
             except Exception:
                 traceback.print_exc()
-        self.failed = ("the engine failed and could not recover (see the server log); "
-                       "the server is shutting down: restart it")
+        self.failed = (
+            "the engine failed and could not recover (see the server log); "
+            "the server is shutting down: restart it"
+        )
         if self.on_fatal is not None:
             self.on_fatal()
 
@@ -244,7 +339,7 @@ class EngineWorker:
         by_req: dict[int, list[Event]] = {}
         for ev in events:
             tr = self.tracked.get(ev.index)
-            if tr is None:                             # aborted meanwhile
+            if tr is None:  # aborted meanwhile
                 continue
             if ev.kind == "token":
                 self.metrics.generation_tokens.inc()
@@ -277,12 +372,14 @@ class EngineWorker:
 
 # ---- requests ---------------------------------------------------------------------------
 
+
 @dataclass
 class Job:
     """One validated generation request: a prompt per choice group, and its options."""
+
     chat: bool
-    prompts: list[list[int]]              # token ids; the choices of prompt p are p*n .. p*n+n-1
-    params: SamplingParams                # resolved (model defaults filled)
+    prompts: list[list[int]]  # token ids; the choices of prompt p are p*n .. p*n+n-1
+    params: SamplingParams  # resolved (model defaults filled)
     n: int
     stream: bool
     include_usage: bool
@@ -305,34 +402,56 @@ def parse_job(body, chat: bool, llm, served: tuple[str, ...]) -> Job:
         raise APIError(400, "the request body must be a JSON object", "invalid_request")
     model = body.get("model")
     if model is not None and model not in served:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {served[0]!r} "
-                       "(GET /v1/models lists it)", "model_not_found", "model")
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {served[0]!r} "
+            "(GET /v1/models lists it)",
+            "model_not_found",
+            "model",
+        )
     try:
         if chat:
             if "messages" not in body:
-                raise LineError("missing_messages", "the request needs \"messages\": a non-empty list of "
-                                "{\"role\", \"content\"}", "messages")
+                raise LineError(
+                    "missing_messages",
+                    'the request needs "messages": a non-empty list of {"role", "content"}',
+                    "messages",
+                )
             prompts = [check_messages(body["messages"])]
         else:
             if "prompt" not in body:
-                raise LineError("missing_prompt", "the request needs \"prompt\": a string or a list of "
-                                "token ids (or a list of those)", "prompt")
+                raise LineError(
+                    "missing_prompt",
+                    'the request needs "prompt": a string or a list of '
+                    "token ids (or a list of those)",
+                    "prompt",
+                )
             p = body["prompt"]
             many = isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p)
             prompts = [check_prompt(x) for x in (p if many else [p])]
-        params = request_params({k: v for k, v in body.items() if k not in ("messages", "prompt")},
-                                extra=SERVER_FIELDS)
+        params = request_params(
+            {k: v for k, v in body.items() if k not in ("messages", "prompt")}, extra=SERVER_FIELDS
+        )
         ids = [tokenize(llm, Item(0, None, chat, x, params)) for x in prompts]
     except LineError as e:
         raise APIError(400, e.message, e.code, e.param) from None
     stream = _typed(body, "stream", bool, False)
     opts = _typed(body, "stream_options", dict, {})
     if opts and not stream:
-        raise APIError(400, "stream_options is only allowed with stream=true", "invalid_parameter", "stream_options")
+        raise APIError(
+            400,
+            "stream_options is only allowed with stream=true",
+            "invalid_parameter",
+            "stream_options",
+        )
     if set(opts) - {"include_usage"}:
         bad = sorted(set(opts) - {"include_usage"})[0]
-        raise APIError(400, f"stream_options.{bad} is not supported (only include_usage)",
-                       "unsupported_parameter", "stream_options")
+        raise APIError(
+            400,
+            f"stream_options.{bad} is not supported (only include_usage)",
+            "unsupported_parameter",
+            "stream_options",
+        )
     include_usage = _typed(opts, "include_usage", bool, False)
     n = _typed(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
@@ -352,18 +471,26 @@ def logprobs_wanted(body: dict, chat: bool) -> int | None:
         top = _typed(body, "top_logprobs", int, None)
         if not _typed(body, "logprobs", bool, False):
             if top is not None:
-                raise APIError(400, "top_logprobs needs logprobs=true", "invalid_parameter", "top_logprobs")
+                raise APIError(
+                    400, "top_logprobs needs logprobs=true", "invalid_parameter", "top_logprobs"
+                )
             return None
         k, name = (top or 0), "top_logprobs"
     else:
         if body.get("top_logprobs") is not None:
-            raise APIError(400, "top_logprobs is a chat parameter; /v1/completions takes logprobs=N",
-                           "unknown_parameter", "top_logprobs")
+            raise APIError(
+                400,
+                "top_logprobs is a chat parameter; /v1/completions takes logprobs=N",
+                "unknown_parameter",
+                "top_logprobs",
+            )
         k, name = _typed(body, "logprobs", int, None), "logprobs"
         if k is None:
             return None
     if not 0 <= k <= MAX_LOGPROBS:
-        raise APIError(400, f"{name}={k} must be from 0 to {MAX_LOGPROBS}", "invalid_parameter", name)
+        raise APIError(
+            400, f"{name}={k} must be from 0 to {MAX_LOGPROBS}", "invalid_parameter", name
+        )
     return k
 
 
@@ -382,16 +509,17 @@ class Generation:
         self.worker, self.job = worker, job
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
-        self.choice: dict[int, int] = {}            # engine index -> choice index
-        self.open: set[int] = set()                 # engine indexes not finished yet
+        self.choice: dict[int, int] = {}  # engine index -> choice index
+        self.open: set[int] = set()  # engine indexes not finished yet
         self.t0 = time.time()
 
     def start(self):
-        def sink(evs: list[Event]):                 # engine thread
+        def sink(evs: list[Event]):  # engine thread
             try:
                 self.loop.call_soon_threadsafe(self.events.put_nowait, evs)
-            except RuntimeError:                    # the loop has closed: nobody is listening
+            except RuntimeError:  # the loop has closed: nobody is listening
                 pass
+
         for p, ids in enumerate(self.job.prompts):
             for j in range(self.job.n):
                 index = self.worker.new_index()
@@ -422,18 +550,32 @@ def usage(job: Job, done: dict) -> dict:
     n_prompt = sum(len(ids) for ids in job.prompts)
     cached = sum(c.cached_tokens for i, c in done.items() if i % job.n == 0)
     n_gen = sum(len(c.token_ids) for c in done.values())
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": n_gen,
+        "total_tokens": n_prompt + n_gen,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 # ---- responses ----------------------------------------------------------------------------
 
-def _choice(job: Job, i: int, text: str, finish: str | None, delta: dict | None = None,
-            logprobs: dict | None = None) -> dict:
+
+def _choice(
+    job: Job,
+    i: int,
+    text: str,
+    finish: str | None,
+    delta: dict | None = None,
+    logprobs: dict | None = None,
+) -> dict:
     if not job.chat:
         return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    body = {"delta": delta if delta is not None else ({"content": text} if text else {})} if job.stream \
+    body = (
+        {"delta": delta if delta is not None else ({"content": text} if text else {})}
+        if job.stream
         else {"message": {"role": "assistant", "content": text}}
+    )
     return {"index": i, **body, "logprobs": logprobs, "finish_reason": finish}
 
 
@@ -447,7 +589,7 @@ class Logprobs:
         self.chat, self.tok = job.chat, tokenizer
         self.wanted = job.params.logprobs is not None
         self.pending: list[Event] = []
-        self.offset = 0                                 # completions: text_offset of the next token
+        self.offset = 0  # completions: text_offset of the next token
 
     def add(self, ev: Event):
         if self.wanted:
@@ -461,20 +603,30 @@ class Logprobs:
             return None
         evs, self.pending = self.pending, []
         if self.chat:
+
             def entry(t, lp):
                 s = self._text(t)
                 return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-            content = [{**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top_logprobs]}
-                       for e in evs]
+
+            content = [
+                {
+                    **entry(e.token_id, e.logprob),
+                    "top_logprobs": [entry(t, lp) for t, lp in e.top_logprobs],
+                }
+                for e in evs
+            ]
             return {"content": content, "refusal": None}
         tokens = [self._text(e.token_id) for e in evs]
         offsets = []
         for t in tokens:
             offsets.append(self.offset)
             self.offset += len(t)
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in evs],
-                "top_logprobs": [{self._text(t): lp for t, lp in e.top_logprobs} for e in evs],
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in evs],
+            "top_logprobs": [{self._text(t): lp for t, lp in e.top_logprobs} for e in evs],
+            "text_offset": offsets,
+        }
 
 
 def _status(ev: Event) -> int:
@@ -483,8 +635,17 @@ def _status(ev: Event) -> int:
 
 
 def _envelope(job: Job, rid: str, created: int, choices: list, **extra) -> dict:
-    kind = ("chat.completion" if job.chat else "text_completion") + (".chunk" if job.stream and job.chat else "")
-    return {"id": rid, "object": kind, "created": created, "model": job.model, "choices": choices, **extra}
+    kind = ("chat.completion" if job.chat else "text_completion") + (
+        ".chunk" if job.stream and job.chat else ""
+    )
+    return {
+        "id": rid,
+        "object": kind,
+        "created": created,
+        "model": job.model,
+        "choices": choices,
+        **extra,
+    }
 
 
 def _sse(obj) -> bytes:
@@ -504,11 +665,21 @@ class Server:
         auth = request.headers.get("authorization", "")
         scheme, _, given = auth.partition(" ")
         if not auth:
-            raise APIError(401, "no API key: send the header 'Authorization: Bearer KEY' with the server's "
-                           "key (--api-key or TINYLLM_API_KEY)", "invalid_api_key")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "incorrect API key: send the server's key (--api-key or TINYLLM_API_KEY) as "
-                           "'Authorization: Bearer KEY'", "invalid_api_key")
+            raise APIError(
+                401,
+                "no API key: send the header 'Authorization: Bearer KEY' with the server's "
+                "key (--api-key or TINYLLM_API_KEY)",
+                "invalid_api_key",
+            )
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.api_key.encode()
+        ):
+            raise APIError(
+                401,
+                "incorrect API key: send the server's key (--api-key or TINYLLM_API_KEY) as "
+                "'Authorization: Bearer KEY'",
+                "invalid_api_key",
+            )
 
     async def parse(self, request, chat: bool) -> Job:
         self.check_key(request)
@@ -516,17 +687,23 @@ class Server:
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
+            raise APIError(
+                400, f"the request body is not valid JSON ({e})", "invalid_json"
+            ) from None
         return parse_job(body, chat, self.llm, self.names)
 
     async def generate(self, request, chat: bool):
         from fastapi.responses import JSONResponse, Response, StreamingResponse
+
         job = await self.parse(request, chat)
         gen = Generation(self.worker, job)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        if job.stream:                              # _stream starts gen: then its `finally` cancels it
-            return StreamingResponse(self._stream(gen, rid), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+        if job.stream:  # _stream starts gen: then its `finally` cancels it
+            return StreamingResponse(
+                self._stream(gen, rid),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         outcome = "cancelled"
         try:
             gen.start()
@@ -542,11 +719,14 @@ class Server:
                     raise APIError(_status(ev), ev.error, ev.code)
             outcome = "ok"
         except ClientGone:
-            return Response(status_code=499)            # nobody reads it (nginx's "client closed")
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed")
         finally:
             gen.cancel()
             self.metrics.requests.labels(outcome).inc()
-        choices = [_choice(job, i, done[i].text, done[i].finish_reason, logprobs=lps[i].take()) for i in sorted(done)]
+        choices = [
+            _choice(job, i, done[i].text, done[i].finish_reason, logprobs=lps[i].take())
+            for i in sorted(done)
+        ]
         return JSONResponse(_envelope(job, rid, int(gen.t0), choices, usage=usage(job, done)))
 
     async def _watch(self, gen: Generation, request, every: float = 0.5):
@@ -581,20 +761,36 @@ class Server:
             if job.chat:
                 for i in range(len(job.prompts) * job.n):
                     delta = {"role": "assistant", "content": ""}
-                    yield _sse(_envelope(job, rid, created, [_choice(job, i, "", None, delta)], **extra))
+                    yield _sse(
+                        _envelope(job, rid, created, [_choice(job, i, "", None, delta)], **extra)
+                    )
             done: dict = {}
             lps = {i: Logprobs(job, self.llm.tokenizer) for i in range(len(job.prompts) * job.n)}
             async for i, ev in gen:
-                if ev.kind == "token":                  # its logprobs ride on the next chunk
+                if ev.kind == "token":  # its logprobs ride on the next chunk
                     lps[i].add(ev)
                 elif ev.kind == "text":
-                    yield _sse(_envelope(job, rid, created, [_choice(job, i, ev.text, None, logprobs=lps[i].take())],
-                                         **extra))
+                    yield _sse(
+                        _envelope(
+                            job,
+                            rid,
+                            created,
+                            [_choice(job, i, ev.text, None, logprobs=lps[i].take())],
+                            **extra,
+                        )
+                    )
                 elif ev.kind == "finish":
                     done[i] = ev.completion
                     rest = lps[i].take() if lps[i].pending else None
-                    yield _sse(_envelope(job, rid, created, [_choice(job, i, "", ev.completion.finish_reason,
-                                                                     logprobs=rest)], **extra))
+                    yield _sse(
+                        _envelope(
+                            job,
+                            rid,
+                            created,
+                            [_choice(job, i, "", ev.completion.finish_reason, logprobs=rest)],
+                            **extra,
+                        )
+                    )
                 elif ev.kind == "error":
                     outcome = "error"
                     yield _sse(APIError(_status(ev), ev.error, ev.code).body())
@@ -603,15 +799,21 @@ class Server:
                 yield _sse(_envelope(job, rid, created, [], usage=usage(job, done)))
             yield b"data: [DONE]\n\n"
             outcome = "ok" if outcome != "error" else outcome
-        finally:                                    # also when the client disconnects (cancelled)
+        finally:  # also when the client disconnects (cancelled)
             gen.cancel()
             self.metrics.requests.labels(outcome).inc()
 
 
-def create_app(llm, names: tuple[str, ...], api_key: str | None = None, on_ready: Callable[[], None] | None = None):
+def create_app(
+    llm,
+    names: tuple[str, ...],
+    api_key: str | None = None,
+    on_ready: Callable[[], None] | None = None,
+):
     """The FastAPI app serving `llm` under the model names `names` (the first is the one
     /v1/models lists). The engine thread starts with the app and stops with it."""
-    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi import FastAPI
+    from fastapi import Request as HTTPRequest
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST
     from starlette.exceptions import HTTPException
@@ -627,20 +829,27 @@ def create_app(llm, names: tuple[str, ...], api_key: str | None = None, on_ready
         yield
         srv.worker.stop()
 
-    app = FastAPI(title="tinyllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="tinyllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.server = srv
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
         if e.status < 500 and request.url.path in ("/v1/chat/completions", "/v1/completions"):
-            metrics.requests.labels("invalid").inc()            # (generate() counts the rest)
+            metrics.requests.labels("invalid").inc()  # (generate() counts the rest)
         return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(HTTPException)
-    async def http_error(request, e: HTTPException):     # unknown path, wrong method
-        return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
-                                     "not_found" if e.status_code == 404 else None).body(),
-                            status_code=e.status_code)
+    async def http_error(request, e: HTTPException):  # unknown path, wrong method
+        return JSONResponse(
+            APIError(
+                e.status_code,
+                f"{request.method} {request.url.path}: {e.detail}",
+                "not_found" if e.status_code == 404 else None,
+            ).body(),
+            status_code=e.status_code,
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
@@ -653,8 +862,18 @@ def create_app(llm, names: tuple[str, ...], api_key: str | None = None, on_ready
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
         srv.check_key(request)
-        return {"object": "list", "data": [{"id": names[0], "object": "model", "created": 0, "owned_by": "tinyllm",
-                                            "max_model_len": llm.max_seq_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": names[0],
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "tinyllm",
+                    "max_model_len": llm.max_seq_len,
+                }
+            ],
+        }
 
     @app.get("/health")
     async def health():
@@ -672,6 +891,7 @@ def create_app(llm, names: tuple[str, ...], api_key: str | None = None, on_ready
 
 # ---- the command ----------------------------------------------------------------------------
 
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket, bound before the model loads: a port in use fails at once. Port 0
     picks a free one (the ready line says which)."""
@@ -684,15 +904,19 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind(addr)
         sock.listen(2048)
     except OSError as e:
-        raise TinyLLMError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --host/--port") from None
+        raise TinyLLMError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --host/--port"
+        ) from None
     return sock
 
 
 def ready_lines(url: str, model: str, api_key: str | None) -> str:
-    auth = " -H \"Authorization: Bearer $TINYLLM_API_KEY\"" if api_key else ""
+    auth = ' -H "Authorization: Bearer $TINYLLM_API_KEY"' if api_key else ""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
-    return (f"tinyllm serve: ready at {url}/v1 (model {model!r}); Ctrl-C stops\n"
-            f"try: curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'")
+    return (
+        f"tinyllm serve: ready at {url}/v1 (model {model!r}); Ctrl-C stops\n"
+        f"try: curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
+    )
 
 
 def run_serve(a) -> int:
@@ -703,8 +927,9 @@ def run_serve(a) -> int:
         import uvicorn
     except ImportError as e:
         raise TinyLLMError(f"tinyllm serve needs {e.name}: pip install 'tinyllm[serve]'") from None
-    from .options import load_llm
     from .hub import DEFAULT_MODEL
+    from .options import load_llm
+
     if a.max_batch < 1:
         raise TinyLLMError(f"--max-batch must be at least 1 (got {a.max_batch})")
     api_key = a.api_key or os.environ.get("TINYLLM_API_KEY") or None
@@ -715,14 +940,19 @@ def run_serve(a) -> int:
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     if api_key is None and not ipaddress.ip_address(host).is_loopback:
-        print(f"tinyllm serve: warning: listening on {host} without an API key: anyone who can reach "
-              "this port can use it (set --api-key or TINYLLM_API_KEY)", file=sys.stderr)
+        print(
+            f"tinyllm serve: warning: listening on {host} without an API key: anyone who can reach "
+            "this port can use it (set --api-key or TINYLLM_API_KEY)",
+            file=sys.stderr,
+        )
 
     def on_ready():
         print(ready_lines(url, name, api_key), flush=True)
 
     app = create_app(llm, names, api_key, on_ready)
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on")
+    config = uvicorn.Config(
+        app, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on"
+    )
     # uvicorn handles SIGINT/SIGTERM during serve() (stop accepting, let in-flight requests
     # finish for GRACEFUL_SHUTDOWN_S, cancel the rest), then restores the previous handlers and
     # re-raises the signal. No-op handlers here make that re-raise harmless: exit status 0.
@@ -730,8 +960,9 @@ def run_serve(a) -> int:
         signal.signal(sig, lambda *_: None)
     server = uvicorn.Server(config)
 
-    def on_fatal():                                  # the engine is gone: stop, exit status 1
+    def on_fatal():  # the engine is gone: stop, exit status 1
         server.should_exit = True
+
     app.state.server.worker.on_fatal = on_fatal
     server.run(sockets=[sock])
     if app.state.server.worker.failed:

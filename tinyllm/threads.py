@@ -14,13 +14,13 @@ import os
 
 from .errors import TinyLLMError
 
-_limiter = None          # the threadpoolctl limiter in force (kept so the limit stays set)
+_limiter = None  # the threadpoolctl limiter in force (kept so the limit stays set)
 
 
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
-    except AttributeError:            # not Linux
+    except AttributeError:  # not Linux
         return os.cpu_count() or 1
 
 
@@ -31,7 +31,7 @@ def busy_cores() -> int:
             running = int(f.read().split()[3].split("/")[0])
     except (OSError, ValueError, IndexError):
         return 0
-    return max(0, running - 1)          # minus this process, which is running to read it
+    return max(0, running - 1)  # minus this process, which is running to read it
 
 
 def default_threads() -> int:
@@ -42,10 +42,13 @@ def set_threads(threads: int | None) -> int:
     """Limit BLAS to `threads` (None: default_threads()) for the rest of the process;
     returns the number in force."""
     global _limiter
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+    if threads is not None and (
+        not isinstance(threads, int) or isinstance(threads, bool) or threads < 1
+    ):
         raise TinyLLMError(f"threads={threads!r} must be an integer >= 1")
     n = threads or default_threads()
     from threadpoolctl import threadpool_limits
+
     if _limiter is not None:
         _limiter.restore_original_limits()
     _limiter = threadpool_limits(limits=n, user_api="blas")
@@ -55,4 +58,5 @@ def set_threads(threads: int | None) -> int:
 def blas_threads() -> list[int]:
     """The thread count of every BLAS library loaded (for checks and `--verbose`)."""
     from threadpoolctl import threadpool_info
+
     return [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]

@@ -67,10 +67,10 @@ class StreamDecoder:
     """
 
     def __init__(self, decode, prompt_ids=None, context: int = STREAM_CONTEXT):
-        self._decode = decode                                      # list[int] -> str
+        self._decode = decode  # list[int] -> str
         tail = list(prompt_ids)[-context:] if prompt_ids is not None and context > 0 else []
         self._ids = [int(t) for t in tail]
-        self._read = len(self._ids)                                 # ids[:read] were emitted (or are prompt)
+        self._read = len(self._ids)  # ids[:read] were emitted (or are prompt)
         self._prefix_text = self._decode(self._ids) if self._ids else ""
 
     def push(self, token_id: int) -> str:
@@ -78,8 +78,8 @@ class StreamDecoder:
         text = self._decode(self._ids)
         if len(text) <= len(self._prefix_text) or text.endswith(REPLACEMENT_CHAR):
             return ""  # nothing new yet (a skipped special token), or a character still incomplete
-        new = text[len(self._prefix_text):]
-        self._ids = self._ids[self._read:]
+        new = text[len(self._prefix_text) :]
+        self._ids = self._ids[self._read :]
         self._read = len(self._ids)
         self._prefix_text = self._decode(self._ids)
         return new
@@ -87,8 +87,8 @@ class StreamDecoder:
     def flush(self) -> str:
         """Whatever is still held back (e.g. bytes that never became a valid character)."""
         text = self._decode(self._ids) if len(self._ids) > self._read else self._prefix_text
-        new = text[len(self._prefix_text):] if len(text) > len(self._prefix_text) else ""
-        self._ids = self._ids[self._read:] if new else self._ids
+        new = text[len(self._prefix_text) :] if len(text) > len(self._prefix_text) else ""
+        self._ids = self._ids[self._read :] if new else self._ids
         self._read = len(self._ids)
         self._prefix_text = self._decode(self._ids) if self._ids else ""
         return new
@@ -115,29 +115,38 @@ class Tokenizer:
     def present(model_dir) -> bool:
         """Whether the directory holds any tokenizer file (load() says what is wrong with it)."""
         d = Path(model_dir)
-        return any((d / n).is_file() for n in ("tokenizer.json", "tekken.json", "tokenizer.model")) \
-            or any(d.glob("tokenizer.model.v*"))
+        return any(
+            (d / n).is_file() for n in ("tokenizer.json", "tekken.json", "tokenizer.model")
+        ) or any(d.glob("tokenizer.model.v*"))
 
     @classmethod
     def load(cls, model_dir) -> Tokenizer:
         d = Path(model_dir)
         if not d.is_dir():
             raise TinyLLMError(f"tokenizer: {d} is not a directory; pass the model directory")
-        if (d / "tokenizer.json").is_file():  # wins over tokenizer.model.v3: Mistral's HF repos ship both
+        if (
+            d / "tokenizer.json"
+        ).is_file():  # wins over tokenizer.model.v3: Mistral's HF repos ship both
             return HFTokenizer(d)
         native = sorted(p.name for p in d.glob("tokenizer.model.v*"))
         if len(native) > 1:
-            raise TinyLLMError(f"tokenizer: {d} has several Mistral tokenizers ({', '.join(native)}); "
-                               "keep the one that matches the model")
+            raise TinyLLMError(
+                f"tokenizer: {d} has several Mistral tokenizers ({', '.join(native)}); "
+                "keep the one that matches the model"
+            )
         if native:
             return MistralNativeTokenizer(d / native[0])
         if (d / "tekken.json").is_file():
-            raise TinyLLMError(f"tokenizer: {d / 'tekken.json'} (Mistral Tekken tokenizer) is not supported yet; "
-                               "use a model directory with tokenizer.json")
+            raise TinyLLMError(
+                f"tokenizer: {d / 'tekken.json'} (Mistral Tekken tokenizer) is not supported yet; "
+                "use a model directory with tokenizer.json"
+            )
         if (d / "tokenizer.model").is_file():
-            raise TinyLLMError(f"tokenizer: {d} has tokenizer.model but no tokenizer.json; write one with "
-                               "transformers (AutoTokenizer.from_pretrained(dir).save_pretrained(dir)), or rename "
-                               "a Mistral v0.1/v0.2 native tokenizer to tokenizer.model.v1")
+            raise TinyLLMError(
+                f"tokenizer: {d} has tokenizer.model but no tokenizer.json; write one with "
+                "transformers (AutoTokenizer.from_pretrained(dir).save_pretrained(dir)), or rename "
+                "a Mistral v0.1/v0.2 native tokenizer to tokenizer.model.v1"
+            )
         raise TinyLLMError(f"tokenizer: no tokenizer.json or tokenizer.model.v1/v2/v3 in {d}")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -146,37 +155,51 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         raise NotImplementedError
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
+    ) -> str:
         raise NotImplementedError
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
+    ) -> list[int]:
         # The rendered prompt already holds BOS when the model wants one (`{{ bos_token }}`);
         # adding special tokens again would give two [Llama-3.1-8B-Instruct discussion 97].
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        text = self.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, **kwargs
+        )
         return self.encode(text, add_special_tokens=False)
 
-    def stream(self, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True) -> StreamDecoder:
+    def stream(
+        self, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True
+    ) -> StreamDecoder:
         """A `StreamDecoder` for the tokens that follow `prompt_ids` (its last few are context)."""
-        return StreamDecoder(lambda ids: self.decode(ids, skip_special_tokens=skip_special_tokens), prompt_ids)
+        return StreamDecoder(
+            lambda ids: self.decode(ids, skip_special_tokens=skip_special_tokens), prompt_ids
+        )
 
 
 def check_messages(messages) -> list[dict]:
     """OpenAI-style messages -> [{"role": str, "content": str, ...}]: content given as a list
     of text parts is joined; anything else raises TinyLLMError naming the message."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise TinyLLMError("messages must be a non-empty list of {\"role\", \"content\"} objects")
+        raise TinyLLMError('messages must be a non-empty list of {"role", "content"} objects')
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise TinyLLMError(f"message {i} must be an object with a string \"role\"")
+            raise TinyLLMError(f'message {i} must be an object with a string "role"')
         content = m.get("content")
         if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content
+            ):
                 raise TinyLLMError(f"message {i}: only text content parts are supported")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise TinyLLMError(f"message {i} must have string \"content\", not {type(content).__name__}")
+            raise TinyLLMError(
+                f'message {i} must have string "content", not {type(content).__name__}'
+            )
         out.append({**m, "content": content})
     return out
 
@@ -185,12 +208,16 @@ def _read_template(path: Path) -> str:
     """A chat_template.jinja file: UTF-8 text of bounded size."""
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
-            raise TinyLLMError(f"tokenizer: {path} is larger than {MAX_JSON_BYTES // 2**20} MiB; not a chat template")
+            raise TinyLLMError(
+                f"tokenizer: {path} is larger than {MAX_JSON_BYTES // 2**20} MiB; not a chat template"
+            )
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise TinyLLMError(f"tokenizer: {path} is not UTF-8 text") from None
     except OSError as e:
-        raise TinyLLMError(f"tokenizer: cannot read {path}: {e.strerror or type(e).__name__}") from None
+        raise TinyLLMError(
+            f"tokenizer: cannot read {path}: {e.strerror or type(e).__name__}"
+        ) from None
 
 
 def _token_str(value) -> str | None:
@@ -236,13 +263,19 @@ class HFTokenizer(Tokenizer):
 
         cfg_path = self.model_dir / "tokenizer_config.json"
         cfg = read_json_object(cfg_path) if cfg_path.is_file() else {}
-        named = {k: _token_str(v) for k, v in cfg.items() if k.endswith("_token") and _token_str(v) is not None}
+        named = {
+            k: _token_str(v)
+            for k, v in cfg.items()
+            if k.endswith("_token") and _token_str(v) is not None
+        }
         map_path = self.model_dir / "special_tokens_map.json"
         if map_path.is_file() and "added_tokens_decoder" not in cfg:
             for k, v in read_json_object(map_path).items():
                 if k.endswith("_token") and _token_str(v) is not None:
                     named[k] = _token_str(v)
-        self.special_tokens = named  # e.g. {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        self.special_tokens = (
+            named  # e.g. {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        )
 
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_token_id = self.token_to_id(named.get("bos_token"))
@@ -280,44 +313,70 @@ class HFTokenizer(Tokenizer):
             return {}
         if isinstance(tpl, str):
             return {"default": tpl}
-        if isinstance(tpl, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
-                                         and isinstance(t.get("template"), str) for t in tpl):
+        if isinstance(tpl, list) and all(
+            isinstance(t, dict)
+            and isinstance(t.get("name"), str)
+            and isinstance(t.get("template"), str)
+            for t in tpl
+        ):
             return {t["name"]: t["template"] for t in tpl}
         raise JsonObject(cfg, "tokenizer_config.json").error(
-            "chat_template", tpl, "must be a template string or a list of {\"name\", \"template\"} strings")
+            "chat_template",
+            tpl,
+            'must be a template string or a list of {"name", "template"} strings',
+        )
 
     def chat_template(self, tools=None) -> str:
         """The template source that `apply_chat_template` would use."""
         if not self._templates:
-            raise TinyLLMError(f"tokenizer: {self.model_dir} has no chat template (no chat_template.jinja and no "
-                               "chat_template in tokenizer_config.json); use `tinyllm generate` with a raw prompt")
+            raise TinyLLMError(
+                f"tokenizer: {self.model_dir} has no chat template (no chat_template.jinja and no "
+                "chat_template in tokenizer_config.json); use `tinyllm generate` with a raw prompt"
+            )
         if len(self._templates) == 1:
             return next(iter(self._templates.values()))
         if tools is not None and "tool_use" in self._templates:
             return self._templates["tool_use"]
         if "default" in self._templates:
             return self._templates["default"]
-        raise TinyLLMError(f"tokenizer: {self.model_dir} has several chat templates "
-                           f"({', '.join(sorted(self._templates))}) and none named 'default'")
+        raise TinyLLMError(
+            f"tokenizer: {self.model_dir} has several chat templates "
+            f"({', '.join(sorted(self._templates))}) and none named 'default'"
+        )
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
+    ) -> str:
         source = self.chat_template(kwargs.get("tools"))
         if source not in self._compiled:
             try:
                 self._compiled[source] = _jinja_env().from_string(source)
             except Exception as e:  # TemplateSyntaxError, RecursionError on deep nesting, ...
-                raise ChatTemplateError(f"chat template of {self.model_dir} does not compile: "
-                                        f"{_one_line(e)}") from None
-        variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}  # kwargs win, as in HF
+                raise ChatTemplateError(
+                    f"chat template of {self.model_dir} does not compile: {_one_line(e)}"
+                ) from None
+        variables = {
+            "tools": None,
+            "documents": None,
+            **self.special_tokens,
+            **kwargs,
+        }  # kwargs win, as in HF
         template = self._compiled[source]
-        return render_bounded(lambda: template.generate(messages=copy.deepcopy(list(messages)),
-                                                        add_generation_prompt=add_generation_prompt, **variables))
+        return render_bounded(
+            lambda: template.generate(
+                messages=copy.deepcopy(list(messages)),
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        )
 
 
 # Rendering limits: a real chat template renders in milliseconds into a prompt that must fit a
 # context window; a hostile one must not hang or exhaust memory.
-TEMPLATE_TIME_LIMIT = 5.0               # seconds
-TEMPLATE_OUTPUT_LIMIT = 16 * 2**20      # characters, for the prompt and for any string or list built on the way
+TEMPLATE_TIME_LIMIT = 5.0  # seconds
+TEMPLATE_OUTPUT_LIMIT = (
+    16 * 2**20
+)  # characters, for the prompt and for any string or list built on the way
 
 
 class _TemplateTimeout(BaseException):
@@ -344,7 +403,9 @@ def render_bounded(generate) -> str:
     def fire():
         with lock:
             if state["active"]:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(_TemplateTimeout))
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(tid), ctypes.py_object(_TemplateTimeout)
+                )
 
     timer = threading.Timer(TEMPLATE_TIME_LIMIT, fire)
     timer.daemon = True
@@ -355,7 +416,9 @@ def render_bounded(generate) -> str:
             for chunk in generate():
                 n += len(chunk)
                 if n > TEMPLATE_OUTPUT_LIMIT:
-                    raise _TemplateLimit(f"the prompt grew past {TEMPLATE_OUTPUT_LIMIT:,} characters")
+                    raise _TemplateLimit(
+                        f"the prompt grew past {TEMPLATE_OUTPUT_LIMIT:,} characters"
+                    )
                 out.append(chunk)
             return "".join(out)
         finally:
@@ -363,8 +426,9 @@ def render_bounded(generate) -> str:
                 state["active"] = False
             timer.cancel()
     except _TemplateTimeout:
-        raise ChatTemplateError(f"chat template rendering took longer than {TEMPLATE_TIME_LIMIT:g} s "
-                                f"and was stopped") from None
+        raise ChatTemplateError(
+            f"chat template rendering took longer than {TEMPLATE_TIME_LIMIT:g} s and was stopped"
+        ) from None
     except _TemplateRaised as e:
         raise ChatTemplateError(str(e)) from None
     except _TemplateLimit as e:
@@ -373,8 +437,12 @@ def render_bounded(generate) -> str:
         raise ChatTemplateError("chat template rendering ran out of memory") from None
     except RecursionError:
         raise ChatTemplateError("chat template rendering recursed too deeply") from None
-    except Exception as e:  # jinja errors, ZeroDivisionError, TypeError, OverflowError, a missing loader, ...
-        raise ChatTemplateError(f"chat template failed to render: {type(e).__name__}: {_one_line(e)}") from None
+    except (
+        Exception
+    ) as e:  # jinja errors, ZeroDivisionError, TypeError, OverflowError, a missing loader, ...
+        raise ChatTemplateError(
+            f"chat template failed to render: {type(e).__name__}: {_one_line(e)}"
+        ) from None
 
 
 def _check_size(value):
@@ -388,7 +456,9 @@ def _check_args(args, kwargs):
     allocate before any result could be checked."""
     for a in (*args, *kwargs.values()):
         if isinstance(a, int) and not isinstance(a, bool) and abs(a) > TEMPLATE_OUTPUT_LIMIT:
-            raise _TemplateLimit(f"an argument of {a:.3g} exceeds the {TEMPLATE_OUTPUT_LIMIT:,} limit")
+            raise _TemplateLimit(
+                f"an argument of {a:.3g} exceeds the {TEMPLATE_OUTPUT_LIMIT:,} limit"
+            )
 
 
 _FORMAT_NUMBER = re.compile(r"\d{8,}")
@@ -398,16 +468,19 @@ def _check_format(fmt: str):
     """A %- or {}-format string whose widths would build a huge string."""
     for m in _FORMAT_NUMBER.finditer(fmt):
         if int(m.group()) > TEMPLATE_OUTPUT_LIMIT:
-            raise _TemplateLimit(f"a format width of {m.group()[:20]} exceeds the {TEMPLATE_OUTPUT_LIMIT:,} limit")
+            raise _TemplateLimit(
+                f"a format width of {m.group()[:20]} exceeds the {TEMPLATE_OUTPUT_LIMIT:,} limit"
+            )
     if isinstance(fmt, str) and re.search(r"%[-#0 +]*\*", fmt):
         raise _TemplateLimit("'*' widths in % formats are not allowed in chat templates")
 
 
 def _bounded_filter(f):
-    @functools.wraps(f)        # keeps jinja's pass_context/pass_environment marker
+    @functools.wraps(f)  # keeps jinja's pass_context/pass_environment marker
     def bounded(*args, **kwargs):
         _check_args(args[1:], kwargs)
         return _check_size(f(*args, **kwargs))
+
     return bounded
 
 
@@ -422,14 +495,28 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         seqs = (str, list, tuple)
         if operator == "*":
             for a, b in ((left, right), (right, left)):
-                if isinstance(a, seqs) and isinstance(b, int) and len(a) * b > TEMPLATE_OUTPUT_LIMIT:
-                    raise _TemplateLimit(f"repeating a value {b:.3g} times exceeds the {TEMPLATE_OUTPUT_LIMIT:,} limit")
+                if (
+                    isinstance(a, seqs)
+                    and isinstance(b, int)
+                    and len(a) * b > TEMPLATE_OUTPUT_LIMIT
+                ):
+                    raise _TemplateLimit(
+                        f"repeating a value {b:.3g} times exceeds the {TEMPLATE_OUTPUT_LIMIT:,} limit"
+                    )
         elif operator == "**":
-            if isinstance(left, int) and isinstance(right, int) and right > 0 \
-                    and max(left.bit_length(), 1) * right > 64 * 1024:
+            if (
+                isinstance(left, int)
+                and isinstance(right, int)
+                and right > 0
+                and max(left.bit_length(), 1) * right > 64 * 1024
+            ):
                 raise _TemplateLimit("a power that large is not computed in a chat template")
         elif operator == "+":
-            if isinstance(left, seqs) and isinstance(right, seqs) and len(left) + len(right) > TEMPLATE_OUTPUT_LIMIT:
+            if (
+                isinstance(left, seqs)
+                and isinstance(right, seqs)
+                and len(left) + len(right) > TEMPLATE_OUTPUT_LIMIT
+            ):
                 raise _TemplateLimit(f"a value grew past {TEMPLATE_OUTPUT_LIMIT:,} elements")
         elif operator == "%" and isinstance(left, str):
             _check_format(left)
@@ -437,10 +524,16 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
         _check_args(args, kwargs)
-        if getattr(__obj, "__name__", None) == "replace" and isinstance(getattr(__obj, "__self__", None), str) \
-                and len(args) >= 2 and isinstance(args[1], str):
+        if (
+            getattr(__obj, "__name__", None) == "replace"
+            and isinstance(getattr(__obj, "__self__", None), str)
+            and len(args) >= 2
+            and isinstance(args[1], str)
+        ):
             if (len(__obj.__self__) + 1) * max(len(args[1]), 1) > TEMPLATE_OUTPUT_LIMIT:
-                raise _TemplateLimit(f"a replace() result could exceed the {TEMPLATE_OUTPUT_LIMIT:,} limit")
+                raise _TemplateLimit(
+                    f"a replace() result could exceed the {TEMPLATE_OUTPUT_LIMIT:,} limit"
+                )
         return _check_size(super().call(__context, __obj, *args, **kwargs))
 
     def wrap_str_format(self, value):
@@ -472,7 +565,9 @@ def _raise_exception(message):
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # jinja's own tojson escapes <, >, & and ' for HTML, which would change the prompt
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt):
@@ -484,8 +579,9 @@ def _jinja_env() -> ImmutableSandboxedEnvironment:
     """The environment transformers renders chat templates in (chat_template_utils.py): sandboxed
     (templates come from the Hub), trim_blocks + lstrip_blocks, loop controls, plus the globals
     and filter above."""
-    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
-                          extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = _BoundedSandbox(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
@@ -514,13 +610,16 @@ class MistralNativeTokenizer(Tokenizer):
         self.model_dir = path.parent
         self.version = path.name.rsplit(".", 1)[-1]  # "v1", "v2", "v3"
         if self.version not in ("v1", "v2", "v3"):
-            raise TinyLLMError(f"tokenizer: {path} is not supported yet (tinyllm reads tokenizer.model.v1, "
-                               "v2 and v3)")
+            raise TinyLLMError(
+                f"tokenizer: {path} is not supported yet (tinyllm reads tokenizer.model.v1, "
+                "v2 and v3)"
+            )
         try:
             import sentencepiece
         except ImportError:
-            raise TinyLLMError(f"tokenizer: {path} needs the sentencepiece package: "
-                               "pip install 'tinyllm[mistral]'") from None
+            raise TinyLLMError(
+                f"tokenizer: {path} needs the sentencepiece package: pip install 'tinyllm[mistral]'"
+            ) from None
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
@@ -536,8 +635,10 @@ class MistralNativeTokenizer(Tokenizer):
         else:
             self._inst, self._end_inst = sp.piece_to_id("[INST]"), sp.piece_to_id("[/INST]")
             if not (sp.IsControl(self._inst) and sp.IsControl(self._end_inst)):
-                raise TinyLLMError(f"tokenizer: {path} has no [INST]/[/INST] control tokens; "
-                                   "is it really a v2/v3 tokenizer?")
+                raise TinyLLMError(
+                    f"tokenizer: {path} has no [INST]/[/INST] control tokens; "
+                    "is it really a v2/v3 tokenizer?"
+                )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # Control tokens ([INST], </s>) written in the text stay text: mistral-common never
@@ -566,12 +667,18 @@ class MistralNativeTokenizer(Tokenizer):
                 out.append(self._sp.id_to_piece(i))
         return "".join(out)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
+    ) -> str:
         """The prompt as readable text (control tokens spelled out); generate from `encode_chat`,
         since re-encoding this text would not give the control tokens back."""
-        return self.decode(self.encode_chat(messages, add_generation_prompt, **kwargs), skip_special_tokens=False)
+        return self.decode(
+            self.encode_chat(messages, add_generation_prompt, **kwargs), skip_special_tokens=False
+        )
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
+    ) -> list[int]:
         # The prompt always ends in [/INST], which is the generation prompt; add_generation_prompt
         # has nothing to add. A final assistant message with "prefix": True is left open.
         if kwargs.get("tools"):
@@ -606,7 +713,9 @@ def _message_text(message: dict) -> str:
     parts = []  # OpenAI-style content chunks: only text is supported here
     for chunk in content:
         if not (isinstance(chunk, dict) and chunk.get("type") == "text"):
-            raise ChatTemplateError(f"only text content is supported for Mistral native chat, got {chunk!r:.60}")
+            raise ChatTemplateError(
+                f"only text content is supported for Mistral native chat, got {chunk!r:.60}"
+            )
         parts.append(chunk.get("text") or "")
     return "\n\n".join(p for p in parts if p)
 
@@ -616,8 +725,10 @@ def _mistral_turns(messages: list[dict]) -> tuple[str | None, list[tuple[str, st
     role merged ("\\n\\n", empty texts dropped) and system messages taken out (they still break runs)."""
     for m in messages:
         if m.get("role") not in ("system", "user", "assistant"):
-            raise ChatTemplateError(f"role {m.get('role')!r} is not supported by Mistral native chat "
-                                    "(use system, user and assistant)")
+            raise ChatTemplateError(
+                f"role {m.get('role')!r} is not supported by Mistral native chat "
+                "(use system, user and assistant)"
+            )
     system = [t for m in messages if m["role"] == "system" and (t := _message_text(m))]
     turns: list[tuple[str, str, bool]] = []
     for role, run in itertools.groupby(messages, key=lambda m: m["role"]):

@@ -50,31 +50,31 @@ NATIVE_TO_HF = {
 
 @dataclass
 class LayerWeights:
-    attn_norm: object   # (dim,)
-    wq: object          # (n_heads*head_dim, dim)
-    wk: object          # (n_kv_heads*head_dim, dim)
-    wv: object          # (n_kv_heads*head_dim, dim)
-    wo: object          # (dim, n_heads*head_dim)
-    ffn_norm: object    # (dim,)
-    w1: object          # gate_proj (hidden_dim, dim)
-    w2: object          # down_proj (dim, hidden_dim)
-    w3: object          # up_proj   (hidden_dim, dim)
-    bq: object = None   # (n_heads*head_dim,)   Qwen2 only
-    bk: object = None   # (n_kv_heads*head_dim,)
-    bv: object = None   # (n_kv_heads*head_dim,)
+    attn_norm: object  # (dim,)
+    wq: object  # (n_heads*head_dim, dim)
+    wk: object  # (n_kv_heads*head_dim, dim)
+    wv: object  # (n_kv_heads*head_dim, dim)
+    wo: object  # (dim, n_heads*head_dim)
+    ffn_norm: object  # (dim,)
+    w1: object  # gate_proj (hidden_dim, dim)
+    w2: object  # down_proj (dim, hidden_dim)
+    w3: object  # up_proj   (hidden_dim, dim)
+    bq: object = None  # (n_heads*head_dim,)   Qwen2 only
+    bk: object = None  # (n_kv_heads*head_dim,)
+    bv: object = None  # (n_kv_heads*head_dim,)
     # Fused on backends that fuse (cuda: one GEMV each at decode); wq/wk/wv, bq/bk/bv and
     # w1/w3 are then row views of these.
     wqkv: object = None  # rows [wq; wk; wv]
     bqkv: object = None  # [bq; bk; bv]
-    w13: object = None   # rows [w1; w3]
+    w13: object = None  # rows [w1; w3]
 
 
 @dataclass
 class Weights:
-    embed: object                 # (vocab_size, dim)
+    embed: object  # (vocab_size, dim)
     layers: list[LayerWeights]
-    norm: object                  # (dim,)
-    lm_head: object               # (vocab_size, dim); the embedding table itself when tied
+    norm: object  # (dim,)
+    lm_head: object  # (vocab_size, dim); the embedding table itself when tied
     nbytes_on_disk: int = 0
     dtypes: set = field(default_factory=set)
 
@@ -93,10 +93,17 @@ class Weights:
 
 # LayerWeights field -> HF name inside "model.layers.{i}."
 LAYER_HF_NAMES = {
-    "attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
-    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
-    "wo": "self_attn.o_proj.weight", "w1": "mlp.gate_proj.weight", "w2": "mlp.down_proj.weight",
-    "w3": "mlp.up_proj.weight", "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
+    "attn_norm": "input_layernorm.weight",
+    "ffn_norm": "post_attention_layernorm.weight",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "w1": "mlp.gate_proj.weight",
+    "w2": "mlp.down_proj.weight",
+    "w3": "mlp.up_proj.weight",
+    "bq": "self_attn.q_proj.bias",
+    "bk": "self_attn.k_proj.bias",
     "bv": "self_attn.v_proj.bias",
 }
 
@@ -105,9 +112,30 @@ LAYER_HF_NAMES = {
 
 # safetensors' own limits and element sizes (the Rust crate's MAX_HEADER_SIZE and Dtype::bitsize).
 MAX_HEADER_BYTES = 100_000_000
-DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
-              "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
-              "C64": 64, "F64": 64, "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+DTYPE_BITS = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
 
 
 class SafetensorsFile:
@@ -127,19 +155,27 @@ class SafetensorsFile:
                     raise self.bad("it is shorter than the 8-byte header length; re-download it")
                 (n,) = struct.unpack("<Q", head)
                 if n > MAX_HEADER_BYTES:
-                    raise self.bad(f"its header length exceeds safetensors' {MAX_HEADER_BYTES // 10**6} MB limit "
-                                   f"(not a safetensors file, or corrupt)")
+                    raise self.bad(
+                        f"its header length exceeds safetensors' {MAX_HEADER_BYTES // 10**6} MB limit "
+                        f"(not a safetensors file, or corrupt)"
+                    )
                 if 8 + n > size:
-                    raise self.bad("its header runs past the end of the file (not a safetensors file, or truncated)")
+                    raise self.bad(
+                        "its header runs past the end of the file (not a safetensors file, or truncated)"
+                    )
                 raw = f.read(n)
         except OSError as e:
             raise self.bad(f"cannot read it ({e.strerror or type(e).__name__})") from None
         try:
             header = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
-            raise self.bad("its header is not UTF-8 text (not a safetensors file, or corrupt)") from None
+            raise self.bad(
+                "its header is not UTF-8 text (not a safetensors file, or corrupt)"
+            ) from None
         except (ValueError, RecursionError):
-            raise self.bad("its header is not valid JSON (not a safetensors file, or corrupt)") from None
+            raise self.bad(
+                "its header is not valid JSON (not a safetensors file, or corrupt)"
+            ) from None
         self.data_start = 8 + n
         self.entries = check_header(self, header, size - self.data_start)
         self._library_check()
@@ -152,18 +188,25 @@ class SafetensorsFile:
     def _library_check(self):
         """The safetensors library's parser, on a header check_header accepted: it must agree."""
         from safetensors import safe_open
+
         try:
             with safe_open(str(self.path), framework="numpy"):
                 pass
-        except Exception as e:  # SafetensorError; the header already parsed as ours, so its text is safe
-            raise self.bad(f"the safetensors library rejects it ({str(e).splitlines()[0][:200]})") from None
+        except (
+            Exception
+        ) as e:  # SafetensorError; the header already parsed as ours, so its text is safe
+            raise self.bad(
+                f"the safetensors library rejects it ({str(e).splitlines()[0][:200]})"
+            ) from None
 
     def tensor(self, name: str) -> np.ndarray:
         e = self.entries[name]
         if e["dtype"] not in ST_DTYPES:
-            raise TinyLLMError(f"{self.path}: tensor {name} has dtype {e['dtype']}; supported: F32, F16, BF16")
+            raise TinyLLMError(
+                f"{self.path}: tensor {name} has dtype {e['dtype']}; supported: F32, F16, BF16"
+            )
         a, b = e["data_offsets"]
-        raw = self.mm[self.data_start + a:self.data_start + b]
+        raw = self.mm[self.data_start + a : self.data_start + b]
         return raw.view(ST_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
@@ -178,10 +221,14 @@ def check_header(f: SafetensorsFile, header, data_len: int) -> dict:
     tensors tile the data exactly (no gap, no overlap, nothing after the last); an optional
     "__metadata__" object of strings. Returns the tensor entries."""
     if not isinstance(header, dict):
-        raise f.bad(f"its header is a JSON {type(header).__name__ if header is not None else 'null'}, "
-                    f"not an object of tensors")
+        raise f.bad(
+            f"its header is a JSON {type(header).__name__ if header is not None else 'null'}, "
+            f"not an object of tensors"
+        )
     meta = header.get("__metadata__")
-    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+    ):
         raise f.bad("__metadata__ must be an object of strings")
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
     for name, e in entries.items():
@@ -198,18 +245,30 @@ def check_header(f: SafetensorsFile, header, data_len: int) -> dict:
             raise f.bad(f"data_offsets {offs} end before they begin", name)
         bits = math.prod(shape) * DTYPE_BITS[dtype]
         if bits % 8 or bits // 8 != offs[1] - offs[0]:
-            raise f.bad(f"shape {shape} of {dtype} needs {bits / 8:g} bytes but data_offsets {offs} "
-                        f"hold {offs[1] - offs[0]}", name)
+            raise f.bad(
+                f"shape {shape} of {dtype} needs {bits / 8:g} bytes but data_offsets {offs} "
+                f"hold {offs[1] - offs[0]}",
+                name,
+            )
     end = 0
     for name, e in sorted(entries.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
         begin, stop = e["data_offsets"]
         if begin != end:
-            what = "overlaps the tensor before it" if begin < end else "leaves a gap after the tensor before it"
-            raise f.bad(f"data_offsets {e['data_offsets']} {what} (safetensors tensors tile the data exactly)", name)
+            what = (
+                "overlaps the tensor before it"
+                if begin < end
+                else "leaves a gap after the tensor before it"
+            )
+            raise f.bad(
+                f"data_offsets {e['data_offsets']} {what} (safetensors tensors tile the data exactly)",
+                name,
+            )
         end = stop
     if end > data_len:
-        raise TinyLLMError(f"{f.path} is truncated: its tensors need {f.data_start + end:,} bytes, "
-                           f"the file has {f.data_start + data_len:,}; re-download it")
+        raise TinyLLMError(
+            f"{f.path} is truncated: its tensors need {f.data_start + end:,} bytes, "
+            f"the file has {f.data_start + data_len:,}; re-download it"
+        )
     if end < data_len:
         raise f.bad(f"{data_len - end:,} bytes follow the last tensor (the data must end with it)")
     return entries
@@ -218,6 +277,7 @@ def check_header(f: SafetensorsFile, header, data_len: int) -> dict:
 class TensorIndex(dict):
     """HF tensor name -> (file, name in that file). `native` is True when the names were
     mapped from Mistral's consolidated.safetensors (whose wq/wk rows are interleaved)."""
+
     native: bool = False
 
 
@@ -225,11 +285,21 @@ def shard_path(model_dir: Path, index: Path, name) -> Path:
     """A shard named in the index, as a path inside model_dir: a relative name without '..'
     (a symlinked file is fine: the Hugging Face cache links every file into its blobs)."""
     p = PurePosixPath(name) if isinstance(name, str) else None
-    if (p is None or not name or "\\" in name or "\0" in name or p.is_absolute()
-            or PureWindowsPath(name).drive or ".." in p.parts or not name.endswith(".safetensors")):
+    if (
+        p is None
+        or not name
+        or "\\" in name
+        or "\0" in name
+        or p.is_absolute()
+        or PureWindowsPath(name).drive
+        or ".." in p.parts
+        or not name.endswith(".safetensors")
+    ):
         shown = json.dumps(name)[:80] if isinstance(name, str) else type(name).__name__
-        raise TinyLLMError(f"{index}: shard {shown} is not allowed: shards must be .safetensors files named "
-                           f"relative to the model directory, without '..'")
+        raise TinyLLMError(
+            f"{index}: shard {shown} is not allowed: shards must be .safetensors files named "
+            f"relative to the model directory, without '..'"
+        )
     return model_dir / p
 
 
@@ -240,17 +310,23 @@ def open_checkpoint(model_dir: Path) -> TensorIndex:
     if index.is_file():
         wmap = JsonObject.read(index, "safetensors index").get("weight_map")
         if not (isinstance(wmap, dict) and wmap and all(isinstance(v, str) for v in wmap.values())):
-            raise TinyLLMError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file")
+            raise TinyLLMError(
+                f"{index}: weight_map must be a non-empty object of tensor name -> shard file"
+            )
         files = {}
         for fname in sorted(set(wmap.values())):
             p = shard_path(model_dir, index, fname)
             if not p.is_file():
-                raise TinyLLMError(f"{p} is named in {index.name} but missing; re-download the model")
+                raise TinyLLMError(
+                    f"{p} is named in {index.name} but missing; re-download the model"
+                )
             files[fname] = SafetensorsFile(p)
         for name, fname in wmap.items():
             if name not in files[fname].entries:
-                raise TinyLLMError(f"{index.name} puts tensor {name} in {fname}, which does not hold it; "
-                                   f"re-download the model")
+                raise TinyLLMError(
+                    f"{index.name} puts tensor {name} in {fname}, which does not hold it; "
+                    f"re-download the model"
+                )
         return TensorIndex({name: (files[f], name) for name, f in wmap.items()})
     single = model_dir / "model.safetensors"
     if single.is_file():
@@ -262,8 +338,10 @@ def open_checkpoint(model_dir: Path) -> TensorIndex:
         index = TensorIndex({_native_to_hf(name): (f, name) for name in f.entries})
         index.native = True
         return index
-    raise TinyLLMError(f"{model_dir} has no model.safetensors, model.safetensors.index.json or "
-                       f"consolidated.safetensors; .bin/.pth checkpoints are not supported (convert to safetensors)")
+    raise TinyLLMError(
+        f"{model_dir} has no model.safetensors, model.safetensors.index.json or "
+        f"consolidated.safetensors; .bin/.pth checkpoints are not supported (convert to safetensors)"
+    )
 
 
 def _native_to_hf(name: str) -> str:
@@ -283,6 +361,7 @@ def unpermute_native(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 # ---- expected tensors --------------------------------------------------------------------
 
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     d, q, kv, h = cfg.dim, cfg.q_dim, cfg.kv_dim, cfg.hidden_dim
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
@@ -290,16 +369,27 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (cfg.vocab_size, d)
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-            p + "mlp.gate_proj.weight": (h, d), p + "mlp.up_proj.weight": (h, d),
-            p + "mlp.down_proj.weight": (d, h),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (d,),
+                p + "post_attention_layernorm.weight": (d,),
+                p + "self_attn.q_proj.weight": (q, d),
+                p + "self_attn.k_proj.weight": (kv, d),
+                p + "self_attn.v_proj.weight": (kv, d),
+                p + "self_attn.o_proj.weight": (d, q),
+                p + "mlp.gate_proj.weight": (h, d),
+                p + "mlp.up_proj.weight": (h, d),
+                p + "mlp.down_proj.weight": (d, h),
+            }
+        )
         if cfg.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
+            shapes.update(
+                {
+                    p + "self_attn.q_proj.bias": (q,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                }
+            )
     return shapes
 
 
@@ -307,6 +397,7 @@ def detect_config(cfg: ModelConfig, names) -> ModelConfig:
     """Facts the tensors tell better than config.json: Qwen2 carries q/k/v biases without an
     `attention_bias` key; a checkpoint without lm_head.weight is tied."""
     from dataclasses import replace
+
     names = set(names)
     if "model.layers.0.self_attn.q_proj.bias" in names and not cfg.qkv_bias:
         cfg = replace(cfg, qkv_bias=True)
@@ -317,19 +408,25 @@ def detect_config(cfg: ModelConfig, names) -> ModelConfig:
 
 def validate(cfg: ModelConfig, tensors: dict, model_dir: Path) -> None:
     want = expected_shapes(cfg)
-    have = {n: tuple(f.entries[k]["shape"]) for n, (f, k) in tensors.items() if not IGNORED.search(n)}
+    have = {
+        n: tuple(f.entries[k]["shape"]) for n, (f, k) in tensors.items() if not IGNORED.search(n)
+    }
     if cfg.tie_embeddings:
         have.pop("lm_head.weight", None)
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))
-    wrong = sorted(f"{n} {have[n]} (expected {want[n]})" for n in set(want) & set(have) if have[n] != want[n])
+    wrong = sorted(
+        f"{n} {have[n]} (expected {want[n]})" for n in set(want) & set(have) if have[n] != want[n]
+    )
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)):
         if items:
             shown = ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
             problems.append(f"{label} tensors: {shown}")
     if problems:
-        raise TinyLLMError(f"checkpoint in {model_dir} does not match its config: " + "; ".join(problems))
+        raise TinyLLMError(
+            f"checkpoint in {model_dir} does not match its config: " + "; ".join(problems)
+        )
 
 
 def available_memory() -> int | None:
@@ -352,7 +449,9 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def load_weights(model_dir: Path, cfg: ModelConfig, backend, progress: bool = True) -> tuple[ModelConfig, Weights]:
+def load_weights(
+    model_dir: Path, cfg: ModelConfig, backend, progress: bool = True
+) -> tuple[ModelConfig, Weights]:
     """Open, check and upload every tensor; returns the config updated by detect_config."""
     tensors = open_checkpoint(model_dir)
     cfg = detect_config(cfg, tensors)
@@ -368,18 +467,24 @@ def load_weights(model_dir: Path, cfg: ModelConfig, backend, progress: bool = Tr
         return backend.upload(name, a)
 
     total = len(expected_shapes(cfg))
-    with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress, leave=False) as bar:
+    with tqdm(
+        total=total, desc="loading weights", unit="tensor", disable=not progress, leave=False
+    ) as bar:
         embed = get("model.embed_tokens.weight")
         layers = []
         for i in range(cfg.n_layers):
             p = f"model.layers.{i}."
             lw = LayerWeights(
                 attn_norm=get(p + "input_layernorm.weight"),
-                wq=get(p + "self_attn.q_proj.weight"), wk=get(p + "self_attn.k_proj.weight"),
-                wv=get(p + "self_attn.v_proj.weight"), wo=get(p + "self_attn.o_proj.weight"),
+                wq=get(p + "self_attn.q_proj.weight"),
+                wk=get(p + "self_attn.k_proj.weight"),
+                wv=get(p + "self_attn.v_proj.weight"),
+                wo=get(p + "self_attn.o_proj.weight"),
                 ffn_norm=get(p + "post_attention_layernorm.weight"),
-                w1=get(p + "mlp.gate_proj.weight"), w2=get(p + "mlp.down_proj.weight"),
-                w3=get(p + "mlp.up_proj.weight"))
+                w1=get(p + "mlp.gate_proj.weight"),
+                w2=get(p + "mlp.down_proj.weight"),
+                w3=get(p + "mlp.up_proj.weight"),
+            )
             if cfg.qkv_bias:
                 lw.bq, lw.bk, lw.bv = (get(p + f"self_attn.{x}_proj.bias") for x in "qkv")
             layers.append(lw)

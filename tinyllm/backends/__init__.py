@@ -51,22 +51,31 @@ class Batch:
     starts[b] .. starts[b]+lens[b]-1 (starts[b] tokens are cached). Tokens of all sequences
     are concatenated in that order (T = lens.sum()). An int8/fp8 cache keeps sequence b's
     open block of keys in open row opens[b] (kv_cache.py; default: row b)."""
-    tables: np.ndarray   # (B, R) int32 block ids, -1 where unused
-    starts: np.ndarray   # (B,) int32
-    lens: np.ndarray     # (B,) int32
-    opens: np.ndarray | None = None   # (B,) int32
+
+    tables: np.ndarray  # (B, R) int32 block ids, -1 where unused
+    starts: np.ndarray  # (B,) int32
+    lens: np.ndarray  # (B,) int32
+    opens: np.ndarray | None = None  # (B,) int32
 
     def __post_init__(self):
-        self.opens = np.asarray(np.arange(len(self.lens)) if self.opens is None else self.opens, np.int32)
-        self.tables = np.ascontiguousarray(np.asarray(self.tables, np.int32).reshape(len(self.lens), -1))
+        self.opens = np.asarray(
+            np.arange(len(self.lens)) if self.opens is None else self.opens, np.int32
+        )
+        self.tables = np.ascontiguousarray(
+            np.asarray(self.tables, np.int32).reshape(len(self.lens), -1)
+        )
         self.starts = np.asarray(self.starts, np.int32)
         self.lens = np.asarray(self.lens, np.int32)
         self.cu_lens = np.concatenate([[0], np.cumsum(self.lens)]).astype(np.int32)  # (B+1,)
-        self.positions = np.concatenate(
-            [np.arange(s, s + n, dtype=np.int32) for s, n in zip(self.starts, self.lens)]
-        ) if len(self.lens) else np.zeros(0, np.int32)                                # (T,)
+        self.positions = (
+            np.concatenate(
+                [np.arange(s, s + n, dtype=np.int32) for s, n in zip(self.starts, self.lens)]
+            )
+            if len(self.lens)
+            else np.zeros(0, np.int32)
+        )  # (T,)
         self.seq_of_token = np.repeat(np.arange(len(self.lens), dtype=np.int32), self.lens)
-        self.last_rows = self.cu_lens[1:] - 1                                          # (B,)
+        self.last_rows = self.cu_lens[1:] - 1  # (B,)
 
     @property
     def n_tokens(self) -> int:
@@ -92,14 +101,20 @@ def get_backend(name: str = "numpy", dtype: str | None = None, checkpoint_dtype:
         name = "cuda" if cuda_available() else "numpy"
     if name == "numpy":
         from .numpy_backend import NumpyBackend
+
         if dtype not in (None, "fp32", "float32"):
-            raise TinyLLMError(f"the numpy backend computes in float32 only (got dtype={dtype!r}); drop --dtype or use --backend cuda")
+            raise TinyLLMError(
+                f"the numpy backend computes in float32 only (got dtype={dtype!r}); drop --dtype or use --backend cuda"
+            )
         return NumpyBackend()
     try:
         import cupy  # noqa: F401
     except Exception:
         raise TinyLLMError(f"the cuda backend needs CuPy: {CUDA_INSTALL_HINT}") from None
     if not cuda_available():
-        raise TinyLLMError("the cuda backend needs an NVIDIA GPU, and CuPy sees none; use --backend numpy")
+        raise TinyLLMError(
+            "the cuda backend needs an NVIDIA GPU, and CuPy sees none; use --backend numpy"
+        )
     from .cuda_backend import CudaBackend
+
     return CudaBackend(dtype=dtype, checkpoint_dtype=checkpoint_dtype)

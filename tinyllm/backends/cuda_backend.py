@@ -33,15 +33,15 @@ from . import cuda_kernels as ck
 # Tests run every version against numpy. A version that needs aligned/vectorizable shapes falls
 # back to v1 by itself when a call does not qualify.
 VERSIONS = {
-    "rms_norm": "v2",            # v1 scalar, v2 16-byte vectors
-    "silu_mul": "v2",            # v1 scalar, v2 16-byte vectors
-    "prefill_attention": "v2",   # v1 FMA flash attention, v2 mma.sync tensor cores
-    "decode_attention": "v1",    # v1 split-K flash decoding for sequences bringing one token;
-                                 # "prefill" sends them through the prefill kernel too
-    "gemv": "v1",                # the few-row matmul (<= GEMV_MAX_M rows, more go to cuBLAS);
-                                 # "v1-all" any row count in GEMV_MAX_M-row chunks (what a CUDA
-                                 # graph step uses: cuBLAS is not capturable through CuPy);
-                                 # "cublas" sends every matmul to cuBLAS
+    "rms_norm": "v2",  # v1 scalar, v2 16-byte vectors
+    "silu_mul": "v2",  # v1 scalar, v2 16-byte vectors
+    "prefill_attention": "v2",  # v1 FMA flash attention, v2 mma.sync tensor cores
+    "decode_attention": "v1",  # v1 split-K flash decoding for sequences bringing one token;
+    # "prefill" sends them through the prefill kernel too
+    "gemv": "v1",  # the few-row matmul (<= GEMV_MAX_M rows, more go to cuBLAS);
+    # "v1-all" any row count in GEMV_MAX_M-row chunks (what a CUDA
+    # graph step uses: cuBLAS is not capturable through CuPy);
+    # "cublas" sends every matmul to cuBLAS
 }
 
 # cuBLAS / CUDA enum values (CUPY.md §1; cupy_backends cublas.pxd, library_types.h). Kept here so
@@ -51,13 +51,19 @@ CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 CUBLAS_COMPUTE_32F = 68
 CUBLAS_GEMM_DEFAULT = -1
 
-UPLOAD_CHUNK_BYTES = 64 << 20      # pinned staging buffer (x2) for weight uploads
-DECODE_MIN_SPLIT = 64              # fewest key positions per decode split
-DECODE_CTAS_PER_SM = 4             # decode grid target: this many CTAs per SM
-LOGIT_WEIGHT_NAMES = ("lm_head.weight", "embed_tokens.weight", "tok_embeddings.weight", "output.weight")
+UPLOAD_CHUNK_BYTES = 64 << 20  # pinned staging buffer (x2) for weight uploads
+DECODE_MIN_SPLIT = 64  # fewest key positions per decode split
+DECODE_CTAS_PER_SM = 4  # decode grid target: this many CTAs per SM
+LOGIT_WEIGHT_NAMES = (
+    "lm_head.weight",
+    "embed_tokens.weight",
+    "tok_embeddings.weight",
+    "output.weight",
+)
 
 
 # ---- pure-Python helpers (no GPU needed) -------------------------------------------------------
+
 
 def to_bf16_bits(a: np.ndarray) -> np.ndarray:
     """float array -> bf16 bit patterns (uint16), round to nearest even (as __float2bfloat16_rn)."""
@@ -71,8 +77,10 @@ def bf16_bits_to_f32(u: np.ndarray) -> np.ndarray:
 def head_dim_tile(hd: int) -> int:
     """The compiled head-dim tile (64 or 128) a head_dim runs in; smaller ones are zero-padded."""
     if hd % 8 or hd > max(ck.HEAD_DIMS) or hd <= 0:
-        raise TinyLLMError(f"the cuda backend supports head_dim that is a multiple of 8 and at most "
-                           f"{max(ck.HEAD_DIMS)} (got {hd}); use --backend numpy")
+        raise TinyLLMError(
+            f"the cuda backend supports head_dim that is a multiple of 8 and at most "
+            f"{max(ck.HEAD_DIMS)} (got {hd}); use --backend numpy"
+        )
     return next(t for t in ck.HEAD_DIMS if hd <= t)
 
 
@@ -102,7 +110,9 @@ def decode_splits(ranges: list[int], ctas_per_split: int, n_sms: int) -> tuple[i
     return split_len, -(-max_r // split_len)
 
 
-def prefill_tiles(lens: np.ndarray, n_rep: int, rows_per_tile: int) -> tuple[np.ndarray, np.ndarray]:
+def prefill_tiles(
+    lens: np.ndarray, n_rep: int, rows_per_tile: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The CTA list of the prefill kernels: sequence b has lens[b]*n_rep rows (token, head of
     the group), cut into tiles of rows_per_tile. Returns (tile_seq, tile_row0) int32."""
     seq, row0 = [], []
@@ -125,16 +135,24 @@ def fmt_gb(n: float) -> str:
     return f"{n / 2**30:.1f} GB"
 
 
-def fits_message(weight_bytes: int, kv_bytes: int, free: int, working: int = 0,
-                 kv_bytes_per_token: int | None = None, max_seq_len: int | None = None) -> str | None:
+def fits_message(
+    weight_bytes: int,
+    kv_bytes: int,
+    free: int,
+    working: int = 0,
+    kv_bytes_per_token: int | None = None,
+    max_seq_len: int | None = None,
+) -> str | None:
     """None if weights + KV cache + working memory (memory.py's estimate) fit in `free` bytes,
     else the user-facing reason with the longest context that would fit."""
     need = weight_bytes + kv_bytes + working
     if need <= free:
         return None
-    msg = (f"the model needs {fmt_gb(need)} of GPU memory ({fmt_gb(weight_bytes)} weights + "
-           f"{fmt_gb(kv_bytes)} KV cache + {fmt_gb(working)} working memory) and "
-           f"{fmt_gb(free)} is free")
+    msg = (
+        f"the model needs {fmt_gb(need)} of GPU memory ({fmt_gb(weight_bytes)} weights + "
+        f"{fmt_gb(kv_bytes)} KV cache + {fmt_gb(working)} working memory) and "
+        f"{fmt_gb(free)} is free"
+    )
     room = free - weight_bytes - working
     if kv_bytes_per_token and room > 0:
         longest = room // kv_bytes_per_token
@@ -149,6 +167,7 @@ def fits_message(weight_bytes: int, kv_bytes: int, free: int, working: int = 0,
 
 # ---- device-side containers ---------------------------------------------------------------------
 
+
 class CudaKVCache:
     """kv_cache.py's paged layout in CuPy arrays (NumpyKVCache's twin): per layer k, v
     (n_blocks, block_size, n_kv_heads, head_dim) in the storage dtype (fp8 as raw uint8 bytes)
@@ -160,8 +179,13 @@ class CudaKVCache:
     def __init__(self, spec: KVCacheSpec, cp, bf16_dtype):
         self.spec = spec
         self.kind = ck.KV_KINDS[spec.kv_dtype]
-        storage = {"bf16": bf16_dtype, "fp16": np.float16, "fp32": np.float32, "int8": np.int8,
-                   "fp8": np.uint8}[spec.kv_dtype]
+        storage = {
+            "bf16": bf16_dtype,
+            "fp16": np.float16,
+            "fp32": np.float32,
+            "int8": np.int8,
+            "fp8": np.uint8,
+        }[spec.kv_dtype]
         for name, (shape, dt) in layout(spec).items():
             setattr(self, name, [cp.zeros(shape, dt or storage) for _ in range(spec.n_layers)])
 
@@ -178,15 +202,33 @@ class CudaBatch:
 
     def __init__(self, batch: Batch, cp):
         self.host = batch
-        for name in ("tables", "starts", "lens", "cu_lens", "positions", "seq_of_token", "last_rows", "opens"):
+        for name in (
+            "tables",
+            "starts",
+            "lens",
+            "cu_lens",
+            "positions",
+            "seq_of_token",
+            "last_rows",
+            "opens",
+        ):
             setattr(self, name, getattr(batch, name))
         B, T = len(batch.lens), batch.n_tokens
-        meta = np.concatenate([batch.tables.reshape(-1), batch.starts, batch.lens, batch.cu_lens,
-                               batch.positions, batch.seq_of_token, batch.opens]).astype(np.int32)
+        meta = np.concatenate(
+            [
+                batch.tables.reshape(-1),
+                batch.starts,
+                batch.lens,
+                batch.cu_lens,
+                batch.positions,
+                batch.seq_of_token,
+                batch.opens,
+            ]
+        ).astype(np.int32)
         self.bind(cp.asarray(meta))
         self.n_seqs = B
         self.max_pos = int(batch.positions.max()) if T else 0
-        self.memo: dict = {}       # per-forward launch metadata, keyed by what it depends on
+        self.memo: dict = {}  # per-forward launch metadata, keyed by what it depends on
 
     @staticmethod
     def meta_size(B: int, T: int, R: int) -> int:
@@ -201,8 +243,15 @@ class CudaBatch:
         R = self.host.tables.shape[1]
         self.d_meta = d_meta
         o = np.cumsum([0, B * R, B, B, B + 1, T, T, B])
-        (self.d_tables, self.d_starts, self.d_lens, self.d_cu_lens, self.d_positions,
-         self.d_seq_of_token, self.d_opens) = (d_meta[o[i]:o[i + 1]] for i in range(7))
+        (
+            self.d_tables,
+            self.d_starts,
+            self.d_lens,
+            self.d_cu_lens,
+            self.d_positions,
+            self.d_seq_of_token,
+            self.d_opens,
+        ) = (d_meta[o[i] : o[i + 1]] for i in range(7))
 
     @property
     def n_tokens(self) -> int:
@@ -211,19 +260,25 @@ class CudaBatch:
 
 # ---- the backend -----------------------------------------------------------------------------------
 
+
 class CudaBackend:
     name = "cuda"
     compute_dtype = "bf16"
     # Capabilities (backends/__init__.py); `graphs` (DecodeGraphs) is set per instance.
-    device_sampling = True       # sample() draws on the device (sample.cu)
-    device_memory = True         # weights and KV live in GPU memory (memory.py's GPU plan)
-    fused_projections = True     # concat_rows(): one GEMV for q|k|v and one for gate|up
+    device_sampling = True  # sample() draws on the device (sample.cu)
+    device_memory = True  # weights and KV live in GPU memory (memory.py's GPU plan)
+    fused_projections = True  # concat_rows(): one GEMV for q|k|v and one for gate|up
 
-    def __init__(self, dtype: str | None = None, checkpoint_dtype: str = "float32", device: int | None = None):
+    def __init__(
+        self, dtype: str | None = None, checkpoint_dtype: str = "float32", device: int | None = None
+    ):
         if dtype not in (None, "auto", "bf16", "bfloat16"):
-            raise TinyLLMError(f"the cuda backend computes in bf16 (fp16 and fp32 checkpoints are cast "
-                               f"to bf16); got dtype={dtype!r}: drop --dtype or pass bf16")
+            raise TinyLLMError(
+                f"the cuda backend computes in bf16 (fp16 and fp32 checkpoints are cast "
+                f"to bf16); got dtype={dtype!r}: drop --dtype or pass bf16"
+            )
         import cupy as cp
+
         self.cp = cp
         if device is not None:
             cp.cuda.Device(device).use()
@@ -231,24 +286,28 @@ class CudaBackend:
         props = cp.cuda.runtime.getDeviceProperties(self.device.id)
         cc = props["major"] * 10 + props["minor"]
         if cc < 80:
-            raise TinyLLMError(f"the cuda backend needs compute capability 8.0 or newer (bf16 tensor "
-                               f"cores); this GPU is {props['major']}.{props['minor']}")
-        self.gpu_name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+            raise TinyLLMError(
+                f"the cuda backend needs compute capability 8.0 or newer (bf16 tensor "
+                f"cores); this GPU is {props['major']}.{props['minor']}"
+            )
+        self.gpu_name = (
+            props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        )
         self.n_sms = int(props["multiProcessorCount"])
         self.smem_optin = int(props.get("sharedMemPerBlockOptin", 48 * 1024))
         self.checkpoint_dtype = checkpoint_dtype
         self.versions = dict(VERSIONS)
-        try:                        # CuPy >= 14 with numpy >= 2.1.2 knows ml_dtypes.bfloat16
+        try:  # CuPy >= 14 with numpy >= 2.1.2 knows ml_dtypes.bfloat16
             cp.empty(1, dtype=ml_dtypes.bfloat16)
             self.bf16 = np.dtype(ml_dtypes.bfloat16)
-        except Exception:           # otherwise bf16 lives in uint16 arrays (kernels see pointers)
+        except Exception:  # otherwise bf16 lives in uint16 arrays (kernels see pointers)
             self.bf16 = np.dtype(np.uint16)
         # The vocabulary projection's weight(s), by device pointer; weak, so a freed weight's
         # address reused by another array is not mistaken for it.
         self._logit_weights = weakref.WeakValueDictionary()
         self._rope: dict[bytes, tuple] = {}
         self._ws: dict[str, object] = {}
-        self._one = np.ones((), np.float32)            # cuBLAS alpha / beta (host pointer mode)
+        self._one = np.ones((), np.float32)  # cuBLAS alpha / beta (host pointer mode)
         self._zero = np.zeros((), np.float32)
         self._pinned = None
         self._pinned_events = [None, None]
@@ -256,6 +315,7 @@ class CudaBackend:
         # Decode as CUDA graphs (cuda_graphs.py); while a graph's step is planned or captured,
         # every activation and workspace comes from its arena.
         from .cuda_graphs import DecodeGraphs
+
         self.graphs = DecodeGraphs(self)
         self._arena = None
 
@@ -281,11 +341,19 @@ class CudaBackend:
         self.cp.cuda.get_current_stream().synchronize()
         return max(0, int(pool.total_bytes()) - int(used))
 
-    def check_fits(self, weight_bytes: int, kv_bytes: int = 0, working: int = 0,
-                   kv_bytes_per_token: int | None = None, max_seq_len: int | None = None) -> None:
+    def check_fits(
+        self,
+        weight_bytes: int,
+        kv_bytes: int = 0,
+        working: int = 0,
+        kv_bytes_per_token: int | None = None,
+        max_seq_len: int | None = None,
+    ) -> None:
         """Raise TinyLLMError (needed GB, longest context that fits) unless weights not yet
         uploaded (weight_bytes) plus a KV cache of kv_bytes fit in free GPU memory."""
-        msg = fits_message(weight_bytes, kv_bytes, self.free_memory(), working, kv_bytes_per_token, max_seq_len)
+        msg = fits_message(
+            weight_bytes, kv_bytes, self.free_memory(), working, kv_bytes_per_token, max_seq_len
+        )
         if msg:
             raise TinyLLMError(f"{msg} ({self.gpu_name})")
 
@@ -301,13 +369,16 @@ class CudaBackend:
             raise TinyLLMError(
                 f"out of GPU memory loading {name} ({fmt_gb(a.size * 2)}): {fmt_gb(self.uploaded_bytes)} of "
                 f"weights were already loaded and {fmt_gb(self.free_memory())} is free on {self.gpu_name}; "
-                f"use a smaller model") from None
+                f"use a smaller model"
+            ) from None
         flat = a.reshape(-1)
         n = flat.size
         chunk = UPLOAD_CHUNK_BYTES // 2
         if self._pinned is None:
-            self._pinned = [np.frombuffer(cp.cuda.alloc_pinned_memory(UPLOAD_CHUNK_BYTES), np.uint16, chunk)
-                            for _ in range(2)]
+            self._pinned = [
+                np.frombuffer(cp.cuda.alloc_pinned_memory(UPLOAD_CHUNK_BYTES), np.uint16, chunk)
+                for _ in range(2)
+            ]
         stream = cp.cuda.get_current_stream()
         dst_u16 = dst.view(np.uint16).reshape(-1)
         for ci, i in enumerate(range(0, n, chunk)):
@@ -315,16 +386,20 @@ class CudaBackend:
             k = ci % 2
             ev = self._pinned_events[k]
             if ev is not None:
-                ev.synchronize()                         # the copy that used this buffer is done
+                ev.synchronize()  # the copy that used this buffer is done
             buf = self._pinned[k][:m]
-            src = flat[i:i + m]
+            src = flat[i : i + m]
             if src.dtype == ml_dtypes.bfloat16:
                 np.copyto(buf, src.view(np.uint16))
             elif src.dtype == np.uint16:
                 np.copyto(buf, src)
             else:
-                np.copyto(buf.view(ml_dtypes.bfloat16), src, casting="unsafe")   # RNE cast on the host
-            dst_u16[i:i + m].data.copy_from_host_async(ctypes.c_void_p(buf.ctypes.data), m * 2, stream)
+                np.copyto(
+                    buf.view(ml_dtypes.bfloat16), src, casting="unsafe"
+                )  # RNE cast on the host
+            dst_u16[i : i + m].data.copy_from_host_async(
+                ctypes.c_void_p(buf.ctypes.data), m * 2, stream
+            )
             self._pinned_events[k] = stream.record()
         self.uploaded_bytes += dst.nbytes
         if name.endswith(LOGIT_WEIGHT_NAMES):
@@ -352,9 +427,15 @@ class CudaBackend:
     def alloc_kv(self, spec: KVCacheSpec) -> CudaKVCache:
         head_dim_tile(spec.head_dim)
         need = spec.nbytes()
-        per_token = spec.block_nbytes() // spec.block_size          # one position of one sequence
-        msg = fits_message(0, need, self.free_memory(), 0, per_token,
-                           spec.max_seq_len if not spec.rolling else None)
+        per_token = spec.block_nbytes() // spec.block_size  # one position of one sequence
+        msg = fits_message(
+            0,
+            need,
+            self.free_memory(),
+            0,
+            per_token,
+            spec.max_seq_len if not spec.rolling else None,
+        )
         if msg:
             raise TinyLLMError(f"KV cache does not fit: {msg} ({self.gpu_name})")
         return CudaKVCache(spec, self.cp, self.bf16)
@@ -365,9 +446,11 @@ class CudaBackend:
         n = sum(a.shape[0] for a in arrays)
         out = self.cp.empty((n,) + tuple(arrays[0].shape[1:]), arrays[0].dtype)
         views, o = [], 0
-        for a in arrays:                         # a byte copy: no bf16 arithmetic support needed
-            out[o:o + a.shape[0]].view(np.uint8)[...] = self.cp.ascontiguousarray(a).view(np.uint8)
-            views.append(out[o:o + a.shape[0]])
+        for a in arrays:  # a byte copy: no bf16 arithmetic support needed
+            out[o : o + a.shape[0]].view(np.uint8)[...] = self.cp.ascontiguousarray(a).view(
+                np.uint8
+            )
+            views.append(out[o : o + a.shape[0]])
             o += a.shape[0]
         return out, views
 
@@ -381,7 +464,12 @@ class CudaBackend:
         cp = self.cp
         K = x.shape[-1]
         x2 = x.reshape(-1, K) if x.ndim != 2 else x
-        if x2.ndim != 2 or x2.strides[1] != x2.itemsize or x2.strides[0] % x2.itemsize or x2.strides[0] < K * x2.itemsize:
+        if (
+            x2.ndim != 2
+            or x2.strides[1] != x2.itemsize
+            or x2.strides[0] % x2.itemsize
+            or x2.strides[0] < K * x2.itemsize
+        ):
             x2 = cp.ascontiguousarray(x2)
         ld = x2.strides[0] // x2.itemsize if x2.shape[0] > 1 else K
         return x2, ld
@@ -389,7 +477,11 @@ class CudaBackend:
     def _empty(self, shape, dtype):
         """An uninitialized activation: from the arena while a graph step is planned or
         captured (cuda_graphs.py), else from CuPy's pool."""
-        return self._arena.take(shape, dtype) if self._arena is not None else self.cp.empty(shape, dtype)
+        return (
+            self._arena.take(shape, dtype)
+            if self._arena is not None
+            else self.cp.empty(shape, dtype)
+        )
 
     def _ws_get(self, key: str, n: int, dtype):
         """A grow-only workspace of at least n elements (the arena's own during a graph step)."""
@@ -407,7 +499,9 @@ class CudaBackend:
     def _paging(spec: KVCacheSpec, b: CudaBatch) -> tuple:
         """The kernels' (ring, block_size) scalars; the batch's tables must have `ring` entries."""
         if b.tables.shape[1] != spec.ring:
-            raise ValueError(f"block tables have {b.tables.shape[1]} entries; the cache's ring is {spec.ring}")
+            raise ValueError(
+                f"block tables have {b.tables.shape[1]} entries; the cache's ring is {spec.ring}"
+            )
         return np.int32(spec.ring), np.int32(spec.block_size)
 
     # ---- ops ------------------------------------------------------------------------------------------
@@ -417,7 +511,11 @@ class CudaBackend:
         src2, ld = self._rows(src)
         row_bytes = src2.shape[1] * src2.itemsize
         stride_bytes = ld * src2.itemsize
-        idx = cp.asarray(idx, dtype=np.int32) if not isinstance(idx, cp.ndarray) or idx.dtype != np.int32 else idx
+        idx = (
+            cp.asarray(idx, dtype=np.int32)
+            if not isinstance(idx, cp.ndarray) or idx.dtype != np.int32
+            else idx
+        )
         out = self._empty((idx.shape[0], src2.shape[1]), src2.dtype)
         if idx.shape[0] == 0 or row_bytes == 0:
             return out
@@ -425,8 +523,11 @@ class CudaBackend:
         row_vecs = row_bytes // vec
         threads = ck.TILES["GATHER_THREADS"]
         k = ck.get("embedding.cu", f"gather_rows_v{vec}_v1")
-        k((idx.shape[0], -(-row_vecs // threads)), (threads,),
-          (src2, np.int64(stride_bytes // vec), np.int32(n_src), idx, out, np.int32(row_vecs)))
+        k(
+            (idx.shape[0], -(-row_vecs // threads)),
+            (threads,),
+            (src2, np.int64(stride_bytes // vec), np.int32(n_src), idx, out, np.int32(row_vecs)),
+        )
         return out
 
     def embed(self, table, tokens):
@@ -445,10 +546,16 @@ class CudaBackend:
         out = self._empty((M, dim), self.bf16)
         if M:
             ver = self.versions["rms_norm"]
-            if ver == "v2" and not (dim % 8 == 0 and ldx % 8 == 0 and x2.data.ptr % 16 == 0 and w.data.ptr % 16 == 0):
+            if ver == "v2" and not (
+                dim % 8 == 0 and ldx % 8 == 0 and x2.data.ptr % 16 == 0 and w.data.ptr % 16 == 0
+            ):
                 ver = "v1"
             k = ck.get("rmsnorm.cu", f"rms_norm_bf16_{ver}")
-            k((M,), (ck.TILES["RMS_THREADS"],), (x2, np.int32(ldx), w, out, np.int32(dim), np.float32(eps)))
+            k(
+                (M,),
+                (ck.TILES["RMS_THREADS"],),
+                (x2, np.int32(ldx), w, out, np.int32(dim), np.float32(eps)),
+            )
         return out.reshape(x.shape)
 
     def add_rms_norm(self, x, d, w, eps):
@@ -461,12 +568,21 @@ class CudaBackend:
         out = self._empty((M, dim), self.bf16)
         if M:
             ver = self.versions["rms_norm"]
-            if ver == "v2" and not (dim % 8 == 0 and ldx % 8 == 0 and ldd % 8 == 0
-                                    and x2.data.ptr % 16 == 0 and d2.data.ptr % 16 == 0 and w.data.ptr % 16 == 0):
+            if ver == "v2" and not (
+                dim % 8 == 0
+                and ldx % 8 == 0
+                and ldd % 8 == 0
+                and x2.data.ptr % 16 == 0
+                and d2.data.ptr % 16 == 0
+                and w.data.ptr % 16 == 0
+            ):
                 ver = "v1"
             k = ck.get("rmsnorm.cu", f"add_rms_norm_bf16_{ver}")
-            k((M,), (ck.TILES["RMS_THREADS"],),
-              (x2, np.int32(ldx), d2, np.int32(ldd), w, s, out, np.int32(dim), np.float32(eps)))
+            k(
+                (M,),
+                (ck.TILES["RMS_THREADS"],),
+                (x2, np.int32(ldx), d2, np.int32(ldd), w, s, out, np.int32(dim), np.float32(eps)),
+            )
         return s.reshape(x.shape), out.reshape(x.shape)
 
     def linear(self, x, w, b=None):
@@ -485,31 +601,65 @@ class CudaBackend:
             return y.reshape(x.shape[:-1] + (N,))
         gemv_ok = K % 8 == 0 and ldx % 8 == 0 and x2.data.ptr % 16 == 0 and w.data.ptr % 16 == 0
         ver = "v1-all" if self._arena is not None else self.versions["gemv"]
-        if self._arena is not None and not gemv_ok:   # a graph step: cuBLAS is not capturable
-            raise TinyLLMError(f"a CUDA-graph decode step needs GEMV-able linears (K={K}, ldx={ldx}); "
-                               f"pass cuda_graph=False / --no-cuda-graph")
+        if self._arena is not None and not gemv_ok:  # a graph step: cuBLAS is not capturable
+            raise TinyLLMError(
+                f"a CUDA-graph decode step needs GEMV-able linears (K={K}, ldx={ldx}); "
+                f"pass cuda_graph=False / --no-cuda-graph"
+            )
         if gemv_ok and (ver == "v1-all" or (ver == "v1" and M <= ck.GEMV_MAX_M)):
             warps = ck.TILES["GEMV_WARPS"]
-            for r0 in range(0, M, ck.GEMV_MAX_M):          # more rows (graph buckets): row chunks
+            for r0 in range(0, M, ck.GEMV_MAX_M):  # more rows (graph buckets): row chunks
                 m = min(ck.GEMV_MAX_M, M - r0)
                 k = ck.get("matmul.cu", f"gemv_bf16_m{m}_{'f32' if f32 else 'bf16'}_v1")
-                k((-(-N // warps),), (32 * warps,),
-                  (x2[r0:r0 + m], np.int32(ldx), w, b if b is not None else self._null(), y[r0:r0 + m],
-                   np.int32(N), np.int32(N), np.int32(K)))
+                k(
+                    (-(-N // warps),),
+                    (32 * warps,),
+                    (
+                        x2[r0 : r0 + m],
+                        np.int32(ldx),
+                        w,
+                        b if b is not None else self._null(),
+                        y[r0 : r0 + m],
+                        np.int32(N),
+                        np.int32(N),
+                        np.int32(K),
+                    ),
+                )
             return y.reshape(x.shape[:-1] + (N,))
         from cupy_backends.cuda.libs import cublas
+
         handle = cp.cuda.device.get_cublas_handle()
         # Row-major y (M,N) = x (M,K) . w (N,K)^T is column-major y^T = w^T(op T) . x^T: "TN".
-        cublas.gemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K,
-                      self._one.ctypes.data, w.data.ptr, CUDA_R_16BF, K,
-                      x2.data.ptr, CUDA_R_16BF, ldx,
-                      self._zero.ctypes.data, y.data.ptr, CUDA_R_32F if f32 else CUDA_R_16BF, N,
-                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+        cublas.gemmEx(
+            handle,
+            CUBLAS_OP_T,
+            CUBLAS_OP_N,
+            N,
+            M,
+            K,
+            self._one.ctypes.data,
+            w.data.ptr,
+            CUDA_R_16BF,
+            K,
+            x2.data.ptr,
+            CUDA_R_16BF,
+            ldx,
+            self._zero.ctypes.data,
+            y.data.ptr,
+            CUDA_R_32F if f32 else CUDA_R_16BF,
+            N,
+            CUBLAS_COMPUTE_32F,
+            CUBLAS_GEMM_DEFAULT,
+        )
         if b is not None:
             total = M * N
             threads = 256
             k = ck.get("matmul.cu", "bias_add_f32_v1" if f32 else "bias_add_bf16_v1")
-            k((min(-(-total // threads), 65536),), (threads,), (y, np.int32(N), b, np.int32(M), np.int32(N)))
+            k(
+                (min(-(-total // threads), 65536),),
+                (threads,),
+                (y, np.int32(N), b, np.int32(M), np.int32(N)),
+            )
         return y.reshape(x.shape[:-1] + (N,))
 
     def silu_mul(self, gate, up):
@@ -521,14 +671,23 @@ class CudaBackend:
         out = self._empty((M, H), self.bf16)
         if M and H:
             ver = self.versions["silu_mul"]
-            if ver == "v2" and not (H % 8 == 0 and ldg % 8 == 0 and ldu % 8 == 0
-                                    and g2.data.ptr % 16 == 0 and u2.data.ptr % 16 == 0):
+            if ver == "v2" and not (
+                H % 8 == 0
+                and ldg % 8 == 0
+                and ldu % 8 == 0
+                and g2.data.ptr % 16 == 0
+                and u2.data.ptr % 16 == 0
+            ):
                 ver = "v1"
             threads = ck.TILES["SWIGLU_THREADS"]
             work = M * H // (8 if ver == "v2" else 1)
             blocks = max(1, min(-(-work // threads), 8 * self.n_sms * 4))
             k = ck.get("swiglu.cu", f"silu_mul_bf16_{ver}")
-            k((blocks,), (threads,), (g2, np.int32(ldg), u2, np.int32(ldu), out, np.int32(M), np.int32(H)))
+            k(
+                (blocks,),
+                (threads,),
+                (g2, np.int32(ldg), u2, np.int32(ldu), out, np.int32(M), np.int32(H)),
+            )
         return out.reshape(gate.shape)
 
     # ---- RoPE + cache write ------------------------------------------------------------------------
@@ -552,7 +711,11 @@ class CudaBackend:
         cp = self.cp
         x = x.reshape(x.shape[0], n_heads, hd) if x.ndim != 3 else x
         it = x.itemsize
-        if x.strides[2] != it or x.strides[1] != hd * it or (x.shape[0] > 1 and x.strides[0] % (8 * it)):
+        if (
+            x.strides[2] != it
+            or x.strides[1] != hd * it
+            or (x.shape[0] > 1 and x.strides[0] % (8 * it))
+        ):
             x = cp.ascontiguousarray(x)
         if x.data.ptr % 16:
             x = x.copy()
@@ -578,23 +741,58 @@ class CudaBackend:
         inv = np.asarray(inv_freq.get() if hasattr(inv_freq, "get") else inv_freq, np.float32)
         cos, sin = self._rope_tables(inv, b.max_pos + 1)
         if self._arena is not None:
-            self._arena.keep += [cos, sin]            # a graph holds raw pointers: keep the tables alive
+            self._arena.keep += [cos, sin]  # a graph holds raw pointers: keep the tables alive
         null = self._null()
         vs = cache.v_scale[layer] if spec.quantized else null
         kr = self._ws_get("k_rot", T * n_kv * hd, np.float32) if spec.quantized else null
         warps = ck.TILES["ROPE_WARPS"]
         kern = ck.get("rope_kv.cu", "rope_kv_write_v1", KV_KIND=cache.kind)
-        kern((T, -(-(n_heads + 2 * n_kv) // warps)), (32 * warps,),
-             (q, np.int32(ldq), k, np.int32(ldk), v, np.int32(ldv), cos, sin,
-              b.d_positions, b.d_seq_of_token, b.d_tables,
-              cache.k[layer], cache.v[layer], vs, kr,
-              *self._paging(spec, b), np.int32(n_heads), np.int32(n_kv), np.int32(hd)))
+        kern(
+            (T, -(-(n_heads + 2 * n_kv) // warps)),
+            (32 * warps,),
+            (
+                q,
+                np.int32(ldq),
+                k,
+                np.int32(ldk),
+                v,
+                np.int32(ldv),
+                cos,
+                sin,
+                b.d_positions,
+                b.d_seq_of_token,
+                b.d_tables,
+                cache.k[layer],
+                cache.v[layer],
+                vs,
+                kr,
+                *self._paging(spec, b),
+                np.int32(n_heads),
+                np.int32(n_kv),
+                np.int32(hd),
+            ),
+        )
         if spec.quantized:
             close = ck.get("kv_close.cu", "kv_close_v1", KV_KIND=cache.kind)
-            close((b.n_seqs, n_kv), (ck.TILES["CLOSE_THREADS"],),
-                  (kr, b.d_starts, b.d_lens, b.d_cu_lens, b.d_opens, b.d_tables, *self._paging(spec, b),
-                   cache.k_open[layer], cache.k[layer], cache.k_scale[layer], cache.k_zero[layer],
-                   np.int32(n_kv), np.int32(hd)))
+            close(
+                (b.n_seqs, n_kv),
+                (ck.TILES["CLOSE_THREADS"],),
+                (
+                    kr,
+                    b.d_starts,
+                    b.d_lens,
+                    b.d_cu_lens,
+                    b.d_opens,
+                    b.d_tables,
+                    *self._paging(spec, b),
+                    cache.k_open[layer],
+                    cache.k[layer],
+                    cache.k_scale[layer],
+                    cache.k_zero[layer],
+                    np.int32(n_kv),
+                    np.int32(hd),
+                ),
+            )
         return q
 
     # ---- attention ------------------------------------------------------------------------------------
@@ -618,10 +816,14 @@ class CudaBackend:
         sl2 = np.float32(float(scale) * math.log2(math.e))
         window = np.int32(spec.window or 0)
         null = self._null()
-        q8 = spec.quantized                   # int8/fp8: key scales, offsets and open rows too
-        kmeta = (cache.k_scale[layer] if q8 else null, cache.k_zero[layer] if q8 else null,
-                 cache.v_scale[layer] if q8 else null, cache.k_open[layer] if q8 else null,
-                 b.d_opens if q8 else null)
+        q8 = spec.quantized  # int8/fp8: key scales, offsets and open rows too
+        kmeta = (
+            cache.k_scale[layer] if q8 else null,
+            cache.k_zero[layer] if q8 else null,
+            cache.v_scale[layer] if q8 else null,
+            cache.k_open[layer] if q8 else null,
+            b.d_opens if q8 else null,
+        )
         kc, vc = cache.k[layer], cache.v[layer]
         n_rep = n_heads // n_kv
 
@@ -650,35 +852,95 @@ class CudaBackend:
             part_m = self._ws_get("dec_m", n_splits * n_dec * n_heads, np.float32)
             part_l = self._ws_get("dec_l", n_splits * n_dec * n_heads, np.float32)
             part_o = self._ws_get("dec_o", n_splits * n_dec * n_heads * hd, np.float32)
-            kern = ck.get("attention_decode.cu", f"decode_split_hd{HD}_r{rep}_v1", KV_KIND=cache.kind)
-            kern((n_splits, n_dec, n_kv * chunks), (32 * ck.TILES["DEC_WARPS"],),
-                 (q, np.int32(ldq), kc, vc, *kmeta, part_m, part_l, part_o, d_dec,
-                  b.d_tables, b.d_starts, b.d_cu_lens, np.int32(n_dec), *self._paging(spec, b),
-                  np.int32(n_heads), np.int32(n_kv), np.int32(hd), window, sl2, np.int32(split_len)))
+            kern = ck.get(
+                "attention_decode.cu", f"decode_split_hd{HD}_r{rep}_v1", KV_KIND=cache.kind
+            )
+            kern(
+                (n_splits, n_dec, n_kv * chunks),
+                (32 * ck.TILES["DEC_WARPS"],),
+                (
+                    q,
+                    np.int32(ldq),
+                    kc,
+                    vc,
+                    *kmeta,
+                    part_m,
+                    part_l,
+                    part_o,
+                    d_dec,
+                    b.d_tables,
+                    b.d_starts,
+                    b.d_cu_lens,
+                    np.int32(n_dec),
+                    *self._paging(spec, b),
+                    np.int32(n_heads),
+                    np.int32(n_kv),
+                    np.int32(hd),
+                    window,
+                    sl2,
+                    np.int32(split_len),
+                ),
+            )
             red = ck.get("attention_decode.cu", "decode_reduce_v1", KV_KIND=cache.kind)
-            red((n_dec, n_heads), (ck.TILES["DEC_RED_THREADS"],),
-                (part_m, part_l, part_o, d_dec, b.d_cu_lens, out, np.int32(n_heads * hd), np.int32(n_splits),
-                 np.int32(n_dec), np.int32(n_heads), np.int32(hd)))
+            red(
+                (n_dec, n_heads),
+                (ck.TILES["DEC_RED_THREADS"],),
+                (
+                    part_m,
+                    part_l,
+                    part_o,
+                    d_dec,
+                    b.d_cu_lens,
+                    out,
+                    np.int32(n_heads * hd),
+                    np.int32(n_splits),
+                    np.int32(n_dec),
+                    np.int32(n_heads),
+                    np.int32(hd),
+                ),
+            )
 
         ver = self.versions["prefill_attention"]
         rows_per_tile = ck.FA2_BM if ver == "v2" else ck.TILES["FA1_WARPS"] * ck.TILES["FA1_RPW"]
         key = ("tiles", use_decode, rows_per_tile, n_rep)
         if key not in b.memo:
-            ts, tr = prefill_tiles(pre_lens, n_rep, rows_per_tile)     # no tiles for decode sequences
+            ts, tr = prefill_tiles(pre_lens, n_rep, rows_per_tile)  # no tiles for decode sequences
             b.memo[key] = (len(ts), cp.asarray(np.concatenate([ts, tr])) if len(ts) else None)
         n_tiles, d_tiles = b.memo[key]
         if n_tiles == 0:
             return out
         tile_seq, tile_row0 = d_tiles[:n_tiles], d_tiles[n_tiles:]
-        args = (q, np.int32(ldq), kc, vc, *kmeta, out, np.int32(n_heads * hd), tile_seq, tile_row0,
-                b.d_tables, b.d_starts, b.d_lens, b.d_cu_lens, *self._paging(spec, b),
-                np.int32(n_heads), np.int32(n_kv), np.int32(hd), window, sl2)
+        args = (
+            q,
+            np.int32(ldq),
+            kc,
+            vc,
+            *kmeta,
+            out,
+            np.int32(n_heads * hd),
+            tile_seq,
+            tile_row0,
+            b.d_tables,
+            b.d_starts,
+            b.d_lens,
+            b.d_cu_lens,
+            *self._paging(spec, b),
+            np.int32(n_heads),
+            np.int32(n_kv),
+            np.int32(hd),
+            window,
+            sl2,
+        )
         if ver == "v2":
             smem = ck.prefill_v2_smem(HD)
             if smem > self.smem_optin:
-                raise TinyLLMError(f"prefill attention needs {smem} B of shared memory per block; "
-                                   f"this GPU allows {self.smem_optin}")
-            kern = ck.get("attention_prefill.cu", f"flash_prefill_hd{HD}_v2", smem=smem, KV_KIND=cache.kind)
+                raise TinyLLMError(
+                    f"prefill attention needs {smem} B of shared memory per block; "
+                    f"this GPU allows {self.smem_optin}"
+                )
+            kern = ck.get(
+                "attention_prefill.cu", f"flash_prefill_hd{HD}_v2", smem=smem, KV_KIND=cache.kind
+            )
             kern((n_tiles, n_kv), (128,), args, shared_mem=smem)
         else:
             kern = ck.get("attention_prefill.cu", f"flash_prefill_hd{HD}_v1", KV_KIND=cache.kind)
@@ -690,7 +952,9 @@ class CudaBackend:
         cp = self.cp
         x2, ld = self._rows(logits)
         if x2.dtype != np.float32:
-            x2 = cp.asarray(cp.ascontiguousarray(x2).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            x2 = cp.asarray(cp.ascontiguousarray(x2).view(np.uint16).astype(np.uint32) << 16).view(
+                np.float32
+            )
             ld = x2.shape[1]
         return x2, ld
 
@@ -701,7 +965,11 @@ class CudaBackend:
         out = cp.empty(x2.shape[0], np.int32)
         if x2.shape[0]:
             k = ck.get("sample.cu", "argmax_f32_v1")
-            k((x2.shape[0],), (ck.TILES["SAMPLE_THREADS"],), (x2, np.int32(ld), np.int32(x2.shape[1]), out))
+            k(
+                (x2.shape[0],),
+                (ck.TILES["SAMPLE_THREADS"],),
+                (x2, np.int32(ld), np.int32(x2.shape[1]), out),
+            )
         return out.get()
 
     def sample(self, logits, temperature, top_k, top_p, seeds, steps) -> np.ndarray:
@@ -717,8 +985,15 @@ class CudaBackend:
         def rows(v, dt):
             return cp.asarray(np.broadcast_to(np.asarray(v, dt), (R,)).copy())
 
-        self.sample_into(logits, rows(temperature, np.float32), rows(top_k, np.int32), rows(top_p, np.float32),
-                         rows(np.asarray(seeds, np.uint64), np.uint64), rows(steps, np.int32), out)
+        self.sample_into(
+            logits,
+            rows(temperature, np.float32),
+            rows(top_k, np.int32),
+            rows(top_p, np.float32),
+            rows(np.asarray(seeds, np.uint64), np.uint64),
+            rows(steps, np.int32),
+            out,
+        )
         return out.get()
 
     def sample_into(self, logits, temperature, top_k, top_p, seeds, steps, out) -> None:
@@ -727,5 +1002,8 @@ class CudaBackend:
         CUDA graph captures."""
         x2, ld = self._logits_f32(logits)
         k = ck.get("sample.cu", "sample_f32_v1")
-        k((x2.shape[0],), (ck.TILES["SAMPLE_THREADS"],),
-          (x2, np.int32(ld), np.int32(x2.shape[1]), temperature, top_k, top_p, seeds, steps, out))
+        k(
+            (x2.shape[0],),
+            (ck.TILES["SAMPLE_THREADS"],),
+            (x2, np.int32(ld), np.int32(x2.shape[1]), temperature, top_k, top_p, seeds, steps, out),
+        )

@@ -42,7 +42,7 @@ import numpy as np
 from ..kv_cache import DEFAULT_BLOCK_SIZE
 from ..memory import CUBLAS_WORKSPACE
 
-ALIGN = 256                      # bytes: every arena buffer starts on this boundary
+ALIGN = 256  # bytes: every arena buffer starts on this boundary
 # The largest batch that runs as a graph (None: every bucket up to the engine's max batch).
 # Above GEMV_MAX_M rows a graph's linears are GEMV row chunks (no tensor cores, weights read
 # once per chunk), which a GPU may find slower than eager cuBLAS: lower this to 8 if
@@ -75,7 +75,7 @@ class _Arena:
         self.empty, self.slab, self.plan = empty, slab, plan if plan is not None else []
         self.i, self.offset = 0, 0
         self.workspaces: dict = {}
-        self.keep: list = []         # other arrays the step reads (RoPE tables): kept alive
+        self.keep: list = []  # other arrays the step reads (RoPE tables): kept alive
 
     def take(self, shape, dtype):
         shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
@@ -84,10 +84,11 @@ class _Arena:
         if self.slab is None:
             self.plan.append((shape, dtype))
             return self.empty(shape, dtype)
-        assert self.i < len(self.plan) and self.plan[self.i] == (shape, dtype), \
+        assert self.i < len(self.plan) and self.plan[self.i] == (shape, dtype), (
             "a captured decode step must allocate exactly as its planning run did"
+        )
         self.i += 1
-        a = self.slab[self.offset:self.offset + nbytes].view(dtype).reshape(shape)
+        a = self.slab[self.offset : self.offset + nbytes].view(dtype).reshape(shape)
         self.offset += _round(nbytes)
         return a
 
@@ -99,19 +100,31 @@ class _Graph:
     """One bucket: its static inputs, its output, its graph (None until captured)."""
 
     # (name, dtype, count per row); int32 "meta" is CudaBatch's layout for B = T = rows.
-    FIELDS = (("seeds", np.uint64), ("tokens", np.int32), ("steps", np.int32), ("top_k", np.int32),
-              ("temperature", np.float32), ("top_p", np.float32))
+    FIELDS = (
+        ("seeds", np.uint64),
+        ("tokens", np.int32),
+        ("steps", np.int32),
+        ("top_k", np.int32),
+        ("temperature", np.float32),
+        ("top_p", np.float32),
+    )
 
     def __init__(self, backend, rows: int, max_seq_len: int, ring: int):
         from . import Batch
         from .cuda_backend import CudaBatch
+
         cp = backend.cp
         self.rows = rows
         # Host metadata of the worst case (every query at the last position): the launch
         # geometry computed from it (decode splits, RoPE table size) fits every step.
-        worst = Batch(np.zeros((rows, ring), np.int32), np.full(rows, max_seq_len - 1, np.int32),
-                      np.ones(rows, np.int32))
-        sizes = [("meta", np.int32, CudaBatch.meta_size(rows, rows, ring))] + [(n, d, rows) for n, d in self.FIELDS]
+        worst = Batch(
+            np.zeros((rows, ring), np.int32),
+            np.full(rows, max_seq_len - 1, np.int32),
+            np.ones(rows, np.int32),
+        )
+        sizes = [("meta", np.int32, CudaBatch.meta_size(rows, rows, ring))] + [
+            (n, d, rows) for n, d in self.FIELDS
+        ]
         offsets, o = {}, 0
         for name, dt, n in sizes:
             offsets[name] = (o, np.dtype(dt), n)
@@ -121,8 +134,8 @@ class _Graph:
         self.host = np.frombuffer(cp.cuda.alloc_pinned_memory(o), np.uint8, o)
         self.d, self.h = {}, {}
         for name, (off, dt, n) in offsets.items():
-            self.d[name] = self.inputs[off:off + n * dt.itemsize].view(dt)
-            self.h[name] = self.host[off:off + n * dt.itemsize].view(dt)
+            self.d[name] = self.inputs[off : off + n * dt.itemsize].view(dt)
+            self.h[name] = self.host[off : off + n * dt.itemsize].view(dt)
         self.batch = CudaBatch(worst, cp)
         self.batch.bind(self.d["meta"])
         self.out = cp.zeros(rows, np.int32)
@@ -136,11 +149,25 @@ class _Graph:
         pad = np.minimum(np.arange(R), B - 1)
         tables, starts = batch.tables[pad], batch.starts[pad]
         ar = np.arange(R, dtype=np.int32)
-        self.h["meta"][:] = np.concatenate([tables.reshape(-1), starts, np.ones(R, np.int32),
-                                            np.arange(R + 1, dtype=np.int32), starts, ar, batch.opens[pad]])
+        self.h["meta"][:] = np.concatenate(
+            [
+                tables.reshape(-1),
+                starts,
+                np.ones(R, np.int32),
+                np.arange(R + 1, dtype=np.int32),
+                starts,
+                ar,
+                batch.opens[pad],
+            ]
+        )
         self.h["tokens"][:] = np.asarray(tokens, np.int32)[pad]
-        for name, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
-                        ("steps", steps)):
+        for name, v in (
+            ("temperature", temperature),
+            ("top_k", top_k),
+            ("top_p", top_p),
+            ("seeds", seeds),
+            ("steps", steps),
+        ):
             self.h[name][:] = np.broadcast_to(np.asarray(v, self.h[name].dtype), (B,))[pad]
 
 
@@ -152,7 +179,7 @@ class DecodeGraphs:
         self.enabled = True
         self.max_rows = MAX_ROWS
         self._graphs: dict[int, _Graph] = {}
-        self._cache = None            # the KV cache the graphs were captured against
+        self._cache = None  # the KV cache the graphs were captured against
         self._slab = None
         self._slab_gen = 0
         self._stream = None
@@ -162,7 +189,8 @@ class DecodeGraphs:
     def nbytes(self) -> int:
         """Device memory the graphs hold: the shared slab and every bucket's inputs/outputs."""
         return (self._slab.nbytes if self._slab is not None else 0) + sum(
-            g.nbytes + g.out.nbytes for g in self._graphs.values())
+            g.nbytes + g.out.nbytes for g in self._graphs.values()
+        )
 
     def estimate_bytes(self, cfg, max_batch: int, ring: int | None = None) -> int:
         """Upper estimate of nbytes() at max_batch, for the memory check before loading: the
@@ -174,19 +202,31 @@ class DecodeGraphs:
             ring = -(-cfg.max_position_embeddings // DEFAULT_BLOCK_SIZE)
         rows = bucket_for(max_batch, max_batch)
         nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        per_layer = 2 * rows * (2 * cfg.dim + nq + 2 * nkv + nq + cfg.dim + 3 * cfg.hidden_dim + 3 * cfg.dim)
+        per_layer = (
+            2
+            * rows
+            * (2 * cfg.dim + nq + 2 * nkv + nq + cfg.dim + 3 * cfg.hidden_dim + 3 * cfg.dim)
+        )
         # n_splits <= want + 2 with want = 4 n_sms / (rows n_kv chunks) (decode_splits), so
         # n_splits * rows * n_heads <= 4 n_sms n_rep + 2 rows n_heads
         splits = 4 * self.be.n_sms * (cfg.n_heads // cfg.n_kv_heads) + 2 * rows * cfg.n_heads
-        work = splits * (cfg.head_dim + 2) * 4 + rows * nkv * 4     # + int8/fp8 rotated keys (float32)
+        work = splits * (cfg.head_dim + 2) * 4 + rows * nkv * 4  # + int8/fp8 rotated keys (float32)
         logits = rows * cfg.vocab_size * 4
         inputs = sum((64 + 4 * ring) * b + 4096 for b in buckets(max_batch))
-        return cfg.n_layers * (per_layer + 16 * ALIGN) + work + logits + 3 * rows * cfg.dim * 2 + inputs
+        return (
+            cfg.n_layers * (per_layer + 16 * ALIGN)
+            + work
+            + logits
+            + 3 * rows * cfg.dim * 2
+            + inputs
+        )
 
     def reset(self) -> None:
         self._graphs, self._slab, self._cache = {}, None, None
 
-    def step(self, model, tokens: np.ndarray, batch, cache, temperature, top_k, top_p, seeds, steps):
+    def step(
+        self, model, tokens: np.ndarray, batch, cache, temperature, top_k, top_p, seeds, steps
+    ):
         """Forward one token per sequence and sample each row's next token on the device
         (per row: temperature, top_k, top_p, seed, RNG step, as CudaBackend.sample). Returns
         numpy int32 token ids, or None when graphs are off (the caller runs eagerly)."""
@@ -197,27 +237,31 @@ class DecodeGraphs:
         """The token ids of a launch(): copied back once the replay has run."""
         out, n = launched
         if isinstance(out, np.ndarray) and not isinstance(out, self.be.cp.ndarray):
-            return out[:n]                       # the planning run's ids, already on the host
-        with self._stream:                       # the copy back waits for the replay
+            return out[:n]  # the planning run's ids, already on the host
+        with self._stream:  # the copy back waits for the replay
             return out.get()[:n]
 
     def launch(self, model, tokens, batch, cache, temperature, top_k, top_p, seeds, steps):
         """step() up to the graph launch: (device or host int32 token ids, rows used), or
         None when graphs are off. A bucket's first step runs eagerly and captures (host ids)."""
-        if (not self.enabled or model.cfg.dim % 8 or model.cfg.hidden_dim % 8
-                or (self.max_rows and len(batch.lens) > self.max_rows)):
-            return None                          # (GEMV needs K % 8 == 0; cuBLAS is not capturable)
+        if (
+            not self.enabled
+            or model.cfg.dim % 8
+            or model.cfg.hidden_dim % 8
+            or (self.max_rows and len(batch.lens) > self.max_rows)
+        ):
+            return None  # (GEMV needs K % 8 == 0; cuBLAS is not capturable)
         cp = self.be.cp
         if cache is not self._cache:
             self.reset()
             self._cache = cache
         n = len(batch.lens)
-        rows = bucket_for(n, n)                  # (the bucket sizes do not depend on the max batch)
+        rows = bucket_for(n, n)  # (the bucket sizes do not depend on the max batch)
         g = self._graphs.get(rows)
         if g is None:
             g = self._graphs[rows] = _Graph(self.be, rows, cache.spec.max_seq_len, cache.spec.ring)
         if self._stream is None:
-            self._stream = cp.cuda.Stream(non_blocking=False)    # ordered with the default stream
+            self._stream = cp.cuda.Stream(non_blocking=False)  # ordered with the default stream
         g.write(tokens, batch, temperature, top_k, top_p, seeds, steps)
         with self._stream as s:
             g.inputs.data.copy_from_host_async(ctypes.c_void_p(g.host.ctypes.data), g.nbytes, s)
@@ -231,12 +275,14 @@ class DecodeGraphs:
         """The captured work: forward over the bucket's rows, then sampling into g.out."""
         d = g.d
         logits = model.forward(d["tokens"], g.batch, cache)
-        self.be.sample_into(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["steps"], g.out)
+        self.be.sample_into(
+            logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["steps"], g.out
+        )
 
     def _plan_and_capture(self, g: _Graph, model, cache, stream) -> np.ndarray:
         be = self.be
         be._arena = arena = _Arena(empty=be.cp.empty)
-        try:                                      # the eager planning run: this step's tokens
+        try:  # the eager planning run: this step's tokens
             self._forward(g, model, cache)
         finally:
             be._arena = None
@@ -244,11 +290,13 @@ class DecodeGraphs:
         self.stats["eager_plans"] += 1
         need = arena.nbytes()
         if self._slab is None or self._slab.nbytes < need:
-            if be.free_memory() - need < CUBLAS_WORKSPACE:   # (memory.py counted estimate_bytes)
-                self.enabled = False                 # decode goes on eagerly
-                self.off_reason = f"no GPU memory left for {need / 2**20:.0f} MiB of decode-graph buffers"
+            if be.free_memory() - need < CUBLAS_WORKSPACE:  # (memory.py counted estimate_bytes)
+                self.enabled = False  # decode goes on eagerly
+                self.off_reason = (
+                    f"no GPU memory left for {need / 2**20:.0f} MiB of decode-graph buffers"
+                )
                 return out
-            self._slab = None                     # graphs cut from the old slab recapture lazily
+            self._slab = None  # graphs cut from the old slab recapture lazily
             self._slab = be.cp.empty(_round(need), np.uint8)
             self._slab_gen += 1
         be._arena = _Arena(slab=self._slab, plan=arena.plan)

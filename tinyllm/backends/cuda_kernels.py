@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import os
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 # ---- where the kernels live ----------------------------------------------------------------
+
 
 def _find_cuda_dir() -> Path:
     """cuda/ sits at the repository root next to tinyllm/ (a source checkout or an editable
     install); a wheel ships it as tinyllm/cuda. TINYLLM_CUDA_DIR overrides both."""
     env = os.environ.get("TINYLLM_CUDA_DIR")
-    pkg = Path(__file__).resolve().parent.parent          # .../tinyllm
+    pkg = Path(__file__).resolve().parent.parent  # .../tinyllm
     candidates = ([Path(env)] if env else []) + [pkg.parent / "cuda", pkg / "cuda"]
     for c in candidates:
         if (c / "common.cuh").is_file():
@@ -35,25 +36,25 @@ CUDA_DIR = _find_cuda_dir()
 # ---- the tile table --------------------------------------------------------------------------
 # Measurement notes go beside each entry once a GPU has timed it (scripts/bench_gpu.py).
 TILES = {
-    "GATHER_THREADS": 256,     # embedding / take_rows copy
-    "RMS_THREADS": 256,        # one block per row; dim 4096 = 2 16-byte chunks per thread
+    "GATHER_THREADS": 256,  # embedding / take_rows copy
+    "RMS_THREADS": 256,  # one block per row; dim 4096 = 2 16-byte chunks per thread
     "SWIGLU_THREADS": 256,
-    "GEMV_WARPS": 8,           # output columns per block (one warp each)
-    "GEMV_UNROLL": 4,          # 16-byte weight loads in flight per lane
-    "ROPE_WARPS": 4,           # (token, head) vectors per block
-    "CLOSE_THREADS": 128,      # kv_close: channels of one (sequence, kv head) in flight
-    "FA1_WARPS": 4,            # prefill v1 (FMA): warps per CTA
-    "FA1_RPW": 4,              #   rows per warp -> 16-row tiles
-    "FA2_BN": 64,              # prefill v2 (mma.sync): keys per tile (rows per CTA fixed at 64)
-    "DEC_WARPS": 4,            # decode split kernel: warps per CTA
-    "DEC_UNROLL": 4,           #   keys per lane group loaded before use
-    "DEC_RED_THREADS": 128,    # decode reduce: threads per (seq, head); must be >= head_dim
-    "SAMPLE_THREADS": 1024,    # argmax / sampling: one block per row
+    "GEMV_WARPS": 8,  # output columns per block (one warp each)
+    "GEMV_UNROLL": 4,  # 16-byte weight loads in flight per lane
+    "ROPE_WARPS": 4,  # (token, head) vectors per block
+    "CLOSE_THREADS": 128,  # kv_close: channels of one (sequence, kv head) in flight
+    "FA1_WARPS": 4,  # prefill v1 (FMA): warps per CTA
+    "FA1_RPW": 4,  #   rows per warp -> 16-row tiles
+    "FA2_BN": 64,  # prefill v2 (mma.sync): keys per tile (rows per CTA fixed at 64)
+    "DEC_WARPS": 4,  # decode split kernel: warps per CTA
+    "DEC_UNROLL": 4,  #   keys per lane group loaded before use
+    "DEC_RED_THREADS": 128,  # decode reduce: threads per (seq, head); must be >= head_dim
+    "SAMPLE_THREADS": 1024,  # argmax / sampling: one block per row
 }
-FA2_BM = 64                    # rows per prefill-v2 CTA (4 warps x 16, fixed by the kernel)
-GEMV_MAX_M = 8                 # gemv_bf16_m1..m8 exist; more rows go to cuBLAS
-HEAD_DIMS = (64, 128)          # compiled head-dim tiles; smaller head_dims are zero-padded
-DECODE_REPS = (1, 2, 4, 8)     # query heads per decode CTA (more are split over CTAs)
+FA2_BM = 64  # rows per prefill-v2 CTA (4 warps x 16, fixed by the kernel)
+GEMV_MAX_M = 8  # gemv_bf16_m1..m8 exist; more rows go to cuBLAS
+HEAD_DIMS = (64, 128)  # compiled head-dim tiles; smaller head_dims are zero-padded
+DECODE_REPS = (1, 2, 4, 8)  # query heads per decode CTA (more are split over CTAs)
 
 # Cache storage kinds -> the KV_KIND define (cuda/common.cuh KVT<KIND>).
 KV_KINDS = {"bf16": 0, "fp16": 1, "fp32": 2, "int8": 3, "fp8": 4}
@@ -90,7 +91,7 @@ def source(filename: str) -> str:
                 return f"// (already inlined: {inc})"
             seen.add(inc)
             body = expand(inc).replace("#pragma once", "")
-            nxt = text[:m.end()].count("\n") + 2          # line number of the line after the include
+            nxt = text[: m.end()].count("\n") + 2  # line number of the line after the include
             return f'#line 1 "{inc}"\n{body}\n#line {nxt} "{name}"'
 
         return _INCLUDE.sub(repl, text)
@@ -101,7 +102,11 @@ def source(filename: str) -> str:
 def variants(filename: str) -> list[dict]:
     """Extra defines each compiled variant of a file gets."""
     if filename in KV_VARIANT_FILES:
-        kinds = (KV_KINDS["int8"], KV_KINDS["fp8"]) if filename in QUANTIZED_ONLY_FILES else KV_KINDS.values()
+        kinds = (
+            (KV_KINDS["int8"], KV_KINDS["fp8"])
+            if filename in QUANTIZED_ONLY_FILES
+            else KV_KINDS.values()
+        )
         return [{"KV_KIND": k} for k in sorted(set(kinds))]
     return [{}]
 
@@ -114,9 +119,11 @@ def options(extra: dict | None = None) -> tuple[str, ...]:
 
 # ---- runtime (needs CuPy and a GPU) -----------------------------------------------------------
 
-@lru_cache(maxsize=None)
+
+@cache
 def _module(filename: str, extra: tuple):
     import cupy
+
     return cupy.RawModule(code=source(filename), options=options(dict(extra)))
 
 

@@ -8,8 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kv_cache import (NUMPY_STORAGE, KVCacheSpec, closed_below, dequantize, dequantize_block, entries, layout,
-                        quantize, quantize_block, visible_lo)
+from ..kv_cache import (
+    NUMPY_STORAGE,
+    KVCacheSpec,
+    closed_below,
+    dequantize,
+    dequantize_block,
+    entries,
+    layout,
+    quantize,
+    quantize_block,
+    visible_lo,
+)
 
 
 class NumpyKVCache:
@@ -21,7 +31,11 @@ class NumpyKVCache:
     def __init__(self, spec: KVCacheSpec):
         self.spec = spec
         for name, (shape, dt) in layout(spec).items():
-            setattr(self, name, [np.zeros(shape, dt or NUMPY_STORAGE[spec.kv_dtype]) for _ in range(spec.n_layers)])
+            setattr(
+                self,
+                name,
+                [np.zeros(shape, dt or NUMPY_STORAGE[spec.kv_dtype]) for _ in range(spec.n_layers)],
+            )
 
     def arrays(self) -> list[np.ndarray]:
         return [a for name in layout(self.spec) for a in getattr(self, name)]
@@ -29,11 +43,18 @@ class NumpyKVCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays())
 
-    def write(self, layer: int, table: np.ndarray, positions: np.ndarray, k: np.ndarray, v: np.ndarray,
-              open_row: int = 0):
+    def write(
+        self,
+        layer: int,
+        table: np.ndarray,
+        positions: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        open_row: int = 0,
+    ):
         """k, v (n, n_kv, hd) float32 of one sequence's consecutive positions (n,), through
         its table (R,); int8/fp8 keys through its open row (see kv_cache.py)."""
-        at = entries(table, positions, self.spec)                 # (block ids, offsets)
+        at = entries(table, positions, self.spec)  # (block ids, offsets)
         if not self.spec.quantized:
             self.k[layer][at] = k
             self.v[layer][at] = v
@@ -43,16 +64,23 @@ class NumpyKVCache:
         # every block they complete is quantized, what is left is the new open row.
         bs, start, end = self.spec.block_size, int(positions[0]), int(positions[-1]) + 1
         row0, closed = start // bs * bs, closed_below(end, self.spec)
-        keys = np.concatenate([self.k_open[layer][open_row, :start - row0], k])
+        keys = np.concatenate([self.k_open[layer][open_row, : start - row0], k])
         for r in range(row0, closed, bs):
             blk = table[(r // bs) % self.spec.ring]
-            self.k[layer][blk], self.k_scale[layer][blk], self.k_zero[layer][blk] = \
-                quantize_block(keys[r - row0:r - row0 + bs], self.spec.kv_dtype)
-        rest = keys[closed - row0:]
-        self.k_open[layer][open_row, :len(rest)] = rest
+            self.k[layer][blk], self.k_scale[layer][blk], self.k_zero[layer][blk] = quantize_block(
+                keys[r - row0 : r - row0 + bs], self.spec.kv_dtype
+            )
+        rest = keys[closed - row0 :]
+        self.k_open[layer][open_row, : len(rest)] = rest
 
-    def read(self, layer: int, table: np.ndarray, positions: np.ndarray, total: int = 0,
-             open_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def read(
+        self,
+        layer: int,
+        table: np.ndarray,
+        positions: np.ndarray,
+        total: int = 0,
+        open_row: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """K and V (n, n_kv, hd) float32 of one sequence's positions (n,) after `total` were
         written (dequantized on the fly for int8/fp8): the gather a paged attention kernel
         does block by block."""
@@ -70,7 +98,7 @@ class NumpyKVCache:
 def rope_rotate(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
     """Rotate-half RoPE (HF layout): pairs (j, j + d/2) turn by angle pos * inv_freq[j].
     x (T, heads, d), positions (T,), inv_freq (d/2,) float32."""
-    ang = positions.astype(np.float32)[:, None] * inv_freq[None, :]     # (T, d/2), fp32 like HF
+    ang = positions.astype(np.float32)[:, None] * inv_freq[None, :]  # (T, d/2), fp32 like HF
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
@@ -86,10 +114,10 @@ class NumpyBackend:
     name = "numpy"
     compute_dtype = "fp32"
     # Capabilities (backends/__init__.py): what the engine and the memory plan may rely on.
-    graphs = None                # no captured decode graphs
-    device_sampling = False      # sampling runs on the host (sampling.py)
-    device_memory = False        # weights and KV live in host RAM (memory.py's host plan)
-    fused_projections = False    # q|k|v and gate|up stay separate matrices (readable)
+    graphs = None  # no captured decode graphs
+    device_sampling = False  # sampling runs on the host (sampling.py)
+    device_memory = False  # weights and KV live in host RAM (memory.py's host plan)
+    fused_projections = False  # q|k|v and gate|up stay separate matrices (readable)
 
     def upload(self, name: str, a: np.ndarray) -> np.ndarray:
         # An owned, aligned float32 copy: a safetensors memmap view may sit at an offset
@@ -143,17 +171,17 @@ class NumpyBackend:
         out = np.empty((T, n_heads, hd), np.float32)
         for b, table in enumerate(batch.tables):
             r = slice(batch.cu_lens[b], batch.cu_lens[b + 1])
-            qpos = batch.positions[r]                                # (L,)
-            total = int(batch.starts[b] + batch.lens[b])           # positions cached after the write
-            kpos = np.arange(visible_lo(total, int(qpos[0]), spec), total)   # (n,)
-            k, v = cache.read(layer, table, kpos, total, batch.opens[b])   # (n, n_kv, hd)
+            qpos = batch.positions[r]  # (L,)
+            total = int(batch.starts[b] + batch.lens[b])  # positions cached after the write
+            kpos = np.arange(visible_lo(total, int(qpos[0]), spec), total)  # (n,)
+            k, v = cache.read(layer, table, kpos, total, batch.opens[b])  # (n, n_kv, hd)
             allowed = kpos[None, :] <= qpos[:, None]
             if spec.window:
                 allowed &= kpos[None, :] > qpos[:, None] - spec.window
             # GQA: query head h = g * n_rep + j uses KV head g.
-            qg = q[r].reshape(-1, n_kv, n_rep, hd).transpose(1, 2, 0, 3)   # (n_kv, n_rep, L, hd)
-            s = qg @ k.transpose(1, 2, 0)[:, None] * scale                  # (n_kv, n_rep, L, n)
+            qg = q[r].reshape(-1, n_kv, n_rep, hd).transpose(1, 2, 0, 3)  # (n_kv, n_rep, L, hd)
+            s = qg @ k.transpose(1, 2, 0)[:, None] * scale  # (n_kv, n_rep, L, n)
             s = np.where(allowed, s, -np.inf)
-            o = softmax(s) @ v.transpose(1, 0, 2)[:, None]                   # (n_kv, n_rep, L, hd)
+            o = softmax(s) @ v.transpose(1, 0, 2)[:, None]  # (n_kv, n_rep, L, hd)
             out[r] = o.transpose(2, 0, 1, 3).reshape(-1, n_heads, hd)
         return out.reshape(T, n_heads * hd)
