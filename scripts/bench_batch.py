@@ -1,7 +1,8 @@
 """Batched generation throughput: tinyllm's continuous-batching engine at several batch
 sizes, against transformers' batched `generate` on the same device, shapes and run.
 
-    python scripts/bench_batch.py [--models tiny,smollm2] [--batches 1,8,32] [--prompt-len 32] [--gen 16] [--repeat 3]
+    python scripts/bench_batch.py [--models tiny,smollm2] [--batches 1,8,32] [--prompt-len 32] \
+        [--gen 16] [--repeat 3]
 
 Every request has the same prompt length and generates exactly --gen tokens (greedy,
 EOS ignored), so both sides do the same work and transformers needs no padding. A run at
@@ -279,21 +280,30 @@ def main() -> int:
 
         gpu = f"; GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}"
     print(
-        f"\nConditions: CPU {cpu_name()}, {os.cpu_count()} cores{gpu}; numpy {np.__version__}, torch "
+        f"\nConditions: CPU {cpu_name()}, {os.cpu_count()} cores{gpu}; numpy {np.__version__}, "
+        "torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads), transformers "
-        f"{__import__('transformers').__version__}; commit {commit()}; prompt {a.prompt_len} tokens, "
+        f"{__import__('transformers').__version__}; commit {commit()}; prompt {a.prompt_len} "
+        "tokens, "
         f"{a.gen} generated per request (greedy, EOS ignored); a run at batch B serves max(B, "
-        f"{a.min_requests}) requests, best of {a.repeat} alternating runs; tok/s counts generated tokens only, end to end (prefill included). "
+        f"{a.min_requests}) requests, best of {a.repeat} alternating runs; tok/s counts generated "
+        "tokens only, end to end (prefill included). "
         f"Command: `{cmd.strip()}`\n"
     )
     hf = not a.no_hf
     head = "| model | backend | batch | requests | tinyllm tok/s | tinyllm req/s |"
     if hf:
-        head += " transformers tok/s | transformers req/s | tinyllm / transformers | same greedy tokens |"
+        head += (
+            " transformers tok/s | transformers req/s | tinyllm / transformers |"
+            " same greedy tokens |"
+        )
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
-        line = f"| {r['model']} | {r['backend']} | {r['batch']} | {r['n']} | {r['tok_s']:.1f} | {r['req_s']:.2f} |"
+        line = (
+            f"| {r['model']} | {r['backend']} | {r['batch']} | {r['n']} | {r['tok_s']:.1f} "
+            f"| {r['req_s']:.2f} |"
+        )
         if hf:
             line += (
                 f" {r['hf_tok_s']:.1f} | {r['hf_req_s']:.2f} | {r['tok_s'] / r['hf_tok_s']:.2f}x |"

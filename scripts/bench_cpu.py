@@ -99,12 +99,14 @@ def main() -> int:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     print(
-        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; numpy {np.__version__}, "
+        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; numpy "
+        f"{np.__version__}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); commit {commit}; "
         f"prompt {a.prompt_len} tokens, {a.tokens} greedy tokens, float32\n"
     )
     print(
-        "| model | tinyllm numpy decode tok/s | transformers decode tok/s | ratio | tinyllm prefill tok/s | same tokens |"
+        "| model | tinyllm numpy decode tok/s | transformers decode tok/s | ratio | tinyllm "
+        "prefill tok/s | same tokens |"
     )
     print("|---|---:|---:|---:|---:|---|")
     for d in models:
@@ -115,7 +117,8 @@ def main() -> int:
         ours, prefill, ours_ids = bench_tinyllm(d, prompt, a.tokens)
         ref, ref_ids = bench_transformers(d, prompt, a.tokens)
         print(
-            f"| {d.name} | {ours:.1f} | {ref:.1f} | {ours / ref:.2f}x | {prefill:.0f} | {ours_ids == ref_ids} |"
+            f"| {d.name} | {ours:.1f} | {ref:.1f} | {ours / ref:.2f}x | {prefill:.0f} | "
+            f"{ours_ids == ref_ids} |"
         )
     return 0
 

@@ -11,7 +11,8 @@ Rows:
                             SDPA, random init, same shape, DynamicCache) decoding the same way
   prefill tok/s             one --prefill-token forward, vs transformers' prefill
   flash attention TFLOP/s   causal, 32 q / 8 kv heads, d=128, n=4096: tinyllm v1/v2 vs torch SDPA
-  decode attention GB/s     one token over an 8k / 32k bf16 cache (cache bytes / time) vs copy bandwidth
+  decode attention GB/s     one token over an 8k / 32k bf16 cache (cache bytes / time) vs copy
+                            bandwidth
   int8 / fp8 KV decode      time at 32k vs the bf16 cache (target >= 1.8x faster)
   decode eager / graph      batch 1, 8, 64 at --ctx: tok/s, % of copy bandwidth (weights + KV read
                             per step / step time / copy bandwidth), host time per step (from the
@@ -144,7 +145,7 @@ def weight_bytes(cfg) -> int:
     return 2 * (cfg.n_params() - cfg.vocab_size * cfg.dim)  # the embedding is only gathered
 
 
-# ---- measurements ------------------------------------------------------------------------------------
+# ---- measurements --------------------------------------------------------------------------------
 
 
 def measure_copy_bandwidth(iters):
@@ -255,7 +256,8 @@ def attention_setup(be, n_ctx, n_q, kv_dtype, n_heads=32, n_kv=8, hd=128):
     ring = -(-n_ctx // DEFAULT_BLOCK_SIZE)
     spec = KVCacheSpec(1, ring, DEFAULT_BLOCK_SIZE, ring, n_kv, hd, kv_dtype, None, n_ctx)
     cache = be.alloc_kv(spec)
-    # one sequence over every block of the pool, in shuffled order (paged: blocks need not be adjacent)
+    # one sequence over every block of the pool, in shuffled order (paged: blocks need not be
+    # adjacent)
     table = np.random.default_rng(0).permutation(ring).astype(np.int32)[None, :]
     k = random_bf16(be, (n_ctx, n_kv, hd), 1.0)
     v = random_bf16(be, (n_ctx, n_kv, hd), 1.0)
@@ -443,7 +445,7 @@ def decode_graph_rows(
     return rows, figs
 
 
-# ---- main --------------------------------------------------------------------------------------------
+# ---- main ----------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
@@ -498,7 +500,8 @@ def main(argv=None) -> int:
         (
             f"decode tok/s, batch 1, ctx {args.ctx}",
             f"{dec:,.1f}",
-            f"floor {floor_tps:,.0f} ({dec / floor_tps:.0%}); transformers {hf_dec or float('nan'):,.1f}",
+            f"floor {floor_tps:,.0f} ({dec / floor_tps:.0%}); transformers "
+            f"{hf_dec or float('nan'):,.1f}",
             f"{dec / hf_dec:.2f}x HF" if hf_dec else "",
         )
     )
@@ -506,7 +509,8 @@ def main(argv=None) -> int:
         (
             f"prefill tok/s, {args.prefill_tokens} tokens",
             f"{pre:,.0f}",
-            f"GEMM bound {prefill_floor:,.0f} ({pre / prefill_floor:.0%}); transformers {hf_pre or float('nan'):,.0f}",
+            f"GEMM bound {prefill_floor:,.0f} ({pre / prefill_floor:.0%}); transformers "
+            f"{hf_pre or float('nan'):,.0f}",
             f"{pre / hf_pre:.2f}x HF" if hf_pre else "",
         )
     )
@@ -565,7 +569,8 @@ def main(argv=None) -> int:
 
     w = max(len(r[0]) for r in rows)
     print(
-        f"\ntinyllm GPU benchmark on {be.gpu_name}, Mistral-7B shape ({args.layers} layers), random bf16 weights "
+        f"\ntinyllm GPU benchmark on {be.gpu_name}, Mistral-7B shape ({args.layers} layers), "
+        "random bf16 weights "
         f"({time.time() - t0:.0f} s)"
     )
     print(f"{'what':<{w}}  {'tinyllm':>24}  {'reference (same run)':<62} ratio")

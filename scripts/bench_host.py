@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     )
     width = max(len(r[0]) for r in rows)
     print(
-        f"\nhost cost per decode step on the CuPy stand-in: {cfg.n_layers} layers, {cfg.n_heads} heads / "
+        f"\nhost cost per decode step on the CuPy stand-in: {cfg.n_layers} layers, {cfg.n_heads} "
+        "heads / "
         f"{cfg.n_kv_heads} kv, fused QKV and gate/up ({time.time() - t0:.0f} s)"
     )
     for r in rows:

@@ -10,7 +10,8 @@ ignored). The same requests run three times, prefix caching on, on with the shar
 already cached ("warm": one request with it ran first, untimed, as on a server that has
 served it before) and off, each on a fresh LLM with the same KV budget: --slots sequences
 of the full --ctx context, i.e. what the previous slot layout (one contiguous max_seq_len
-region per sequence) could hold at most. Reported per run: prompt tokens computed (Completion.prefill_tokens) and served
+region per sequence) could hold at most. Reported per run: prompt tokens computed
+(Completion.prefill_tokens) and served
 from the prefix cache, wall time, end-to-end throughput, the peak number of sequences
 in the batch, holding K/V and decoding at once (counted after every engine step, driven
 through Engine.add/step as the server does) and preemptions; then the ratios. The
@@ -187,18 +188,24 @@ def main():
     ).stdout.strip()
     print(
         f"`python scripts/bench_prefix.py {shlex.join(sys.argv[1:])}` — {d.name}, numpy fp32, "
-        f"{a.requests} requests = {a.system_tokens} shared + {min(map(len, prompts)) - a.system_tokens}–"
-        f"{max(map(len, prompts)) - a.system_tokens} own prompt tokens, {a.gen} generated each (greedy, EOS "
+        f"{a.requests} requests = {a.system_tokens} shared + "
+        f"{min(map(len, prompts)) - a.system_tokens}–"
+        f"{max(map(len, prompts)) - a.system_tokens} own prompt tokens, {a.gen} generated each "
+        "(greedy, EOS "
         f"ignored); context {a.ctx}, max_batch {a.max_batch}; KV budget {budget / 2**20:.1f} MiB = "
-        f"{a.slots} x {a.ctx} tokens x {per_token:,} B/token = {on['blocks']} blocks of {on['block_size']}."
+        f"{a.slots} x {a.ctx} tokens x {per_token:,} B/token = {on['blocks']} blocks of "
+        f"{on['block_size']}."
     )
     print(
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
-        f"{load[0]:.1f} at the start, {load_end[0]:.1f} at the end; Python {platform.python_version()}; "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
+        "average "
+        f"{load[0]:.1f} at the start, {load_end[0]:.1f} at the end; Python "
+        f"{platform.python_version()}; "
         f"commit {commit}.\n"
     )
     print(
-        "| prefix caching | prompt tokens | computed (prefill) | from the cache | wall s | prompt+gen tok/s "
+        "| prefix caching | prompt tokens | computed (prefill) | from the cache | wall s | "
+        "prompt+gen tok/s "
         "| gen tok/s | peak admitted / resident / decoding | slot layout | preemptions |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -208,16 +215,21 @@ def main():
         print(
             f"| {r['caching']} | {r['prompt']:,} | {r['prefill']:,} | {r['cached']:,} | "
             f"{r['seconds']:.1f} | {tps:.0f} | {r['generated'] / r['seconds']:.1f} | "
-            f"{pk['admitted']} / {pk['resident']} / {pk['decoding']} | {a.slots} | {r['preemptions']} |"
+            f"{pk['admitted']} / {pk['resident']} / {pk['decoding']} | {a.slots} | "
+            f"{r['preemptions']} |"
         )
     per_seq = -(-(max(map(len, prompts)) + a.gen - 1) // on["block_size"])
     warm = rows[1]
     print(
         f"\nOn / off: prefill tokens computed {on['prefill'] / off['prefill']:.3f}x (warm "
-        f"{warm['prefill'] / off['prefill']:.3f}x), end-to-end throughput {off['seconds'] / on['seconds']:.2f}x "
-        f"(warm {off['seconds'] / warm['seconds']:.2f}x). Sequences decoding at once: {on['peak']['decoding']} "
-        f"(on), {warm['peak']['decoding']} (warm), {off['peak']['decoding']} (off) against the slot layout's {a.slots} in the same bytes; without "
-        f"sharing, {on['blocks']} blocks hold {on['blocks'] // per_seq} whole requests of {per_seq} blocks. "
+        f"{warm['prefill'] / off['prefill']:.3f}x), end-to-end throughput "
+        f"{off['seconds'] / on['seconds']:.2f}x "
+        f"(warm {off['seconds'] / warm['seconds']:.2f}x). Sequences decoding at once: "
+        f"{on['peak']['decoding']} "
+        f"(on), {warm['peak']['decoding']} (warm), {off['peak']['decoding']} (off) against the "
+        f"slot layout's {a.slots} in the same bytes; without "
+        f"sharing, {on['blocks']} blocks hold {on['blocks'] // per_seq} whole requests of "
+        f"{per_seq} blocks. "
         f"Greedy outputs identical in all three."
     )
 

@@ -226,15 +226,19 @@ def main() -> int:
     load = os.getloadavg()
     print(f"\n`python scripts/bench_serve.py {' '.join(sys.argv[1:])}`\n")
     print(
-        f"Conditions: {name}; {cpu_name()}, {os.cpu_count()} cores, load average {load[0]:.1f} at the end "
-        f"(shared machine); Python {platform.python_version()}, numpy {np.__version__} (BLAS threads: {blas}); "
+        f"Conditions: {name}; {cpu_name()}, {os.cpu_count()} cores, load average {load[0]:.1f} at "
+        "the end "
+        f"(shared machine); Python {platform.python_version()}, numpy {np.__version__} (BLAS "
+        f"threads: {blas}); "
         f"commit {head}; "
         f"server --max-batch {a.max_batch} --ctx-size {a.ctx_size} --backend {a.backend}; prompt "
-        f"{a.prompt_len} tokens, {a.output_len} generated per request (greedy, EOS ignored), streamed; "
+        f"{a.prompt_len} tokens, {a.output_len} generated per request (greedy, EOS ignored), "
+        "streamed; "
         f"times in ms as mean / p50 / p99.\n"
     )
     print(
-        "| concurrency | requests | duration s | req/s | output tok/s | in-process tok/s | server / in-process "
+        "| concurrency | requests | duration s | req/s | output tok/s | in-process tok/s | server "
+        "/ in-process "
         "| TTFT ms | TPOT ms | ITL ms |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---|---|---|")

@@ -33,7 +33,8 @@ from tinyllm import LLM, SamplingParams
 llm = LLM(sys.argv[2] or None, threads=None if mode in ("blas", "default") else int(mode))
 ids = list(range(100, 116))
 llm.generate([ids], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))     # warm-up
-c = llm.generate([ids], SamplingParams(max_tokens=int(sys.argv[4]), temperature=0, ignore_eos=True))[0]
+p = SamplingParams(max_tokens=int(sys.argv[4]), temperature=0, ignore_eos=True)
+c = llm.generate([ids], p)[0]
 print(json.dumps({"threads": th.blas_threads()[0], "tok_s": c.decode_tokens_per_s}))
 """
 
@@ -90,12 +91,14 @@ def main() -> int:
                 busy.wait()
     print(f"cores: {os.cpu_count()}, tokens: {a.tokens}, repeats: {a.repeats}\n")
     print(
-        "| condition | threads setting | BLAS threads | decode tok/s (each run) | 1-min load at start |"
+        "| condition | threads setting | BLAS threads | decode tok/s (each run) | 1-min load at "
+        "start |"
     )
     print("|---|---|---|---|---|")
     for cond, label, n, toks, loads in rows:
         print(
-            f"| {cond} | {label} | {n} | {', '.join(f'{t:.1f}' for t in toks)} | {', '.join(loads)} |"
+            f"| {cond} | {label} | {n} | {', '.join(f'{t:.1f}' for t in toks)} | "
+            f"{', '.join(loads)} |"
         )
     return 0
 

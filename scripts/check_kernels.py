@@ -228,7 +228,8 @@ def main(argv=None) -> int:
                 resources[name + (f" [KV_KIND={v['KV_KIND']}]" if v else "")] = r
                 if r.get("spill_st") or r.get("spill_ld") or r.get("stack"):
                     bad.append(
-                        f"{name}: {r.get('stack', 0)} B stack, {r.get('spill_st', 0)}/{r.get('spill_ld', 0)} B spill st/ld"
+                        f"{name}: {r.get('stack', 0)} B stack, "
+                        f"{r.get('spill_st', 0)}/{r.get('spill_ld', 0)} B spill st/ld"
                     )
             if not ok or bad:
                 failures.append(

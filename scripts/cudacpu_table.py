@@ -29,7 +29,8 @@ def main(path: str) -> None:
         r[1] += n
         r[2].update(geoms)
     print(
-        "| entry point | KV kinds | launches | distinct geometries (grid * threads [+ dyn. smem]), sample |"
+        "| entry point | KV kinds | launches | distinct geometries (grid * threads [+ dyn. smem]), "
+        "sample |"
     )
     print("|---|---|---:|---|")
     for name in sorted(rows):

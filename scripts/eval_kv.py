@@ -110,7 +110,8 @@ def ablate(model_dir, text: str, n_tokens: int, window: int, only: str = ""):
             llm.backend.alloc_kv = real_alloc
             dppl = 100 * (np.exp(acc.nll / acc.n - ref_nll) - 1)
             print(
-                f"| {kv} | {name} | {dppl:+.3f}% | {acc.kl / acc.n:.2e} | {100 * acc.agree / acc.n:.2f}% |",
+                f"| {kv} | {name} | {dppl:+.3f}% | {acc.kl / acc.n:.2e} | "
+                f"{100 * acc.agree / acc.n:.2f}% |",
                 flush=True,
             )
 
@@ -138,17 +139,20 @@ def score_errors(model_dir, text: str, window: int):
     T, scale = len(ids), 1.0 / np.sqrt(cfg.head_dim)
     causal = np.tril(np.ones((T, T), bool))
     print(
-        f"{T} tokens. Per layer, over all query heads and causal (query, key) pairs: the score error"
+        f"{T} tokens. Per layer, over all query heads and causal (query, key) pairs: the score "
+        "error"
     )
     print(
-        "q·(k̂ - k)/sqrt(d) from storing K quantized (V exact), RMS and max; the attention output's worst"
+        "q·(k̂ - k)/sqrt(d) from storing K quantized (V exact), RMS and max; the attention "
+        "output's worst"
     )
     print(
         "relative error over heads; the largest |score|; how often a K vector's absmax sits in the"
     )
     print("head's most frequent absmax channel.\n")
     print(
-        "| layer | int8 score err rms / max | int8 out err | fp8 score err rms / max | fp8 out err | max abs score | outlier channel |"
+        "| layer | int8 score err rms / max | int8 out err | fp8 score err rms / max | fp8 out err "
+        "| max abs score | outlier channel |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for layer in range(cfg.n_layers):

@@ -1,8 +1,8 @@
 """A Qwen2-family stand-in for the KV-format study: a Llama checkpoint re-labelled as Qwen2
 (q/k/v biases) with large k_proj biases planted in its lowest-frequency RoPE channels.
 
-    python scripts/plant_qwen2_biases.py --src weights/smollm2-135m-instruct --out /tmp/qwen2-planted \
-        [--factors 100,300]
+    python scripts/plant_qwen2_biases.py --src weights/smollm2-135m-instruct \
+        --out /tmp/qwen2-planted [--factors 100,300]
 
 No Qwen2 checkpoint can be downloaded here, so this plants what makes Qwen2 keys hard to
 quantize: a few channels of every key that are orders of magnitude larger than the rest,

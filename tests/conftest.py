@@ -115,7 +115,8 @@ def make_tiny_checkpoint(
 
 
 def with_chat_template(src: Path, dst: Path, template: str) -> Path:
-    """A copy of the checkpoint at src in dst (new or empty) with template as its chat_template.jinja."""
+    """A copy of the checkpoint at src in dst (new or empty) with template as its
+    chat_template.jinja."""
     import shutil
 
     shutil.copytree(src, dst, dirs_exist_ok=True)

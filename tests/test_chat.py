@@ -213,7 +213,8 @@ def test_stats_of_last_reply(llm):
     n = len(c.prompt_token_ids)
     assert c.prefill_tokens + c.cached_tokens == n
     assert re.search(
-        rf"prompt {n} tokens \({c.prefill_tokens} prefilled, {c.cached_tokens} from the prefix cache\), "
+        rf"prompt {n} tokens \({c.prefill_tokens} prefilled, {c.cached_tokens} from the prefix "
+        r"cache\), "
         rf"generated {len(c.token_ids)} tokens, .*context {n + len(c.token_ids)}/256",
         s.stats(),
     )

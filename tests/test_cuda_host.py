@@ -39,7 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "fakecupy"
 
 SELECTION = "not 32k and not smollm2 and not 1000_decode_steps"
-MIN_PASSED = 578  # 587 when written (paged KV cache, int8/fp8 KIVI): fewer means tests went missing from the selection
+# 587 when written (paged KV cache, int8/fp8 KIVI): fewer means tests went missing from the
+# selection
+MIN_PASSED = 578
 
 # Every extern "C" entry point must be launched by the selection, and every KV_KIND variant of
 # each file compiled per cache kind (test_gpu_tests_pass_on_the_cupy_stand_in checks both).
@@ -264,8 +266,10 @@ KERNEL_BUGS = [
     (
         "prefill_loads_below_window",
         "attention_prefill.cu",
-        "for (int kt = lo; kt <= hi; kt += BN) {\n        __syncthreads();                         // everyone",
-        "for (int kt = ti.kmin; kt <= hi; kt += BN) {\n        __syncthreads();                         // everyone",
+        "for (int kt = lo; kt <= hi; kt += BN) {\n        __syncthreads();                         "
+        "// everyone",
+        "for (int kt = ti.kmin; kt <= hi; kt += BN) {\n        __syncthreads();                    "
+        "     // everyone",
         "test_cuda_ops.py::test_attention_paged[ring_wrap-v2-bf16-bs16]",
         "Not equal to tolerance",
     ),
@@ -278,7 +282,8 @@ KERNEL_BUGS = [
         "test_cuda_ops.py::test_rope_kv_write_is_bit_exact[8-2-128-int8]",
         "Arrays are not equal",
     ),
-    # int8/fp8 keys: the open block's first key read from its (not yet quantized: NaN-poisoned) block
+    # int8/fp8 keys: the open block's first key read from its (not yet quantized: NaN-poisoned)
+    # block
     (
         "open_block_off_by_one",
         "common.cuh",

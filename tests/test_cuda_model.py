@@ -70,7 +70,8 @@ def check_greedy(
     row = llm_ref.logits(prompt + want[:i])[-1]
     a, b = np.sort(row)[-2:][::-1]
     print(
-        f"{what}: greedy diverges at token {i}: float32 top-2 margin {a - b:.3e} (near-tie bound {near_tie:.3e})"
+        f"{what}: greedy diverges at token {i}: float32 top-2 margin {a - b:.3e} (near-tie bound "
+        f"{near_tie:.3e})"
     )
     if i < n:
         assert got[i] in np.argsort(row)[-2:], f"{what}: token {i} is not float32's top-2"
@@ -168,7 +169,8 @@ def test_paged_prefix_hits_and_preemption_match_numpy(tiny_factory, case, block_
     prompts = [PROMPT[:35] + [7 + i, 11 + i] for i in range(4)]
     p = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     runs = {}
-    for backend, kv in (("numpy", "fp32" if kv == "bf16" else kv), ("cuda", kv)):
+    runs_kv = (("numpy", "fp32" if kv == "bf16" else kv), ("cuda", kv))
+    for backend, kv in runs_kv:  # kv ends as the case's own (the cuda run's), used below
         block = KVCacheSpec.for_model(
             cfg, kv, 128, 1, chunk=16, block_size=block_size
         ).block_nbytes()
@@ -222,7 +224,7 @@ def test_1000_decode_steps_without_memory_growth(tiny_factory):
     assert pool.total_bytes() <= total + (1 << 20)
 
 
-# ---- decode as CUDA graphs (tinyllm/backends/cuda_graphs.py) ------------------------------------------
+# ---- decode as CUDA graphs (tinyllm/backends/cuda_graphs.py) -------------------------------------
 
 GRAPH_CASES = [
     ("llama_gqa", "bf16", 9),

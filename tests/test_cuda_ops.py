@@ -102,7 +102,7 @@ def test_take_rows_narrow_vectors(be, rng, dtype, width):
     np.testing.assert_array_equal(be.cp.asnumpy(be.take_rows(be.cp.asarray(x), rows)), x[rows])
 
 
-# ---- RMSNorm --------------------------------------------------------------------------------------
+# ---- RMSNorm -------------------------------------------------------------------------------------
 
 
 @gpu
@@ -187,7 +187,7 @@ def test_stand_in_capture_model(be, rng):
         k((2,), (256,), (x, np.int32(64), w, out, np.int32(dim), np.float32(1e-5)))
         for refused in (
             lambda: cp.empty(4, np.float32),
-            lambda: out.get(),
+            out.get,
             lambda: cublas.gemmEx(*[0] * 19),
         ):
             with pytest.raises((AssertionError, NotImplementedError), match="capture"):
@@ -205,7 +205,7 @@ def test_stand_in_capture_model(be, rng):
     assert cupy.STATS["launches"] > 0
 
 
-# ---- linear ----------------------------------------------------------------------------------------
+# ---- linear --------------------------------------------------------------------------------------
 
 LINEAR_SHAPES = [(7, 64), (33, 4096), (4097, 64), (64, 4097), (256, 1024)]
 
@@ -291,7 +291,7 @@ def test_silu_mul_fused_halves(be, rng):
     close(got, REF.silu_mul(fused[:, :64], fused[:, 64:]))
 
 
-# ---- KV cache helpers ------------------------------------------------------------------------------
+# ---- KV cache helpers ----------------------------------------------------------------------------
 
 KV_DTYPES = ["bf16", "fp16", "fp32", "int8", "fp8"]
 
@@ -472,7 +472,7 @@ def test_rope_kv_write_paged_block_sizes(be, rng, kv_dtype, block_size):
     check_rope_kv_write(be, rng, spec, Batch(tables, starts, lens), 8)
 
 
-# ---- attention ---------------------------------------------------------------------------------------
+# ---- attention -----------------------------------------------------------------------------------
 
 # (name, starts, lens, block_size, ring, window); the tables come from paged_tables
 ATTN_BATCHES = [
@@ -617,7 +617,7 @@ def test_decode_kernel_at_32k_context(be, rng):
     close(got, want, atol_ulps=8)
 
 
-# ---- next-token choice ----------------------------------------------------------------------------
+# ---- next-token choice ---------------------------------------------------------------------------
 
 
 @gpu
@@ -668,7 +668,7 @@ def test_sample_distribution_top_k_top_p(be):
     assert within(cold[3], 0.4**4 / (0.1**4 + 0.2**4 + 0.3**4 + 0.4**4)), cold
 
 
-# ---- memory -----------------------------------------------------------------------------------------
+# ---- memory --------------------------------------------------------------------------------------
 
 
 @gpu
@@ -690,7 +690,7 @@ def test_upload_casts_fp32_fp16_bf16_on_the_host(be, rng):
     np.testing.assert_array_equal(be.to_numpy(be.upload("w", big)), bf(big))
 
 
-# ---- pure Python: runs without a GPU --------------------------------------------------------------
+# ---- pure Python: runs without a GPU -------------------------------------------------------------
 
 
 def test_kernel_sources_inline_the_common_header():

@@ -40,7 +40,7 @@ def P(a: np.ndarray) -> ctypes.c_void_p:
     return ctypes.c_void_p(a.__array_interface__["data"][0])
 
 
-def I(x: int) -> ctypes.c_int:
+def I(x: int) -> ctypes.c_int:  # noqa: E743  (int argument, beside P for pointers)
     return ctypes.c_int(x)
 
 
@@ -75,11 +75,11 @@ def test_shuffles_follow_the_cuda_programming_guide(arg, width):
     np.testing.assert_array_equal(out[32:64], 100 + xor)
     np.testing.assert_array_equal(out[64:96], 100 + down)
     np.testing.assert_array_equal(out[96:128], 100 + up)
-    ballot = sum(1 << int(l) for l in lanes if l % 3 == 0)
+    ballot = sum(1 << int(ln) for ln in lanes if ln % 3 == 0)
     assert (out[128:] == np.int32(np.uint32(ballot).view(np.int32))).all()
 
 
-# ---- ldmatrix -------------------------------------------------------------------------------------
+# ---- ldmatrix ------------------------------------------------------------------------------------
 
 LDSM = module("""
 extern "C" __global__ void ldsm(const unsigned short* src, int trans, unsigned* out) {
@@ -118,7 +118,8 @@ def test_ldmatrix_outside_shared_memory_fails_naming_the_kernel():
         tile[threadIdx.x] = 0; tile[threadIdx.x + 32] = 0;
         __syncthreads();
         unsigned r[4];
-        ldsm_x4(r[0], r[1], r[2], r[3], tile + (threadIdx.x % 8) * 8 + (threadIdx.x / 8) * 64);  // rows past the tile
+        // rows past the tile
+        ldsm_x4(r[0], r[1], r[2], r[3], tile + (threadIdx.x % 8) * 8 + (threadIdx.x / 8) * 64);
         out[threadIdx.x] = r[0];
     }
     """)
@@ -153,8 +154,8 @@ def test_mma_m16n8k16_bf16_is_a_times_b_plus_c_in_the_ptx_fragment_layouts():
     c = np.zeros((32, 4), np.float32)
     for lane in range(32):
         g, t = lane // 4, lane % 4  # groupID, threadID_in_group
-        # A: a_i (i = 0..7) at row g for i in {0,1,4,5} else g+8, column 2t + (i & 1) (+8 for i >= 4);
-        # register j holds a_{2j}, a_{2j+1}.
+        # A: a_i (i = 0..7) at row g for i in {0,1,4,5} else g+8, column 2t + (i & 1)
+        # (+8 for i >= 4); register j holds a_{2j}, a_{2j+1}.
         for j in range(4):
             row = g if j in (0, 2) else g + 8
             col = 2 * t + (8 if j >= 2 else 0)
@@ -180,13 +181,15 @@ def test_mma_m16n8k16_bf16_is_a_times_b_plus_c_in_the_ptx_fragment_layouts():
 # ---- conversions: CUDA's own headers vs ml_dtypes -----------------------------------------------
 
 CONV = module("""
-extern "C" __global__ void conv(const float* x, int n, unsigned short* bf, unsigned short* h, unsigned char* f8, float* back) {
+extern "C" __global__ void conv(const float* x, int n, unsigned short* bf, unsigned short* h,
+                                unsigned char* f8, float* back) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const bf16 b = __float2bfloat16_rn(x[i]);
         bf[i] = *reinterpret_cast<const unsigned short*>(&b);
         const __half hh = __float2half_rn(x[i]);
         h[i] = *reinterpret_cast<const unsigned short*>(&hh);
-        f8[i] = (unsigned char)__nv_cvt_float_to_fp8(fminf(fmaxf(x[i], -448.f), 448.f), __NV_SATFINITE, __NV_E4M3);
+        f8[i] = (unsigned char)__nv_cvt_float_to_fp8(fminf(fmaxf(x[i], -448.f), 448.f),
+                                                     __NV_SATFINITE, __NV_E4M3);
         const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)f8[i], __NV_E4M3);
         back[i] = __half2float(__half(__half_raw{r.x}));
     }
@@ -222,7 +225,9 @@ def test_bf16_fp16_fp8_conversions_round_as_ml_dtypes():
 
 def test_denormals_flush_to_zero_as_with_cupys_ftz():
     mod = module("""
-    extern "C" __global__ void ftz(const float* x, float* y) { y[threadIdx.x] = x[threadIdx.x] * 1.0f + 0.0f; }
+    extern "C" __global__ void ftz(const float* x, float* y) {
+        y[threadIdx.x] = x[threadIdx.x] * 1.0f + 0.0f;
+    }
     """)
     x = np.array([1e-40, -1e-41, 1e-30, 2.0], np.float32)
     y = np.zeros(4, np.float32)
@@ -290,7 +295,9 @@ def test_shared_memory_starts_each_block_as_nan():
 
 def test_misaligned_vector_load_fails():
     mod = module("""
-    extern "C" __global__ void nc(const unsigned char* p, unsigned* out) { uint4 v = ld_stream_u4(p + 4); out[0] = v.x; }
+    extern "C" __global__ void nc(const unsigned char* p, unsigned* out) {
+        uint4 v = ld_stream_u4(p + 4); out[0] = v.x;
+    }
     """)
     with pytest.raises(AssertionError, match="nc: ld.global.nc.v4.u32: misaligned"):
         mod.launch("nc", (1,), (1,), [P(np.zeros(64, np.uint8)), P(np.zeros(1, np.uint32))])
@@ -313,7 +320,8 @@ print("no error")
         ("global_overrun", "y[threadIdx.x + 1] = 1.f;", "heap-buffer-overflow"),
         (
             "shared_overrun",
-            "__shared__ float s[64]; s[threadIdx.x + 1] = 1.f; __syncthreads(); y[threadIdx.x] = s[0];",
+            "__shared__ float s[64]; s[threadIdx.x + 1] = 1.f; __syncthreads(); y[threadIdx.x] = "
+            "s[0];",
             "global-buffer-overflow",
         ),
     ],

@@ -109,7 +109,8 @@ def byte_vocab() -> dict:
         unk=None,
         pad=2,
         add_bos=False,
-        template="{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+        template="{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% "
+        "endfor %}",
     )
 
 

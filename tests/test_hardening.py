@@ -631,7 +631,7 @@ def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(model, tmp_path):
     assert sorted(ids) == sorted(r["id"] for r in slow_rows(30))
 
 
-# ---- BLAS threads ---------------------------------------------------------------------------------
+# ---- BLAS threads --------------------------------------------------------------------------------
 
 
 def test_threads_are_honoured(model):

@@ -46,7 +46,8 @@ def test_chunked_prefill_equals_one_shot(tiny_factory, case, chunk):
 def test_rolling_cache_equals_full_cache_with_banded_mask(tiny_factory):
     llm = LLM(str(tiny_factory("mistral_window")), max_seq_len=64)
     W = llm.cfg.sliding_window
-    # Blocks of 4: a ring of ceil((W + 4) / 4) + 1 = 4 blocks (16 positions) that 50 tokens wrap 3 times.
+    # Blocks of 4: a ring of ceil((W + 4) / 4) + 1 = 4 blocks (16 positions) that 50 tokens
+    # wrap 3 times.
     rolling = Engine.for_model(
         llm.model,
         llm.tokenizer,

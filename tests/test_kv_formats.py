@@ -161,7 +161,8 @@ def write(cache, raw, start, n):
 
 
 def read_positions(cache, n):
-    """K read back for each position the table still holds after n tokens (its last R rows), by position."""
+    """K read back for each position the table still holds after n tokens (its last R rows),
+    by position."""
     spec = cache.spec
     lo = max(0, ((n - 1) // spec.block_size - spec.ring + 1) * spec.block_size)
     k, _ = cache.read(0, spec.slot_tables([0])[0], np.arange(lo, n))

@@ -307,7 +307,8 @@ def test_cache_allocates_exactly_the_configured_bytes(tiny_factory, case, kv):
             spec.n_open * spec.block_size * cfg.kv_dim * 4 * cfg.n_layers if kv in QUANT else 0
         )
         assert spec.n_open == n_seqs + 1 and spec.open_nbytes() == open_rows
-        # head_dim 16: the keys' per-channel metadata (4 bytes per 16 tokens) is whole bytes per token
+        # head_dim 16: the keys' per-channel metadata (4 bytes per 16 tokens) is whole bytes per
+        # token
         assert (
             total - open_rows
             == cfg.kv_bytes_per_token(kv) * spec.capacity * n_seqs
@@ -419,7 +420,7 @@ def test_cli_info_prints_kv_bytes_per_token_from_config(tiny_factory, capsys):
     )
     rows = info_table(capsys.readouterr().out)
     budget = int(budget / 2**20 * 2**20)  # as parse_memory reads it back
-    for kv, (per, _, ctx) in rows.items():
+    for kv, (_per, _, ctx) in rows.items():
         n = 1
         while (
             n < cfg.max_position_embeddings

@@ -23,7 +23,7 @@ class Live:
     def __init__(self, llm):
         self.app = create_app(llm, ("tiny",))
         sock = listen("127.0.0.1", 0)
-        self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, daemon=True

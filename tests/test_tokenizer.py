@@ -57,7 +57,7 @@ def stream_all(dec: StreamDecoder, ids) -> tuple[str, list[str]]:
     return "".join(chunks), chunks
 
 
-# ----------------------------------------------------------------------------- SmolLM2 (byte-level BPE)
+# ----------------------------------------------------------------------- SmolLM2 (byte-level BPE)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_smollm2_stream_after_a_chat_prompt(smol):
     assert joined == full[len(head) :]
 
 
-# ----------------------------------------------------------------------------- Llama-style byte-fallback BPE
+# ------------------------------------------------------------------ Llama-style byte-fallback BPE
 
 TRAIN_TEXT = [
     "Hello world, this is a small test of a tiny tokenizer.",
@@ -347,7 +347,7 @@ def test_add_bos_token_follows_transformers(tmp_path):
             assert Tokenizer.load(d).encode(text) == ref(text)["input_ids"], (post, cfg)
 
 
-# ----------------------------------------------------------------------------- chat templates vs transformers
+# ----------------------------------------------------------------- chat templates vs transformers
 
 CHATML = (
     "{% for m in messages %}{{ '<s>' + m['role'] + '\n' + m['content'] + '</s>\n' }}{% endfor %}"
@@ -383,7 +383,8 @@ def _same_render(tok, ref, messages, **kw):
 def test_template_features_render_like_transformers(backend, tmp_path):
     template = (
         "{{ bos_token }}{% for m in messages %}"
-        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}"
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}{% "
+        "endgeneration %}"
         "{% else %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endif %}"
         "{% if loop.index >= 4 %}{% break %}{% endif %}{% endfor %}\n"
         "  {% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}"
@@ -412,7 +413,8 @@ def test_raise_exception_becomes_chat_template_error(backend, tmp_path):
 
     template = (
         "{% if messages[0]['role'] == 'system' %}"
-        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') "
+        "}}"
         "{% endif %}" + CHATML
     )
     tok, ref = _both(_save(backend, tmp_path, {"chat_template": template}))
@@ -491,7 +493,7 @@ def test_missing_chat_template_is_a_user_error(backend, tmp_path):
         assert "\n" not in str(err.value)
 
 
-# ----------------------------------------------------------------------------- Mistral native (SentencePiece)
+# ----------------------------------------------------------------- Mistral native (SentencePiece)
 
 
 def _mistral_data() -> Path | None:
@@ -647,7 +649,7 @@ def test_mistral_without_sentencepiece_is_a_user_error(tmp_path, monkeypatch):
         Tokenizer.load(tmp_path)
 
 
-# ----------------------------------------------------------------------------- missing / unsupported files
+# -------------------------------------------------------------------- missing / unsupported files
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,8 @@ class LLM:
         if self.max_seq_len > cfg.max_position_embeddings:
             # as llama.cpp: allowed, but positions past the trained length are out of distribution
             warnings.warn(
-                f"the context {self.max_seq_len} exceeds the {cfg.max_position_embeddings} tokens this "
+                f"the context {self.max_seq_len} exceeds the {cfg.max_position_embeddings} tokens "
+                "this "
                 f"model was trained on (max_position_embeddings); output past that may degrade",
                 ContextWarning,
                 stacklevel=2,
@@ -244,7 +245,8 @@ class LLM:
             )
         if len(plist) != len(prompts):
             raise TinyLLMError(
-                f"{len(plist)} SamplingParams for {len(prompts)} prompts: pass one, or one per prompt"
+                f"{len(plist)} SamplingParams for {len(prompts)} prompts: pass one, or one per "
+                "prompt"
             )
         return [
             Request(self._encode(p, i), self.resolve_params(sp), i)

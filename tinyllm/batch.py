@@ -310,7 +310,8 @@ def ok_record(item: Item, completion, model: str, created: int) -> dict:
             "prompt_tokens": n_prompt,
             "completion_tokens": n_gen,
             "total_tokens": n_prompt + n_gen,
-            # prompt tokens whose K/V came from the prefix cache (whole blocks an earlier request computed)
+            # prompt tokens whose K/V came from the prefix cache (whole blocks an earlier
+            # request computed)
             "prompt_tokens_details": {"cached_tokens": completion.cached_tokens},
         },
     }
@@ -603,7 +604,8 @@ def _changed_error(changed: list, out_path: Path) -> TinyLLMError:
     shown = ", ".join(repr(k[1]) if k[0] == "id" else f"line {k[1]}" for k in changed[:8])
     more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
     return TinyLLMError(
-        f"--resume: {len(changed)} request(s) changed since their results in {out_path} were written "
+        f"--resume: {len(changed)} request(s) changed since their results in {out_path} were "
+        "written "
         f"(request body, model or generation settings): {shown}{more}; write to a new output file, "
         f"or delete those lines from {out_path} and --resume again"
     )
@@ -640,7 +642,8 @@ def run_batch(a) -> int:
     unchecked = sum(1 for fp in done.values() if fp is None)
     if unchecked:
         print(
-            f"note: {unchecked} results in {out_path} carry no fingerprint (written by an older tinyllm); "
+            f"note: {unchecked} results in {out_path} carry no fingerprint (written by an older "
+            "tinyllm); "
             f"they are kept without checking that their requests are unchanged",
             file=sys.stderr,
         )
@@ -678,7 +681,8 @@ def run_batch(a) -> int:
         except KeyboardInterrupt:
             by = " by SIGTERM" if ctrl_c.signum == signal.SIGTERM else ""
             print(
-                f"\ninterrupted{by}: {out.written} results written this run, {n_kept + out.written} in {out_path}; "
+                f"\ninterrupted{by}: {out.written} results written this run, "
+                f"{n_kept + out.written} in {out_path}; "
                 f"{len(job.inflight)} unfinished requests were dropped.\n"
                 f"to continue, run the same command with --resume",
                 file=sys.stderr,
@@ -691,7 +695,8 @@ def run_batch(a) -> int:
     failed = f" (see the error lines in {out_path})" if t.failed else ""
     print(
         f"done: {t.ok} ok, {t.failed} failed{failed}{skipped}; {t.tokens} tokens generated in "
-        f"{t.seconds:.1f} s: {t.tokens / t.seconds:.1f} tokens/s, {(t.ok + t.failed) / t.seconds:.2f} requests/s",
+        f"{t.seconds:.1f} s: {t.tokens / t.seconds:.1f} tokens/s, "
+        f"{(t.ok + t.failed) / t.seconds:.2f} requests/s",
         file=sys.stderr,
     )
     return 0

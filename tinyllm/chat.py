@@ -2,9 +2,9 @@
 
 Owns the chat history (whole user/assistant turns), system-prompt folding for templates that
 reject a system role, dropping old turns before the context overflows, KV reuse between turns
-(earlier turns come back from the prefix cache), `/set` parsing and multi-line input assembly. `ChatSession` is a plain
-class (testable without a terminal); `run_chat` is a thin REPL over it. Rendering and
-tokenization belong to tokenizer.py, generation to the engine.
+(earlier turns come back from the prefix cache), `/set` parsing and multi-line input assembly.
+`ChatSession` is a plain class (testable without a terminal); `run_chat` is a thin REPL over it.
+Rendering and tokenization belong to tokenizer.py, generation to the engine.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ Commands:
   /help, /?           this help
   /bye, /exit         quit (Ctrl-D too)
 Input:
-  \"\"\" starts a multi-line message, a line ending in \"\"\" ends it; a trailing \\ continues the line.
+  \""" starts a multi-line message, a line ending in \""" ends it; a trailing \\ continues the line.
   Pasted lines arrive as one message.
   Ctrl-C stops a reply; the part already shown stays in the conversation as the reply.
   To send a message that starts with '/', begin it with a space."""
@@ -176,7 +176,8 @@ def read_message(read_line: Callable[[str], str], prompt: str = ">>> ", more: st
 def format_stats(c, max_seq_len: int) -> str:
     n_prompt, n_gen = len(c.prompt_token_ids), len(c.token_ids)
     return (
-        f"[prompt {n_prompt} tokens ({c.prefill_tokens} prefilled, {c.cached_tokens} from the prefix cache), "
+        f"[prompt {n_prompt} tokens ({c.prefill_tokens} prefilled, {c.cached_tokens} from the "
+        "prefix cache), "
         f"generated {n_gen} tokens, first token {c.time_to_first_token:.2f} s, "
         f"{c.decode_tokens_per_s:.1f} tokens/s, context {n_prompt + n_gen}/{max_seq_len}, "
         f"finish: {c.finish_reason}]"
@@ -514,7 +515,10 @@ def _settings_line(session: ChatSession) -> str:
     if sample:
         src, how = "from the model's generation_config.json", "flags and /set override"
     elif keys:
-        src = f"generation_config.json names {', '.join(keys)} but not do_sample: greedy, as transformers"
+        src = (
+            f"generation_config.json names {', '.join(keys)} but not do_sample: greedy, "
+            "as transformers"
+        )
     else:
         src = "the model names no sampling settings: greedy, as transformers"
     return f"sampling: {session.describe_params()} ({src}; {how})"

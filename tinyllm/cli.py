@@ -80,7 +80,8 @@ def cmd_info(a) -> int:
         ("layers / dim / hidden", f"{cfg.n_layers} / {cfg.dim} / {cfg.hidden_dim}"),
         (
             "attention",
-            f"{kind}: {cfg.n_heads} query heads, {cfg.n_kv_heads} KV heads, head_dim {cfg.head_dim}",
+            f"{kind}: {cfg.n_heads} query heads, {cfg.n_kv_heads} KV heads, head_dim "
+            f"{cfg.head_dim}",
         ),
         ("rope", f"{cfg.rope_type}, theta {cfg.rope_theta:g}"),
         ("sliding window", str(cfg.sliding_window or "none")),
@@ -98,7 +99,8 @@ def cmd_info(a) -> int:
     left = budget - weight_bytes
     if left <= 0:
         print(
-            f"\ndoes not fit: the weights alone take {fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param "
+            f"\ndoes not fit: the weights alone take {fmt_bytes(weight_bytes)} at {compute_bytes} "
+            "bytes/param "
             f"({backend}), more than the {fmt_bytes(budget)} budget (--memory)"
         )
         return 0
@@ -107,7 +109,8 @@ def cmd_info(a) -> int:
 
     chunk = DEFAULT_PREFILL_CHUNK
     if backend == "numpy":  # the same plan the loader checks (memory.py)
-        working = f"working memory ({fmt_bytes(host_plan(cfg, 'fp32', 2, 1, chunk).runtime)} and up, growing with the context)"
+        least = fmt_bytes(host_plan(cfg, "fp32", 2, 1, chunk).runtime)
+        working = f"working memory ({least} and up, growing with the context)"
         runtime = host_plan(cfg, "fp32", context, 1, chunk).runtime
 
         def fits(kv: str, n: int) -> bool:
@@ -125,14 +128,16 @@ def cmd_info(a) -> int:
             )
 
     print(
-        f"\nKV cache per token, and the longest context (one sequence) that fits in {fmt_bytes(budget)} "
-        f"next to the weights ({fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param) and {working}:"
+        "\nKV cache per token, and the longest context (one sequence) that fits in "
+        f"{fmt_bytes(budget)} "
+        f"next to the weights ({fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param) and "
+        f"{working}:"
     )
     print(f"  {'kv dtype':<8} {'bytes/token':>12} {'MHA would need':>15}  max context")
     unbounded = 1 << 40
     for kv in KV_DTYPE_BYTES:
         per = cfg.kv_bytes_per_token(kv, a.block_size)
-        ctx = largest(lambda n: fits(kv, n), 2, unbounded)
+        ctx = largest(lambda n, kv=kv: fits(kv, n), 2, unbounded)
         if ctx < 2:
             ctx_s = "0 (does not fit: no room for a cache)"
         elif cfg.sliding_window and ctx == unbounded:  # the rolling cache's size is bounded
@@ -166,7 +171,8 @@ def info_pool(cfg, budget: int, given: bool, ctx: int, bs: int):
         return
     print(
         f"\nKV-cache blocks of {bs} tokens in {fmt_bytes(budget)} ({source}); a sequence of the "
-        f"{ctx}-token context takes {KVCacheSpec.for_model(cfg, 'fp32', ctx, block_size=bs).ring} blocks:"
+        f"{ctx}-token context takes {KVCacheSpec.for_model(cfg, 'fp32', ctx, block_size=bs).ring} "
+        "blocks:"
     )
     print(f"  {'kv dtype':<8} {'block bytes':>12} {'blocks':>12} {'tokens':>14}  full contexts")
     for kv in KV_DTYPE_BYTES:
@@ -175,7 +181,8 @@ def info_pool(cfg, budget: int, given: bool, ctx: int, bs: int):
         print(f"  {kv:<8} {spec.block_nbytes():>12,} {n:>12,} {n * bs:>14,}  {n // spec.ring:,}")
     q8 = KVCacheSpec.for_model(cfg, "int8", ctx, block_size=bs)
     print(
-        f"  (int8 and fp8 blocks hold keys quantized per channel and values per token; each running "
+        "  (int8 and fp8 blocks hold keys quantized per channel and values per token; each "
+        "running "
         f"sequence also keeps its open block of keys in float32 outside the pool: "
         f"{fmt_bytes(q8.open_row_nbytes())} per sequence)"
     )
@@ -283,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--memory",
         default="24GB",
-        help="memory budget for the context estimate and, without --kv-cache-memory, for the table of "
+        help="memory budget for the context estimate and, without --kv-cache-memory, for the table "
+        "of "
         "KV tokens it holds, with a unit: 24GB, 512MB (default: 24GB)",
     )
     i.set_defaults(func=cmd_info)
@@ -325,25 +333,29 @@ def build_parser() -> argparse.ArgumentParser:
         "-i",
         "--input",
         required=True,
-        help="JSONL requests: OpenAI Batch lines (custom_id, body) or {id, prompt|messages, ...} (required)",
+        help="JSONL requests: OpenAI Batch lines (custom_id, body) or {id, prompt|messages, ...} "
+        "(required)",
     )
     b.add_argument(
         "-o",
         "--output",
         required=True,
-        help="JSONL results, one line per id, appended and fsync'd as each finishes; locked while a run "
+        help="JSONL results, one line per id, appended and fsync'd as each finishes; locked while "
+        "a run "
         "writes it (required)",
     )
     b.add_argument(
         "--max-batch",
         type=int,
         default=8,
-        help="sequences decoded together; refused before starting if it does not fit in memory (default: 8)",
+        help="sequences decoded together; refused before starting if it does not fit in memory "
+        "(default: 8)",
     )
     b.add_argument(
         "--resume",
         action="store_true",
-        help="skip the requests already in the output; stops if any of them changed since (default: off, "
+        help="skip the requests already in the output; stops if any of them changed since "
+        "(default: off, "
         "a non-empty output is refused)",
     )
     b.add_argument(
@@ -375,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TINYLLM_API_KEY, else none)",
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TINYLLM_API_KEY, else "
+        "none)",
     )
     sv.set_defaults(func=cmd_serve)
 
@@ -404,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens",
         type=int,
         default=2048,
-        help="tokens of the text to score (default: 2048, a few minutes on 2 cores; 4096 for the full measurement)",
+        help="tokens of the text to score (default: 2048, a few minutes on 2 cores; 4096 for the "
+        "full measurement)",
     )
     e.add_argument(
         "--window", type=int, default=1024, help="tokens per evaluated segment (default: 1024)"
@@ -412,15 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--kv-dtypes",
         default=None,
-        help="real caches, comma-separated; each is compared with the fp32 cache on the same backend "
-        "(default on cuda: fp32,fp16,bf16,int8,fp8; on numpy: bf16,int8,fp8 next to the study formats)",
+        help="real caches, comma-separated; each is compared with the fp32 cache on the same "
+        "backend "
+        "(default on cuda: fp32,fp16,bf16,int8,fp8; on numpy: bf16,int8,fp8 next to the study "
+        "formats)",
     )
     e.add_argument(
         "--kv-formats",
         default=None,
         help="study formats on the numpy backend (fake-quantized caches, tinyllm/kv_formats.py): "
         "fp32, bf16, int8-token, fp8-token, q8_0, fp8-vllm, int8-kivi, int8-kivi-zp, fp8-kivi, "
-        "int8-kivi-zp-f16 and fp8-kivi-f16 (what the int8 and fp8 caches store), fp8-kivi-sym, fp8-kivi-v32 "
+        "int8-kivi-zp-f16 and fp8-kivi-f16 (what the int8 and fp8 caches store), fp8-kivi-sym, "
+        "fp8-kivi-v32 "
         "(default on numpy when --kv-dtypes is not given: "
         "int8-token,q8_0,fp8-token,fp8-vllm next to the real caches bf16,int8,fp8; the fp32 "
         "reference always runs)",

@@ -109,7 +109,8 @@ class ModelConfig:
             else:
                 name = ", ".join(archs) or _show_name(mt)
                 raise TinyLLMError(
-                    f"unsupported architecture {name}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                    f"unsupported architecture {name}; supported: "
+                    f"{', '.join(SUPPORTED_ARCHITECTURES)}"
                 )
         dim, n_layers = c.int("hidden_size"), c.int("num_hidden_layers")
         vocab, hidden = c.int("vocab_size"), c.int("intermediate_size")
@@ -164,7 +165,8 @@ class ModelConfig:
         c = p if isinstance(p, JsonObject) else JsonObject(p, "params.json")
         if c.get("moe"):
             raise TinyLLMError(
-                "mixture-of-experts params.json (Mixtral) is not supported; supported: dense Mistral"
+                "mixture-of-experts params.json (Mixtral) is not supported; supported: dense "
+                "Mistral"
             )
         dim = c.int("dim")
         n_heads, n_kv, head_dim = _heads(c, dim, "n_heads", "n_kv_heads", "head_dim", "dim")

@@ -265,7 +265,7 @@ class Engine:
             (route.append if route is not None else out.append)(ev)
         return out
 
-    # ---- full-sequence logits (no sampling), and prompt checks ------------------------------------
+    # ---- full-sequence logits (no sampling), and prompt checks -----------------------------------
     def logits(self, ids: list[int]):
         """(len(ids), vocab) float32 logits at every position (runner.full_logits: through the
         pool's blocks and the spec's logits row, so safe between steps of running sequences)."""
@@ -279,5 +279,6 @@ class Engine:
             )
 
     def check_prompt(self, ids: list[int], allow_full: bool = False) -> tuple[str, str] | None:
-        """Why these prompt ids cannot run, as (code, message), or None (sequence.prompt_problem)."""
+        """Why these prompt ids cannot run, as (code, message), or None
+        (sequence.prompt_problem)."""
         return prompt_problem(ids, self.spec, self.model.cfg.vocab_size, allow_full)

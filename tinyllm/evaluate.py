@@ -256,13 +256,16 @@ def evaluate_kv(
 
 def format_table(rows: list[KVRow]) -> str:
     lines = [
-        "| kv dtype / format | bytes/token | perplexity | Δ ppl vs fp32 (± 1 s.e.) | mean KL (nats) | max abs Δlogit | top-1 agree | time (s) |",
+        "| kv dtype / format | bytes/token | perplexity | Δ ppl vs fp32 (± 1 s.e.) | mean KL "
+        "(nats) | max abs Δlogit | top-1 agree | time (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.kv_dtype} | {r.bytes_per_token:,.0f} | {r.ppl:.4f} | {r.ppl_delta_pct:+.3f}% ± {r.ppl_delta_se_pct:.3f} | "
-            f"{r.kl:.2e} | {r.max_abs_logit_diff:.4f} | {100 * r.top1_agree:.2f}% | {r.seconds:.1f} |"
+            f"| {r.kv_dtype} | {r.bytes_per_token:,.0f} | {r.ppl:.4f} | {r.ppl_delta_pct:+.3f}% ± "
+            f"{r.ppl_delta_se_pct:.3f} | "
+            f"{r.kl:.2e} | {r.max_abs_logit_diff:.4f} | {100 * r.top1_agree:.2f}% | "
+            f"{r.seconds:.1f} |"
         )
     return "\n".join(lines)
 
@@ -340,12 +343,14 @@ def run_eval(a) -> int:
     print(f"model: {info['model_dir']}  backend: {info['backend']}")
     print(
         f"text: {', '.join(str(f) for f in files)} ({info['text_tokens']} tokens); evaluated "
-        f"{info['tokens']} tokens = {info['segments']} segments of {info['window']}, each prefilled "
+        f"{info['tokens']} tokens = {info['segments']} segments of {info['window']}, each "
+        "prefilled "
         f"from scratch; reference: kv {info['reference']} (perplexity {info['reference_ppl']:.4f})"
     )
     if info["tokens"] < a.tokens:
         print(
-            f"note: {a.tokens} tokens were asked for; the text gave {info['tokens']} in whole windows"
+            f"note: {a.tokens} tokens were asked for; the text gave {info['tokens']} in whole "
+            "windows"
         )
     print()
     print(format_table(rows))

@@ -138,7 +138,8 @@ _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for tensors we drop."""
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for tensors we
+    drop."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if _IGNORED.match(gguf_name):
@@ -223,7 +224,8 @@ def _plan_tensors(
         if qtype not in supported:
             raise TinyLLMError(
                 f"tensor {t.name} has GGUF type {qtype}, which tinyllm cannot convert; supported: "
-                f"{', '.join(FLOAT_TYPES + QUANT_TYPES)} (re-quantize the model, e.g. to Q4_K_M or Q8_0)"
+                f"{', '.join(FLOAT_TYPES + QUANT_TYPES)} (re-quantize the model, e.g. to Q4_K_M or "
+                "Q8_0)"
             )
         if dtype is not None:
             out = OUT_DTYPES[dtype][0]
@@ -349,7 +351,8 @@ def _hf_architecture(meta: _Meta) -> tuple[str, str]:
 
 
 def _f32(x) -> float:
-    """A float32 metadata value as the shortest decimal that round-trips (1e-05, not 9.99999974e-06)."""
+    """A float32 metadata value as the shortest decimal that round-trips (1e-05, not
+    9.99999974e-06)."""
     return float(str(np.float32(x)))
 
 
@@ -380,7 +383,8 @@ def _build_config(meta: _Meta, reader, arch: str, hf_arch: str) -> dict:
     rope_dim = key("rope.dimension_count")
     if rope_dim is not None and int(rope_dim) != head_dim:
         raise TinyLLMError(
-            f"partial rotary embeddings (rope dim {rope_dim} < head_dim {head_dim}) are not supported"
+            f"partial rotary embeddings (rope dim {rope_dim} < head_dim {head_dim}) are not "
+            "supported"
         )
     vocab = rows("token_embd.weight") or int(
         key("vocab_size") or len(meta.get("tokenizer.ggml.tokens"))
@@ -538,7 +542,8 @@ def build_tokenizer(meta: _Meta):
         pre = meta.get("tokenizer.ggml.pre") or "default"
         if pre not in GPT2_PRE_TOKENIZERS:
             raise TinyLLMError(
-                f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(GPT2_PRE_TOKENIZERS)}"
+                f"unsupported GGUF pre-tokenizer {pre!r}; supported: "
+                f"{', '.join(GPT2_PRE_TOKENIZERS)}"
             )
         if merges is None:
             raise TinyLLMError(

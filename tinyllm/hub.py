@@ -7,7 +7,8 @@ the network; only `download()` does. Knows nothing about tensors (gguf_convert.p
 weights.py loads).
 
     resolve_model(None)            -> weights/smollm2-135m-instruct   (converted on first use)
-    resolve_model("mistral-7b")    -> ~/.cache/huggingface/hub/models--mistralai--Mistral-7B-Instruct-v0.3/snapshots/<hash>
+    resolve_model("mistral-7b")    -> ~/.cache/huggingface/hub/
+                                      models--mistralai--Mistral-7B-Instruct-v0.3/snapshots/<hash>
     resolve_model("Qwen/Qwen2.5-0.5B-Instruct@main"), resolve_model("./my-model")
 """
 
@@ -253,7 +254,8 @@ def default_model_dir(weights_dir: str | Path | None = None, progress: bool = Tr
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TinyLLMError(
-            f"cannot create {target.parent} ({e.strerror}); set TINYLLM_WEIGHTS to a writable folder"
+            f"cannot create {target.parent} ({e.strerror}); set TINYLLM_WEIGHTS to a writable "
+            "folder"
         ) from None
     _remove_stale_partials(target)
     if progress:
@@ -267,7 +269,8 @@ def default_model_dir(weights_dir: str | Path | None = None, progress: bool = Tr
 
 
 def split_name(name: str) -> tuple[str, str]:
-    """`mistral-7b:v0.1` -> ("mistral-7b", "v0.1"); tags normalised (`:instruct` -> "", `:text` -> "base")."""
+    """`mistral-7b:v0.1` -> ("mistral-7b", "v0.1"); tags normalised (`:instruct` -> "",
+    `:text` -> "base")."""
     base, _, tag = name.strip().partition(":")
     tag = tag.strip().lower()
     return base.strip().lower(), _TAG_SYNONYMS.get(tag, tag)

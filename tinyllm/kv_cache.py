@@ -181,7 +181,8 @@ class KVCacheSpec:
         s = np.asarray(slots, np.int64)
         if len(s) and (s.max() + 1) * self.ring > self.n_blocks:
             raise ValueError(
-                f"slot {int(s.max())} needs {(int(s.max()) + 1) * self.ring} blocks; the pool has {self.n_blocks}"
+                f"slot {int(s.max())} needs {(int(s.max()) + 1) * self.ring} blocks; the pool has "
+                f"{self.n_blocks}"
             )
         return (s[:, None] * self.ring + np.arange(self.ring)[None, :]).astype(np.int32)
 

@@ -16,9 +16,10 @@ KVCacheSpec down to the engine. Three cases:
   sequences of max_seq_len (nano-vllm sizes its pool the same way).
 
 Working memory of one numpy forward over a chunk of T <= prefill_chunk tokens (float32):
-  activations   T * (4*dim + 3*q_dim + 2*kv_dim + 3*hidden_dim) * 4     x, h, q, k, v, a, gate, up, m
-  attention     3 * n_heads * T * capacity * 4                          scores, mask, softmax (one sequence at a time)
-  cache reads   2 * capacity * kv_dim * 4                               one layer's k, v as float32
+  activations   T * (4*dim + 3*q_dim + 2*kv_dim + 3*hidden_dim) * 4   x, h, q, k, v, a, gate, up, m
+  attention     3 * n_heads * T * capacity * 4                        scores, mask, softmax
+                                                                      (one sequence at a time)
+  cache reads   2 * capacity * kv_dim * 4                             one layer's k, v as float32
   logits        max(T, max_batch) * vocab_size * 4
 plus a fixed FIXED_OVERHEAD for the interpreter, numpy/BLAS buffers and the tokenizer.
 """
@@ -160,7 +161,7 @@ def check_host_fits(
     raise TinyLLMError(f"{msg}; " + "; ".join(hints))
 
 
-# ---- the KV pool: how many blocks -----------------------------------------------------------------
+# ---- the KV pool: how many blocks ----------------------------------------------------------------
 
 
 def budget_blocks(one_block: KVCacheSpec, kv_cache_memory) -> int | None:
@@ -233,8 +234,10 @@ def gpu_pool_blocks(backend, full: KVCacheSpec, working: int, graph_bytes: int) 
     n = min(full.n_blocks, max(room, 0) // full.block_nbytes())
     if n < full.ring:
         raise TinyLLMError(
-            f"after loading the weights {fmt_bytes(free)} of GPU memory is free; the working memory "
-            f"({fmt_bytes(working)} measured) and decode graphs ({fmt_bytes(graph_bytes)}) leave room for "
+            f"after loading the weights {fmt_bytes(free)} of GPU memory is free; the working "
+            "memory "
+            f"({fmt_bytes(working)} measured) and decode graphs ({fmt_bytes(graph_bytes)}) leave "
+            "room for "
             f"{n} KV blocks and one sequence of {full.max_seq_len} tokens needs {full.ring}: lower "
             f"--ctx-size or --max-batch, or use --kv-dtype int8"
         )
@@ -253,7 +256,8 @@ def check_gpu_fits(
     """Before loading: bf16 weights + the KV pool (n_blocks, or for the default pool the one
     sequence it must at least hold) + the estimated working memory + decode graphs must fit in
     free GPU memory; else the backend's refusal names the longest context, and the largest
-    --max-batch that fits is added. spec_of(batch, n_blocks) -> KVCacheSpec; graph_bytes_of(batch)."""
+    --max-batch that fits is added. spec_of(batch, n_blocks) -> KVCacheSpec;
+    graph_bytes_of(batch)."""
 
     def check(batch: int):
         spec = spec_of(batch, n_blocks)

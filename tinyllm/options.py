@@ -29,7 +29,8 @@ def add_model_args(p: argparse.ArgumentParser):
         "--model",
         "-m",
         default=None,
-        help="path, name under weights/, HF repo id or alias (default: the embedded SmolLM2-135M-Instruct)",
+        help="path, name under weights/, HF repo id or alias (default: the embedded "
+        "SmolLM2-135M-Instruct)",
     )
     p.add_argument(
         "--backend",
@@ -46,7 +47,8 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument(
         "--kv-dtype",
         default="auto",
-        help="KV-cache storage: auto | fp32 | fp16 | bf16 | int8 | fp8 (default: auto = the compute dtype)",
+        help="KV-cache storage: auto | fp32 | fp16 | bf16 | int8 | fp8 (default: auto = the "
+        "compute dtype)",
     )
     p.add_argument(
         "--ctx-size",
@@ -119,7 +121,8 @@ def add_sampling_args(p: argparse.ArgumentParser):
         "--top-p",
         type=float,
         default=None,
-        help=f"nucleus sampling mass in (0, 1] (default: {model} when it sets do_sample, else 1 = off)",
+        help=f"nucleus sampling mass in (0, 1] (default: {model} when it sets do_sample, else 1 = "
+        "off)",
     )
     p.add_argument(
         "--top-k",
@@ -210,7 +213,8 @@ def load_llm(a, max_batch: int = 1, quiet: bool = False):
         spec = llm.engine.spec
         prefix = "" if llm.engine.prefix_caching else ", no prefix caching"
         print(
-            f"backend: {llm.backend.name}{why} ({llm.backend.compute_dtype}{threads}), kv cache: {llm.kv_dtype} "
+            f"backend: {llm.backend.name}{why} ({llm.backend.compute_dtype}{threads}), kv cache: "
+            f"{llm.kv_dtype} "
             f"({spec.tokens():,} tokens in {spec.n_blocks:,} blocks of {spec.block_size}{prefix}), "
             f"context: {llm.max_seq_len} tokens{decode}",
             file=sys.stderr,

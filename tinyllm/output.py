@@ -4,8 +4,8 @@ Streaming text comes from the tokenizer's incremental decoder (tokenizer.py), wh
 splits a UTF-8 character. Stop strings are matched on that text, so text that could still
 become the start of a stop string is held back:
 
-    stops = ["###"], text so far "Hello #"   ->  emit "Hello", hold " #" (2 = len("###") - 1)
-    next piece "## there"                    ->  text "Hello ### there": finish "stop", text "Hello "
+    stops = ["###"], text so far "Hello #"  ->  emit "Hello", hold " #" (2 = len("###") - 1)
+    next piece "## there"                   ->  text "Hello ### there": finish "stop", text "Hello "
 
 A sequence ends on an EOS / stop token id (the token is not part of the output), on a stop
 string (the text is cut before it), or by length (max_tokens, or the context is full); each

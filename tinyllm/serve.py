@@ -12,7 +12,8 @@ loop.call_soon_threadsafe. The ASGI handlers run on the event loop and only talk
 worker through those queues; so concurrent requests share every decode step, and a client
 that goes away aborts its requests, freeing their KV-cache blocks for the next step.
 
-    request --> handler --submit--> inbox --> EngineWorker: engine.step() --events--> queue --> handler --> SSE
+    request --> handler --submit--> inbox --> EngineWorker: engine.step()
+            --events--> queue --> handler --> SSE
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures' annotations,
@@ -45,7 +46,8 @@ SERVER_FIELDS = ("stream", "stream_options", "n", "logprobs", "top_logprobs")
 MAX_N = 16  # choices per request
 # How long SIGINT/SIGTERM waits for in-flight requests before cancelling them.
 GRACEFUL_SHUTDOWN_S = 10
-# Prometheus histogram buckets (seconds), after vLLM's (with finer ones below 10 ms for small models).
+# Prometheus histogram buckets (seconds), after vLLM's (with finer ones below 10 ms for small
+# models).
 TTFT_BUCKETS = (
     0.001,
     0.005,

@@ -38,7 +38,8 @@ REPLACEMENT_CHAR = "\ufffd"  # what a decoder emits for bytes that are not (yet)
 
 
 class ChatTemplateError(TinyLLMError):
-    """The chat template refused the conversation (its `raise_exception(...)`) or failed to render."""
+    """The chat template refused the conversation (its `raise_exception(...)`) or failed to
+    render."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +210,8 @@ def _read_template(path: Path) -> str:
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise TinyLLMError(
-                f"tokenizer: {path} is larger than {MAX_JSON_BYTES // 2**20} MiB; not a chat template"
+                f"tokenizer: {path} is larger than {MAX_JSON_BYTES // 2**20} MiB; not a chat "
+                "template"
             )
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
@@ -501,7 +503,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
                     and len(a) * b > TEMPLATE_OUTPUT_LIMIT
                 ):
                     raise _TemplateLimit(
-                        f"repeating a value {b:.3g} times exceeds the {TEMPLATE_OUTPUT_LIMIT:,} limit"
+                        f"repeating a value {b:.3g} times exceeds the {TEMPLATE_OUTPUT_LIMIT:,} "
+                        "limit"
                     )
         elif operator == "**":
             if (
@@ -722,7 +725,8 @@ def _message_text(message: dict) -> str:
 
 def _mistral_turns(messages: list[dict]) -> tuple[str | None, list[tuple[str, str, bool]]]:
     """mistral-common's normalisation: (system prompt, [(role, text, prefix)]) with runs of one
-    role merged ("\\n\\n", empty texts dropped) and system messages taken out (they still break runs)."""
+    role merged ("\\n\\n", empty texts dropped) and system messages taken out (they still
+    break runs)."""
     for m in messages:
         if m.get("role") not in ("system", "user", "assistant"):
             raise ChatTemplateError(

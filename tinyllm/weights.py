@@ -156,12 +156,14 @@ class SafetensorsFile:
                 (n,) = struct.unpack("<Q", head)
                 if n > MAX_HEADER_BYTES:
                     raise self.bad(
-                        f"its header length exceeds safetensors' {MAX_HEADER_BYTES // 10**6} MB limit "
+                        f"its header length exceeds safetensors' {MAX_HEADER_BYTES // 10**6} MB "
+                        "limit "
                         f"(not a safetensors file, or corrupt)"
                     )
                 if 8 + n > size:
                     raise self.bad(
-                        "its header runs past the end of the file (not a safetensors file, or truncated)"
+                        "its header runs past the end of the file (not a safetensors file, or "
+                        "truncated)"
                     )
                 raw = f.read(n)
         except OSError as e:
@@ -260,7 +262,8 @@ def check_header(f: SafetensorsFile, header, data_len: int) -> dict:
                 else "leaves a gap after the tensor before it"
             )
             raise f.bad(
-                f"data_offsets {e['data_offsets']} {what} (safetensors tensors tile the data exactly)",
+                f"data_offsets {e['data_offsets']} {what} (safetensors tensors tile the data "
+                "exactly)",
                 name,
             )
         end = stop
@@ -340,7 +343,8 @@ def open_checkpoint(model_dir: Path) -> TensorIndex:
         return index
     raise TinyLLMError(
         f"{model_dir} has no model.safetensors, model.safetensors.index.json or "
-        f"consolidated.safetensors; .bin/.pth checkpoints are not supported (convert to safetensors)"
+        "consolidated.safetensors; .bin/.pth checkpoints are not supported (convert to "
+        "safetensors)"
     )
 
 

@@ -86,12 +86,12 @@ def asan_env() -> dict:
     return {
         "LD_PRELOAD": lib,
         "CUDACPU_SANITIZE": "1",
-        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1:"
-        "detect_stack_use_after_return=0:print_summary=1",
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:halt_on_error=1:"
+        "allocator_may_return_null=1:detect_stack_use_after_return=0:print_summary=1",
     }
 
 
-# ---- source rewriting -----------------------------------------------------------------------------
+# ---- source rewriting ----------------------------------------------------------------------------
 
 
 def _matching(text: str, i: int) -> int:
@@ -230,7 +230,8 @@ def _wrappers(entries: dict) -> str:
             f"*reinterpret_cast<{_param_type(p)}*>(a[{i}])" for i, p in enumerate(params)
         )
         lines.append(
-            f'__attribute__((visibility("default"))) int cudacpu_entry_{name}(const long long* g, void** a, '
+            f'__attribute__((visibility("default"))) int cudacpu_entry_{name}(const long long* g, '
+            "void** a, "
             f'char* err, int errlen) {{ return ::cudacpu::launch("{name}", g, err, errlen, '
             f"[a]() {{ {name}({call}); }}); }}"
         )
@@ -238,7 +239,7 @@ def _wrappers(entries: dict) -> str:
     return "\n".join(lines)
 
 
-# ---- building and loading -------------------------------------------------------------------------
+# ---- building and loading ------------------------------------------------------------------------
 
 
 def _flags() -> list[str]:
@@ -373,8 +374,10 @@ class Module:
                 if not np.array_equal(r0, b):
                     i = int(np.flatnonzero(r0 != b)[0])
                     raise AssertionError(
-                        f"cudacpu: {name}: race: thread orders {orders[0]} and {order} leave different bytes in "
-                        f"{label} (first at byte {i}: {r0[i]:#04x} vs {b[i]:#04x}): a missing __syncthreads() "
+                        f"cudacpu: {name}: race: thread orders {orders[0]} and {order} leave "
+                        "different bytes in "
+                        f"{label} (first at byte {i}: {r0[i]:#04x} vs {b[i]:#04x}): a missing "
+                        "__syncthreads() "
                         f"or two threads writing one place"
                     )
 

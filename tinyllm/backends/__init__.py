@@ -104,7 +104,8 @@ def get_backend(name: str = "numpy", dtype: str | None = None, checkpoint_dtype:
 
         if dtype not in (None, "fp32", "float32"):
             raise TinyLLMError(
-                f"the numpy backend computes in float32 only (got dtype={dtype!r}); drop --dtype or use --backend cuda"
+                f"the numpy backend computes in float32 only (got dtype={dtype!r}); drop --dtype "
+                "or use --backend cuda"
             )
         return NumpyBackend()
     try:

@@ -258,7 +258,7 @@ class CudaBatch:
         return self.host.n_tokens
 
 
-# ---- the backend -----------------------------------------------------------------------------------
+# ---- the backend ---------------------------------------------------------------------------------
 
 
 class CudaBackend:
@@ -357,7 +357,7 @@ class CudaBackend:
         if msg:
             raise TinyLLMError(f"{msg} ({self.gpu_name})")
 
-    # ---- weights ------------------------------------------------------------------------------------
+    # ---- weights ---------------------------------------------------------------------------------
     def upload(self, name: str, a: np.ndarray):
         """A weight to the device as bf16, cast on the host chunk by chunk through a reusable
         pinned buffer (so an fp32 checkpoint never needs a second full-size host copy)."""
@@ -367,8 +367,10 @@ class CudaBackend:
             dst = cp.empty(a.shape, self.bf16)
         except cp.cuda.memory.OutOfMemoryError:
             raise TinyLLMError(
-                f"out of GPU memory loading {name} ({fmt_gb(a.size * 2)}): {fmt_gb(self.uploaded_bytes)} of "
-                f"weights were already loaded and {fmt_gb(self.free_memory())} is free on {self.gpu_name}; "
+                f"out of GPU memory loading {name} ({fmt_gb(a.size * 2)}): "
+                f"{fmt_gb(self.uploaded_bytes)} of "
+                f"weights were already loaded and {fmt_gb(self.free_memory())} is free on "
+                f"{self.gpu_name}; "
                 f"use a smaller model"
             ) from None
         flat = a.reshape(-1)
@@ -457,7 +459,7 @@ class CudaBackend:
     def prepare(self, batch) -> CudaBatch:
         return batch if isinstance(batch, CudaBatch) else CudaBatch(batch, self.cp)
 
-    # ---- small helpers --------------------------------------------------------------------------------
+    # ---- small helpers ---------------------------------------------------------------------------
     def _rows(self, x):
         """x (..., K) -> (2-D view (M, K), row stride in elements); copies only if the last
         axis is not contiguous or the leading axes cannot be merged."""
@@ -504,7 +506,7 @@ class CudaBackend:
             )
         return np.int32(spec.ring), np.int32(spec.block_size)
 
-    # ---- ops ------------------------------------------------------------------------------------------
+    # ---- ops -------------------------------------------------------------------------------------
     def _gather(self, src, idx, n_src: int):
         """out[r] = src[idx[r]] for a 2-D src (rows of any dtype)."""
         cp = self.cp
@@ -540,7 +542,6 @@ class CudaBackend:
 
     def rms_norm(self, x, w, eps):
         """NumpyBackend.rms_norm (cuda/rmsnorm.cu)."""
-        cp = self.cp
         x2, ldx = self._rows(x)
         M, dim = x2.shape
         out = self._empty((M, dim), self.bf16)
@@ -560,7 +561,6 @@ class CudaBackend:
 
     def add_rms_norm(self, x, d, w, eps):
         """NumpyBackend.add_rms_norm: (s = x + d, rms_norm(s)) with s rounded to bf16 first."""
-        cp = self.cp
         x2, ldx = self._rows(x)
         d2, ldd = self._rows(d)
         M, dim = x2.shape
@@ -664,7 +664,6 @@ class CudaBackend:
 
     def silu_mul(self, gate, up):
         """NumpyBackend.silu_mul: silu(gate) * up (cuda/swiglu.cu)."""
-        cp = self.cp
         g2, ldg = self._rows(gate)
         u2, ldu = self._rows(up)
         M, H = g2.shape
@@ -690,7 +689,7 @@ class CudaBackend:
             )
         return out.reshape(gate.shape)
 
-    # ---- RoPE + cache write ------------------------------------------------------------------------
+    # ---- RoPE + cache write ----------------------------------------------------------------------
     def _rope_tables(self, inv_freq: np.ndarray, n_pos: int):
         """Device cos/sin tables (n, hd/2) fp32 for positions 0..n-1, computed on the host with
         numpy exactly as numpy_backend.rope_rotate computes its angles (bit-identical values).
@@ -795,11 +794,12 @@ class CudaBackend:
             )
         return q
 
-    # ---- attention ------------------------------------------------------------------------------------
+    # ---- attention -------------------------------------------------------------------------------
     def attention(self, q, cache: CudaKVCache, layer: int, batch, scale):
         """NumpyBackend.attention: causal (+window) GQA attention of the batch's queries over
-        the blocks their tables name: sequences bringing one token through cuda/attention_decode.cu, the others
-        through cuda/attention_prefill.cu. Returns (T, n_heads*head_dim) bf16."""
+        the blocks their tables name: sequences bringing one token through
+        cuda/attention_decode.cu, the others through cuda/attention_prefill.cu. Returns
+        (T, n_heads*head_dim) bf16."""
         cp = self.cp
         b = self.prepare(batch)
         spec = cache.spec
@@ -947,7 +947,7 @@ class CudaBackend:
             kern((n_tiles, n_kv), (32 * ck.TILES["FA1_WARPS"],), args)
         return out
 
-    # ---- next-token choice -----------------------------------------------------------------------------
+    # ---- next-token choice -----------------------------------------------------------------------
     def _logits_f32(self, logits):
         cp = self.cp
         x2, ld = self._rows(logits)
@@ -959,7 +959,8 @@ class CudaBackend:
         return x2, ld
 
     def argmax(self, logits) -> np.ndarray:
-        """np.argmax(logits, axis=-1) per row, on the device (cuda/sample.cu); returns numpy int32."""
+        """np.argmax(logits, axis=-1) per row, on the device (cuda/sample.cu); returns numpy
+        int32."""
         cp = self.cp
         x2, ld = self._logits_f32(logits)
         out = cp.empty(x2.shape[0], np.int32)
