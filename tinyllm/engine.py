@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 from .errors import TinyLLMError
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCacheSpec
-from .output import Completion, Event, OutputProcessor, completion, error
+from .output import Completion, Event, OutputProcessor, Router, completion, error
 from .paging import BlockPool
 from .runner import ModelRunner
-from .scheduler import Scheduler
+from .scheduler import Scheduler, new_stats
 from .sequence import Request, Sequence, prompt_problem
 
 __all__ = ["Completion", "Engine", "Event", "Request"]
@@ -50,27 +50,13 @@ class Engine:
         prefix_caching: bool = True,
     ):
         self.model, self.ops, self.spec = model, backend, spec
-        self.cache = self.pool = self.scheduler = self.runner = None
-        self.max_seq_len, self.max_batch, self.prefill_chunk = (
-            spec.max_seq_len,
-            max_batch,
-            prefill_chunk,
-        )
-        self.prefix_caching = prefix_caching
+        self.cache = self.pool = self.scheduler = self.runner = None  # ensure_cache() makes them
+        self.max_seq_len, self.prefill_chunk = spec.max_seq_len, prefill_chunk
+        self.max_batch, self.prefix_caching = max_batch, prefix_caching
         self.output = OutputProcessor(tokenizer, eos_ids, spec.max_seq_len)
-        self.stats = {
-            "steps": 0,
-            "prefill_tokens": 0,
-            "decode_tokens": 0,
-            "cached_tokens": 0,
-            "preemptions": 0,
-        }
+        self.router = Router()  # events to the run() that added their sequence (output.py)
+        self.stats = new_stats()  # counted by the scheduler
         self._lock = threading.RLock()
-        self._routes: dict[int, deque] = {}  # seq id -> the event queue of the run() that added it
-        self._pending: list[Event] = []  # events for the next step's caller (rejected prompts)
-        self._aborted: dict[
-            int, Completion
-        ] = {}  # seq id -> its completion when aborted (partial())
 
     @property
     def max_batch(self) -> int:
@@ -138,25 +124,20 @@ class Engine:
         self.ensure_cache()
         s = Sequence.start(req, self.output.decoder(req.prompt_ids))
         if route is not None:
-            self._routes[s.id] = route
+            self.router.routes[s.id] = route
         bad = self.check_prompt(req.prompt_ids)
         if bad:
-            self._pending.append(error(s, bad[1], bad[0]))
+            self.router.pending.append(error(s, bad[1], bad[0]))
         return s
 
     def abort(self, seq_id: int) -> bool:
         """Drop a sequence, waiting or running, without an event; its blocks are free at once."""
-        return self._abort(seq_id) is not None
-
-    def _abort(self, seq_id: int) -> Sequence | None:
         with self._lock:
-            self._routes.pop(seq_id, None)
+            self.router.routes.pop(seq_id, None)
             s = self.scheduler.abort(seq_id) if self.scheduler is not None else None
-            if s is not None:  # what it had, for partial() (the latest few)
-                self._aborted[seq_id] = completion(s)
-                while len(self._aborted) > 16:
-                    del self._aborted[next(iter(self._aborted))]
-            return s
+            if s is not None:
+                self.router.keep_aborted(s)
+            return s is not None
 
     def partial(self, seq_id: int) -> Completion | None:
         """The Completion so far (finish_reason "interrupted") of a sequence still running or
@@ -164,10 +145,10 @@ class Engine:
         with self._lock:
             running = self.scheduler.running if self.scheduler is not None else []
             c = next((completion(s) for s in running if s.id == seq_id), None)
-            return c or self._aborted.pop(seq_id, None)
+            return c or self.router.aborted.pop(seq_id, None)
 
     def has_work(self) -> bool:
-        return bool(self._pending) or (self.scheduler is not None and len(self.scheduler) > 0)
+        return bool(self.router.pending) or (self.scheduler is not None and len(self.scheduler) > 0)
 
     def reset(self, message: str = "", hard: bool = False) -> list[Event]:
         """Fail every waiting and running sequence ("server_error" events carrying `message`,
@@ -182,7 +163,7 @@ class Engine:
             else:
                 for s in live:
                     self.scheduler.abort(s.id)
-            return self._route(events)
+            return self.router.route(events)
 
     # ---- steps ------------------------------------------------------------------------------
     def run(
@@ -217,55 +198,32 @@ class Engine:
                     ev = mine.popleft()
                     if ev.kind in ("finish", "error"):
                         open_ids.discard(ev.seq_id)
-                        self._routes.pop(ev.seq_id, None)
+                        self.router.routes.pop(ev.seq_id, None)
                     if ev.kind != "token":
                         yield ev
         finally:
             for sid in open_ids:
-                self._abort(sid)
+                self.abort(sid)
 
     def step(self, pull: Callable[[], Sequence | None] | None = None) -> list[Event]:
         """One scheduling step and forward. Returns the events of sequences no run() claims:
         per sequence a "token" event for every token appended to its output, then "text"
         pieces, and "finish" (or "error": a prompt that cannot run, NaN logits) as it ends."""
         with self._lock:
-            return self._step(pull)
+            self.ensure_cache()
+            events = self.router.take_pending()
+            plan = self.scheduler.schedule(pull)
+            if plan.outgrown is not None:  # one sequence alone outgrows the pool: it ends here
+                events += self.output.finish_length(plan.outgrown)
+            elif plan.runs:
+                sampled, failed, why = self.runner.execute(plan.runs)
+                self.scheduler.ran(plan.runs)
+                events += self.output.step_events(sampled, failed, why)
+            self.scheduler.finish_done()
+            events += self.router.take_pending()  # (rejected while pulling)
+            return self.router.route(events)
 
-    def _step(self, pull) -> list[Event]:
-        self.ensure_cache()
-        events, self._pending = self._pending, []
-        plan = self.scheduler.schedule(pull)
-        if plan.outgrown is not None:  # one sequence alone outgrows the pool: it ends here
-            events += self.output.finish_length(plan.outgrown)
-        elif plan.runs:
-            events += self._forward(plan.runs)
-        for s in [s for s in self.scheduler.running if s.finish]:
-            self.scheduler.finish(s)
-        events += self._pending  # (rejected while pulling)
-        self._pending = []
-        return self._route(events)
-
-    def _forward(self, runs: list[tuple[Sequence, int]]) -> list[Event]:
-        sampled, failed, why = self.runner.execute(runs)
-        self.stats["steps"] += 1
-        for s, n in runs:
-            self.scheduler.advance(s, n)
-            kind = "prefill_tokens" if s.n_cached <= s.n_prompt else "decode_tokens"
-            self.stats[kind] += n
-            s.prefill_tokens += n if kind == "prefill_tokens" else 0
-        events = [error(s, why, "model_error") for s in failed]
-        for s, tok, lp, top in sampled:
-            events += self.output.accept(s, tok, lp, top)
-        return events
-
-    def _route(self, events: list[Event]) -> list[Event]:
-        out = []
-        for ev in events:
-            route = self._routes.get(ev.seq_id)
-            (route.append if route is not None else out.append)(ev)
-        return out
-
-    # ---- full-sequence logits (no sampling), and prompt checks -----------------------------------
+    # ---- full-sequence logits (no sampling), and prompt checks ------------------------------
     def logits(self, ids: list[int]):
         """(len(ids), vocab) float32 logits at every position (runner.full_logits: through the
         pool's blocks and the spec's logits row, so safe between steps of running sequences)."""
@@ -274,9 +232,8 @@ class Engine:
             raise TinyLLMError(bad[1])
         with self._lock:
             self.ensure_cache()
-            return self.runner.full_logits(
-                ids, self.pool, min(self.spec.max_chunk, self.prefill_chunk)
-            )
+            chunk = min(self.spec.max_chunk, self.prefill_chunk)
+            return self.runner.full_logits(ids, self.pool, chunk)
 
     def check_prompt(self, ids: list[int], allow_full: bool = False) -> tuple[str, str] | None:
         """Why these prompt ids cannot run, as (code, message), or None

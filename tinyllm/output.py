@@ -15,6 +15,7 @@ way, the text decoded so far is flushed and checked against the stop strings onc
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -115,6 +116,14 @@ class OutputProcessor:
                 self._finish(s, "length")
         yield from self.emit(s)
 
+    def step_events(self, sampled: list, failed: list[Sequence], why: str) -> list[Event]:
+        """The events of one forward's results (runner.execute): an "error" per sequence with
+        NaN/inf logits, then the events of every sampled token."""
+        events = [error(s, why, "model_error") for s in failed]
+        for s, tok, lp, top in sampled:
+            events += self.accept(s, tok, lp, top)
+        return events
+
     def finish_length(self, s: Sequence) -> Iterator[Event]:
         """s cannot go on (alone, it outgrew the KV pool): it ends by length."""
         self._finish(s, "length")
@@ -145,3 +154,35 @@ class OutputProcessor:
             s.emitted = upto
         if s.finish:
             yield Event("finish", s.req.index, completion=completion(s), seq_id=s.id)
+
+
+class Router:
+    """Where events go. A run() generator registers its event queue for each sequence it adds
+    (`routes`: seq id -> queue); events of other sequences go back to step()'s caller. Also
+    holds the events due at the next step (`pending`: prompts rejected when added) and what
+    the latest aborted sequences had (`aborted`, for Engine.partial)."""
+
+    KEEP_ABORTED = 16
+
+    def __init__(self):
+        self.routes: dict[int, deque] = {}
+        self.pending: list[Event] = []
+        self.aborted: dict[int, Completion] = {}
+
+    def take_pending(self) -> list[Event]:
+        events, self.pending = self.pending, []
+        return events
+
+    def route(self, events: list[Event]) -> list[Event]:
+        """Queue each event for the run() that owns its sequence; return the unclaimed ones."""
+        out = []
+        for ev in events:
+            route = self.routes.get(ev.seq_id)
+            (route.append if route is not None else out.append)(ev)
+        return out
+
+    def keep_aborted(self, s: Sequence):
+        """What an aborted sequence had, for partial() (the latest KEEP_ABORTED)."""
+        self.aborted[s.id] = completion(s)
+        while len(self.aborted) > self.KEEP_ABORTED:
+            del self.aborted[next(iter(self.aborted))]

@@ -29,6 +29,13 @@ from .paging import BlockPool
 from .sequence import Sequence, Status
 
 
+def new_stats() -> dict[str, int]:
+    """Engine.stats: forwards run, prompt and decode tokens computed, prompt tokens served from
+    the prefix cache, preemptions. The scheduler counts them; they outlive its replacement."""
+    keys = ("steps", "prefill_tokens", "decode_tokens", "cached_tokens", "preemptions")
+    return dict.fromkeys(keys, 0)
+
+
 @dataclass
 class Plan:
     runs: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens)
@@ -143,6 +150,20 @@ class Scheduler:
                 if victim is s:
                     break
         return Plan([(s, want[s.id]) for s in order if s.id in want and s.blocks is not None])
+
+    def ran(self, runs: list[tuple[Sequence, int]]):
+        """A forward computed K/V for the runs' tokens: advance each sequence, and count."""
+        self.stats["steps"] += 1
+        for s, n in runs:
+            self.advance(s, n)
+            kind = "prefill_tokens" if s.n_cached <= s.n_prompt else "decode_tokens"
+            self.stats[kind] += n
+            s.prefill_tokens += n if kind == "prefill_tokens" else 0
+
+    def finish_done(self):
+        """Release the running sequences that finished (their blocks back to the pool)."""
+        for s in [s for s in self.running if s.finish]:
+            self.finish(s)
 
     def advance(self, s: Sequence, n: int):
         """A forward wrote K/V for s's next n tokens: offer its newly full blocks to the cache."""
