@@ -130,10 +130,7 @@ def evaluate_kv(
     hold this model's head_dim is an error, or with drop_unfit is left out (info["dropped"]).
     kivi_block: the token block B of the KIVI formats' key scales."""
     from .api import LLM
-    from .engine import Engine
     from .kv_cache import resolve_kv_dtype
-    from .kv_formats import FORMATS, FormatBackend, parse_formats, unfit_reason
-    from .model import Transformer
 
     if window < 2:
         raise TinyLLMError(f"--window {window} is too short: a segment needs at least 2 tokens")
@@ -148,16 +145,7 @@ def evaluate_kv(
         max_batch=1,
     )
     kvs = list(dict.fromkeys(resolve_kv_dtype(k, llm.backend.compute_dtype) for k in kv_dtypes))
-    fmts = parse_formats(kv_formats)
-    if fmts and llm.backend.name != "numpy":
-        raise TinyLLMError(
-            "--kv-formats is a study on the numpy backend; add --backend numpy "
-            "(or use --kv-dtypes for the real caches on this backend)"
-        )
-    unfit = {f: why for f in fmts if (why := unfit_reason(f, llm.cfg.head_dim))}
-    if unfit and not drop_unfit:
-        raise TinyLLMError(next(iter(unfit.values())))
-    fmts = [f for f in fmts if f not in unfit]
+    fmts, unfit = _study_formats(llm, kv_formats, drop_unfit)
     ids = llm.tokenizer.encode(text)
     n_seg = min(n_tokens, len(ids)) // window
     if n_seg == 0:
@@ -166,22 +154,7 @@ def evaluate_kv(
             f"lower --window or pass a longer --text"
         )
     segments = [ids[i * window : (i + 1) * window] for i in range(n_seg)]
-    engines = {
-        kv: Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), window, kv, max_batch=1)
-        for kv in dict.fromkeys([REFERENCE_KV] + kvs)
-    }
-    for f in fmts:  # keys "format:NAME" never clash with kv dtypes
-        study = FormatBackend(FORMATS[f], kivi_block)
-        engines[f"format:{f}"] = Engine.for_model(
-            Transformer(llm.cfg, llm.model.w, study),
-            llm.tokenizer,
-            study,
-            set(),
-            window,
-            REFERENCE_KV,
-            max_batch=1,
-        )
-    accs = {kv: _Acc() for kv in engines}
+    engines = _engines(llm, kvs, fmts, window, kivi_block)
     info = {
         "model_dir": str(llm.model_dir),
         "backend": llm.backend.name,
@@ -193,9 +166,63 @@ def evaluate_kv(
         "passes": len(engines),
         "dropped": unfit,
     }
+    accs = _score(segments, engines, info, plan, progress)
+    ref_ppl = float(np.exp(accs[REFERENCE_KV].nll / accs[REFERENCE_KV].n))
+    cfg = llm.cfg
+    named = [(kv, kv, cfg.kv_bytes_per_token(kv)) for kv in kvs]
+    named += [(f"format:{f}", f, _format_bytes_per_token(f, cfg, window, kivi_block)) for f in fmts]
+    info["reference_ppl"] = ref_ppl
+    return [_row(accs[key], name, nbytes, ref_ppl) for key, name, nbytes in named], info
 
+
+def _study_formats(llm, kv_formats, drop_unfit: bool) -> tuple[list[str], dict[str, str]]:
+    """The study formats to run (numpy backend only), and those left out as unfit for this
+    model's head_dim ({name: why}; an error unless drop_unfit)."""
+    from .kv_formats import parse_formats, unfit_reason
+
+    fmts = parse_formats(kv_formats)
+    if fmts and llm.backend.name != "numpy":
+        raise TinyLLMError(
+            "--kv-formats is a study on the numpy backend; add --backend numpy "
+            "(or use --kv-dtypes for the real caches on this backend)"
+        )
+    unfit = {f: why for f in fmts if (why := unfit_reason(f, llm.cfg.head_dim))}
+    if unfit and not drop_unfit:
+        raise TinyLLMError(next(iter(unfit.values())))
+    return [f for f in fmts if f not in unfit], unfit
+
+
+def _engines(llm, kvs: list[str], fmts: list[str], window: int, kivi_block: int) -> dict:
+    """One single-sequence engine per cache: the reference and each kv dtype (real caches),
+    and "format:NAME" per study format (the reference cache on a FormatBackend that
+    fake-quantizes K/V; keys "format:NAME" never clash with kv dtypes)."""
+    from .engine import Engine
+    from .kv_formats import FORMATS, FormatBackend
+    from .model import Transformer
+
+    engines = {
+        kv: Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), window, kv, max_batch=1)
+        for kv in dict.fromkeys([REFERENCE_KV] + kvs)
+    }
+    for f in fmts:
+        study = FormatBackend(FORMATS[f], kivi_block)
+        engines[f"format:{f}"] = Engine.for_model(
+            Transformer(llm.cfg, llm.model.w, study),
+            llm.tokenizer,
+            study,
+            set(),
+            window,
+            REFERENCE_KV,
+            max_batch=1,
+        )
+    return engines
+
+
+def _score(segments: list, engines: dict, info: dict, plan, progress: bool) -> dict:
+    """Every segment through every engine, the reference first: {engine key: _Acc}."""
     from tqdm.auto import tqdm
 
+    accs = {kv: _Acc() for kv in engines}
     for i, seg in enumerate(
         tqdm(segments, desc="segments", unit="seg", disable=not progress, file=sys.stderr)
     ):
@@ -214,44 +241,36 @@ def evaluate_kv(
             accs[kv].seconds += time.perf_counter() - t0
             eng.cache = None  # one candidate cache alive at a time
             accs[kv].add(lg, targets, ref)
+    return accs
 
-    ref_ppl = float(np.exp(accs[REFERENCE_KV].nll / accs[REFERENCE_KV].n))
-    cfg = llm.cfg
-    named = [(kv, kv, cfg.kv_bytes_per_token(kv)) for kv in kvs]
-    named += [
-        (
-            f"format:{f}",
-            f,
-            FORMATS[f].bytes_per_token(
-                cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, window, kivi_block
-            ),
-        )
-        for f in fmts
-    ]
-    rows = []
-    for key, name, nbytes in named:
-        a = accs[key]
-        nll = a.nll / a.n
-        ppl = float(np.exp(nll))
-        mean_d = a.dnll / a.n
-        se = np.sqrt(max(a.dnll2 / a.n - mean_d**2, 0.0) / max(a.n - 1, 1))
-        rows.append(
-            KVRow(
-                name,
-                nbytes,
-                a.n,
-                nll,
-                ppl,
-                100 * (ppl / ref_ppl - 1),
-                100 * float(np.exp(mean_d) * se),
-                a.kl / a.n,
-                a.max_diff,
-                a.agree / a.n,
-                a.seconds,
-            )
-        )
-    info["reference_ppl"] = ref_ppl
-    return rows, info
+
+def _format_bytes_per_token(f: str, cfg, window: int, kivi_block: int) -> float:
+    from .kv_formats import FORMATS
+
+    return FORMATS[f].bytes_per_token(
+        cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, window, kivi_block
+    )
+
+
+def _row(a: _Acc, name: str, nbytes: float, ref_ppl: float) -> KVRow:
+    """One table row from a cache's accumulated sums."""
+    nll = a.nll / a.n
+    ppl = float(np.exp(nll))
+    mean_d = a.dnll / a.n
+    se = np.sqrt(max(a.dnll2 / a.n - mean_d**2, 0.0) / max(a.n - 1, 1))
+    return KVRow(
+        name,
+        nbytes,
+        a.n,
+        nll,
+        ppl,
+        100 * (ppl / ref_ppl - 1),
+        100 * float(np.exp(mean_d) * se),
+        a.kl / a.n,
+        a.max_diff,
+        a.agree / a.n,
+        a.seconds,
+    )
 
 
 def format_table(rows: list[KVRow]) -> str:

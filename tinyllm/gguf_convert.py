@@ -390,23 +390,7 @@ def _build_config(meta: _Meta, reader, arch: str, hf_arch: str) -> dict:
         key("vocab_size") or len(meta.get("tokenizer.ggml.tokens"))
     )
     theta = _f32(key("rope.freq_base", 10000.0))
-    scaling = None
-    stype = key("rope.scaling.type")
-    if stype not in (None, "none", ""):
-        if stype != "linear":
-            raise TinyLLMError(
-                f"unsupported RoPE scaling {stype!r} in the GGUF; supported: linear, llama3"
-            )
-        scaling = {"rope_type": "linear", "factor": _f32(key("rope.scaling.factor"))}
-    if "rope_freqs.weight" in tensors:
-        import gguf
-
-        t = tensors["rope_freqs.weight"]
-        scaling = _llama3_rope_scaling(
-            gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1).astype(np.float64),
-            theta,
-            head_dim,
-        )
+    scaling = _rope_scaling(key, tensors, theta, head_dim)
 
     ids = _special_ids(meta)
     eos = [i for i in (ids["eos"], ids["eot"], ids["eom"]) if i is not None]
@@ -454,6 +438,28 @@ def _build_config(meta: _Meta, reader, arch: str, hf_arch: str) -> dict:
             emb.tensor_type.name, "float32"
         )
     return cfg
+
+
+def _rope_scaling(key, tensors: dict, theta: float, head_dim: int) -> dict | None:
+    """HF's rope_scaling: linear from the metadata, llama3 from a rope_freqs tensor, or None."""
+    scaling = None
+    stype = key("rope.scaling.type")
+    if stype not in (None, "none", ""):
+        if stype != "linear":
+            raise TinyLLMError(
+                f"unsupported RoPE scaling {stype!r} in the GGUF; supported: linear, llama3"
+            )
+        scaling = {"rope_type": "linear", "factor": _f32(key("rope.scaling.factor"))}
+    if "rope_freqs.weight" in tensors:
+        import gguf
+
+        t = tensors["rope_freqs.weight"]
+        scaling = _llama3_rope_scaling(
+            gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1).astype(np.float64),
+            theta,
+            head_dim,
+        )
+    return scaling
 
 
 def _special_ids(meta: _Meta) -> dict:
@@ -516,17 +522,6 @@ def spm_merges(
 
 def build_tokenizer(meta: _Meta):
     """A `tokenizers.Tokenizer` equivalent to the GGUF's vocabulary, plus the add_bos flag."""
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-    )
-
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not tokens:
@@ -539,98 +534,133 @@ def build_tokenizer(meta: _Meta):
     merges = meta.get("tokenizer.ggml.merges")
 
     if kind == "gpt2":
-        pre = meta.get("tokenizer.ggml.pre") or "default"
-        if pre not in GPT2_PRE_TOKENIZERS:
-            raise TinyLLMError(
-                f"unsupported GGUF pre-tokenizer {pre!r}; supported: "
-                f"{', '.join(GPT2_PRE_TOKENIZERS)}"
-            )
-        if merges is None:
-            raise TinyLLMError(
-                "the GGUF's byte-level BPE vocabulary has no merges (tokenizer.ggml.merges)"
-            )
-        tok = Tokenizer(
-            models.BPE(
-                vocab=vocab,
-                merges=[tuple(m.split(" ", 1)) for m in merges],
-                fuse_unk=False,
-                byte_fallback=False,
-                ignore_merges=pre in _IGNORE_MERGES_PRE,
-            )
-        )
-        how, regex = GPT2_PRE_TOKENIZERS[pre]
-        if how == "gpt2":
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        elif how == "digits":
-            tok.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Digits(individual_digits=True),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-                ]
-            )
-        else:
-            tok.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-                ]
-            )
-        if pre in _NFC_PRE:
-            tok.normalizer = normalizers.NFC()
-        tok.decoder = decoders.ByteLevel()
-        base_post = processors.ByteLevel(trim_offsets=False)
-        default_bos = pre in _IGNORE_MERGES_PRE
-        special_types = (CONTROL,)
+        tok, base_post, default_bos, special_types = _byte_level_bpe(meta, vocab, merges)
     elif kind == "llama":
-        add_space = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-        scores = meta.get("tokenizer.ggml.scores")
-        if merges is not None:
-            pairs = [tuple(m.split(" ", 1)) for m in merges]
-        elif scores is not None:
-            pairs = spm_merges(tokens, scores, types)
-        else:
-            raise TinyLLMError("the GGUF's SentencePiece vocabulary has neither merges nor scores")
-        unk = tokens[ids["unk"]] if ids["unk"] is not None else None
-        tok = Tokenizer(
-            models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True)
+        tok, base_post, default_bos, special_types = _sentencepiece_bpe(
+            meta, tokens, types, vocab, merges, ids
         )
-        # "first": only the start of the text gets "▁" (HF's non-legacy Llama/Mistral tokenizers)
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement="▁", prepend_scheme="first" if add_space else "never", split=False
-        )
-        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        if add_space:
-            steps.append(decoders.Strip(content=" ", left=1, right=0))
-        tok.decoder = decoders.Sequence(steps)
-        base_post = None
-        default_bos = True  # llama.cpp adds BOS to SentencePiece vocabularies unless told not to
-        special_types = (CONTROL, UNKNOWN)
     else:
         raise TinyLLMError(
             f"unsupported GGUF tokenizer model {kind!r}; supported: gpt2 (byte-level BPE), "
             "llama (SentencePiece BPE)"
         )
-
-    # Control tokens (<|im_start|>, <s>, [INST]) are matched whole and are special; user-defined
-    # ones are matched whole but decoded like text.
     if types is not None:
-        tok.add_special_tokens(
-            [
-                AddedToken(t, special=True, normalized=False)
-                for t, ty in zip(tokens, types)
-                if ty in special_types
-            ]
-        )
-        tok.add_tokens(
-            [
-                AddedToken(t, special=False, normalized=False)
-                for t, ty in zip(tokens, types)
-                if ty == USER_DEFINED
-            ]
-        )
-
+        _add_whole_tokens(tok, tokens, types, special_types)
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)) and ids["bos"] is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and ids["eos"] is not None
+    _set_post_processor(tok, tokens, vocab, ids, add_bos, add_eos, base_post)
+    return tok, add_bos, add_eos
+
+
+def _byte_level_bpe(meta: _Meta, vocab: dict[str, int], merges):
+    """tokenizer.ggml.model "gpt2": byte-level BPE with the pre-tokenizer its `pre` names.
+    Returns (tokenizer, base post-processor, default add_bos, token types that are special)."""
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
+
+    pre = meta.get("tokenizer.ggml.pre") or "default"
+    if pre not in GPT2_PRE_TOKENIZERS:
+        raise TinyLLMError(
+            f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(GPT2_PRE_TOKENIZERS)}"
+        )
+    if merges is None:
+        raise TinyLLMError(
+            "the GGUF's byte-level BPE vocabulary has no merges (tokenizer.ggml.merges)"
+        )
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=[tuple(m.split(" ", 1)) for m in merges],
+            fuse_unk=False,
+            byte_fallback=False,
+            ignore_merges=pre in _IGNORE_MERGES_PRE,
+        )
+    )
+    how, regex = GPT2_PRE_TOKENIZERS[pre]
+    if how == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif how == "digits":
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    if pre in _NFC_PRE:
+        tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+    return tok, processors.ByteLevel(trim_offsets=False), pre in _IGNORE_MERGES_PRE, (CONTROL,)
+
+
+def _sentencepiece_bpe(meta: _Meta, tokens, types, vocab: dict[str, int], merges, ids: dict):
+    """tokenizer.ggml.model "llama": SentencePiece BPE (merges, or rebuilt from the scores)
+    with byte fallback. Returns (tokenizer, base post-processor, default add_bos, token
+    types that are special)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    add_space = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    scores = meta.get("tokenizer.ggml.scores")
+    if merges is not None:
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+    elif scores is not None:
+        pairs = spm_merges(tokens, scores, types)
+    else:
+        raise TinyLLMError("the GGUF's SentencePiece vocabulary has neither merges nor scores")
+    unk = tokens[ids["unk"]] if ids["unk"] is not None else None
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    )
+    # "first": only the start of the text gets "▁" (HF's non-legacy Llama/Mistral tokenizers)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if add_space else "never", split=False
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(steps)
+    # llama.cpp adds BOS to SentencePiece vocabularies unless told not to
+    return tok, None, True, (CONTROL, UNKNOWN)
+
+
+def _add_whole_tokens(tok, tokens, types, special_types):
+    """Control tokens (<|im_start|>, <s>, [INST]) are matched whole and are special;
+    user-defined ones are matched whole but decoded like text."""
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, ty in zip(tokens, types)
+            if ty in special_types
+        ]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types)
+            if ty == USER_DEFINED
+        ]
+    )
+
+
+def _set_post_processor(tok, tokens, vocab, ids: dict, add_bos: bool, add_eos: bool, base_post):
+    """BOS/EOS added around each text as the GGUF asks, after the base post-processor."""
+    from tokenizers import processors
+
     if add_bos or add_eos:
         bos, eos = tokens[ids["bos"]] if add_bos else None, tokens[ids["eos"]] if add_eos else None
         single = ([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else [])
@@ -640,7 +670,6 @@ def build_tokenizer(meta: _Meta):
         tok.post_processor = processors.Sequence([base_post, template]) if base_post else template
     elif base_post is not None:
         tok.post_processor = base_post
-    return tok, add_bos, add_eos
 
 
 def _tokenizer_config(meta: _Meta, add_bos: bool, add_eos: bool, ctx: int) -> dict:

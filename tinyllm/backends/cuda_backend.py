@@ -258,6 +258,32 @@ class CudaBatch:
         return self.host.n_tokens
 
 
+class AttentionCall:
+    """What both attention launches of one layer share (CudaBackend.attention). Their kernel
+    arguments start with `lead` (queries, the layer's K/V pools, the int8/fp8 key metadata:
+    null pointers for float caches) and end with `tail` (head counts, window, scale)."""
+
+    def __init__(
+        self, q, ldq: int, cache: CudaKVCache, layer: int, b, out, n_heads, hd, scale, null
+    ):
+        spec = cache.spec
+        self.spec, self.cache, self.b, self.out = spec, cache, b, out
+        self.n_heads, self.n_kv, self.hd = n_heads, spec.n_kv_heads, hd
+        self.HD = head_dim_tile(hd)  # the kernels' head_dim template argument
+        q8 = spec.quantized  # int8/fp8: key scales, offsets and open rows too
+        kmeta = (
+            cache.k_scale[layer] if q8 else null,
+            cache.k_zero[layer] if q8 else null,
+            cache.v_scale[layer] if q8 else null,
+            cache.k_open[layer] if q8 else null,
+            b.d_opens if q8 else null,
+        )
+        self.lead = (q, np.int32(ldq), cache.k[layer], cache.v[layer], *kmeta)
+        sl2 = np.float32(float(scale) * math.log2(math.e))  # the kernels use exp2
+        window = np.int32(spec.window or 0)
+        self.tail = (np.int32(n_heads), np.int32(self.n_kv), np.int32(hd), window, sl2)
+
+
 # ---- the backend ---------------------------------------------------------------------------------
 
 
@@ -800,124 +826,111 @@ class CudaBackend:
         the blocks their tables name: sequences bringing one token through
         cuda/attention_decode.cu, the others through cuda/attention_prefill.cu. Returns
         (T, n_heads*head_dim) bf16."""
-        cp = self.cp
-        b = self.prepare(batch)
-        spec = cache.spec
+        b, spec = self.prepare(batch), cache.spec
         n_heads, hd = q.shape[-2], q.shape[-1]
-        n_kv = spec.n_kv_heads
-        if n_heads % n_kv:
-            raise ValueError(f"attention: {n_heads} query heads for {n_kv} kv heads")
+        if n_heads % spec.n_kv_heads:
+            raise ValueError(f"attention: {n_heads} query heads for {spec.n_kv_heads} kv heads")
         q, ldq = self._heads(q, n_heads, hd)
-        T = b.n_tokens
-        out = self._empty((T, n_heads * hd), self.bf16)
-        if T == 0:
+        out = self._empty((b.n_tokens, n_heads * hd), self.bf16)
+        if b.n_tokens == 0:
             return out
-        HD = head_dim_tile(hd)
-        sl2 = np.float32(float(scale) * math.log2(math.e))
-        window = np.int32(spec.window or 0)
-        null = self._null()
-        q8 = spec.quantized  # int8/fp8: key scales, offsets and open rows too
-        kmeta = (
-            cache.k_scale[layer] if q8 else null,
-            cache.k_zero[layer] if q8 else null,
-            cache.v_scale[layer] if q8 else null,
-            cache.k_open[layer] if q8 else null,
-            b.d_opens if q8 else null,
-        )
-        kc, vc = cache.k[layer], cache.v[layer]
-        n_rep = n_heads // n_kv
-
+        a = AttentionCall(q, ldq, cache, layer, b, out, n_heads, hd, scale, self._null())
         # Sequences bringing one token go to the split-K decode kernel, the others to the
         # prefill kernel; the two launches write disjoint rows of `out`.
         use_decode = self.versions["decode_attention"] == "v1"
+        dec, d_dec, pre_lens = self._attention_split(b, use_decode)
+        if len(dec):
+            self._attention_decode(a, dec, d_dec)
+        self._attention_prefill(a, pre_lens, use_decode)
+        return out
+
+    def _attention_split(self, b: CudaBatch, use_decode: bool) -> tuple:
+        """(rows of the sequences bringing one token, the same on the device or None, the
+        other sequences' lengths with those rows zeroed); memoized on the batch."""
         key = ("split", use_decode)
         if key not in b.memo:
             one = (b.lens == 1) if use_decode else np.zeros(len(b.lens), bool)
             dec = np.nonzero(one)[0].astype(np.int32)
-            b.memo[key] = (dec, cp.asarray(dec) if len(dec) else None, b.lens * ~one)
-        dec, d_dec, pre_lens = b.memo[key]
+            b.memo[key] = (dec, self.cp.asarray(dec) if len(dec) else None, b.lens * ~one)
+        return b.memo[key]
 
-        if len(dec):
-            key = ("decode", n_heads, n_kv, spec.capacity, spec.window)
-            if key not in b.memo:
-                rep, chunks = decode_rep(n_rep)
-                ranges = []
-                for i in dec.tolist():
-                    lo, hi = visible_range(int(b.starts[i]), 1, spec.capacity, spec.window)
-                    ranges.append(hi - lo + 1)
-                split_len, n_splits = decode_splits(ranges, len(dec) * n_kv * chunks, self.n_sms)
-                b.memo[key] = (rep, chunks, split_len, n_splits)
-            rep, chunks, split_len, n_splits = b.memo[key]
-            n_dec = len(dec)
-            part_m = self._ws_get("dec_m", n_splits * n_dec * n_heads, np.float32)
-            part_l = self._ws_get("dec_l", n_splits * n_dec * n_heads, np.float32)
-            part_o = self._ws_get("dec_o", n_splits * n_dec * n_heads * hd, np.float32)
-            kern = ck.get(
-                "attention_decode.cu", f"decode_split_hd{HD}_r{rep}_v1", KV_KIND=cache.kind
-            )
-            kern(
-                (n_splits, n_dec, n_kv * chunks),
-                (32 * ck.TILES["DEC_WARPS"],),
-                (
-                    q,
-                    np.int32(ldq),
-                    kc,
-                    vc,
-                    *kmeta,
-                    part_m,
-                    part_l,
-                    part_o,
-                    d_dec,
-                    b.d_tables,
-                    b.d_starts,
-                    b.d_cu_lens,
-                    np.int32(n_dec),
-                    *self._paging(spec, b),
-                    np.int32(n_heads),
-                    np.int32(n_kv),
-                    np.int32(hd),
-                    window,
-                    sl2,
-                    np.int32(split_len),
-                ),
-            )
-            red = ck.get("attention_decode.cu", "decode_reduce_v1", KV_KIND=cache.kind)
-            red(
-                (n_dec, n_heads),
-                (ck.TILES["DEC_RED_THREADS"],),
-                (
-                    part_m,
-                    part_l,
-                    part_o,
-                    d_dec,
-                    b.d_cu_lens,
-                    out,
-                    np.int32(n_heads * hd),
-                    np.int32(n_splits),
-                    np.int32(n_dec),
-                    np.int32(n_heads),
-                    np.int32(hd),
-                ),
-            )
+    def _attention_decode(self, a: AttentionCall, dec: np.ndarray, d_dec):
+        """Split-K decode attention of the one-token sequences `dec`: each split's partial
+        (max, sum, output) into workspace, then one reduction into their rows of a.out."""
+        spec, b, n_heads, hd = a.spec, a.b, a.n_heads, a.hd
+        key = ("decode", n_heads, a.n_kv, spec.capacity, spec.window)
+        if key not in b.memo:
+            rep, chunks = decode_rep(n_heads // a.n_kv)
+            ranges = []
+            for i in dec.tolist():
+                lo, hi = visible_range(int(b.starts[i]), 1, spec.capacity, spec.window)
+                ranges.append(hi - lo + 1)
+            split_len, n_splits = decode_splits(ranges, len(dec) * a.n_kv * chunks, self.n_sms)
+            b.memo[key] = (rep, chunks, split_len, n_splits)
+        rep, chunks, split_len, n_splits = b.memo[key]
+        n_dec = len(dec)
+        part_m = self._ws_get("dec_m", n_splits * n_dec * n_heads, np.float32)
+        part_l = self._ws_get("dec_l", n_splits * n_dec * n_heads, np.float32)
+        part_o = self._ws_get("dec_o", n_splits * n_dec * n_heads * hd, np.float32)
+        kern = ck.get(
+            "attention_decode.cu", f"decode_split_hd{a.HD}_r{rep}_v1", KV_KIND=a.cache.kind
+        )
+        kern(
+            (n_splits, n_dec, a.n_kv * chunks),
+            (32 * ck.TILES["DEC_WARPS"],),
+            (
+                *a.lead,
+                part_m,
+                part_l,
+                part_o,
+                d_dec,
+                b.d_tables,
+                b.d_starts,
+                b.d_cu_lens,
+                np.int32(n_dec),
+                *self._paging(spec, b),
+                *a.tail,
+                np.int32(split_len),
+            ),
+        )
+        red = ck.get("attention_decode.cu", "decode_reduce_v1", KV_KIND=a.cache.kind)
+        red(
+            (n_dec, n_heads),
+            (ck.TILES["DEC_RED_THREADS"],),
+            (
+                part_m,
+                part_l,
+                part_o,
+                d_dec,
+                b.d_cu_lens,
+                a.out,
+                np.int32(n_heads * hd),
+                np.int32(n_splits),
+                np.int32(n_dec),
+                np.int32(n_heads),
+                np.int32(hd),
+            ),
+        )
 
+    def _attention_prefill(self, a: AttentionCall, pre_lens: np.ndarray, use_decode: bool):
+        """Flash attention (v1 or v2) of the sequences bringing several tokens, over tiles of
+        query rows (prefill_tiles: none for the decode sequences, whose lengths are zeroed)."""
+        spec, b = a.spec, a.b
         ver = self.versions["prefill_attention"]
         rows_per_tile = ck.FA2_BM if ver == "v2" else ck.TILES["FA1_WARPS"] * ck.TILES["FA1_RPW"]
+        n_rep = a.n_heads // a.n_kv
         key = ("tiles", use_decode, rows_per_tile, n_rep)
         if key not in b.memo:
             ts, tr = prefill_tiles(pre_lens, n_rep, rows_per_tile)  # no tiles for decode sequences
-            b.memo[key] = (len(ts), cp.asarray(np.concatenate([ts, tr])) if len(ts) else None)
+            b.memo[key] = (len(ts), self.cp.asarray(np.concatenate([ts, tr])) if len(ts) else None)
         n_tiles, d_tiles = b.memo[key]
         if n_tiles == 0:
-            return out
+            return
         tile_seq, tile_row0 = d_tiles[:n_tiles], d_tiles[n_tiles:]
         args = (
-            q,
-            np.int32(ldq),
-            kc,
-            vc,
-            *kmeta,
-            out,
-            np.int32(n_heads * hd),
+            *a.lead,
+            a.out,
+            np.int32(a.n_heads * a.hd),
             tile_seq,
             tile_row0,
             b.d_tables,
@@ -925,27 +938,27 @@ class CudaBackend:
             b.d_lens,
             b.d_cu_lens,
             *self._paging(spec, b),
-            np.int32(n_heads),
-            np.int32(n_kv),
-            np.int32(hd),
-            window,
-            sl2,
+            *a.tail,
         )
         if ver == "v2":
-            smem = ck.prefill_v2_smem(HD)
+            smem = ck.prefill_v2_smem(a.HD)
             if smem > self.smem_optin:
                 raise TinyLLMError(
                     f"prefill attention needs {smem} B of shared memory per block; "
                     f"this GPU allows {self.smem_optin}"
                 )
             kern = ck.get(
-                "attention_prefill.cu", f"flash_prefill_hd{HD}_v2", smem=smem, KV_KIND=cache.kind
+                "attention_prefill.cu",
+                f"flash_prefill_hd{a.HD}_v2",
+                smem=smem,
+                KV_KIND=a.cache.kind,
             )
-            kern((n_tiles, n_kv), (128,), args, shared_mem=smem)
+            kern((n_tiles, a.n_kv), (128,), args, shared_mem=smem)
         else:
-            kern = ck.get("attention_prefill.cu", f"flash_prefill_hd{HD}_v1", KV_KIND=cache.kind)
-            kern((n_tiles, n_kv), (32 * ck.TILES["FA1_WARPS"],), args)
-        return out
+            kern = ck.get(
+                "attention_prefill.cu", f"flash_prefill_hd{a.HD}_v1", KV_KIND=a.cache.kind
+            )
+            kern((n_tiles, a.n_kv), (32 * ck.TILES["FA1_WARPS"],), args)
 
     # ---- next-token choice -----------------------------------------------------------------------
     def _logits_f32(self, logits):
