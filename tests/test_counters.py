@@ -59,6 +59,16 @@ extern "C" __global__ void broadcast(const float* x, float* y) {
     __syncthreads();
     y[threadIdx.x] = t[5] + x[7];                                    // every lane: one word
 }
+extern "C" __global__ void ldsm_pitch(const unsigned short* x, unsigned* y, int pitch) {
+    // 16 rows of `pitch` bf16, read as four 8x8 matrices by ldmatrix.x4 (rows of 16 bytes)
+    __shared__ __align__(16) unsigned short t[16 * 136];
+    for (int i = threadIdx.x; i < 16 * 136; i += 32) t[i] = x[i];
+    __syncthreads();
+    const int row = (threadIdx.x & 7) + ((threadIdx.x >> 3) & 1) * 8, col = (threadIdx.x >> 4) * 8;
+    unsigned r[4];
+    ldsm_x4(r[0], r[1], r[2], r[3], t + row * pitch + col);
+    y[threadIdx.x] = r[0] ^ r[1] ^ r[2] ^ r[3];
+}
 extern "C" __global__ void mma_once(float* y) {
     unsigned a[4] = {0u, 0u, 0u, 0u};
     float d[4] = {0.f, 0.f, 0.f, 0.f};
@@ -147,6 +157,17 @@ def test_32_way_bank_conflict_and_its_padded_fix():
     np.testing.assert_array_equal(y, np.arange(32) * 33)
     assert p["bank_conflict_ways_worst_site"] == 1
     assert p["bank_conflict_ways"] == 1
+
+
+def test_ldmatrix_rows_one_pitch_apart_conflict_8_ways_unless_padded():
+    # Each 8x8 matrix is one phase of 8 lanes, 16 bytes each. Rows 256 bytes apart (pitch 128
+    # bf16) fall in the same 4 banks: 8 words per bank -> 8 wavefronts where 1 would do. A
+    # pitch of 136 (+16 bytes) moves each row 4 banks on: conflict-free.
+    x, y = aligned(16 * 136, np.uint16), aligned(32, np.uint32)
+    c, _ = run("ldsm_pitch", (1,), (32,), [x, y], [128])
+    assert c["bank_conflict_ways_worst_site"] == 8
+    p, _ = run("ldsm_pitch", (1,), (32,), [x, y], [136])
+    assert p["bank_conflict_ways_worst_site"] == 1
 
 
 def test_broadcast_is_free_in_shared_and_global_memory():

@@ -13,8 +13,10 @@ Global memory (per load / store):
   * 32 (the DRAM traffic with a perfect L2: compulsory misses only).
 Shared memory: a request's wavefronts = the largest number of distinct 4-byte words it touches
   in any one of the 32 banks (bank = word % 32; lanes reading the same word are served by one
-  broadcast); the ideal is ceil(distinct words / 32) (a 16-byte-per-lane request needs 4 even
-  without conflicts). Bank-conflict ways = wavefronts / ideal, per site and over the launch.
+  broadcast), counted per phase: 8-byte accesses are served a half warp, 16-byte accesses (and
+  ldmatrix, one 8x8 matrix = lanes 8i..8i+7) a quarter warp at a time; the ideal is
+  ceil(distinct words / 32) per phase (a 16-byte-per-lane request needs 4 even without
+  conflicts). Bank-conflict ways = wavefronts / ideal, per site and over the launch.
 FLOPs: 2*16*8*16 per warp-level mma.sync.m16n8k16 (the only tensor-core instruction we use);
   FMA kernels are not counted (they are modelled as memory-bound).
 
@@ -136,18 +138,26 @@ def count(recs: np.ndarray, info: dict, buffers: list[tuple[int, int]]) -> dict:
     worst = 1.0
     by_site: dict = {}
     if len(r):
-        gid = _groups(r)
-        reqs = int(gid.max()) + 1
+        req_id = _groups(r)
+        reqs = int(req_id.max()) + 1
+        # 8- and 16-byte accesses are served in half- / quarter-warp phases (and ldmatrix one
+        # 8x8 matrix, lanes 8i..8i+7, at a time): banks are counted per phase
+        lane = (r["thread"] % 32).astype(np.int64)
+        phase = np.where(r["size"] > 8, lane // 8, np.where(r["size"] > 4, lane // 16, 0))
+        gid = req_id * 4 + phase
+        _, gid = np.unique(gid, return_inverse=True)
+        gid = gid.reshape(-1)
         lo = r["addr"] >> np.uint64(2)
         hi = (r["addr"] + r["size"].astype(np.uint64) - np.uint64(1)) >> np.uint64(2)
+        nph = int(gid.max()) + 1
         g2, words = _unique_pairs(*_spans(gid, lo, hi))
-        nwords = np.bincount(g2, minlength=reqs)
+        nwords = np.bincount(g2, minlength=nph)
         bank = (words & np.uint64(31)).astype(np.int64)
-        per_gb = np.bincount(g2 * 32 + bank, minlength=reqs * 32).reshape(reqs, 32)
+        per_gb = np.bincount(g2 * 32 + bank, minlength=nph * 32).reshape(nph, 32)
         wfs = per_gb.max(axis=1)
         ideals = -(-nwords // 32)
         wf, ideal = int(wfs.sum()), int(ideals.sum())
-        site_of = np.zeros(reqs, np.uint64)
+        site_of = np.zeros(nph, np.uint64)
         site_of[gid] = r["site"]
         for s in np.unique(site_of):
             m = site_of == s

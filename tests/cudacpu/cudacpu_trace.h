@@ -16,9 +16,9 @@
 //
 // One record per access: (address, site = the hook's return address, per-thread occurrence of
 // that site within the block, block, thread, size, flags). A thread's access that directly
-// continues its previous record (same kind and space, adjacent address, combined size a power
-// of two <= 16 and naturally aligned, another site) extends that record: GCC sometimes splits a 16-byte vector
-// access that nvcc emits as one instruction (stated in counters.py).
+// continues its previous record (same kind and space, adjacent address, another site, combined
+// size <= 16 from a start aligned to the next power of two) extends that record: GCC sometimes
+// splits a 16-byte vector access that nvcc emits as one instruction (stated in counters.py).
 //
 // Block sampling: with stride s > 1 only blocks whose linear index is a multiple of s run
 // (the others exit at once); counters.py scales counts by blocks / sampled blocks.
@@ -47,7 +47,7 @@ inline long long cur_block = -1;
 inline long long stride = 1;
 inline long long sampled = 0;
 inline long long mma_lane_calls = 0;
-inline int quiet = 0;                                         // > 0 inside a PTX wrapper
+inline int quiet = 0;    // > 0 inside a wrapper that never yields (a global: fibers share it)
 
 inline long long block_linear() {
     const auto& L = ::cudacpu::L;
@@ -99,7 +99,7 @@ inline void record_(uintptr_t p, size_t n, bool store, uint64_t site, const ::cu
         Rec& r = recs.back();
         const size_t m = r.size + n;
         if (r.thread == t && r.block == uint32_t(cur_block) && r.flags == flags && r.buf == buf &&
-            r.site != site && r.addr + r.size == a && m <= 16 && (m & (m - 1)) == 0 && r.addr % m == 0) {
+            r.site != site && r.addr + r.size == a && m <= 16 && r.addr % (m <= 4 ? 4 : m <= 8 ? 8 : 16) == 0) {
             r.size = uint8_t(m);
             return;
         }
@@ -140,21 +140,15 @@ inline void ldsm_record(const ::cudacpu::Opnd* ops, int n, uint64_t site) {
 }
 __attribute__((noinline)) inline void ldsm_n(const ::cudacpu::Opnd* ops, int n) {
     ldsm_record(ops, n, uint64_t(__builtin_return_address(0)));
-    ++quiet;
-    ::cudacpu::ptx_ldsm_n(ops, n);
-    --quiet;
+    ::cudacpu::ptx_ldsm_n(ops, n);       // a collective: it yields, so no `quiet` around it
 }
 __attribute__((noinline)) inline void ldsm_t(const ::cudacpu::Opnd* ops, int n) {
     ldsm_record(ops, n, uint64_t(__builtin_return_address(0)));
-    ++quiet;
-    ::cudacpu::ptx_ldsm_t(ops, n);
-    --quiet;
+    ::cudacpu::ptx_ldsm_t(ops, n);       // a collective: it yields, so no `quiet` around it
 }
 __attribute__((noinline)) inline void mma(const ::cudacpu::Opnd* ops, int n) {
     ++mma_lane_calls;
-    ++quiet;
     ::cudacpu::ptx_mma(ops, n);
-    --quiet;
 }
 
 // The identity, opaque to the optimizer (tracer.py's static __shared__ references).
