@@ -38,7 +38,7 @@ import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +87,7 @@ class Launch:
     ideal: float  # bytes the operation must move (inputs read once, outputs written once)
     per_step: int  # launches of this kind per decode step / prefill chunk (layers)
     max_blocks: int = 64
-    counts: dict = field(default_factory=dict)
+    code: str | None = None  # another source than cuda/<file> (tests plant inefficiencies)
 
 
 def aligned(n_bytes: int) -> np.ndarray:
@@ -481,17 +481,17 @@ def resources(builds: set[tuple[str, tuple]]) -> dict:
 _modules: dict = {}
 
 
-def module(file: str, defines: dict) -> tracer.TraceModule:
-    key = (file, tuple(sorted(defines.items())))
+def module(file: str, defines: dict, code: str | None = None) -> tracer.TraceModule:
+    key = (file, tuple(sorted(defines.items())), code)
     if key not in _modules:
-        _modules[key] = tracer.TraceModule(ck.source(file), ck.options(defines))
+        _modules[key] = tracer.TraceModule(code or ck.source(file), ck.options(defines))
     return _modules[key]
 
 
 def measure(launches: list[Launch], res: dict, dev: dict, graph: bool) -> list[dict]:
     rows = []
     for la in launches:
-        m = module(la.file, la.defines)
+        m = module(la.file, la.defines, la.code)
         bufs = [(a.__array_interface__["data"][0], a.nbytes) for a in la.arrays]
         recs, info = m.trace(
             la.kernel, la.grid, (la.block,), la.args, la.smem, bufs, max_blocks=la.max_blocks
