@@ -98,8 +98,19 @@ def aligned(n_bytes: int) -> np.ndarray:
     return raw[off : off + int(n_bytes)]
 
 
+def address(a) -> int:
+    """A host array's address, or a CuPy array's device pointer (scripts/kernel_calibrate.py
+    builds the same launches on a GPU)."""
+    return a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else a.data.ptr
+
+
 def P(a) -> ctypes.c_void_p:
-    return ctypes.c_void_p(None if a is None else a.__array_interface__["data"][0])
+    return ctypes.c_void_p(None if a is None else address(a))
+
+
+def put(dst, values) -> None:
+    """dst[:] = values, for host (and, in kernel_calibrate.py, device) arrays."""
+    dst[:] = np.asarray(values, dst.dtype)
 
 
 I32, F32, I64 = ctypes.c_int, ctypes.c_float, ctypes.c_longlong
@@ -121,7 +132,7 @@ class Builder:
         rng = np.random.default_rng(0)
         table = rng.permutation(nb)[:ring].astype(np.int32)
         tables = aligned(ring * 4).view(np.int32)
-        tables[:] = table
+        put(tables, table)
         e = KV_BYTES[self.kv]
         c = {
             "ring": ring,
@@ -216,7 +227,7 @@ class Builder:
         d = self.s.dim
         table = aligned(self.s.vocab * d * 2)
         idx = aligned(M * 4).view(np.int32)
-        idx[:] = np.arange(M) * 7 % self.s.vocab
+        put(idx, np.arange(M) * 7 % self.s.vocab)
         out = aligned(M * d * 2)
         row_vecs = d * 2 // 16
         threads = ck.TILES["GATHER_THREADS"]
@@ -260,7 +271,7 @@ class Builder:
         half = s.hd // 2
         cos, sin = aligned((start + T) * half * 4), aligned((start + T) * half * 4)
         pos = aligned(T * 4).view(np.int32)
-        pos[:] = np.arange(start, start + T)
+        put(pos, np.arange(start, start + T))
         seq = aligned(T * 4)
         kr = aligned(T * s.n_kv * s.hd * 4) if self.q8 else None
         warps = ck.TILES["ROPE_WARPS"]
@@ -292,7 +303,7 @@ class Builder:
         if not self.q8:
             return [launch]
         meta = aligned(4 * 4).view(np.int32)  # starts, lens, cu_lens, opens (one sequence)
-        meta[:] = [start, T, 0, 0]
+        put(meta, [start, T, 0, 0])
         close = Launch(
             "kv_close",
             "kv_close.cu",
@@ -334,7 +345,7 @@ class Builder:
         pl = aligned(n_splits * s.n_heads * 4)
         po = aligned(n_splits * s.n_heads * s.hd * 4)
         meta = aligned(3 * 4).view(np.int32)  # dec_seqs, starts, cu_lens
-        meta[:] = [0, ctx - 1, 0]
+        put(meta, [0, ctx - 1, 0])
         HD = cb.head_dim_tile(s.hd)
         sl2 = F32(1 / math.sqrt(s.hd) * math.log2(math.e))
         args = [P(q), I32(ldq), P(c["k"]), P(c["v"]), *self.kmeta(c), P(pm), P(pl), P(po)]
@@ -382,9 +393,9 @@ class Builder:
         out = aligned(T * s.n_heads * s.hd * 2)
         ts, tr = cb.prefill_tiles(np.array([T]), n_rep, ck.FA2_BM)
         tiles = aligned(2 * len(ts) * 4).view(np.int32)
-        tiles[: len(ts)], tiles[len(ts) :] = ts, tr
+        put(tiles, np.concatenate([ts, tr]))
         meta = aligned(3 * 4).view(np.int32)  # starts, lens, cu_lens
-        meta[:] = [0, T, 0]
+        put(meta, [0, T, 0])
         HD = cb.head_dim_tile(s.hd)
         smem = ck.prefill_v2_smem(HD)
         sl2 = F32(1 / math.sqrt(s.hd) * math.log2(math.e))
@@ -492,7 +503,7 @@ def measure(launches: list[Launch], res: dict, dev: dict, graph: bool) -> list[d
     rows = []
     for la in launches:
         m = module(la.file, la.defines, la.code)
-        bufs = [(a.__array_interface__["data"][0], a.nbytes) for a in la.arrays]
+        bufs = [(address(a), a.nbytes) for a in la.arrays]
         recs, info = m.trace(
             la.kernel, la.grid, (la.block,), la.args, la.smem, bufs, max_blocks=la.max_blocks
         )
@@ -629,7 +640,16 @@ def main(argv=None) -> int:
                 f"{sm['roofline_tok_s']:.1f} tok/s: {sm['pct_roofline']:.1%} of roofline; "
                 f"DRAM {sm['dram_bytes'] / sm['ideal_bytes']:.3f}x ideal"
             )
-            out.append({"kernel": "decode step", "phase": "summary", "kv": kv, **sm})
+            out.append(
+                {
+                    "kernel": "decode step",
+                    "phase": "summary",
+                    "kv": kv,
+                    "ctx": args.ctx,
+                    "small": args.small,
+                    **sm,
+                }
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
     return 0
