@@ -9,8 +9,9 @@ Global memory (per load / store):
   requests, bytes requested (sum over lanes), sectors (distinct 32-byte sectors each request
   touches, summed over requests: the L1<->L2 traffic with no reuse), sector efficiency =
   bytes requested / (sectors * 32), per request capped at 100% (a broadcast costs one sector
-  and wastes nothing); dram bytes = distinct sectors the whole launch touches, per buffer,
-  * 32 (the DRAM traffic with a perfect L2: compulsory misses only).
+  and wastes nothing); dram bytes = 32 * (distinct sectors stored + distinct sectors loaded
+  before the launch stored them), per buffer (the DRAM traffic with a perfect L2: compulsory
+  misses only; a launch's own output read back is an L2 hit, a previous launch's is not).
 Shared memory: a request's wavefronts = the largest number of distinct 4-byte words it touches
   in any one of the 32 banks (bank = word % 32; lanes reading the same word are served by one
   broadcast), counted per phase: 8-byte accesses are served a half warp, 16-byte accesses (and
@@ -24,6 +25,9 @@ Sampling: a launch may run only every s-th block (tracer.py max_blocks). Counts 
 blocks / sampled blocks; a buffer's dram bytes by the same ratio, but never more than the
 buffer (a buffer every block reads, like the GEMV's x, is read once: min(ratio * seen, size)).
 
+Known blind spot: GCC instruments one memory reference once per basic block, so a store to the
+place the same thread has just loaded (x[i] = f(x[i]): rope_kv_write's in-place rotation of q)
+is not reported; such writes are missing from the store counters and DRAM bytes.
 Known differences from a GPU: accesses are GCC's, not nvcc's (a thread's adjacent pieces of one
 access are merged back up to 16 bytes, see cudacpu_trace.h); lanes that diverge inside a loop
 may pair different iterations into one request; shared arrays are laid out by the host
@@ -86,13 +90,50 @@ def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return p[0].astype(np.int64), p[1]
 
 
+def _first(sec: np.ndarray, rid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct sectors and the first record (in execution order) touching each."""
+    if len(sec) == 0:
+        return sec, rid
+    o = np.argsort(rid, kind="stable")
+    u, i = np.unique(sec[o], return_index=True)
+    return u, rid[o][i]
+
+
+def _dram(g: np.ndarray, buffers: list[tuple[int, int]], ratio: float) -> float:
+    """Compulsory DRAM bytes of the launch with a perfect L2, per buffer: every sector stored
+    is written once; a sector loaded is read once unless the launch stored it first (a value
+    written and read back, like add_rms_norm's sum, is an L2 hit). Scaled by the sampling
+    ratio, reads and writes each at most the buffer's size."""
+    if len(g) == 0:
+        return 0.0
+    lo = g["addr"] >> np.uint64(5)
+    hi = (g["addr"] + g["size"].astype(np.uint64) - np.uint64(1)) >> np.uint64(5)
+    rid, sec = _spans(np.arange(len(g), dtype=np.int64), lo, hi)
+    buf = g["buf"][rid]
+    st = (g["flags"][rid] & 1) != 0
+    total = 0.0
+    for i, (_, n) in enumerate(buffers):
+        m = buf == i
+        if not m.any():
+            continue
+        ls, lfirst = _first(sec[m & ~st], rid[m & ~st])
+        ss, sfirst = _first(sec[m & st], rid[m & st])
+        hit = np.zeros(len(ls), bool)  # loaded after this launch stored it
+        if len(ss):
+            k = np.minimum(np.searchsorted(ss, ls), len(ss) - 1)
+            hit = (ss[k] == ls) & (sfirst[k] < lfirst)
+        reads = int((~hit).sum())
+        cap = 32.0 * math.ceil(n / 32) + 32
+        total += min(32.0 * reads * ratio, cap) + min(32.0 * len(ss) * ratio, cap)
+    return total
+
+
 def count(recs: np.ndarray, info: dict, buffers: list[tuple[int, int]]) -> dict:
     """Counters of one launch (scaled to the whole grid); see the module docstring."""
     ratio = info["blocks"] / max(1, info["sampled"])
     out: dict = {"blocks": info["blocks"], "sampled_blocks": info["sampled"]}
     shared = (recs["flags"] & 2) != 0
     store = (recs["flags"] & 1) != 0
-    dram = 0.0
     for kind, sel in (("ld", ~shared & ~store), ("st", ~shared & store)):
         r = recs[sel]
         req = bytes_req = sectors = 0
@@ -108,14 +149,6 @@ def count(recs: np.ndarray, info: dict, buffers: list[tuple[int, int]]) -> dict:
             sectors = int(sec_per.sum())
             bytes_req = int(byt_per.sum())
             eff_bytes = float(np.minimum(byt_per, 32.0 * sec_per).sum())
-            for i, (_, n) in enumerate(buffers):  # compulsory DRAM traffic per buffer
-                rb = r[r["buf"] == i]
-                if len(rb):
-                    blo = rb["addr"] >> np.uint64(5)
-                    bhi = (rb["addr"] + rb["size"].astype(np.uint64) - np.uint64(1)) >> np.uint64(5)
-                    _, u = _spans(np.zeros(len(rb), np.int64), blo, bhi)
-                    seen = 32.0 * len(np.unique(u))
-                    dram += min(seen * ratio, 32.0 * math.ceil(n / 32) + 32)
         out[f"global_{kind}_requests"] = req * ratio
         out[f"global_{kind}_sectors"] = sectors * ratio
         out[f"global_{kind}_bytes"] = bytes_req * ratio
@@ -130,7 +163,7 @@ def count(recs: np.ndarray, info: dict, buffers: list[tuple[int, int]]) -> dict:
         if secs
         else None
     )
-    out["dram_bytes"] = dram
+    out["dram_bytes"] = _dram(recs[~shared], buffers, ratio)
 
     # shared memory
     r = recs[shared]
