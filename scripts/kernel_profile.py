@@ -12,10 +12,11 @@ window full by default), the launches cuda_backend.py makes for one token (fused
 w13 GEMVs, split-K decode attention, ...); prefill: one --chunk-token chunk from position 0
 (the linears are cuBLAS there, not ours: not profiled).
 
-Sampling (how the big launches stay fast on a CPU): a launch runs only every s-th block
-(s = ceil(blocks / --max-blocks)); counts are scaled by blocks / blocks run, a buffer's DRAM
-bytes by the same ratio but never beyond the buffer (tests/cudacpu/counters.py). GEMV blocks
-are 8 output rows of the full matrix (so the sampled rows are every s-th 8-row slab of it).
+Sampling (how the big launches stay fast on a CPU): a launch runs only about one block in s
+(s = ceil(blocks / --max-blocks), chosen by a hash of the block index, so spread over the whole
+grid: early and late causal prefill tiles alike); counts are scaled by blocks / blocks run, a
+buffer's DRAM bytes by the same ratio but never beyond the buffer (tests/cudacpu/counters.py).
+GEMV blocks are 8 output rows of the full matrix (the sampled rows are 8-row slabs of it).
 
 Model (counters.predict_us): t = max(DRAM bytes / bandwidth, mma FLOPs / peak) * q + launch,
 q = ceil(CTAs / 132) * 132 / CTAs, launch cost 0 inside a CUDA graph (decode) and 3 us
@@ -600,6 +601,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-blocks", type=int, default=48, help="blocks traced per launch")
     ap.add_argument("--small", action="store_true", help="a reduced shape (CI smoke run)")
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--no-ptxas", action="store_true", help="skip NVRTC (no register counts)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
@@ -614,7 +616,8 @@ def main(argv=None) -> int:
     kvs = args.kv or list(ck.KV_KINDS)
     steps = []
     for kv in kvs:
-        steps.append(("decode", kv, decode_step(s, kv, args.ctx, args.max_blocks)))
+        if not args.no_decode:
+            steps.append(("decode", kv, decode_step(s, kv, args.ctx, args.max_blocks)))
         if not args.no_prefill:
             steps.append(("prefill", kv, prefill_chunk(s, kv, args.chunk, args.max_blocks)))
     builds = {(la.file, tuple(sorted(la.defines.items()))) for _, _, ls in steps for la in ls}

@@ -20,8 +20,9 @@
 // size <= 16 from a start aligned to the next power of two) extends that record: GCC sometimes
 // splits a 16-byte vector access that nvcc emits as one instruction (stated in counters.py).
 //
-// Block sampling: with stride s > 1 only blocks whose linear index is a multiple of s run
-// (the others exit at once); counters.py scales counts by blocks / sampled blocks.
+// Block sampling: with stride s > 1 only block 0 and the blocks whose hashed linear index is a
+// multiple of s run (about 1 in s, spread over the grid; the others exit at once);
+// counters.py scales counts by blocks / sampled blocks.
 #pragma once
 #include <unordered_map>
 
@@ -57,7 +58,13 @@ inline long long block_linear() {
 // Whether this block runs (called by every thread before the kernel body).
 inline bool block_sampled() {
     const long long b = block_linear();
-    const bool run = stride <= 1 || b % stride == 0;
+    uint32_t h = uint32_t(b);                                // a hash, so that the sample is
+    h ^= h >> 16;                                            // spread over every grid dimension
+    h *= 0x7feb352du;                                        // (b % stride would take one x
+    h ^= h >> 15;                                            // column of a (128, 8) grid)
+    h *= 0x846ca68bu;
+    h ^= h >> 16;
+    const bool run = stride <= 1 || b == 0 || h % uint32_t(stride) == 0;
     if (run && b != cur_block) {
         cur_block = b;
         occ.clear();

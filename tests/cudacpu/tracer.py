@@ -9,8 +9,9 @@ no call-threshold parameter); available() says why not.
     recs, info = m.trace("kernel", grid, block, args, shared_mem, buffers, max_blocks=64)
 
 buffers: (address, nbytes) of every allocation the arguments point into (accesses elsewhere
-are not device memory and are dropped). max_blocks: run only every s-th block (s =
-ceil(blocks / max_blocks)), the rest exit at once; info says how many ran.
+are not device memory and are dropped). max_blocks: run only one block in s (s =
+ceil(blocks / max_blocks), by a hash of the block index: about blocks / s of them, spread over
+the grid), the rest exit at once; info says how many ran.
 """
 
 from __future__ import annotations
