@@ -64,7 +64,7 @@ __device__ __forceinline__ void decode_split(
     constexpr int U = (REP >= 8 && DEC_UNROLL > 2) ? 2 : DEC_UNROLL;
     constexpr int NT = 32 * DEC_WARPS;
     __shared__ float sm_m[REP][NG], sm_l[REP][NG];
-    __shared__ float sm_acc[REP][NG][HD];
+    __shared__ __align__(16) float sm_acc[REP][NG][HD];
 
     const int n_rep = n_heads / n_kv;
     const int rep_chunks = (n_rep + REP - 1) / REP;
@@ -198,8 +198,11 @@ __device__ __forceinline__ void decode_split(
             sm_m[r][grp] = m[r];
             sm_l[r][grp] = l[r];
         }
-#pragma unroll
-        for (int i = 0; i < 8; ++i) sm_acc[r][grp][d0 + i] = acc[r][i];
+        // two 16-byte stores: lanes of a quarter warp 32 bytes apart conflict 2 ways at most
+        // (8 scalar stores 32 bytes apart conflicted 8 ways; scripts/kernel_profile.py)
+        float4* dst = reinterpret_cast<float4*>(&sm_acc[r][grp][d0]);
+        dst[0] = make_float4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+        dst[1] = make_float4(acc[r][4], acc[r][5], acc[r][6], acc[r][7]);
     }
     __syncthreads();
     for (int e = threadIdx.x; e < nh * hd; e += NT) {
