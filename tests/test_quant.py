@@ -515,3 +515,46 @@ def test_info_lists_formats(tmp_path, capsys):
     assert "q4_k: 15 matrices (--quantize q4_k" in out
     for fmt in ("float", "q8_0", "q6_k", "q4_k", "q4_1", "q4_0", "this run"):
         assert f"\n  {fmt} " in out
+
+
+def test_fusion_only_within_one_format(tmp_path):
+    """On a backend that fuses q|k|v and gate|up (as cuda does), a group whose matrices are
+    held in different formats (a Q4_K_M file's q6_k v_proj next to q4_k q/k) stays separate;
+    a group of one format is fused with quant.concat_rows, and the logits do not change."""
+    from tinyllm.backends.numpy_backend import NumpyBackend
+    from tinyllm.engine import Engine
+    from tinyllm.model import Transformer
+    from tinyllm.weights import load_weights
+
+    class Fusing(NumpyBackend):
+        fused_projections = True
+
+        def concat_rows(self, arrays):
+            if isinstance(arrays[0], quant.QuantTensor):
+                fused = quant.concat_rows(arrays)
+                cut = lambda lo, hi: quant.take_rows(fused, lo, hi)  # noqa: E731
+            else:
+                fused = np.concatenate(arrays)
+                cut = lambda lo, hi: fused[lo:hi]  # noqa: E731
+            views, o = [], 0
+            for a in arrays:
+                views.append(cut(o, o + a.shape[0]))
+                o += a.shape[0]
+            return fused, views
+
+    from tinyllm.api import LLM
+
+    cfg = tiny_config()
+    t = random_tensors(cfg, seed=2)
+    fm = {n: "q4_k" for n in t if n.endswith("_proj.weight")}
+    fm["model.layers.0.self_attn.v_proj.weight"] = "q6_k"
+    d = write_checkpoint(tmp_path / "mix", cfg, t, formats=fm)
+    ref = LLM(str(d), max_seq_len=64)
+    ops = Fusing()
+    c, w = load_weights(d, ref.cfg, ops, progress=False)
+    model = Transformer(c, w, ops)
+    assert w.layers[0].wqkv is None and w.layers[1].wqkv.fmt == "q4_k"
+    assert w.layers[0].w13.fmt == "q4_k" and w.layers[0].w13.shape == (1024, 256)
+    ids = list(range(7, 30))
+    got = Engine.for_model(model, None, ops, set(), 64, "fp32", max_batch=1).logits(ids)
+    np.testing.assert_allclose(got, ref.logits(ids), rtol=1e-4, atol=1e-5)
