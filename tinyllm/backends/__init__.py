@@ -5,13 +5,18 @@ The model never asks which backend it runs on.
 
     name, compute_dtype                    "numpy"/"cuda", "fp32"/"bf16"/"fp16"
     upload(name, a: np.ndarray)            a weight to the device, in the compute dtype
+    upload_quant(name, qt: QuantTensor) -> handle
+                                           a weight-only quantized matrix (quant.py's
+                                           layout, formats in `quant_formats`) to the
+                                           device; `linear` accepts the handle as w
     to_numpy(x) -> np.ndarray float32
     alloc_kv(spec: KVCacheSpec) -> cache   zeroed storage per kv_cache.py's layout
     prepare(batch: Batch) -> batch'        per-forward metadata (device copies on cuda)
     embed(table, tokens) -> x              (V, dim), (T,) int32 -> (T, dim)
     rms_norm(x, w, eps)                    x / sqrt(mean(x²) + eps) * w
     add_rms_norm(x, d, w, eps) -> (x+d, rms_norm(x+d, w, eps))
-    linear(x, w, b=None)                   x @ wᵀ + b; w is HF (out, in)
+    linear(x, w, b=None)                   x @ wᵀ + b; w is HF (out, in), a float array
+                                           or an upload_quant handle (x stays float)
     silu_mul(gate, up)                     silu(gate) * up
     rope_kv_write(q, k, v, cache, layer, batch, inv_freq) -> q
                                            rotate q (T, n_heads, hd) and k (T, n_kv, hd)
@@ -30,6 +35,10 @@ and declares what it can do beyond that (class attributes; nothing probes with h
     device_memory     weights and KV live in device memory: free_memory(), total_memory(),
                       peak_memory() and check_fits() exist (memory.py plans with them)
     fused_projections concat_rows(arrays) fuses q|k|v and gate|up into one matrix each
+                      (arrays all float, or all upload_quant handles of one format; the
+                      model does not fuse a group of mixed formats)
+    quant_formats     the quant.py formats upload_quant/linear take (() for none); the
+                      loader refuses other formats with a message before uploading
 """
 
 from __future__ import annotations
@@ -104,8 +113,8 @@ def get_backend(name: str = "numpy", dtype: str | None = None, checkpoint_dtype:
 
         if dtype not in (None, "fp32", "float32"):
             raise TinyLLMError(
-                f"the numpy backend computes in float32 only (got dtype={dtype!r}); drop --dtype "
-                "or use --backend cuda"
+                f"the numpy backend computes in float32 only (got dtype={dtype!r}); "
+                "drop --dtype or use --backend cuda"
             )
         return NumpyBackend()
     try:

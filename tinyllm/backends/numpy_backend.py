@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import quant
 from ..kv_cache import (
     NUMPY_STORAGE,
     KVCacheSpec,
@@ -118,11 +119,17 @@ class NumpyBackend:
     device_sampling = False  # sampling runs on the host (sampling.py)
     device_memory = False  # weights and KV live in host RAM (memory.py's host plan)
     fused_projections = False  # q|k|v and gate|up stay separate matrices (readable)
+    quant_formats = quant.FORMATS  # linear runs every weight-only format (dequantize + matmul)
 
     def upload(self, name: str, a: np.ndarray) -> np.ndarray:
         # An owned, aligned float32 copy: a safetensors memmap view may sit at an offset
         # that is not a multiple of 4, and BLAS falls back to slow loops on unaligned data.
         return np.array(a, dtype=np.float32, order="C", copy=True)
+
+    def upload_quant(self, name: str, qt: quant.QuantTensor) -> quant.QuantTensor:
+        # Owned C-contiguous parts (a safetensors memmap view may be unaligned).
+        parts = {k: np.array(p, order="C", copy=True) for k, p in qt.parts.items()}
+        return quant.QuantTensor(qt.fmt, tuple(qt.shape), parts)
 
     def to_numpy(self, x) -> np.ndarray:
         return np.asarray(x, dtype=np.float32)
@@ -144,6 +151,10 @@ class NumpyBackend:
         return x, self.rms_norm(x, w, eps)
 
     def linear(self, x, w, b=None):
+        if isinstance(w, quant.QuantTensor):
+            # The reference: rebuild the float32 matrix (quant.dequantize: the formats'
+            # formulas) and multiply. A kernel does the same a block at a time in registers.
+            w = quant.dequantize(w)
         y = x @ w.T
         return y if b is None else y + b
 
