@@ -326,3 +326,235 @@ def test_numpy_backend_linear_on_quant_handle():
         h = ops.upload_quant("w", qt)
         assert fmt in ops.quant_formats
         np.testing.assert_array_equal(ops.linear(x, h), x @ quant.dequantize(qt).T)
+
+
+# ---- loading: --quantize at load, the quantized safetensors layout -------------------------
+
+
+def tiny_config(dim=256, hidden=512, layers=2, vocab=256, tied=False) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": dim,
+        "intermediate_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": tied,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
+    }
+
+
+def random_tensors(cfg: dict, seed=0) -> dict:
+    """HF-named float32 tensors with heavy-tailed values (so 4-bit grids differ from the data)."""
+    from tinyllm.config import ModelConfig
+    from tinyllm.weights import expected_shapes
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in expected_shapes(ModelConfig.from_hf(cfg)).items():
+        if name.endswith("norm.weight"):
+            out[name] = (1 + 0.1 * rng.standard_normal(shape)).astype(f32)
+        else:
+            out[name] = (rng.standard_t(4, shape) * 0.05).astype(f32)
+    return out
+
+
+def write_checkpoint(d, cfg: dict, tensors: dict, formats: dict | None = None):
+    """config.json + model.safetensors; weights named in formats are stored quantized
+    (weights.py's layout) through SafetensorsWriter."""
+    import json
+
+    from tinyllm.weights import SafetensorsWriter, quant_metadata, quant_specs
+
+    formats = formats or {}
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    specs, meta = [], {}
+    for name, a in tensors.items():
+        if name in formats:
+            specs += quant_specs(name, formats[name], a.shape)
+            meta[name] = (formats[name], a.shape)
+        else:
+            specs.append((name, "F32", a.shape))
+    w = SafetensorsWriter(d / "model.safetensors", specs, quant_metadata(meta))
+    for name, a in tensors.items():
+        if name in formats:
+            w.write_quant(name, quant.quantize(a, formats[name]))
+        else:
+            w.write(name, a)
+    w.close()
+    return d
+
+
+def test_quantize_at_load_equals_the_dequantized_checkpoint(tmp_path):
+    """LLM(quantization=F) computes exactly what a float checkpoint holding the dequantized
+    matrices computes: every projection and the untied lm_head quantized, the embedding
+    table and norms untouched."""
+    from tinyllm.api import LLM
+
+    cfg = tiny_config()
+    t = random_tensors(cfg)
+    src = write_checkpoint(tmp_path / "f32", cfg, t)
+    ids = list(range(3, 40))
+    for fmt in ("q4_0", "q4_k", "q6_k"):
+        llm = LLM(str(src), quantization=fmt, max_seq_len=64, max_batch=1)
+        held = llm.model.w.formats
+        assert set(held) == {n for n in t if n.endswith("_proj.weight")} | {"lm_head.weight"}
+        assert set(held.values()) == {fmt}
+        assert isinstance(llm.model.w.embed, np.ndarray)
+        deq = {
+            n: (quant.dequantize(quant.quantize(a, fmt)) if n in held else a) for n, a in t.items()
+        }
+        ref = LLM(str(write_checkpoint(tmp_path / f"deq_{fmt}", cfg, deq)), max_seq_len=64)
+        np.testing.assert_array_equal(llm.logits(ids), ref.logits(ids))
+
+
+def test_quantized_checkpoint_loads_without_flag_and_fallbacks(tmp_path):
+    """A checkpoint stored in the quantized layout loads as it is (no flag), its matrices the
+    very parts written; q4_k on K not a multiple of 256 falls back to q4_1 (as llama.cpp falls
+    back), and a tied lm_head stays the float embedding table."""
+    from tinyllm.api import LLM
+    from tinyllm.weights import SafetensorsFile
+
+    cfg = tiny_config(dim=96, hidden=256, tied=True)  # K = 96: q4_k -> q4_1 for q/k/v/o/gate/up
+    t = random_tensors(cfg, seed=1)
+    llm = LLM(str(write_checkpoint(tmp_path / "f", cfg, t)), quantization="q4_k", max_seq_len=64)
+    fm = llm.model.w.formats
+    assert fm["model.layers.0.mlp.down_proj.weight"] == "q4_k"  # K = 256
+    assert fm["model.layers.0.self_attn.q_proj.weight"] == "q4_1"
+    assert "lm_head.weight" not in fm and llm.model.w.lm_head is llm.model.w.embed
+    stored = write_checkpoint(tmp_path / "q", cfg, t, formats=fm)
+    f = SafetensorsFile(stored / "model.safetensors")
+    assert f.entries["model.layers.0.mlp.down_proj.weight.qs"]["dtype"] == "U8"
+    q = LLM(str(stored), max_seq_len=64)
+    assert q.model.w.formats == fm
+    w1 = q.model.w.layers[0].w1
+    assert isinstance(w1, quant.QuantTensor) and w1.fmt == "q4_1"
+    ids = list(range(5, 30))
+    np.testing.assert_array_equal(q.logits(ids), llm.logits(ids))
+
+
+def test_quantized_checkpoint_errors(tmp_path):
+    import json
+
+    from tinyllm.errors import TinyLLMError
+    from tinyllm.weights import SafetensorsFile
+
+    cfg = tiny_config(dim=64, hidden=128, layers=1)
+    t = random_tensors(cfg)
+    name = "model.layers.0.mlp.down_proj.weight"
+    d = write_checkpoint(tmp_path / "q", cfg, t, formats={name: "q4_0"})
+    path = d / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    table = json.loads(header["__metadata__"]["tinyllm.quantization"])
+    table[name]["format"] = "q8_0"  # parts say q4_0
+    header["__metadata__"]["tinyllm.quantization"] = json.dumps(table)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n :])
+    with pytest.raises(TinyLLMError, match="q8_0 needs a I8 tensor .*down_proj.weight.qs"):
+        SafetensorsFile(path)
+    from tinyllm.api import LLM
+
+    with pytest.raises(TinyLLMError, match="unknown quantization 'q5_0'"):
+        LLM(str(write_checkpoint(tmp_path / "f", cfg, t)), quantization="q5_0")
+
+
+# ---- the memory plan ----------------------------------------------------------------------
+
+
+def test_memory_plan_counts_quantized_bytes_and_refusal_names_a_format():
+    from tinyllm import memory
+    from tinyllm.config import ModelConfig
+    from tinyllm.errors import TinyLLMError
+
+    mistral = ModelConfig.from_hf(
+        {
+            "architectures": ["MistralForCausalLM"],
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 32000,
+        }
+    )
+    fm = memory.formats_for(mistral, "q4_0")
+    assert len(fm) == 32 * 7 + 1  # every projection and lm_head
+    # by hand: 7.10e9 matrix weights at 18 bytes per 32, a bf16 embedding, fp32-sized norms
+    per_layer = 4096 * (2 * 4096 + 2 * 1024 + 3 * 14336)
+    mats = 32 * per_layer + 32000 * 4096
+    want = mats * 18 // 32 + 32000 * 4096 * 2 + (2 * 32 + 1) * 4096 * 2
+    assert memory.weights_nbytes(mistral, 2, fm) == want
+    assert 3.9 * 2**30 < want < 4.1 * 2**30  # the issue's "Mistral-7B q4_0 ≈ 4.1 GB"
+    assert memory.weights_nbytes(mistral, 2, {}) == mistral.n_params() * 2
+
+    cfg = ModelConfig.from_hf(tiny_config(dim=256, hidden=1024, layers=8, vocab=4096))
+    plan = memory.host_plan(cfg, "fp32", 256, 1, 256)
+    q8 = memory.host_plan(cfg, "fp32", 256, 1, 256, formats=memory.formats_for(cfg, "q8_0"))
+    assert q8.weights < plan.weights / 2  # (the float embedding table stays)
+    room = (plan.total + q8.total) // 2  # float does not fit, q8_0 does
+    with pytest.raises(TinyLLMError, match=r"--quantize q8_0 would fit"):
+        memory.check_host_fits(cfg, "fp32", 256, 1, 256, room)
+    memory.check_host_fits(cfg, "fp32", 256, 1, 256, room, formats=memory.formats_for(cfg, "q8_0"))
+
+
+def test_info_lists_formats(tmp_path, capsys):
+    from tinyllm.cli import main
+
+    d = write_checkpoint(tmp_path / "m", tiny_config(), random_tensors(tiny_config()))
+    assert main(["info", "--model", str(d), "--backend", "numpy", "--quantize", "q4_k"]) == 0
+    out = capsys.readouterr().out
+    assert "q4_k: 15 matrices (--quantize q4_k" in out
+    for fmt in ("float", "q8_0", "q6_k", "q4_k", "q4_1", "q4_0", "this run"):
+        assert f"\n  {fmt} " in out
+
+
+def test_fusion_only_within_one_format(tmp_path):
+    """On a backend that fuses q|k|v and gate|up (as cuda does), a group whose matrices are
+    held in different formats (a Q4_K_M file's q6_k v_proj next to q4_k q/k) stays separate;
+    a group of one format is fused with quant.concat_rows, and the logits do not change."""
+    from tinyllm.backends.numpy_backend import NumpyBackend
+    from tinyllm.engine import Engine
+    from tinyllm.model import Transformer
+    from tinyllm.weights import load_weights
+
+    class Fusing(NumpyBackend):
+        fused_projections = True
+
+        def concat_rows(self, arrays):
+            if isinstance(arrays[0], quant.QuantTensor):
+                fused = quant.concat_rows(arrays)
+                cut = lambda lo, hi: quant.take_rows(fused, lo, hi)  # noqa: E731
+            else:
+                fused = np.concatenate(arrays)
+                cut = lambda lo, hi: fused[lo:hi]  # noqa: E731
+            views, o = [], 0
+            for a in arrays:
+                views.append(cut(o, o + a.shape[0]))
+                o += a.shape[0]
+            return fused, views
+
+    from tinyllm.api import LLM
+
+    cfg = tiny_config()
+    t = random_tensors(cfg, seed=2)
+    fm = {n: "q4_k" for n in t if n.endswith("_proj.weight")}
+    fm["model.layers.0.self_attn.v_proj.weight"] = "q6_k"
+    d = write_checkpoint(tmp_path / "mix", cfg, t, formats=fm)
+    ref = LLM(str(d), max_seq_len=64)
+    ops = Fusing()
+    c, w = load_weights(d, ref.cfg, ops, progress=False)
+    model = Transformer(c, w, ops)
+    assert w.layers[0].wqkv is None and w.layers[1].wqkv.fmt == "q4_k"
+    assert w.layers[0].w13.fmt == "q4_k" and w.layers[0].w13.shape == (1024, 256)
+    ids = list(range(7, 30))
+    got = Engine.for_model(model, None, ops, set(), 64, "fp32", max_batch=1).logits(ids)
+    np.testing.assert_allclose(got, ref.logits(ids), rtol=1e-4, atol=1e-5)

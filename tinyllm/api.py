@@ -21,7 +21,15 @@ from .jsonfile import JsonObject
 from .kv_cache import DEFAULT_BLOCK_SIZE, resolve_kv_dtype
 from .model import Transformer
 from .sampling import SamplingParams
-from .weights import available_memory, checkpoint_dtype, load_weights
+from .weights import (
+    available_memory,
+    check_backend_formats,
+    checkpoint_dtype,
+    detect_config,
+    load_weights,
+    open_checkpoint,
+    planned_formats,
+)
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_SEQ_LEN = 8192  # the KV-cache length when the caller names none
@@ -53,11 +61,17 @@ class LLM:
         kv_cache_memory: int | str | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         enable_prefix_caching: bool = True,
+        quantization: str | None = None,
     ):
         from .threads import set_threads
 
         self.threads = set_threads(threads)
         self.model_dir = resolve_model_dir(model)
+        if quantization is not None:
+            from .quant import check_format
+
+            check_format(quantization)
+        self.quantization = quantization
         cfg = ModelConfig.load(self.model_dir)
         self.backend = get_backend(backend, dtype, checkpoint_dtype(self.model_dir))
         if self.backend.graphs is not None:  # cuda: decode steps replay CUDA graphs unless off
@@ -85,8 +99,16 @@ class LLM:
         self.prefill_chunk, self.block_size = prefill_chunk, block_size
         # The memory plan (memory.py), decided once: the pool's blocks, checked before loading.
         self.n_blocks = memory.budget_blocks(self.kv_spec(cfg, max_batch, 1), kv_cache_memory)
+        # Which weights are held quantized (stored so, or --quantize): the plan counts them so.
+        index = open_checkpoint(self.model_dir)
+        self.weight_formats = planned_formats(
+            detect_config(cfg, index), quantization, index.formats()
+        )
+        check_backend_formats(self.backend, self.weight_formats)
         self._check_memory(cfg, max_batch)
-        self.cfg, weights = load_weights(self.model_dir, cfg, self.backend, progress=progress)
+        self.cfg, weights = load_weights(
+            self.model_dir, cfg, self.backend, progress=progress, quantization=quantization
+        )
         self.weights_bytes = weights.nbytes_on_disk
         from .tokenizer import Tokenizer
 
@@ -148,6 +170,7 @@ class LLM:
                 self.n_blocks,
                 self.prefill_chunk,
                 lambda b: self._graph_bytes(cfg, b),
+                self.weight_formats,
             )
         else:
             memory.check_host_fits(
@@ -159,6 +182,7 @@ class LLM:
                 available_memory(),
                 self.block_size,
                 self.n_blocks,
+                self.weight_formats,
             )
 
     def need_tokenizer(self, what: str):

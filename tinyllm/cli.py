@@ -7,6 +7,7 @@ A TinyLLMError anywhere becomes one line on stderr and exit code 2 (no traceback
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -62,12 +63,25 @@ def cmd_info(a) -> int:
     from .api import DEFAULT_MAX_SEQ_LEN, resolve_model_dir
     from .config import KV_DTYPE_BYTES, ModelConfig
     from .kv_cache import DEFAULT_PREFILL_CHUNK
-    from .weights import checkpoint_dtype, detect_config, fmt_bytes, open_checkpoint
+    from .memory import weights_nbytes
+    from .weights import (
+        checkpoint_dtype,
+        detect_config,
+        fmt_bytes,
+        open_checkpoint,
+        planned_formats,
+    )
 
     budget = parse_memory(a.memory)  # a bad size fails before the model is read
     kv_budget = parse_memory(a.kv_cache_memory) if a.kv_cache_memory is not None else None
     d = resolve_model_dir(a.model)
-    cfg = detect_config(ModelConfig.load(d), open_checkpoint(d))
+    index = open_checkpoint(d)
+    cfg = detect_config(ModelConfig.load(d), index)
+    if a.quantize is not None:
+        from .quant import check_format
+
+        check_format(a.quantize)
+    formats = planned_formats(cfg, a.quantize, index.formats())
     context = a.max_seq_len or min(
         cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN
     )  # as LLM picks it
@@ -77,6 +91,7 @@ def cmd_info(a) -> int:
         ("architecture", cfg.arch),
         ("parameters", f"{cfg.n_params() / 1e6:.1f} M"),
         ("checkpoint dtype", checkpoint_dtype(d)),
+        ("weights held", held_description(formats, a.quantize)),
         ("layers / dim / hidden", f"{cfg.n_layers} / {cfg.dim} / {cfg.hidden_dim}"),
         (
             "attention",
@@ -94,24 +109,31 @@ def cmd_info(a) -> int:
 
     backend = a.backend if a.backend != "auto" else ("cuda" if cuda_available() else "numpy")
     compute_bytes = 4 if backend == "numpy" else 2
-    weight_bytes = cfg.n_params() * compute_bytes
+    weight_bytes = weights_nbytes(cfg, compute_bytes, formats)
     left = budget - weight_bytes
     if left <= 0:
         print(
             f"\ndoes not fit: the weights alone take {fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param "
             f"({backend}), more than the {fmt_bytes(budget)} budget (--memory)"
         )
+        info_formats(cfg, backend, budget, formats, compute_bytes)
         return 0
     from .kv_cache import KVCacheSpec
     from .memory import host_plan, largest
 
+    held_bytes = (
+        f" at {compute_bytes} bytes/param"
+        if not formats
+        else f": quantized matrices, the rest at {compute_bytes} bytes/param"
+    )
     chunk = DEFAULT_PREFILL_CHUNK
     if backend == "numpy":  # the same plan the loader checks (memory.py)
-        working = f"working memory ({fmt_bytes(host_plan(cfg, 'fp32', 2, 1, chunk).runtime)} and up, growing with the context)"
-        runtime = host_plan(cfg, "fp32", context, 1, chunk).runtime
+        low = host_plan(cfg, "fp32", 2, 1, chunk, formats=formats).runtime
+        working = f"working memory ({fmt_bytes(low)} and up, growing with the context)"
+        runtime = host_plan(cfg, "fp32", context, 1, chunk, formats=formats).runtime
 
         def fits(kv: str, n: int) -> bool:
-            return host_plan(cfg, kv, n, 1, chunk).total <= budget
+            return host_plan(cfg, kv, n, 1, chunk, formats=formats).total <= budget
     else:
         from .memory import gpu_working_estimate
 
@@ -126,7 +148,7 @@ def cmd_info(a) -> int:
 
     print(
         f"\nKV cache per token, and the longest context (one sequence) that fits in {fmt_bytes(budget)} "
-        f"next to the weights ({fmt_bytes(weight_bytes)} at {compute_bytes} bytes/param) and {working}:"
+        f"next to the weights ({fmt_bytes(weight_bytes)}{held_bytes}) and {working}:"
     )
     print(f"  {'kv dtype':<8} {'bytes/token':>12} {'MHA would need':>15}  max context")
     unbounded = 1 << 40
@@ -142,6 +164,7 @@ def cmd_info(a) -> int:
         else:
             ctx_s = str(ctx)
         print(f"  {kv:<8} {per:>12,} {cfg.mha_kv_bytes_per_token(kv):>15,}  {ctx_s}")
+    info_formats(cfg, backend, budget, formats, compute_bytes)
     info_pool(
         cfg,
         kv_budget if kv_budget is not None else left - runtime,
@@ -150,6 +173,60 @@ def cmd_info(a) -> int:
         a.block_size,
     )
     return 0
+
+
+def held_description(formats: dict, quantize: str | None) -> str:
+    """'q4_0: 225 matrices (the rest, embedding included, float)' or 'float'."""
+    if not formats:
+        return "float (no quantized matrices; --quantize FMT quantizes at load)"
+    counts: dict[str, int] = {}
+    for f in formats.values():
+        counts[f] = counts.get(f, 0) + 1
+    how = f"--quantize {quantize}" if quantize else "stored quantized"
+    return (
+        ", ".join(f"{f}: {n} matrices" for f, n in sorted(counts.items()))
+        + f" ({how}; the embedding table and norms float)"
+    )
+
+
+def info_formats(cfg, backend: str, budget: int, formats: dict, compute_bytes: int):
+    """Per weight format: the bytes the weights take and the longest context (one sequence,
+    a KV cache in the compute dtype) that fits in --memory."""
+    from .kv_cache import DEFAULT_PREFILL_CHUNK, KVCacheSpec
+    from .memory import formats_for, gpu_working_estimate, host_plan, largest, weights_nbytes
+    from .weights import fmt_bytes
+
+    chunk, kv = DEFAULT_PREFILL_CHUNK, ("fp32" if backend == "numpy" else "bf16")
+    print(
+        f"\nweights per --quantize format ({backend}; quantized: every layer's projections and an "
+        f"untied lm_head; the embedding table float) and the longest context (one sequence, "
+        f"{kv} KV cache) that fits in {fmt_bytes(budget)}:"
+    )
+    print(f"  {'format':<8} {'bits/weight':>11} {'weights':>11}  max context")
+    from .quant import BITS_PER_WEIGHT
+
+    rows = [(f, f, formats_for(cfg, f)) for f in ("q8_0", "q6_k", "q4_k", "q4_1", "q4_0")]
+    rows = [("float", None, {})] + rows + ([("this run", "-", formats)] if formats else [])
+    for label, fmt, fm in rows:
+        wb = weights_nbytes(cfg, compute_bytes, fm)
+        if backend == "numpy":
+
+            def fits(n: int, fm=fm) -> bool:
+                return host_plan(cfg, kv, n, 1, chunk, formats=fm).total <= budget
+        else:
+
+            def fits(n: int, wb=wb) -> bool:
+                spec = KVCacheSpec.for_model(cfg, kv, n, 1, chunk=chunk)
+                return wb + gpu_working_estimate(cfg, chunk, 1) + spec.nbytes() <= budget
+
+        ctx = largest(fits, 2, cfg.max_position_embeddings)
+        ctx_s = "does not fit" if ctx < 2 else str(ctx)
+        if ctx == cfg.max_position_embeddings:
+            ctx_s += " (model max)"
+        bits = f"{BITS_PER_WEIGHT[fmt]:.2f}" if fmt in BITS_PER_WEIGHT else fmt or "32/16"
+        if fmt is None:
+            bits = str(8 * compute_bytes)
+        print(f"  {label:<8} {bits:>11} {fmt_bytes(wb):>11}  {ctx_s}")
 
 
 def info_pool(cfg, budget: int, given: bool, ctx: int, bs: int):
@@ -185,8 +262,26 @@ def cmd_convert(a) -> int:
     from .gguf_convert import convert_gguf
 
     t0 = time.perf_counter()
-    out = convert_gguf(a.gguf, a.out_dir, dtype=a.dtype, overwrite=a.overwrite)
+    out = convert_gguf(
+        a.gguf,
+        a.out_dir,
+        dtype=a.dtype,
+        overwrite=a.overwrite,
+        keep_quantized=not a.dequantize,
+        requantize=a.quantize,
+    )
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+    from .gguf_convert import PROVENANCE_FILE
+
+    prov = json.loads((out / PROVENANCE_FILE).read_text())
+    kept = prov.get("kept_quantized") or {}
+    if kept:
+        print("kept quantized: " + ", ".join(f"{n} {f} matrices" for f, n in sorted(kept.items())))
+    for what, loss in sorted((prov.get("requantized") or {}).items()):
+        print(
+            f"requantized {loss['tensors']} matrices {what}: relative RMS error "
+            f"{loss['rel_rms_error']:.2%} added to the GGUF's own"
+        )
     return 0
 
 
@@ -297,7 +392,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default=None,
         choices=["float32", "float16", "bfloat16"],
-        help="one dtype for every tensor (default: float32 for quantized, F16/BF16 kept)",
+        help="one float dtype for every tensor, dequantizing quantized ones (default: "
+        "Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrices kept quantized, F16/BF16 kept, the rest float32)",
+    )
+    cv.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="write every quantized tensor as float32, as transformers can load it "
+        "(default: keep supported formats quantized)",
+    )
+    cv.add_argument(
+        "--quantize",
+        default=None,
+        choices=["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"],
+        help="the format matrices of other GGUF types (Q5_0, Q5_K, Q3_K, IQ4_NL, ...) are "
+        "requantized to (default: the nearest at or above their bits: Q5_* -> q6_k, "
+        "Q2_K/Q3_K/IQ4_* -> q4_k; q8_0 / q4_1 where rows do not divide into 256)",
     )
     cv.add_argument(
         "--overwrite",
@@ -424,6 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default on numpy when --kv-dtypes is not given: "
         "int8-token,q8_0,fp8-token,fp8-vllm next to the real caches bf16,int8,fp8; the fp32 "
         "reference always runs)",
+    )
+    e.add_argument(
+        "--weights",
+        default=None,
+        help="weight formats to compare instead of KV caches, comma-separated: fp32 (the "
+        "unquantized reference), q8_0, q6_k, q4_k, q4_1, q4_0 (quantized at load, KV cache "
+        "fp32) (default: the KV study)",
     )
     e.add_argument(
         "--kivi-block",

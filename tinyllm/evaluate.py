@@ -10,6 +10,10 @@ the quantized cache already during prefill, as in serving.
 
 Study formats (`kv_formats`, numpy backend only: kv_formats.py) run through the same loop
 with a fake-quantized float32 cache in place of a real one, side by side on the same tokens.
+
+Weight formats (`--weights fp32,q8_0,q4_0,...`, `evaluate_weights`): the same metrics with the
+model's matrices quantized at load (quant.py; the KV cache fp32), each against the unquantized
+model on the same segments.
 """
 
 from __future__ import annotations
@@ -254,6 +258,114 @@ def evaluate_kv(
     return rows, info
 
 
+def evaluate_weights(
+    model_dir,
+    text: str,
+    n_tokens: int = 2048,
+    window: int = 1024,
+    weights=("fp32", "q8_0", "q4_0"),
+    backend: str = "numpy",
+    dtype: str | None = None,
+    progress: bool = False,
+) -> tuple[list[KVRow], dict]:
+    """Perplexity and divergence from the unquantized model for each weight format ("fp32":
+    no quantization, the reference; else a quant.py format given to LLM(quantization=)).
+    Segments as evaluate_kv; every model is loaded side by side (one quantized copy each).
+    KVRow.bytes_per_token holds the bytes of the weights as held, kv_dtype the format."""
+    from .api import LLM
+    from .memory import weights_nbytes
+
+    if window < 2:
+        raise TinyLLMError(f"--window {window} is too short: a segment needs at least 2 tokens")
+    llms = {}
+    for w in dict.fromkeys(["fp32", *weights]):
+        llms[w] = LLM(
+            str(model_dir),
+            backend=backend,
+            dtype=dtype,
+            kv_dtype=REFERENCE_KV,
+            max_seq_len=window,
+            max_batch=1,
+            quantization=None if w in ("fp32", "float") else w,
+        )
+    ref_llm = llms["fp32"]
+    ids = ref_llm.tokenizer.encode(text)
+    n_seg = min(n_tokens, len(ids)) // window
+    if n_seg == 0:
+        raise TinyLLMError(
+            f"the text has {len(ids)} tokens, fewer than one window of {window}; "
+            f"lower --window or pass a longer --text"
+        )
+    segments = [ids[i * window : (i + 1) * window] for i in range(n_seg)]
+    accs = {w: _Acc() for w in llms}
+    from tqdm.auto import tqdm
+
+    for seg in tqdm(segments, desc="segments", unit="seg", disable=not progress, file=sys.stderr):
+        targets = np.asarray(seg[1:], np.int64)
+        t0 = time.perf_counter()
+        ref = ref_llm.logits(seg)[:-1]
+        accs["fp32"].seconds += time.perf_counter() - t0
+        accs["fp32"].add(ref, targets, ref)
+        for w, llm in llms.items():
+            if w != "fp32":
+                t0 = time.perf_counter()
+                lg = llm.logits(seg)[:-1]
+                accs[w].seconds += time.perf_counter() - t0
+                accs[w].add(lg, targets, ref)
+    ref_ppl = float(np.exp(accs["fp32"].nll / accs["fp32"].n))
+    fb = 4 if ref_llm.backend.compute_dtype == "fp32" else 2
+    rows = []
+    for w, llm in llms.items():
+        if w not in weights:
+            continue
+        a = accs[w]
+        nll = a.nll / a.n
+        ppl = float(np.exp(nll))
+        mean_d = a.dnll / a.n
+        se = np.sqrt(max(a.dnll2 / a.n - mean_d**2, 0.0) / max(a.n - 1, 1))
+        held = "/".join(sorted(set(llm.weight_formats.values()))) or w
+        rows.append(
+            KVRow(
+                held,
+                weights_nbytes(llm.cfg, fb, llm.weight_formats),
+                a.n,
+                nll,
+                ppl,
+                100 * (ppl / ref_ppl - 1),
+                100 * float(np.exp(mean_d) * se),
+                a.kl / a.n,
+                a.max_diff,
+                a.agree / a.n,
+                a.seconds,
+            )
+        )
+    info = {
+        "model_dir": str(ref_llm.model_dir),
+        "backend": ref_llm.backend.name,
+        "text_tokens": len(ids),
+        "tokens": n_seg * window,
+        "segments": n_seg,
+        "window": window,
+        "reference": "unquantized weights",
+        "reference_ppl": ref_ppl,
+    }
+    return rows, info
+
+
+def format_weights_table(rows: list[KVRow]) -> str:
+    lines = [
+        "| weights (matrices) | weight bytes | perplexity | Δ ppl vs fp32 (± 1 s.e.) | mean KL (nats) | max abs Δlogit | top-1 agree | time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.kv_dtype} | {r.bytes_per_token / 2**20:,.1f} MiB | {r.ppl:.4f} | "
+            f"{r.ppl_delta_pct:+.3f}% ± {r.ppl_delta_se_pct:.3f} | {r.kl:.2e} | "
+            f"{r.max_abs_logit_diff:.4f} | {100 * r.top1_agree:.2f}% | {r.seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def format_table(rows: list[KVRow]) -> str:
     lines = [
         "| kv dtype / format | bytes/token | perplexity | Δ ppl vs fp32 (± 1 s.e.) | mean KL (nats) | max abs Δlogit | top-1 agree | time (s) |",
@@ -295,6 +407,8 @@ def run_eval(a) -> int:
         files = default_text_files(min_chars=5 * a.tokens)
     text = load_text(files)
     backend = getattr(a, "backend", "numpy") or "numpy"
+    if getattr(a, "weights", None):
+        return _run_weights(a, model_dir, files, text, backend)
     kivi_block = getattr(a, "kivi_block", 16)
     kv_dtypes, kv_formats = _names(a.kv_dtypes), _names(getattr(a, "kv_formats", None))
     defaults = a.kv_dtypes is None and getattr(a, "kv_formats", None) is None
@@ -349,5 +463,41 @@ def run_eval(a) -> int:
         )
     print()
     print(format_table(rows))
+    print(f"\n[{time.perf_counter() - t0:.1f} s in all]")
+    return 0
+
+
+def _run_weights(a, model_dir, files, text, backend) -> int:
+    """`tinyllm eval --weights fp32,q8_0,...`: the weight-format table."""
+    from .quant import check_format
+
+    weights = _names(a.weights)
+    for w in weights:
+        if w not in ("fp32", "float"):
+            check_format(w)
+    print(
+        f"plan: {a.tokens} tokens of {', '.join(str(f) for f in files)} in segments of "
+        f"{a.window}, each prefilled from scratch; weights: {', '.join(weights)} (KV cache fp32)",
+        flush=True,
+    )
+    t0 = time.perf_counter()
+    rows, info = evaluate_weights(
+        model_dir,
+        text,
+        a.tokens,
+        a.window,
+        weights,
+        backend=backend,
+        dtype=getattr(a, "dtype", None),
+        progress=True,
+    )
+    print(f"model: {info['model_dir']}  backend: {info['backend']}")
+    print(
+        f"text: {', '.join(str(f) for f in files)} ({info['text_tokens']} tokens); evaluated "
+        f"{info['tokens']} tokens = {info['segments']} segments of {info['window']}; reference: "
+        f"{info['reference']} (perplexity {info['reference_ppl']:.4f})"
+    )
+    print()
+    print(format_weights_table(rows))
     print(f"\n[{time.perf_counter() - t0:.1f} s in all]")
     return 0

@@ -10,6 +10,15 @@ Output dtypes (the `dtype=None` default): F32/F16/BF16 tensors keep their dtype 
 are copied, not rounded); every quantized tensor is dequantized to float32, because the
 dequantized values d*q (+m) are exact in float32 and would be rounded again in 16 bits.
 Pass dtype="bfloat16"/"float16"/"float32" to force one dtype (halves a 7B file).
+
+keep_quantized=True (what `tinyllm convert` does unless --dtype is given): projection matrices
+and an untied lm_head of types Q8_0/Q4_0/Q4_1/Q4_K/Q6_K are written in weights.py's quantized
+safetensors layout, their blocks repacked bit for bit (quant.from_gguf_blocks; q/k rows
+un-permuted whole, which never splits a block); matrices of other quantized types (Q5_0, Q5_K,
+Q3_K, IQ4_NL, ...) are dequantized and requantized to the nearest supported format at or above
+their bits (REQUANTIZE; `requantize=FMT` picks another), and the error this adds is measured per source
+type (relative RMS over the tensors) and recorded in tinyllm_convert.json. The embedding table
+is always written float (the loader keeps it float: it is gathered, not streamed).
 """
 
 from __future__ import annotations
@@ -52,6 +61,17 @@ QUANT_TYPES = (
     "IQ4_NL",
     "IQ4_XS",
 )
+# Supported GGUF types kept as they are, and where the others go when kept quantized.
+KEPT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q6_K": "q6_k"}
+REQUANTIZE = {
+    "Q5_0": "q6_k",
+    "Q5_1": "q6_k",
+    "Q5_K": "q6_k",
+    "Q2_K": "q4_k",
+    "Q3_K": "q4_k",
+    "IQ4_NL": "q4_k",
+    "IQ4_XS": "q4_k",
+}
 OUT_DTYPES = {
     "float32": ("F32", np.float32),
     "float16": ("F16", np.float16),
@@ -204,6 +224,8 @@ class _Tensor:
     out: str  # safetensors dtype: F32 | F16 | BF16
     reader_tensor: object
     permute_heads: int = 0  # >0: un-permute rows with this many heads
+    fmt: str | None = None  # written quantized in this quant.py format
+    requantized: bool = False  # fmt is not the GGUF's own type: dequantized, then quantized
 
     @property
     def nbytes(self) -> int:
@@ -211,8 +233,17 @@ class _Tensor:
 
 
 def _plan_tensors(
-    reader, arch: str, n_heads: int, n_kv_heads: int, dtype: str | None
+    reader,
+    arch: str,
+    n_heads: int,
+    n_kv_heads: int,
+    dtype: str | None,
+    keep_quantized: bool = False,
+    requantize: str | None = None,
 ) -> list[_Tensor]:
+    from . import quant
+    from .weights import quantizable
+
     supported = set(FLOAT_TYPES) | set(QUANT_TYPES)
     plan = []
     for t in reader.tensors:
@@ -233,8 +264,41 @@ def _plan_tensors(
         if arch != "qwen2":  # Qwen2 GGUFs keep HF's rotate-half layout (NEOX rope in llama.cpp)
             heads = n_heads if ".attn_q." in t.name else n_kv_heads if ".attn_k." in t.name else 0
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        plan.append(_Tensor(t.name, name, qtype, shape, out, t, heads))
+        fmt, again = None, False
+        if keep_quantized and qtype not in FLOAT_TYPES and quantizable(name) and len(shape) == 2:
+            # the GGUF's own format when supported, else `requantize` or the nearest one
+            again = qtype not in KEPT
+            fmt = quant.fallback(KEPT.get(qtype) or requantize or REQUANTIZE[qtype], shape[1])
+        plan.append(_Tensor(t.name, name, qtype, shape, out, t, heads, fmt, again and bool(fmt)))
     return plan
+
+
+def _tensor_quant(t: _Tensor, losses: dict):
+    """The tensor as a QuantTensor in HF row order: the GGUF's own blocks repacked, or (for
+    other types) dequantized and requantized, its squared error and norm added to losses."""
+    import gguf
+
+    from . import quant
+
+    rt = t.reader_tensor
+    if not t.requantized:
+        qt = quant.from_gguf_blocks(t.fmt, np.asarray(rt.data), t.shape)
+    else:
+        a = gguf.quants.dequantize(rt.data, rt.tensor_type).reshape(t.shape)
+        qt = quant.quantize(a, t.fmt)
+        err = quant.dequantize(qt) - a
+        key = f"{t.qtype} -> {t.fmt}"
+        e2, n2, count = losses.get(key, (0.0, 0.0, 0))
+        losses[key] = (
+            e2 + float(np.square(err, dtype=np.float64).sum()),
+            n2 + float(np.square(a, dtype=np.float64).sum()),
+            count + 1,
+        )
+    if t.permute_heads:  # rows are independent in every block format: permute them whole
+        qt = quant.QuantTensor(
+            qt.fmt, qt.shape, {k: unpermute_rows(p, t.permute_heads) for k, p in qt.parts.items()}
+        )
+    return qt
 
 
 def _tensor_values(t: _Tensor) -> np.ndarray:
@@ -265,33 +329,41 @@ def _cast(a: np.ndarray, src: str, out: str) -> np.ndarray:
     return a.astype(np.float32 if out == "F32" else np.float16, copy=False)
 
 
-def _write_safetensors(path: Path, plan: list[_Tensor], progress: bool) -> None:
+def _write_safetensors(path: Path, plan: list[_Tensor], progress: bool) -> dict:
     """safetensors = u64 header length + JSON header + raw row-major bytes. Written one
-    tensor at a time, so peak memory is one dequantized tensor, not the model."""
+    tensor at a time (weights.SafetensorsWriter), so peak memory is one dequantized tensor,
+    not the model. Quantized tensors go in weights.py's layout. Returns the requantization
+    losses: {"Q5_0 -> q8_0": {"tensors": n, "rel_rms_error": e}}."""
     from tqdm.auto import tqdm
 
-    header: dict = {"__metadata__": {"format": "pt", "source": "gguf"}}
-    offset = 0
+    from .weights import SafetensorsWriter, quant_metadata, quant_specs
+
+    specs, held = [], {}
     for t in plan:
-        header[t.hf_name] = {
-            "dtype": t.out,
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
-        }
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
-    with (
-        open(path, "wb") as f,
-        tqdm(total=len(plan), unit="tensor", desc="Converting GGUF", disable=not progress) as bar,
-    ):
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for t in plan:
-            a = np.ascontiguousarray(_tensor_values(t))
-            assert a.nbytes == t.nbytes, (t.gguf_name, a.shape, a.dtype)
-            f.write(a.data)
-            bar.update(1)
+        if t.fmt:
+            specs += quant_specs(t.hf_name, t.fmt, t.shape)
+            held[t.hf_name] = (t.fmt, t.shape)
+        else:
+            specs.append((t.hf_name, t.out, t.shape))
+    meta = {"format": "pt", "source": "gguf", **(quant_metadata(held) if held else {})}
+    losses: dict = {}
+    writer = SafetensorsWriter(path, specs, meta)
+    try:
+        with tqdm(
+            total=len(plan), unit="tensor", desc="Converting GGUF", disable=not progress
+        ) as bar:
+            for t in plan:
+                if t.fmt:
+                    writer.write_quant(t.hf_name, _tensor_quant(t, losses))
+                else:
+                    writer.write(t.hf_name, _tensor_values(t))
+                bar.update(1)
+    finally:
+        writer.close()
+    return {
+        k: {"tensors": c, "rel_rms_error": math.sqrt(e2 / n2) if n2 else 0.0}
+        for k, (e2, n2, c) in losses.items()
+    }
 
 
 # ---- config ----------------------------------------------------------------------------
@@ -701,11 +773,14 @@ def convert_gguf(
     progress: bool = True,
     dtype: str | None = None,
     overwrite: bool = False,
+    keep_quantized: bool = False,
+    requantize: str | None = None,
 ) -> Path:
     """Convert a llama.cpp GGUF file into an HF-layout directory that tinyllm (and
     transformers) can load. The directory appears atomically: everything is written to a
     temporary sibling first and renamed at the end, so an interrupted conversion never
-    looks finished. Returns the output directory."""
+    looks finished. keep_quantized / requantize: the module doc (ignored when dtype is given:
+    that asks for floats). Returns the output directory."""
     from .config import ModelConfig
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -723,8 +798,19 @@ def convert_gguf(
         config["torch_dtype"] = dtype
     ModelConfig.from_hf(config)  # fail now, not after writing gigabytes, if tinyllm cannot run it
     tok, add_bos, add_eos = build_tokenizer(meta)
+    if requantize is not None:
+        from .quant import check_format
+
+        check_format(requantize)
+    keep = keep_quantized and dtype is None
     plan = _plan_tensors(
-        reader, arch, config["num_attention_heads"], config["num_key_value_heads"], dtype
+        reader,
+        arch,
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        dtype,
+        keep,
+        requantize if keep else None,
     )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -740,16 +826,20 @@ def convert_gguf(
             tmp / "tokenizer_config.json",
             _tokenizer_config(meta, add_bos, add_eos, config["max_position_embeddings"]),
         )
-        _write_safetensors(tmp / "model.safetensors", plan, progress)
-        _write_json(
-            tmp / PROVENANCE_FILE,
-            {
-                "source": gguf_path.name,
-                "source_bytes": gguf_path.stat().st_size,
-                "converter_version": CONVERTER_VERSION,
-                "dtype": dtype or "auto",
-            },
-        )
+        losses = _write_safetensors(tmp / "model.safetensors", plan, progress)
+        provenance = {
+            "source": gguf_path.name,
+            "source_bytes": gguf_path.stat().st_size,
+            "converter_version": CONVERTER_VERSION,
+            "dtype": dtype or "auto",
+        }
+        if keep:
+            kept: dict = {}
+            for t in plan:
+                if t.fmt and not t.requantized:
+                    kept[t.fmt] = kept.get(t.fmt, 0) + 1
+            provenance.update({"kept_quantized": kept, "requantized": losses})
+        _write_json(tmp / PROVENANCE_FILE, provenance)
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         os.replace(tmp, out_dir)

@@ -20,7 +20,13 @@ Working memory of one numpy forward over a chunk of T <= prefill_chunk tokens (f
   attention     3 * n_heads * T * capacity * 4                          scores, mask, softmax (one sequence at a time)
   cache reads   2 * capacity * kv_dim * 4                               one layer's k, v as float32
   logits        max(T, max_batch) * vocab_size * 4
+  dequantized   the largest quantized matrix as float32 (numpy's linear rebuilds one at a time)
 plus a fixed FIXED_OVERHEAD for the interpreter, numpy/BLAS buffers and the tokenizer.
+
+Weights count what the loader holds (`weights_nbytes`): quantized matrices at their format's
+bytes (quant.py: q4_0 is 18 bytes per 32 weights), the rest at the compute dtype's (4 bytes on
+numpy, 2 on cuda). Mistral-7B: 29.0 GB in float32, 14.5 GB in bf16, 4.1 GB with q4_0 matrices
+and a bf16 embedding table.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import quant
 from .config import ModelConfig
 from .errors import TinyLLMError
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCacheSpec
@@ -67,9 +74,36 @@ def parse_memory(text: str) -> int:
     return int(value)
 
 
+def weights_nbytes(cfg: ModelConfig, float_bytes: int, formats: dict | None = None) -> int:
+    """Bytes of the weights as held: `formats` (HF name -> quant format, weights.planned_formats)
+    at their quantized size, every other tensor at float_bytes per value."""
+    from .weights import expected_shapes
+
+    formats = formats or {}
+    total = 0
+    for name, shape in expected_shapes(cfg).items():
+        fmt = formats.get(name)
+        total += quant.quant_nbytes(fmt, *shape) if fmt else math.prod(shape) * float_bytes
+    return total
+
+
+def dequant_scratch(cfg: ModelConfig, formats: dict | None) -> int:
+    """float32 bytes of the largest quantized matrix: numpy's linear rebuilds one at a time."""
+    from .weights import expected_shapes
+
+    shapes = expected_shapes(cfg)
+    return max((math.prod(shapes[n]) * 4 for n in (formats or {}) if n in shapes), default=0)
+
+
+def formats_for(cfg: ModelConfig, quantization: str | None) -> dict:
+    from .weights import planned_formats
+
+    return planned_formats(cfg, quantization, {})
+
+
 @dataclass(frozen=True)
 class HostPlan:
-    weights: int  # bytes, float32
+    weights: int  # bytes as held (float32, quantized matrices at their size)
     kv: int  # bytes of the KV cache (the whole pool)
     runtime: int  # bytes of working memory at the largest step
 
@@ -91,6 +125,7 @@ def host_plan(
     chunk: int,
     block_size: int = DEFAULT_BLOCK_SIZE,
     n_blocks: int | None = None,
+    formats: dict | None = None,
 ) -> HostPlan:
     spec = KVCacheSpec.for_model(
         cfg, kv_dtype, max_seq_len, max_batch, chunk=chunk, block_size=block_size, n_blocks=n_blocks
@@ -99,7 +134,8 @@ def host_plan(
     act = activation_elems(cfg, t) * 4
     attn = 3 * cfg.n_heads * t * spec.capacity * 4 + 2 * spec.capacity * cfg.kv_dim * 4
     logits = max(t, max_batch) * cfg.vocab_size * 4
-    return HostPlan(cfg.n_params() * 4, spec.nbytes(), act + attn + logits + FIXED_OVERHEAD)
+    runtime = act + attn + logits + dequant_scratch(cfg, formats) + FIXED_OVERHEAD
+    return HostPlan(weights_nbytes(cfg, 4, formats), spec.nbytes(), runtime)
 
 
 def largest(fits, lo: int, hi: int) -> int:
@@ -121,34 +157,57 @@ def check_host_fits(
     available: int | None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     n_blocks: int | None = None,
+    formats: dict | None = None,
 ) -> None:
     """Raise TinyLLMError with the numbers, and the largest context and batch that fit,
-    unless the plan fits in `available` bytes (None: unknown, not checked)."""
+    unless the plan fits in `available` bytes (None: unknown, not checked). A float model
+    that does not fit is told which --quantize would (never quantized silently)."""
     from .weights import fmt_bytes
 
     if available is None:
         return
-    plan = host_plan(cfg, kv_dtype, max_seq_len, max_batch, chunk, block_size, n_blocks)
+    plan = host_plan(cfg, kv_dtype, max_seq_len, max_batch, chunk, block_size, n_blocks, formats)
     if plan.total <= available:
         return
+    what = "float32" if not formats else "quantized (" + ", ".join(sorted(set(formats.values())))
+    what += "" if not formats else "; the rest float32)"
     msg = (
         f"context {max_seq_len} x batch {max_batch} needs {fmt_bytes(plan.total)} of RAM "
-        f"({fmt_bytes(plan.weights)} float32 weights + {fmt_bytes(plan.kv)} {kv_dtype} KV cache + "
+        f"({fmt_bytes(plan.weights)} {what} weights + {fmt_bytes(plan.kv)} {kv_dtype} KV cache + "
         f"{fmt_bytes(plan.runtime)} working memory) and {fmt_bytes(available)} is available"
     )
-    base = host_plan(cfg, kv_dtype, 2, 1, chunk)
+    quantize_hint = ""
+    if not formats:
+        fits = quantize_that_fits(
+            lambda f: (
+                host_plan(
+                    cfg, kv_dtype, max_seq_len, max_batch, chunk, block_size, n_blocks, f
+                ).total
+                <= available
+            ),
+            cfg,
+        )
+        if fits:
+            quantize_hint = f"; --quantize {fits} would fit (weights quantized at load)"
+    base = host_plan(cfg, kv_dtype, 2, 1, chunk, formats=formats)
     if base.total > available:
         raise TinyLLMError(
-            f"{msg}; even the weights with the smallest cache do not fit: "
-            f"use a smaller model or --backend cuda"
+            f"{msg}; even the weights with the smallest cache do not fit"
+            + (quantize_hint or ": use a smaller model or --backend cuda")
         )
     ctx = largest(
-        lambda n: host_plan(cfg, kv_dtype, n, max_batch, chunk).total <= available, 2, max_seq_len
+        lambda n: host_plan(cfg, kv_dtype, n, max_batch, chunk, formats=formats).total <= available,
+        2,
+        max_seq_len,
     )
     batch = largest(
-        lambda b: host_plan(cfg, kv_dtype, max_seq_len, b, chunk).total <= available, 1, max_batch
+        lambda b: (
+            host_plan(cfg, kv_dtype, max_seq_len, b, chunk, formats=formats).total <= available
+        ),
+        1,
+        max_batch,
     )
-    hints = []
+    hints = [quantize_hint[2:]] if quantize_hint else []
     if ctx >= 2:
         hints.append(f"the largest --ctx-size that fits with --max-batch {max_batch} is {ctx}")
     if batch >= 1:
@@ -158,6 +217,18 @@ def check_host_fits(
     if kv_dtype in ("fp32", "fp16", "bf16"):
         hints.append("--kv-dtype int8 stores the cache in a quarter of fp32's space")
     raise TinyLLMError(f"{msg}; " + "; ".join(hints))
+
+
+# The order --quantize hints try: the best quality first (BENCHMARKS.md, issue 20's table).
+QUANTIZE_PREFERENCE = ("q8_0", "q6_k", "q4_k", "q4_1", "q4_0")
+
+
+def quantize_that_fits(fits, cfg: ModelConfig) -> str | None:
+    """The first format of QUANTIZE_PREFERENCE with fits(formats) true, or None."""
+    for fmt in QUANTIZE_PREFERENCE:
+        if fits(formats_for(cfg, fmt)):
+            return fmt
+    return None
 
 
 # ---- the KV pool: how many blocks -----------------------------------------------------------------
@@ -249,13 +320,15 @@ def check_gpu_fits(
     n_blocks: int | None,
     chunk: int,
     graph_bytes_of,
+    formats: dict | None = None,
 ) -> None:
     """Before loading: bf16 weights + the KV pool (n_blocks, or for the default pool the one
     sequence it must at least hold) + the estimated working memory + decode graphs must fit in
     free GPU memory; else the backend's refusal names the longest context, and the largest
-    --max-batch that fits is added. spec_of(batch, n_blocks) -> KVCacheSpec; graph_bytes_of(batch)."""
+    --max-batch that fits is added; a float model is told which --quantize would fit.
+    spec_of(batch, n_blocks) -> KVCacheSpec; graph_bytes_of(batch)."""
 
-    def check(batch: int):
+    def check(batch: int, formats=formats):
         spec = spec_of(batch, n_blocks)
         kv = (
             spec.nbytes()
@@ -263,7 +336,7 @@ def check_gpu_fits(
             else spec.ring * spec.block_nbytes() + spec.open_nbytes()
         )
         backend.check_fits(
-            cfg.n_params() * 2 + graph_bytes_of(batch),
+            weights_nbytes(cfg, 2, formats) + graph_bytes_of(batch),
             kv,
             gpu_working_estimate(cfg, chunk, batch),
             kv_bytes_per_token=cfg.kv_bytes_per_token(spec.kv_dtype),
@@ -273,6 +346,11 @@ def check_gpu_fits(
     try:
         check(max_batch)
     except TinyLLMError as e:
+        fmt = None if formats else quantize_that_fits(lambda f: _fits(check, max_batch, f), cfg)
+        if fmt:
+            raise TinyLLMError(
+                f"{e}; --quantize {fmt} would fit (weights quantized at load)"
+            ) from None
         best = largest(lambda b: _fits(check, b), 1, max_batch - 1) if max_batch > 1 else 0
         if best < 1:
             raise

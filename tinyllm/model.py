@@ -12,7 +12,7 @@ import numpy as np
 
 from .backends import Batch
 from .config import ModelConfig, rope_inv_freq
-from .weights import Weights
+from .weights import LAYER_HF_NAMES, Weights
 
 
 class Transformer:
@@ -27,14 +27,23 @@ class Transformer:
 
     def _fuse_projections(self):
         """One weight for q, k, v (and one bias) and one for gate, up: a decode step then
-        reads each with a single GEMV launch. The separate names become row views."""
-        for L in self.w.layers:
-            if L.wqkv is not None:  # (weights shared with another model)
+        reads each with a single GEMV launch. The separate names become row views. A group
+        whose weights are held in different formats (a Q4_K_M file keeps some v_proj in
+        q6_k next to q4_k q/k) is not fused: its matrices stay separate."""
+
+        def one_format(i, attrs) -> bool:
+            fmts = {self.w.formats.get(f"model.layers.{i}.{LAYER_HF_NAMES[a]}") for a in attrs}
+            return len(fmts) == 1  # all float (None) or all one quant format
+
+        for i, L in enumerate(self.w.layers):
+            if L.wqkv is not None or L.w13 is not None:  # (weights shared with another model)
                 continue
-            L.wqkv, (L.wq, L.wk, L.wv) = self.ops.concat_rows([L.wq, L.wk, L.wv])
-            if L.bq is not None:
-                L.bqkv, (L.bq, L.bk, L.bv) = self.ops.concat_rows([L.bq, L.bk, L.bv])
-            L.w13, (L.w1, L.w3) = self.ops.concat_rows([L.w1, L.w3])
+            if one_format(i, ("wq", "wk", "wv")):
+                L.wqkv, (L.wq, L.wk, L.wv) = self.ops.concat_rows([L.wq, L.wk, L.wv])
+                if L.bq is not None:
+                    L.bqkv, (L.bq, L.bk, L.bv) = self.ops.concat_rows([L.bq, L.bk, L.bv])
+            if one_format(i, ("w1", "w3")):
+                L.w13, (L.w1, L.w3) = self.ops.concat_rows([L.w1, L.w3])
 
     def forward(self, tokens: np.ndarray, batch: Batch, cache, all_logits: bool = False):
         """tokens (T,) int32 for batch (see Batch) -> logits (B, vocab) of each sequence's

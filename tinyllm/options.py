@@ -44,6 +44,14 @@ def add_model_args(p: argparse.ArgumentParser):
         help="compute dtype: cuda bf16 | fp16, numpy fp32 (default: bf16 on cuda, fp32 on numpy)",
     )
     p.add_argument(
+        "--quantize",
+        default=None,
+        choices=["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"],
+        help="hold the projection matrices (and an untied lm_head) in this llama.cpp block "
+        "format, quantized at load tensor by tensor; the embedding table stays float; a "
+        "checkpoint stored quantized (tinyllm convert FILE.gguf) needs no flag (default: none)",
+    )
+    p.add_argument(
         "--kv-dtype",
         default="auto",
         help="KV-cache storage: auto | fp32 | fp16 | bf16 | int8 | fp8 (default: auto = the compute dtype)",
@@ -189,6 +197,7 @@ def load_llm(a, max_batch: int = 1, quiet: bool = False):
         kv_cache_memory=kv_memory,
         block_size=getattr(a, "block_size", DEFAULT_BLOCK_SIZE),
         enable_prefix_caching=getattr(a, "prefix_caching", True),
+        quantization=getattr(a, "quantize", None),
     )
     if not quiet:
         why = (
@@ -209,10 +218,12 @@ def load_llm(a, max_batch: int = 1, quiet: bool = False):
         )
         spec = llm.engine.spec
         prefix = "" if llm.engine.prefix_caching else ", no prefix caching"
+        fmts = sorted(set(llm.weight_formats.values()))
+        held = f", weights: {'/'.join(fmts)} (embedding float)" if fmts else ""
         print(
             f"backend: {llm.backend.name}{why} ({llm.backend.compute_dtype}{threads}), kv cache: {llm.kv_dtype} "
             f"({spec.tokens():,} tokens in {spec.n_blocks:,} blocks of {spec.block_size}{prefix}), "
-            f"context: {llm.max_seq_len} tokens{decode}",
+            f"context: {llm.max_seq_len} tokens{decode}{held}",
             file=sys.stderr,
         )
     return llm

@@ -104,6 +104,20 @@ def quant_nbytes(fmt: str, n: int, k: int) -> int:
     return n * (k // BLOCK[fmt]) * BLOCK_BYTES[fmt]
 
 
+# What a format falls back to for a matrix whose K is not a multiple of its block (llama.cpp
+# falls back the same way for K-quants: q6_k -> q8_0; its q4_k -> q5_0 becomes q4_1 here).
+FALLBACK = {"q4_k": "q4_1", "q6_k": "q8_0"}
+
+
+def fallback(fmt: str, k: int) -> str | None:
+    """The format a (N, k) matrix gets when fmt is asked for: fmt, its FALLBACK, or None
+    (stays float) when k does not divide into 32-blocks either."""
+    if k % BLOCK[fmt] == 0:
+        return fmt
+    fmt = FALLBACK.get(fmt)
+    return fmt if fmt is not None and k % BLOCK[fmt] == 0 else None
+
+
 def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
         from .errors import TinyLLMError
@@ -289,33 +303,35 @@ def _q4_1(x: np.ndarray, n: int, k: int) -> dict:
 
 
 def _seqsum(t: np.ndarray) -> np.ndarray:
-    """Sum over the last axis in order, in float32, as a C loop `s += t[i]` from s = 0."""
-    s = np.zeros(t.shape[:-1], F32)
-    for i in range(t.shape[-1]):
-        s += t[..., i]
+    """Sum over the first axis in order, in float32, as a C loop `s += t[i]` from s = 0.
+    (The element axis comes first so that each step reads one contiguous row.)"""
+    s = np.zeros(t.shape[1:], F32)
+    for i in range(t.shape[0]):
+        s += t[i]
     return s
 
 
 def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
     """ggml's make_qkx2_quants (use_mad false) on blocks x, weights w (B, n) float32:
-    codes L (B, n) in 0..nmax, scale (B,) and the_min (B,) with x ≈ scale * L - the_min."""
+    codes L (B, n) in 0..nmax, scale (B,) and the_min (B,) with x ≈ scale * L - the_min.
+    Internally element-major (n, B): one row per element of every block."""
+    x, w = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)
     nmax_f = F32(nmax)
-    mn = np.minimum(x.min(axis=1), F32(0))
-    mx = x.max(axis=1)
+    mn = np.minimum(x.min(axis=0), F32(0))
+    mx = x.max(axis=0)
     sum_w = _seqsum(w)
     sum_x = _seqsum(w * x)
     flat = mx == mn
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        rng = (mx - mn)[:, None]
-        iscale = nmax_f / rng
-        scale = (F32(1) / iscale)[:, 0]
-        L = np.clip(np.rint(iscale * (x - mn[:, None])), 0, nmax)
-        diff = scale[:, None] * L + mn[:, None] - x
+        iscale = nmax_f / (mx - mn)
+        scale = F32(1) / iscale
+        L = np.clip(np.rint(iscale * (x - mn)), 0, nmax)
+        diff = scale * L + mn - x
         best = _seqsum(w * (diff * diff))
         for step in range(nstep + 1):
             # ggml updates `min` when a step wins, and later steps use the updated one
-            iscale = (F32(rmin) + F32(rdelta) * F32(step) + nmax_f) / (mx - mn)[:, None]
-            la = np.clip(np.rint(iscale * (x - mn[:, None])), 0, nmax)
+            iscale = (F32(rmin) + F32(rdelta) * F32(step) + nmax_f) / (mx - mn)
+            la = np.clip(np.rint(iscale * (x - mn)), 0, nmax)
             wl = w * la
             sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * la), _seqsum(wl * x)
             D = sum_w * sum_l2 - sum_l * sum_l
@@ -324,23 +340,23 @@ def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
             pos = this_min > 0
             this_min = np.where(pos, F32(0), this_min)
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            diff = this_scale[:, None] * la + this_min[:, None] - x
+            diff = this_scale * la + this_min - x
             cur = _seqsum(w * (diff * diff))
             better = (D > 0) & (cur < best)
-            L = np.where(better[:, None], la, L)
+            L = np.where(better, la, L)
             best = np.where(better, cur, best)
             scale = np.where(better, this_scale, scale)
             mn = np.where(better, this_min, mn)
-    L = np.where(flat[:, None], 0, L)
+    L = np.where(flat, 0, L)
     scale = np.where(flat, F32(0), scale)
-    return L.astype(np.uint8), scale.astype(F32), (-mn).astype(F32)
+    return L.T.astype(np.uint8), scale.astype(F32), (-mn).astype(F32)
 
 
 def _q4_k(x: np.ndarray, n: int, k: int) -> dict:
     """quantize_row_q4_K_ref on super-blocks x (S, 256)."""
     S = x.shape[0]
     xb = x.reshape(S * 8, 32)
-    av_x = np.sqrt(_seqsum(xb * xb) / F32(32))
+    av_x = np.sqrt(_seqsum(np.ascontiguousarray((xb * xb).T)) / F32(32))
     w = av_x[:, None] + np.abs(xb)
     L, scales, mins = make_qkx2_quants(xb, w, 15, -1.0, 0.1, 20)
     L, scales, mins = L.reshape(S, 8, 32), scales.reshape(S, 8), mins.reshape(S, 8)
@@ -377,33 +393,35 @@ def _q4_k(x: np.ndarray, n: int, k: int) -> dict:
 
 def make_qx_quants(x: np.ndarray, nmax: int):
     """ggml's make_qx_quants with rmse_type 1 and no importance weights, on blocks x (B, n):
-    codes L (B, n) in 0..2*nmax-1 (q + nmax) and scale (B,) with x ≈ scale * (L - nmax)."""
+    codes L (B, n) in 0..2*nmax-1 (q + nmax) and scale (B,) with x ≈ scale * (L - nmax).
+    Internally element-major (n, B), as make_qkx2_quants."""
     B = x.shape[0]
     imax = np.abs(x).argmax(axis=1)  # the first largest |x|, as ggml's strict '>' scan
     mx = x[np.arange(B), imax]
     zero = np.abs(mx) < F32(1e-15)
+    x = np.ascontiguousarray(x.T)
     w = x * x
+    wx = w * x
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        mxc = mx[:, None]
-        iscale = F32(-nmax) / mxc
+        iscale = F32(-nmax) / mx
         lq = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
         L = lq + nmax
-        sumlx, suml2 = _seqsum(w * x * lq), _seqsum(w * lq * lq)
+        sumlx, suml2 = _seqsum(wx * lq), _seqsum(w * lq * lq)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
         for s in range(-9, 10):
             if s == 0:
                 continue
-            iscale = -(F32(nmax) + F32(0.1) * F32(s)) / mxc
+            iscale = -(F32(nmax) + F32(0.1) * F32(s)) / mx
             lq = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
-            sumlx, suml2 = _seqsum(w * x * lq), _seqsum(w * lq * lq)
+            sumlx, suml2 = _seqsum(wx * lq), _seqsum(w * lq * lq)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            L = np.where(better[:, None], lq + nmax, L)
+            L = np.where(better, lq + nmax, L)
             scale = np.where(better, sumlx / suml2, scale)
             best = np.where(better, scale * sumlx, best)
-    L = np.where(zero[:, None], 0, L)
+    L = np.where(zero, 0, L)
     scale = np.where(zero, F32(0), scale)
-    return L.astype(np.int64), scale.astype(F32)
+    return L.T.astype(np.int64), scale.astype(F32)
 
 
 def _q6_k(x: np.ndarray, n: int, k: int) -> dict:

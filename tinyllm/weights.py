@@ -6,6 +6,22 @@ memory-mapping the data: f32 / f16 / bf16 (bf16 through ml_dtypes, no torch). Ma
 Mistral-native names to one internal layout, undoes the native Q/K interleave, checks every
 tensor's presence and shape, and hands each tensor to the backend, which casts it to its
 compute dtype.
+
+Weight-only quantization (quant.py's formats) enters here, in two ways:
+* `quantization=FMT` quantizes a float checkpoint at load, one tensor at a time (quant.quantize
+  works through a tensor's rows in chunks, so a 7B model is never held in float32): the
+  projection matrices of every layer and an untied lm_head. The embedding table stays in the
+  backend's float dtype (it is gathered a row per token, not streamed), as do norms and biases;
+  a tied lm_head is the embedding table, so it stays float too. A matrix whose K is not a
+  multiple of the format's block falls back (quant.fallback: q4_k -> q4_1, q6_k -> q8_0, as
+  llama.cpp falls back for such rows) or stays float.
+* A *quantized safetensors checkpoint* (what `tinyllm convert FILE.gguf` writes for GGUF
+  Q8_0/Q4_0/Q4_1/Q4_K/Q6_K tensors) loads with no flag. Layout: weight `W` of format F is
+  stored as one tensor per QuantTensor part, named `W.<part>` (`W.qs`, `W.d`, `W.m`, `W.dmin`,
+  `W.scales`, `W.ql`, `W.qh`; dtypes U8 / I8 / F16, shapes as quant.py's table), and the file's
+  `__metadata__` has the key `tinyllm.quantization` whose value is a JSON object
+  {"W": {"format": F, "shape": [N, K]}, ...}. Example: a q4_0 `lm_head.weight` (49152, 576)
+  is `lm_head.weight.qs` U8 (49152, 288) and `lm_head.weight.d` F16 (49152, 18).
 """
 
 from __future__ import annotations
@@ -22,11 +38,15 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import quant
 from .config import ModelConfig
 from .errors import TinyLLMError
 from .jsonfile import JsonObject
 
 ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+# The dtypes of QuantTensor parts in a quantized checkpoint.
+PART_DTYPES = {"U8": np.uint8, "I8": np.int8, "F16": np.float16}
+QUANT_META_KEY = "tinyllm.quantization"
 
 # Tensors some checkpoints carry that the model does not use.
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -77,6 +97,8 @@ class Weights:
     lm_head: object  # (vocab_size, dim); the embedding table itself when tied
     nbytes_on_disk: int = 0
     dtypes: set = field(default_factory=set)
+    # HF name -> quant format of every weight held quantized (the others are float)
+    formats: dict = field(default_factory=dict)
 
     def named(self):
         """(HF tensor name, backend array) of every weight, in load order."""
@@ -178,6 +200,7 @@ class SafetensorsFile:
             ) from None
         self.data_start = 8 + n
         self.entries = check_header(self, header, size - self.data_start)
+        self.quantized = _quant_meta(self, header.get("__metadata__") or {})
         self._library_check()
         self.mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None
 
@@ -208,6 +231,54 @@ class SafetensorsFile:
         a, b = e["data_offsets"]
         raw = self.mm[self.data_start + a : self.data_start + b]
         return raw.view(ST_DTYPES[e["dtype"]]).reshape(e["shape"])
+
+    def quant_tensor(self, name: str) -> quant.QuantTensor:
+        """The QuantTensor stored as `name.<part>` tensors (module doc), parts as memmap views."""
+        fmt, shape = self.quantized[name]
+        parts = {}
+        for part, _, _ in quant.GGUF_FIELDS[fmt]:
+            e = self.entries[f"{name}.{part}"]
+            a, b = e["data_offsets"]
+            raw = self.mm[self.data_start + a : self.data_start + b]
+            parts[part] = raw.view(PART_DTYPES[e["dtype"]]).reshape(e["shape"])
+        return quant.QuantTensor(fmt, shape, parts)
+
+
+def _quant_meta(f: SafetensorsFile, meta: dict) -> dict:
+    """`tinyllm.quantization` metadata -> {name: (format, (N, K))}, each checked against the
+    part tensors the header holds (names, dtypes and shapes quant.py's layout implies)."""
+    text = meta.get(QUANT_META_KEY)
+    if text is None:
+        return {}
+    try:
+        table = json.loads(text)
+    except (ValueError, RecursionError):
+        raise f.bad(f"__metadata__ {QUANT_META_KEY} is not valid JSON") from None
+    if not isinstance(table, dict):
+        raise f.bad(f"__metadata__ {QUANT_META_KEY} must be a JSON object")
+    out = {}
+    for name, spec in table.items():
+        fmt = spec.get("format") if isinstance(spec, dict) else None
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if fmt not in quant.FORMATS or not (
+            isinstance(shape, list) and len(shape) == 2 and all(_is_uint(v) for v in shape)
+        ):
+            raise f.bad(
+                f"{QUANT_META_KEY}: expected {{format: one of {', '.join(quant.FORMATS)}, "
+                f"shape: [N, K]}}",
+                name,
+            )
+        n, k = shape
+        if k % quant.BLOCK[fmt]:
+            raise f.bad(f"{fmt} needs K a multiple of {quant.BLOCK[fmt]}, not {k}", name)
+        for part, dt, per_block in quant.GGUF_FIELDS[fmt]:
+            e = f.entries.get(f"{name}.{part}")
+            want = [n, k // quant.BLOCK[fmt] * per_block]
+            dtype = {np.uint8: "U8", np.int8: "I8", np.float16: "F16"}[dt]
+            if e is None or e["dtype"] != dtype or list(e["shape"]) != want:
+                raise f.bad(f"{fmt} needs a {dtype} tensor {name}.{part} of shape {want}", name)
+        out[name] = (fmt, (n, k))
+    return out
 
 
 def _is_uint(v) -> bool:
@@ -275,10 +346,39 @@ def check_header(f: SafetensorsFile, header, data_len: int) -> dict:
 
 
 class TensorIndex(dict):
-    """HF tensor name -> (file, name in that file). `native` is True when the names were
-    mapped from Mistral's consolidated.safetensors (whose wq/wk rows are interleaved)."""
+    """HF tensor name -> (file, name in that file), or for a quantized weight (file,
+    QUANTIZED) with its parts read by file.quant_tensor(name). `native` is True when the names
+    were mapped from Mistral's consolidated.safetensors (whose wq/wk rows are interleaved)."""
 
     native: bool = False
+
+    def shape(self, name: str) -> tuple:
+        f, key = self[name]
+        return f.quantized[name][1] if key is QUANTIZED else tuple(f.entries[key]["shape"])
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype, or the quant format ("q4_k") of a quantized weight."""
+        f, key = self[name]
+        return f.quantized[name][0] if key is QUANTIZED else f.entries[key]["dtype"]
+
+    def formats(self) -> dict:
+        """HF name -> quant format of the weights stored quantized."""
+        return {n: f.quantized[n][0] for n, (f, key) in self.items() if key is QUANTIZED}
+
+
+QUANTIZED = "<quantized>"  # TensorIndex value of a quantized weight
+
+
+def _index(pairs) -> TensorIndex:
+    """TensorIndex over (name, file) pairs: the parts of a quantized weight become one entry."""
+    index = TensorIndex()
+    for name, f in pairs:
+        base, _, part = name.rpartition(".")
+        if base in f.quantized:
+            index[base] = (f, QUANTIZED)
+        else:
+            index[name] = (f, name)
+    return index
 
 
 def shard_path(model_dir: Path, index: Path, name) -> Path:
@@ -327,11 +427,11 @@ def open_checkpoint(model_dir: Path) -> TensorIndex:
                     f"{index.name} puts tensor {name} in {fname}, which does not hold it; "
                     f"re-download the model"
                 )
-        return TensorIndex({name: (files[f], name) for name, f in wmap.items()})
+        return _index((name, files[f]) for name, f in wmap.items())
     single = model_dir / "model.safetensors"
     if single.is_file():
         f = SafetensorsFile(single)
-        return TensorIndex({name: (f, name) for name in f.entries})
+        return _index((name, f) for name in f.entries)
     native = model_dir / "consolidated.safetensors"
     if native.is_file() and (model_dir / "params.json").is_file():
         f = SafetensorsFile(native)
@@ -357,6 +457,73 @@ def unpermute_native(w: np.ndarray, n_heads: int) -> np.ndarray:
     out_dim, dim = w.shape
     hd = out_dim // n_heads
     return w.reshape(n_heads, hd // 2, 2, dim).transpose(0, 2, 1, 3).reshape(out_dim, dim)
+
+
+# ---- writing ------------------------------------------------------------------------------
+
+_ST_NAME = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.int8): "I8",
+}
+
+
+def quant_specs(name: str, fmt: str, shape) -> list[tuple[str, str, tuple]]:
+    """(tensor name, safetensors dtype, shape) of the parts a quantized weight is stored as."""
+    n, k = shape
+    return [
+        (f"{name}.{part}", _ST_NAME[np.dtype(dt)], (n, k // quant.BLOCK[fmt] * per_block))
+        for part, dt, per_block in quant.GGUF_FIELDS[fmt]
+    ]
+
+
+def quant_metadata(formats: dict) -> dict:
+    """The `__metadata__` entry naming the quantized weights: {name: (fmt, (N, K))}."""
+    table = {n: {"format": f, "shape": list(s)} for n, (f, s) in formats.items()}
+    return {QUANT_META_KEY: json.dumps(table, separators=(",", ":"))}
+
+
+class SafetensorsWriter:
+    """A safetensors file written tensor by tensor: the header (every name, dtype and shape,
+    known in advance) first, then each tensor's bytes in the same order, so peak memory is
+    one tensor. A quantized weight is written with write_quant (its parts, module doc)."""
+
+    def __init__(self, path: Path, specs: list[tuple[str, str, tuple]], metadata: dict):
+        header: dict = {"__metadata__": dict(metadata)}
+        offset = 0
+        for name, dtype, shape in specs:
+            size = math.prod(shape) * DTYPE_BITS[dtype] // 8
+            header[name] = {
+                "dtype": dtype,
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+        self.specs, self.next = specs, 0
+        self.f = open(path, "wb")
+        self.f.write(struct.pack("<Q", len(raw)))
+        self.f.write(raw)
+
+    def write(self, name: str, a: np.ndarray) -> None:
+        want, dtype, shape = self.specs[self.next]
+        a = np.ascontiguousarray(a)  # (BF16 may travel as its uint16 bits)
+        if (name, a.dtype.itemsize * 8, tuple(a.shape)) != (want, DTYPE_BITS[dtype], tuple(shape)):
+            raise ValueError(f"expected {want} {dtype} {shape}, got {name} {a.dtype} {a.shape}")
+        self.f.write(a.view(np.uint8).data)  # (bytes: bf16 has no buffer format)
+        self.next += 1
+
+    def write_quant(self, name: str, qt: quant.QuantTensor) -> None:
+        for part, _, _ in quant.GGUF_FIELDS[qt.fmt]:
+            self.write(f"{name}.{part}", qt.parts[part])
+
+    def close(self) -> None:
+        self.f.close()
+        if self.next != len(self.specs):
+            raise ValueError(f"{len(self.specs) - self.next} tensors were not written")
 
 
 # ---- expected tensors --------------------------------------------------------------------
@@ -408,9 +575,7 @@ def detect_config(cfg: ModelConfig, names) -> ModelConfig:
 
 def validate(cfg: ModelConfig, tensors: dict, model_dir: Path) -> None:
     want = expected_shapes(cfg)
-    have = {
-        n: tuple(f.entries[k]["shape"]) for n, (f, k) in tensors.items() if not IGNORED.search(n)
-    }
+    have = {n: tensors.shape(n) for n in tensors if not IGNORED.search(n)}
     if cfg.tie_embeddings:
         have.pop("lm_head.weight", None)
     missing = sorted(set(want) - set(have))
@@ -449,21 +614,64 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def quantizable(name: str) -> bool:
+    """The weights `quantization=` quantizes: every layer's projection matrices and lm_head
+    (the embedding table, norms and biases stay float; module doc)."""
+    return name.endswith("_proj.weight") or name == "lm_head.weight"
+
+
+def planned_formats(cfg: ModelConfig, quantization: str | None, stored: dict) -> dict:
+    """HF name -> quant format of every weight the loader will hold quantized: those stored
+    quantized, and with `quantization` the float projection matrices (quant.fallback where K
+    does not divide into the format's blocks)."""
+    formats = dict(stored)
+    if quantization:
+        for name, shape in expected_shapes(cfg).items():
+            if name not in formats and quantizable(name) and len(shape) == 2:
+                fmt = quant.fallback(quantization, shape[1])
+                if fmt is not None:
+                    formats[name] = fmt
+    return formats
+
+
+def check_backend_formats(backend, formats: dict) -> None:
+    """Refuse, before anything is uploaded, formats the backend's linear cannot run."""
+    have = getattr(backend, "quant_formats", ())  # (a backend without the capability: none)
+    missing = sorted(set(formats.values()) - set(have))
+    if missing:
+        raise TinyLLMError(
+            f"the {backend.name} backend does not run {', '.join(missing)} weights yet; "
+            f"use --backend numpy"
+        )
+
+
 def load_weights(
-    model_dir: Path, cfg: ModelConfig, backend, progress: bool = True
+    model_dir: Path,
+    cfg: ModelConfig,
+    backend,
+    progress: bool = True,
+    quantization: str | None = None,
 ) -> tuple[ModelConfig, Weights]:
-    """Open, check and upload every tensor; returns the config updated by detect_config."""
+    """Open, check and upload every tensor; returns the config updated by detect_config.
+    With `quantization` (a quant.py format) the float projection matrices are quantized on
+    the way, one tensor at a time; weights stored quantized load as they are."""
     tensors = open_checkpoint(model_dir)
     cfg = detect_config(cfg, tensors)
     validate(cfg, tensors, model_dir)
     native = tensors.native
+    formats = planned_formats(cfg, quantization, tensors.formats())
+    check_backend_formats(backend, formats)
 
     def get(name: str):
         f, key = tensors[name]
+        bar.update(1)
+        if key is QUANTIZED:
+            return backend.upload_quant(name, f.quant_tensor(name))
         a = f.tensor(key)
         if native and name.endswith(("q_proj.weight", "k_proj.weight")):
             a = unpermute_native(a, cfg.n_heads if "q_proj" in name else cfg.n_kv_heads)
-        bar.update(1)
+        if name in formats:
+            return backend.upload_quant(name, quant.quantize(a, formats[name]))
         return backend.upload(name, a)
 
     total = len(expected_shapes(cfg))
@@ -492,16 +700,19 @@ def load_weights(
         lm_head = embed if cfg.tie_embeddings else get("lm_head.weight")
     files = {id(f): f for f, _ in tensors.values()}
     nbytes = sum(os.path.getsize(f.path) for f in files.values())
-    dtypes = {f.entries[k]["dtype"] for f, k in tensors.values()}
-    return cfg, Weights(embed, layers, norm, lm_head, nbytes, dtypes)
+    dtypes = {tensors.dtype(n) for n in tensors}
+    if cfg.tie_embeddings:
+        formats.pop("lm_head.weight", None)
+    return cfg, Weights(embed, layers, norm, lm_head, nbytes, dtypes, formats)
 
 
 def checkpoint_dtype(model_dir: Path) -> str:
     """'float32' | 'float16' | 'bfloat16': the dtype most of the checkpoint is stored in."""
     tensors = open_checkpoint(model_dir)
     counts: dict[str, int] = {}
-    for f, k in tensors.values():
-        dt = f.entries[k]["dtype"]
-        counts[dt] = counts.get(dt, 0) + 1
+    for name in tensors:
+        dt = tensors.dtype(name)
+        if dt in ST_DTYPES:  # (quantized weights say nothing about the float dtype)
+            counts[dt] = counts.get(dt, 0) + 1
     top = max(counts, key=counts.get) if counts else "F32"
     return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(top, "float32")
