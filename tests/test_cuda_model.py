@@ -480,3 +480,23 @@ def test_quantized_model_greedy_matches_numpy(fmt):
         assert got[i] in np.argsort(row)[-2:] and a - b <= 4 * diff, (
             f"{fmt}: greedy differs at token {i} with numpy's top-2 margin {a - b:.3f}"
         )
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_quantize_at_load_on_cuda_matches_numpy(tiny_factory, fmt):
+    """LLM(quantization=fmt) on a float checkpoint (quantized at load by weights.py) runs the
+    quantized kernels on cuda (upload_quant, fused q|k|v with Qwen2's biases, the lm_head's fp32
+    output, graph decode) and matches the numpy backend on the same quantized weights."""
+    from tinyllm.backends.cuda_backend import CudaQuantWeight
+
+    ref_llm, llm = tiny_llms(tiny_factory("qwen2_bias"), quantization=fmt)
+    L = llm.model.w.layers[0]
+    assert isinstance(L.wqkv, CudaQuantWeight) and L.wqkv.fmt == fmt and L.bqkv is not None
+    assert isinstance(llm.model.w.lm_head, CudaQuantWeight) and llm.model.w.lm_head.logits
+    ref, ours = ref_llm.logits(PROMPT), llm.logits(PROMPT)
+    diff = check_logits(ours, ref, 0.0, 3e-2, what=fmt)
+    p = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    want = ref_llm.generate([PROMPT], p)[0].token_ids
+    got = llm.generate([PROMPT], p)[0].token_ids
+    assert len(got) == 16
+    check_greedy(ref_llm, got, want, PROMPT, 4 * diff, fmt)
