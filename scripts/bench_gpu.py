@@ -18,6 +18,11 @@ Rows:
                             per step / step time / copy bandwidth), host time per step (from the
                             step's start until the host blocks on the token ids) and kernel
                             launches per step, eager vs one CUDA graph replay (cuda_graphs.py)
+  quantized decode          batch 1 and 8 (--quant-batches) at --ctx, CUDA graphs on: bf16 vs
+                            q8_0, q4_0, q4_k weights (--quant-formats; random codes and scales
+                            built on the device, embedding bf16, lm_head quantized); tok/s, % of
+                            copy bandwidth for the step's bytes, speed-up over bf16 (issue 20's
+                            goal: q8_0 >= 1.7x, 4-bit >= 3x at batch 1)
 
 Timing: CUDA events around the region, warm-up first, median of --iters repeats.
 """
@@ -127,6 +132,120 @@ def build_model(be, cfg):
     be.mark_logits_weight(lm_head)
     w = Weights(embed, layers, ones(d), lm_head)
     return Transformer(cfg, w, be)
+
+
+def random_quant(be, fmt: str, shape, logits: bool = False):
+    """A quantized weight with random codes and scales (~0.02) built on the device in
+    quant.py's layout (cuda_backend.QUANT_PARTS): timing does not depend on the values."""
+    from tinyllm.backends.cuda_backend import CudaQuantWeight
+
+    cp = be.cp
+    N, K = shape
+
+    def u8(cols):
+        return cp.random.randint(0, 256, (N, cols)).astype(cp.uint8)
+
+    def f16(cols, s):
+        return (cp.random.standard_normal((N, cols), dtype=cp.float32) * np.float32(s)).astype(
+            cp.float16
+        )
+
+    parts = {
+        "q8_0": lambda: {"qs": u8(K).view(cp.int8), "d": f16(K // 32, 2e-4)},
+        "q4_0": lambda: {"qs": u8(K // 2), "d": f16(K // 32, 3e-3)},
+        "q4_1": lambda: {"qs": u8(K // 2), "d": f16(K // 32, 3e-3), "m": f16(K // 32, 0.02)},
+        "q4_k": lambda: {
+            "qs": u8(K // 2),
+            "scales": u8(K // 256 * 12),
+            "d": f16(K // 256, 1e-4),
+            "dmin": f16(K // 256, 1e-4),
+        },
+        "q6_k": lambda: {
+            "ql": u8(K // 2),
+            "qh": u8(K // 4),
+            "scales": u8(K // 16).view(cp.int8),
+            "d": f16(K // 256, 1e-5),
+        },
+    }[fmt]()
+    return CudaQuantWeight(fmt, (N, K), parts, logits=logits)
+
+
+def build_quant_model(be, cfg, fmt: str):
+    """build_model's shape with every linear (lm_head too) in fmt; the embedding stays bf16."""
+    from tinyllm.model import Transformer
+    from tinyllm.weights import LayerWeights, Weights
+
+    d, h = cfg.dim, cfg.hidden_dim
+    ones = lambda n: be.from_numpy(np.ones(n, np.float32))  # noqa: E731
+    layers = [
+        LayerWeights(
+            attn_norm=ones(d),
+            wq=random_quant(be, fmt, (cfg.q_dim, d)),
+            wk=random_quant(be, fmt, (cfg.kv_dim, d)),
+            wv=random_quant(be, fmt, (cfg.kv_dim, d)),
+            wo=random_quant(be, fmt, (d, cfg.q_dim)),
+            ffn_norm=ones(d),
+            w1=random_quant(be, fmt, (h, d)),
+            w2=random_quant(be, fmt, (d, h)),
+            w3=random_quant(be, fmt, (h, d)),
+        )
+        for _ in range(cfg.n_layers)
+    ]
+    embed = random_bf16(be, (cfg.vocab_size, d), 1.0)
+    lm_head = random_quant(be, fmt, (cfg.vocab_size, d), logits=True)
+    return Transformer(cfg, Weights(embed, layers, ones(d), lm_head), be)
+
+
+def streamed_bytes(model) -> int:
+    """Weight bytes one decode step reads (every linear once; the embedding is gathered)."""
+
+    def nb(*ws):
+        return sum(int(w.nbytes) for w in ws)
+
+    total = nb(model.w.lm_head)
+    for L in model.w.layers:
+        total += nb(L.wqkv) if L.wqkv is not None else nb(L.wq, L.wk, L.wv)
+        total += nb(L.w13) if L.w13 is not None else nb(L.w1, L.w3)
+        total += nb(L.wo, L.w2)
+    return total
+
+
+def quant_decode_rows(
+    be, cfg, ctx: int, steps: int, fmts, batches, bw: float | None, emu_seconds=lambda: 0.0
+):
+    """Table rows (and figures): decode tok/s with bf16 vs quantized weights, graphs on."""
+    from tinyllm.kv_cache import KVCacheSpec
+
+    rows, figs, base = [], {}, {}
+    for fmt in ["bf16", *fmts]:
+        try:
+            model = build_model(be, cfg) if fmt == "bf16" else build_quant_model(be, cfg, fmt)
+            wbytes = streamed_bytes(model)
+            for B in batches:
+                cache = be.alloc_kv(KVCacheSpec.for_model(cfg, "bf16", ctx + steps + 8, B))
+                wall, _, _ = measure_decode_steps(
+                    be, model, cache, B, ctx, steps, True, emu_seconds
+                )
+                be.graphs.reset()
+                del cache
+                tps = B * 1e3 / wall
+                base.setdefault(B, tps if fmt == "bf16" else None)
+                step_bytes = wbytes + B * cfg.kv_bytes_per_token("bf16") * ctx
+                figs[f"decode_{fmt}_b{B}"] = dict(ms=wall, tok_s=tps, weight_bytes=wbytes)
+                of_bw = f"{step_bytes / (wall * 1e-3) / bw:.0%} of copy bw, " if bw else ""
+                rows.append(
+                    (
+                        f"decode {fmt} weights, batch {B}, ctx {ctx}",
+                        f"{tps:,.1f} tok/s",
+                        f"{of_bw}weights {wbytes / 2**30:.2f} GiB",
+                        f"{tps / base[B]:.2f}x bf16" if base.get(B) and fmt != "bf16" else "",
+                    )
+                )
+        except Exception as e:  # keep the other rows
+            rows.append((f"decode {fmt} weights", "failed", f"{type(e).__name__}: {e}"[:90], ""))
+        model = None
+        free_all(be)
+    return rows, figs
 
 
 def free_all(be):
@@ -461,6 +580,10 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--graph-batches", default="1,8,64", help="batch sizes of the eager vs graph decode rows"
     )
+    ap.add_argument(
+        "--quant-formats", default="q8_0,q4_0,q4_k", help="weight formats of the quantized rows"
+    )
+    ap.add_argument("--quant-batches", default="1,8", help="batch sizes of the quantized rows")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
 
@@ -566,6 +689,20 @@ def main(argv=None) -> int:
         figs.update(g_figs)
     except Exception as e:  # keep the rest of the table
         print(f"eager vs graph decode measurement failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+    free_all(be)
+    if args.quant_formats:
+        q_rows, q_figs = quant_decode_rows(
+            be,
+            cfg,
+            args.ctx,
+            args.decode_steps,
+            args.quant_formats.split(","),
+            [int(b) for b in args.quant_batches.split(",")],
+            bw,
+        )
+        rows += q_rows
+        figs.update(q_figs)
 
     w = max(len(r[0]) for r in rows)
     print(

@@ -310,3 +310,48 @@ def test_executor_catches_planted_kernel_bugs(
         ["tests/" + test_id], tmp_path, timeout=300, TINYLLM_CUDA_DIR=str(cuda)
     )
     assert_caught(rc, out, counts, caught_by)
+
+
+# Planted bugs in the quantized kernels (cuda/quant_matmul.cu), all in one edited copy so the
+# module compiles once: each lives in one format's code and must fail exactly the test of its
+# format, while a format no edit touches (q8_0) still passes in the same run.
+# (text, replacement, the test it must break)
+QUANT_KERNEL_BUGS = [
+    # q4_0/q4_1: the nibbles swapped (element 32b+j read from the high nibble)
+    (
+        "(8 * (j & 3) + 4 * run)) & 15u, z);",
+        "(8 * (j & 3) + 4 * (run ^ 1))) & 15u, z);",
+        "test_cuda_ops.py::test_quant_dequantize_is_exact[q4_0]",
+    ),
+    # q4_k: each run scaled by the neighbouring sub-block's (scale, min)
+    (
+        "scale_min(r, 2 * ((t >> 1) & 3) + run, s, mn);",
+        "scale_min(r, 2 * ((t >> 1) & 3) + (run ^ 1), s, mn);",
+        "test_cuda_ops.py::test_quant_gemv[False-1-q4_k]",
+    ),
+    # q6_k: the scale of the neighbouring 16-element sub-block
+    (
+        "const int k = 8 * ((t >> 1) & 1) + (t & 1) + 2 * run;",
+        "const int k = 8 * ((t >> 1) & 1) + ((t & 1) ^ 1) + 2 * run;",
+        "test_cuda_ops.py::test_quant_gemv[True-8-q6_k]",
+    ),
+]
+QUANT_CONTROL = "test_cuda_ops.py::test_quant_gemv[True-8-q8_0]"
+
+
+def test_executor_catches_planted_quant_kernel_bugs(tmp_path):
+    cuda = tmp_path / "cuda"
+    shutil.copytree(ck.CUDA_DIR, cuda)
+    src = (cuda / "quant_matmul.cu").read_text()
+    for text, replacement, _ in QUANT_KERNEL_BUGS:
+        assert src.count(text) == 1, f"{text!r} is not in quant_matmul.cu exactly once"
+        src = src.replace(text, replacement)
+    (cuda / "quant_matmul.cu").write_text(src)
+    tests = [t for *_, t in QUANT_KERNEL_BUGS] + [QUANT_CONTROL]
+    rc, out, counts = run_on_fake_cupy(
+        ["tests/" + t for t in tests], tmp_path, timeout=900, TINYLLM_CUDA_DIR=str(cuda)
+    )
+    assert rc == 1 and counts.get("failed") == 3 and counts.get("passed") == 1, out[-4000:]
+    for *_, t in QUANT_KERNEL_BUGS:
+        assert re.search(r"FAILED tests/" + re.escape(t), out), out[-1500:]
+    assert "Arrays are not equal" in out and "Not equal to tolerance" in out, out[-4000:]

@@ -270,6 +270,173 @@ def test_linear_3d_input(be, rng):
     close(be.to_numpy(y), x.astype(np.float64) @ w.T.astype(np.float64))
 
 
+# ---- quantized linear (cuda/quant_matmul.cu) -----------------------------------------------
+# Reference: x @ quant.dequantize(w).T in float64 (quant.py's numpy twin, itself checked bit for
+# bit against gguf.quants). Weights are random codes and random fp16 scales: every byte
+# pattern is a valid block, so every nibble, 6-bit field and scale of the layout matters.
+# GEMV tolerance as test_linear (fp32 accumulation, one bf16 output rounding); the prefill
+# path multiplies bf16(dequantize(w)) in cuBLAS, so its reference rounds the weight first.
+
+QFMTS = ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"]
+
+
+def random_quant(rng, fmt: str, N: int, K: int, scale: float = 1.0):
+    """A QuantTensor of random codes and scales in quant.py's layout, weights of size ~scale."""
+    from tinyllm.quant import QuantTensor
+
+    def u8(*shape):
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+
+    def f16(cols, s):  # scales of either sign, magnitude s within a factor of 2
+        sign = rng.choice([-1.0, 1.0], (N, cols))
+        return (sign * rng.uniform(0.5, 1.5, (N, cols)) * s).astype(np.float16)
+
+    if fmt == "q8_0":
+        parts = {"qs": u8(N, K).view(np.int8), "d": f16(K // 32, scale / 64)}
+    elif fmt == "q4_0":
+        parts = {"qs": u8(N, K // 2), "d": f16(K // 32, scale / 8)}
+    elif fmt == "q4_1":
+        parts = {"qs": u8(N, K // 2), "d": f16(K // 32, scale / 8), "m": f16(K // 32, scale)}
+    elif fmt == "q4_k":
+        parts = {
+            "qs": u8(N, K // 2),
+            "scales": u8(N, K // 256 * 12),
+            "d": np.abs(f16(K // 256, scale / 256)),
+            "dmin": np.abs(f16(K // 256, scale / 64)),
+        }
+    else:
+        parts = {
+            "ql": u8(N, K // 2),
+            "qh": u8(N, K // 4),
+            "scales": u8(N, K // 16).view(np.int8),
+            "d": f16(K // 256, scale / 2048),
+        }
+    return QuantTensor(fmt=fmt, shape=(N, K), parts=parts)
+
+
+def qdeq(qt) -> np.ndarray:
+    from tinyllm.quant import dequantize
+
+    return np.asarray(dequantize(qt), np.float32)
+
+
+def qK(fmt: str, long: bool = False) -> int:
+    """In-features: more lane units than a warp has lanes (a second round, a ragged last one),
+    or (long) several unrolled rounds."""
+    if fmt in ("q4_k", "q6_k"):
+        return 4096 if long else 768
+    return 4096 if long else 1312
+
+
+@gpu
+@pytest.mark.parametrize("fmt", QFMTS)
+def test_quant_dequantize_is_exact(be, rng, fmt):
+    """dequant_<fmt>_bf16_v1 (the prefill path's first half) equals bf16(quant.dequantize)."""
+    N, K = 7, qK(fmt)
+    qt = random_quant(rng, fmt, N, K)
+    w = be.upload_quant("w", qt)
+    out = be.cp.zeros((N, K), be.bf16)
+    k = ck.get("quant_matmul.cu", f"dequant_{fmt}_bf16_v1")
+    k((2,), (64,), (*w.args(), out, np.int32(N), np.int32(K)))  # a grid-stride loop
+    np.testing.assert_array_equal(be.to_numpy(out), bf(qdeq(qt)))
+
+
+@gpu
+@pytest.mark.parametrize("fmt", QFMTS)
+@pytest.mark.parametrize("M", range(1, ck.GEMV_MAX_M + 1))
+@pytest.mark.parametrize("logits", [False, True])
+def test_quant_gemv(be, rng, fmt, M, logits):
+    """Every gemv_<fmt>_m<M>_<out>_v1; 13 outputs (a partly filled block), bias on odd M."""
+    N, K = 13, qK(fmt)
+    qt = random_quant(rng, fmt, N, K, scale=K**-0.5)
+    x, b = randn(rng, M, K), randn(rng, N)
+    bias = M % 2 == 1
+    w = be.upload_quant("lm_head.weight" if logits else "w", qt)
+    y = be.linear(be.from_numpy(x), w, be.upload("b", b) if bias else None)
+    assert y.shape == (M, N) and y.dtype == (np.float32 if logits else be.bf16)
+    want = x.astype(np.float64) @ qdeq(qt).T.astype(np.float64) + (b if bias else 0)
+    close(be.to_numpy(y), want)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", QFMTS)
+@pytest.mark.parametrize("M", [1, 8])
+def test_quant_gemv_long_rows(be, rng, fmt, M):
+    """K = 4096: every lane runs several unrolled rounds."""
+    N, K = 9, qK(fmt, long=True)
+    qt = random_quant(rng, fmt, N, K, scale=K**-0.5)
+    x = randn(rng, M, K)
+    y = be.linear(be.from_numpy(x), be.upload_quant("w", qt))
+    close(be.to_numpy(y), x.astype(np.float64) @ qdeq(qt).T.astype(np.float64))
+
+
+@gpu
+@pytest.mark.parametrize("fmt", QFMTS)
+@pytest.mark.parametrize("gemv,M", [("v1", 33), ("cublas", 2)])
+@pytest.mark.parametrize("logits", [False, True])
+def test_quant_linear_prefill(be, rng, monkeypatch, fmt, gemv, M, logits):
+    """More rows than GEMV_MAX_M (or gemv "cublas"): dequantize chunks of 5 weight rows (13 =
+    5 + 5 + 3) to bf16, each one cuBLAS product into its columns of y; then the bias."""
+    be.versions["gemv"] = gemv
+    N, K = 13, qK(fmt)
+    monkeypatch.setattr(cb, "DEQUANT_CHUNK_BYTES", 5 * 2 * K)
+    assert cb.dequant_rows(N, K) == 5
+    qt = random_quant(rng, fmt, N, K, scale=K**-0.5)
+    x, b = randn(rng, M, K), randn(rng, N)
+    w = be.upload_quant("lm_head.weight" if logits else "w", qt)
+    y = be.linear(be.from_numpy(x), w, be.upload("b", b))
+    assert y.shape == (M, N) and y.dtype == (np.float32 if logits else be.bf16)
+    want = x.astype(np.float64) @ bf(qdeq(qt)).T.astype(np.float64) + b
+    close(be.to_numpy(y), want, atol_ulps=6)  # + bias after a bf16 output: one more rounding
+
+
+@gpu
+def test_quant_gemv_row_chunks_and_strided_input(be, rng):
+    """gemv "v1-all" (a decode graph's bucket of 17 rows: 8 + 8 + 1) and an input whose row
+    stride is not a multiple of 8 (copied before the 16-byte loads)."""
+    be.versions["gemv"] = "v1-all"
+    N, K = 11, 256
+    qt = random_quant(rng, "q4_k", N, K, scale=K**-0.5)
+    w = be.upload_quant("w", qt)
+    x = randn(rng, 17, K)
+    close(be.to_numpy(be.linear(be.from_numpy(x), w)), x.astype(np.float64) @ qdeq(qt).T)
+    wide = randn(rng, 3, K + 4)
+    xs = be.from_numpy(wide)[:, 4:]
+    close(be.to_numpy(be.linear(xs, w)), wide[:, 4:].astype(np.float64) @ qdeq(qt).T)
+
+
+@gpu
+def test_quant_concat_rows_fuses_one_format(be, rng):
+    """q|k|v of one format fuse part by part (one GEMV, row views equal to the inputs); mixed
+    formats (a Q4_K_M file's q6_k v) and quantized with float do not fuse."""
+    K = 512
+    qts = [random_quant(rng, "q4_k", n, K, scale=K**-0.5) for n in (16, 8, 8)]
+    ws = [be.upload_quant("w", q) for q in qts]
+    fused, views = be.concat_rows(ws)
+    assert fused.shape == (32, K) and [v.shape for v in views] == [(16, K), (8, K), (8, K)]
+    x = randn(rng, 2, K)
+    dx = be.from_numpy(x)
+    want = x.astype(np.float64) @ np.concatenate([qdeq(q) for q in qts]).T
+    close(be.to_numpy(be.linear(dx, fused)), want)
+    close(be.to_numpy(be.linear(dx, views[2])), want[:, 24:])
+    q6 = be.upload_quant("w", random_quant(rng, "q6_k", 8, K))
+    assert be.concat_rows([ws[0], ws[1], q6]) == (None, [ws[0], ws[1], q6])
+    wf = be.upload("w", randn(rng, 8, K))
+    assert be.concat_rows([ws[0], wf])[0] is None
+
+
+@gpu
+def test_quant_upload_counts_bytes_and_refuses_unknown_formats(be, rng):
+    from tinyllm.quant import QuantTensor
+
+    before = be.uploaded_bytes
+    qt = random_quant(rng, "q4_0", 4, 64)
+    w = be.upload_quant("w", qt)
+    assert be.uploaded_bytes - before == w.nbytes == 4 * 32 + 4 * 2 * 2  # 4.5 bits per weight
+    with pytest.raises(TinyLLMError, match="q5_k"):
+        be.upload_quant("w", QuantTensor(fmt="q5_k", shape=(4, 256), parts={}))
+
+
 # ---- SwiGLU --------------------------------------------------------------------------------------
 
 
@@ -730,6 +897,12 @@ def test_every_launched_kernel_exists_in_the_sources():
         for r in ck.DECODE_REPS
     ]
     names += [
+        ("quant_matmul.cu", f"{k}_{f}_{v}")
+        for f in cb.QUANT_PARTS
+        for k, v in [("dequant", "bf16_v1")]
+        + [("gemv", f"m{m}_{o}_v1") for m in range(1, ck.GEMV_MAX_M + 1) for o in ("bf16", "f32")]
+    ]
+    names += [
         ("attention_decode.cu", "decode_reduce_v1"),
         ("sample.cu", "argmax_f32_v1"),
         ("sample.cu", "sample_f32_v1"),
@@ -737,8 +910,13 @@ def test_every_launched_kernel_exists_in_the_sources():
     for f, n in names:
         src = text[f]
         # entry points are extern "C": either spelled out or produced by the file's ENTRY macro
-        macro_ok = ("gemv_bf16_m##M" in src and n.startswith("gemv_")) or (
-            "decode_split_hd##HD" in src and n.startswith("decode_split")
+        macro_ok = (
+            ("gemv_bf16_m##M" in src and n.startswith("gemv_"))
+            or (
+                "gemv_##FMT##_m##M" in src
+                and f"QGEMV_ALL(QGEMV_{n[5 : n.find('_m')].upper()})" in src
+            )
+            or ("decode_split_hd##HD" in src and n.startswith("decode_split"))
         )
         assert n in src or macro_ok, f"{n} missing from {f}"
 

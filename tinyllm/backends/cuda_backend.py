@@ -165,6 +165,50 @@ def fits_message(
     return msg
 
 
+# ---- quantized weights (tinyllm/quant.py's layout; cuda/quant_matmul.cu) -------------------------
+# Per format: the parts in the order the kernels take them, and the elements per lane unit
+# (the dequantize launch's work items; cuda/quant_matmul.cu).
+QUANT_PARTS = {
+    "q8_0": ("qs", "d"),
+    "q4_0": ("qs", "d"),
+    "q4_1": ("qs", "d", "m"),
+    "q4_k": ("qs", "scales", "d", "dmin"),
+    "q6_k": ("ql", "qh", "scales", "d"),
+}
+QUANT_UNIT = {"q8_0": 16, "q4_0": 32, "q4_1": 32, "q4_k": 32, "q6_k": 64}
+QUANT_BLOCK = {"q8_0": 32, "q4_0": 32, "q4_1": 32, "q4_k": 256, "q6_k": 256}
+# The prefill path dequantizes this many bytes of bf16 weight rows at a time into a workspace
+# for cuBLAS (a Mistral-7B gate|up weight, 28672 x 4096, in 8 chunks).
+DEQUANT_CHUNK_BYTES = 32 << 20
+
+
+def dequant_rows(N: int, K: int) -> int:
+    """Weight rows per dequantize-then-cuBLAS chunk: as many as fit in DEQUANT_CHUNK_BYTES."""
+    return max(1, min(N, DEQUANT_CHUNK_BYTES // (2 * K)))
+
+
+class CudaQuantWeight:
+    """A quant.QuantTensor on the device: fmt, shape (N out, K in) and its parts as CuPy arrays
+    in quant.py's layout, row n of every part belonging to weight row n (so a row range is a
+    view of each part). `logits`: linear() writes fp32 (the vocabulary projection)."""
+
+    def __init__(self, fmt: str, shape: tuple[int, int], parts: dict, logits: bool = False):
+        self.fmt, self.shape, self.parts, self.logits = fmt, tuple(shape), parts, logits
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.parts.values())
+
+    def args(self) -> tuple:
+        """The parts in the kernels' parameter order."""
+        return tuple(self.parts[k] for k in QUANT_PARTS[self.fmt])
+
+    def rows(self, r0: int, r1: int) -> CudaQuantWeight:
+        return CudaQuantWeight(
+            self.fmt, (r1 - r0, self.shape[1]), {k: a[r0:r1] for k, a in self.parts.items()}
+        )
+
+
 # ---- device-side containers ---------------------------------------------------------------------
 
 
@@ -294,6 +338,7 @@ class CudaBackend:
     device_sampling = True  # sample() draws on the device (sample.cu)
     device_memory = True  # weights and KV live in GPU memory (memory.py's GPU plan)
     fused_projections = True  # concat_rows(): one GEMV for q|k|v and one for gate|up
+    quant_formats = tuple(QUANT_PARTS)  # upload_quant / linear (cuda/quant_matmul.cu)
 
     def __init__(
         self, dtype: str | None = None, checkpoint_dtype: str = "float32", device: int | None = None
@@ -434,9 +479,40 @@ class CudaBackend:
             self._logit_weights[dst.data.ptr] = dst
         return dst
 
+    def upload_quant(self, name: str, qt) -> CudaQuantWeight:
+        """A quant.QuantTensor's parts to the device as they are (codes and fp16 scales: no
+        cast), checked against the layout the kernels read."""
+        fmt, (N, K) = qt.fmt, tuple(qt.shape)
+        if fmt not in QUANT_PARTS:
+            raise TinyLLMError(
+                f"{name}: the cuda backend has no kernels for weight format {fmt!r} "
+                f"(supported: {', '.join(QUANT_PARTS)})"
+            )
+        if K % QUANT_BLOCK[fmt]:
+            raise ValueError(f"{name}: {fmt} needs in-features divisible by {QUANT_BLOCK[fmt]}")
+        parts = {}
+        for key in QUANT_PARTS[fmt]:
+            a = np.ascontiguousarray(qt.parts[key])
+            if a.shape[0] != N:
+                raise ValueError(f"{name}: {fmt} part {key} has {a.shape[0]} rows, want {N}")
+            try:
+                parts[key] = self.cp.asarray(a)
+            except self.cp.cuda.memory.OutOfMemoryError:
+                raise TinyLLMError(
+                    f"out of GPU memory loading {name} ({fmt}): {fmt_gb(self.uploaded_bytes)} of "
+                    f"weights were already loaded and {fmt_gb(self.free_memory())} is free on "
+                    f"{self.gpu_name}; use a smaller model or a smaller --quantize format"
+                ) from None
+        w = CudaQuantWeight(fmt, (N, K), parts, logits=name.endswith(LOGIT_WEIGHT_NAMES))
+        self.uploaded_bytes += w.nbytes
+        return w
+
     def mark_logits_weight(self, w) -> None:
         """Make linear(x, w) write fp32 (the vocabulary projection); upload does this itself for
         lm_head.weight / embed_tokens.weight."""
+        if isinstance(w, CudaQuantWeight):
+            w.logits = True
+            return
         self._logit_weights[w.data.ptr] = w
 
     def to_numpy(self, x) -> np.ndarray:
@@ -470,7 +546,22 @@ class CudaBackend:
 
     def concat_rows(self, arrays: list):
         """Weights stacked by rows into one device array, and row views of it equal to each
-        input (the inputs can then be freed): the fused projections of model.py."""
+        input (the inputs can then be freed): the fused projections of model.py. Quantized
+        weights of one format fuse part by part; weights of different formats (a Q4_K_M file's
+        q4_k q, k with a q6_k v) or quantized with float ones do not fuse: (None, the inputs),
+        and model.py runs them as separate linears."""
+        if any(isinstance(a, CudaQuantWeight) for a in arrays):
+            fmts = {a.fmt if isinstance(a, CudaQuantWeight) else None for a in arrays}
+            if len(fmts) != 1 or len({a.shape[1] for a in arrays}) != 1:
+                return None, list(arrays)
+            parts = {k: self.concat_rows([a.parts[k] for a in arrays])[0] for k in arrays[0].parts}
+            n = sum(a.shape[0] for a in arrays)
+            fused = CudaQuantWeight(arrays[0].fmt, (n, arrays[0].shape[1]), parts)
+            views, o = [], 0
+            for a in arrays:
+                views.append(fused.rows(o, o + a.shape[0]))
+                o += a.shape[0]
+            return fused, views
         n = sum(a.shape[0] for a in arrays)
         out = self.cp.empty((n,) + tuple(arrays[0].shape[1:]), arrays[0].dtype)
         views, o = [], 0
@@ -616,6 +707,8 @@ class CudaBackend:
         cuBLAS gemmEx (bf16 in, fp32 compute) into a fresh output, then the bias kernel.
         fp32 output for the vocabulary projection, bf16 otherwise."""
         cp = self.cp
+        if isinstance(w, CudaQuantWeight):
+            return self._linear_quant(x, w, b)
         x2, ldx = self._rows(x)
         M, K = x2.shape
         N = w.shape[0]
@@ -684,6 +777,101 @@ class CudaBackend:
             k(
                 (min(-(-total // threads), 65536),),
                 (threads,),
+                (y, np.int32(N), b, np.int32(M), np.int32(N)),
+            )
+        return y.reshape(x.shape[:-1] + (N,))
+
+    def _linear_quant(self, x, w: CudaQuantWeight, b=None):
+        """linear() with a quantized weight (cuda/quant_matmul.cu): few rows (and every
+        CUDA-graph step, in GEMV_MAX_M-row chunks) through the format's GEMV, which dequantizes
+        in registers; more rows through dequantize-to-bf16 in chunks of dequant_rows() weight
+        rows into a workspace, each chunk one cuBLAS gemmEx writing its columns of y (first
+        version: cuBLAS's tensor-core tiles for free; the extra pass over the weight costs
+        about 3 bytes of traffic per element, small against a prefill's M-row product)."""
+        cp = self.cp
+        x2, ldx = self._rows(x)
+        M, K = x2.shape
+        N = w.shape[0]
+        if w.shape[1] != K:
+            raise ValueError(f"linear: x has {K} features, w is {w.fmt} {w.shape}")
+        y = self._empty((M, N), np.float32 if w.logits else self.bf16)
+        if M == 0 or N == 0:
+            return y.reshape(x.shape[:-1] + (N,))
+        graph = self._arena is not None
+        if ldx % 8 or x2.data.ptr % 16:  # the kernels read x in 16-byte vectors
+            if graph:
+                raise TinyLLMError(
+                    f"a CUDA-graph decode step needs 16-byte aligned linear inputs (ldx={ldx}); "
+                    f"pass cuda_graph=False / --no-cuda-graph"
+                )
+            x2 = cp.ascontiguousarray(x2).copy()
+            ldx = K
+        bias = b if b is not None else self._null()
+        out = "f32" if w.logits else "bf16"
+        ver = "v1-all" if graph else self.versions["gemv"]
+        if ver == "v1-all" or (ver == "v1" and M <= ck.GEMV_MAX_M):
+            warps = ck.TILES["QGEMV_WARPS"]
+            for r0 in range(0, M, ck.GEMV_MAX_M):
+                m = min(ck.GEMV_MAX_M, M - r0)
+                k = ck.get("quant_matmul.cu", f"gemv_{w.fmt}_m{m}_{out}_v1")
+                k(
+                    (-(-N // warps),),
+                    (32 * warps,),
+                    (
+                        x2[r0 : r0 + m],
+                        np.int32(ldx),
+                        *w.args(),
+                        bias,
+                        y[r0 : r0 + m],
+                        np.int32(N),
+                        np.int32(N),
+                        np.int32(K),
+                    ),
+                )
+            return y.reshape(x.shape[:-1] + (N,))
+        from cupy_backends.cuda.libs import cublas
+
+        handle = cp.cuda.device.get_cublas_handle()
+        rows = dequant_rows(N, K)
+        scratch = self._ws_get("dequant", rows * K, self.bf16)
+        deq = ck.get("quant_matmul.cu", f"dequant_{w.fmt}_bf16_v1")
+        threads = ck.TILES["DEQUANT_THREADS"]
+        for n0 in range(0, N, rows):
+            nc = min(rows, N - n0)
+            work = nc * K // QUANT_UNIT[w.fmt]
+            deq(
+                (max(1, min(-(-work // threads), 16 * self.n_sms)),),
+                (threads,),
+                (*w.rows(n0, n0 + nc).args(), scratch, np.int32(nc), np.int32(K)),
+            )
+            # y[:, n0:n0+nc] = x . chunk^T: column-major "TN" with C at column n0 of y's rows.
+            cublas.gemmEx(
+                handle,
+                CUBLAS_OP_T,
+                CUBLAS_OP_N,
+                nc,
+                M,
+                K,
+                self._one.ctypes.data,
+                scratch.data.ptr,
+                CUDA_R_16BF,
+                K,
+                x2.data.ptr,
+                CUDA_R_16BF,
+                ldx,
+                self._zero.ctypes.data,
+                y.data.ptr + n0 * y.itemsize,
+                CUDA_R_32F if w.logits else CUDA_R_16BF,
+                N,
+                CUBLAS_COMPUTE_32F,
+                CUBLAS_GEMM_DEFAULT,
+            )
+        if b is not None:
+            total = M * N
+            k = ck.get("matmul.cu", "bias_add_f32_v1" if w.logits else "bias_add_bf16_v1")
+            k(
+                (min(-(-total // 256), 65536),),
+                (256,),
                 (y, np.int32(N), b, np.int32(M), np.int32(N)),
             )
         return y.reshape(x.shape[:-1] + (N,))

@@ -41,6 +41,10 @@ TILES = {
     "SWIGLU_THREADS": 256,
     "GEMV_WARPS": 8,  # output columns per block (one warp each)
     "GEMV_UNROLL": 4,  # 16-byte weight loads in flight per lane
+    "QGEMV_WARPS": 8,  # quantized GEMV (quant_matmul.cu): output columns per block
+    "QGEMV_UNROLL": 2,  #   lane units in flight (q6_k: half as many, 48 bytes each); at 4,
+    # ptxas (sm_90) gave q6_k 251-255 registers at M 6-8 and spilled q4_k: at 2, <= 100, none
+    "DEQUANT_THREADS": 256,  # quantized weight -> bf16 (the prefill path)
     "ROPE_WARPS": 4,  # (token, head) vectors per block
     "CLOSE_THREADS": 128,  # kv_close: channels of one (sequence, kv head) in flight
     "FA1_WARPS": 4,  # prefill v1 (FMA): warps per CTA
