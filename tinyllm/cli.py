@@ -90,10 +90,10 @@ def cmd_info(a) -> int:
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
-    from .backends import cuda_available
+    from .backends import auto_backend
 
-    backend = a.backend if a.backend != "auto" else ("cuda" if cuda_available() else "numpy")
-    compute_bytes = 4 if backend == "numpy" else 2
+    backend = a.backend if a.backend != "auto" else auto_backend()[0]
+    compute_bytes = 4 if backend in ("numpy", "cpu") else 2
     weight_bytes = cfg.n_params() * compute_bytes
     left = budget - weight_bytes
     if left <= 0:
@@ -106,7 +106,7 @@ def cmd_info(a) -> int:
     from .memory import host_plan, largest
 
     chunk = DEFAULT_PREFILL_CHUNK
-    if backend == "numpy":  # the same plan the loader checks (memory.py)
+    if backend in ("numpy", "cpu"):  # the same plan the loader checks (memory.py)
         working = f"working memory ({fmt_bytes(host_plan(cfg, 'fp32', 2, 1, chunk).runtime)} and up, growing with the context)"
         runtime = host_plan(cfg, "fp32", context, 1, chunk).runtime
 
