@@ -94,24 +94,28 @@ def f16(h):
 # Each is the per-row loop of quant.dequantize (or of the bf16 cast); `out` is the scratch.
 
 
+# How these loops are written (measured, one thread, a 4096-long row decoded in L1): LLVM
+# vectorizes a loop only if it can see it is a plain run over memory. Two things hide that:
+# a signed index (numba adds a negative-index wraparound check to every access) and a
+# literal trip count of 32 (the loop is fully unrolled into scalar code before the
+# vectorizer runs). So indices are unsigned (U) and block lengths come from the arrays'
+# shapes: 0.19 ns per q8_0 weight this way, 0.68 with a literal 32, 1.5 with signed indices.
+U = np.uint64
+
+
 @njit(cache=True)
 def row_bf16(bits, out):
     """bf16 is the top half of an fp32: shift the 16 bits up and read them as float32."""
     u = out.view(np.uint32)
-    for k in range(bits.shape[0]):
-        u[k] = np.uint32(bits[k]) << 16
-
-
-# Loop bounds below come from the arrays' shapes (bs = elements per scale) rather than the
-# literal 32: a loop of a constant 32 trips is unrolled into scalar code before LLVM's loop
-# vectorizer sees it (measured: ~10x slower), a loop of unknown length is vectorized.
+    for k in range(U(bits.shape[0])):
+        u[k] = np.uint32(bits[k]) << np.uint32(16)
 
 
 @njit(cache=True)
 def row_q8_0(qs, d, out):
     """q8_0: blocks of 32; w = d[b] * q.  qs (K,) int8, d (K/32,) float16 bits."""
-    bs = qs.shape[0] // d.shape[0]  # 32
-    for b in range(d.shape[0]):
+    bs = U(qs.shape[0] // d.shape[0])  # 32
+    for b in range(U(d.shape[0])):
         s = f16(d[b])
         for k in range(b * bs, b * bs + bs):
             out[k] = s * np.float32(qs[k])
@@ -121,25 +125,25 @@ def row_q8_0(qs, d, out):
 def row_q4_0(qs, d, out):
     """q4_0: blocks of 32 in 16 bytes; byte j holds element j (low nibble) and j+16 (high);
     w = d[b] * (q - 8).  qs (K/2,) uint8, d (K/32,) float16 bits."""
-    h = qs.shape[0] // d.shape[0]  # 16 bytes per block
-    for b in range(d.shape[0]):
+    h = U(qs.shape[0] // d.shape[0])  # 16 bytes per block
+    for b in range(U(d.shape[0])):
         s = f16(d[b])
-        for j in range(b * h, b * h + h):  # out[32b + i] for byte 16b + i, i < 16
-            out[j + b * h] = s * np.float32(np.int32(qs[j] & 15) - 8)
+        for j in range(b * h, b * h + h):  # out[32b + i] from byte 16b + i, i < 16
+            out[j + b * h] = s * (np.float32(qs[j] & np.uint8(15)) - np.float32(8))
         for j in range(b * h, b * h + h):  # out[32b + 16 + i]
-            out[j + b * h + h] = s * np.float32(np.int32(qs[j] >> 4) - 8)
+            out[j + b * h + h] = s * (np.float32(qs[j] >> np.uint8(4)) - np.float32(8))
 
 
 @njit(cache=True)
 def row_q4_1(qs, d, m, out):
     """q4_1: as q4_0 with an offset instead of the -8: w = d[b] * q + m[b]."""
-    h = qs.shape[0] // d.shape[0]
-    for b in range(d.shape[0]):
+    h = U(qs.shape[0] // d.shape[0])
+    for b in range(U(d.shape[0])):
         s, lo = f16(d[b]), f16(m[b])
         for j in range(b * h, b * h + h):
-            out[j + b * h] = s * np.float32(qs[j] & 15) + lo
+            out[j + b * h] = s * np.float32(qs[j] & np.uint8(15)) + lo
         for j in range(b * h, b * h + h):
-            out[j + b * h + h] = s * np.float32(qs[j] >> 4) + lo
+            out[j + b * h + h] = s * np.float32(qs[j] >> np.uint8(4)) + lo
 
 
 @njit(cache=True)
@@ -153,45 +157,53 @@ def scale_min_k4(j, sc):
 
 @njit(cache=True)
 def row_q4_k(qs, scales, d, dmin, out):
-    """q4_k: super-blocks of 256 = 4 groups of 64; group g uses 32 bytes qs[32g:32g+32]: low
-    nibbles are its first 32 elements (sub-block 2g), high nibbles the next 32 (2g+1);
-    w = d*sc * q - dmin*mn.  qs (K/2,), scales (K/256*12,) uint8; d, dmin (K/256,) float16 bits."""
-    for b in range(d.shape[0]):
+    """q4_k: super-blocks of 256 = 4 groups of 64; group g of super-block b uses the 32 bytes
+    from q0 = 128b + 32g: low nibbles are elements 256b + 64g + l (sub-block 2g), high
+    nibbles the next 32 (2g+1); w = (d*sc) * q - (dmin*mn).
+    qs (K/2,), scales (K/256*12,) uint8; d, dmin (K/256,) float16 bits."""
+    L = U(qs.shape[0] // d.shape[0] // 4)  # 32 bytes per group
+    for b in range(U(d.shape[0])):
         D, Dmin = f16(d[b]), f16(dmin[b])
-        sc = scales[12 * b : 12 * b + 12]
+        sc = scales[U(12) * b : U(12) * b + U(12)]
         for g in range(4):
             s1, m1 = scale_min_k4(2 * g, sc)
             s2, m2 = scale_min_k4(2 * g + 1, sc)
             d1, n1 = D * np.float32(s1), Dmin * np.float32(m1)
             d2, n2 = D * np.float32(s2), Dmin * np.float32(m2)
-            base, q0 = 256 * b + 64 * g, 128 * b + 32 * g
-            for j in range(32):
-                q = qs[q0 + j]
-                out[base + j] = d1 * np.float32(q & 15) - n1
-                out[base + 32 + j] = d2 * np.float32(q >> 4) - n2
+            q0 = U(4) * L * b + L * U(g)  # element 2*q0 + l is byte q0 + l's low nibble
+            for j in range(q0, q0 + L):
+                out[q0 + j] = d1 * np.float32(qs[j] & np.uint8(15)) - n1
+            for j in range(q0, q0 + L):
+                out[q0 + j + L] = d2 * np.float32(qs[j] >> np.uint8(4)) - n2
 
 
 @njit(cache=True)
 def row_q6_k(ql, qh, scales, d, out):
     """q6_k: super-blocks of 256 = 2 halves of 128; in half h, for l < 32, the 6-bit values of
     elements l, l+32, l+64, l+96 are the low/high nibbles of ql[64h+l], ql[64h+l+32] topped
-    with 2-bit fields of qh[32h+l]; w = d * scales[16-block] * (q - 32).
+    with 2-bit fields of qh[32h+l] (bits 0, 2, 4, 6); element i of the half uses scale
+    scales[8h + i // 16]; w = (d * sc) * (q - 32).
     ql (K/2,), qh (K/4,) uint8; scales (K/16,) int8; d (K/256,) float16 bits."""
-    for b in range(d.shape[0]):
+    L = U(ql.shape[0] // d.shape[0] // 8)  # 16: l runs in two halves of 16 (one scale each)
+    for b in range(U(d.shape[0])):
         D = f16(d[b])
-        for h in range(2):
-            y, lb, hb, sb = 256 * b + 128 * h, 128 * b + 64 * h, 64 * b + 32 * h, 16 * b + 8 * h
-            for j in range(32):
-                lo0, lo1, hi = np.int32(ql[lb + j]), np.int32(ql[lb + j + 32]), np.int32(qh[hb + j])
-                s = j // 16
-                q1 = ((lo0 & 15) | ((hi & 3) << 4)) - 32
-                q2 = ((lo1 & 15) | (((hi >> 2) & 3) << 4)) - 32
-                q3 = ((lo0 >> 4) | (((hi >> 4) & 3) << 4)) - 32
-                q4 = ((lo1 >> 4) | (((hi >> 6) & 3) << 4)) - 32
-                out[y + j] = D * np.float32(scales[sb + s]) * np.float32(q1)
-                out[y + j + 32] = D * np.float32(scales[sb + s + 2]) * np.float32(q2)
-                out[y + j + 64] = D * np.float32(scales[sb + s + 4]) * np.float32(q3)
-                out[y + j + 96] = D * np.float32(scales[sb + s + 6]) * np.float32(q4)
+        for h in range(U(2)):
+            for t in range(U(2)):  # l in [16t, 16t + 16)
+                lb, hb = U(128) * b + U(64) * h + L * t, U(64) * b + U(32) * h + L * t
+                y, si = U(256) * b + U(128) * h + L * t, U(16) * b + U(8) * h + t
+                s1, s2 = D * np.float32(scales[si]), D * np.float32(scales[si + U(2)])
+                s3, s4 = D * np.float32(scales[si + U(4)]), D * np.float32(scales[si + U(6)])
+                for i in range(L):
+                    lo0, lo1 = np.int32(ql[lb + i]), np.int32(ql[lb + i + U(32)])
+                    hi = np.int32(qh[hb + i])
+                    q1 = ((lo0 & 15) | ((hi & 3) << 4)) - 32
+                    q2 = ((lo1 & 15) | (((hi >> 2) & 3) << 4)) - 32
+                    q3 = ((lo0 >> 4) | (((hi >> 4) & 3) << 4)) - 32
+                    q4 = ((lo1 >> 4) | (((hi >> 6) & 3) << 4)) - 32
+                    out[y + i] = s1 * np.float32(q1)
+                    out[y + i + U(32)] = s2 * np.float32(q2)
+                    out[y + i + U(64)] = s3 * np.float32(q3)
+                    out[y + i + U(96)] = s4 * np.float32(q4)
 
 
 # ---- GEMV drivers: decode a row into the scratch, dot it with every row of x -----------------
