@@ -94,8 +94,10 @@ def bench_transformers(d: Path, prompt: list[int], n: int) -> tuple[float, list[
 LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
-def bandwidth(threads: int) -> float:
-    """Read bandwidth (bytes/s) of cpu_kernels.read_bandwidth over 512 MiB, best of 5."""
+def bandwidth(threads: int) -> tuple[float, float]:
+    """Read bandwidth of cpu_kernels.read_bandwidth over 512 MiB, best of 5: bytes per
+    wall second, and bytes per CPU second of this process (the latter is what one thread
+    reads on a core of its own, however loaded the machine is)."""
     import numba
 
     from tinyllm.backends import cpu_kernels as ck
@@ -103,14 +105,15 @@ def bandwidth(threads: int) -> float:
     numba.set_num_threads(threads)
     a = np.ones(((1 << 27) // 1024, 1024), np.float32)
     ck.read_bandwidth(a, 1)
-    best = min(_timed(ck.read_bandwidth, a, 1) for _ in range(5))
-    return a.nbytes / best
+    runs = [_timed(ck.read_bandwidth, a, 1) for _ in range(5)]
+    return a.nbytes / min(r[0] for r in runs), a.nbytes / min(r[1] for r in runs)
 
 
-def _timed(f, *args) -> float:
-    t0 = time.perf_counter()
+def _timed(f, *args) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of f(*args)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     f(*args)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def convert_weights(llm, fmt: str) -> int:
@@ -145,8 +148,8 @@ def bench_formats(d: Path, prompt: list[int], n: int) -> None:
     p = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     rows = []
     for threads in sorted({1, default}):
-        bw = bandwidth(threads)
-        base = None
+        bw, bw_cpu = bandwidth(threads)
+        base = base_cpu = None
         for backend, fmt in (
             ("numpy", "fp32"),
             ("cpu", "fp32"),
@@ -159,12 +162,17 @@ def bench_formats(d: Path, prompt: list[int], n: int) -> None:
             llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
             c = llm.generate([prompt], p)[0]
             tok_s = c.decode_tokens_per_s
-            base = base or tok_s
+            # CPU time of n-1 decode steps: generate(n) minus generate(1) (same cached prompt)
+            one = _timed(llm.generate, [prompt], SamplingParams(max_tokens=1, temperature=0))[1]
+            full = _timed(llm.generate, [prompt], p)[1]
+            tok_cpu = (n - 1) / max(full - one, 1e-9)
+            base, base_cpu = base or tok_s, base_cpu or tok_cpu
             load = open("/proc/loadavg").read().split()[0]
             rows.append(
                 f"| {threads} | {backend} {fmt} | {nbytes / 1e6:.0f} | {tok_s:.1f} | "
                 f"{tok_s / base:.2f}x | {bw / 1e9:.1f} | {100 * nbytes * tok_s / bw:.0f}% "
-                f"| {load} |"
+                f"| {tok_cpu:.1f} | {tok_cpu / base_cpu:.2f}x | {bw_cpu / 1e9:.1f} | "
+                f"{100 * nbytes * tok_cpu / bw_cpu:.0f}% | {load} |"
             )
             print(rows[-1], file=sys.stderr, flush=True)
     print(
@@ -173,9 +181,10 @@ def bench_formats(d: Path, prompt: list[int], n: int) -> None:
     )
     print(
         "| threads | backend, weights | MB streamed/token | decode tok/s | vs numpy fp32 "
-        "(same threads) | read GB/s (same run) | % of roofline | 1-min load |"
+        "(same threads) | read GB/s (same run) | % of roofline | tok per CPU-s | vs numpy "
+        "fp32 | read GB per CPU-s | % of roofline (CPU time) | 1-min load |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print("\n".join(rows))
 
 
@@ -240,19 +249,25 @@ def bench_7b_q4_0(n_tokens: int) -> None:
     for threads in sorted({1, default_threads()}):
         be = CpuBackend(threads)
         model.ops = be
-        bw = bandwidth(threads)
+        bw, bw_cpu = bandwidth(threads)
         table = np.arange(spec.ring, dtype=np.int32)[None]
         model.forward(np.array([1, 2, 3, 4], np.int32), Batch(table, [0], [4]), cache)
-        t0 = time.perf_counter()
-        for i in range(n_tokens):
-            model.forward(np.array([5 + i], np.int32), Batch(table, [4 + i], [1]), cache)
-        tok_s = n_tokens / (time.perf_counter() - t0)
+
+        def decode(start, table=table):
+            for i in range(n_tokens):
+                t = start + i
+                model.forward(np.array([5 + t], np.int32), Batch(table, [4 + t], [1]), cache)
+
+        wall, cpu = _timed(decode, 0)
+        tok_s, tok_cpu = n_tokens / wall, n_tokens / cpu
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         load = open("/proc/loadavg").read().split()[0]
         rows.append(
             f"| {threads} | {streamed / 1e9:.2f} | {(rss - rss0) / 1e9:.2f} "
             f"(process {rss / 1e9:.2f}) "
-            f"| {tok_s:.3f} | {bw / 1e9:.1f} | {100 * streamed * tok_s / bw:.0f}% | {load} |"
+            f"| {tok_s:.3f} | {bw / 1e9:.1f} | {100 * streamed * tok_s / bw:.0f}% "
+            f"| {tok_cpu:.3f} | {bw_cpu / 1e9:.1f} | {100 * streamed * tok_cpu / bw_cpu:.0f}% "
+            f"| {load} |"
         )
         print(rows[-1], file=sys.stderr, flush=True)
     print(
@@ -261,9 +276,10 @@ def bench_7b_q4_0(n_tokens: int) -> None:
     )
     print(
         "| threads | GB streamed/token | peak RSS GB (added by the model) | decode tok/s | "
-        "read GB/s (same run) | % of roofline | 1-min load |"
+        "read GB/s (same run) | % of roofline | tok per CPU-s | read GB per CPU-s | "
+        "% of roofline (CPU time) | 1-min load |"
     )
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print("\n".join(rows))
 
 
