@@ -44,7 +44,7 @@ def resolve_model_dir(model) -> Path:
 
 class LLM:
     """A loaded model ready to generate. `threads` sets the BLAS threads of this process
-    (numpy backend; see threads.py for the default)."""
+    and the cpu backend's numba threads (see threads.py for the default)."""
 
     def __init__(
         self,
@@ -73,7 +73,9 @@ class LLM:
             check_format(quantization)
         self.quantization = quantization
         cfg = ModelConfig.load(self.model_dir)
-        self.backend = get_backend(backend, dtype, checkpoint_dtype(self.model_dir))
+        self.backend = get_backend(
+            backend, dtype, checkpoint_dtype(self.model_dir), threads=self.threads
+        )
         if self.backend.graphs is not None:  # cuda: decode steps replay CUDA graphs unless off
             self.backend.graphs.enabled = bool(cuda_graph)
         self.kv_dtype = resolve_kv_dtype(kv_dtype, self.backend.compute_dtype)

@@ -106,10 +106,10 @@ def cmd_info(a) -> int:
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
-    from .backends import cuda_available
+    from .backends import auto_backend
 
-    backend = a.backend if a.backend != "auto" else ("cuda" if cuda_available() else "numpy")
-    compute_bytes = 4 if backend == "numpy" else 2
+    backend = a.backend if a.backend != "auto" else auto_backend()[0]
+    compute_bytes = 4 if backend in ("numpy", "cpu") else 2
     weight_bytes = weights_nbytes(cfg, compute_bytes, formats)
     left = budget - weight_bytes
     if left <= 0:
@@ -129,7 +129,7 @@ def cmd_info(a) -> int:
         else f": quantized matrices, the rest at {compute_bytes} bytes/param"
     )
     chunk = DEFAULT_PREFILL_CHUNK
-    if backend == "numpy":  # the same plan the loader checks (memory.py)
+    if backend in ("numpy", "cpu"):  # the same plan the loader checks (memory.py)
         low = host_plan(cfg, "fp32", 2, 1, chunk, formats=formats).runtime
         working = f"working memory ({fmt_bytes(low)} and up, growing with the context)"
         runtime = host_plan(cfg, "fp32", context, 1, chunk, formats=formats).runtime

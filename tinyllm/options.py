@@ -35,9 +35,10 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "numpy", "cuda"],
-        help="where to compute: cuda (NVIDIA GPU through CuPy) or numpy (CPU); "
-        "auto picks cuda when CuPy sees a GPU (default: auto)",
+        choices=["auto", "cpu", "numpy", "cuda"],
+        help="where to compute: cuda (NVIDIA GPU through CuPy), cpu (numba-compiled kernels) "
+        "or numpy (the reference); auto picks cuda when CuPy sees a GPU, else cpu when numba "
+        "is installed, else numpy (default: auto)",
     )
     p.add_argument(
         "--dtype",
@@ -71,7 +72,7 @@ def add_model_args(p: argparse.ArgumentParser):
         "--threads",
         type=_positive_int,
         default=None,
-        help="CPU threads for the numpy backend's matrix products (BLAS) "
+        help="CPU threads for the matrix products (BLAS, and the cpu backend's kernels) "
         "(default: the cores not busy with other processes at start, at least 1)",
     )
     p.add_argument(
@@ -203,16 +204,13 @@ def load_llm(a, max_batch: int = 1, quiet: bool = False):
         quantization=getattr(a, "quantize", None),
     )
     if not quiet:
-        why = (
-            " (auto: "
-            + ("CuPy sees a GPU" if llm.backend.name == "cuda" else "no GPU visible to CuPy")
-            + ")"
-            if a.backend == "auto"
-            else ""
-        )
+        from .backends import auto_backend
+
+        why = f" (auto: {auto_backend()[1]})" if a.backend == "auto" else ""
         threads = (
-            f", {llm.threads} BLAS thread{'s' if llm.threads > 1 else ''}"
-            if llm.backend.name == "numpy"
+            f", {llm.threads} {'BLAS' if llm.backend.name == 'numpy' else 'CPU'} "
+            f"thread{'s' if llm.threads > 1 else ''}"
+            if llm.backend.name in ("numpy", "cpu")
             else ""
         )
         graphs = getattr(llm.backend, "graphs", None)

@@ -3,7 +3,7 @@
 A backend provides these ops (arrays are the backend's own type; shapes in comments).
 The model never asks which backend it runs on.
 
-    name, compute_dtype                    "numpy"/"cuda", "fp32"/"bf16"/"fp16"
+    name, compute_dtype                    "numpy"/"cpu"/"cuda", "fp32"/"bf16"/"fp16"
     upload(name, a: np.ndarray)            a weight to the device, in the compute dtype
     upload_quant(name, qt: QuantTensor) -> handle
                                            a weight-only quantized matrix (quant.py's
@@ -49,7 +49,7 @@ import numpy as np
 
 from ..errors import TinyLLMError
 
-BACKENDS = ("numpy", "cuda", "auto")
+BACKENDS = ("numpy", "cpu", "cuda", "auto")
 CUDA_INSTALL_HINT = "pip install 'tinyllm[cuda12]' (CUDA 12) or 'tinyllm[cuda13]' (CUDA 13)"
 
 
@@ -102,21 +102,53 @@ def cuda_available() -> bool:
         return False
 
 
-def get_backend(name: str = "numpy", dtype: str | None = None, checkpoint_dtype: str = "float32"):
-    """Instantiate a backend. 'auto' picks cuda when CuPy sees a GPU, else numpy."""
+def numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def auto_backend() -> tuple[str, str]:
+    """What --backend auto picks, and why: cuda when CuPy sees a GPU, else cpu when numba
+    imports (compiled kernels), else numpy."""
+    if cuda_available():
+        return "cuda", "CuPy sees a GPU"
+    if numba_available():
+        return "cpu", "no GPU visible to CuPy; numba compiles the CPU kernels"
+    return "numpy", "no GPU visible to CuPy, numba not installed: pip install 'tinyllm[cpu]'"
+
+
+def get_backend(
+    name: str = "numpy",
+    dtype: str | None = None,
+    checkpoint_dtype: str = "float32",
+    threads: int = 1,
+):
+    """Instantiate a backend ('auto': see auto_backend). `threads`: the cpu backend's numba
+    threads (threads.py's choice)."""
     if name not in BACKENDS:
         raise TinyLLMError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
-        name = "cuda" if cuda_available() else "numpy"
-    if name == "numpy":
-        from .numpy_backend import NumpyBackend
-
+        name = auto_backend()[0]
+    if name in ("numpy", "cpu"):
         if dtype not in (None, "fp32", "float32"):
             raise TinyLLMError(
-                f"the numpy backend computes in float32 only (got dtype={dtype!r}); "
+                f"the {name} backend computes in float32 only (got dtype={dtype!r}); "
                 "drop --dtype or use --backend cuda"
             )
-        return NumpyBackend()
+        if name == "numpy":
+            from .numpy_backend import NumpyBackend
+
+            return NumpyBackend()
+        if not numba_available():
+            raise TinyLLMError(
+                "the cpu backend needs numba: pip install 'tinyllm[cpu]' (or use --backend numpy)"
+            )
+        from .cpu_backend import CpuBackend
+
+        return CpuBackend(threads)
     try:
         import cupy  # noqa: F401
     except Exception:

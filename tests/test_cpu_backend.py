@@ -1,0 +1,183 @@
+"""The cpu backend (numba kernels) against the numpy reference: each kernel against numpy's
+dequantize-then-matmul within the bound fp32 reassociation allows, and whole models
+(every parity config, every kv dtype, quantized weights) with the same greedy tokens.
+
+First run: numba compiles the kernels (~1-2 min on 2 busy cores) and caches them on disk
+(tinyllm/backends/__pycache__); later runs load them in seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TINY_CASES
+
+pytest.importorskip("numba")
+
+import ml_dtypes  # noqa: E402
+
+from tinyllm import LLM, SamplingParams, quant  # noqa: E402
+from tinyllm.backends import cpu_kernels as ck  # noqa: E402
+from tinyllm.backends.cpu_backend import GEMV_MAX_ROWS, CpuBackend  # noqa: E402
+from tinyllm.backends.numpy_backend import NumpyBackend  # noqa: E402
+
+PROMPT = [int(t) for t in np.random.default_rng(0).integers(3, 256, 40)]
+CASES = [(c, "float32", False) for c in TINY_CASES] + [
+    ("llama_gqa", "float32", True),
+    ("llama_gqa", "bfloat16", False),
+    ("mistral_window", "float16", True),
+]
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+EPS = float(np.finfo(np.float32).eps)
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return CpuBackend(threads=2)
+
+
+def assert_reassociation(y, x, w, b=None):
+    """y equals x @ w.T (+ b) computed in float64 up to the error any fp32 summation order
+    can make: |err| <= K * eps * (|x| @ |w|.T) per element (Higham's gamma_K bound, with
+    slack for the final fp32 rounding)."""
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    ref = x64 @ w64.T + (0 if b is None else b)
+    bound = (x.shape[1] + 2) * EPS * (np.abs(x64) @ np.abs(w64).T + (0 if b is None else abs(b)))
+    assert np.all(np.abs(y - ref) <= bound), float(np.max(np.abs(y - ref) / bound))
+
+
+def test_f16_decoder_is_exact():
+    """cpu_kernels.f16 (numba has no float16) against numpy on every one of the 65536 bit
+    patterns: normals, subnormals, ±0, ±inf and NaNs."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ref = bits.view(np.float16).astype(np.float32)
+    got = np.array([ck.f16(h) for h in bits], np.float32)
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), ref[~nan].view(np.uint32))  # ±0 too
+
+
+def weights(n, k, seed=0):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    w[1, 5] = 3.0  # an outlier
+    w[2, :256] = 0.0  # a zero (super-)block
+    return w
+
+
+@pytest.mark.parametrize("rows", [1, 3, GEMV_MAX_ROWS + 12])  # decode GEMV, and prefill tiles
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", *quant.FORMATS])
+def test_linear_matches_dequantize_then_matmul(cpu, fmt, rows):
+    """N = 37 rows (not a multiple of the kernels' 4 or 16), K = 512 (two K-quant
+    super-blocks), with a bias: the reference is numpy's linear on the dequantized weight."""
+    n, k = 37, 512
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    w32 = weights(n, k)
+    if fmt == "fp32":
+        w, dense = cpu.upload("w", w32), w32
+    elif fmt == "bf16":
+        w = cpu.upload("w", w32.astype(ml_dtypes.bfloat16))
+        assert w.dtype == ml_dtypes.bfloat16  # kept at 2 bytes per weight
+        dense = w.astype(np.float32)
+    else:
+        w = cpu.upload_quant("w", quant.quantize(w32, fmt))
+        dense = quant.dequantize(w)
+    y = cpu.linear(x, w, bias)
+    assert y.shape == (rows, n) and y.dtype == np.float32
+    assert_reassociation(y, x, dense, bias.astype(np.float64))
+    np.testing.assert_allclose(y, NumpyBackend().linear(x, dense, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0", "q4_k"])
+def test_embed_rows_of_stored_formats(cpu, fmt):
+    w32 = weights(10, 256)
+    if fmt == "bf16":
+        table = cpu.upload("e", w32.astype(ml_dtypes.bfloat16))
+        dense = table.astype(np.float32)
+    else:
+        table = cpu.upload_quant("e", quant.quantize(w32, fmt))
+        dense = quant.dequantize(table)
+    tokens = np.array([3, 0, 9, 3], np.int32)
+    np.testing.assert_array_equal(cpu.embed(table, tokens), dense[tokens])
+
+
+def pair(d, **kw):
+    kw = dict(max_seq_len=128, prefill_chunk=16, **kw)
+    return LLM(str(d), backend="cpu", threads=2, **kw), LLM(str(d), backend="numpy", **kw)
+
+
+def assert_same(ours, ref, tol=1e-4):
+    a, b = ours.logits(PROMPT), ref.logits(PROMPT)
+    assert float(np.abs(a - b).max() / np.abs(b).max()) < tol
+    assert (
+        ours.generate([PROMPT], GREEDY)[0].token_ids == ref.generate([PROMPT], GREEDY)[0].token_ids
+    )
+
+
+@pytest.mark.parametrize(
+    "case,dtype,shard", CASES, ids=[f"{c}-{d}{'-sharded' if s else ''}" for c, d, s in CASES]
+)
+def test_cpu_matches_numpy_on_parity_configs(tiny_factory, case, dtype, shard):
+    """Prefill in chunks of 16 (> GEMV_MAX_ROWS: BLAS / dequantized tiles), then 24 greedy
+    one-token decode steps (the GEMV kernels); the bf16 checkpoint stays bf16 on cpu."""
+    ours, ref = pair(tiny_factory(case, dtype, shard))
+    assert ours.backend.name == "cpu"
+    if dtype == "bfloat16":
+        assert ours.model.w.layers[0].wq.dtype == ml_dtypes.bfloat16
+    assert_same(ours, ref)
+
+
+@pytest.mark.parametrize("kv", ["fp16", "bf16", "int8", "fp8"])
+@pytest.mark.parametrize("case", ["llama_gqa", "mistral_window"])
+def test_cpu_matches_numpy_for_every_kv_dtype(tiny_factory, case, kv):
+    ours, ref = pair(tiny_factory(case), kv_dtype=kv)
+    assert ours.kv_dtype == ref.kv_dtype == kv
+    assert ours.generate([PROMPT], GREEDY)[0].token_ids == (
+        ref.generate([PROMPT], GREEDY)[0].token_ids
+    )
+
+
+def quantize_linears(llm, fmt):
+    """Every projection and the lm_head of a loaded LLM as `fmt` (the same QuantTensor on
+    both backends; K = 64 or 128 here, so the 32-element formats)."""
+    w = llm.model.w
+    for L in w.layers:
+        for f in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+            setattr(
+                L, f, llm.backend.upload_quant(f, quant.quantize(np.asarray(getattr(L, f)), fmt))
+            )
+    w.lm_head = llm.backend.upload_quant("lm_head", quant.quantize(np.asarray(w.lm_head), fmt))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_cpu_matches_numpy_with_quantized_weights(tiny_factory, fmt):
+    ours, ref = pair(tiny_factory("llama_gqa"))
+    quantize_linears(ours, fmt)
+    quantize_linears(ref, fmt)
+    assert_same(ours, ref)
+
+
+def test_auto_picks_cuda_then_cpu_then_numpy(monkeypatch):
+    import tinyllm.backends as b
+
+    monkeypatch.setattr(b, "cuda_available", lambda: False)
+    assert b.auto_backend()[0] == "cpu"
+    assert b.get_backend("auto").name == "cpu"
+    monkeypatch.setattr(b, "numba_available", lambda: False)
+    name, why = b.auto_backend()
+    assert name == "numpy" and "tinyllm[cpu]" in why
+    with pytest.raises(b.TinyLLMError, match=r"tinyllm\[cpu\]"):
+        b.get_backend("cpu")
+    monkeypatch.setattr(b, "cuda_available", lambda: True)
+    assert b.auto_backend()[0] == "cuda"
+
+
+def test_threads_reach_numba():
+    import numba
+
+    CpuBackend(threads=1)
+    assert numba.get_num_threads() == 1
+    CpuBackend(threads=2)
+    assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
