@@ -375,8 +375,26 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TINYLLM_API_KEY, else none)",
+        help="require 'Authorization: Bearer KEY' on /v1 routes and /metrics "
+        "(default: $TINYLLM_API_KEY, else none)",
     )
+    sv.add_argument(
+        "--public-metrics",
+        action="store_true",
+        help="serve /metrics without the API key (default: off: with a key, /metrics needs it too, "
+        "since its counts tell an outsider how busy the server is; Prometheus can send it)",
+    )
+    sv.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="the model id(s) clients send and /v1/models lists, the first one public (default: "
+        "the --model name, its HF repo id and its directory's name; a path is never made public)",
+    )
+    from .serve_limits import add_limit_args
+
+    add_limit_args(sv)
     sv.set_defaults(func=cmd_serve)
 
     e = sub.add_parser(
