@@ -262,7 +262,6 @@ def test_body_over_the_limit_is_413_before_parsing(srv, c):
 
     r = c.post(CP, content=chunks(), headers={"Content-Type": "application/json"})
     openai_error(r, 413, "request_too_large")
-    # A lying Content-Length (smaller than the body) cannot sneak a large body in either.
     assert c.get("/health").status_code == 200
 
 
@@ -459,22 +458,28 @@ def test_tokenizer_less_server_refuses_text_and_returns_ids(bare, tiny_factory):
 
 
 def test_requests_past_the_shutdown_deadline_get_503(model):
-    s = Server(model, "--shutdown-timeout", "1", max_batch=2, ctx=256)
-    try:
-        long = {"prompt": "a", "max_tokens": 5000, "ignore_eos": True}
-        out = {}
+    s = Server(model, "--shutdown-timeout", "2", max_batch=2, ctx=CTX)
+    try:  # (4095 tokens to generate: far more than the deadline leaves time for)
+        long = {"prompt": "a", "max_tokens": CTX, "ignore_eos": True}
+        out, streaming = {}, threading.Event()
 
         def plain():
             out["plain"] = httpx.post(s.url + CP, json=long, timeout=60)
 
         def streamed():
             with httpx.stream("POST", s.url + CP, json={**long, "stream": True}, timeout=60) as r:
-                out["stream"] = [x for x in r.iter_lines() if x]
+                lines = []
+                for x in r.iter_lines():
+                    streaming.set()
+                    if x:
+                        lines.append(x)
+                out["stream"] = lines
 
-        ts = [threading.Thread(target=plain), threading.Thread(target=streamed)]
-        for t in ts:
-            t.start()
-        time.sleep(1.0)
+        ts = [threading.Thread(target=streamed), threading.Thread(target=plain)]
+        ts[0].start()
+        assert streaming.wait(60)
+        ts[1].start()
+        time.sleep(1.0)  # the plain request is in
         s.proc.send_signal(signal.SIGTERM)
         for t in ts:
             t.join(60)
@@ -609,3 +614,48 @@ def test_token_bytes_come_from_the_vocabulary(model):
     ids = tok.encode("é✓", add_special_tokens=False)
     assert [tok.token_bytes(i) for i in ids] == [bytes([b]) for b in "é✓".encode()]
     assert tok.decode([ids[0]]) == "\ufffd"  # what the old per-token decode gave
+
+
+def test_a_memory_refusal_names_the_flag_at_fault(model):
+    """A pool that --kv-cache-memory or --block-size made too large is blamed on that flag, not
+    answered with '--ctx-size N' / '--max-batch 1' at their current values."""
+    from tinyllm.config import ModelConfig
+    from tinyllm.errors import TinyLLMError
+    from tinyllm.memory import check_host_fits, host_plan
+
+    cfg = ModelConfig.load(model)
+    fits = host_plan(cfg, "fp32", 256, 1, 512).total
+    with pytest.raises(TinyLLMError) as e:  # --kv-cache-memory of 100,000 blocks
+        check_host_fits(cfg, "fp32", 256, 1, 512, fits + 1000, 16, 100_000)
+    assert "--kv-cache-memory" in str(e.value) and "--ctx-size" not in str(e.value)
+    with pytest.raises(TinyLLMError) as e:  # a block of 100,000 tokens
+        check_host_fits(cfg, "fp32", 256, 1, 512, fits + 1000, 100_000)
+    assert "--block-size 100000" in str(e.value) and "--ctx-size" not in str(e.value)
+
+
+# ---- papercuts ----------------------------------------------------------------------------------
+
+
+def test_papercuts_help_convert_and_the_ready_line(tmp_path):
+    from tinyllm.serve import ready_lines
+
+    for cmd, words in (("list", ["examples:"]), ("chat", ["/set", '"""', "/stats"])):
+        p = run_cli(cmd, "--help", timeout=60)
+        assert p.returncode == 0 and all(w in p.stdout for w in words), p.stdout
+    # a key given with --api-key is spelled out (the user's shell has no $TINYLLM_API_KEY)
+    assert "Bearer sk-x" in ready_lines("http://h:1", "m", "sk-x", key_from_env=False)
+    assert "$TINYLLM_API_KEY" in ready_lines("http://h:1", "m", "sk-x", key_from_env=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    p = run_cli("convert", gguf, out, timeout=60)
+    assert p.returncode == 2 and "--overwrite" in p.stderr, p.stderr
+
+
+def test_the_hf_repo_id_and_the_directory_name_are_aliases(tmp_path):
+    from tinyllm.options import model_names
+
+    d = tmp_path / "my-model"
+    assert model_names(str(d), d) == ("my-model",)  # a path: its name only, never the path

@@ -193,7 +193,13 @@ def load_llm(a, max_batch: int = 1, quiet: bool = False):
     if not quiet:
         why = (
             " (auto: "
-            + ("CuPy sees a GPU" if llm.backend.name == "cuda" else "no GPU visible to CuPy")
+            + (
+                "CuPy sees a GPU"
+                if llm.backend.name == "cuda"
+                else "no GPU visible to CuPy"
+                if _cupy_installed()
+                else "CuPy is not installed"
+            )
             + ")"
             if a.backend == "auto"
             else ""
@@ -236,3 +242,9 @@ def model_names(model: str | None, model_dir) -> tuple[str, ...]:
     public = Path(model_dir).name if source == "path" else name
     repo = repo or (alias_repo(name) if source != "path" else None)
     return tuple(dict.fromkeys(n for n in (public, repo, Path(model_dir).name) if n))
+
+
+def _cupy_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("cupy") is not None
