@@ -185,9 +185,11 @@ class Server:
             raise AssertionError(f"no ready line: {line!r}\n{self.log.read()}")
         self.url, self.model = m.group(1), m.group(2)
         self.curl = self.proc.stdout.readline()
+        self.key = (env or {}).get("TINYLLM_API_KEY")
 
-    def metrics(self) -> dict:
-        text = httpx.get(self.url + "/metrics").text
+    def metrics(self, headers: dict | None = None) -> dict:
+        auth = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        text = httpx.get(self.url + "/metrics", headers=headers or auth).text
         out = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):

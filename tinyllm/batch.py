@@ -105,17 +105,13 @@ def identify(raw: bytes, lineno: int, seen: set) -> tuple[tuple, dict | None, Li
     """The resume key of a line, its JSON object, and the error that stops it before any
     per-request validation. `seen` collects the ids met so far (a later repeat is an error
     keyed by its line, so the first occurrence keeps the id)."""
+    from .request_json import BodyError, loads
+
     line_key = ("line", lineno)
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return line_key, None, LineError("invalid_json", f"input line {lineno} is not UTF-8 text")
-    except ValueError as e:
-        return (
-            line_key,
-            None,
-            LineError("invalid_json", f"input line {lineno} is not valid JSON ({e})"),
-        )
+    try:  # (no NaN/Infinity, no lone surrogates, bounded nesting: request_json.py)
+        obj = loads(raw, f"input line {lineno}")
+    except BodyError as e:
+        return line_key, None, LineError(e.code, e.message)
     if not isinstance(obj, dict):
         return (
             line_key,
@@ -292,7 +288,9 @@ def merge_params(request: SamplingParams, defaults: SamplingParams) -> SamplingP
 # ---- output records --------------------------------------------------------------------
 
 
-def ok_record(item: Item, completion, model: str, created: int) -> dict:
+def ok_record(item: Item, completion, model: str, created: int, with_ids: bool = False) -> dict:
+    """with_ids: the choice carries the generated `token_ids` (as serve's return_token_ids;
+    a model without a tokenizer has no text, so they are its only output)."""
     n_prompt, n_gen = len(completion.prompt_token_ids), len(completion.token_ids)
     choice: dict = {"index": 0}
     if item.chat:
@@ -300,6 +298,8 @@ def ok_record(item: Item, completion, model: str, created: int) -> dict:
     else:
         choice["text"] = completion.text
     choice.update(logprobs=None, finish_reason=completion.finish_reason)
+    if with_ids:
+        choice["token_ids"] = list(completion.token_ids)
     body = {
         "id": ("chatcmpl-" if item.chat else "cmpl-") + uuid.uuid4().hex,
         "object": "chat.completion" if item.chat else "text_completion",
@@ -619,7 +619,7 @@ def run_batch(a) -> int:
     --max-batch that does not fit before the output exists) -> open and lock the output ->
     re-read it under the lock -> run."""
     from .hub import resolve
-    from .options import load_llm, sampling_from_args
+    from .options import load_llm, model_names, sampling_from_args
 
     if a.max_batch < 1:
         raise TinyLLMError(f"--max-batch must be at least 1 (got {a.max_batch})")
@@ -629,6 +629,11 @@ def run_batch(a) -> int:
         raise TinyLLMError("the input and the output are the same file")
     if out_path.is_dir():
         raise TinyLLMError(f"cannot write {out_path}: it is a directory")
+    if out_path.exists() and not out_path.is_file():  # a FIFO would block open() forever
+        raise TinyLLMError(
+            f"cannot write {out_path}: it is not a regular file (a pipe, a device or a socket); "
+            "the output must be a file that --resume can read back: choose a file path"
+        )
     check_not_locked(out_path)
     run = run_identity(a, resolve(a.model).path)
     has_results = out_path.is_file() and out_path.stat().st_size > 0
@@ -675,6 +680,7 @@ def run_batch(a) -> int:
                 f"resuming: {n_skip} requests already in {out_path}, {todo} to go", file=sys.stderr
             )
         job = BatchJob(llm, defaults, in_path, out, done, Tally(skipped=n_skip), run)
+        job.model_name = model_names(a.model, llm.model_dir)[0]
         try:
             with ctrl_c.installed():
                 job.run(todo, progress=not quiet)
@@ -723,6 +729,7 @@ class BatchJob:
             done,
         )
         self.tally, self.run_id = tally, run
+        self.model_name = llm.model_dir.name  # run_batch: the name serve would answer to
         self.prints: dict[int, str] = {}  # input line -> fingerprint of its request
         self.inflight: dict[int, Item] = {}  # engine index -> item, admitted and not finished
         self.bar = None
@@ -749,7 +756,13 @@ class BatchJob:
                 c = ev.completion
                 self.out.write(
                     {
-                        **ok_record(item, c, self.llm.model_dir.name, int(time.time())),
+                        **ok_record(
+                            item,
+                            c,
+                            self.model_name,
+                            int(time.time()),
+                            with_ids=self.llm.tokenizer is None,
+                        ),
                         "fingerprint": self.prints.pop(item.lineno),
                     }
                 )
@@ -807,7 +820,30 @@ class BatchJob:
 
 
 def tokenize(llm, item: Item) -> list[int]:
-    """Prompt token ids of an item, checked against the vocabulary and the context."""
+    """Prompt token ids of an item, checked against the vocabulary and the context. Text is
+    only tokenized when it can fit: a tokenizer-less model refuses it, and a text longer than
+    the context could hold even at the longest token's length fails before tokenizing (a
+    50 MB line would otherwise take minutes and gigabytes only to be refused)."""
+    param = "messages" if item.chat else "prompt"
+    if item.chat or isinstance(item.prompt, str):
+        tok = llm.tokenizer
+        if tok is None:
+            raise LineError(
+                "tokenizer_missing",
+                f"{'chat messages need' if item.chat else 'a text prompt needs'} a tokenizer "
+                f"and the model has none (no tokenizer.json or tokenizer.model.v1/v2/v3): send "
+                "the prompt as a list of token ids",
+                param,
+            )
+        chars = sum(len(m["content"]) for m in item.prompt) if item.chat else len(item.prompt)
+        # n chars are >= n / longest tokens; x4 leaves room for a normalizer that shrinks text
+        if chars > 4 * llm.max_seq_len * tok.longest_token_chars():
+            raise LineError(
+                "context_length_exceeded",
+                f"the {param} has {chars} characters, far more than a context of "
+                f"{llm.max_seq_len} tokens holds: shorten it (refused before tokenizing)",
+                param,
+            )
     if item.chat:
         try:
             ids = llm.tokenizer.encode_chat(item.prompt, add_generation_prompt=True)

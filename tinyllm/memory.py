@@ -196,25 +196,38 @@ def check_host_fits(
             f"{msg}; even the weights with the smallest cache do not fit"
             + (quantize_hint or ": use a smaller model or --backend cuda")
         )
-    ctx = largest(
-        lambda n: host_plan(cfg, kv_dtype, n, max_batch, chunk, formats=formats).total <= available,
-        2,
-        max_seq_len,
-    )
-    batch = largest(
-        lambda b: (
-            host_plan(cfg, kv_dtype, max_seq_len, b, chunk, formats=formats).total <= available
-        ),
-        1,
-        max_batch,
-    )
     hints = [quantize_hint[2:]] if quantize_hint else []
-    if ctx >= 2:
-        hints.append(f"the largest --ctx-size that fits with --max-batch {max_batch} is {ctx}")
-    if batch >= 1:
-        hints.append(f"the largest --max-batch that fits with --ctx-size {max_seq_len} is {batch}")
-    if not hints:
-        hints.append("lower both --ctx-size and --max-batch")
+    # Name the flag at fault: a pool sized by --kv-cache-memory, or a --block-size that makes
+    # blocks (and so the per-sequence working set) large, before the context and the batch.
+    if n_blocks is not None:
+        room = available - (plan.total - plan.kv)
+        hints.append(
+            f"the --kv-cache-memory pool takes {fmt_bytes(plan.kv)}: at most "
+            f"{fmt_bytes(max(room, 0))} fits next to the weights and working memory"
+            if room > 0
+            else "lower --kv-cache-memory"
+        )
+    elif block_size != DEFAULT_BLOCK_SIZE and (
+        host_plan(cfg, kv_dtype, max_seq_len, max_batch, chunk, formats=formats).total <= available
+    ):
+        hints.append(
+            f"--block-size {block_size} is what does not fit: the default {DEFAULT_BLOCK_SIZE} does"
+        )
+    else:
+
+        def total(n: int, b: int) -> int:
+            return host_plan(cfg, kv_dtype, n, b, chunk, block_size, formats=formats).total
+
+        ctx = largest(lambda n: total(n, max_batch) <= available, 2, max_seq_len)
+        batch = largest(lambda b: total(max_seq_len, b) <= available, 1, max_batch)
+        if 2 <= ctx < max_seq_len:
+            hints.append(f"the largest --ctx-size that fits with --max-batch {max_batch} is {ctx}")
+        if 1 <= batch < max_batch:
+            hints.append(
+                f"the largest --max-batch that fits with --ctx-size {max_seq_len} is {batch}"
+            )
+        if not hints:
+            hints.append("lower both --ctx-size and --max-batch")
     if kv_dtype in ("fp32", "fp16", "bf16"):
         hints.append("--kv-dtype int8 stores the cache in a quarter of fp32's space")
     raise TinyLLMError(f"{msg}; " + "; ".join(hints))

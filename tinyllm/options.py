@@ -229,3 +229,23 @@ def load_llm(a, max_batch: int = 1, quiet: bool = False):
             file=sys.stderr,
         )
     return llm
+
+
+def model_names(model: str | None, model_dir) -> tuple[str, ...]:
+    """The names a model answers to in API output and requests (serve's /v1/models, batch's
+    `model` field), the public one first: the name given to --model (or the default's), unless
+    it is a local path (a path would expose the file system: the directory's name then), then
+    its HF repo id and the directory's name as aliases (vLLM users send the repo id)."""
+    from pathlib import Path
+
+    from .hub import DEFAULT_MODEL, alias_repo, resolve
+
+    try:
+        r = resolve(model, progress=False)
+        source, repo = r.source, r.repo_id
+    except Exception:  # (already loaded: only naming is at stake here)
+        source, repo = "path", None
+    name = model or DEFAULT_MODEL
+    public = Path(model_dir).name if source == "path" else name
+    repo = repo or (alias_repo(name) if source != "path" else None)
+    return tuple(dict.fromkeys(n for n in (public, repo, Path(model_dir).name) if n))

@@ -11,7 +11,10 @@ later request can still find it.
 Prefix caching (vLLM's scheme). Once all block_size positions of a block row are written, the
 row gets a hash chained over its parent's hash and its token ids:
     h_0 = H(ROOT, ids[0:bs]),   h_j = H(h_{j-1}, ids[j*bs:(j+1)*bs])
-so equal hashes mean equal tokens from position 0: equal K/V. A new sequence takes every
+so equal hashes mean equal tokens from position 0: equal K/V. A request's `cache_salt`
+(tenants apart, as vLLM) replaces ROOT by H(ROOT, salt) (salted_root): sequences with
+different salts never produce equal hashes, so they never share a block, and a client cannot
+learn through cached_tokens whether another's prompt began the same way. A new sequence takes every
 leading full row whose hash is in the pool (count + 1, no copy) and computes only the rest.
 Only full rows are shared, and a sequence only ever writes into rows past its hits (its
 last, partial row is always its own), so no copy-on-write is needed; a shared or cached
@@ -38,6 +41,13 @@ from .kv_cache import KVCacheSpec
 ROOT = b"tinyllm-prefix-v1"
 
 
+def salted_root(salt: str | None) -> bytes:
+    """The parent hash of a sequence's first block row: ROOT, or ROOT mixed with its salt."""
+    if salt is None:
+        return ROOT
+    return hashlib.blake2b(ROOT + b"\0salt\0" + salt.encode("utf-8"), digest_size=16).digest()
+
+
 def chain_hash(parent: bytes, tokens) -> bytes:
     """H(parent, tokens): blake2b-128 over the parent digest and the ids as int64."""
     return hashlib.blake2b(parent + np.asarray(tokens, np.int64).tobytes(), digest_size=16).digest()
@@ -51,6 +61,7 @@ class SeqBlocks:
     rows: int = 0  # block rows allocated so far (0 .. rows-1)
     hashes: list[bytes] = field(default_factory=list)  # chain hash of every full row, in order
     cached_tokens: int = 0  # leading tokens taken from the prefix cache
+    root: bytes = ROOT  # the parent hash of row 0 (salted_root)
 
 
 class BlockPool:
@@ -109,7 +120,9 @@ class BlockPool:
         """The first of k leading rows a sequence's table holds: 0, or for a ring k - R + 1."""
         return max(0, k - self.spec.ring + 1) if self.spec.rolling else 0
 
-    def match(self, ids: list[int], hashes: list[bytes] | None = None) -> tuple[int, list[bytes]]:
+    def match(
+        self, ids: list[int], hashes: list[bytes] | None = None, root: bytes = ROOT
+    ) -> tuple[int, list[bytes]]:
         """(k, hashes): the longest prefix of k full rows of ids[:-1] this pool can serve
         (for a ring, rows k-R+1 .. k-1 must be present), and the hashes of those rows.
 
@@ -123,7 +136,7 @@ class BlockPool:
         full = (len(ids) - 1) // self.spec.block_size
         if len(hashes) < full:
             hashes += self.row_hashes(
-                ids[: full * self.spec.block_size], hashes[-1] if hashes else ROOT, len(hashes)
+                ids[: full * self.spec.block_size], hashes[-1] if hashes else root, len(hashes)
             )
         best, run = 0, 0
         for k in range(1, full + 1):
@@ -145,11 +158,14 @@ class BlockPool:
         total = self.spec.blocks_for(n_tokens)
         return hits, total - min(len(kept), total)
 
-    def admit(self, ids: list[int], matched: tuple[int, list[bytes]] | None = None) -> SeqBlocks:
+    def admit(
+        self, ids: list[int], matched: tuple[int, list[bytes]] | None = None, root: bytes = ROOT
+    ) -> SeqBlocks:
         """A table for a sequence starting from these ids, holding its prefix-cache hits
-        (`matched`: match(ids), when the caller has it)."""
+        (`matched`: match(ids, root=root), when the caller has it)."""
         seq = self.new_seq()
-        k, hashes = matched if matched is not None else self.match(ids)
+        seq.root = root
+        k, hashes = matched if matched is not None else self.match(ids, root=root)
         R = self.spec.ring
         for j in range(self._first_held(k), k):
             b = self.block_of[hashes[j]]
@@ -184,7 +200,7 @@ class BlockPool:
         full = n_written // self.spec.block_size
         if full <= len(seq.hashes):
             return
-        parent = seq.hashes[-1] if seq.hashes else ROOT
+        parent = seq.hashes[-1] if seq.hashes else seq.root
         new = self.row_hashes(ids[: full * self.spec.block_size], parent, len(seq.hashes))
         R = self.spec.ring
         for j, h in enumerate(new, start=len(seq.hashes)):

@@ -8,6 +8,7 @@ what else is in the batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -15,6 +16,16 @@ import numpy as np
 from .errors import TinyLLMError
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+# Bounds that keep the float arithmetic finite (a logit is at most ~1e4 in magnitude):
+PENALTY_RANGE = 1e4  # repetition_penalty in [1e-4, 1e4]
+MAX_TEMPERATURE = 1e4  # (above this every distribution is uniform anyway)
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclass
@@ -35,6 +46,21 @@ class SamplingParams:
     def validate(self) -> SamplingParams:
         def bad(what):
             raise TinyLLMError(f"invalid sampling parameter: {what}")
+
+        for name in ("temperature", "top_p", "repetition_penalty"):  # Infinity, NaN, 10**400
+            v = getattr(self, name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not _finite(v):
+                bad(f"{name}={v!r:.40} (must be a finite number)")
+        t = self.temperature
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and t > MAX_TEMPERATURE:
+            bad(f"temperature={self.temperature!r} (must be at most {MAX_TEMPERATURE:g})")
+        rp = self.repetition_penalty
+        if isinstance(rp, (int, float)) and rp > 0 and not 1 / PENALTY_RANGE <= rp <= PENALTY_RANGE:
+            # logits / 1e-300 overflow to inf and every probability becomes NaN
+            bad(
+                f"repetition_penalty={rp!r} (must be from {1 / PENALTY_RANGE:g} to "
+                f"{PENALTY_RANGE:g}; 1 disables it)"
+            )
 
         if self.max_tokens is not None and (
             not isinstance(self.max_tokens, int) or self.max_tokens < 1

@@ -91,7 +91,7 @@ class Scheduler:
             s = self.waiting.popleft() if self.waiting else pull() if pull else None
             if s is None:
                 return
-            matched = self.pool.match(s.ids, s.block_hashes)
+            matched = self.pool.match(s.ids, s.block_hashes, s.root)
             hits, fresh = self.pool.admit_cost(matched, len(s.ids))
             if hits + fresh > self.pool.n_free - owed and self.running:
                 self.waiting.appendleft(s)  # no room yet: it waits, in order
@@ -106,7 +106,7 @@ class Scheduler:
         return max(0, self.spec.blocks_for(len(s.ids)) - s.blocks.rows)
 
     def _rematch(self, s: Sequence):
-        matched = self.pool.match(s.ids, s.block_hashes)
+        matched = self.pool.match(s.ids, s.block_hashes, s.root)
         if matched[0] * self.spec.block_size > s.n_cached:
             old = s.blocks
             self._take_prefix(s, matched)
@@ -115,7 +115,7 @@ class Scheduler:
     def _take_prefix(self, s: Sequence, matched: tuple[int, list[bytes]]):
         """A new table for s holding its prefix-cache hits. The hits of its first admission are
         its cached_tokens (a readmitted sequence keeps its figure)."""
-        s.blocks = self.pool.admit(s.ids, matched)
+        s.blocks = self.pool.admit(s.ids, matched, s.root)
         s.n_cached = s.blocks.cached_tokens
         if not s.t_first:
             self.stats["cached_tokens"] += s.n_cached - s.cached_tokens

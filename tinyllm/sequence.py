@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .paging import SeqBlocks
+from .paging import ROOT, SeqBlocks, salted_root
 from .sampling import SamplingParams
 
 
@@ -40,6 +40,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams  # fully resolved (defaults filled)
     index: int = 0  # the caller's own id; events carry it back
+    cache_salt: str | None = None  # prefix-cache tenant: shares blocks only with the same salt
 
 
 class Status(enum.Enum):
@@ -66,6 +67,7 @@ class Sequence:
     open_row: int = -1  # ... and its open row (int8/fp8 keys, kv_cache.py)
     started: bool = False  # it has computed K/V since it was (re)admitted
     block_hashes: list[bytes] = field(default_factory=list)  # see the module docstring
+    root: bytes = ROOT  # the parent hash of its first block row (paging.salted_root)
     # output (output.py)
     text: str = ""
     emitted: int = 0  # text[:emitted] has been handed out
@@ -82,7 +84,7 @@ class Sequence:
         seed = (
             p.seed % 2**63 if p.seed is not None else int(np.random.default_rng().integers(2**63))
         )
-        return cls(
+        s = cls(
             req,
             list(req.prompt_ids),
             len(req.prompt_ids),
@@ -90,6 +92,8 @@ class Sequence:
             seed,
             decoder,
         )
+        s.root = salted_root(req.cache_salt)
+        return s
 
     @property
     def generated(self) -> list[int]:

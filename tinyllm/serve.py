@@ -36,18 +36,31 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from . import serve_limits
 from .batch import Item, LineError, check_messages, check_prompt, request_params, tokenize
 from .engine import Event, Request
 from .errors import TinyLLMError
+from .fair_queue import FairQueue
+from .request_json import BodyError
+from .request_json import loads as load_body
 from .sampling import MAX_LOGPROBS, SamplingParams
+from .serve_limits import LimitError, Limits
 
 # Body fields the server reads itself; everything else goes through batch.request_params.
-SERVER_FIELDS = ("stream", "stream_options", "n", "logprobs", "top_logprobs")
+SERVER_FIELDS = (
+    "stream",
+    "stream_options",
+    "n",
+    "logprobs",
+    "top_logprobs",
+    "cache_salt",
+    "return_token_ids",
+)
 MAX_N = 16  # choices per request
-# How long SIGINT/SIGTERM waits for in-flight requests before cancelling them.
-GRACEFUL_SHUTDOWN_S = 10
-# Prometheus histogram buckets (seconds), after vLLM's (with finer ones below 10 ms for small
-# models).
+# How long SIGINT/SIGTERM waits for in-flight requests before they end with a 503.
+GRACEFUL_SHUTDOWN_S = serve_limits.DEFAULT_SHUTDOWN_S
+SHUTTING_DOWN = "the server is shutting down; the request was not completed: retry it elsewhere"
+# Prometheus histogram buckets (seconds), after vLLM's (with finer ones below 10 ms for small models).
 TTFT_BUCKETS = (
     0.001,
     0.005,
@@ -182,6 +195,11 @@ class Metrics:
         self.kv_tokens_used = Gauge(
             "tinyllm_kv_cache_tokens_used", "tokens whose K/V running choices hold", registry=r
         )
+        self.queued = Gauge(
+            "tinyllm_choices_queued",
+            "choices waiting in the server's fair queue for an engine slot (fair_queue.py)",
+            registry=r,
+        )
         self.kv_usage = Gauge(
             "tinyllm_kv_cache_usage_ratio",
             "fraction of KV-cache blocks held (used / total)",
@@ -230,6 +248,7 @@ class EngineWorker:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.tracked: dict[int, _Tracked] = {}  # engine thread only
         self.seq_of: dict[int, int] = {}  # request index -> engine sequence id
+        self.fair = FairQueue()  # choices not yet in the engine (engine thread only)
         self._ids = itertools.count()
         self.thread = threading.Thread(target=self._loop, name="tinyllm-engine", daemon=True)
         self.failed: str | None = None  # why the engine is gone for good
@@ -242,13 +261,14 @@ class EngineWorker:
     def new_index(self) -> int:
         return next(self._ids)  # itertools.count is atomic under the GIL
 
-    def submit(self, req: Request, sink: Callable[[list[Event]], None]):
+    def submit(self, req: Request, sink: Callable[[list[Event]], None], group: int = 0):
         """Queue a request; `sink` receives its events, a list per engine step, on the engine
-        thread, and must not block. The request's index must come from new_index()."""
+        thread, and must not block. The request's index must come from new_index(); `group`
+        names the HTTP request it belongs to (the fair queue takes groups in turn)."""
         if self.failed:
             sink([Event("error", req.index, error=self.failed, code="engine_failed")])
             return
-        self.inbox.put(("add", req, sink, time.perf_counter()))
+        self.inbox.put(("add", (group, req), sink, time.perf_counter()))
 
     def abort(self, index: int):
         self.inbox.put(("abort", index, None, 0.0))
@@ -268,7 +288,7 @@ class EngineWorker:
             self._fault(recover=False)
         while True:
             cmds = []
-            if not eng.has_work():
+            if not eng.has_work() and not self.fair:
                 cmds.append(self.inbox.get())  # sleep here when there is nothing to run
             try:
                 while True:
@@ -278,6 +298,7 @@ class EngineWorker:
             try:
                 if self._commands(cmds):
                     return
+                self._feed()
                 if eng.has_work() and not self.failed:
                     self._step()
                 self._publish()
@@ -289,22 +310,37 @@ class EngineWorker:
         eng = self.engine
         for kind, a, sink, t in cmds:
             if kind == "add":
+                group, req = a
                 if self.failed:
-                    sink([Event("error", a.index, error=self.failed, code="engine_failed")])
+                    sink([Event("error", req.index, error=self.failed, code="engine_failed")])
                     continue
-                self.tracked[a.index] = _Tracked(sink, t)
-                self.metrics.prompt_tokens.inc(len(a.prompt_ids))
-                self.seq_of[a.index] = eng.add(a)
+                self.tracked[req.index] = _Tracked(sink, t)
+                self.fair.put(group, req.index, req)
             elif kind == "abort":
-                if self.tracked.pop(a, None) is not None:
+                if self.tracked.pop(a, None) is not None and not self.fair.remove(a):
                     eng.abort(self.seq_of.pop(a))
             else:  # stop
-                for index in list(self.tracked):
+                self.fair.drain()
+                for index in list(self.seq_of):
                     eng.abort(self.seq_of.pop(index))
                 self.tracked.clear()
                 self._publish()
                 return True
         return False
+
+    def _feed(self):
+        """Move choices from the fair queue into the engine while it has free batch slots (so
+        the engine's own first-come-first-served queue never holds more than a batch)."""
+        eng = self.engine
+        if self.failed or eng.scheduler is None:
+            return
+        free = eng.max_batch - len(eng.scheduler.running) - len(eng.scheduler.waiting)
+        for _ in range(free):
+            req = self.fair.pop()
+            if req is None:
+                return
+            self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+            self.seq_of[req.index] = eng.add(req)
 
     def _fault(self, recover: bool = True):
         """A bug in the engine: fail every tracked request now, then start afresh (or give up)."""
@@ -312,6 +348,7 @@ class EngineWorker:
         self.faults += 1
         tracked, self.tracked = self.tracked, {}
         self.seq_of.clear()
+        self.fair.drain()
         for index, tr in tracked.items():
             try:
                 tr.sink([Event("error", index, error=self.FAULT, code="server_error")])
@@ -366,6 +403,7 @@ class EngineWorker:
         if eng.scheduler is None:
             return
         m.running.set(len(eng.scheduler.running))
+        m.queued.set(len(self.fair))
         m.waiting.set(len(eng.scheduler.waiting))
         m.kv_blocks_used.set(eng.pool.n_used)
         m.kv_tokens_used.set(sum(s.n_cached for s in eng.scheduler.running))
@@ -386,6 +424,8 @@ class Job:
     stream: bool
     include_usage: bool
     model: str
+    cache_salt: str | None = None  # requests share cached KV blocks only under the same salt
+    return_ids: bool = False  # choices carry `token_ids` (always so without a tokenizer)
 
 
 def _typed(body: dict, key: str, kind, default):
@@ -398,8 +438,15 @@ def _typed(body: dict, key: str, kind, default):
     return v
 
 
-def parse_job(body, chat: bool, llm, served: tuple[str, ...]) -> Job:
+def parse_job(body, chat: bool, llm, served: tuple[str, ...], limits: Limits | None = None) -> Job:
     """Validate a request body into a Job; raises APIError (400, or 404 for the model)."""
+    try:
+        return _parse_job(body, chat, llm, served, limits or Limits())
+    except LimitError as e:
+        raise APIError(e.status, e.message, e.code, e.param) from None
+
+
+def _parse_job(body, chat: bool, llm, served: tuple[str, ...], limits: Limits) -> Job:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", "invalid_request")
     model = body.get("model")
@@ -430,10 +477,12 @@ def parse_job(body, chat: bool, llm, served: tuple[str, ...]) -> Job:
                 )
             p = body["prompt"]
             many = isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p)
+            serve_limits.check_prompt_count(len(p) if many else 1, limits)
             prompts = [check_prompt(x) for x in (p if many else [p])]
         params = request_params(
             {k: v for k, v in body.items() if k not in ("messages", "prompt")}, extra=SERVER_FIELDS
         )
+        serve_limits.check_stops(params.stop, limits)
         ids = [tokenize(llm, Item(0, None, chat, x, params)) for x in prompts]
     except LineError as e:
         raise APIError(400, e.message, e.code, e.param) from None
@@ -458,15 +507,17 @@ def parse_job(body, chat: bool, llm, served: tuple[str, ...]) -> Job:
     n = _typed(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
         raise APIError(400, f"n={n} must be between 1 and {MAX_N}", "invalid_parameter", "n")
-    params.logprobs = logprobs_wanted(body, chat)
+    params.logprobs = logprobs_wanted(body, chat, limits)
+    salt = serve_limits.cache_salt(body)
+    return_ids = _typed(body, "return_token_ids", bool, False) or llm.tokenizer is None
     try:
         params = llm.resolve_params(params)
     except TinyLLMError as e:
         raise APIError(400, str(e), "invalid_parameter") from None
-    return Job(chat, ids, params, n, stream, include_usage, served[0])
+    return Job(chat, ids, params, n, stream, include_usage, served[0], salt, return_ids)
 
 
-def logprobs_wanted(body: dict, chat: bool) -> int | None:
+def logprobs_wanted(body: dict, chat: bool, limits: Limits | None = None) -> int | None:
     """How many alternatives per token the request wants logprobs for (None: no logprobs).
     Chat: `logprobs: true` and `top_logprobs: k`; completions: `logprobs: k`."""
     if chat:
@@ -493,6 +544,8 @@ def logprobs_wanted(body: dict, chat: bool) -> int | None:
         raise APIError(
             400, f"{name}={k} must be from 0 to {MAX_LOGPROBS}", "invalid_parameter", name
         )
+    if limits is not None:
+        serve_limits.check_logprobs(k, name, limits)
     return k
 
 
@@ -507,8 +560,12 @@ def choice_params(job: Job, j: int) -> SamplingParams:
 class Generation:
     """The engine requests of one HTTP request, and their events as an async stream."""
 
-    def __init__(self, worker: EngineWorker, job: Job):
+    _groups = itertools.count(1)
+
+    def __init__(self, worker: EngineWorker, job: Job, live: set | None = None):
         self.worker, self.job = worker, job
+        self.live = live if live is not None else set()  # the server's running generations
+        self.group = next(self._groups)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.choice: dict[int, int] = {}  # engine index -> choice index
@@ -522,12 +579,14 @@ class Generation:
             except RuntimeError:  # the loop has closed: nobody is listening
                 pass
 
+        self.live.add(self)
         for p, ids in enumerate(self.job.prompts):
             for j in range(self.job.n):
                 index = self.worker.new_index()
                 self.choice[index] = p * self.job.n + j
                 self.open.add(index)
-                self.worker.submit(Request(ids, choice_params(self.job, j), index), sink)
+                req = Request(ids, choice_params(self.job, j), index, self.job.cache_salt)
+                self.worker.submit(req, sink, self.group)
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, Event]]:
         """(choice index, event) until every choice has finished (or failed)."""
@@ -539,9 +598,19 @@ class Generation:
 
     def cancel(self):
         """Abort the choices still running (the client went away, or the server stops)."""
+        self.live.discard(self)
         for index in self.open:
             self.worker.abort(index)
         self.open.clear()
+
+    def fail(self, message: str, code: str):
+        """End every open choice now with an error event (on the event loop: the server's
+        shutdown deadline); the engine drops them."""
+        evs = [Event("error", index, error=message, code=code) for index in self.open]
+        for index in self.open:
+            self.worker.abort(index)
+        if evs:
+            self.events.put_nowait(evs)
 
 
 def usage(job: Job, done: dict) -> dict:
@@ -570,22 +639,29 @@ def _choice(
     finish: str | None,
     delta: dict | None = None,
     logprobs: dict | None = None,
+    token_ids: list[int] | None = None,
 ) -> dict:
+    """One choice; `token_ids` (the generated ids, vLLM's `return_token_ids` extension) when the
+    request asked for them or the model has no tokenizer (then it is the only output)."""
+    ids = {"token_ids": token_ids} if token_ids is not None else {}
     if not job.chat:
-        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish, **ids}
     body = (
         {"delta": delta if delta is not None else ({"content": text} if text else {})}
         if job.stream
         else {"message": {"role": "assistant", "content": text}}
     )
-    return {"index": i, **body, "logprobs": logprobs, "finish_reason": finish}
+    return {"index": i, **body, "logprobs": logprobs, "finish_reason": finish, **ids}
 
 
 class Logprobs:
     """The logprobs of one choice, gathered from its "token" events and rendered the OpenAI
     way: chat {"content": [{token, logprob, bytes, top_logprobs}]}, completions {tokens,
     token_logprobs, top_logprobs, text_offset}. take() renders what came since the last call
-    (a stream chunk's share). Token strings are each id decoded alone."""
+    (a stream chunk's share). Token strings are each id decoded alone (a piece of a multi-byte
+    character shows as U+FFFD there); chat's `bytes` are the token's own bytes
+    (Tokenizer.token_bytes), so they join to the text exactly. Without a tokenizer a token is
+    spelled "token_id:N" (vLLM's return_tokens_as_token_ids) and its bytes are []."""
 
     def __init__(self, job: Job, tokenizer):
         self.chat, self.tok = job.chat, tokenizer
@@ -598,7 +674,12 @@ class Logprobs:
             self.pending.append(ev)
 
     def _text(self, token_id: int) -> str:
+        if self.tok is None:
+            return f"token_id:{token_id}"
         return self.tok.decode([token_id], skip_special_tokens=False)
+
+    def _bytes(self, token_id: int) -> list[int]:
+        return [] if self.tok is None else list(self.tok.token_bytes(token_id))
 
     def take(self) -> dict | None:
         if not self.wanted:
@@ -607,8 +688,7 @@ class Logprobs:
         if self.chat:
 
             def entry(t, lp):
-                s = self._text(t)
-                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+                return {"token": self._text(t), "logprob": lp, "bytes": self._bytes(t)}
 
             content = [
                 {
@@ -632,8 +712,9 @@ class Logprobs:
 
 
 def _status(ev: Event) -> int:
-    """The HTTP status of a failed generation: 503 when the engine is gone, else 500 (a bug)."""
-    return 503 if ev.code == "engine_failed" else 500
+    """The HTTP status of a failed generation: 503 when the engine is gone or the server is
+    shutting down, else 500 (a bug)."""
+    return 503 if ev.code in ("engine_failed", "server_shutting_down") else 500
 
 
 def _envelope(job: Job, rid: str, created: int, choices: list, **extra) -> dict:
@@ -657,9 +738,29 @@ def _sse(obj) -> bytes:
 class Server:
     """The routes' shared state: the LLM, its worker, the names it answers to, the key."""
 
-    def __init__(self, llm, names: tuple[str, ...], api_key: str | None, metrics: Metrics):
+    def __init__(
+        self,
+        llm,
+        names: tuple[str, ...],
+        api_key: str | None,
+        metrics: Metrics,
+        limits: Limits | None = None,
+    ):
         self.llm, self.names, self.api_key, self.metrics = llm, names, api_key, metrics
+        self.limits = limits or Limits()
         self.worker = EngineWorker(llm.engine, metrics)
+        self.live: set[Generation] = set()  # running generations (the shutdown deadline ends them)
+        self.closing = False
+
+    async def shutting_down(self):
+        """SIGINT/SIGTERM: refuse new requests; at the deadline (--shutdown-timeout, less a
+        margin for the responses to go out before uvicorn cancels what is left), end every
+        running generation with a 503 in OpenAI's shape instead of a cancelled task."""
+        self.closing = True
+        margin = min(1.0, self.limits.shutdown_s / 2)
+        await asyncio.sleep(self.limits.shutdown_s - margin)
+        for gen in list(self.live):
+            gen.fail(SHUTTING_DOWN, "server_shutting_down")
 
     def check_key(self, request):
         if self.api_key is None:
@@ -684,21 +785,34 @@ class Server:
             )
 
     async def parse(self, request, chat: bool) -> Job:
+        """The request's Job: the key first, then the body (bounded while it is read), then
+        parsing, validation and tokenization on a worker thread, so a large or slow body
+        never holds up the event loop (every other client, /health included)."""
         self.check_key(request)
-        raw = await request.body()
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(
-                400, f"the request body is not valid JSON ({e})", "invalid_json"
-            ) from None
-        return parse_job(body, chat, self.llm, self.names)
+            raw = await serve_limits.read_body(request, self.limits.body_bytes)
+        except LimitError as e:
+            raise APIError(e.status, e.message, e.code, e.param) from None
+        return await asyncio.to_thread(self._parse_sync, raw, chat)
+
+    def _parse_sync(self, raw: bytes, chat: bool) -> Job:
+        try:
+            body = load_body(raw)
+        except BodyError as e:
+            raise APIError(400, e.message, e.code) from None
+        return parse_job(body, chat, self.llm, self.names, self.limits)
+
+    def refuse_if_closing(self):
+        if self.closing:
+            raise APIError(503, SHUTTING_DOWN, "server_shutting_down")
 
     async def generate(self, request, chat: bool):
         from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+        self.refuse_if_closing()
         job = await self.parse(request, chat)
-        gen = Generation(self.worker, job)
+        self.refuse_if_closing()
+        gen = Generation(self.worker, job, self.live)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if job.stream:  # _stream starts gen: then its `finally` cancels it
             return StreamingResponse(
@@ -726,7 +840,14 @@ class Server:
             gen.cancel()
             self.metrics.requests.labels(outcome).inc()
         choices = [
-            _choice(job, i, done[i].text, done[i].finish_reason, logprobs=lps[i].take())
+            _choice(
+                job,
+                i,
+                done[i].text,
+                done[i].finish_reason,
+                logprobs=lps[i].take(),
+                token_ids=done[i].token_ids if job.return_ids else None,
+            )
             for i in sorted(done)
         ]
         return JSONResponse(_envelope(job, rid, int(gen.t0), choices, usage=usage(job, done)))
@@ -769,7 +890,27 @@ class Server:
             done: dict = {}
             lps = {i: Logprobs(job, self.llm.tokenizer) for i in range(len(job.prompts) * job.n)}
             async for i, ev in gen:
-                if ev.kind == "token":  # its logprobs ride on the next chunk
+                if ev.kind == "token" and job.return_ids:  # a chunk per token: its id
+                    lps[i].add(ev)
+                    yield _sse(
+                        _envelope(
+                            job,
+                            rid,
+                            created,
+                            [
+                                _choice(
+                                    job,
+                                    i,
+                                    "",
+                                    None,
+                                    logprobs=lps[i].take(),
+                                    token_ids=[ev.token_id],
+                                )
+                            ],
+                            **extra,
+                        )
+                    )
+                elif ev.kind == "token":  # its logprobs ride on the next chunk
                     lps[i].add(ev)
                 elif ev.kind == "text":
                     yield _sse(
@@ -811,9 +952,14 @@ def create_app(
     names: tuple[str, ...],
     api_key: str | None = None,
     on_ready: Callable[[], None] | None = None,
+    limits: Limits | None = None,
+    public_metrics: bool = False,
 ):
     """The FastAPI app serving `llm` under the model names `names` (the first is the one
-    /v1/models lists). The engine thread starts with the app and stops with it."""
+    /v1/models lists). The engine thread starts with the app and stops with it. With an API
+    key, /metrics needs it too unless public_metrics (its counts and timings tell an outsider
+    how busy the server is and what it runs; Prometheus sends a bearer token with
+    `authorization: {credentials: KEY}` in its scrape config)."""
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
     from fastapi.responses import JSONResponse, Response
@@ -821,7 +967,7 @@ def create_app(
     from starlette.exceptions import HTTPException
 
     metrics = Metrics()
-    srv = Server(llm, names, api_key, metrics)
+    srv = Server(llm, names, api_key, metrics, limits)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -841,6 +987,19 @@ def create_app(
         if e.status < 500 and request.url.path in ("/v1/chat/completions", "/v1/completions"):
             metrics.requests.labels("invalid").inc()  # (generate() counts the rest)
         return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def bug(request, e: Exception):  # anything else is ours: a 500, still OpenAI-shaped
+        # (starlette logs the traceback after this handler answers)
+        return JSONResponse(
+            APIError(
+                500,
+                f"internal error handling {request.method} {request.url.path} (see the server "
+                "log); the request was not completed",
+                "server_error",
+            ).body(),
+            status_code=500,
+        )
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):  # unknown path, wrong method
@@ -872,7 +1031,8 @@ def create_app(
                     "object": "model",
                     "created": 0,
                     "owned_by": "tinyllm",
-                    "max_model_len": llm.max_seq_len,
+                    # what the context and the KV pool can both hold
+                    "max_model_len": serve_limits.max_model_len(llm.engine.spec, llm.max_seq_len),
                 }
             ],
         }
@@ -885,13 +1045,28 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def prometheus():
+    async def prometheus(request: HTTPRequest):
+        if not public_metrics:
+            srv.check_key(request)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
 # ---- the command ----------------------------------------------------------------------------
+
+
+def served_names(a, llm) -> tuple[str, ...]:
+    """The model names the server answers to, the public one first. --served-model-name
+    replaces them all (a local path never becomes public); else the name given to --model when
+    it is not a path, with the HF repo id and the directory's name as aliases (what vLLM users
+    and `tinyllm batch` output say), or the directory's name for a path."""
+    from .options import model_names
+
+    given = getattr(a, "served_model_name", None)
+    if given:
+        return tuple(dict.fromkeys(given))
+    return model_names(a.model, llm.model_dir)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -912,8 +1087,11 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def ready_lines(url: str, model: str, api_key: str | None) -> str:
-    auth = ' -H "Authorization: Bearer $TINYLLM_API_KEY"' if api_key else ""
+def ready_lines(url: str, model: str, api_key: str | None, key_from_env: bool = True) -> str:
+    """The ready line and a curl line that works when pasted: the key as the user gave it
+    (a --api-key value is spelled out; one from the environment stays $TINYLLM_API_KEY)."""
+    key = "$TINYLLM_API_KEY" if key_from_env else api_key
+    auth = f' -H "Authorization: Bearer {key}"' if api_key else ""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
     return (
         f"tinyllm serve: ready at {url}/v1 (model {model!r}); Ctrl-C stops\n"
@@ -929,16 +1107,16 @@ def run_serve(a) -> int:
         import uvicorn
     except ImportError as e:
         raise TinyLLMError(f"tinyllm serve needs {e.name}: pip install 'tinyllm[serve]'") from None
-    from .hub import DEFAULT_MODEL
     from .options import load_llm
 
     if a.max_batch < 1:
         raise TinyLLMError(f"--max-batch must be at least 1 (got {a.max_batch})")
+    limits = Limits.from_args(a)
     api_key = a.api_key or os.environ.get("TINYLLM_API_KEY") or None
     sock = listen(a.host, a.port)
     llm = load_llm(a, max_batch=a.max_batch)
-    name = a.model or DEFAULT_MODEL
-    names = tuple(dict.fromkeys([name, llm.model_dir.name]))
+    names = served_names(a, llm)
+    name = names[0]
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     if api_key is None and not ipaddress.ip_address(host).is_loopback:
@@ -949,18 +1127,28 @@ def run_serve(a) -> int:
         )
 
     def on_ready():
-        print(ready_lines(url, name, api_key), flush=True)
+        print(ready_lines(url, name, api_key, key_from_env=not a.api_key), flush=True)
 
-    app = create_app(llm, names, api_key, on_ready)
+    app = create_app(llm, names, api_key, on_ready, limits, getattr(a, "public_metrics", False))
     config = uvicorn.Config(
-        app, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on"
+        app, log_level="info", timeout_graceful_shutdown=limits.shutdown_s, lifespan="on"
     )
     # uvicorn handles SIGINT/SIGTERM during serve() (stop accepting, let in-flight requests
     # finish for GRACEFUL_SHUTDOWN_S, cancel the rest), then restores the previous handlers and
     # re-raises the signal. No-op handlers here make that re-raise harmless: exit status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    server = uvicorn.Server(config)
+    srv = app.state.server
+
+    class Uvicorn(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            deadline = asyncio.ensure_future(srv.shutting_down())
+            try:
+                await super().shutdown(sockets)
+            finally:
+                deadline.cancel()
+
+    server = Uvicorn(config)
 
     def on_fatal():  # the engine is gone: stop, exit status 1
         server.should_exit = True

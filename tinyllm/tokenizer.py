@@ -156,6 +156,16 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         raise NotImplementedError
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for on its own (a byte-level or byte-fallback token may
+        be part of a character: then decode() of it alone gives U+FFFD, these do not)."""
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    def longest_token_chars(self) -> int:
+        """An upper bound on the characters of text one token covers: a text of n characters
+        is at least n / this many tokens (a context check before tokenizing a huge text)."""
+        return 64
+
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
     ) -> str:
@@ -178,6 +188,51 @@ class Tokenizer:
         return StreamDecoder(
             lambda ids: self.decode(ids, skip_special_tokens=skip_special_tokens), prompt_ids
         )
+
+
+@functools.cache
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: the character a byte-level vocabulary spells each
+    byte with -> the byte (printable ASCII and Latin-1 map to themselves, the rest to 256+)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    )
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _client_spans(text: str, messages: list[dict], controls) -> list[tuple[int, int]]:
+    """The character spans of `text` (a rendered prompt) that hold the messages' contents, in
+    order. A content the template changed (trimmed, rewritten) is not found verbatim: if it
+    spells no control token that is harmless; if it does, it cannot be kept apart from the
+    markup, and the request is refused rather than encoded with forged control tokens."""
+    spans, pos = [], 0
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if not isinstance(content, str) or not content:
+            continue
+        at = text.find(content, pos)
+        if at < 0 and content.strip():
+            content = content.strip()
+            at = text.find(content, pos)
+        if at < 0:
+            if any(c and c in m.get("content", "") for c in controls):
+                raise ChatTemplateError(
+                    f"message {i} spells a control token of this model (e.g. <|im_end|>) and "
+                    "the chat template changed its text, so it cannot be encoded as plain text: "
+                    "remove the control-token text"
+                )
+            continue
+        spans.append((at, at + len(content)))
+        pos = at + len(content)
+    return spans
 
 
 def check_messages(messages) -> list[dict]:
@@ -296,6 +351,82 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def _added(self) -> dict[int, str]:
+        """id -> text of every added token (control tokens and the like), which `encode`
+        parses out of text."""
+        return {int(i): t.content for i, t in self._tok.get_added_tokens_decoder().items()}
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        return '"ByteLevel"' in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """From the vocabulary, not a decode: a byte-level token's characters map back to
+        bytes through GPT-2's table, a byte-fallback token <0xHH> is that byte, a
+        SentencePiece piece has its U+2581 as a space; an added token is its own text."""
+        token_id = int(token_id)
+        if token_id in self._added:
+            return self._added[token_id].encode("utf-8")
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level:
+            table = _byte_level_table()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    @functools.cached_property
+    def _longest(self) -> int:
+        return max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+
+    def longest_token_chars(self) -> int:
+        return max(self._longest, 1)
+
+    @functools.cached_property
+    def _plain(self):
+        """A second backend that encodes special tokens' text as text (client text goes
+        through it; a separate instance because the flag is not per call)."""
+        tok = _TokenizersBackend.from_str(self._tok.to_str())
+        tok.no_truncation()
+        tok.no_padding()
+        tok.encode_special_tokens = True
+        return tok
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
+    ) -> list[int]:
+        """The rendered prompt's ids, where only the template's own markup yields control
+        tokens: text from the messages (any role, tool results included) that spells a
+        control token (`<|im_end|>`) is encoded as ordinary text, so a user cannot close
+        their turn and forge a system one. A prompt without such text encodes exactly as
+        apply_chat_template + encode (the common case pays one scan of the offsets)."""
+        text = self.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+        enc = self._tok.encode(text, add_special_tokens=False)
+        added = self._added
+        if not added:
+            return enc.ids
+        spans = _client_spans(text, messages, added.values())
+        forged = [
+            (a, b)
+            for t, (a, b) in zip(enc.ids, enc.offsets)
+            if t in added and any(s <= a and b <= e for s, e in spans)
+        ]
+        if not forged:
+            return enc.ids
+        ids, pos = [], 0
+        for s, e in spans:  # markup (parsed) and client text (not parsed), in turn
+            ids += self._tok.encode(text[pos:s], add_special_tokens=False).ids
+            ids += self._plain.encode(text[s:e], add_special_tokens=False).ids
+            pos = e
+        return ids + self._tok.encode(text[pos:], add_special_tokens=False).ids
 
     # ---- chat template
 
@@ -669,6 +800,13 @@ class MistralNativeTokenizer(Tokenizer):
             if i is not None:
                 out.append(self._sp.id_to_piece(i))
         return "".join(out)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        sp, token_id = self._sp, int(token_id)
+        piece = sp.id_to_piece(token_id)
+        if sp.IsByte(token_id):
+            return bytes([int(piece[3:5], 16)])  # "<0xHH>"
+        return piece.replace("\u2581", " ").encode("utf-8")
 
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, **kwargs

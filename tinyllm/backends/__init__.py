@@ -115,9 +115,12 @@ def auto_backend() -> tuple[str, str]:
     imports (compiled kernels), else numpy."""
     if cuda_available():
         return "cuda", "CuPy sees a GPU"
+    import importlib.util
+
+    no_gpu = "no GPU visible to CuPy" if importlib.util.find_spec("cupy") else "CuPy not installed"
     if numba_available():
-        return "cpu", "no GPU visible to CuPy; numba compiles the CPU kernels"
-    return "numpy", "no GPU visible to CuPy, numba not installed: pip install 'tinyllm[cpu]'"
+        return "cpu", f"{no_gpu}; numba compiles the CPU kernels"
+    return "numpy", f"{no_gpu}, numba not installed: pip install 'tinyllm[cpu]'"
 
 
 def get_backend(
