@@ -66,6 +66,8 @@ class Sequence:
     open_row: int = -1  # ... and its open row (int8/fp8 keys, kv_cache.py)
     started: bool = False  # it has computed K/V since it was (re)admitted
     block_hashes: list[bytes] = field(default_factory=list)  # see the module docstring
+    constraint: object = None  # constraints.Matcher of a constrained request (it survives
+    # preemption: it has consumed exactly the generated tokens)
     # output (output.py)
     text: str = ""
     emitted: int = 0  # text[:emitted] has been handed out

@@ -39,6 +39,8 @@ from .batch import Item, LineError, check_messages, check_prompt, request_params
 from .engine import Event, Request
 from .errors import TinyLLMError
 from .sampling import MAX_LOGPROBS, SamplingParams
+from .tools import TOOL_FIELDS, ToolStream, call_deltas, check_tool_fields, tool_prompt
+from .tools import message as tool_message
 
 # Body fields the server reads itself; everything else goes through batch.request_params.
 SERVER_FIELDS = ("stream", "stream_options", "n", "logprobs", "top_logprobs")
@@ -384,6 +386,7 @@ class Job:
     stream: bool
     include_usage: bool
     model: str
+    tools: object = None  # tools.ToolRequest of a chat request with tools
 
 
 def _typed(body: dict, key: str, kind, default):
@@ -430,9 +433,14 @@ def parse_job(body, chat: bool, llm, served: tuple[str, ...]) -> Job:
             many = isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p)
             prompts = [check_prompt(x) for x in (p if many else [p])]
         params = request_params(
-            {k: v for k, v in body.items() if k not in ("messages", "prompt")}, extra=SERVER_FIELDS
+            {k: v for k, v in body.items() if k not in ("messages", "prompt")},
+            extra=SERVER_FIELDS + (TOOL_FIELDS if chat else ()),
         )
-        ids = [tokenize(llm, Item(0, None, chat, x, params)) for x in prompts]
+        treq = check_tool_fields(body) if chat else None
+        if treq is None:
+            ids = [tokenize(llm, Item(0, None, chat, x, params)) for x in prompts]
+        else:  # tools rendered by the template; a forced call constrains the reply (tools.py)
+            ids = [tool_prompt(llm, x, treq, params) for x in prompts]
     except LineError as e:
         raise APIError(400, e.message, e.code, e.param) from None
     stream = _typed(body, "stream", bool, False)
@@ -461,7 +469,7 @@ def parse_job(body, chat: bool, llm, served: tuple[str, ...]) -> Job:
         params = llm.resolve_params(params)
     except TinyLLMError as e:
         raise APIError(400, str(e), "invalid_parameter") from None
-    return Job(chat, ids, params, n, stream, include_usage, served[0])
+    return Job(chat, ids, params, n, stream, include_usage, served[0], treq)
 
 
 def logprobs_wanted(body: dict, chat: bool) -> int | None:
@@ -571,11 +579,11 @@ def _choice(
 ) -> dict:
     if not job.chat:
         return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    body = (
-        {"delta": delta if delta is not None else ({"content": text} if text else {})}
-        if job.stream
-        else {"message": {"role": "assistant", "content": text}}
-    )
+    if job.stream:
+        body = {"delta": delta if delta is not None else ({"content": text} if text else {})}
+    else:  # tool calls parsed out of the text (tools.py)
+        message, finish = tool_message(text, finish, job.tools)
+        body = {"message": message}
     return {"index": i, **body, "logprobs": logprobs, "finish_reason": finish}
 
 
@@ -766,28 +774,43 @@ class Server:
                     )
             done: dict = {}
             lps = {i: Logprobs(job, self.llm.tokenizer) for i in range(len(job.prompts) * job.n)}
+            calls = {i: ToolStream(job.tools) for i in lps} if job.tools else {}
             async for i, ev in gen:
                 if ev.kind == "token":  # its logprobs ride on the next chunk
                     lps[i].add(ev)
                 elif ev.kind == "text":
+                    text = calls[i].push(ev.text) if calls else ev.text
+                    if not text:
+                        continue  # held: it may be a tool call (sent when the choice ends)
                     yield _sse(
                         _envelope(
                             job,
                             rid,
                             created,
-                            [_choice(job, i, ev.text, None, logprobs=lps[i].take())],
+                            [_choice(job, i, text, None, logprobs=lps[i].take())],
                             **extra,
                         )
                     )
                 elif ev.kind == "finish":
                     done[i] = ev.completion
                     rest = lps[i].take() if lps[i].pending else None
+                    finish = ev.completion.finish_reason
+                    if calls:  # held text: content, or tool-call deltas (tools.py)
+                        text, made = calls[i].finish()
+                        deltas = ([{"content": text}] if text else []) + call_deltas(made)
+                        for d in deltas:
+                            yield _sse(
+                                _envelope(
+                                    job, rid, created, [_choice(job, i, "", None, d)], **extra
+                                )
+                            )
+                        finish = "tool_calls" if made and finish == "stop" else finish
                     yield _sse(
                         _envelope(
                             job,
                             rid,
                             created,
-                            [_choice(job, i, "", ev.completion.finish_reason, logprobs=rest)],
+                            [_choice(job, i, "", finish, logprobs=rest)],
                             **extra,
                         )
                     )
