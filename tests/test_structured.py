@@ -603,3 +603,43 @@ def test_cuda_constrained_rows_leave_the_others_exact(tiny_factory):
     mixed = llm.generate(prompts, free + [con])
     assert [c.token_ids for c in mixed[:2]] == alone
     assert re.fullmatch("[a-z]{4,6}", mixed[2].text) and mixed[2].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "family,text,content",
+    [
+        (
+            "hermes",
+            'Sure.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "Paris"}}\n'
+            "</tool_call>",
+            "Sure.",
+        ),
+        ("mistral", '[TOOL_CALLS] [{"name": "get_time", "arguments": {"zone": "Paris"}}]', None),
+        ("llama3", '<|python_tag|>{"name": "get_time", "parameters": {"zone": "Paris"}}', None),
+    ],
+)
+def test_parsers_per_family_whole_and_streamed(family, text, content):
+    from tinyllm.tools import ToolRequest, ToolStream, call_deltas, grammar, parse
+
+    req = ToolRequest([WEATHER, TIME], "auto", True, family)
+    got, calls = parse(text, req)
+    assert got == content and len(calls) == 1
+    assert calls[0]["function"]["name"] == "get_time"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"zone": "Paris"}
+    ts = ToolStream(req)
+    sent = "".join(ts.push(text[i : i + 3]) for i in range(0, len(text), 3))
+    rest, streamed = ts.finish()
+    assert (sent + rest).strip() == (content or "") and len(streamed) == 1
+    d = call_deltas(streamed)
+    assert d[0]["tool_calls"][0]["function"]["name"] == "get_time"
+    assert json.loads(d[1]["tool_calls"][0]["function"]["arguments"]) == {"zone": "Paris"}
+    # not a call: all of it stays content, streamed as it came
+    assert parse("Paris is sunny.", req) == ("Paris is sunny.", [])
+    ts = ToolStream(req)
+    assert "".join(ts.push(c) for c in "Paris is sunny.") + ts.finish()[0] == "Paris is sunny."
+    # a forced call's grammar is one llguidance accepts
+    req.choice = "get_time"
+    from tinyllm.constraints import _llguidance
+
+    M = _llguidance().LLMatcher
+    assert not M.validate_grammar_with_warnings(M.grammar_from_lark(grammar(req)))[0]
