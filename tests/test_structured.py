@@ -215,6 +215,8 @@ def client(server):
 # ---- through the openai client ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # 172 s on the 2-core machine nearly idle (100 sampled replies); the rest
+# of this file takes ~95 s
 def test_parse_pydantic_models_valid_for_every_seed(server, client):
     """5 schemas x 20 seeds, sampled (temperature 1): every choice parses into its model
     (pydantic validates bounds, lengths, enums and patterns itself) and ends by "stop"."""
