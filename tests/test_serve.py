@@ -661,11 +661,11 @@ BAD = [
     (
         "unknown field",
         "/v1/chat/completions",
-        {"messages": MESSAGES, "tools": []},
+        {"messages": MESSAGES, "functions": []},
         None,
         400,
         "unknown_parameter",
-        "tools",
+        "functions",
     ),
     (
         "no key",

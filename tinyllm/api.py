@@ -244,6 +244,9 @@ class LLM:
         p = (params or SamplingParams()).validate().with_defaults(self.generation_defaults)
         if p.stop and self.tokenizer is None:
             self.need_tokenizer("a stop string")
+        if p.constrained:  # an invalid schema, regex or grammar fails here, naming what is wrong
+            self.need_tokenizer("a json_schema, regex, grammar or json_object constraint")
+            self.engine.constraints.check(p)
         return p
 
     def _encode(self, prompt, i: int) -> list[int]:

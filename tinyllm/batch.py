@@ -39,6 +39,7 @@ try:
 except ImportError:  # not POSIX: outputs are not locked
     fcntl = None
 
+from .constraints import BODY_FIELDS, CONSTRAINT_FIELDS, body_constraint
 from .errors import TinyLLMError
 from .sampling import SamplingParams
 
@@ -186,11 +187,13 @@ def parse_item(obj: dict, lineno: int) -> Item:
 
 
 def check_messages(messages) -> list[dict]:
-    """OpenAI messages -> [{"role", "content": str}] (tokenizer.check_messages), as a LineError."""
+    """OpenAI messages -> [{"role", "content": str}] (tokenizer.check_messages), as a LineError;
+    assistant tool calls and tool results as chat templates take them (tools.py)."""
     from .tokenizer import check_messages as check
+    from .tools import normalize_messages
 
     try:
-        return check(messages)
+        return check(normalize_messages(messages))
     except TinyLLMError as e:
         raise LineError("invalid_messages", str(e), "messages") from None
 
@@ -253,6 +256,17 @@ def request_params(body: dict, extra: tuple[str, ...] = ()) -> SamplingParams:
                 )
             kw[name] = v
             given[name] = k
+        elif k in BODY_FIELDS:  # response_format and vLLM's guided_* (constraints.py)
+            if v is None:
+                continue
+            try:
+                more = body_constraint(k, v)
+            except ValueError as e:
+                raise LineError("invalid_parameter", str(e), k) from None
+            if set(more) & set(kw) or (more and any(x in given for x in CONSTRAINT_FIELDS)):
+                raise LineError("invalid_parameter", f"{k}: give one constraint per request", k)
+            kw.update(more)
+            given.update({f: k for f in more})
         elif k in IGNORED_FIELDS:
             continue
         elif k in NEUTRAL_FIELDS:
@@ -263,7 +277,13 @@ def request_params(body: dict, extra: tuple[str, ...] = ()) -> SamplingParams:
                     k,
                 )
         else:
-            known = sorted(set(PARAM_FIELDS) | IGNORED_FIELDS | set(NEUTRAL_FIELDS) | set(extra))
+            known = sorted(
+                set(PARAM_FIELDS)
+                | IGNORED_FIELDS
+                | set(NEUTRAL_FIELDS)
+                | set(extra)
+                | set(BODY_FIELDS)
+            )
             raise LineError(
                 "unknown_parameter", f"unknown parameter {k!r}; known: {', '.join(known)}", k
             )
@@ -280,7 +300,9 @@ def merge_params(request: SamplingParams, defaults: SamplingParams) -> SamplingP
     kw = {}
     for f in fields(SamplingParams):
         mine, default = getattr(request, f.name), getattr(defaults, f.name)
-        given = mine is not None and not (f.name in ("ignore_eos", "stop_token_ids") and not mine)
+        given = mine is not None and not (
+            f.name in ("ignore_eos", "stop_token_ids", "json_object") and not mine
+        )
         kw[f.name] = mine if given else default
     return SamplingParams(**kw)
 

@@ -56,6 +56,7 @@ class Engine:
         self.output = OutputProcessor(tokenizer, eos_ids, spec.max_seq_len)
         self.router = Router()  # events to the run() that added their sequence (output.py)
         self.stats = new_stats()  # counted by the scheduler
+        self._constraints = None  # constraints.Constraints, built at the first constrained request
         self._lock = threading.RLock()
 
     @property
@@ -108,6 +109,17 @@ class Engine:
         self.scheduler = Scheduler(self.pool, self.max_batch, self.prefill_chunk, self.stats)
         self.runner = ModelRunner(self.model, self.ops, self.cache)
 
+    @property
+    def constraints(self):
+        """The llguidance bridge of this model (constraints.py), built on first use."""
+        if self._constraints is None:
+            from .constraints import Constraints
+
+            self._constraints = Constraints(
+                self.output.tok, self.model.cfg.vocab_size, self.output.eos_ids
+            )
+        return self._constraints
+
     # ---- requests ---------------------------------------------------------------------------
     def add(self, req: Request, route: deque | None = None) -> int:
         """Queue a request; a later step admits it. Its events go to `route` (run()) or are
@@ -128,6 +140,11 @@ class Engine:
         bad = self.check_prompt(req.prompt_ids)
         if bad:
             self.router.pending.append(error(s, bad[1], bad[0]))
+        elif req.params.constrained:
+            try:
+                s.constraint = self.constraints.matcher(req.params)
+            except TinyLLMError as e:
+                self.router.pending.append(error(s, str(e), "invalid_constraint"))
         return s
 
     def abort(self, seq_id: int) -> bool:

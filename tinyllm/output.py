@@ -110,9 +110,14 @@ class OutputProcessor:
                 "token", s.req.index, token_id=tok, logprob=logprob, top_logprobs=top, seq_id=s.id
             )
             s.text += s.decoder.push(tok)
-            if not self._cut_at_stop(s) and (
-                len(s.generated) >= p.max_tokens or len(s.ids) >= self.max_seq_len
-            ):
+            # A constrained sequence ends ("stop") once its grammar is complete and nothing
+            # may follow; the mask never lets it take a token that would break the grammar.
+            done = s.constraint is not None and s.constraint.consume(tok) and s.constraint.done
+            if self._cut_at_stop(s):
+                pass
+            elif done:
+                self._finish(s, "stop")
+            elif len(s.generated) >= p.max_tokens or len(s.ids) >= self.max_seq_len:
                 self._finish(s, "length")
         yield from self.emit(s)
 

@@ -10,13 +10,23 @@ decode token):
     otherwise                                                ->  eager forward (B, vocab) logits
         NaN/inf rows  ->  those sequences fail ("model_error"), naming a bad weight if any
         sampling      ->  on the device (cuda: seeded by (device_seed, step), ids copied back)
-                          or on the host (numpy backend, repetition penalty: the request's RNG)
+                          or on the host (numpy backend, repetition penalty, a constraint:
+                          the request's RNG)
+        constraints   ->  each constrained sequence's token mask (constraints.py), computed
+                          on a helper thread while the forward runs (`overlap_masks`), is
+                          applied to its row before host sampling (disallowed -> -inf)
         logprobs      ->  host copies of the rows of requests that ask for them
 
 What a backend can do it declares (`graphs`, `device_sampling`); nothing here probes it.
+A step with a constrained sequence runs eagerly (no decode graph) and samples that sequence's
+row on the host; the unconstrained rows of the same step still sample on the device, drawing
+exactly what they draw without it.
 """
 
 from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -26,8 +36,12 @@ from .sequence import Sequence
 
 
 class ModelRunner:
+    overlap_masks = True  # compute token masks on a helper thread during the forward
+
     def __init__(self, model, backend, cache):
         self.model, self.ops, self.cache = model, backend, cache
+        self._mask_thread: ThreadPoolExecutor | None = None
+        self.mask_stats = {"masks": 0, "seconds": 0.0}  # token masks computed, time in them
 
     def execute(self, runs: list[tuple[Sequence, int]]) -> tuple[list, list[Sequence], str]:
         """One step: ([(sequence, token, logprob, top logprobs)] for every sequence whose ids are
@@ -36,12 +50,14 @@ class ModelRunner:
         chosen = self.graph_step(runs)
         if chosen is not None:
             return [(s, t, None, None) for (_, s), t in zip(ready, chosen)], [], ""
+        masks = self.start_masks([s for _, s in ready])
         logits = self.forward(runs)
+        masks = masks()
         bad = self.nonfinite_rows(logits, [r for r, _ in ready])
         failed = [s for r, s in ready if r in bad]
         why = self.nonfinite_reason() if failed else ""
         ready = [(r, s) for r, s in ready if r not in bad]
-        chosen = self.sample(logits, ready) if ready else []
+        chosen = self.sample(logits, ready, masks) if ready else []
         lps = self.logprobs(logits, ready, chosen)
         return (
             [(s, t, *lps.get(s.id, (None, None))) for (_, s), t in zip(ready, chosen)],
@@ -97,10 +113,37 @@ class ModelRunner:
             [s.open_row for s, _ in runs],
         )
 
+    # ---- constraints --------------------------------------------------------------------------
+    def start_masks(self, seqs: list[Sequence]):
+        """Start computing the token masks of the constrained sequences among `seqs` (their
+        matchers hold every generated token already); returns a function giving
+        {seq id: (vocab,) bool}."""
+        todo = [s for s in seqs if s.constraint is not None]
+        if not todo:
+            return dict
+
+        def compute() -> dict:
+            t0 = time.perf_counter()
+            out = {s.id: s.constraint.allowed() for s in todo}
+            self.mask_stats["masks"] += len(todo)
+            self.mask_stats["seconds"] += time.perf_counter() - t0
+            return out
+
+        if not self.overlap_masks:
+            out = compute()
+            return lambda: out
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="tinyllm-masks")
+        return self._mask_thread.submit(compute).result
+
     # ---- graphs -------------------------------------------------------------------------------
     def on_device(self, s: Sequence) -> bool:
-        """s samples on the device (the host sampler does repetition penalty)."""
-        return self.ops.device_sampling and (s.req.params.repetition_penalty or 1.0) == 1.0
+        """s samples on the device (the host sampler does repetition penalty and constraints)."""
+        return (
+            self.ops.device_sampling
+            and (s.req.params.repetition_penalty or 1.0) == 1.0
+            and s.constraint is None
+        )
 
     def graph_step(self, runs: list[tuple[Sequence, int]]) -> list[int] | None:
         """A step where every sequence brings one token, through the backend's captured decode
@@ -140,8 +183,9 @@ class ModelRunner:
             "try a wider compute dtype, e.g. --dtype bf16 instead of fp16, or --backend numpy)"
         )
 
-    def sample(self, logits, ready: list[tuple[int, Sequence]]) -> list[int]:
-        """Next token of each ready (logits row, sequence)."""
+    def sample(self, logits, ready: list[tuple[int, Sequence]], masks: dict) -> list[int]:
+        """Next token of each ready (logits row, sequence); `masks` holds the allowed tokens of
+        the constrained ones (start_masks)."""
         out: dict[int, int] = {}
         dev = [(r, s) for r, s in ready if self.on_device(s)]
         host = [(r, s) for r, s in ready if not self.on_device(s)]
@@ -154,6 +198,8 @@ class ModelRunner:
                 self.ops.take_rows(logits, np.asarray([r for r, _ in host], np.int32))
             )
             for (_, s), row in zip(host, rows):
+                if s.id in masks:
+                    row = np.where(masks[s.id], row, -np.inf).astype(np.float32)
                 out[s.id] = sample(row, s.req.params, s.rng, np.asarray(s.ids, np.int64))
         return [out[s.id] for _, s in ready]
 

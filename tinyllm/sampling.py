@@ -42,6 +42,12 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # report each generated token's logprob and this many alternatives
+    # Constraints (constraints.py, llguidance; at most one): the output is valid JSON for this
+    # schema, matches this regex, is a sentence of this Lark grammar, or is any JSON object.
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    json_object: bool = False
 
     def validate(self) -> SamplingParams:
         def bad(what):
@@ -102,7 +108,14 @@ class SamplingParams:
             or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             bad(f"logprobs={self.logprobs!r} (must be an integer from 0 to {MAX_LOGPROBS})")
+        from .constraints import check_fields
+
+        check_fields(self)
         return self
+
+    @property
+    def constrained(self) -> bool:
+        return self.json_schema is not None or bool(self.regex or self.grammar or self.json_object)
 
     def with_defaults(self, defaults: dict) -> SamplingParams:
         """Fill the None fields from `defaults` (generation_config values)."""

@@ -68,6 +68,8 @@ class Sequence:
     started: bool = False  # it has computed K/V since it was (re)admitted
     block_hashes: list[bytes] = field(default_factory=list)  # see the module docstring
     root: bytes = ROOT  # the parent hash of its first block row (paging.salted_root)
+    constraint: object = None  # constraints.Matcher of a constrained request (it survives
+    # preemption: it has consumed exactly the generated tokens)
     # output (output.py)
     text: str = ""
     emitted: int = 0  # text[:emitted] has been handed out

@@ -45,6 +45,8 @@ from .request_json import BodyError
 from .request_json import loads as load_body
 from .sampling import MAX_LOGPROBS, SamplingParams
 from .serve_limits import LimitError, Limits
+from .tools import TOOL_FIELDS, ToolStream, call_deltas, check_tool_fields, tool_prompt
+from .tools import message as tool_message
 
 # Body fields the server reads itself; everything else goes through batch.request_params.
 SERVER_FIELDS = (
@@ -426,6 +428,7 @@ class Job:
     model: str
     cache_salt: str | None = None  # requests share cached KV blocks only under the same salt
     return_ids: bool = False  # choices carry `token_ids` (always so without a tokenizer)
+    tools: object = None  # tools.ToolRequest of a chat request with tools
 
 
 def _typed(body: dict, key: str, kind, default):
@@ -480,10 +483,15 @@ def _parse_job(body, chat: bool, llm, served: tuple[str, ...], limits: Limits) -
             serve_limits.check_prompt_count(len(p) if many else 1, limits)
             prompts = [check_prompt(x) for x in (p if many else [p])]
         params = request_params(
-            {k: v for k, v in body.items() if k not in ("messages", "prompt")}, extra=SERVER_FIELDS
+            {k: v for k, v in body.items() if k not in ("messages", "prompt")},
+            extra=SERVER_FIELDS + (TOOL_FIELDS if chat else ()),
         )
         serve_limits.check_stops(params.stop, limits)
-        ids = [tokenize(llm, Item(0, None, chat, x, params)) for x in prompts]
+        treq = check_tool_fields(body) if chat else None
+        if treq is None:
+            ids = [tokenize(llm, Item(0, None, chat, x, params)) for x in prompts]
+        else:  # tools rendered by the template; a forced call constrains the reply (tools.py)
+            ids = [tool_prompt(llm, x, treq, params) for x in prompts]
     except LineError as e:
         raise APIError(400, e.message, e.code, e.param) from None
     stream = _typed(body, "stream", bool, False)
@@ -514,7 +522,7 @@ def _parse_job(body, chat: bool, llm, served: tuple[str, ...], limits: Limits) -
         params = llm.resolve_params(params)
     except TinyLLMError as e:
         raise APIError(400, str(e), "invalid_parameter") from None
-    return Job(chat, ids, params, n, stream, include_usage, served[0], salt, return_ids)
+    return Job(chat, ids, params, n, stream, include_usage, served[0], salt, return_ids, treq)
 
 
 def logprobs_wanted(body: dict, chat: bool, limits: Limits | None = None) -> int | None:
@@ -646,11 +654,11 @@ def _choice(
     ids = {"token_ids": token_ids} if token_ids is not None else {}
     if not job.chat:
         return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish, **ids}
-    body = (
-        {"delta": delta if delta is not None else ({"content": text} if text else {})}
-        if job.stream
-        else {"message": {"role": "assistant", "content": text}}
-    )
+    if job.stream:
+        body = {"delta": delta if delta is not None else ({"content": text} if text else {})}
+    else:  # tool calls parsed out of the text (tools.py)
+        message, finish = tool_message(text, finish, job.tools)
+        body = {"message": message}
     return {"index": i, **body, "logprobs": logprobs, "finish_reason": finish, **ids}
 
 
@@ -889,6 +897,7 @@ class Server:
                     )
             done: dict = {}
             lps = {i: Logprobs(job, self.llm.tokenizer) for i in range(len(job.prompts) * job.n)}
+            calls = {i: ToolStream(job.tools) for i in lps} if job.tools else {}
             async for i, ev in gen:
                 if ev.kind == "token" and job.return_ids:  # a chunk per token: its id
                     lps[i].add(ev)
@@ -913,24 +922,38 @@ class Server:
                 elif ev.kind == "token":  # its logprobs ride on the next chunk
                     lps[i].add(ev)
                 elif ev.kind == "text":
+                    text = calls[i].push(ev.text) if calls else ev.text
+                    if not text:
+                        continue  # held: it may be a tool call (sent when the choice ends)
                     yield _sse(
                         _envelope(
                             job,
                             rid,
                             created,
-                            [_choice(job, i, ev.text, None, logprobs=lps[i].take())],
+                            [_choice(job, i, text, None, logprobs=lps[i].take())],
                             **extra,
                         )
                     )
                 elif ev.kind == "finish":
                     done[i] = ev.completion
                     rest = lps[i].take() if lps[i].pending else None
+                    finish = ev.completion.finish_reason
+                    if calls:  # held text: content, or tool-call deltas (tools.py)
+                        text, made = calls[i].finish()
+                        deltas = ([{"content": text}] if text else []) + call_deltas(made)
+                        for d in deltas:
+                            yield _sse(
+                                _envelope(
+                                    job, rid, created, [_choice(job, i, "", None, d)], **extra
+                                )
+                            )
+                        finish = "tool_calls" if made and finish == "stop" else finish
                     yield _sse(
                         _envelope(
                             job,
                             rid,
                             created,
-                            [_choice(job, i, "", ev.completion.finish_reason, logprobs=rest)],
+                            [_choice(job, i, "", finish, logprobs=rest)],
                             **extra,
                         )
                     )
