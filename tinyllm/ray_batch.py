@@ -128,14 +128,17 @@ class Replica:
     """One engine on one GPU (or a node's cores), as a Ray actor. Errors loading the model
     are kept for ready() rather than raised, so that the driver reports them in one line."""
 
-    def __init__(self, args, fault: dict | None = None):
+    def __init__(self, args, cores: int | None = None, fault: dict | None = None):
         from .options import load_llm, sampling_from_args
+        from .threads import default_threads
 
         self.fault, self.finished = fault or {}, 0
         self.lock = threading.Lock()
         if self.fault.get("pid_dir"):
             Path(self.fault["pid_dir"], str(os.getpid())).touch()
         self.error, self.llm = None, None
+        if cores and args.threads is None:  # BLAS threads: the cores Ray gave this replica,
+            args.threads = min(cores, default_threads())  # less those busy (threads.py: spin)
         try:
             self.llm = load_llm(args, max_batch=args.max_batch, quiet=True)
             self.defaults = sampling_from_args(args)
@@ -279,12 +282,11 @@ def start_replicas(a, quiet: bool, fault: dict | None = None):
     try:
         n, res = plan_replicas(ray, a.replicas)
         args = argparse.Namespace(**{k: v for k, v in vars(a).items() if k != "func"})
-        if "num_gpus" not in res and args.threads is None:
-            args.threads = res["num_cpus"]  # BLAS threads = the cores Ray gave the replica
+        cores = None if "num_gpus" in res else res["num_cpus"]
         remote = ray.remote(Replica).options(
             max_restarts=MAX_ATTEMPTS, max_task_retries=0, max_concurrency=CALLS_PER_REPLICA, **res
         )
-        actors += [remote.remote(args, fault) for _ in range(n)]
+        actors += [remote.remote(args, cores, fault) for _ in range(n)]
         infos = ray.get([r.ready.remote() for r in actors])
         want = run_identity(a, resolve(a.model).path)
         for i, info in enumerate(infos):
