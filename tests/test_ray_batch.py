@@ -25,6 +25,7 @@ from test_batch import CHATML, outcome, read_results, run_cli, write_jsonl
 from tinyllm import ray_batch
 from tinyllm.batch import record_key
 from tinyllm.cli import main as cli_main
+from tinyllm.errors import TinyLLMError
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # about a minute in all on 2 idle cores (see the report)
@@ -192,6 +193,9 @@ def test_user_errors_are_one_line(cluster, model, job, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert rc == 2 and "\n" not in err and needle in err, err
         assert not out.exists()
+    # an address nobody answers at is refused at once (ray.init would retry for minutes)
+    with pytest.raises(TinyLLMError, match="cannot reach the Ray head at 127.0.0.1:1"):
+        ray_batch.probe("127.0.0.1:1")
     # a Ray run refuses an output holding results without --resume, as locally
     out = tmp_path / "held.jsonl"
     out.write_text(json.dumps({"keep": "me"}) + "\n")

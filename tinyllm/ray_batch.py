@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -221,6 +222,7 @@ def connect(ray, address: str, quiet: bool) -> bool:
     if ray.is_initialized():  # the Python entry point, inside a Ray program
         return False
     kw = dict(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
+    probe(address)
     try:
         if address:
             ray.init(address=address, **kw)
@@ -234,6 +236,21 @@ def connect(ray, address: str, quiet: bool) -> bool:
             f"or pass --ray without an address to start a local cluster for the job"
         ) from None
     return True
+
+
+def probe(address: str):
+    """Refuse at once an address whose head does not answer (ray.init retries for minutes)."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return  # nothing to probe: Ray finds (or fails to find) the cluster itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise TinyLLMError(
+            f"cannot reach the Ray head at {address}: {e.strerror or e}; check the address "
+            f"(`ray status` on the head prints it), or pass --ray without an address to start "
+            f"a local cluster for the job"
+        ) from None
 
 
 def plan_replicas(ray, wanted: int | None) -> tuple[int, dict]:
@@ -365,7 +382,7 @@ class RayJob(BatchJob):
                     slot.calls -= 1
                     try:
                         results = ray.get(ref)
-                    except ray.exceptions.RayActorError as e:  # the replica's process died
+                    except _died(ray) as e:  # the replica's process (or node) died
                         self._crashed(ray, slot, chunk, retry, e)
                         continue
                     except ray.exceptions.RayTaskError as e:  # a bug in a replica: stop
@@ -434,7 +451,8 @@ class RayJob(BatchJob):
     def _rejoin(self, ray, slot: Slot, ref):
         try:
             info = ray.get(ref)
-        except _unavailable(ray):  # still restarting: ask again
+        except _unavailable(ray):  # still restarting: ask again, shortly
+            time.sleep(READY_POLL_S / 5)
             slot.ready_ref = slot.actor.ready.remote()
             return
         except ray.exceptions.RayActorError as e:  # out of restarts
@@ -457,6 +475,13 @@ class RayJob(BatchJob):
 def _last_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[-1][:300] if lines else type(e).__name__
+
+
+def _died(ray) -> tuple:
+    """The errors of a call whose replica process died: the actor's own (killed, crashed,
+    restarting), its worker's or node's, or Ray's memory monitor killing it."""
+    names = ("RayActorError", "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError")
+    return tuple(getattr(ray.exceptions, n) for n in names if hasattr(ray.exceptions, n))
 
 
 def _unavailable(ray):
