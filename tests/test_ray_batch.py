@@ -183,6 +183,8 @@ def test_user_errors_are_one_line(cluster, model, job, tmp_path, capsys):
         (["--replicas", 2], "--replicas needs --ray"),
         (["--ray", "--replicas", 3], "the cluster has 2 CPU(s)"),
         (["--ray", "--replicas", 0], "--replicas must be at least 1"),
+        # the model fails to load inside the replica: its error, in one line, no output
+        (["--ray", "--replicas", 1, "--kv-cache-memory", "1KB"], "could not load the model"),
     ]
     for extra, needle in cases:
         out = tmp_path / "o.jsonl"

@@ -304,7 +304,10 @@ def start_replicas(a, quiet: bool, fault: dict | None = None):
             max_restarts=MAX_ATTEMPTS, max_task_retries=0, max_concurrency=CALLS_PER_REPLICA, **res
         )
         actors += [remote.remote(args, cores, fault) for _ in range(n)]
-        infos = ray.get([r.ready.remote() for r in actors])
+        try:
+            infos = ray.get([r.ready.remote() for r in actors])
+        except (*_died(ray), ray.exceptions.RayTaskError) as e:  # died while loading
+            raise TinyLLMError(f"a replica could not start: {_last_line(e)}") from None
         want = run_identity(a, resolve(a.model).path)
         for i, info in enumerate(infos):
             if "error" in info:
