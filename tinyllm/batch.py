@@ -633,15 +633,35 @@ def _changed_error(changed: list, out_path: Path) -> TinyLLMError:
     )
 
 
-def run_batch(a) -> int:
+def start_local(a, quiet: bool):
+    """The engine of a single-process run: (job factory, cleanup). `start` of run_batch;
+    ray_batch.py's starts replicas on a Ray cluster instead."""
+    from .options import load_llm, model_names
+
+    try:
+        llm = load_llm(a, max_batch=a.max_batch, quiet=quiet)
+    except (OSError, ValueError) as e:
+        raise TinyLLMError(f"cannot load the model: {e}") from None
+
+    def make_job(*job_args):
+        job = BatchJob(llm, *job_args)
+        job.model_name = model_names(a.model, llm.model_dir)[0]  # the name serve answers to
+        return job
+
+    return make_job, (lambda: None)
+
+
+def run_batch(a, start=None) -> int:
     """`tinyllm batch`: 0 when every line got a result line (errors included), 130 on
     Ctrl-C, 143 on SIGTERM; fatal problems raise TinyLLMError (one line, exit 2, from cli.main).
 
     Order: check the files (no output yet) -> load the model (its memory check refuses a
     --max-batch that does not fit before the output exists) -> open and lock the output ->
-    re-read it under the lock -> run."""
+    re-read it under the lock -> run. `start(a, quiet)` loads the model and returns (a
+    factory of the job: BatchJob's arguments after llm, a cleanup called at the end);
+    start_local by default."""
     from .hub import resolve
-    from .options import load_llm, model_names, sampling_from_args
+    from .options import sampling_from_args
 
     if a.max_batch < 1:
         raise TinyLLMError(f"--max-batch must be at least 1 (got {a.max_batch})")
@@ -685,11 +705,12 @@ def run_batch(a) -> int:
             file=sys.stderr,
         )
         return 0
+    make_job, stop = (start or start_local)(a, quiet)
     try:
-        llm = load_llm(a, max_batch=a.max_batch, quiet=quiet)
-    except (OSError, ValueError) as e:
-        raise TinyLLMError(f"cannot load the model: {e}") from None
-    out = OutputFile(out_path)
+        out = OutputFile(out_path)
+    except BaseException:
+        stop()
+        raise
     try:
         done, n_kept = (
             scan_output(out_path) if out_path.stat().st_size else ({}, 0)
@@ -701,8 +722,7 @@ def run_batch(a) -> int:
             print(
                 f"resuming: {n_skip} requests already in {out_path}, {todo} to go", file=sys.stderr
             )
-        job = BatchJob(llm, defaults, in_path, out, done, Tally(skipped=n_skip), run)
-        job.model_name = model_names(a.model, llm.model_dir)[0]
+        job = make_job(defaults, in_path, out, done, Tally(skipped=n_skip), run)
         try:
             with ctrl_c.installed():
                 job.run(todo, progress=not quiet)
@@ -717,7 +737,10 @@ def run_batch(a) -> int:
             )
             return 143 if ctrl_c.signum == signal.SIGTERM else 130
     finally:
-        out.close(discard_if_empty=True)
+        try:
+            out.close(discard_if_empty=True)
+        finally:
+            stop()
     t = job.tally
     skipped = f", {t.skipped} already done" if t.skipped else ""
     failed = f" (see the error lines in {out_path})" if t.failed else ""
@@ -772,29 +795,23 @@ class BatchJob:
                 if ev.kind == "text":
                     continue
                 item = self.inflight.pop(ev.index)
-                if ev.kind == "error":
-                    self.fail(item.custom_id, item.lineno, LineError(ev.code, ev.error))
-                    continue
-                c = ev.completion
-                self.out.write(
-                    {
-                        **ok_record(
-                            item,
-                            c,
-                            self.model_name,
-                            int(time.time()),
-                            with_ids=self.llm.tokenizer is None,
-                        ),
-                        "fingerprint": self.prints.pop(item.lineno),
-                    }
-                )
-                self.tally.ok += 1
-                self.tally.tokens += len(c.token_ids)
-                self.bar.update(1)
-                self.bar.set_postfix_str(
-                    f"{self.tally.tokens / (time.perf_counter() - t0):.1f} tok/s", refresh=False
-                )
+                with_ids = self.llm.tokenizer is None
+                rec = result_record(item, ev, self.model_name, with_ids)
+                self.write(item.lineno, rec, t0)
         self.tally.seconds = max(time.perf_counter() - t0, 1e-9)
+
+    def write(self, lineno: int, rec: dict, t0: float):
+        """Write the result record of input line `lineno`, with its fingerprint, and count it."""
+        self.out.write({**rec, "fingerprint": self.prints.pop(lineno, None)})
+        if rec["error"] is not None:
+            self.tally.failed += 1
+        else:
+            self.tally.ok += 1
+            self.tally.tokens += rec["response"]["body"]["usage"]["completion_tokens"]
+        self.bar.update(1)
+        self.bar.set_postfix_str(
+            f"{self.tally.tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s", refresh=False
+        )
 
     def fail(self, custom_id, lineno: int, err: LineError):
         self.out.write(
@@ -806,10 +823,21 @@ class BatchJob:
     def requests(self):
         """Engine Requests for the lines not yet in the output, parsed and tokenized only
         when the engine has room for them; a line that cannot run becomes an error line here."""
-        from .engine import Request
-
-        seen: set = set()
         index = 0
+        for item in self.items():
+            try:
+                req = engine_request(self.llm, item, self.defaults, index)
+            except LineError as e:
+                self.fail(item.custom_id, item.lineno, e)
+                continue
+            self.inflight[index] = item
+            index += 1
+            yield req
+
+    def items(self):
+        """The parsed Items of the lines not yet in the output, read lazily; a line that cannot
+        be parsed becomes an error line here (tokenizing is left to the caller)."""
+        seen: set = set()
         for lineno, raw in input_lines(self.in_path):
             key, obj, err = identify(raw, lineno, seen)
             if key in self.done:
@@ -826,19 +854,30 @@ class BatchJob:
                 continue
             try:
                 item = parse_item(obj, lineno)
-                req = Request(tokenize(self.llm, item), self.resolve(item), index)
             except LineError as e:
                 self.fail(key[1], lineno, e)
                 continue
-            self.inflight[index] = item
-            index += 1
-            yield req
+            yield item
 
-    def resolve(self, item: Item) -> SamplingParams:
-        try:
-            return self.llm.resolve_params(merge_params(item.params, self.defaults))
-        except TinyLLMError as e:
-            raise LineError("invalid_parameter", str(e)) from None
+
+def engine_request(llm, item: Item, defaults: SamplingParams, index: int):
+    """The engine Request of an item: its prompt tokenized and checked, its sampling fields
+    merged with the run's defaults; raises LineError."""
+    from .engine import Request
+
+    ids = tokenize(llm, item)  # (first: a prompt problem is reported before a parameter one)
+    try:
+        params = llm.resolve_params(merge_params(item.params, defaults))
+    except TinyLLMError as e:
+        raise LineError("invalid_parameter", str(e)) from None
+    return Request(ids, params, index)
+
+
+def result_record(item: Item, ev, model: str, with_ids: bool = False) -> dict:
+    """The output record (without its fingerprint) of an engine "finish" or "error" event."""
+    if ev.kind == "error":
+        return error_record(item.custom_id, item.lineno, LineError(ev.code, ev.error))
+    return ok_record(item, ev.completion, model, int(time.time()), with_ids)
 
 
 def tokenize(llm, item: Item) -> list[int]:

@@ -328,6 +328,12 @@ def dir_size(path) -> int:
 
 
 def cmd_batch(a) -> int:
+    if a.ray is not None:
+        from .ray_batch import run_ray_batch
+
+        return run_ray_batch(a)
+    if a.replicas is not None:
+        raise TinyLLMError("--replicas needs --ray (replicas run on a Ray cluster)")
     from .batch import run_batch
 
     return run_batch(a)
@@ -475,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no progress bar or model lines on stderr (default: off)",
     )
+    from .ray_batch import add_ray_args
+
+    add_ray_args(b)
     b.set_defaults(func=cmd_batch)
 
     sv = sub.add_parser(
