@@ -154,7 +154,8 @@ def cmd_info(a) -> int:
             )
 
     print(
-        f"\nKV cache per token, and the longest context (one sequence) that fits in {fmt_bytes(budget)} "
+        "\nKV cache per token, and the longest context (one sequence) that fits in "
+        f"{fmt_bytes(budget)} "
         f"next to the weights ({fmt_bytes(weight_bytes)}{held_bytes}) and {working}:"
     )
     print(f"  {'kv dtype':<8} {'bytes/token':>12} {'MHA would need':>15}  max context")
@@ -606,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
 EXAMPLES = {
     "generate": "examples:\n  tinyllm generate 'Once upon a time' --max-tokens 64\n"
     "  echo 'def fib(n):' | tinyllm generate -m qwen2.5-0.5b --temperature 0",
-    "chat": "examples:\n  tinyllm chat                        interactive; /help lists the commands\n"
+    "chat": "examples:\n"
+    "  tinyllm chat                        interactive; /help lists the commands\n"
     "  tinyllm chat 'What is 2+2?'        one answer and exit\n"
     "in the chat:\n  /set temperature=0.7 max_tokens=200   change sampling for the next replies\n"
     "  /stats                              tokens and speed of the last reply\n"

@@ -373,7 +373,8 @@ def evaluate_weights(
 
 def format_weights_table(rows: list[KVRow]) -> str:
     lines = [
-        "| weights (matrices) | weight bytes | perplexity | Δ ppl vs fp32 (± 1 s.e.) | mean KL (nats) | max abs Δlogit | top-1 agree | time (s) |",
+        "| weights (matrices) | weight bytes | perplexity | Δ ppl vs fp32 (± 1 s.e.) "
+        "| mean KL (nats) | max abs Δlogit | top-1 agree | time (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

@@ -16,8 +16,8 @@ and an untied lm_head of types Q8_0/Q4_0/Q4_1/Q4_K/Q6_K are written in weights.p
 safetensors layout, their blocks repacked bit for bit (quant.from_gguf_blocks; q/k rows
 un-permuted whole, which never splits a block); matrices of other quantized types (Q5_0, Q5_K,
 Q3_K, IQ4_NL, ...) are dequantized and requantized to the nearest supported format at or above
-their bits (REQUANTIZE; `requantize=FMT` picks another), and the error this adds is measured per source
-type (relative RMS over the tensors) and recorded in tinyllm_convert.json. The embedding table
+their bits (REQUANTIZE; `requantize=FMT` picks another), and the error this adds is measured per
+source type (relative RMS over the tensors) and recorded in tinyllm_convert.json. The embedding table
 is always written float (the loader keeps it float: it is gathered, not streamed).
 """
 

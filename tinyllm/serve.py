@@ -62,7 +62,8 @@ MAX_N = 16  # choices per request
 # How long SIGINT/SIGTERM waits for in-flight requests before they end with a 503.
 GRACEFUL_SHUTDOWN_S = serve_limits.DEFAULT_SHUTDOWN_S
 SHUTTING_DOWN = "the server is shutting down; the request was not completed: retry it elsewhere"
-# Prometheus histogram buckets (seconds), after vLLM's (with finer ones below 10 ms for small models).
+# Prometheus histogram buckets (seconds), after vLLM's (with finer ones below 10 ms for small
+# models).
 TTFT_BUCKETS = (
     0.001,
     0.005,
