@@ -17,8 +17,8 @@ safetensors layout, their blocks repacked bit for bit (quant.from_gguf_blocks; q
 un-permuted whole, which never splits a block); matrices of other quantized types (Q5_0, Q5_K,
 Q3_K, IQ4_NL, ...) are dequantized and requantized to the nearest supported format at or above
 their bits (REQUANTIZE; `requantize=FMT` picks another), and the error this adds is measured per
-source type (relative RMS over the tensors) and recorded in tinyllm_convert.json. The embedding table
-is always written float (the loader keeps it float: it is gathered, not streamed).
+source type (relative RMS over the tensors) and recorded in tinyllm_convert.json. The embedding
+table is always written float (the loader keeps it float: it is gathered, not streamed).
 """
 
 from __future__ import annotations
