@@ -352,13 +352,7 @@ def cmd_eval(a) -> int:
     return run_eval(a)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tinyllm", description="Run LLaMA-family models (Llama, Mistral, Qwen2)."
-    )
-    p.add_argument("--version", action="version", version=f"tinyllm {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="continue a prompt, streaming to stdout")
     add_model_args(g)
     add_sampling_args(g)
@@ -374,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.set_defaults(func=cmd_generate)
 
+
+def _add_chat_parser(sub) -> None:
     c = sub.add_parser("chat", help="interactive chat (or one answer with a question argument)")
     add_model_args(c)
     add_sampling_args(c)
@@ -389,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=cmd_chat)
 
+
+def _add_info_parser(sub) -> None:
     i = sub.add_parser("info", help="architecture, parameters and KV-cache sizes")
     add_model_args(i)
     i.add_argument(
@@ -400,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.set_defaults(func=cmd_info)
 
+
+def _add_convert_parser(sub) -> None:
     cv = sub.add_parser("convert", help="convert a GGUF file into an HF-layout directory")
     cv.add_argument("gguf", help="the .gguf file to read")
     cv.add_argument(
@@ -433,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cv.set_defaults(func=cmd_convert)
 
+
+def _add_download_parser(sub) -> None:
     dl = sub.add_parser(
         "download", help="fetch a model from the Hugging Face Hub into the local HF cache"
     )
@@ -442,9 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dl.set_defaults(func=cmd_download)
 
+
+def _add_list_parser(sub) -> None:
     ls = sub.add_parser("list", help="known aliases and which are present locally")
     ls.set_defaults(func=cmd_list)
 
+
+def _add_batch_parser(sub) -> None:
     b = sub.add_parser("batch", help="generate for every request of a JSONL file")
     add_model_args(b)
     add_sampling_args(b)
@@ -487,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_ray_args(b)
     b.set_defaults(func=cmd_batch)
 
+
+def _add_serve_parser(sub) -> None:
     sv = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server (chat/completions, completions)"
     )
@@ -531,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_limit_args(sv)
     sv.set_defaults(func=cmd_serve)
 
+
+def _add_eval_parser(sub) -> None:
     e = sub.add_parser(
         "eval", help="perplexity and KL divergence per KV-cache dtype or study format"
     )
@@ -595,6 +605,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per block of the KIVI formats' per-channel key scales (default: 16)",
     )
     e.set_defaults(func=cmd_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tinyllm", description="Run LLaMA-family models (Llama, Mistral, Qwen2)."
+    )
+    p.add_argument("--version", action="version", version=f"tinyllm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_generate_parser(sub)
+    _add_chat_parser(sub)
+    _add_info_parser(sub)
+    _add_convert_parser(sub)
+    _add_download_parser(sub)
+    _add_list_parser(sub)
+    _add_batch_parser(sub)
+    _add_serve_parser(sub)
+    _add_eval_parser(sub)
     # Each subcommand's --help: its one-line summary as the description, and examples.
     for action in sub._choices_actions:
         sp = sub.choices[action.dest]
