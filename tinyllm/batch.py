@@ -774,7 +774,8 @@ class BatchJob:
             done,
         )
         self.tally, self.run_id = tally, run
-        self.model_name = llm.model_dir.name  # run_batch: the name serve would answer to
+        # the name serve would answer to (start_local sets it; ray_batch's replicas name their own)
+        self.model_name = llm.model_dir.name if llm is not None else None
         self.prints: dict[int, str] = {}  # input line -> fingerprint of its request
         self.inflight: dict[int, Item] = {}  # engine index -> item, admitted and not finished
         self.bar = None
