@@ -215,7 +215,8 @@ class Metrics:
         )
         self.preemptions = Counter(
             "tinyllm_preemptions",
-            "running choices preempted when the KV cache ran out (recomputed later)",
+            "running choices preempted (recomputed later): the KV cache ran out, or another "
+            "request had no slot (fair_queue.py)",
             registry=r,
         )
 
@@ -251,6 +252,7 @@ class EngineWorker:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.tracked: dict[int, _Tracked] = {}  # engine thread only
         self.seq_of: dict[int, int] = {}  # request index -> engine sequence id
+        self.group_of: dict[int, int] = {}  # engine sequence id -> its HTTP request (group)
         self.fair = FairQueue()  # choices not yet in the engine (engine thread only)
         self._ids = itertools.count()
         self.thread = threading.Thread(target=self._loop, name="tinyllm-engine", daemon=True)
@@ -289,24 +291,31 @@ class EngineWorker:
             self.metrics.kv_blocks.set(eng.spec.n_blocks)
         except Exception:
             self._fault(recover=False)
-        while True:
-            cmds = []
-            if not eng.has_work() and not self.fair:
-                cmds.append(self.inbox.get())  # sleep here when there is nothing to run
-            try:
-                while True:
-                    cmds.append(self.inbox.get_nowait())
-            except queue.Empty:
-                pass
-            try:
-                if self._commands(cmds):
-                    return
-                self._feed()
-                if eng.has_work() and not self.failed:
-                    self._step()
-                self._publish()
-            except Exception:
-                self._fault()
+        while self.turn(block=True):
+            pass
+
+    def turn(self, block: bool = False) -> bool:
+        """One pass of the loop: apply the inbox's commands (with `block`, sleep until one
+        comes when there is nothing to run), feed the engine, run one step; False on stop."""
+        eng = self.engine
+        cmds = []
+        if block and not eng.has_work() and not self.fair:
+            cmds.append(self.inbox.get())
+        try:
+            while True:
+                cmds.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        try:
+            if self._commands(cmds):
+                return False
+            self._feed()
+            if eng.has_work() and not self.failed:
+                self._step()
+            self._publish()
+        except Exception:
+            self._fault()
+        return True
 
     def _commands(self, cmds) -> bool:
         """Apply the inbox's commands; True on stop."""
@@ -321,11 +330,11 @@ class EngineWorker:
                 self.fair.put(group, req.index, req)
             elif kind == "abort":
                 if self.tracked.pop(a, None) is not None and not self.fair.remove(a):
-                    eng.abort(self.seq_of.pop(a))
+                    eng.abort(self._forget(a))
             else:  # stop
                 self.fair.drain()
                 for index in list(self.seq_of):
-                    eng.abort(self.seq_of.pop(index))
+                    eng.abort(self._forget(index))
                 self.tracked.clear()
                 self._publish()
                 return True
@@ -333,17 +342,59 @@ class EngineWorker:
 
     def _feed(self):
         """Move choices from the fair queue into the engine while it has free batch slots (so
-        the engine's own first-come-first-served queue never holds more than a batch)."""
+        the engine's own first-come-first-served queue never holds more than a batch), then
+        make room for requests that have nothing in the engine (_make_room)."""
         eng = self.engine
         if self.failed or eng.scheduler is None:
             return
-        free = eng.max_batch - len(eng.scheduler.running) - len(eng.scheduler.waiting)
-        for _ in range(free):
-            req = self.fair.pop()
-            if req is None:
+        sch = eng.scheduler
+        for _ in range(eng.max_batch - len(sch.running) - len(sch.waiting)):
+            if not self.fair:
                 return
-            self.metrics.prompt_tokens.inc(len(req.prompt_ids))
-            self.seq_of[req.index] = eng.add(req)
+            self._add(self.fair.groups()[0])
+        self._make_room()
+
+    def _add(self, group: int):
+        req = self.fair.pop(group)
+        self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+        self.seq_of[req.index] = seq = self.engine.add(req)
+        self.group_of[seq] = group
+
+    def _forget(self, index: int) -> int:
+        """The engine sequence of request index `index`, no longer tracked."""
+        seq = self.seq_of.pop(index)
+        self.group_of.pop(seq, None)
+        return seq
+
+    def _make_room(self):
+        """With every slot running and nothing waiting in the engine, each request in the fair
+        queue that has no choice in the engine takes the slot of the newest running choice of
+        the request holding the most slots, while that one holds two or more: the choice is
+        preempted (Scheduler.preempt: it keeps its tokens and waits behind the newcomers, then
+        resumes before anything else enters). A newcomer so runs from the next step instead
+        of waiting for a slot to free (up to max_tokens steps when a flood's choices end
+        together); each move only evens the shares, so no request loses its last slot."""
+        eng = self.engine
+        sch = eng.scheduler
+        if sch.waiting or len(sch.running) < eng.max_batch or not self.fair:
+            return
+        present = set(self.group_of.values())
+        newcomers = [g for g in self.fair.groups() if g not in present]
+        held: dict[int, list[int]] = {}  # group -> its running sequences, oldest first
+        for s in sch.running:
+            held.setdefault(self.group_of.get(s.id, -1), []).append(s.id)
+        held.pop(-1, None)  # (sequences the server did not add: none today)
+        victims = []
+        for _ in newcomers:
+            most = max(held.values(), key=len, default=[])
+            if len(most) < 2:
+                break
+            victims.append(most.pop())
+        for group in newcomers[: len(victims)]:  # queued first, so admitted first
+            self._add(group)
+        for seq in victims:
+            sch.preempt(seq)
+        self.metrics.preemptions.inc(len(victims))
 
     def _fault(self, recover: bool = True):
         """A bug in the engine: fail every tracked request now, then start afresh (or give up)."""
@@ -351,6 +402,7 @@ class EngineWorker:
         self.faults += 1
         tracked, self.tracked = self.tracked, {}
         self.seq_of.clear()
+        self.group_of.clear()
         self.fair.drain()
         for index, tr in tracked.items():
             try:
@@ -396,7 +448,8 @@ class EngineWorker:
         for index, evs in by_req.items():
             if evs[-1].kind in ("finish", "error"):
                 tr = self.tracked.pop(index)
-                self.seq_of.pop(index, None)
+                if index in self.seq_of:
+                    self._forget(index)
             else:
                 tr = self.tracked[index]
             tr.sink(evs)
