@@ -27,6 +27,7 @@ thread only (EngineWorker)."""
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 
 
 class FairQueue:
@@ -43,9 +44,10 @@ class FairQueue:
         self._group_of[key] = group
         self._n += 1
 
-    def groups(self) -> list[int]:
-        """The requests with items waiting, in turn order (the next pop's first)."""
-        return list(self._groups)
+    def groups(self) -> Iterator[int]:
+        """The requests with items waiting, in turn order (the next pop's first); do not put or
+        pop while iterating."""
+        return iter(self._groups)
 
     def pop(self, group: int | None = None):
         """The next item, taking requests in turn, or the next of request `group` (None when

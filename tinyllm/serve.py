@@ -351,7 +351,7 @@ class EngineWorker:
         for _ in range(eng.max_batch - len(sch.running) - len(sch.waiting)):
             if not self.fair:
                 return
-            self._add(self.fair.groups()[0])
+            self._add(next(self.fair.groups()))
         self._make_room()
 
     def _add(self, group: int):
@@ -378,19 +378,20 @@ class EngineWorker:
         sch = eng.scheduler
         if sch.waiting or len(sch.running) < eng.max_batch or not self.fair:
             return
-        present = set(self.group_of.values())
-        newcomers = [g for g in self.fair.groups() if g not in present]
         held: dict[int, list[int]] = {}  # group -> its running sequences, oldest first
         for s in sch.running:
             held.setdefault(self.group_of.get(s.id, -1), []).append(s.id)
         held.pop(-1, None)  # (sequences the server did not add: none today)
+        spare = sum(len(seqs) - 1 for seqs in held.values())  # slots that can be given
+        present = set(self.group_of.values())  # (at most a batch of requests: O(max_batch))
+        newcomers = list(
+            itertools.islice((g for g in self.fair.groups() if g not in present), spare)
+        )
         victims = []
         for _ in newcomers:
-            most = max(held.values(), key=len, default=[])
-            if len(most) < 2:
-                break
-            victims.append(most.pop())
-        for group in newcomers[: len(victims)]:  # queued first, so admitted first
+            most = max(held.values(), key=len)
+            victims.append(most.pop())  # the newest choice of the request holding the most
+        for group in newcomers:  # queued before the victims, so admitted first
             self._add(group)
         for seq in victims:
             sch.preempt(seq)
