@@ -106,3 +106,81 @@ def test_a_request_never_loses_its_last_slot(llm):
         assert d.steps < 100
     assert llm.engine.stats["preemptions"] == before
     assert all(d.finished(i) for i in first)  # it ran only once one of them had ended
+
+
+# ---- /health while a request is heavy -------------------------------------------------------
+
+
+def test_health_answers_while_a_body_arrives_is_parsed_and_the_engine_is_busy(tiny_factory):
+    """/health (a load balancer's probe) answers while another request is at each heavy stage,
+    held there on purpose so the order is certain: its body half sent, its parsing (a worker
+    thread's) blocked, the engine thread blocked inside a step. Each time /health returns
+    while that request is provably unfinished, and the request completes once let go. The
+    timeouts only guard against a hang."""
+    import socket
+    import threading
+
+    httpx = pytest.importorskip("httpx")
+    from test_server_faults import Live
+
+    llm = LLM(str(tiny_factory("llama_gqa")), max_seq_len=256, max_batch=4)
+    live = Live(llm)
+    srv, gate, entered = live.app.state.server, threading.Event(), threading.Event()
+
+    def health():
+        r = httpx.get(live.url + "/health", timeout=60)
+        assert r.status_code == 200 and r.json() == {"status": "ok"}, r.text
+
+    def held(fn):  # fn, but the first call waits at the gate
+        def wrapper(*a, **k):
+            if not gate.is_set():
+                entered.set()
+                assert gate.wait(60), "hang guard"
+            return fn(*a, **k)
+
+        return wrapper
+
+    body = b'{"prompt": "' + b"x" * 100_000 + b'", "max_tokens": 1}'
+    out = []
+
+    def post():
+        out.append(httpx.post(live.url + "/v1/completions", content=body, timeout=60))
+
+    try:
+        # 1. the body is still arriving: headers and half of it sent
+        host, port = live.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as s:
+            head = (
+                f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+                f"application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            s.sendall(head.encode() + body[: len(body) // 2])
+            health()
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)  # no answer yet: it cannot have one
+            s.setblocking(True)
+            s.sendall(body[len(body) // 2 :])
+            assert s.recv(64).startswith(b"HTTP/1.1 400")  # far longer than the context
+
+        # 2. parsing (on a worker thread) held, then 3. the engine thread held in a step
+        for obj, name in ((srv, "_parse_sync"), (llm.engine, "step")):
+            gate.clear()
+            entered.clear()
+            real = getattr(obj, name)
+            setattr(obj, name, held(real))
+            if name == "step":
+                body = b'{"prompt": [5, 6, 7], "max_tokens": 4}'
+            t = threading.Thread(target=post)
+            t.start()
+            assert entered.wait(60), "hang guard"
+            health()
+            assert t.is_alive() and len(out) == (0 if name == "_parse_sync" else 1)
+            gate.set()
+            t.join(60)
+            setattr(obj, name, real)
+        assert out[0].status_code == 400  # the long text, parsed once let go
+        assert out[1].status_code == 200 and len(out[1].json()["choices"]) == 1
+    finally:
+        gate.set()
+        live.stop()
