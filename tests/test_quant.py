@@ -522,7 +522,7 @@ def test_fusion_only_within_one_format(tmp_path):
     held in different formats (a Q4_K_M file's q6_k v_proj next to q4_k q/k) stays separate;
     a group of one format is fused with quant.concat_rows, and the logits do not change."""
     from tinyllm.backends.numpy_backend import NumpyBackend
-    from tinyllm.engine import Engine
+    from tinyllm.memory import engine_for_model
     from tinyllm.model import Transformer
     from tinyllm.weights import load_weights
 
@@ -556,5 +556,5 @@ def test_fusion_only_within_one_format(tmp_path):
     assert w.layers[0].wqkv is None and w.layers[1].wqkv.fmt == "q4_k"
     assert w.layers[0].w13.fmt == "q4_k" and w.layers[0].w13.shape == (1024, 256)
     ids = list(range(7, 30))
-    got = Engine.for_model(model, None, ops, set(), 64, "fp32", max_batch=1).logits(ids)
+    got = engine_for_model(model, None, ops, set(), 64, "fp32", max_batch=1).logits(ids)
     np.testing.assert_allclose(got, ref.logits(ids), rtol=1e-4, atol=1e-5)

@@ -200,17 +200,17 @@ def _engines(llm, kvs: list[str], fmts: list[str], window: int, kivi_block: int)
     """One single-sequence engine per cache: the reference and each kv dtype (real caches),
     and "format:NAME" per study format (the reference cache on a FormatBackend that
     fake-quantizes K/V; keys "format:NAME" never clash with kv dtypes)."""
-    from .engine import Engine
     from .kv_formats import FORMATS, FormatBackend
+    from .memory import engine_for_model
     from .model import Transformer
 
     engines = {
-        kv: Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), window, kv, max_batch=1)
+        kv: engine_for_model(llm.model, llm.tokenizer, llm.backend, set(), window, kv, max_batch=1)
         for kv in dict.fromkeys([REFERENCE_KV] + kvs)
     }
     for f in fmts:
         study = FormatBackend(FORMATS[f], kivi_block)
-        engines[f"format:{f}"] = Engine.for_model(
+        engines[f"format:{f}"] = engine_for_model(
             Transformer(llm.cfg, llm.model.w, study),
             llm.tokenizer,
             study,

@@ -267,6 +267,40 @@ def budget_blocks(one_block: KVCacheSpec, kv_cache_memory) -> int | None:
     return int(n)
 
 
+def engine_for_model(
+    model,
+    tokenizer,
+    backend,
+    eos_ids: set[int],
+    max_seq_len: int,
+    kv_dtype: str,
+    max_batch: int = 8,
+    prefill_chunk: int = 512,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    n_blocks: int | None = None,
+    prefix_caching: bool = True,
+):
+    """An Engine with the pool of max_batch sequences of max_seq_len (or n_blocks blocks), for
+    tools and tests that plan no memory (LLM hands down its own plan's spec):
+
+        engine_for_model(llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1)
+    """
+    from .engine import Engine
+
+    spec = KVCacheSpec.for_model(
+        model.cfg,
+        kv_dtype,
+        max_seq_len,
+        max_batch,
+        chunk=prefill_chunk,
+        block_size=block_size,
+        n_blocks=n_blocks,
+    )
+    return Engine(
+        model, tokenizer, backend, eos_ids, spec, max_batch, prefill_chunk, prefix_caching
+    )
+
+
 def gpu_working_estimate(cfg: ModelConfig, chunk: int, max_batch: int) -> int:
     """Working memory of the largest step *before* it can be measured (the pre-load check,
     `tinyllm info`): T = chunk + max_batch - 1 tokens of bf16 activations (x, h, q|k|v,
