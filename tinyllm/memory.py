@@ -32,6 +32,7 @@ and a bf16 embedding table.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -167,7 +168,10 @@ def check_host_fits(
 
     if available is None:
         return
-    plan = host_plan(cfg, kv_dtype, max_seq_len, max_batch, chunk, block_size, n_blocks, formats)
+    # plan_of(context, batch, **overrides): this model's plan at another size
+    plan_of = functools.partial(host_plan, cfg, kv_dtype, chunk=chunk, formats=formats)
+    asked = dict(block_size=block_size, n_blocks=n_blocks)
+    plan = plan_of(max_seq_len, max_batch, **asked)
     if plan.total <= available:
         return
     what = "float32" if not formats else "quantized (" + ", ".join(sorted(set(formats.values())))
@@ -180,57 +184,56 @@ def check_host_fits(
     quantize_hint = ""
     if not formats:
         fits = quantize_that_fits(
-            lambda f: (
-                host_plan(
-                    cfg, kv_dtype, max_seq_len, max_batch, chunk, block_size, n_blocks, f
-                ).total
-                <= available
-            ),
-            cfg,
+            lambda f: plan_of(max_seq_len, max_batch, **asked, formats=f).total <= available, cfg
         )
         if fits:
             quantize_hint = f"; --quantize {fits} would fit (weights quantized at load)"
-    base = host_plan(cfg, kv_dtype, 2, 1, chunk, formats=formats)
-    if base.total > available:
+    if plan_of(2, 1).total > available:
         raise TinyLLMError(
             f"{msg}; even the weights with the smallest cache do not fit"
             + (quantize_hint or ": use a smaller model or --backend cuda")
         )
     hints = [quantize_hint[2:]] if quantize_hint else []
-    # Name the flag at fault: a pool sized by --kv-cache-memory, or a --block-size that makes
-    # blocks (and so the per-sequence working set) large, before the context and the batch.
+    hints += _host_flag_hints(
+        plan_of, plan, available, max_seq_len, max_batch, block_size, n_blocks
+    )
+    if kv_dtype in ("fp32", "fp16", "bf16"):
+        hints.append("--kv-dtype int8 stores the cache in a quarter of fp32's space")
+    raise TinyLLMError(f"{msg}; " + "; ".join(hints))
+
+
+def _host_flag_hints(
+    plan_of, plan: HostPlan, available: int, max_seq_len, max_batch, block_size, n_blocks
+) -> list[str]:
+    """The flag at fault in a host plan that does not fit: a pool sized by --kv-cache-memory,
+    or a --block-size that makes blocks (and so the per-sequence working set) large, before
+    the context and the batch (the largest of each that fits with the other)."""
+    from .weights import fmt_bytes
+
     if n_blocks is not None:
         room = available - (plan.total - plan.kv)
-        hints.append(
+        return [
             f"the --kv-cache-memory pool takes {fmt_bytes(plan.kv)}: at most "
             f"{fmt_bytes(max(room, 0))} fits next to the weights and working memory"
             if room > 0
             else "lower --kv-cache-memory"
-        )
-    elif block_size != DEFAULT_BLOCK_SIZE and (
-        host_plan(cfg, kv_dtype, max_seq_len, max_batch, chunk, formats=formats).total <= available
-    ):
-        hints.append(
+        ]
+    if block_size != DEFAULT_BLOCK_SIZE and (plan_of(max_seq_len, max_batch).total <= available):
+        return [
             f"--block-size {block_size} is what does not fit: the default {DEFAULT_BLOCK_SIZE} does"
-        )
-    else:
+        ]
 
-        def total(n: int, b: int) -> int:
-            return host_plan(cfg, kv_dtype, n, b, chunk, block_size, formats=formats).total
+    def total(n: int, b: int) -> int:
+        return plan_of(n, b, block_size=block_size).total
 
-        ctx = largest(lambda n: total(n, max_batch) <= available, 2, max_seq_len)
-        batch = largest(lambda b: total(max_seq_len, b) <= available, 1, max_batch)
-        if 2 <= ctx < max_seq_len:
-            hints.append(f"the largest --ctx-size that fits with --max-batch {max_batch} is {ctx}")
-        if 1 <= batch < max_batch:
-            hints.append(
-                f"the largest --max-batch that fits with --ctx-size {max_seq_len} is {batch}"
-            )
-        if not hints:
-            hints.append("lower both --ctx-size and --max-batch")
-    if kv_dtype in ("fp32", "fp16", "bf16"):
-        hints.append("--kv-dtype int8 stores the cache in a quarter of fp32's space")
-    raise TinyLLMError(f"{msg}; " + "; ".join(hints))
+    hints = []
+    ctx = largest(lambda n: total(n, max_batch) <= available, 2, max_seq_len)
+    batch = largest(lambda b: total(max_seq_len, b) <= available, 1, max_batch)
+    if 2 <= ctx < max_seq_len:
+        hints.append(f"the largest --ctx-size that fits with --max-batch {max_batch} is {ctx}")
+    if 1 <= batch < max_batch:
+        hints.append(f"the largest --max-batch that fits with --ctx-size {max_seq_len} is {batch}")
+    return hints or ["lower both --ctx-size and --max-batch"]
 
 
 # The order --quantize hints try: the best quality first (BENCHMARKS.md, issue 20's table).
