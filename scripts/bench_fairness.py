@@ -1,23 +1,27 @@
 """Fairness under a flood (issue #25): client B's short requests, alone and while client A floods
 the server with fan-out requests, on loopback.
 
-    python scripts/bench_fairness.py [--model DIR] [--seconds 20] [--repo PATH]
+    python scripts/bench_fairness.py [--model DIR] [--repeats 5] [--a-prompt-tokens 200]
 
-Starts `tinyllm serve` (numpy backend) on 127.0.0.1 with a free port, then:
+Starts `tinyllm serve` (numpy backend) on 127.0.0.1 with a free port, then --repeats rounds of:
 1. unloaded: B sends --b-requests requests one after another (a short prompt, max_tokens
-   --b-tokens, ignore_eos), and their latencies are taken;
+   --b-tokens, ignore_eos, streamed), and their latencies (first token, end) are taken;
 2. loaded: A's --a-clients threads each send, back to back, requests of --a-prompts prompts x
-   n=--a-n choices (max_tokens --a-tokens), so A always has a queue of choices waiting; once
-   the queue is full B sends the same requests again.
-It prints the median and 90th percentile of B's latency in both phases and their ratio, and A's
-throughput. --repo runs the server from another checkout (e.g. the code before the fair queue),
-to compare. Bounded: the flood stops after --seconds, every request has a timeout. Without
---model it builds the tests' tiny random checkpoint (needs torch and transformers).
+   n=--a-n choices (max_tokens --a-tokens; a short text, or --a-prompt-tokens random token ids
+   for a flood of large prompts), so A always has a queue of choices waiting; once the queue
+   is full B sends the same requests again.
+Each round prints B's median and 90th percentile in both phases, their ratios, A's throughput
+and the load average; the summary gives the median over rounds of the median and p90 ratios
+(end to end, and to the first token). --repo runs the server from another checkout (e.g. the
+code before a change), to compare. Bounded: each flood stops after --seconds, every request
+has a timeout. Without --model it builds the tests' tiny random checkpoint (needs torch and
+transformers).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import signal
@@ -75,18 +79,67 @@ def generated(url: str) -> float:
     return float("nan")
 
 
-def b_latencies(url: str, n: int, tokens: int) -> list[float]:
+def b_latencies(url: str, n: int, tokens: int) -> list[tuple[float, float]]:
+    """B's requests one after another, streamed: (time to the first token, to the end)."""
     out = []
+    body = {"max_tokens": tokens, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=url, timeout=300) as c:
         for i in range(n):
             t = time.perf_counter()
-            r = c.post(
-                "/v1/completions",
-                json={"prompt": f"b{i} hi", "max_tokens": tokens, "ignore_eos": True},
-            )
-            r.raise_for_status()
-            out.append(time.perf_counter() - t)
+            first = None
+            with c.stream("POST", "/v1/completions", json={**body, "prompt": f"b{i} hi"}) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if first is None and line.startswith("data: {"):
+                        first = time.perf_counter() - t
+            out.append((first, time.perf_counter() - t))
     return out
+
+
+def flood_body(a, rng) -> dict:
+    """One of A's requests: --a-prompts prompts x n, each a text, or with --a-prompt-tokens
+    that many random token ids (each request different: the prefix cache cannot help)."""
+    if a.a_prompt_tokens:
+        prompts = [rng.integers(3, 250, a.a_prompt_tokens).tolist() for _ in range(a.a_prompts)]
+    else:
+        prompts = ["tell me a story"] * a.a_prompts
+    return {"prompt": prompts, "n": a.a_n, "max_tokens": a.a_tokens, "ignore_eos": True}
+
+
+def flooded(url: str, a) -> tuple[list, float, int]:
+    """B's latencies while A's threads flood the server; A's generated tokens/s meanwhile and
+    the choices A completed."""
+    import numpy as np
+
+    stop = [time.monotonic() + a.seconds]
+    a_choices = [0]
+
+    def flood(seed):
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=url, timeout=600) as c:
+            while time.monotonic() < stop[0]:
+                if c.post("/v1/completions", json=flood_body(a, rng)).status_code == 200:
+                    a_choices[0] += a.a_prompts * a.a_n
+
+    threads = [threading.Thread(target=flood, args=(i,), daemon=True) for i in range(a.a_clients)]
+    t0, g0 = time.monotonic(), generated(url)
+    for t in threads:
+        t.start()
+    time.sleep(2.0)  # A's requests are queued by now
+    loaded = b_latencies(url, a.b_requests, a.b_tokens)
+    tok_s = (generated(url) - g0) / (time.monotonic() - t0)  # A's and B's tokens
+    if stop[0] <= time.monotonic():
+        print("  (the flood ran out before B finished: raise --seconds)")
+    stop[0] = time.monotonic()  # A stops sending; its requests in flight finish
+    for t in threads:
+        t.join(600)
+    return loaded, tok_s, a_choices[0]
+
+
+def stat(xs: list[float]) -> tuple[float, float]:
+    """Median and 90th percentile (nearest rank)."""
+    xs = sorted(xs)
+    return statistics.median(xs), xs[max(0, math.ceil(0.9 * len(xs)) - 1)]
 
 
 def main() -> int:
@@ -98,15 +151,23 @@ def main() -> int:
     )
     ap.add_argument("--repo", default=str(ROOT), help="checkout to run the server from")
     ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=60, help="longest the flood runs")
+    ap.add_argument("--repeats", type=int, default=5, help="unloaded + flooded rounds")
+    ap.add_argument("--seconds", type=float, default=60, help="longest a round's flood runs")
     ap.add_argument("--a-clients", type=int, default=4)
     ap.add_argument("--a-prompts", type=int, default=8)
     ap.add_argument("--a-n", type=int, default=4)
     ap.add_argument("--a-tokens", type=int, default=16)
+    ap.add_argument(
+        "--a-prompt-tokens",
+        type=int,
+        default=0,
+        help="A's prompts: this many random token ids each (default: a short text)",
+    )
     ap.add_argument("--b-requests", type=int, default=8)
     ap.add_argument("--b-tokens", type=int, default=16)
     a = ap.parse_args()
 
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         model = (
             None if a.model == "embedded" else Path(a.model) if a.model else tiny_model(Path(tmp))
@@ -115,56 +176,40 @@ def main() -> int:
         proc, url = start(Path(a.repo), model, a.max_batch, log)
         try:
             b_latencies(url, 2, a.b_tokens)  # warm-up
-            alone = b_latencies(url, a.b_requests, a.b_tokens)
-
-            stop = time.monotonic() + a.seconds
-            a_choices = [0]
-
-            def flood():
-                body = {
-                    "prompt": ["tell me a story"] * a.a_prompts,
-                    "n": a.a_n,
-                    "max_tokens": a.a_tokens,
-                    "ignore_eos": True,
-                }
-                with httpx.Client(base_url=url, timeout=600) as c:
-                    while time.monotonic() < stop:
-                        if c.post("/v1/completions", json=body).status_code == 200:
-                            a_choices[0] += a.a_prompts * a.a_n
-
-            threads = [threading.Thread(target=flood, daemon=True) for _ in range(a.a_clients)]
-            t0, g0 = time.monotonic(), generated(url)
-            for t in threads:
-                t.start()
-            time.sleep(2.0)  # A's requests are queued by now
-            loaded = b_latencies(url, a.b_requests, a.b_tokens)
-            tok_s = (generated(url) - g0) / (time.monotonic() - t0)  # A's and B's tokens
-            flood_left = stop - time.monotonic()
-            stop = time.monotonic()  # A stops sending; its requests in flight finish
-            for t in threads:
-                t.join(600)
-            a_s = time.monotonic() - t0
+            for r in range(a.repeats):
+                alone = b_latencies(url, a.b_requests, a.b_tokens)
+                loaded, tok_s, a_done = flooded(url, a)
+                rounds.append((alone, loaded))
+                (m0, p0), (m1, p1) = (stat([x[1] for x in xs]) for xs in (alone, loaded))
+                f0, f1 = (stat([x[0] for x in xs])[0] for xs in (alone, loaded))
+                print(
+                    f"round {r}: B unloaded median/p90 {m0 * 1e3:.1f}/{p0 * 1e3:.1f} ms, "
+                    f"flooded {m1 * 1e3:.1f}/{p1 * 1e3:.1f} ms: ratio {m1 / m0:.2f}x / "
+                    f"{p1 / p0:.2f}x; first token median {f0 * 1e3:.1f} -> {f1 * 1e3:.1f} ms; "
+                    f"A {a_done} choices, {tok_s:.0f} tokens/s; load average "
+                    f"{os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
             log.close()
 
-    def stat(xs):
-        return statistics.median(xs), sorted(xs)[max(0, int(0.9 * len(xs)) - 1)]
-
-    (m0, p0), (m1, p1) = stat(alone), stat(loaded)
     name = model.name if model is not None else "embedded SmolLM2-135M"
-    print(f"server: {a.repo}, model {name}, --max-batch {a.max_batch}")
+    print(f"server: {a.repo}, model {name}, --max-batch {a.max_batch}, {os.cpu_count()} CPUs")
     print(
-        f"flood: {a.a_clients} clients x {a.a_prompts} prompts x n={a.a_n}, "
-        f"max_tokens {a.a_tokens}: {a_choices[0]} choices in {a_s:.1f} s; "
-        f"{tok_s:.0f} generated tokens/s while B ran"
-        + (" (the flood ran out before B finished)" if flood_left <= 0 else "")
+        f"flood: {a.a_clients} clients x {a.a_prompts} prompts "
+        f"({a.a_prompt_tokens or 'a few'} tokens) x n={a.a_n}, max_tokens {a.a_tokens}; "
+        f"B: {a.b_requests} requests of max_tokens {a.b_tokens}; {len(rounds)} rounds"
     )
-    print(f"B ({a.b_requests} requests, max_tokens {a.b_tokens}):")
-    print(f"  unloaded  median {m0 * 1e3:8.1f} ms  p90 {p0 * 1e3:8.1f} ms")
-    print(f"  flooded   median {m1 * 1e3:8.1f} ms  p90 {p1 * 1e3:8.1f} ms")
-    print(f"  ratio     median {m1 / m0:8.2f}x    p90 {p1 / p0:8.2f}x")
+    for what, k in (("latency", 1), ("first token", 0)):
+        med = [stat([x[k] for x in lo])[0] / stat([x[k] for x in al])[0] for al, lo in rounds]
+        p90 = [stat([x[k] for x in lo])[1] / stat([x[k] for x in al])[1] for al, lo in rounds]
+        print(
+            f"B {what} flooded/unloaded, over rounds: median ratio {statistics.median(med):.2f}x "
+            f"(rounds {min(med):.2f}-{max(med):.2f}), p90 ratio {statistics.median(p90):.2f}x "
+            f"(rounds {min(p90):.2f}-{max(p90):.2f})"
+        )
     return 0
 
 

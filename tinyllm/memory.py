@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -354,15 +354,31 @@ def gpu_pool_blocks(backend, full: KVCacheSpec, working: int, graph_bytes: int) 
     room = int(GPU_MEMORY_UTILIZATION * free) - working - graph_bytes
     n = min(full.n_blocks, max(room, 0) // full.block_nbytes())
     if n < full.ring:
+        bs = full.block_size
+        fix = (
+            f"--block-size {bs} is what does not fit (a sequence takes whole blocks of {bs} "
+            f"tokens): the default {DEFAULT_BLOCK_SIZE} does"
+            if _default_block_fits(full, room)
+            else "lower --ctx-size or --max-batch, or use --kv-dtype int8"
+        )
         raise TinyLLMError(
             f"after loading the weights {fmt_bytes(free)} of GPU memory is free; the working "
-            "memory "
-            f"({fmt_bytes(working)} measured) and decode graphs ({fmt_bytes(graph_bytes)}) leave "
-            "room for "
-            f"{n} KV blocks and one sequence of {full.max_seq_len} tokens needs {full.ring}: lower "
-            f"--ctx-size or --max-batch, or use --kv-dtype int8"
+            f"memory ({fmt_bytes(working)} measured) and decode graphs ({fmt_bytes(graph_bytes)}) "
+            f"leave room for {n} KV blocks of {bs} tokens and one sequence of "
+            f"{full.max_seq_len} tokens needs {full.ring}: {fix}"
         )
     return int(n)
+
+
+def _default_block_fits(full: KVCacheSpec, room: int) -> bool:
+    """Whether one sequence of a model without a sliding window fits in `room` bytes at the
+    default block size, when another was asked (its ring is then the context in whole blocks;
+    the working memory measured with the larger blocks is, if anything, an overestimate)."""
+    if full.block_size == DEFAULT_BLOCK_SIZE or full.window:
+        return False
+    ring = -(-full.max_seq_len // DEFAULT_BLOCK_SIZE)
+    small = replace(full, block_size=DEFAULT_BLOCK_SIZE, ring=ring, n_blocks=ring)
+    return max(room, 0) // small.block_nbytes() >= ring
 
 
 def check_gpu_fits(
@@ -392,7 +408,8 @@ def check_gpu_fits(
             weights_nbytes(cfg, 2, formats) + graph_bytes_of(batch),
             kv,
             gpu_working_estimate(cfg, chunk, batch),
-            kv_bytes_per_token=cfg.kv_bytes_per_token(spec.kv_dtype),
+            # (a --kv-cache-memory pool does not shrink with the context: no longest context)
+            kv_bytes_per_token=cfg.kv_bytes_per_token(spec.kv_dtype) if n_blocks is None else None,
             max_seq_len=spec.max_seq_len,
         )
 
@@ -403,6 +420,21 @@ def check_gpu_fits(
         if fmt:
             raise TinyLLMError(
                 f"{e}; --quantize {fmt} would fit (weights quantized at load)"
+            ) from None
+        if n_blocks is not None:  # the flag at fault is the pool's, not the context or batch
+            from .weights import fmt_bytes
+
+            kv = spec_of(max_batch, n_blocks).nbytes()
+            room = backend.free_memory() - (
+                weights_nbytes(cfg, 2, formats)
+                + graph_bytes_of(max_batch)
+                + gpu_working_estimate(cfg, chunk, max_batch)
+            )
+            if room <= 0:
+                raise
+            raise TinyLLMError(
+                f"{e}; the --kv-cache-memory pool takes {fmt_bytes(kv)}: at most "
+                f"{fmt_bytes(room)} fits next to the weights and working memory"
             ) from None
         best = largest(lambda b: _fits(check, b), 1, max_batch - 1) if max_batch > 1 else 0
         if best < 1:

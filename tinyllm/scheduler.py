@@ -121,10 +121,19 @@ class Scheduler:
             self.stats["cached_tokens"] += s.n_cached - s.cached_tokens
             s.cached_tokens = s.n_cached
 
-    def _preempt(self, s: Sequence):
+    def preempt(self, seq_id: int) -> bool:
+        """Send a running sequence back to wait behind those already waiting (its blocks go
+        back to the pool; it recomputes them later, mostly from the prefix cache): the
+        server's fair queue makes a slot for a newcomer this way (serve.EngineWorker)."""
+        s = next((s for s in self.running if s.id == seq_id and not s.finish), None)
+        if s is not None:
+            self._preempt(s, first=False)
+        return s is not None
+
+    def _preempt(self, s: Sequence, first: bool = True):
         self.finish(s)
         s.n_cached, s.started, s.status = 0, False, Status.WAITING
-        self.waiting.appendleft(s)
+        (self.waiting.appendleft if first else self.waiting.append)(s)
         self.stats["preemptions"] += 1
 
     def _plan(self) -> Plan:

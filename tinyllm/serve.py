@@ -215,7 +215,8 @@ class Metrics:
         )
         self.preemptions = Counter(
             "tinyllm_preemptions",
-            "running choices preempted when the KV cache ran out (recomputed later)",
+            "running choices preempted (recomputed later): the KV cache ran out, or another "
+            "request had no slot (fair_queue.py)",
             registry=r,
         )
 
@@ -251,6 +252,7 @@ class EngineWorker:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.tracked: dict[int, _Tracked] = {}  # engine thread only
         self.seq_of: dict[int, int] = {}  # request index -> engine sequence id
+        self.group_of: dict[int, int] = {}  # engine sequence id -> its HTTP request (group)
         self.fair = FairQueue()  # choices not yet in the engine (engine thread only)
         self._ids = itertools.count()
         self.thread = threading.Thread(target=self._loop, name="tinyllm-engine", daemon=True)
@@ -289,24 +291,31 @@ class EngineWorker:
             self.metrics.kv_blocks.set(eng.spec.n_blocks)
         except Exception:
             self._fault(recover=False)
-        while True:
-            cmds = []
-            if not eng.has_work() and not self.fair:
-                cmds.append(self.inbox.get())  # sleep here when there is nothing to run
-            try:
-                while True:
-                    cmds.append(self.inbox.get_nowait())
-            except queue.Empty:
-                pass
-            try:
-                if self._commands(cmds):
-                    return
-                self._feed()
-                if eng.has_work() and not self.failed:
-                    self._step()
-                self._publish()
-            except Exception:
-                self._fault()
+        while self.turn(block=True):
+            pass
+
+    def turn(self, block: bool = False) -> bool:
+        """One pass of the loop: apply the inbox's commands (with `block`, sleep until one
+        comes when there is nothing to run), feed the engine, run one step; False on stop."""
+        eng = self.engine
+        cmds = []
+        if block and not eng.has_work() and not self.fair:
+            cmds.append(self.inbox.get())
+        try:
+            while True:
+                cmds.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        try:
+            if self._commands(cmds):
+                return False
+            self._feed()
+            if eng.has_work() and not self.failed:
+                self._step()
+            self._publish()
+        except Exception:
+            self._fault()
+        return True
 
     def _commands(self, cmds) -> bool:
         """Apply the inbox's commands; True on stop."""
@@ -321,11 +330,11 @@ class EngineWorker:
                 self.fair.put(group, req.index, req)
             elif kind == "abort":
                 if self.tracked.pop(a, None) is not None and not self.fair.remove(a):
-                    eng.abort(self.seq_of.pop(a))
+                    eng.abort(self._forget(a))
             else:  # stop
                 self.fair.drain()
                 for index in list(self.seq_of):
-                    eng.abort(self.seq_of.pop(index))
+                    eng.abort(self._forget(index))
                 self.tracked.clear()
                 self._publish()
                 return True
@@ -333,17 +342,60 @@ class EngineWorker:
 
     def _feed(self):
         """Move choices from the fair queue into the engine while it has free batch slots (so
-        the engine's own first-come-first-served queue never holds more than a batch)."""
+        the engine's own first-come-first-served queue never holds more than a batch), then
+        make room for requests that have nothing in the engine (_make_room)."""
         eng = self.engine
         if self.failed or eng.scheduler is None:
             return
-        free = eng.max_batch - len(eng.scheduler.running) - len(eng.scheduler.waiting)
-        for _ in range(free):
-            req = self.fair.pop()
-            if req is None:
+        sch = eng.scheduler
+        for _ in range(eng.max_batch - len(sch.running) - len(sch.waiting)):
+            if not self.fair:
                 return
-            self.metrics.prompt_tokens.inc(len(req.prompt_ids))
-            self.seq_of[req.index] = eng.add(req)
+            self._add(next(self.fair.groups()))
+        self._make_room()
+
+    def _add(self, group: int):
+        req = self.fair.pop(group)
+        self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+        self.seq_of[req.index] = seq = self.engine.add(req)
+        self.group_of[seq] = group
+
+    def _forget(self, index: int) -> int:
+        """The engine sequence of request index `index`, no longer tracked."""
+        seq = self.seq_of.pop(index)
+        self.group_of.pop(seq, None)
+        return seq
+
+    def _make_room(self):
+        """With every slot running and nothing waiting in the engine, each request in the fair
+        queue that has no choice in the engine takes the slot of the newest running choice of
+        the request holding the most slots, while that one holds two or more: the choice is
+        preempted (Scheduler.preempt: it keeps its tokens and waits behind the newcomers, then
+        resumes before anything else enters). A newcomer so runs from the next step instead
+        of waiting for a slot to free (up to max_tokens steps when a flood's choices end
+        together); each move only evens the shares, so no request loses its last slot."""
+        eng = self.engine
+        sch = eng.scheduler
+        if sch.waiting or len(sch.running) < eng.max_batch or not self.fair:
+            return
+        held: dict[int, list[int]] = {}  # group -> its running sequences, oldest first
+        for s in sch.running:
+            held.setdefault(self.group_of.get(s.id, -1), []).append(s.id)
+        held.pop(-1, None)  # (sequences the server did not add: none today)
+        spare = sum(len(seqs) - 1 for seqs in held.values())  # slots that can be given
+        present = set(self.group_of.values())  # (at most a batch of requests: O(max_batch))
+        newcomers = list(
+            itertools.islice((g for g in self.fair.groups() if g not in present), spare)
+        )
+        victims = []
+        for _ in newcomers:
+            most = max(held.values(), key=len)
+            victims.append(most.pop())  # the newest choice of the request holding the most
+        for group in newcomers:  # queued before the victims, so admitted first
+            self._add(group)
+        for seq in victims:
+            sch.preempt(seq)
+        self.metrics.preemptions.inc(len(victims))
 
     def _fault(self, recover: bool = True):
         """A bug in the engine: fail every tracked request now, then start afresh (or give up)."""
@@ -351,6 +403,7 @@ class EngineWorker:
         self.faults += 1
         tracked, self.tracked = self.tracked, {}
         self.seq_of.clear()
+        self.group_of.clear()
         self.fair.drain()
         for index, tr in tracked.items():
             try:
@@ -396,7 +449,8 @@ class EngineWorker:
         for index, evs in by_req.items():
             if evs[-1].kind in ("finish", "error"):
                 tr = self.tracked.pop(index)
-                self.seq_of.pop(index, None)
+                if index in self.seq_of:
+                    self._forget(index)
             else:
                 tr = self.tracked[index]
             tr.sink(evs)
@@ -883,92 +937,84 @@ class Server:
                 return
 
     async def _stream(self, gen: Generation, rid: str):
-        """SSE chunks: for chat a first role delta per choice, then text deltas, a last chunk
-        with finish_reason per choice, the usage chunk if asked, and `data: [DONE]`."""
-        job, created = gen.job, int(gen.t0)
+        """SSE chunks (StreamChunks): for chat a first role delta per choice, then text
+        deltas, a last chunk with finish_reason per choice, the usage chunk if asked, and
+        `data: [DONE]`; an error event ends the stream with an OpenAI-shaped error chunk."""
+        job = gen.job
+        out = StreamChunks(job, rid, int(gen.t0), self.llm.tokenizer)
         outcome = "cancelled"
-        extra = {"usage": None} if job.include_usage else {}
         try:
             gen.start()
-            if job.chat:
-                for i in range(len(job.prompts) * job.n):
-                    delta = {"role": "assistant", "content": ""}
-                    yield _sse(
-                        _envelope(job, rid, created, [_choice(job, i, "", None, delta)], **extra)
-                    )
-            done: dict = {}
-            lps = {i: Logprobs(job, self.llm.tokenizer) for i in range(len(job.prompts) * job.n)}
-            calls = {i: ToolStream(job.tools) for i in lps} if job.tools else {}
+            for chunk in out.roles():
+                yield chunk
             async for i, ev in gen:
-                if ev.kind == "token" and job.return_ids:  # a chunk per token: its id
-                    lps[i].add(ev)
-                    yield _sse(
-                        _envelope(
-                            job,
-                            rid,
-                            created,
-                            [
-                                _choice(
-                                    job,
-                                    i,
-                                    "",
-                                    None,
-                                    logprobs=lps[i].take(),
-                                    token_ids=[ev.token_id],
-                                )
-                            ],
-                            **extra,
-                        )
-                    )
-                elif ev.kind == "token":  # its logprobs ride on the next chunk
-                    lps[i].add(ev)
-                elif ev.kind == "text":
-                    text = calls[i].push(ev.text) if calls else ev.text
-                    if not text:
-                        continue  # held: it may be a tool call (sent when the choice ends)
-                    yield _sse(
-                        _envelope(
-                            job,
-                            rid,
-                            created,
-                            [_choice(job, i, text, None, logprobs=lps[i].take())],
-                            **extra,
-                        )
-                    )
-                elif ev.kind == "finish":
-                    done[i] = ev.completion
-                    rest = lps[i].take() if lps[i].pending else None
-                    finish = ev.completion.finish_reason
-                    if calls:  # held text: content, or tool-call deltas (tools.py)
-                        text, made = calls[i].finish()
-                        deltas = ([{"content": text}] if text else []) + call_deltas(made)
-                        for d in deltas:
-                            yield _sse(
-                                _envelope(
-                                    job, rid, created, [_choice(job, i, "", None, d)], **extra
-                                )
-                            )
-                        finish = "tool_calls" if made and finish == "stop" else finish
-                    yield _sse(
-                        _envelope(
-                            job,
-                            rid,
-                            created,
-                            [_choice(job, i, "", finish, logprobs=rest)],
-                            **extra,
-                        )
-                    )
-                elif ev.kind == "error":
+                if ev.kind == "error":
                     outcome = "error"
                     yield _sse(APIError(_status(ev), ev.error, ev.code).body())
                     break
+                for chunk in out.event(i, ev):
+                    yield chunk
             if job.include_usage and outcome != "error":
-                yield _sse(_envelope(job, rid, created, [], usage=usage(job, done)))
+                yield out.usage()
             yield b"data: [DONE]\n\n"
             outcome = "ok" if outcome != "error" else outcome
         finally:  # also when the client disconnects (cancelled)
             gen.cancel()
             self.metrics.requests.labels(outcome).inc()
+
+
+class StreamChunks:
+    """The SSE chunks of one streamed job, built event by event (Server._stream sends them).
+    Per choice: its logprobs gathered since its last chunk, its tool-call parser (chat with
+    tools: text is held while it may be a call), and its Completion once finished (usage)."""
+
+    def __init__(self, job: Job, rid: str, created: int, tokenizer):
+        self.job, self.rid, self.created = job, rid, created
+        self.extra = {"usage": None} if job.include_usage else {}
+        self.lps = {i: Logprobs(job, tokenizer) for i in range(len(job.prompts) * job.n)}
+        self.calls = {i: ToolStream(job.tools) for i in self.lps} if job.tools else {}
+        self.done: dict = {}  # choice index -> Completion
+
+    def chunk(self, i: int, text="", finish=None, delta=None, logprobs=None, token_ids=None):
+        choice = _choice(self.job, i, text, finish, delta, logprobs, token_ids)
+        return _sse(_envelope(self.job, self.rid, self.created, [choice], **self.extra))
+
+    def roles(self) -> list[bytes]:
+        """Chat's first chunk per choice: the assistant role, no content yet."""
+        if not self.job.chat:
+            return []
+        return [self.chunk(i, delta={"role": "assistant", "content": ""}) for i in self.lps]
+
+    def event(self, i: int, ev: Event) -> list[bytes]:
+        """The chunks a token, text or finish event of choice i gives (often none)."""
+        lps = self.lps[i]
+        if ev.kind == "token":
+            lps.add(ev)
+            if self.job.return_ids:  # a chunk per token: its id
+                return [self.chunk(i, logprobs=lps.take(), token_ids=[ev.token_id])]
+            return []  # its logprobs ride on the next chunk
+        if ev.kind == "text":
+            text = self.calls[i].push(ev.text) if self.calls else ev.text
+            # empty: held, it may be a tool call (sent when the choice ends)
+            return [self.chunk(i, text, logprobs=lps.take())] if text else []
+        if ev.kind == "finish":
+            return self._finish(i, ev.completion)
+        return []
+
+    def _finish(self, i: int, completion) -> list[bytes]:
+        self.done[i] = completion
+        rest = self.lps[i].take() if self.lps[i].pending else None
+        finish, out = completion.finish_reason, []
+        if self.calls:  # held text: content, or tool-call deltas (tools.py)
+            text, made = self.calls[i].finish()
+            deltas = ([{"content": text}] if text else []) + call_deltas(made)
+            out = [self.chunk(i, delta=d) for d in deltas]
+            finish = "tool_calls" if made and finish == "stop" else finish
+        return out + [self.chunk(i, finish=finish, logprobs=rest)]
+
+    def usage(self) -> bytes:
+        body = _envelope(self.job, self.rid, self.created, [], usage=usage(self.job, self.done))
+        return _sse(body)
 
 
 def create_app(
@@ -985,13 +1031,8 @@ def create_app(
     how busy the server is and what it runs; Prometheus sends a bearer token with
     `authorization: {credentials: KEY}` in its scrape config)."""
     from fastapi import FastAPI
-    from fastapi import Request as HTTPRequest
-    from fastapi.responses import JSONResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST
-    from starlette.exceptions import HTTPException
 
-    metrics = Metrics()
-    srv = Server(llm, names, api_key, metrics, limits)
+    srv = Server(llm, names, api_key, Metrics(), limits)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -1005,6 +1046,16 @@ def create_app(
         title="tinyllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.server = srv
+    _error_handlers(app, srv.metrics)
+    _routes(app, srv, public_metrics)
+    return app
+
+
+def _error_handlers(app, metrics: Metrics):
+    """Every error leaves as OpenAI's {"error": {...}} JSON: ours (APIError), an unknown path or
+    method, and any other exception (a bug: a 500, never plain text)."""
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -1036,6 +1087,14 @@ def create_app(
             status_code=e.status_code,
         )
 
+
+def _routes(app, srv: Server, public_metrics: bool):
+    """The generation routes, /v1/models, /health (no key: a load balancer's probe) and
+    /metrics (the key unless public_metrics)."""
+    from fastapi import Request as HTTPRequest
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
         return await srv.generate(request, chat=True)
@@ -1047,19 +1106,10 @@ def create_app(
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
         srv.check_key(request)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": names[0],
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "tinyllm",
-                    # what the context and the KV pool can both hold
-                    "max_model_len": serve_limits.max_model_len(llm.engine.spec, llm.max_seq_len),
-                }
-            ],
-        }
+        # what the context and the KV pool can both hold
+        longest = serve_limits.max_model_len(srv.llm.engine.spec, srv.llm.max_seq_len)
+        model = {"id": srv.names[0], "object": "model", "created": 0, "owned_by": "tinyllm"}
+        return {"object": "list", "data": [{**model, "max_model_len": longest}]}
 
     @app.get("/health")
     async def health():
@@ -1072,9 +1122,7 @@ def create_app(
     async def prometheus(request: HTTPRequest):
         if not public_metrics:
             srv.check_key(request)
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    return app
+        return Response(srv.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 # ---- the command ----------------------------------------------------------------------------
