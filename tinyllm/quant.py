@@ -239,7 +239,7 @@ def dequantize(qt: QuantTensor) -> np.ndarray:
 # ---- quantization --------------------------------------------------------------------------
 
 # Rows are quantized a chunk at a time so that the float32 temporaries stay about this size.
-CHUNK_ELEMS = 1 << 21
+CHUNK_ELEMS = 1 << 16
 
 
 def quantize(w: np.ndarray, fmt: str) -> QuantTensor:
@@ -337,19 +337,28 @@ def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
         for step in range(nstep + 1):
             # ggml updates `min` when a step wins, and later steps use the updated one
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + nmax_f) / (mx - mn)
-            la = np.clip(np.rint(iscale * (x - mn)), 0, nmax)
-            wl = w * la
-            sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * la), _seqsum(wl * x)
+            la = x - mn  # in place from here: the same float32 operations, fewer temporaries
+            la *= iscale
+            np.clip(np.rint(la, out=la), 0, nmax, out=la)
+            t = np.empty((x.shape[0], 3, x.shape[1]), F32)  # three sums in one ordered pass
+            np.multiply(w, la, out=t[:, 0])
+            np.multiply(t[:, 0], la, out=t[:, 1])
+            np.multiply(t[:, 0], x, out=t[:, 2])
+            sum_l, sum_l2, sum_xl = _seqsum(t)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             pos = this_min > 0
             this_min = np.where(pos, F32(0), this_min)
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            diff = this_scale * la + this_min - x
-            cur = _seqsum(w * (diff * diff))
+            diff = this_scale * la  # w * (diff * diff), diff = this_scale * la + this_min - x
+            diff += this_min
+            diff -= x
+            diff *= diff
+            diff *= w
+            cur = _seqsum(diff)
             better = (D > 0) & (cur < best)
-            L = np.where(better, la, L)
+            np.copyto(L, la, where=better)
             best = np.where(better, cur, best)
             scale = np.where(better, this_scale, scale)
             mn = np.where(better, this_min, mn)
