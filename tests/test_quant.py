@@ -589,3 +589,47 @@ def test_fusion_only_within_one_format(tmp_path):
     ids = list(range(7, 30))
     got = Engine.for_model(model, None, ops, set(), 64, "fp32", max_batch=1).logits(ids)
     np.testing.assert_allclose(got, ref.logits(ids), rtol=1e-4, atol=1e-5)
+
+
+# ---- beyond llama.cpp: the q4_k-mse study quantizer -----------------------------------------
+
+
+def test_q4_k_mse_writes_q4_k_blocks_with_lower_error():
+    """The study quantizer writes ordinary q4_k blocks (gguf dequantizes them as we do), never
+    a larger squared error than ggml's search per super-block, and a lower one in total."""
+    w = weights(n=16, k=512)
+    with quant.study_quantizer("q4_k-mse") as fmt:
+        assert fmt == "q4_k"
+        ours = quant.quantize(w, fmt)
+    assert quant._QUANTIZERS["q4_k"] is quant._q4_k  # restored
+    ref = quant.quantize(w, "q4_k")
+    raw = quant.to_gguf_blocks(ours)
+    deq = gguf.quants.dequantize(raw, GT.Q4_K).reshape(w.shape)
+    np.testing.assert_array_equal(quant.dequantize(ours), deq)
+
+    def err(qt):
+        return ((quant.dequantize(qt) - w) ** 2).reshape(-1, 256).sum(axis=1)
+
+    assert (err(ours) <= err(ref) * (1 + 1e-6)).all()
+    assert err(ours).sum() < 0.98 * err(ref).sum()
+
+
+def test_evaluate_weights_rows(tiny_factory):
+    """eval --weights: the fp32 row is the reference (KL 0), a quantized row holds its format's
+    bytes and a nonzero KL, the study row names itself and what it holds."""
+    from tinyllm.evaluate import evaluate_weights
+
+    text = " ".join(f"word{i % 37} and more text {i}" for i in range(200))
+    rows, info = evaluate_weights(
+        tiny_factory("llama_gqa"),
+        text,
+        n_tokens=64,
+        window=32,
+        weights=("fp32", "q8_0", "q4_k-mse"),
+    )
+    assert info["segments"] == 2
+    by = {r.kv_dtype.split(":")[0]: r for r in rows}
+    assert by["fp32"].kl == 0 and by["fp32"].top1_agree == 1
+    assert by["q8_0"].kl > 0 and by["q8_0"].bytes_per_token < by["fp32"].bytes_per_token
+    assert rows[2].kv_dtype.startswith("q4_k-mse: ")
+    assert rows[2].bytes_per_token < by["q8_0"].bytes_per_token
