@@ -504,21 +504,25 @@ _QUANTIZERS = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q4_k": _q4_k, "q6_k
 MSE_D_FACTORS = (0.96, 0.98, 1.0, 1.02, 1.04)  # super-block d tried, times ggml's
 
 
-def _q4k_err(xs, L, ls, lm, d16, dmin16):
-    """Squared error per sub-block (S, 8) of codes L under (d16 * ls, dmin16 * lm)."""
+def _q4k_err(xs, wt, L, ls, lm, d16, dmin16):
+    """Error sum(wt * e^2) per sub-block (S, 8) of codes L under (d16 * ls, dmin16 * lm)."""
     d = d16.astype(F32)[:, None] * ls.astype(F32)
     dm = dmin16.astype(F32)[:, None] * lm.astype(F32)
     e = d[..., None] * L.astype(F32) - dm[..., None] - xs
-    return (e * e).sum(axis=-1)
+    return (wt * e * e).sum(axis=-1)
 
 
-def _q4_k_mse(x: np.ndarray, n: int, k: int) -> dict:
+def _q4_k_mse(x: np.ndarray, n: int, k: int, weighted: bool = False) -> dict:
     """q4_k blocks from ggml's search, then per super-block d in d * MSE_D_FACTORS and per
     sub-block sc, mn in their +-1 neighbourhood, codes re-rounded, keeping what lowers the
-    squared error (ggml's choice is a candidate, so the error never grows)."""
+    squared error (weighted: by ggml's own weights rms(sub-block) + |x|). ggml's choice is a
+    candidate, so the error never grows."""
     xs = x.reshape(x.shape[0], 8, 32)
+    wt = F32(1)
+    if weighted:
+        wt = np.sqrt((xs * xs).mean(axis=-1, keepdims=True)) + np.abs(xs)
     L, ls, lm, d16, dmin16 = _q4k_search(x)
-    best = _q4k_err(xs, L, ls, lm, d16, dmin16)
+    best = _q4k_err(xs, wt, L, ls, lm, d16, dmin16)
     for f in MSE_D_FACTORS:
         df = (d16.astype(F32) * F32(f)).astype(np.float16)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -531,7 +535,7 @@ def _q4_k_mse(x: np.ndarray, n: int, k: int) -> dict:
                 clm = np.clip(lm + b, 0, 63)
                 ok, cL = _q4k_recode(xs, df, dmin16, cls, clm)
                 cL = np.where(ok, cL, 0)
-                err = _q4k_err(xs, cL, cls, clm, df, dmin16)
+                err = _q4k_err(xs, wt, cL, cls, clm, df, dmin16)
                 win = err < ferr
                 ferr = np.where(win, err, ferr)
                 fL = np.where(win[..., None], cL, fL)
@@ -544,7 +548,12 @@ def _q4_k_mse(x: np.ndarray, n: int, k: int) -> dict:
     return _pack_q4k(L, ls, lm, d16, dmin16, n)
 
 
-STUDY = {"q4_k-mse": ("q4_k", _q4_k_mse)}  # study name -> (format it writes, quantizer)
+def _q4_k_wmse(x: np.ndarray, n: int, k: int) -> dict:
+    return _q4_k_mse(x, n, k, weighted=True)
+
+
+# study name -> (the format whose blocks it writes, its quantizer)
+STUDY = {"q4_k-mse": ("q4_k", _q4_k_mse), "q4_k-wmse": ("q4_k", _q4_k_wmse)}
 
 
 @contextmanager
