@@ -619,7 +619,7 @@ def _add_eval_parser(sub) -> None:
         default=None,
         help="weight formats to compare instead of KV caches, comma-separated: fp32 (the "
         "unquantized reference), q8_0, q6_k, q4_k, q4_1, q4_0 (quantized at load, KV cache "
-        "fp32) (default: the KV study)",
+        "fp32); q4_k-mse: the study quantizer of q4_k blocks (default: the KV study)",
     )
     e.add_argument(
         "--kivi-block",
