@@ -169,12 +169,18 @@ def unpack_nibbles(qs, offset, codes):
 @njit(fastmath=FASTMATH, cache=True)
 def block_sums(codes, x, a):
     """a[b] = sum over planes p of codes[p*nb + b] * x[p*nb + b]: block b's 32 products
-    (codes (K,) int8 and x (K,) float32 in plane order, a (nb,) float32)."""
+    (codes (K,) int8 and x (K,) float32 in plane order, a (nb,) float32). Four planes per
+    pass over a (32 planes, so no remainder): a quarter of a's loads and stores, and a quarter
+    of the loop set-ups (one thread, K = 4096 in L1: 12 -> 19 weights/ns; a flat int8 dot
+    with no blocks runs at 22)."""
     nb = U(a.shape[0])
     a[:] = 0
-    for p in range(U(codes.shape[0]) // nb):
+    for p in range(U(0), U(codes.shape[0]) // nb, U(4)):
+        o0, o1, o2, o3 = p * nb, (p + U(1)) * nb, (p + U(2)) * nb, (p + U(3)) * nb
         for b in range(nb):
-            a[b] += np.float32(codes[p * nb + b]) * x[p * nb + b]
+            a[b] += (
+                np.float32(codes[o0 + b]) * x[o0 + b] + np.float32(codes[o1 + b]) * x[o1 + b]
+            ) + (np.float32(codes[o2 + b]) * x[o2 + b] + np.float32(codes[o3 + b]) * x[o3 + b])
 
 
 @njit(fastmath=FASTMATH, cache=True)
