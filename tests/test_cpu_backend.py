@@ -185,3 +185,24 @@ def test_threads_reach_numba():
     assert numba.get_num_threads() == 1
     CpuBackend(threads=2)
     assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+
+
+def test_host_plan_counts_bf16_at_two_bytes_on_cpu(tiny_factory):
+    """The cpu backend keeps a bf16 checkpoint's matrices as bf16: the RAM check before
+    loading counts 2 bytes per weight there (4 on numpy), so a budget between the two plans
+    passes on cpu and is refused on numpy."""
+    from tinyllm import memory
+    from tinyllm.config import ModelConfig
+    from tinyllm.errors import TinyLLMError
+
+    cfg = ModelConfig.load(tiny_factory("llama_gqa", "bfloat16"))
+    assert cfg.torch_dtype == "bfloat16"
+    cpu_fb, np_fb = CpuBackend().float_bytes(cfg.torch_dtype), NumpyBackend().float_bytes("x")
+    assert (cpu_fb, np_fb, CpuBackend().float_bytes("float16")) == (2, 4, 2 * 2)
+    args = (cfg, "fp32", 128, 1, 16)
+    on_cpu, on_numpy = (memory.host_plan(*args, float_bytes=b) for b in (cpu_fb, np_fb))
+    assert on_numpy.weights == 2 * on_cpu.weights == memory.weights_nbytes(cfg, 4)
+    budget = (on_cpu.total + on_numpy.total) // 2
+    memory.check_host_fits(*args, budget, float_bytes=cpu_fb)
+    with pytest.raises(TinyLLMError, match="float32 weights"):
+        memory.check_host_fits(*args, budget, float_bytes=np_fb)

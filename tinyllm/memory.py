@@ -26,8 +26,8 @@ plus a fixed FIXED_OVERHEAD for the interpreter, numpy/BLAS buffers and the toke
 
 Weights count what the loader holds (`weights_nbytes`): quantized matrices at their format's
 bytes (quant.py: q4_0 is 18 bytes per 32 weights), the rest at the compute dtype's (4 bytes on
-numpy, 2 on cuda). Mistral-7B: 29.0 GB in float32, 14.5 GB in bf16, 4.1 GB with q4_0 matrices
-and a bf16 embedding table.
+numpy, 2 on cuda, 2 for a bf16 checkpoint on cpu: backend.float_bytes). Mistral-7B: 29.0 GB
+in float32, 14.5 GB in bf16, 4.1 GB with q4_0 matrices and a bf16 embedding table.
 """
 
 from __future__ import annotations
@@ -127,7 +127,10 @@ def host_plan(
     block_size: int = DEFAULT_BLOCK_SIZE,
     n_blocks: int | None = None,
     formats: dict | None = None,
+    float_bytes: int = 4,
 ) -> HostPlan:
+    """float_bytes: bytes per unquantized weight as the backend holds it
+    (backend.float_bytes(cfg.torch_dtype): 4 on numpy, 2 for bf16 kept as bf16 on cpu)."""
     spec = KVCacheSpec.for_model(
         cfg, kv_dtype, max_seq_len, max_batch, chunk=chunk, block_size=block_size, n_blocks=n_blocks
     )
@@ -136,7 +139,7 @@ def host_plan(
     attn = 3 * cfg.n_heads * t * spec.capacity * 4 + 2 * spec.capacity * cfg.kv_dim * 4
     logits = max(t, max_batch) * cfg.vocab_size * 4
     runtime = act + attn + logits + dequant_scratch(cfg, formats) + FIXED_OVERHEAD
-    return HostPlan(weights_nbytes(cfg, 4, formats), spec.nbytes(), runtime)
+    return HostPlan(weights_nbytes(cfg, float_bytes, formats), spec.nbytes(), runtime)
 
 
 def largest(fits, lo: int, hi: int) -> int:
@@ -159,6 +162,7 @@ def check_host_fits(
     block_size: int = DEFAULT_BLOCK_SIZE,
     n_blocks: int | None = None,
     formats: dict | None = None,
+    float_bytes: int = 4,
 ) -> None:
     """Raise TinyLLMError with the numbers, and the largest context and batch that fit,
     unless the plan fits in `available` bytes (None: unknown, not checked). A float model
@@ -167,11 +171,15 @@ def check_host_fits(
 
     if available is None:
         return
-    plan = host_plan(cfg, kv_dtype, max_seq_len, max_batch, chunk, block_size, n_blocks, formats)
+    fb = float_bytes
+    plan = host_plan(
+        cfg, kv_dtype, max_seq_len, max_batch, chunk, block_size, n_blocks, formats, fb
+    )
     if plan.total <= available:
         return
-    what = "float32" if not formats else "quantized (" + ", ".join(sorted(set(formats.values())))
-    what += "" if not formats else "; the rest float32)"
+    what = "float32" if float_bytes == 4 else "bf16"
+    if formats:
+        what = f"quantized ({', '.join(sorted(set(formats.values())))}; the rest {what})"
     msg = (
         f"context {max_seq_len} x batch {max_batch} needs {fmt_bytes(plan.total)} of RAM "
         f"({fmt_bytes(plan.weights)} {what} weights + {fmt_bytes(plan.kv)} {kv_dtype} KV cache + "
@@ -182,7 +190,7 @@ def check_host_fits(
         fits = quantize_that_fits(
             lambda f: (
                 host_plan(
-                    cfg, kv_dtype, max_seq_len, max_batch, chunk, block_size, n_blocks, f
+                    cfg, kv_dtype, max_seq_len, max_batch, chunk, block_size, n_blocks, f, fb
                 ).total
                 <= available
             ),
@@ -190,7 +198,7 @@ def check_host_fits(
         )
         if fits:
             quantize_hint = f"; --quantize {fits} would fit (weights quantized at load)"
-    base = host_plan(cfg, kv_dtype, 2, 1, chunk, formats=formats)
+    base = host_plan(cfg, kv_dtype, 2, 1, chunk, formats=formats, float_bytes=fb)
     if base.total > available:
         raise TinyLLMError(
             f"{msg}; even the weights with the smallest cache do not fit"
@@ -208,7 +216,10 @@ def check_host_fits(
             else "lower --kv-cache-memory"
         )
     elif block_size != DEFAULT_BLOCK_SIZE and (
-        host_plan(cfg, kv_dtype, max_seq_len, max_batch, chunk, formats=formats).total <= available
+        host_plan(
+            cfg, kv_dtype, max_seq_len, max_batch, chunk, formats=formats, float_bytes=fb
+        ).total
+        <= available
     ):
         hints.append(
             f"--block-size {block_size} is what does not fit: the default {DEFAULT_BLOCK_SIZE} does"
@@ -216,7 +227,9 @@ def check_host_fits(
     else:
 
         def total(n: int, b: int) -> int:
-            return host_plan(cfg, kv_dtype, n, b, chunk, block_size, formats=formats).total
+            return host_plan(
+                cfg, kv_dtype, n, b, chunk, block_size, formats=formats, float_bytes=fb
+            ).total
 
         ctx = largest(lambda n: total(n, max_batch) <= available, 2, max_seq_len)
         batch = largest(lambda b: total(max_seq_len, b) <= available, 1, max_batch)
