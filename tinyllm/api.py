@@ -201,6 +201,7 @@ class LLM:
                 self.block_size,
                 self.n_blocks,
                 self.weight_formats,
+                self.backend.float_bytes(cfg.torch_dtype),
             )
 
     def need_tokenizer(self, what: str):

@@ -26,8 +26,8 @@ plus a fixed FIXED_OVERHEAD for the interpreter, numpy/BLAS buffers and the toke
 
 Weights count what the loader holds (`weights_nbytes`): quantized matrices at their format's
 bytes (quant.py: q4_0 is 18 bytes per 32 weights), the rest at the compute dtype's (4 bytes on
-numpy, 2 on cuda). Mistral-7B: 29.0 GB in float32, 14.5 GB in bf16, 4.1 GB with q4_0 matrices
-and a bf16 embedding table.
+numpy, 2 on cuda, 2 for a bf16 checkpoint on cpu: backend.float_bytes). Mistral-7B: 29.0 GB
+in float32, 14.5 GB in bf16, 4.1 GB with q4_0 matrices and a bf16 embedding table.
 """
 
 from __future__ import annotations
@@ -128,7 +128,10 @@ def host_plan(
     block_size: int = DEFAULT_BLOCK_SIZE,
     n_blocks: int | None = None,
     formats: dict | None = None,
+    float_bytes: int = 4,
 ) -> HostPlan:
+    """float_bytes: bytes per unquantized weight as the backend holds it
+    (backend.float_bytes(cfg.torch_dtype): 4 on numpy, 2 for bf16 kept as bf16 on cpu)."""
     spec = KVCacheSpec.for_model(
         cfg, kv_dtype, max_seq_len, max_batch, chunk=chunk, block_size=block_size, n_blocks=n_blocks
     )
@@ -137,7 +140,7 @@ def host_plan(
     attn = 3 * cfg.n_heads * t * spec.capacity * 4 + 2 * spec.capacity * cfg.kv_dim * 4
     logits = max(t, max_batch) * cfg.vocab_size * 4
     runtime = act + attn + logits + dequant_scratch(cfg, formats) + FIXED_OVERHEAD
-    return HostPlan(weights_nbytes(cfg, 4, formats), spec.nbytes(), runtime)
+    return HostPlan(weights_nbytes(cfg, float_bytes, formats), spec.nbytes(), runtime)
 
 
 def largest(fits, lo: int, hi: int) -> int:
@@ -160,6 +163,7 @@ def check_host_fits(
     block_size: int = DEFAULT_BLOCK_SIZE,
     n_blocks: int | None = None,
     formats: dict | None = None,
+    float_bytes: int = 4,
 ) -> None:
     """Raise TinyLLMError with the numbers, and the largest context and batch that fit,
     unless the plan fits in `available` bytes (None: unknown, not checked). A float model
@@ -169,13 +173,16 @@ def check_host_fits(
     if available is None:
         return
     # plan_of(context, batch, **overrides): this model's plan at another size
-    plan_of = functools.partial(host_plan, cfg, kv_dtype, chunk=chunk, formats=formats)
+    plan_of = functools.partial(
+        host_plan, cfg, kv_dtype, chunk=chunk, formats=formats, float_bytes=float_bytes
+    )
     asked = dict(block_size=block_size, n_blocks=n_blocks)
     plan = plan_of(max_seq_len, max_batch, **asked)
     if plan.total <= available:
         return
-    what = "float32" if not formats else "quantized (" + ", ".join(sorted(set(formats.values())))
-    what += "" if not formats else "; the rest float32)"
+    what = "float32" if float_bytes == 4 else "bf16"
+    if formats:
+        what = f"quantized ({', '.join(sorted(set(formats.values())))}; the rest {what})"
     msg = (
         f"context {max_seq_len} x batch {max_batch} needs {fmt_bytes(plan.total)} of RAM "
         f"({fmt_bytes(plan.weights)} {what} weights + {fmt_bytes(plan.kv)} {kv_dtype} KV cache + "
