@@ -9,15 +9,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 80
 
-# Functions still over the limit, owned by work in progress elsewhere; each is removed from
-# this list as it is split (and test_the_known_exceptions_are_still_long says when).
-KNOWN_LONG = {
-    "serve.py:create_app",
-    "serve.py:Server._stream",
-    "evaluate.py:evaluate_weights",
-    "gguf_convert.py:convert_gguf",
-}
-
 
 def function_lengths() -> dict[str, int]:
     """'file:Class.function' (nested functions too) -> lines from `def` to its last line."""
@@ -39,11 +30,5 @@ def function_lengths() -> dict[str, int]:
 def test_no_function_is_over_the_limit():
     lengths = function_lengths()
     assert len(lengths) > 500, "the walk no longer finds tinyllm's functions"
-    long = {f: n for f, n in lengths.items() if n > MAX_LINES and f not in KNOWN_LONG}
+    long = {f: n for f, n in lengths.items() if n > MAX_LINES}
     assert not long, f"split these into well-named pieces of at most {MAX_LINES} lines: {long}"
-
-
-def test_the_known_exceptions_are_still_long():
-    lengths = function_lengths()
-    fixed = sorted(f for f in KNOWN_LONG if lengths.get(f, 0) <= MAX_LINES)
-    assert not fixed, f"now within {MAX_LINES} lines (or gone): remove from KNOWN_LONG: {fixed}"
