@@ -69,13 +69,13 @@ ABLATIONS = {
 def ablate(model_dir, text: str, n_tokens: int, window: int, only: str = ""):
     from tinyllm.api import LLM
     from tinyllm.backends.numpy_backend import NumpyKVCache
-    from tinyllm.engine import Engine
     from tinyllm.evaluate import _Acc
+    from tinyllm.memory import engine_for_model
 
     llm = LLM(str(model_dir), backend="numpy", kv_dtype="fp32", max_seq_len=window, max_batch=1)
     ids = llm.tokenizer.encode(text)
     segs = [ids[i * window : (i + 1) * window] for i in range(min(n_tokens, len(ids)) // window)]
-    ref_engine = Engine.for_model(
+    ref_engine = engine_for_model(
         llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1
     )
     refs = [ref_engine.logits(s)[:-1] for s in segs]
@@ -101,7 +101,7 @@ def ablate(model_dir, text: str, n_tokens: int, window: int, only: str = ""):
                 continue
             FakeQuantCache.transform = staticmethod(make(kv))
             llm.backend.alloc_kv = FakeQuantCache
-            eng = Engine.for_model(
+            eng = engine_for_model(
                 llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1
             )
             acc = _Acc()
@@ -119,7 +119,7 @@ def ablate(model_dir, text: str, n_tokens: int, window: int, only: str = ""):
 def score_errors(model_dir, text: str, window: int):
     from tinyllm.api import LLM
     from tinyllm.backends.numpy_backend import softmax
-    from tinyllm.engine import Engine
+    from tinyllm.memory import engine_for_model
 
     llm = LLM(str(model_dir), backend="numpy", kv_dtype="fp32", max_seq_len=window, max_batch=1)
     ids = llm.tokenizer.encode(text)[:window]
@@ -132,7 +132,7 @@ def score_errors(model_dir, text: str, window: int):
         return q
 
     llm.backend.rope_kv_write = record
-    eng = Engine.for_model(
+    eng = engine_for_model(
         llm.model, llm.tokenizer, llm.backend, set(), window, "fp32", max_batch=1
     )
     eng.logits(ids)

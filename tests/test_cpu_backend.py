@@ -55,6 +55,10 @@ def test_f16_decoder_is_exact():
     nan = np.isnan(ref)
     assert np.array_equal(np.isnan(got), nan)
     assert np.array_equal(got[~nan].view(np.uint32), ref[~nan].view(np.uint32))  # ±0 too
+    rows = np.empty(len(bits), np.float32)
+    ck.f16_row(bits, rows)  # the vectorized row converter, same patterns
+    assert np.array_equal(np.isnan(rows), nan)
+    assert np.array_equal(rows[~nan].view(np.uint32), ref[~nan].view(np.uint32))
 
 
 def weights(n, k, seed=0):
@@ -82,23 +86,23 @@ def test_linear_matches_dequantize_then_matmul(cpu, fmt, rows):
         assert w.dtype == ml_dtypes.bfloat16  # kept at 2 bytes per weight
         dense = w.astype(np.float32)
     else:
-        w = cpu.upload_quant("w", quant.quantize(w32, fmt))
-        dense = quant.dequantize(w)
+        qt = quant.quantize(w32, fmt)
+        w, dense = cpu.upload_quant("w", qt), quant.dequantize(qt)
     y = cpu.linear(x, w, bias)
     assert y.shape == (rows, n) and y.dtype == np.float32
     assert_reassociation(y, x, dense, bias.astype(np.float64))
     np.testing.assert_allclose(y, NumpyBackend().linear(x, dense, bias), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "q8_0", "q4_k"])
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0", "q4_0", "q4_1", "q4_k"])
 def test_embed_rows_of_stored_formats(cpu, fmt):
     w32 = weights(10, 256)
     if fmt == "bf16":
         table = cpu.upload("e", w32.astype(ml_dtypes.bfloat16))
         dense = table.astype(np.float32)
     else:
-        table = cpu.upload_quant("e", quant.quantize(w32, fmt))
-        dense = quant.dequantize(table)
+        qt = quant.quantize(w32, fmt)
+        table, dense = cpu.upload_quant("e", qt), quant.dequantize(qt)
     tokens = np.array([3, 0, 9, 3], np.int32)
     np.testing.assert_array_equal(cpu.embed(table, tokens), dense[tokens])
 
@@ -181,3 +185,24 @@ def test_threads_reach_numba():
     assert numba.get_num_threads() == 1
     CpuBackend(threads=2)
     assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+
+
+def test_host_plan_counts_bf16_at_two_bytes_on_cpu(tiny_factory):
+    """The cpu backend keeps a bf16 checkpoint's matrices as bf16: the RAM check before
+    loading counts 2 bytes per weight there (4 on numpy), so a budget between the two plans
+    passes on cpu and is refused on numpy."""
+    from tinyllm import memory
+    from tinyllm.config import ModelConfig
+    from tinyllm.errors import TinyLLMError
+
+    cfg = ModelConfig.load(tiny_factory("llama_gqa", "bfloat16"))
+    assert cfg.torch_dtype == "bfloat16"
+    cpu_fb, np_fb = CpuBackend().float_bytes(cfg.torch_dtype), NumpyBackend().float_bytes("x")
+    assert (cpu_fb, np_fb, CpuBackend().float_bytes("float16")) == (2, 4, 2 * 2)
+    args = (cfg, "fp32", 128, 1, 16)
+    on_cpu, on_numpy = (memory.host_plan(*args, float_bytes=b) for b in (cpu_fb, np_fb))
+    assert on_numpy.weights == 2 * on_cpu.weights == memory.weights_nbytes(cfg, 4)
+    budget = (on_cpu.total + on_numpy.total) // 2
+    memory.check_host_fits(*args, budget, float_bytes=cpu_fb)
+    with pytest.raises(TinyLLMError, match="float32 weights"):
+        memory.check_host_fits(*args, budget, float_bytes=np_fb)

@@ -8,8 +8,8 @@ import pytest
 
 from tinyllm import LLM, SamplingParams
 from tinyllm.backends import Batch
-from tinyllm.engine import Engine
 from tinyllm.kv_cache import KVCacheSpec, entries, visible_lo
+from tinyllm.memory import engine_for_model
 
 IDS = [int(t) for t in np.random.default_rng(1).integers(3, 256, 50)]
 
@@ -37,7 +37,7 @@ def test_cached_decode_equals_full_prefill(tiny_factory, case):
 def test_chunked_prefill_equals_one_shot(tiny_factory, case, chunk):
     llm = LLM(str(tiny_factory(case)), max_seq_len=64)
     one_shot = llm.logits(IDS)
-    eng = Engine.for_model(
+    eng = engine_for_model(
         llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=chunk
     )
     np.testing.assert_allclose(eng.logits(IDS), one_shot, rtol=1e-4, atol=1e-4)
@@ -48,7 +48,7 @@ def test_rolling_cache_equals_full_cache_with_banded_mask(tiny_factory):
     W = llm.cfg.sliding_window
     # Blocks of 4: a ring of ceil((W + 4) / 4) + 1 = 4 blocks (16 positions) that 50 tokens
     # wrap 3 times.
-    rolling = Engine.for_model(
+    rolling = engine_for_model(
         llm.model,
         llm.tokenizer,
         llm.backend,
@@ -60,7 +60,7 @@ def test_rolling_cache_equals_full_cache_with_banded_mask(tiny_factory):
         block_size=4,
     )
     assert rolling.spec.ring == 4 and rolling.spec.capacity == 16 < 64
-    full = Engine.for_model(
+    full = engine_for_model(
         llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1, prefill_chunk=4
     )
     full.spec = KVCacheSpec(

@@ -334,8 +334,8 @@ def test_kivi_through_the_engine_with_a_rolling_window(tiny_factory):
     """The sliding-window model: a rolling study cache (capacity W + 4, chunks of at most 5)
     gives the logits of a cache that holds every position, with the same int8-kivi format."""
     from tinyllm.api import LLM
-    from tinyllm.engine import Engine
     from tinyllm.kv_formats import FormatBackend
+    from tinyllm.memory import engine_for_model
     from tinyllm.model import Transformer
 
     llm = LLM(str(tiny_factory("mistral_window")), backend="numpy", kv_dtype="fp32", max_seq_len=64)
@@ -343,7 +343,7 @@ def test_kivi_through_the_engine_with_a_rolling_window(tiny_factory):
 
     def logits(chunk):
         be = FormatBackend(FORMATS["int8-kivi"])
-        eng = Engine.for_model(
+        eng = engine_for_model(
             Transformer(llm.cfg, llm.model.w, be),
             llm.tokenizer,
             be,

@@ -16,9 +16,9 @@ import pytest
 from tinyllm import LLM, SamplingParams, cli
 from tinyllm.backends.numpy_backend import NumpyBackend
 from tinyllm.config import KV_DTYPE_BYTES, ModelConfig
-from tinyllm.engine import Engine
 from tinyllm.errors import TinyLLMError
 from tinyllm.kv_cache import KVCacheSpec, dequantize, dequantize_block, quantize, quantize_block
+from tinyllm.memory import engine_for_model
 
 QUANT = ("int8", "fp8")
 RNG = np.random.default_rng(0)
@@ -227,7 +227,7 @@ def rolling_llm(d: str, kv: str, max_seq_len: int = 96) -> LLM:
     ring of 4 blocks (16 positions) that wraps many times during a long prompt and the
     generation after it."""
     llm = LLM(d, kv_dtype=kv, max_seq_len=max_seq_len, max_batch=1)
-    llm.engine = Engine.for_model(
+    llm.engine = engine_for_model(
         llm.model,
         llm.tokenizer,
         llm.backend,

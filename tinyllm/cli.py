@@ -60,25 +60,63 @@ def cmd_chat(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from .api import DEFAULT_MAX_SEQ_LEN, resolve_model_dir
-    from .config import KV_DTYPE_BYTES, ModelConfig
-    from .kv_cache import DEFAULT_PREFILL_CHUNK
+    from .backends import auto_backend
     from .memory import weights_nbytes
-    from .weights import (
-        checkpoint_dtype,
-        detect_config,
-        fmt_bytes,
-        open_checkpoint,
-        planned_formats,
-    )
+    from .weights import fmt_bytes
 
-    if a.memory is None:  # this machine's available memory (24GB where it is unknown)
+    budget, kv_budget = info_budgets(a)  # a bad size fails before the model is read
+    d, cfg, formats = info_model(a)
+    backend = a.backend if a.backend != "auto" else auto_backend()[0]
+    compute_bytes = 4 if backend in ("numpy", "cpu") else 2
+    weight_bytes = weights_nbytes(cfg, compute_bytes, formats)
+    left = budget - weight_bytes
+    if left <= 0:
+        print(
+            f"\ndoes not fit: the weights alone take {fmt_bytes(weight_bytes)} at {compute_bytes} "
+            "bytes/param "
+            f"({backend}), more than the {fmt_bytes(budget)} budget (--memory)"
+        )
+        info_formats(cfg, backend, budget, formats, compute_bytes)
+        return 0
+    context = info_context(a, cfg)
+    runtime = info_contexts(cfg, backend, budget, formats, compute_bytes, context, a.block_size)
+    info_formats(cfg, backend, budget, formats, compute_bytes)
+    info_pool(
+        cfg,
+        kv_budget if kv_budget is not None else left - runtime,
+        kv_budget is not None,
+        context,
+        a.block_size,
+    )
+    return 0
+
+
+def info_budgets(a) -> tuple[int, int | None]:
+    """(--memory in bytes: this machine's available memory, 24GB where it is unknown;
+    --kv-cache-memory in bytes or None)."""
+    if a.memory is None:
         from .weights import available_memory
 
         avail = available_memory()
         a.memory = f"{avail / 2**30:.2f}GB" if avail else "24GB"
-    budget = parse_memory(a.memory)  # a bad size fails before the model is read
-    kv_budget = parse_memory(a.kv_cache_memory) if a.kv_cache_memory is not None else None
+    budget = parse_memory(a.memory)
+    return budget, parse_memory(a.kv_cache_memory) if a.kv_cache_memory is not None else None
+
+
+def info_context(a, cfg) -> int:
+    """The context LLM would pick: --ctx-size, else the model's, at most DEFAULT_MAX_SEQ_LEN."""
+    from .api import DEFAULT_MAX_SEQ_LEN
+
+    return a.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+
+
+def info_model(a):
+    """Print the model's table (architecture, sizes, attention, rope); returns (model dir,
+    config, planned weight formats)."""
+    from .api import resolve_model_dir
+    from .config import ModelConfig
+    from .weights import checkpoint_dtype, detect_config, open_checkpoint, planned_formats
+
     d = resolve_model_dir(a.model)
     index = open_checkpoint(d)
     cfg = detect_config(ModelConfig.load(d), index)
@@ -87,9 +125,6 @@ def cmd_info(a) -> int:
 
         check_format(a.quantize)
     formats = planned_formats(cfg, a.quantize, index.formats())
-    context = a.max_seq_len or min(
-        cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN
-    )  # as LLM picks it
     kind = {1: "MQA", cfg.n_heads: "MHA"}.get(cfg.n_kv_heads, "GQA")
     rows = [
         ("model", str(d)),
@@ -111,23 +146,21 @@ def cmd_info(a) -> int:
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
-    from .backends import auto_backend
+    return d, cfg, formats
 
-    backend = a.backend if a.backend != "auto" else auto_backend()[0]
-    compute_bytes = 4 if backend in ("numpy", "cpu") else 2
+
+def info_contexts(
+    cfg, backend: str, budget: int, formats: dict, compute_bytes: int, context: int, bs: int
+) -> int:
+    """Per kv dtype: bytes per token and the longest context (one sequence) that fits in
+    --memory next to the weights and the working memory. Returns that working memory at
+    `context` (host: the plan the loader checks, memory.py; GPU: the pre-load estimate)."""
+    from .config import KV_DTYPE_BYTES
+    from .kv_cache import DEFAULT_PREFILL_CHUNK, KVCacheSpec
+    from .memory import gpu_working_estimate, host_plan, largest, weights_nbytes
+    from .weights import fmt_bytes
+
     weight_bytes = weights_nbytes(cfg, compute_bytes, formats)
-    left = budget - weight_bytes
-    if left <= 0:
-        print(
-            f"\ndoes not fit: the weights alone take {fmt_bytes(weight_bytes)} at {compute_bytes} "
-            "bytes/param "
-            f"({backend}), more than the {fmt_bytes(budget)} budget (--memory)"
-        )
-        info_formats(cfg, backend, budget, formats, compute_bytes)
-        return 0
-    from .kv_cache import KVCacheSpec
-    from .memory import host_plan, largest
-
     held_bytes = (
         f" at {compute_bytes} bytes/param"
         if not formats
@@ -142,8 +175,6 @@ def cmd_info(a) -> int:
         def fits(kv: str, n: int) -> bool:
             return host_plan(cfg, kv, n, 1, chunk, formats=formats).total <= budget
     else:
-        from .memory import gpu_working_estimate
-
         runtime = gpu_working_estimate(cfg, chunk, 1)
         working = f"{fmt_bytes(runtime)} working memory (estimated; measured at load)"
 
@@ -161,7 +192,7 @@ def cmd_info(a) -> int:
     print(f"  {'kv dtype':<8} {'bytes/token':>12} {'MHA would need':>15}  max context")
     unbounded = 1 << 40
     for kv in KV_DTYPE_BYTES:
-        per = cfg.kv_bytes_per_token(kv, a.block_size)
+        per = cfg.kv_bytes_per_token(kv, bs)
         ctx = largest(lambda n, kv=kv: fits(kv, n), 2, unbounded)
         if ctx < 2:
             ctx_s = "0 (does not fit: no room for a cache)"
@@ -172,15 +203,7 @@ def cmd_info(a) -> int:
         else:
             ctx_s = str(ctx)
         print(f"  {kv:<8} {per:>12,} {cfg.mha_kv_bytes_per_token(kv):>15,}  {ctx_s}")
-    info_formats(cfg, backend, budget, formats, compute_bytes)
-    info_pool(
-        cfg,
-        kv_budget if kv_budget is not None else left - runtime,
-        kv_budget is not None,
-        context,
-        a.block_size,
-    )
-    return 0
+    return runtime
 
 
 def held_description(formats: dict, quantize: str | None) -> str:
@@ -596,7 +619,7 @@ def _add_eval_parser(sub) -> None:
         default=None,
         help="weight formats to compare instead of KV caches, comma-separated: fp32 (the "
         "unquantized reference), q8_0, q6_k, q4_k, q4_1, q4_0 (quantized at load, KV cache "
-        "fp32) (default: the KV study)",
+        "fp32); q4_k-mse: the study quantizer of q4_k blocks (default: the KV study)",
     )
     e.add_argument(
         "--kivi-block",

@@ -17,18 +17,19 @@ Two ways to drive it, both safe to mix on one engine:
 - a long-lived caller (the HTTP server) calls `add(req)`, `abort(seq_id)` and `step()` itself;
   step() returns the events of sequences no run() generator claims.
 Sequences are known by the id add() returns (sequence.py); events carry both that `seq_id` and
-the request's own `index`.
+the request's own `index`. The engine is handed its KVCacheSpec, decided once by its owner
+(LLM's memory plan; tools and tests: memory.engine_for_model).
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from functools import cached_property
 
 from .errors import TinyLLMError
-from .kv_cache import DEFAULT_BLOCK_SIZE, KVCacheSpec
-from .output import Completion, Event, OutputProcessor, Router, completion, error
+from .kv_cache import KVCacheSpec
+from .output import Completion, Event, Inbox, OutputProcessor, Router, error
 from .paging import BlockPool
 from .runner import ModelRunner
 from .scheduler import Scheduler, new_stats
@@ -56,7 +57,6 @@ class Engine:
         self.output = OutputProcessor(tokenizer, eos_ids, spec.max_seq_len)
         self.router = Router()  # events to the run() that added their sequence (output.py)
         self.stats = new_stats()  # counted by the scheduler
-        self._constraints = None  # constraints.Constraints, built at the first constrained request
         self._lock = threading.RLock()
 
     @property
@@ -69,35 +69,6 @@ class Engine:
         if self.scheduler is not None:
             self.scheduler.max_batch = n
 
-    @classmethod
-    def for_model(
-        cls,
-        model,
-        tokenizer,
-        backend,
-        eos_ids: set[int],
-        max_seq_len: int,
-        kv_dtype: str,
-        max_batch: int = 8,
-        prefill_chunk: int = 512,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        n_blocks: int | None = None,
-        prefix_caching: bool = True,
-    ) -> Engine:
-        """An engine whose spec is built here (tools and tests; LLM hands down its plan's spec)."""
-        spec = KVCacheSpec.for_model(
-            model.cfg,
-            kv_dtype,
-            max_seq_len,
-            max_batch,
-            chunk=prefill_chunk,
-            block_size=block_size,
-            n_blocks=n_blocks,
-        )
-        return cls(
-            model, tokenizer, backend, eos_ids, spec, max_batch, prefill_chunk, prefix_caching
-        )
-
     def ensure_cache(self):
         """Allocate the KV cache and its block pool (once, at first use)."""
         if self.cache is None:
@@ -109,34 +80,30 @@ class Engine:
         self.scheduler = Scheduler(self.pool, self.max_batch, self.prefill_chunk, self.stats)
         self.runner = ModelRunner(self.model, self.ops, self.cache)
 
-    @property
+    @cached_property
     def constraints(self):
-        """The llguidance bridge of this model (constraints.py), built on first use."""
-        if self._constraints is None:
-            from .constraints import Constraints
+        """The llguidance bridge of this model (constraints.py), built at first use."""
+        from .constraints import Constraints
 
-            self._constraints = Constraints(
-                self.output.tok, self.model.cfg.vocab_size, self.output.eos_ids
-            )
-        return self._constraints
+        return Constraints(self.output.tok, self.model.cfg.vocab_size, self.output.eos_ids)
 
     # ---- requests ---------------------------------------------------------------------------
-    def add(self, req: Request, route: deque | None = None) -> int:
-        """Queue a request; a later step admits it. Its events go to `route` (run()) or are
-        returned by step(). Returns the sequence id abort() and partial() take."""
+    def add(self, req: Request) -> int:
+        """Queue a request; a later step admits it and returns its events. Returns the
+        sequence id abort() and partial() take."""
         with self._lock:
-            s = self._start(req, route)
+            s = self._start(req)
             if not s.finish:
                 self.scheduler.add(s)
             return s.id
 
-    def _start(self, req: Request, route: deque | None) -> Sequence:
-        """The sequence of a request; if it cannot run, it is finished ("error") and its error
-        event is pending for the next step."""
+    def _start(self, req: Request, inbox: Inbox | None = None) -> Sequence:
+        """The sequence of a request (its events to `inbox`, a run()'s); if it cannot run, it
+        is finished ("error") and its error event is pending for the next step."""
         self.ensure_cache()
         s = Sequence.start(req, self.output.decoder(req.prompt_ids))
-        if route is not None:
-            self.router.routes[s.id] = route
+        if inbox is not None:
+            inbox.claim(s.id)
         bad = self.check_prompt(req.prompt_ids)
         if bad:
             self.router.pending.append(error(s, bad[1], bad[0]))
@@ -161,8 +128,7 @@ class Engine:
         just aborted (a run() generator closed, or interrupted by an exception)."""
         with self._lock:
             running = self.scheduler.running if self.scheduler is not None else []
-            c = next((completion(s) for s in running if s.id == seq_id), None)
-            return c or self.router.aborted.pop(seq_id, None)
+            return self.router.partial(seq_id, running)
 
     def has_work(self) -> bool:
         return bool(self.router.pending) or (self.scheduler is not None and len(self.scheduler) > 0)
@@ -190,14 +156,12 @@ class Engine:
         finish (or error) event per request. Requests are pulled from the iterable only when
         the batch has room; `added(seq_id)` is told each one's id. Closing the generator
         early aborts its unfinished requests."""
-        pending, mine, open_ids = iter(requests), deque(), set()
-        exhausted = False
+        pending, inbox, exhausted = iter(requests), Inbox(self.router), False
 
         def pull() -> Sequence | None:  # called by the scheduler, under the lock
             nonlocal exhausted
             for req in pending:
-                s = self._start(req, mine)
-                open_ids.add(s.id)
+                s = self._start(req, inbox)
                 if added:
                     added(s.id)
                 if not s.finish:
@@ -206,20 +170,14 @@ class Engine:
             return None
 
         try:
-            while not exhausted or open_ids or mine:
-                if not mine:
+            while not exhausted or inbox.open_ids or inbox.events:
+                if not inbox.events:
                     self.step(None if exhausted else pull)
-                    if not mine and exhausted and not self.has_work():
+                    if not inbox.events and exhausted and not self.has_work():
                         return  # (its sequences were aborted from outside)
-                while mine:
-                    ev = mine.popleft()
-                    if ev.kind in ("finish", "error"):
-                        open_ids.discard(ev.seq_id)
-                        self.router.routes.pop(ev.seq_id, None)
-                    if ev.kind != "token":
-                        yield ev
+                yield from inbox.drain()
         finally:
-            for sid in open_ids:
+            for sid in inbox.open_ids:
                 self.abort(sid)
 
     def step(self, pull: Callable[[], Sequence | None] | None = None) -> list[Event]:

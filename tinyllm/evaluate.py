@@ -13,19 +13,22 @@ with a fake-quantized float32 cache in place of a real one, side by side on the 
 
 Weight formats (`--weights fp32,q8_0,q4_0,...`, `evaluate_weights`): the same metrics with the
 model's matrices quantized at load (quant.py; the KV cache fp32), each against the unquantized
-model on the same segments.
+model on the same segments; a quant.STUDY name (e.g. `q4_k-mse`) loads its format's blocks
+written by the study's quantizer instead of llama.cpp's.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import TinyLLMError
+from .quant import STUDY, study_quantizer
 
 # Real English prose that ships with the OS (Debian/Ubuntu base-files), in the order they are
 # concatenated when one is too short. GPL-3 alone is ~7.6k SmolLM2 tokens.
@@ -133,31 +136,18 @@ def evaluate_kv(
     reference has run on the first segment (for the run-time estimate). A format that cannot
     hold this model's head_dim is an error, or with drop_unfit is left out (info["dropped"]).
     kivi_block: the token block B of the KIVI formats' key scales."""
-    from .api import LLM
     from .kv_cache import resolve_kv_dtype
 
     if window < 2:
         raise TinyLLMError(f"--window {window} is too short: a segment needs at least 2 tokens")
     if kivi_block < 1:
         raise TinyLLMError(f"--kivi-block {kivi_block}: a block holds at least 1 token")
-    llm = LLM(
-        str(model_dir),
-        backend=backend,
-        dtype=dtype,
-        kv_dtype=REFERENCE_KV,
-        max_seq_len=window,
-        max_batch=1,
-    )
+    llm = _eval_llm(model_dir, backend, dtype, window)
     kvs = list(dict.fromkeys(resolve_kv_dtype(k, llm.backend.compute_dtype) for k in kv_dtypes))
     fmts, unfit = _study_formats(llm, kv_formats, drop_unfit)
     ids = llm.tokenizer.encode(text)
-    n_seg = min(n_tokens, len(ids)) // window
-    if n_seg == 0:
-        raise TinyLLMError(
-            f"the text has {len(ids)} tokens, fewer than one window of {window}; "
-            f"lower --window or pass a longer --text"
-        )
-    segments = [ids[i * window : (i + 1) * window] for i in range(n_seg)]
+    segments = _segments(ids, n_tokens, window)
+    n_seg = len(segments)
     engines = _engines(llm, kvs, fmts, window, kivi_block)
     info = {
         "model_dir": str(llm.model_dir),
@@ -177,6 +167,17 @@ def evaluate_kv(
     named += [(f"format:{f}", f, _format_bytes_per_token(f, cfg, window, kivi_block)) for f in fmts]
     info["reference_ppl"] = ref_ppl
     return [_row(accs[key], name, nbytes, ref_ppl) for key, name, nbytes in named], info
+
+
+def _segments(ids: list[int], n_tokens: int, window: int) -> list[list[int]]:
+    """The first n_tokens of ids in non-overlapping windows (a shorter tail dropped)."""
+    n_seg = min(n_tokens, len(ids)) // window
+    if n_seg == 0:
+        raise TinyLLMError(
+            f"the text has {len(ids)} tokens, fewer than one window of {window}; "
+            f"lower --window or pass a longer --text"
+        )
+    return [ids[i * window : (i + 1) * window] for i in range(n_seg)]
 
 
 def _study_formats(llm, kv_formats, drop_unfit: bool) -> tuple[list[str], dict[str, str]]:
@@ -200,17 +201,17 @@ def _engines(llm, kvs: list[str], fmts: list[str], window: int, kivi_block: int)
     """One single-sequence engine per cache: the reference and each kv dtype (real caches),
     and "format:NAME" per study format (the reference cache on a FormatBackend that
     fake-quantizes K/V; keys "format:NAME" never clash with kv dtypes)."""
-    from .engine import Engine
     from .kv_formats import FORMATS, FormatBackend
+    from .memory import engine_for_model
     from .model import Transformer
 
     engines = {
-        kv: Engine.for_model(llm.model, llm.tokenizer, llm.backend, set(), window, kv, max_batch=1)
+        kv: engine_for_model(llm.model, llm.tokenizer, llm.backend, set(), window, kv, max_batch=1)
         for kv in dict.fromkeys([REFERENCE_KV] + kvs)
     }
     for f in fmts:
         study = FormatBackend(FORMATS[f], kivi_block)
-        engines[f"format:{f}"] = Engine.for_model(
+        engines[f"format:{f}"] = engine_for_model(
             Transformer(llm.cfg, llm.model.w, study),
             llm.tokenizer,
             study,
@@ -223,7 +224,8 @@ def _engines(llm, kvs: list[str], fmts: list[str], window: int, kivi_block: int)
 
 
 def _score(segments: list, engines: dict, info: dict, plan, progress: bool) -> dict:
-    """Every segment through every engine, the reference first: {engine key: _Acc}."""
+    """Every segment through every engine (anything with .logits(ids): Engines, LLMs), the
+    reference (key REFERENCE_KV) first: {engine key: _Acc}."""
     from tqdm.auto import tqdm
 
     accs = {kv: _Acc() for kv in engines}
@@ -243,7 +245,8 @@ def _score(segments: list, engines: dict, info: dict, plan, progress: bool) -> d
             t0 = time.perf_counter()
             lg = eng.logits(seg)[:-1]
             accs[kv].seconds += time.perf_counter() - t0
-            eng.cache = None  # one candidate cache alive at a time
+            if hasattr(eng, "cache"):
+                eng.cache = None  # one candidate cache alive at a time (an Engine's)
             accs[kv].add(lg, targets, ref)
     return accs
 
@@ -288,87 +291,63 @@ def evaluate_weights(
     progress: bool = False,
 ) -> tuple[list[KVRow], dict]:
     """Perplexity and divergence from the unquantized model for each weight format ("fp32":
-    no quantization, the reference; else a quant.py format given to LLM(quantization=)).
-    Segments as evaluate_kv; every model is loaded side by side (one quantized copy each).
-    KVRow.bytes_per_token holds the bytes of the weights as held, kv_dtype the format."""
-    from .api import LLM
+    no quantization, the reference; a quant.py format given to LLM(quantization=); or a
+    quant.STUDY name, whose quantizer writes its format's blocks). Segments as evaluate_kv;
+    every model is loaded side by side (one quantized copy each). KVRow.bytes_per_token holds
+    the bytes of the weights as held, kv_dtype the formats held (and the study name)."""
     from .memory import weights_nbytes
 
     if window < 2:
         raise TinyLLMError(f"--window {window} is too short: a segment needs at least 2 tokens")
-    llms = {}
-    for w in dict.fromkeys(["fp32", *weights]):
-        llms[w] = LLM(
-            str(model_dir),
-            backend=backend,
-            dtype=dtype,
-            kv_dtype=REFERENCE_KV,
-            max_seq_len=window,
-            max_batch=1,
-            quantization=None if w in ("fp32", "float") else w,
-        )
-    ref_llm = llms["fp32"]
+    llms = _weight_llms(model_dir, weights, backend, dtype, window)
+    ref_llm = llms[REFERENCE_KV]
     ids = ref_llm.tokenizer.encode(text)
-    n_seg = min(n_tokens, len(ids)) // window
-    if n_seg == 0:
-        raise TinyLLMError(
-            f"the text has {len(ids)} tokens, fewer than one window of {window}; "
-            f"lower --window or pass a longer --text"
-        )
-    segments = [ids[i * window : (i + 1) * window] for i in range(n_seg)]
-    accs = {w: _Acc() for w in llms}
-    from tqdm.auto import tqdm
-
-    for seg in tqdm(segments, desc="segments", unit="seg", disable=not progress, file=sys.stderr):
-        targets = np.asarray(seg[1:], np.int64)
-        t0 = time.perf_counter()
-        ref = ref_llm.logits(seg)[:-1]
-        accs["fp32"].seconds += time.perf_counter() - t0
-        accs["fp32"].add(ref, targets, ref)
-        for w, llm in llms.items():
-            if w != "fp32":
-                t0 = time.perf_counter()
-                lg = llm.logits(seg)[:-1]
-                accs[w].seconds += time.perf_counter() - t0
-                accs[w].add(lg, targets, ref)
-    ref_ppl = float(np.exp(accs["fp32"].nll / accs["fp32"].n))
+    segments = _segments(ids, n_tokens, window)
+    accs = _score(segments, llms, {}, None, progress)
+    ref_ppl = float(np.exp(accs[REFERENCE_KV].nll / accs[REFERENCE_KV].n))
     fb = 4 if ref_llm.backend.compute_dtype == "fp32" else 2
     rows = []
-    for w, llm in llms.items():
-        if w not in weights:
-            continue
-        a = accs[w]
-        nll = a.nll / a.n
-        ppl = float(np.exp(nll))
-        mean_d = a.dnll / a.n
-        se = np.sqrt(max(a.dnll2 / a.n - mean_d**2, 0.0) / max(a.n - 1, 1))
-        held = "/".join(sorted(set(llm.weight_formats.values()))) or w
-        rows.append(
-            KVRow(
-                held,
-                weights_nbytes(llm.cfg, fb, llm.weight_formats),
-                a.n,
-                nll,
-                ppl,
-                100 * (ppl / ref_ppl - 1),
-                100 * float(np.exp(mean_d) * se),
-                a.kl / a.n,
-                a.max_diff,
-                a.agree / a.n,
-                a.seconds,
-            )
-        )
+    for w in dict.fromkeys(weights):
+        key = "fp32" if w == "float" else w
+        llm = llms[key]
+        held = "/".join(sorted(set(llm.weight_formats.values()))) or "fp32"
+        name = f"{w}: {held}" if w in STUDY else held
+        rows.append(_row(accs[key], name, weights_nbytes(llm.cfg, fb, llm.weight_formats), ref_ppl))
     info = {
         "model_dir": str(ref_llm.model_dir),
         "backend": ref_llm.backend.name,
         "text_tokens": len(ids),
-        "tokens": n_seg * window,
-        "segments": n_seg,
+        "tokens": len(segments) * window,
+        "segments": len(segments),
         "window": window,
         "reference": "unquantized weights",
         "reference_ppl": ref_ppl,
     }
     return rows, info
+
+
+def _weight_llms(model_dir, weights, backend, dtype, window) -> dict:
+    """{"fp32" (the reference, REFERENCE_KV's key), each other weight name: LLM}."""
+    llms = {}
+    for w in dict.fromkeys(["fp32", *(w for w in weights if w != "float")]):
+        with study_quantizer(w) if w in STUDY else nullcontext(None if w == "fp32" else w) as q:
+            llms[w] = _eval_llm(model_dir, backend, dtype, window, q)
+    return llms
+
+
+def _eval_llm(model_dir, backend, dtype, window: int, quantization: str | None = None):
+    """One single-sequence LLM with the reference KV cache, as every study loads it."""
+    from .api import LLM
+
+    return LLM(
+        str(model_dir),
+        backend=backend,
+        dtype=dtype,
+        kv_dtype=REFERENCE_KV,
+        max_seq_len=window,
+        max_batch=1,
+        quantization=quantization,
+    )
 
 
 def format_weights_table(rows: list[KVRow]) -> str:
@@ -474,12 +453,18 @@ def run_eval(a) -> int:
         drop_unfit=defaults,
         kivi_block=kivi_block,
     )
+    _print_result(a, files, info, f"kv {info['reference']}", format_table(rows), t0)
+    return 0
+
+
+def _print_result(a, files, info: dict, reference: str, table: str, t0: float) -> None:
+    """What `tinyllm eval` prints after the run, for the KV and the weight studies alike."""
     print(f"model: {info['model_dir']}  backend: {info['backend']}")
     print(
         f"text: {', '.join(str(f) for f in files)} ({info['text_tokens']} tokens); evaluated "
         f"{info['tokens']} tokens = {info['segments']} segments of {info['window']}, each "
-        "prefilled "
-        f"from scratch; reference: kv {info['reference']} (perplexity {info['reference_ppl']:.4f})"
+        f"prefilled from scratch; reference: {reference} "
+        f"(perplexity {info['reference_ppl']:.4f})"
     )
     if info["tokens"] < a.tokens:
         print(
@@ -487,9 +472,8 @@ def run_eval(a) -> int:
             "windows"
         )
     print()
-    print(format_table(rows))
+    print(table)
     print(f"\n[{time.perf_counter() - t0:.1f} s in all]")
-    return 0
 
 
 def _run_weights(a, model_dir, files, text, backend) -> int:
@@ -498,7 +482,7 @@ def _run_weights(a, model_dir, files, text, backend) -> int:
 
     weights = _names(a.weights)
     for w in weights:
-        if w not in ("fp32", "float"):
+        if w not in ("fp32", "float", *STUDY):
             check_format(w)
     print(
         f"plan: {a.tokens} tokens of {', '.join(str(f) for f in files)} in segments of "
@@ -516,13 +500,5 @@ def _run_weights(a, model_dir, files, text, backend) -> int:
         dtype=getattr(a, "dtype", None),
         progress=True,
     )
-    print(f"model: {info['model_dir']}  backend: {info['backend']}")
-    print(
-        f"text: {', '.join(str(f) for f in files)} ({info['text_tokens']} tokens); evaluated "
-        f"{info['tokens']} tokens = {info['segments']} segments of {info['window']}; reference: "
-        f"{info['reference']} (perplexity {info['reference_ppl']:.4f})"
-    )
-    print()
-    print(format_weights_table(rows))
-    print(f"\n[{time.perf_counter() - t0:.1f} s in all]")
+    _print_result(a, files, info, info["reference"], format_weights_table(rows), t0)
     return 0

@@ -818,13 +818,7 @@ def convert_gguf(
     from .config import ModelConfig
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if dtype is not None and dtype not in OUT_DTYPES:
-        raise TinyLLMError(f"unknown output dtype {dtype!r}; choose one of {', '.join(OUT_DTYPES)}")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise TinyLLMError(
-            f"{out_dir} already exists and is not empty; choose another directory, or pass "
-            "--overwrite to replace its files"
-        )
+    _check_request(out_dir, dtype, overwrite, requantize)
     reader = _open(gguf_path)
     meta = _Meta(reader)
     arch, hf_arch = _hf_architecture(meta)
@@ -832,11 +826,7 @@ def convert_gguf(
     if dtype is not None:
         config["torch_dtype"] = dtype
     ModelConfig.from_hf(config)  # fail now, not after writing gigabytes, if tinyllm cannot run it
-    tok, add_bos, add_eos = build_tokenizer(meta)
-    if requantize is not None:
-        from .quant import check_format
-
-        check_format(requantize)
+    tok = build_tokenizer(meta)
     keep = keep_quantized and dtype is None
     plan = _plan_tensors(
         reader,
@@ -847,6 +837,8 @@ def convert_gguf(
         keep,
         requantize if keep else None,
     )
+    provenance = {"source": gguf_path.name, "source_bytes": gguf_path.stat().st_size}
+    provenance.update({"converter_version": CONVERTER_VERSION, "dtype": dtype or "auto"})
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -854,27 +846,7 @@ def convert_gguf(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is a normal directory
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / "generation_config.json", _generation_config(meta, config))
-        tok.save(str(tmp / "tokenizer.json"))
-        _write_json(
-            tmp / "tokenizer_config.json",
-            _tokenizer_config(meta, add_bos, add_eos, config["max_position_embeddings"]),
-        )
-        losses = _write_safetensors(tmp / "model.safetensors", plan, progress)
-        provenance = {
-            "source": gguf_path.name,
-            "source_bytes": gguf_path.stat().st_size,
-            "converter_version": CONVERTER_VERSION,
-            "dtype": dtype or "auto",
-        }
-        if keep:
-            kept: dict = {}
-            for t in plan:
-                if t.fmt and not t.requantized:
-                    kept[t.fmt] = kept.get(t.fmt, 0) + 1
-            provenance.update({"kept_quantized": kept, "requantized": losses})
-        _write_json(tmp / PROVENANCE_FILE, provenance)
+        _write_dir(tmp, meta, config, tok, plan, progress, provenance, keep)
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         os.replace(tmp, out_dir)
@@ -882,6 +854,42 @@ def convert_gguf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _check_request(out_dir: Path, dtype, overwrite: bool, requantize) -> None:
+    """convert_gguf's arguments, checked before the file is read."""
+    if dtype is not None and dtype not in OUT_DTYPES:
+        raise TinyLLMError(f"unknown output dtype {dtype!r}; choose one of {', '.join(OUT_DTYPES)}")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise TinyLLMError(
+            f"{out_dir} already exists and is not empty; choose another directory, or pass "
+            "--overwrite to replace its files"
+        )
+    if requantize is not None:
+        from .quant import check_format
+
+        check_format(requantize)
+
+
+def _write_dir(tmp: Path, meta, config, tok, plan, progress: bool, provenance: dict, keep: bool):
+    """The converted directory's files into tmp. With keep (quantized tensors kept), the
+    provenance also records what was kept per format and the requantization losses."""
+    tokenizer, add_bos, add_eos = tok
+    _write_json(tmp / "config.json", config)
+    _write_json(tmp / "generation_config.json", _generation_config(meta, config))
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    _write_json(
+        tmp / "tokenizer_config.json",
+        _tokenizer_config(meta, add_bos, add_eos, config["max_position_embeddings"]),
+    )
+    losses = _write_safetensors(tmp / "model.safetensors", plan, progress)
+    if keep:
+        kept: dict = {}
+        for t in plan:
+            if t.fmt and not t.requantized:
+                kept[t.fmt] = kept.get(t.fmt, 0) + 1
+        provenance.update({"kept_quantized": kept, "requantized": losses})
+    _write_json(tmp / PROVENANCE_FILE, provenance)
 
 
 def _write_json(path: Path, obj) -> None:

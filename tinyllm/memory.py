@@ -26,12 +26,13 @@ plus a fixed FIXED_OVERHEAD for the interpreter, numpy/BLAS buffers and the toke
 
 Weights count what the loader holds (`weights_nbytes`): quantized matrices at their format's
 bytes (quant.py: q4_0 is 18 bytes per 32 weights), the rest at the compute dtype's (4 bytes on
-numpy, 2 on cuda). Mistral-7B: 29.0 GB in float32, 14.5 GB in bf16, 4.1 GB with q4_0 matrices
-and a bf16 embedding table.
+numpy, 2 on cuda, 2 for a bf16 checkpoint on cpu: backend.float_bytes). Mistral-7B: 29.0 GB
+in float32, 14.5 GB in bf16, 4.1 GB with q4_0 matrices and a bf16 embedding table.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, replace
@@ -127,7 +128,10 @@ def host_plan(
     block_size: int = DEFAULT_BLOCK_SIZE,
     n_blocks: int | None = None,
     formats: dict | None = None,
+    float_bytes: int = 4,
 ) -> HostPlan:
+    """float_bytes: bytes per unquantized weight as the backend holds it
+    (backend.float_bytes(cfg.torch_dtype): 4 on numpy, 2 for bf16 kept as bf16 on cpu)."""
     spec = KVCacheSpec.for_model(
         cfg, kv_dtype, max_seq_len, max_batch, chunk=chunk, block_size=block_size, n_blocks=n_blocks
     )
@@ -136,7 +140,7 @@ def host_plan(
     attn = 3 * cfg.n_heads * t * spec.capacity * 4 + 2 * spec.capacity * cfg.kv_dim * 4
     logits = max(t, max_batch) * cfg.vocab_size * 4
     runtime = act + attn + logits + dequant_scratch(cfg, formats) + FIXED_OVERHEAD
-    return HostPlan(weights_nbytes(cfg, 4, formats), spec.nbytes(), runtime)
+    return HostPlan(weights_nbytes(cfg, float_bytes, formats), spec.nbytes(), runtime)
 
 
 def largest(fits, lo: int, hi: int) -> int:
@@ -159,6 +163,7 @@ def check_host_fits(
     block_size: int = DEFAULT_BLOCK_SIZE,
     n_blocks: int | None = None,
     formats: dict | None = None,
+    float_bytes: int = 4,
 ) -> None:
     """Raise TinyLLMError with the numbers, and the largest context and batch that fit,
     unless the plan fits in `available` bytes (None: unknown, not checked). A float model
@@ -167,11 +172,17 @@ def check_host_fits(
 
     if available is None:
         return
-    plan = host_plan(cfg, kv_dtype, max_seq_len, max_batch, chunk, block_size, n_blocks, formats)
+    # plan_of(context, batch, **overrides): this model's plan at another size
+    plan_of = functools.partial(
+        host_plan, cfg, kv_dtype, chunk=chunk, formats=formats, float_bytes=float_bytes
+    )
+    asked = dict(block_size=block_size, n_blocks=n_blocks)
+    plan = plan_of(max_seq_len, max_batch, **asked)
     if plan.total <= available:
         return
-    what = "float32" if not formats else "quantized (" + ", ".join(sorted(set(formats.values())))
-    what += "" if not formats else "; the rest float32)"
+    what = "float32" if float_bytes == 4 else "bf16"
+    if formats:
+        what = f"quantized ({', '.join(sorted(set(formats.values())))}; the rest {what})"
     msg = (
         f"context {max_seq_len} x batch {max_batch} needs {fmt_bytes(plan.total)} of RAM "
         f"({fmt_bytes(plan.weights)} {what} weights + {fmt_bytes(plan.kv)} {kv_dtype} KV cache + "
@@ -180,57 +191,56 @@ def check_host_fits(
     quantize_hint = ""
     if not formats:
         fits = quantize_that_fits(
-            lambda f: (
-                host_plan(
-                    cfg, kv_dtype, max_seq_len, max_batch, chunk, block_size, n_blocks, f
-                ).total
-                <= available
-            ),
-            cfg,
+            lambda f: plan_of(max_seq_len, max_batch, **asked, formats=f).total <= available, cfg
         )
         if fits:
             quantize_hint = f"; --quantize {fits} would fit (weights quantized at load)"
-    base = host_plan(cfg, kv_dtype, 2, 1, chunk, formats=formats)
-    if base.total > available:
+    if plan_of(2, 1).total > available:
         raise TinyLLMError(
             f"{msg}; even the weights with the smallest cache do not fit"
             + (quantize_hint or ": use a smaller model or --backend cuda")
         )
     hints = [quantize_hint[2:]] if quantize_hint else []
-    # Name the flag at fault: a pool sized by --kv-cache-memory, or a --block-size that makes
-    # blocks (and so the per-sequence working set) large, before the context and the batch.
+    hints += _host_flag_hints(
+        plan_of, plan, available, max_seq_len, max_batch, block_size, n_blocks
+    )
+    if kv_dtype in ("fp32", "fp16", "bf16"):
+        hints.append("--kv-dtype int8 stores the cache in a quarter of fp32's space")
+    raise TinyLLMError(f"{msg}; " + "; ".join(hints))
+
+
+def _host_flag_hints(
+    plan_of, plan: HostPlan, available: int, max_seq_len, max_batch, block_size, n_blocks
+) -> list[str]:
+    """The flag at fault in a host plan that does not fit: a pool sized by --kv-cache-memory,
+    or a --block-size that makes blocks (and so the per-sequence working set) large, before
+    the context and the batch (the largest of each that fits with the other)."""
+    from .weights import fmt_bytes
+
     if n_blocks is not None:
         room = available - (plan.total - plan.kv)
-        hints.append(
+        return [
             f"the --kv-cache-memory pool takes {fmt_bytes(plan.kv)}: at most "
             f"{fmt_bytes(max(room, 0))} fits next to the weights and working memory"
             if room > 0
             else "lower --kv-cache-memory"
-        )
-    elif block_size != DEFAULT_BLOCK_SIZE and (
-        host_plan(cfg, kv_dtype, max_seq_len, max_batch, chunk, formats=formats).total <= available
-    ):
-        hints.append(
+        ]
+    if block_size != DEFAULT_BLOCK_SIZE and (plan_of(max_seq_len, max_batch).total <= available):
+        return [
             f"--block-size {block_size} is what does not fit: the default {DEFAULT_BLOCK_SIZE} does"
-        )
-    else:
+        ]
 
-        def total(n: int, b: int) -> int:
-            return host_plan(cfg, kv_dtype, n, b, chunk, block_size, formats=formats).total
+    def total(n: int, b: int) -> int:
+        return plan_of(n, b, block_size=block_size).total
 
-        ctx = largest(lambda n: total(n, max_batch) <= available, 2, max_seq_len)
-        batch = largest(lambda b: total(max_seq_len, b) <= available, 1, max_batch)
-        if 2 <= ctx < max_seq_len:
-            hints.append(f"the largest --ctx-size that fits with --max-batch {max_batch} is {ctx}")
-        if 1 <= batch < max_batch:
-            hints.append(
-                f"the largest --max-batch that fits with --ctx-size {max_seq_len} is {batch}"
-            )
-        if not hints:
-            hints.append("lower both --ctx-size and --max-batch")
-    if kv_dtype in ("fp32", "fp16", "bf16"):
-        hints.append("--kv-dtype int8 stores the cache in a quarter of fp32's space")
-    raise TinyLLMError(f"{msg}; " + "; ".join(hints))
+    hints = []
+    ctx = largest(lambda n: total(n, max_batch) <= available, 2, max_seq_len)
+    batch = largest(lambda b: total(max_seq_len, b) <= available, 1, max_batch)
+    if 2 <= ctx < max_seq_len:
+        hints.append(f"the largest --ctx-size that fits with --max-batch {max_batch} is {ctx}")
+    if 1 <= batch < max_batch:
+        hints.append(f"the largest --max-batch that fits with --ctx-size {max_seq_len} is {batch}")
+    return hints or ["lower both --ctx-size and --max-batch"]
 
 
 # The order --quantize hints try: the best quality first (BENCHMARKS.md, issue 20's table).
@@ -265,6 +275,40 @@ def budget_blocks(one_block: KVCacheSpec, kv_cache_memory) -> int | None:
             f"this model (--kv-cache-memory)"
         )
     return int(n)
+
+
+def engine_for_model(
+    model,
+    tokenizer,
+    backend,
+    eos_ids: set[int],
+    max_seq_len: int,
+    kv_dtype: str,
+    max_batch: int = 8,
+    prefill_chunk: int = 512,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    n_blocks: int | None = None,
+    prefix_caching: bool = True,
+):
+    """An Engine with the pool of max_batch sequences of max_seq_len (or n_blocks blocks), for
+    tools and tests that plan no memory (LLM hands down its own plan's spec):
+
+        engine_for_model(llm.model, llm.tokenizer, llm.backend, set(), 64, "fp32", max_batch=1)
+    """
+    from .engine import Engine
+
+    spec = KVCacheSpec.for_model(
+        model.cfg,
+        kv_dtype,
+        max_seq_len,
+        max_batch,
+        chunk=prefill_chunk,
+        block_size=block_size,
+        n_blocks=n_blocks,
+    )
+    return Engine(
+        model, tokenizer, backend, eos_ids, spec, max_batch, prefill_chunk, prefix_caching
+    )
 
 
 def gpu_working_estimate(cfg: ModelConfig, chunk: int, max_batch: int) -> int:

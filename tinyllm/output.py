@@ -162,10 +162,10 @@ class OutputProcessor:
 
 
 class Router:
-    """Where events go. A run() generator registers its event queue for each sequence it adds
-    (`routes`: seq id -> queue); events of other sequences go back to step()'s caller. Also
-    holds the events due at the next step (`pending`: prompts rejected when added) and what
-    the latest aborted sequences had (`aborted`, for Engine.partial)."""
+    """Where events go. A run() generator registers its Inbox for each sequence it adds
+    (`routes`: seq id -> the inbox's queue); events of other sequences go back to step()'s
+    caller. Also holds the events due at the next step (`pending`: prompts rejected when added)
+    and what the latest aborted sequences had (`aborted`, for Engine.partial)."""
 
     KEEP_ABORTED = 16
 
@@ -191,3 +191,32 @@ class Router:
         self.aborted[s.id] = completion(s)
         while len(self.aborted) > self.KEEP_ABORTED:
             del self.aborted[next(iter(self.aborted))]
+
+    def partial(self, seq_id: int, running: list[Sequence]) -> Completion | None:
+        """The Completion so far of a running sequence, or of a recently aborted one."""
+        c = next((completion(s) for s in running if s.id == seq_id), None)
+        return c or self.aborted.pop(seq_id, None)
+
+
+class Inbox:
+    """The events of one run() generator: Router.route queues those of the sequences it
+    claimed here, in step order; `open_ids` are the claimed sequences not yet finished."""
+
+    def __init__(self, router: Router):
+        self.router, self.events, self.open_ids = router, deque(), set()
+
+    def claim(self, seq_id: int):
+        self.router.routes[seq_id] = self.events
+        self.open_ids.add(seq_id)
+
+    def drain(self) -> Iterator[Event]:
+        """The queued events but "token" ones (step()'s own), in order; a sequence's "finish"
+        or "error" closes it and ends its route. Events queued while the caller holds one
+        (another run() stepping the engine) are drained in the same pass."""
+        while self.events:
+            ev = self.events.popleft()
+            if ev.kind in ("finish", "error"):
+                self.open_ids.discard(ev.seq_id)
+                self.router.routes.pop(ev.seq_id, None)
+            if ev.kind != "token":
+                yield ev

@@ -50,6 +50,7 @@ and run `ops.linear(x, handle)` on what it returns.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -239,7 +240,7 @@ def dequantize(qt: QuantTensor) -> np.ndarray:
 # ---- quantization --------------------------------------------------------------------------
 
 # Rows are quantized a chunk at a time so that the float32 temporaries stay about this size.
-CHUNK_ELEMS = 1 << 21
+CHUNK_ELEMS = 1 << 16
 
 
 def quantize(w: np.ndarray, fmt: str) -> QuantTensor:
@@ -275,8 +276,11 @@ def _pack_nibbles32(q: np.ndarray, n: int) -> np.ndarray:
 
 def _q4_0(x: np.ndarray, n: int, k: int) -> dict:
     # quantize_row_q4_0_ref: d = (the signed absmax element) / -8, q = min(15, (int)(x/d + 8.5)).
+    # ggml's scan starts from max = +0.0 and takes an element only if |v| is strictly larger,
+    # so an all-zero block (of either sign) has d = +0 / -8 = -0.0 (fp16 0x8000).
     imax = np.abs(x).argmax(axis=1)[:, None]
-    d = np.take_along_axis(x, imax, axis=1) / F32(-8)
+    mx = np.take_along_axis(x, imax, axis=1)
+    d = np.where(mx == 0, F32(0), mx) / F32(-8)
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, F32(0), F32(1) / d)
     q = np.trunc(x * inv + F32(8.5)).astype(np.uint8).clip(0, 15)
@@ -285,7 +289,10 @@ def _q4_0(x: np.ndarray, n: int, k: int) -> dict:
 
 def _q4_1(x: np.ndarray, n: int, k: int) -> dict:
     # quantize_row_q4_1_ref: d = (max - min) / 15, m = min, q = min(15, (int)((x-min)/d + 0.5)).
-    mx, mn = x.max(axis=1, keepdims=True), x.min(axis=1, keepdims=True)
+    # min is the first smallest element in scan order (strict '<'), so its zero keeps the sign
+    # of the first zero (argmin's first occurrence; x.min() may return either zero).
+    mn = np.take_along_axis(x, x.argmin(axis=1)[:, None], axis=1)
+    mx = np.take_along_axis(x, x.argmax(axis=1)[:, None], axis=1)
     d = (mx - mn) / F32(15)
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, F32(0), F32(1) / d)
@@ -331,19 +338,28 @@ def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
         for step in range(nstep + 1):
             # ggml updates `min` when a step wins, and later steps use the updated one
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + nmax_f) / (mx - mn)
-            la = np.clip(np.rint(iscale * (x - mn)), 0, nmax)
-            wl = w * la
-            sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * la), _seqsum(wl * x)
+            la = x - mn  # in place from here: the same float32 operations, fewer temporaries
+            la *= iscale
+            np.clip(np.rint(la, out=la), 0, nmax, out=la)
+            t = np.empty((x.shape[0], 3, x.shape[1]), F32)  # three sums in one ordered pass
+            np.multiply(w, la, out=t[:, 0])
+            np.multiply(t[:, 0], la, out=t[:, 1])
+            np.multiply(t[:, 0], x, out=t[:, 2])
+            sum_l, sum_l2, sum_xl = _seqsum(t)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             pos = this_min > 0
             this_min = np.where(pos, F32(0), this_min)
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            diff = this_scale * la + this_min - x
-            cur = _seqsum(w * (diff * diff))
+            diff = this_scale * la  # w * (diff * diff), diff = this_scale * la + this_min - x
+            diff += this_min
+            diff -= x
+            diff *= diff
+            diff *= w
+            cur = _seqsum(diff)
             better = (D > 0) & (cur < best)
-            L = np.where(better, la, L)
+            np.copyto(L, la, where=better)
             best = np.where(better, cur, best)
             scale = np.where(better, this_scale, scale)
             mn = np.where(better, this_min, mn)
@@ -354,6 +370,12 @@ def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
 
 def _q4_k(x: np.ndarray, n: int, k: int) -> dict:
     """quantize_row_q4_K_ref on super-blocks x (S, 256)."""
+    return _pack_q4k(*_q4k_search(x), n)
+
+
+def _q4k_search(x: np.ndarray):
+    """quantize_row_q4_K_ref's search on super-blocks x (S, 256) -> codes (S, 8, 32),
+    6-bit sc, mn (S, 8) int64 and fp16 d, dmin (S,)."""
     S = x.shape[0]
     xb = x.reshape(S * 8, 32)
     av_x = np.sqrt(_seqsum(np.ascontiguousarray((xb * xb).T)) / F32(32))
@@ -368,20 +390,32 @@ def _q4_k(x: np.ndarray, n: int, k: int) -> dict:
     # uint8_t ls = nearest_int(...); MIN(63, ls)
     ls = np.minimum(np.rint(inv_scale[:, None] * scales).astype(np.int64) & 0xFF, 63)
     lm = np.minimum(np.rint(inv_min[:, None] * mins).astype(np.int64) & 0xFF, 63)
+    d16 = (max_scale / F32(63)).astype(np.float16)
+    dmin16 = (max_min / F32(63)).astype(np.float16)
+    L = np.where(*_q4k_recode(x.reshape(S, 8, 32), d16, dmin16, ls, lm), L)
+    return L, ls, lm, d16, dmin16
+
+
+def _q4k_recode(xs, d16, dmin16, ls, lm):
+    """ggml's second q4_K pass: codes for super-blocks xs (S, 8, 32) under the stored fp16
+    d, dmin (S,) and 6-bit sc, mn (S, 8). Returns (d != 0 per sub-block (S, 8, 1), codes);
+    ggml keeps the first pass's codes where d == 0."""
+    d = d16.astype(F32)[:, None] * ls.astype(F32)  # (S, 8) = fp16(d) * sc
+    dm = dmin16.astype(F32)[:, None] * lm.astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l2 = np.clip(np.rint((xs + dm[..., None]) / d[..., None]), 0, 15)
+    return (d != 0)[..., None], l2
+
+
+def _pack_q4k(L, ls, lm, d16, dmin16, n: int) -> dict:
+    """Codes L (S, 8, 32), 6-bit sc, mn (S, 8), fp16 d, dmin (S,) -> q4_k parts of n rows."""
+    S = L.shape[0]
     packed = np.zeros((S, 12), np.int64)
     packed[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
     packed[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
     packed[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
-    d16 = (max_scale / F32(63)).astype(np.float16)
-    dmin16 = (max_min / F32(63)).astype(np.float16)
-    d = d16.astype(F32)[:, None] * ls.astype(F32)  # (S, 8) = fp16(d) * sc
-    dm = dmin16.astype(F32)[:, None] * lm.astype(F32)
-    xs = x.reshape(S, 8, 32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        l2 = np.clip(np.rint((xs + dm[..., None]) / d[..., None]), 0, 15)
-    L = np.where((d != 0)[..., None], l2, L).astype(np.uint8)
     # qs: per super-block, byte 32c + l = L[2c][l] | L[2c+1][l] << 4
-    L = L.reshape(S, 4, 2, 32)
+    L = L.astype(np.uint8).reshape(S, 4, 2, 32)
     qs = L[:, :, 0] | (L[:, :, 1] << 4)
     return {
         "qs": qs.reshape(n, -1),
@@ -460,3 +494,76 @@ def _q6_k(x: np.ndarray, n: int, k: int) -> dict:
 
 
 _QUANTIZERS = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q4_k": _q4_k, "q6_k": _q6_k}
+
+
+# ---- beyond llama.cpp: a study quantizer in q4_k's layout (BENCHMARKS.md, issue 20) --------
+# Not a format of its own: it writes ordinary q4_k blocks (the kernels are unchanged), chosen
+# to minimize the plain squared error of the dequantized super-block instead of stopping at
+# ggml's search. Selected only by `tinyllm eval --weights q4_k-mse` (study_quantizer).
+
+MSE_D_FACTORS = (0.96, 0.98, 1.0, 1.02, 1.04)  # super-block d tried, times ggml's
+
+
+def _q4k_err(xs, wt, L, ls, lm, d16, dmin16):
+    """Error sum(wt * e^2) per sub-block (S, 8) of codes L under (d16 * ls, dmin16 * lm)."""
+    d = d16.astype(F32)[:, None] * ls.astype(F32)
+    dm = dmin16.astype(F32)[:, None] * lm.astype(F32)
+    e = d[..., None] * L.astype(F32) - dm[..., None] - xs
+    return (wt * e * e).sum(axis=-1)
+
+
+def _q4_k_mse(x: np.ndarray, n: int, k: int, weighted: bool = False) -> dict:
+    """q4_k blocks from ggml's search, then per super-block d in d * MSE_D_FACTORS and per
+    sub-block sc, mn in their +-1 neighbourhood, codes re-rounded, keeping what lowers the
+    squared error (weighted: by ggml's own weights rms(sub-block) + |x|). ggml's choice is a
+    candidate, so the error never grows."""
+    xs = x.reshape(x.shape[0], 8, 32)
+    wt = F32(1)
+    if weighted:
+        wt = np.sqrt((xs * xs).mean(axis=-1, keepdims=True)) + np.abs(xs)
+    L, ls, lm, d16, dmin16 = _q4k_search(x)
+    best = _q4k_err(xs, wt, L, ls, lm, d16, dmin16)
+    for f in MSE_D_FACTORS:
+        df = (d16.astype(F32) * F32(f)).astype(np.float16)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            base = np.where(df[:, None] > 0, np.rint(ls * d16[:, None] / df[:, None]), 0)
+        fL, fls, flm = L.copy(), ls.copy(), lm.copy()
+        ferr = np.full(ls.shape, np.inf, F32)
+        for a in (-1, 0, 1):
+            for b in (-1, 0, 1):
+                cls = np.clip(base + a, 0, 63).astype(np.int64)
+                clm = np.clip(lm + b, 0, 63)
+                ok, cL = _q4k_recode(xs, df, dmin16, cls, clm)
+                cL = np.where(ok, cL, 0)
+                err = _q4k_err(xs, wt, cL, cls, clm, df, dmin16)
+                win = err < ferr
+                ferr = np.where(win, err, ferr)
+                fL = np.where(win[..., None], cL, fL)
+                fls, flm = np.where(win, cls, fls), np.where(win, clm, flm)
+        take = ferr.sum(axis=1) < best.sum(axis=1)  # per super-block: d is shared
+        best = np.where(take[:, None], ferr, best)
+        L = np.where(take[:, None, None], fL, L)
+        ls, lm = np.where(take[:, None], fls, ls), np.where(take[:, None], flm, lm)
+        d16 = np.where(take, df, d16)
+    return _pack_q4k(L, ls, lm, d16, dmin16, n)
+
+
+def _q4_k_wmse(x: np.ndarray, n: int, k: int) -> dict:
+    return _q4_k_mse(x, n, k, weighted=True)
+
+
+# study name -> (the format whose blocks it writes, its quantizer)
+STUDY = {"q4_k-mse": ("q4_k", _q4_k_mse), "q4_k-wmse": ("q4_k", _q4_k_wmse)}
+
+
+@contextmanager
+def study_quantizer(name: str):
+    """Within the block, quantize(w, fmt) for the study's format runs the study quantizer;
+    yields that format (e.g. for LLM(quantization=...))."""
+    fmt, fn = STUDY[name]
+    saved = _QUANTIZERS[fmt]
+    _QUANTIZERS[fmt] = fn
+    try:
+        yield fmt
+    finally:
+        _QUANTIZERS[fmt] = saved

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
+from functools import lru_cache
 
 import ml_dtypes
 import numpy as np
@@ -39,16 +41,47 @@ TILE_BYTES = 1 << 20  # fp32 bytes of weight rows per prefill tile
 # scales go to the kernels as their uint16 bits (numba has no float16; cpu_kernels.f16).
 PARTS = {
     "bf16": ("bits",),
-    "q8_0": ("qs", "d"),
-    "q4_0": ("qs", "d"),
-    "q4_1": ("qs", "d", "m"),
     "q4_k": ("qs", "scales", "d", "dmin"),
     "q6_k": ("ql", "qh", "scales", "d"),
 }
+# Formats held in plane order (cpu_kernels' "plane order" comment) and their fmt code there.
+PLANAR = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
+
+
+@dataclass(frozen=True)
+class PlaneQuant:
+    """A q8_0 / q4_0 / q4_1 weight as this backend holds it: the QuantTensor's bytes with
+    each row's quants in plane order (element 32b + p of the row at position p*nb + b; the
+    packed q4 bytes likewise, byte 16b + j at j*nb + b). Same bytes, same size; not a
+    QuantTensor, so quant.dequantize cannot read it as if it were in stored order.
+    qs (N, K) or (N, K/2) int8; d, m (N, K/32) float16 bits as uint16 (m: q4_1 only)."""
+
+    fmt: str
+    shape: tuple[int, int]
+    qs: np.ndarray
+    d: np.ndarray
+    m: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.nbytes + self.d.nbytes + (self.m.nbytes if self.fmt == "q4_1" else 0)
+
+
+def to_planes(qt: quant.QuantTensor) -> PlaneQuant:
+    N, K = qt.shape
+    qs = qt.parts["qs"].view(np.int8)
+    per_block = qs.shape[1] // (K // 32)  # 32 bytes (q8_0) or 16 (q4)
+    qs = qs.reshape(N, K // 32, per_block).transpose(0, 2, 1).reshape(N, -1)
+    d = np.array(qt.parts["d"], order="C").view(np.uint16)  # owned copies (as numpy's upload)
+    m = np.array(qt.parts["m"], order="C").view(np.uint16) if qt.fmt == "q4_1" else d
+    return PlaneQuant(qt.fmt, qt.shape, np.ascontiguousarray(qs), d, m)
 
 
 def kernel_args(fmt: str, w) -> tuple:
-    """The arrays a weight passes to gemv_<fmt> / dequant_<fmt>."""
+    """The arrays a weight passes to gemv_<fmt> / dequant_<fmt> (gemv_planes /
+    dequant_planes for a PlaneQuant: fmt code, qs, d, m)."""
+    if fmt in PLANAR:
+        return PLANAR[fmt], w.qs, w.d, w.m
     if fmt == "bf16":
         return (w.view(np.uint16),)
     return tuple(
@@ -58,8 +91,8 @@ def kernel_args(fmt: str, w) -> tuple:
 
 
 def weight_format(w) -> str:
-    """'fp32' | 'bf16' | a QuantTensor's fmt."""
-    if isinstance(w, quant.QuantTensor):
+    """'fp32' | 'bf16' | a QuantTensor's or PlaneQuant's fmt."""
+    if isinstance(w, (quant.QuantTensor, PlaneQuant)):
         return w.fmt
     return "bf16" if w.dtype == ml_dtypes.bfloat16 else "fp32"
 
@@ -76,6 +109,11 @@ class CpuBackend(NumpyBackend):
         self._ready: set[str] = set()  # formats whose kernels are compiled or loaded
 
     # ---- weights ---------------------------------------------------------------------
+    def float_bytes(self, checkpoint_dtype: str) -> int:
+        """bf16 matrices stay bf16 (upload): 2 bytes per weight (the few 1-D norms, float32
+        here, are counted at 2 too: kilobytes)."""
+        return 2 if checkpoint_dtype == "bfloat16" else 4
+
     def upload(self, name: str, a) -> np.ndarray:
         if a.ndim == 2 and a.dtype == ml_dtypes.bfloat16:  # bf16 stays bf16 (2 bytes/weight)
             self._prepare("bf16")
@@ -84,9 +122,9 @@ class CpuBackend(NumpyBackend):
             self._prepare("fp32")
         return super().upload(name, a)
 
-    def upload_quant(self, name: str, qt: quant.QuantTensor) -> quant.QuantTensor:
+    def upload_quant(self, name: str, qt: quant.QuantTensor):
         self._prepare(qt.fmt)
-        return super().upload_quant(name, qt)
+        return to_planes(qt) if qt.fmt in PLANAR else super().upload_quant(name, qt)
 
     def _prepare(self, fmt: str):
         """Compile (or load from numba's on-disk cache) the kernels of `fmt` on a tiny input
@@ -98,7 +136,8 @@ class CpuBackend(NumpyBackend):
         t0 = time.perf_counter()
         kernels = (ck.gemv_f32, ck.read_bandwidth) if fmt == "fp32" else ()
         if fmt != "fp32":
-            kernels = (getattr(ck, f"gemv_{fmt}"), getattr(ck, f"dequant_{fmt}"))
+            name = "planes" if fmt in PLANAR else fmt
+            kernels = (getattr(ck, f"gemv_{name}"), getattr(ck, f"dequant_{name}"))
         before = sum(k.stats.cache_misses.get(s, 0) for k in kernels for s in k.stats.cache_misses)
         self._warm(fmt)
         misses = sum(k.stats.cache_misses.get(s, 0) for k in kernels for s in k.stats.cache_misses)
@@ -129,7 +168,10 @@ class CpuBackend(NumpyBackend):
             return table[tokens]
         if fmt == "bf16":
             return table[tokens].astype(np.float32)
-        return np.concatenate([self._dequant(fmt, table, int(t), 1) for t in tokens])
+        rows = np.concatenate([self._dequant(fmt, table, int(t), 1) for t in tokens])
+        if fmt in PLANAR:  # back to stored order: plane position i holds element perm[i]
+            rows[:, plane_order(rows.shape[1])] = rows.copy()
+        return rows
 
     def linear(self, x, w, b=None):
         fmt = weight_format(w)
@@ -149,6 +191,12 @@ class CpuBackend(NumpyBackend):
         out = np.empty((len(x), n), np.float32)
         if fmt == "fp32":
             ck.gemv_f32(x, w, out)
+        elif fmt in PLANAR:
+            xp = np.ascontiguousarray(x[:, plane_order(x.shape[1])])
+            nb = x.shape[1] // 32  # q4_1's offsets multiply the block sums of x
+            xsum = xp.reshape(len(x), 32, nb).sum(1) if fmt == "q4_1" else xp[:, :1]
+            code, qs, d, m = kernel_args(fmt, w)
+            ck.gemv_planes(code, xp, xsum, qs, d, m, out)
         else:
             getattr(ck, f"gemv_{fmt}")(x, *kernel_args(fmt, w), out)
         return out
@@ -158,12 +206,16 @@ class CpuBackend(NumpyBackend):
         from . import cpu_kernels as ck
 
         out = np.empty((rows, w.shape[1]), np.float32)
-        getattr(ck, f"dequant_{fmt}")(*kernel_args(fmt, w), lo, out)
+        getattr(ck, "dequant_planes" if fmt in PLANAR else f"dequant_{fmt}")(
+            *kernel_args(fmt, w), lo, out
+        )
         return out
 
     def _tiled(self, fmt: str, x, w):
         N, K = w.shape
         out = np.empty((len(x), N), np.float32)
+        if fmt in PLANAR:  # the tiles come out in plane order: multiply x in that order
+            x = np.ascontiguousarray(x[:, plane_order(K)])
         step = max(16, TILE_BYTES // (4 * K))
         for lo in range(0, N, step):
             rows = min(step, N - lo)
@@ -171,8 +223,16 @@ class CpuBackend(NumpyBackend):
         return out
 
 
+@lru_cache(maxsize=64)
+def plane_order(K: int) -> np.ndarray:
+    from .cpu_kernels import plane_order as order
+
+    return order(K)
+
+
 def _zero_weight(fmt: str, K: int):
     """A (1, K) weight of `fmt` whose parts are zeros (for compiling the kernels)."""
     if fmt == "bf16":
         return np.zeros((1, K), ml_dtypes.bfloat16)
-    return quant.quantize(np.zeros((1, K), np.float32), fmt)
+    qt = quant.quantize(np.zeros((1, K), np.float32), fmt)
+    return to_planes(qt) if fmt in PLANAR else qt

@@ -706,7 +706,6 @@ class CudaBackend:
         """NumpyBackend.linear: x @ w.T + b. Few rows: our GEMV (cuda/matmul.cu); otherwise
         cuBLAS gemmEx (bf16 in, fp32 compute) into a fresh output, then the bias kernel.
         fp32 output for the vocabulary projection, bf16 otherwise."""
-        cp = self.cp
         if isinstance(w, CudaQuantWeight):
             return self._linear_quant(x, w, b)
         x2, ldx = self._rows(x)
@@ -726,60 +725,50 @@ class CudaBackend:
                 f"pass cuda_graph=False / --no-cuda-graph"
             )
         if gemv_ok and (ver == "v1-all" or (ver == "v1" and M <= ck.GEMV_MAX_M)):
-            warps = ck.TILES["GEMV_WARPS"]
-            for r0 in range(0, M, ck.GEMV_MAX_M):  # more rows (graph buckets): row chunks
-                m = min(ck.GEMV_MAX_M, M - r0)
-                k = ck.get("matmul.cu", f"gemv_bf16_m{m}_{'f32' if f32 else 'bf16'}_v1")
-                k(
-                    (-(-N // warps),),
-                    (32 * warps,),
-                    (
-                        x2[r0 : r0 + m],
-                        np.int32(ldx),
-                        w,
-                        b if b is not None else self._null(),
-                        y[r0 : r0 + m],
-                        np.int32(N),
-                        np.int32(N),
-                        np.int32(K),
-                    ),
-                )
+            out = "f32" if f32 else "bf16"
+            kernel_of = lambda m: ("matmul.cu", f"gemv_bf16_m{m}_{out}_v1")  # noqa: E731
+            self._gemv(kernel_of, ck.TILES["GEMV_WARPS"], x2, ldx, (w,), b, y)
             return y.reshape(x.shape[:-1] + (N,))
+        self._gemm_tn(x2, ldx, w.data.ptr, N, y, 0, f32)
+        self._bias_add(y, b, f32)
+        return y.reshape(x.shape[:-1] + (N,))
+
+    def _gemm_tn(self, x2, ldx: int, w_ptr: int, n: int, y, col0: int, f32: bool):
+        """cuBLAS gemmEx, bf16 in, fp32 compute: y[:, col0:col0+n] = x2 . w^T for a bf16
+        weight (n, K) at w_ptr. Row-major y (M,N) = x (M,K) . w (N,K)^T is column-major
+        y^T = w^T(op T) . x^T: "TN", with C starting at column col0 of y's rows."""
         from cupy_backends.cuda.libs import cublas
 
-        handle = cp.cuda.device.get_cublas_handle()
-        # Row-major y (M,N) = x (M,K) . w (N,K)^T is column-major y^T = w^T(op T) . x^T: "TN".
+        M, K = x2.shape
         cublas.gemmEx(
-            handle,
+            self.cp.cuda.device.get_cublas_handle(),
             CUBLAS_OP_T,
             CUBLAS_OP_N,
-            N,
+            n,
             M,
             K,
             self._one.ctypes.data,
-            w.data.ptr,
+            w_ptr,
             CUDA_R_16BF,
             K,
             x2.data.ptr,
             CUDA_R_16BF,
             ldx,
             self._zero.ctypes.data,
-            y.data.ptr,
+            y.data.ptr + col0 * y.itemsize,
             CUDA_R_32F if f32 else CUDA_R_16BF,
-            N,
+            y.shape[1],
             CUBLAS_COMPUTE_32F,
             CUBLAS_GEMM_DEFAULT,
         )
-        if b is not None:
-            total = M * N
-            threads = 256
-            k = ck.get("matmul.cu", "bias_add_f32_v1" if f32 else "bias_add_bf16_v1")
-            k(
-                (min(-(-total // threads), 65536),),
-                (threads,),
-                (y, np.int32(N), b, np.int32(M), np.int32(N)),
-            )
-        return y.reshape(x.shape[:-1] + (N,))
+
+    def _bias_add(self, y, b, f32: bool):
+        """y (M, N) += b (N,) in place (cuda/matmul.cu); nothing when b is None."""
+        if b is None:
+            return
+        M, N = y.shape
+        k = ck.get("matmul.cu", "bias_add_f32_v1" if f32 else "bias_add_bf16_v1")
+        k((min(-(-(M * N) // 256), 65536),), (256,), (y, np.int32(N), b, np.int32(M), np.int32(N)))
 
     def _linear_quant(self, x, w: CudaQuantWeight, b=None):
         """linear() with a quantized weight (cuda/quant_matmul.cu): few rows (and every
@@ -788,7 +777,6 @@ class CudaBackend:
         rows into a workspace, each chunk one cuBLAS gemmEx writing its columns of y (first
         version: cuBLAS's tensor-core tiles for free; the extra pass over the weight costs
         about 3 bytes of traffic per element, small against a prefill's M-row product)."""
-        cp = self.cp
         x2, ldx = self._rows(x)
         M, K = x2.shape
         N = w.shape[0]
@@ -804,34 +792,48 @@ class CudaBackend:
                     f"a CUDA-graph decode step needs 16-byte aligned linear inputs (ldx={ldx}); "
                     f"pass cuda_graph=False / --no-cuda-graph"
                 )
-            x2 = cp.ascontiguousarray(x2).copy()
+            x2 = self.cp.ascontiguousarray(x2).copy()
             ldx = K
-        bias = b if b is not None else self._null()
-        out = "f32" if w.logits else "bf16"
         ver = "v1-all" if graph else self.versions["gemv"]
         if ver == "v1-all" or (ver == "v1" and M <= ck.GEMV_MAX_M):
-            warps = ck.TILES["QGEMV_WARPS"]
-            for r0 in range(0, M, ck.GEMV_MAX_M):
-                m = min(ck.GEMV_MAX_M, M - r0)
-                k = ck.get("quant_matmul.cu", f"gemv_{w.fmt}_m{m}_{out}_v1")
-                k(
-                    (-(-N // warps),),
-                    (32 * warps,),
-                    (
-                        x2[r0 : r0 + m],
-                        np.int32(ldx),
-                        *w.args(),
-                        bias,
-                        y[r0 : r0 + m],
-                        np.int32(N),
-                        np.int32(N),
-                        np.int32(K),
-                    ),
-                )
-            return y.reshape(x.shape[:-1] + (N,))
-        from cupy_backends.cuda.libs import cublas
+            out = "f32" if w.logits else "bf16"
+            kernel_of = lambda m: ("quant_matmul.cu", f"gemv_{w.fmt}_m{m}_{out}_v1")  # noqa: E731
+            self._gemv(kernel_of, ck.TILES["QGEMV_WARPS"], x2, ldx, w.args(), b, y)
+        else:
+            self._dequant_gemm(x2, ldx, w, y)
+            self._bias_add(y, b, w.logits)
+        return y.reshape(x.shape[:-1] + (N,))
 
-        handle = cp.cuda.device.get_cublas_handle()
+    def _gemv(self, kernel_of, warps: int, x2, ldx: int, w_args: tuple, b, y):
+        """y = x2 . w^T + b by a GEMV kernel, GEMV_MAX_M rows at a time (more rows: the graph
+        buckets, in row chunks); kernel_of(m) -> (file, kernel) of the m-row kernel, w_args the
+        weight's kernel arguments (a bf16 matrix, or a quantized one's arrays)."""
+        M, K = x2.shape
+        N = y.shape[1]
+        bias = b if b is not None else self._null()
+        for r0 in range(0, M, ck.GEMV_MAX_M):
+            m = min(ck.GEMV_MAX_M, M - r0)
+            k = ck.get(*kernel_of(m))
+            k(
+                (-(-N // warps),),
+                (32 * warps,),
+                (
+                    x2[r0 : r0 + m],
+                    np.int32(ldx),
+                    *w_args,
+                    bias,
+                    y[r0 : r0 + m],
+                    np.int32(N),
+                    np.int32(N),
+                    np.int32(K),
+                ),
+            )
+
+    def _dequant_gemm(self, x2, ldx: int, w: CudaQuantWeight, y):
+        """y = x2 . w^T: dequant_rows() weight rows at a time dequantized to bf16 into a
+        workspace, each chunk one cuBLAS product writing its columns of y."""
+        K = x2.shape[1]
+        N = y.shape[1]
         rows = dequant_rows(N, K)
         scratch = self._ws_get("dequant", rows * K, self.bf16)
         deq = ck.get("quant_matmul.cu", f"dequant_{w.fmt}_bf16_v1")
@@ -844,37 +846,7 @@ class CudaBackend:
                 (threads,),
                 (*w.rows(n0, n0 + nc).args(), scratch, np.int32(nc), np.int32(K)),
             )
-            # y[:, n0:n0+nc] = x . chunk^T: column-major "TN" with C at column n0 of y's rows.
-            cublas.gemmEx(
-                handle,
-                CUBLAS_OP_T,
-                CUBLAS_OP_N,
-                nc,
-                M,
-                K,
-                self._one.ctypes.data,
-                scratch.data.ptr,
-                CUDA_R_16BF,
-                K,
-                x2.data.ptr,
-                CUDA_R_16BF,
-                ldx,
-                self._zero.ctypes.data,
-                y.data.ptr + n0 * y.itemsize,
-                CUDA_R_32F if w.logits else CUDA_R_16BF,
-                N,
-                CUBLAS_COMPUTE_32F,
-                CUBLAS_GEMM_DEFAULT,
-            )
-        if b is not None:
-            total = M * N
-            k = ck.get("matmul.cu", "bias_add_f32_v1" if w.logits else "bias_add_bf16_v1")
-            k(
-                (min(-(-total // 256), 65536),),
-                (256,),
-                (y, np.int32(N), b, np.int32(M), np.int32(N)),
-            )
-        return y.reshape(x.shape[:-1] + (N,))
+            self._gemm_tn(x2, ldx, scratch.data.ptr, nc, y, n0, w.logits)
 
     def silu_mul(self, gate, up):
         """NumpyBackend.silu_mul: silu(gate) * up (cuda/swiglu.cu)."""

@@ -114,6 +114,11 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 class NumpyBackend:
     name = "numpy"
     compute_dtype = "fp32"
+
+    def float_bytes(self, checkpoint_dtype: str) -> int:
+        """Bytes per unquantized weight as held (memory.host_plan): float32 whatever is read."""
+        return 4
+
     # Capabilities (backends/__init__.py): what the engine and the memory plan may rely on.
     graphs = None  # no captured decode graphs
     device_sampling = False  # sampling runs on the host (sampling.py)
