@@ -7,6 +7,9 @@ import glob
 import importlib.util
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +211,67 @@ def smollm2_hf(tmp_path_factory, smollm2_gguf_path):
     sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(sd, str(out / "model.safetensors"))
     return out, model, tok
+
+
+# ---- the command line, as users run it --------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+CLI_ENV = {  # this checkout first on the path, whatever is installed
+    **os.environ,
+    "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def tinyllm_cmd(*args) -> list[str]:
+    """`python -m tinyllm ARGS` (each arg str()-ed)."""
+    return [sys.executable, "-m", "tinyllm", *map(str, args)]
+
+
+def run_tinyllm(*args, stdin=None, timeout=120, extra_env=None, **kw):
+    """`tinyllm ARGS` to completion in a subprocess: its CompletedProcess (text output)."""
+    return subprocess.run(
+        tinyllm_cmd(*args),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**CLI_ENV, **(extra_env or {})},
+        cwd=REPO,
+        **kw,
+    )
+
+
+def start_tinyllm(*args, stderr=subprocess.PIPE, **kw) -> subprocess.Popen:
+    """`tinyllm ARGS` started in the background (stderr piped as text unless told)."""
+    return subprocess.Popen(
+        tinyllm_cmd(*args), env=CLI_ENV, cwd=REPO, stderr=stderr, text=True, **kw
+    )
+
+
+def batch_args(model, inp, out, *flags) -> tuple:
+    """`tinyllm batch` on the numpy backend without a progress bar, then flags."""
+    fixed = ("batch", "-i", inp, "-o", out, "-m", model, "--backend", "numpy", "--no-progress")
+    return fixed + flags
+
+
+def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 90) -> int:
+    """Wait until `path` holds n lines, while `proc` (which writes them) still runs; the count.
+    (Polls the file: the writer is another process.)"""
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        count = path.read_bytes().count(b"\n") if path.exists() else 0
+        if count >= n:
+            return count
+        assert proc.poll() is None, f"the run ended before writing {n} lines: {proc.communicate()}"
+        time.sleep(0.005)
+    raise AssertionError(f"no {n} lines in {path} after {timeout} s")
+
+
+def tiny_eval(model, text, *flags) -> int:
+    """`tinyllm eval` in this process on the numpy backend over the text file: the exit code."""
+    from tinyllm import cli
+
+    args = ["eval", "--model", model, "--backend", "numpy", "--text", text, *flags]
+    return cli.main([str(a) for a in args])

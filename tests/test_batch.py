@@ -4,21 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import with_chat_template
+from conftest import start_tinyllm, wait_for_lines, with_chat_template
 
 from tinyllm import LLM, SamplingParams
 from tinyllm.cli import main as cli_main
-
-REPO = Path(__file__).resolve().parents[1]
 
 CHATML = (
     "{%- for m in messages -%}"
@@ -442,17 +437,6 @@ def test_cli_resume_truncates_a_torn_last_line(tiny_factory, tmp_path):
     assert {k: outcome(v) for k, v in a.items()} == {k: outcome(v) for k, v in b.items()}
 
 
-def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 60) -> int:
-    t = time.monotonic()
-    while time.monotonic() - t < timeout:
-        count = path.read_bytes().count(b"\n") if path.exists() else 0
-        if count >= n:
-            return count
-        assert proc.poll() is None, f"the run ended before writing {n} lines: {proc.communicate()}"
-        time.sleep(0.002)
-    raise AssertionError(f"no {n} lines in {path} after {timeout} s")
-
-
 def test_cli_interrupted_and_killed_then_resumed_equals_uninterrupted(tiny_factory, tmp_path):
     d = tiny_factory("llama_gqa")
     rows = [
@@ -469,33 +453,18 @@ def test_cli_interrupted_and_killed_then_resumed_equals_uninterrupted(tiny_facto
     ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
     assert run_cli("-i", inp, "-o", ref, "-m", d, "--max-batch", 2) == 0
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "tinyllm",
-        "batch",
-        "-i",
-        str(inp),
-        "-o",
-        str(out),
-        "-m",
-        str(d),
-        "--max-batch",
-        "2",
-        "--no-progress",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = ("batch", "-i", inp, "-o", out, "-m", d, "--max-batch", 2, "--no-progress")
     # 1) Ctrl-C: exit 130, says how to resume, keeps only whole lines.
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-    _wait_for_lines(out, 4, p)
+    p = start_tinyllm(*args)
+    wait_for_lines(out, 4, p)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "--resume" in err
     n1 = len(read_results(out))
     assert 4 <= n1 < len(rows)
     # 2) kill -9 during the resumed run.
-    p = subprocess.Popen(cmd + ["--resume"], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
-    _wait_for_lines(out, n1 + 4, p)
+    p = start_tinyllm(*args, "--resume", stderr=subprocess.DEVNULL)
+    wait_for_lines(out, n1 + 4, p)
     p.kill()
     p.wait()
     assert out.read_bytes().count(b"\n") < len(rows)

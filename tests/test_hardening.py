@@ -12,42 +12,30 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import with_chat_template
+from conftest import CLI_ENV as ENV
+from conftest import (
+    REPO,
+    batch_args,
+    run_tinyllm,
+    start_tinyllm,
+    tinyllm_cmd,
+    wait_for_lines,
+    with_chat_template,
+)
 
 from tinyllm import LLM, SamplingParams, TinyLLMError
 from tinyllm.cli import build_parser
 from tinyllm.cli import main as cli_main
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
-}
 TEMPLATE = (
     "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-def tinyllm(*args, stdin=None, timeout=120, extra_env=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tinyllm", *map(str, args)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**ENV, **(extra_env or {})},
-        cwd=REPO,
-        **kw,
-    )
 
 
 def one_error(p, *words):
@@ -265,7 +253,9 @@ def test_context_above_the_trained_maximum_warns(model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LLM(str(model), max_seq_len=256)  # at the maximum: no warning
-    p = tinyllm("generate", "-m", model, "--backend", "numpy", "--ctx-size", "300", "-n", "1", "hi")
+    p = run_tinyllm(
+        "generate", "-m", model, "--backend", "numpy", "--ctx-size", "300", "-n", "1", "hi"
+    )
     assert (
         p.returncode == 0 and "tinyllm: warning: the context 300 exceeds the 256 tokens" in p.stderr
     )
@@ -310,10 +300,10 @@ def test_bad_memory_sizes(text, why):
 
 
 def test_info_says_plainly_when_the_model_does_not_fit(model):
-    p = tinyllm("info", "-m", model, "--backend", "numpy", "--memory=0.1MB")
+    p = run_tinyllm("info", "-m", model, "--backend", "numpy", "--memory=0.1MB")
     assert p.returncode == 0 and "does not fit: the weights alone take" in p.stdout
     assert not re.search(r"\s-\d", p.stdout)  # no negative sizes
-    one_error(tinyllm("info", "-m", model, "--memory", "1e400GB"), "too large")
+    one_error(run_tinyllm("info", "-m", model, "--memory", "1e400GB"), "too large")
 
 
 # ---- the command line --------------------------------------------------------------------------
@@ -337,25 +327,25 @@ def test_every_option_says_what_it_does_and_its_default():
 def test_version():
     from tinyllm import __version__
 
-    p = tinyllm("--version")
+    p = run_tinyllm("--version")
     assert p.returncode == 0 and p.stdout.strip() == f"tinyllm {__version__}"
 
 
 def test_generate_takes_the_prompt_as_argument_or_stdin(model):
     args = ("generate", "-m", model, "--backend", "numpy", "-n", "6", "-t", "0")
-    a = tinyllm(*args, "--prompt", "Hello")
-    b = tinyllm(*args, "Hello")
-    c = tinyllm(*args, stdin="Hello\n")
+    a = run_tinyllm(*args, "--prompt", "Hello")
+    b = run_tinyllm(*args, "Hello")
+    c = run_tinyllm(*args, stdin="Hello\n")
     assert a.returncode == b.returncode == c.returncode == 0, (a.stderr, b.stderr, c.stderr)
     assert a.stdout == b.stdout == c.stdout and len(a.stdout) > 1
-    one_error(tinyllm(*args, stdin=""), "no prompt")
-    one_error(tinyllm(*args, "--prompt", "a", "b"), "not both")
+    one_error(run_tinyllm(*args, stdin=""), "no prompt")
+    one_error(run_tinyllm(*args, "--prompt", "a", "b"), "not both")
 
 
 def test_list_shows_sizes(model, tmp_path):
     weights = tmp_path / "weights"
     shutil.copytree(model, weights / "mymodel")
-    p = tinyllm(
+    p = run_tinyllm(
         "list", extra_env={"TINYLLM_WEIGHTS": str(weights), "HF_HOME": str(tmp_path / "hf")}
     )
     assert p.returncode == 0, p.stderr
@@ -371,9 +361,9 @@ def _close(fd):
 
 def test_closed_stdout_and_stdin_are_clean_errors(model):
     gen = ("generate", "-m", model, "--backend", "numpy", "-n", "2")
-    one_error(tinyllm(*gen, "hi", preexec_fn=_close(1)), "stdout is closed")
+    one_error(run_tinyllm(*gen, "hi", preexec_fn=_close(1)), "stdout is closed")
     p = subprocess.run(
-        [sys.executable, "-m", "tinyllm", *map(str, gen)],
+        tinyllm_cmd(*gen),
         capture_output=True,
         text=True,
         timeout=120,
@@ -384,7 +374,7 @@ def test_closed_stdout_and_stdin_are_clean_errors(model):
     )
     one_error(p, "no prompt")
     p = subprocess.run(
-        [sys.executable, "-m", "tinyllm", "chat", "-m", str(model), "--backend", "numpy"],
+        tinyllm_cmd("chat", "-m", model, "--backend", "numpy"),
         capture_output=True,
         text=True,
         timeout=120,
@@ -399,23 +389,9 @@ def test_closed_stdout_and_stdin_are_clean_errors(model):
 def test_output_into_a_closed_pipe_is_quiet(model):
     """`tinyllm generate ... | head -c 1`: the reader leaves early; no traceback."""
     r = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tinyllm",
-            "generate",
-            "-m",
-            str(model),
-            "--backend",
-            "numpy",
-            "-n",
-            "200",
-            "-t",
-            "1",
-            "--seed",
-            "1",
-            "hi",
-        ],
+        tinyllm_cmd(
+            "generate", "-m", model, "--backend", "numpy", "-n", 200, "-t", 1, "--seed", 1, "hi"
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=ENV,
@@ -437,30 +413,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def batch(model, inp, out, *flags, **kw):
-    return tinyllm(
-        "batch",
-        "-i",
-        inp,
-        "-o",
-        out,
-        "-m",
-        model,
-        "--backend",
-        "numpy",
-        "--no-progress",
-        *flags,
-        **kw,
-    )
-
-
-def wait_lines(path: Path, n: int, proc, timeout=90):
-    t = time.monotonic()
-    while time.monotonic() - t < timeout:
-        if path.exists() and path.read_bytes().count(b"\n") >= n:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.01)
-    raise AssertionError(f"fewer than {n} lines in {path}")
+    return run_tinyllm(*batch_args(model, inp, out, *flags), **kw)
 
 
 def slow_rows(n=40):
@@ -477,31 +430,9 @@ def test_a_second_run_on_the_same_output_is_refused(model, tmp_path):
     the lock however long it takes to start on a loaded machine (no timing race)."""
     inp = write_jsonl(tmp_path / "in.jsonl", slow_rows())
     out = tmp_path / "out.jsonl"
-    first = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tinyllm",
-            "batch",
-            "-i",
-            str(inp),
-            "-o",
-            str(out),
-            "-m",
-            str(model),
-            "--backend",
-            "numpy",
-            "--no-progress",
-            "--max-batch",
-            "1",
-        ],
-        env=ENV,
-        cwd=REPO,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = start_tinyllm(*batch_args(model, inp, out, "--max-batch", "1"))
     try:
-        wait_lines(out, 1, first)
+        wait_for_lines(out, 1, first)
         first.send_signal(signal.SIGSTOP)
         assert out.read_bytes().count(b"\n") < len(slow_rows()), (
             "the first run ended before it was paused"
@@ -597,30 +528,8 @@ def test_max_batch_that_does_not_fit_is_refused_before_the_output_exists(
 
 def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(model, tmp_path):
     inp, out = write_jsonl(tmp_path / "in.jsonl", slow_rows(30)), tmp_path / "out.jsonl"
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tinyllm",
-            "batch",
-            "-i",
-            str(inp),
-            "-o",
-            str(out),
-            "-m",
-            str(model),
-            "--backend",
-            "numpy",
-            "--no-progress",
-            "--max-batch",
-            "2",
-        ],
-        env=ENV,
-        cwd=REPO,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_lines(out, 2, p)
+    p = start_tinyllm(*batch_args(model, inp, out, "--max-batch", "2"))
+    wait_for_lines(out, 2, p)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 143, err
@@ -650,9 +559,11 @@ def test_threads_are_honoured(model):
         )
         assert p.returncode == 0, p.stderr
         assert set(json.loads(p.stdout.strip())) == {n}  # threadpoolctl's own report of OpenBLAS
-    p = tinyllm("generate", "-m", model, "--backend", "numpy", "-n", "1", "--threads", "1", "hi")
+    p = run_tinyllm(
+        "generate", "-m", model, "--backend", "numpy", "-n", "1", "--threads", "1", "hi"
+    )
     assert p.returncode == 0 and "1 BLAS thread)" in p.stderr
-    bad = tinyllm("generate", "-m", model, "--threads", "0", "hi")
+    bad = run_tinyllm("generate", "-m", model, "--threads", "0", "hi")
     assert bad.returncode == 2 and "must be at least 1" in bad.stderr
     with pytest.raises(TinyLLMError, match="threads"):
         LLM(str(model), threads=0)

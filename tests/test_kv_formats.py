@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import tiny_eval
 
-from tinyllm import cli
 from tinyllm.evaluate import evaluate_kv
 from tinyllm.kv_cache import KVCacheSpec
 from tinyllm.kv_formats import FORMATS, FormatKVCache
@@ -398,24 +398,17 @@ def test_cli_eval_kv_formats(tiny_factory, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     d = str(tiny_factory("llama_gqa"))
-    rc = cli.main(
-        [
-            "eval",
-            "--model",
-            d,
-            "--backend",
-            "numpy",
-            "--text",
-            str(text),
-            "--tokens",
-            "64",
-            "--window",
-            "32",
-            "--kv-formats",
-            "int8-token,int8-kivi,fp8-kivi",
-            "--kv-dtypes",
-            "int8",
-        ]
+    rc = tiny_eval(
+        d,
+        text,
+        "--tokens",
+        "64",
+        "--window",
+        "32",
+        "--kv-formats",
+        "int8-token,int8-kivi,fp8-kivi",
+        "--kv-dtypes",
+        "int8",
     )
     out = capsys.readouterr().out
     assert rc == 0
@@ -433,24 +426,17 @@ def test_cli_eval_kv_formats(tiny_factory, tmp_path, capsys):
         table[2].split("|")[5:7] == table[3].split("|")[5:7]
     )  # real int8 == study int8-token (KL, Δlogit)
     assert (
-        cli.main(
-            [
-                "eval",
-                "--model",
-                d,
-                "--backend",
-                "numpy",
-                "--text",
-                str(text),
-                "--tokens",
-                "32",
-                "--window",
-                "32",
-                "--kv-formats",
-                "int8-kivi",
-                "--kivi-block",
-                "8",
-            ]
+        tiny_eval(
+            d,
+            text,
+            "--tokens",
+            "32",
+            "--window",
+            "32",
+            "--kv-formats",
+            "int8-kivi",
+            "--kivi-block",
+            "8",
         )
         == 0
     )
@@ -463,43 +449,9 @@ def test_cli_eval_kv_formats(tiny_factory, tmp_path, capsys):
         cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 32, block=8
     )
     assert f"| int8-kivi | {want:,.0f} |" in out
-    assert (
-        cli.main(
-            [
-                "eval",
-                "--model",
-                d,
-                "--backend",
-                "numpy",
-                "--text",
-                str(text),
-                "--kv-formats",
-                "int4-kivi",
-            ]
-        )
-        == 2
-    )
+    assert tiny_eval(d, text, "--kv-formats", "int4-kivi") == 2
     assert "unknown kv format 'int4-kivi'" in capsys.readouterr().err
-    assert (
-        cli.main(
-            [
-                "eval",
-                "--model",
-                d,
-                "--backend",
-                "numpy",
-                "--text",
-                str(text),
-                "--tokens",
-                "64",
-                "--window",
-                "32",
-                "--kv-formats",
-                "q8_0",
-            ]
-        )
-        == 2
-    )
+    assert tiny_eval(d, text, "--tokens", "64", "--window", "32", "--kv-formats", "q8_0") == 2
     assert "q8_0 needs head_dim to be a multiple of 32" in capsys.readouterr().err
 
 
@@ -511,24 +463,7 @@ def test_cli_eval_defaults_on_numpy_are_the_study_formats(tiny_factory, tmp_path
 
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
-    assert (
-        cli.main(
-            [
-                "eval",
-                "--model",
-                str(tiny_factory("llama_gqa")),
-                "--backend",
-                "numpy",
-                "--text",
-                str(text),
-                "--tokens",
-                "32",
-                "--window",
-                "32",
-            ]
-        )
-        == 0
-    )
+    assert tiny_eval(tiny_factory("llama_gqa"), text, "--tokens", "32", "--window", "32") == 0
     out = capsys.readouterr().out
     assert "skipped: kv format q8_0 needs head_dim to be a multiple of 32" in out
     names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:]

@@ -12,6 +12,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import tiny_eval
 
 from tinyllm import LLM, SamplingParams, cli
 from tinyllm.backends.numpy_backend import NumpyBackend
@@ -505,22 +506,15 @@ def test_evaluate_kv_metrics_match_an_independent_computation(tiny_factory):
 def test_cli_eval_prints_the_table(tiny_factory, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(EVAL_TEXT)
-    rc = cli.main(
-        [
-            "eval",
-            "--model",
-            str(tiny_factory("mistral_window")),
-            "--backend",
-            "numpy",
-            "--text",
-            str(text),
-            "--tokens",
-            "64",
-            "--window",
-            "32",
-            "--kv-dtypes",
-            "auto,int8,fp8",
-        ]
+    rc = tiny_eval(
+        tiny_factory("mistral_window"),
+        text,
+        "--tokens",
+        "64",
+        "--window",
+        "32",
+        "--kv-dtypes",
+        "auto,int8,fp8",
     )
     out = capsys.readouterr().out
     assert rc == 0
@@ -538,34 +532,11 @@ def test_cli_eval_errors(tiny_factory, tmp_path, capsys):
     d = str(tiny_factory("llama_gqa"))
     text = tmp_path / "t.txt"
     text.write_text("short")
-    assert (
-        cli.main(
-            ["eval", "--model", d, "--backend", "numpy", "--text", str(text), "--window", "32"]
-        )
-        == 2
-    )
+    assert tiny_eval(d, text, "--window", "32") == 2
     assert "fewer than one window" in capsys.readouterr().err
-    assert (
-        cli.main(
-            [
-                "eval",
-                "--model",
-                d,
-                "--backend",
-                "numpy",
-                "--text",
-                str(text),
-                "--kv-dtypes",
-                "fp32,int3",
-            ]
-        )
-        == 2
-    )
+    assert tiny_eval(d, text, "--kv-dtypes", "fp32,int3") == 2
     assert "unknown kv dtype 'int3'" in capsys.readouterr().err
-    assert (
-        cli.main(["eval", "--model", d, "--backend", "numpy", "--text", str(tmp_path / "nope.txt")])
-        == 2
-    )
+    assert tiny_eval(d, tmp_path / "nope.txt") == 2
     assert "no such file" in capsys.readouterr().err
 
 

@@ -108,6 +108,11 @@ def test_two_replicas_equal_the_single_process_run(cluster, model, job, tmp_path
         "invalid_messages",
     }
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("done: 49 ok, 6 failed")
+
+    def models(path: Path) -> set:  # the name result lines carry (batch.served_name)
+        return {r["response"]["body"]["model"] for r in read_results(path) if not r["error"]}
+
+    assert models(out) == models(ref) == {model.name}  # a local path: its directory's name
     # --resume over a complete output: nothing to do, nothing written.
     size = out.stat().st_size
     assert ray_batch.batch(inp, out, model, replicas=2, resume=True, **FLAGS) == 0

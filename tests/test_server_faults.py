@@ -6,6 +6,7 @@ the engine can be broken from here."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -72,15 +73,28 @@ def complete_all(url: str, n: int, max_tokens: int = 200) -> list[httpx.Response
 
 def plant(worker, monkeypatch, in_flight: int, reset_fails: bool = False):
     """engine.step raises once, at the first step with `in_flight` requests tracked (and
-    engine.reset too, if asked)."""
+    engine.reset too, if asked). Until then the engine thread steps nothing: its first step
+    waits until `in_flight` requests are submitted (they are in its inbox then, tracked at
+    its next turn), so however late the clients' requests arrive, none can finish before the
+    fault and the fault always meets all `in_flight` of them."""
     engine, real, fired = worker.engine, worker.engine.step, []
+    real_submit, submitted, all_in = worker.submit, itertools.count(1), threading.Event()
+
+    def submit(*a, **k):
+        real_submit(*a, **k)
+        if next(submitted) >= in_flight:
+            all_in.set()
 
     def step(*a, **k):
-        if not fired and len(worker.tracked) >= in_flight:
-            fired.append(1)
-            raise RuntimeError("planted fault")
-        return real(*a, **k)
+        if fired:
+            return real(*a, **k)
+        if len(worker.tracked) < in_flight:
+            all_in.wait(60)  # (then they are all in the inbox)
+            return []
+        fired.append(1)
+        raise RuntimeError("planted fault")
 
+    monkeypatch.setattr(worker, "submit", submit)
     monkeypatch.setattr(engine, "step", step)
     if reset_fails:
 
@@ -115,11 +129,14 @@ def test_fault_fails_every_in_flight_request_and_the_engine_comes_back(live, mon
 
 
 def test_fault_during_recovery_refuses_with_503_and_asks_to_exit(live, monkeypatch):
-    fatal = []
-    live.worker.on_fatal = lambda: fatal.append(1)
+    # The clients get their 500s before the engine thread gives up (it fails the requests
+    # first, then tries the reset, then sets `failed` and calls on_fatal): wait for on_fatal.
+    fatal, gave_up = [], threading.Event()
+    live.worker.on_fatal = lambda: (fatal.append(1), gave_up.set())
     plant(live.worker, monkeypatch, in_flight=3, reset_fails=True)
     rs = complete_all(live.url, 3)
     assert all(is_openai_500(r) for r in rs), [r.text for r in rs]
+    assert gave_up.wait(60), "the engine thread never gave up after the failed recovery"
     assert fatal == [1] and live.worker.failed
     h = httpx.get(live.url + "/health")
     assert h.status_code == 503 and "could not recover" in h.json()["error"]["message"]

@@ -533,10 +533,7 @@ def test_python_api_errors_name_the_problem(llm):
 
 
 def test_batch_lines_take_response_format(smol_dir, tmp_path):
-    import subprocess
-    import sys
-
-    from test_serve import REPO
+    from conftest import run_tinyllm
 
     lines = [
         {
@@ -555,25 +552,7 @@ def test_batch_lines_take_response_format(smol_dir, tmp_path):
     ]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tinyllm",
-            "batch",
-            "-i",
-            str(inp),
-            "-o",
-            str(out),
-            "-m",
-            str(smol_dir),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
-        timeout=300,
-    )
+    p = run_tinyllm("batch", "-i", inp, "-o", out, "-m", smol_dir, timeout=300)
     recs = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert p.returncode != 0 or recs, p.stderr
     a = recs["a"]["response"]["body"]["choices"][0]

@@ -633,10 +633,19 @@ def _changed_error(changed: list, out_path: Path) -> TinyLLMError:
     )
 
 
+def served_name(a, llm) -> str:
+    """The model name result lines carry, in one process or on Ray replicas alike: the name
+    serve answers to for the same --model (options.model_names: a local path's directory
+    name, else the name given)."""
+    from .options import model_names
+
+    return model_names(a.model, llm.model_dir)[0]
+
+
 def start_local(a, quiet: bool):
     """The engine of a single-process run: (job factory, cleanup). `start` of run_batch;
     ray_batch.py's starts replicas on a Ray cluster instead."""
-    from .options import load_llm, model_names
+    from .options import load_llm
 
     try:
         llm = load_llm(a, max_batch=a.max_batch, quiet=quiet)
@@ -645,7 +654,7 @@ def start_local(a, quiet: bool):
 
     def make_job(*job_args):
         job = BatchJob(llm, *job_args)
-        job.model_name = model_names(a.model, llm.model_dir)[0]  # the name serve answers to
+        job.model_name = served_name(a, llm)
         return job
 
     return make_job, (lambda: None)

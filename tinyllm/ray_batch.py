@@ -53,6 +53,7 @@ from .batch import (
     result_record,
     run_batch,
     run_identity,
+    served_name,
 )
 from .errors import TinyLLMError
 
@@ -144,6 +145,7 @@ class Replica:
             self.llm = load_llm(args, max_batch=args.max_batch, quiet=True)
             self.defaults = sampling_from_args(args)
             self.identity = run_identity(args, self.llm.model_dir)
+            self.model_name = served_name(args, self.llm)
         except (TinyLLMError, OSError, ValueError) as e:
             self.error = str(e)
 
@@ -168,7 +170,7 @@ class Replica:
         for ev in self.llm.engine.run(reqs):
             if ev.kind in ("finish", "error"):
                 item = items[ev.index]
-                out.append((item.lineno, result_record(item, ev, self.llm.model_dir.name)))
+                out.append((item.lineno, result_record(item, ev, self.model_name)))
                 self._finished_one()
         return out
 
