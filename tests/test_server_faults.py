@@ -138,6 +138,11 @@ def test_fault_during_recovery_refuses_with_503_and_asks_to_exit(live, monkeypat
     assert all(is_openai_500(r) for r in rs), [r.text for r in rs]
     assert gave_up.wait(60), "the engine thread never gave up after the failed recovery"
     assert fatal == [1] and live.worker.failed
+    # the engine thread now sleeps on its inbox (it does not spin on the sequences left behind)
+    turns, real_turn = [], live.worker.turn
+    monkeypatch.setattr(live.worker, "turn", lambda **k: (turns.append(1), real_turn(**k))[1])
+    time.sleep(0.3)
+    assert len(turns) <= 2, f"the failed engine thread spun {len(turns)} times in 0.3 s"
     h = httpx.get(live.url + "/health")
     assert h.status_code == 503 and "could not recover" in h.json()["error"]["message"]
     r = httpx.post(

@@ -299,7 +299,9 @@ class EngineWorker:
         comes when there is nothing to run), feed the engine, run one step; False on stop."""
         eng = self.engine
         cmds = []
-        if block and not eng.has_work() and not self.fair:
+        # (after a failed recovery the engine may still hold sequences it will never step:
+        # sleep on the inbox then too, not spin)
+        if block and (self.failed or not eng.has_work()) and not self.fair:
             cmds.append(self.inbox.get())
         try:
             while True:
