@@ -10,9 +10,12 @@ Formats (ggml's names; bits per weight include the scales):
     q6_k   super-blocks of 256 = 16 sub-blocks of 16: fp16 d; per sub-block an int8 scale sc;
            6-bit q (4 low bits in ql, 2 high bits in qh);  w = (d*sc) * (q - 32)  6.5625 b/w
 
-Values are exactly llama.cpp's: `dequantize` equals `gguf.quants.dequantize` bit for bit,
-`quantize` equals `gguf.quants.quantize` for q8_0/q4_0/q4_1 and is a port of ggml-quants.c's
-quantize_row_q4_K_ref / quantize_row_q6_K_ref (scale search included) for the K-quants.
+Values are exactly llama.cpp's: `dequantize` equals `gguf.quants.dequantize` bit for bit;
+`quantize` is our port of ggml-quants.c's quantize_row_{q8_0,q4_0,q4_1,q4_K,q6_K}_ref (the
+K-quants' scale search included) and writes the very bytes llama.cpp's compiled C writes
+(tests/data/llamacpp_kquant_blocks.npz, made by scripts/make_kquant_reference.py). It also
+equals `gguf.quants.quantize` for q8_0/q4_0/q4_1 except in one corner where gguf's Python
+differs from the C: a q4_0/q4_1 block of zeros keeps the C's signed zero in d / m.
 
 Layout (QuantTensor): a lossless repack of llama.cpp's blocks with the codes apart from the
 scales, row-major, so a kernel reads a row's codes as one contiguous run (16-byte loads) and its
