@@ -113,9 +113,15 @@ def quant_nbytes(fmt: str, n: int, k: int) -> int:
 FALLBACK = {"q4_k": "q4_1", "q6_k": "q8_0"}
 
 
+# What `quantization=` accepts: the formats, and int4 = q4_k blocks found by the weighted
+# error-minimizing search (_q4_k_wmse; BENCHMARKS.md's study), held and run as q4_k.
+QUANTIZATIONS = (*FORMATS, "int4")
+
+
 def fallback(fmt: str, k: int) -> str | None:
-    """The format a (N, k) matrix gets when fmt is asked for: fmt, its FALLBACK, or None
-    (stays float) when k does not divide into 32-blocks either."""
+    """The format a (N, k) matrix gets when fmt (a QUANTIZATIONS name) is asked for: fmt, its
+    FALLBACK, or None (stays float) when k does not divide into 32-blocks either."""
+    fmt = "q4_k" if fmt == "int4" else fmt
     if k % BLOCK[fmt] == 0:
         return fmt
     fmt = FALLBACK.get(fmt)
@@ -123,10 +129,12 @@ def fallback(fmt: str, k: int) -> str | None:
 
 
 def check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
+    if fmt not in QUANTIZATIONS:
         from .errors import TinyLLMError
 
-        raise TinyLLMError(f"unknown quantization {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise TinyLLMError(
+            f"unknown quantization {fmt!r}; choose one of {', '.join(QUANTIZATIONS)}"
+        )
     return fmt
 
 
@@ -246,10 +254,17 @@ def dequantize(qt: QuantTensor) -> np.ndarray:
 CHUNK_ELEMS = 1 << 16
 
 
-def quantize(w: np.ndarray, fmt: str) -> QuantTensor:
+def quantize(w: np.ndarray, fmt: str, search: str | None = None) -> QuantTensor:
     """float (N, K) (any float dtype, e.g. a bf16 memmap) -> QuantTensor, llama.cpp's
-    reference quantizer for fmt. Works through the rows in chunks (bounded memory)."""
+    reference quantizer for fmt. Works through the rows in chunks (bounded memory).
+    fmt "int4", or fmt "q4_k" with search "int4" (what `quantization="int4"` asked for): q4_k
+    blocks from the weighted error-minimizing search instead."""
     check_format(fmt)
+    if fmt == "int4" or search == "int4":
+        fmt = "q4_k" if fmt == "int4" else fmt
+        if fmt == "q4_k":
+            with study_quantizer("q4_k-wmse"):
+                return quantize(w, fmt)
     n, k = w.shape
     if k % BLOCK[fmt]:
         raise ValueError(f"{fmt} needs rows that are a multiple of {BLOCK[fmt]} (got K={k})")
