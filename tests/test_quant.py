@@ -432,11 +432,11 @@ def test_quantize_at_load_equals_the_dequantized_checkpoint(tmp_path):
     t = random_tensors(cfg)
     src = write_checkpoint(tmp_path / "f32", cfg, t)
     ids = list(range(3, 40))
-    for fmt in ("q4_0", "q4_k", "q6_k"):
+    for fmt in ("q4_0", "q4_k", "q6_k", "int4"):
         llm = LLM(str(src), quantization=fmt, max_seq_len=64, max_batch=1)
         held = llm.model.w.formats
         assert set(held) == {n for n in t if n.endswith("_proj.weight")} | {"lm_head.weight"}
-        assert set(held.values()) == {fmt}
+        assert set(held.values()) == {"q4_k" if fmt == "int4" else fmt}
         assert isinstance(llm.model.w.embed, np.ndarray)
         deq = {
             n: (quant.dequantize(quant.quantize(a, fmt)) if n in held else a) for n, a in t.items()
@@ -614,6 +614,14 @@ def test_q4_k_study_quantizers_write_q4_k_blocks_with_lower_error(name):
     def err(qt):
         return (wt * (quant.dequantize(qt).reshape(-1, 32) - sub) ** 2).reshape(-1, 256).sum(1)
 
+    if name == "q4_k-wmse":  # what quantization="int4" holds
+        int4 = quant.quantize(w, "int4")
+        assert int4.fmt == "q4_k"
+        for part in ("qs", "scales", "d", "dmin"):
+            np.testing.assert_array_equal(int4.parts[part], ours.parts[part])
+            np.testing.assert_array_equal(
+                quant.quantize(w, "q4_k", "int4").parts[part], ours.parts[part]
+            )
     mine, ggml = err(ours), err(ref)
     assert (mine <= ggml * (1 + 1e-5)).all()
     assert np.median(mine[ggml > 0] / ggml[ggml > 0]) < 0.98

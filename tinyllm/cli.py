@@ -618,8 +618,8 @@ def _add_eval_parser(sub) -> None:
         "--weights",
         default=None,
         help="weight formats to compare instead of KV caches, comma-separated: fp32 (the "
-        "unquantized reference), q8_0, q6_k, q4_k, q4_1, q4_0 (quantized at load, KV cache "
-        "fp32); q4_k-mse: the study quantizer of q4_k blocks (default: the KV study)",
+        "unquantized reference), q8_0, q6_k, q4_k, q4_1, q4_0, int4 (quantized at load, KV "
+        "cache fp32); q4_k-mse, q4_k-wmse: study searches for q4_k blocks (default: the KV study)",
     )
     e.add_argument(
         "--kivi-block",

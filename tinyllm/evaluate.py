@@ -311,7 +311,7 @@ def evaluate_weights(
         key = "fp32" if w == "float" else w
         llm = llms[key]
         held = "/".join(sorted(set(llm.weight_formats.values()))) or "fp32"
-        name = f"{w}: {held}" if w in STUDY else held
+        name = held if key == "fp32" or key in held.split("/") else f"{w}: {held}"
         rows.append(_row(accs[key], name, weights_nbytes(llm.cfg, fb, llm.weight_formats), ref_ppl))
     info = {
         "model_dir": str(ref_llm.model_dir),

@@ -48,9 +48,10 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument(
         "--quantize",
         default=None,
-        choices=["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"],
+        choices=["q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "int4"],
         help="hold the projection matrices (and an untied lm_head) in this llama.cpp block "
-        "format, quantized at load tensor by tensor; the embedding table stays float; a "
+        "format, quantized at load tensor by tensor (int4: q4_k blocks from a better scale "
+        "search, BENCHMARKS.md); the embedding table stays float; a "
         "checkpoint stored quantized (tinyllm convert FILE.gguf) needs no flag (default: none)",
     )
     p.add_argument(

@@ -10,9 +10,12 @@ Formats (ggml's names; bits per weight include the scales):
     q6_k   super-blocks of 256 = 16 sub-blocks of 16: fp16 d; per sub-block an int8 scale sc;
            6-bit q (4 low bits in ql, 2 high bits in qh);  w = (d*sc) * (q - 32)  6.5625 b/w
 
-Values are exactly llama.cpp's: `dequantize` equals `gguf.quants.dequantize` bit for bit,
-`quantize` equals `gguf.quants.quantize` for q8_0/q4_0/q4_1 and is a port of ggml-quants.c's
-quantize_row_q4_K_ref / quantize_row_q6_K_ref (scale search included) for the K-quants.
+Values are exactly llama.cpp's: `dequantize` equals `gguf.quants.dequantize` bit for bit;
+`quantize` is our port of ggml-quants.c's quantize_row_{q8_0,q4_0,q4_1,q4_K,q6_K}_ref (the
+K-quants' scale search included) and writes the very bytes llama.cpp's compiled C writes
+(tests/data/llamacpp_kquant_blocks.npz, made by scripts/make_kquant_reference.py). It also
+equals `gguf.quants.quantize` for q8_0/q4_0/q4_1 except in one corner where gguf's Python
+differs from the C: a q4_0/q4_1 block of zeros keeps the C's signed zero in d / m.
 
 Layout (QuantTensor): a lossless repack of llama.cpp's blocks with the codes apart from the
 scales, row-major, so a kernel reads a row's codes as one contiguous run (16-byte loads) and its
@@ -110,9 +113,15 @@ def quant_nbytes(fmt: str, n: int, k: int) -> int:
 FALLBACK = {"q4_k": "q4_1", "q6_k": "q8_0"}
 
 
+# What `quantization=` accepts: the formats, and int4 = q4_k blocks found by the weighted
+# error-minimizing search (_q4_k_wmse; BENCHMARKS.md's study), held and run as q4_k.
+QUANTIZATIONS = (*FORMATS, "int4")
+
+
 def fallback(fmt: str, k: int) -> str | None:
-    """The format a (N, k) matrix gets when fmt is asked for: fmt, its FALLBACK, or None
-    (stays float) when k does not divide into 32-blocks either."""
+    """The format a (N, k) matrix gets when fmt (a QUANTIZATIONS name) is asked for: fmt, its
+    FALLBACK, or None (stays float) when k does not divide into 32-blocks either."""
+    fmt = "q4_k" if fmt == "int4" else fmt
     if k % BLOCK[fmt] == 0:
         return fmt
     fmt = FALLBACK.get(fmt)
@@ -120,10 +129,12 @@ def fallback(fmt: str, k: int) -> str | None:
 
 
 def check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
+    if fmt not in QUANTIZATIONS:
         from .errors import TinyLLMError
 
-        raise TinyLLMError(f"unknown quantization {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise TinyLLMError(
+            f"unknown quantization {fmt!r}; choose one of {', '.join(QUANTIZATIONS)}"
+        )
     return fmt
 
 
@@ -243,10 +254,17 @@ def dequantize(qt: QuantTensor) -> np.ndarray:
 CHUNK_ELEMS = 1 << 16
 
 
-def quantize(w: np.ndarray, fmt: str) -> QuantTensor:
+def quantize(w: np.ndarray, fmt: str, search: str | None = None) -> QuantTensor:
     """float (N, K) (any float dtype, e.g. a bf16 memmap) -> QuantTensor, llama.cpp's
-    reference quantizer for fmt. Works through the rows in chunks (bounded memory)."""
+    reference quantizer for fmt. Works through the rows in chunks (bounded memory).
+    fmt "int4", or fmt "q4_k" with search "int4" (what `quantization="int4"` asked for): q4_k
+    blocks from the weighted error-minimizing search instead."""
     check_format(fmt)
+    if fmt == "int4" or search == "int4":
+        fmt = "q4_k" if fmt == "int4" else fmt
+        if fmt == "q4_k":
+            with study_quantizer("q4_k-wmse"):
+                return quantize(w, fmt)
     n, k = w.shape
     if k % BLOCK[fmt]:
         raise ValueError(f"{fmt} needs rows that are a multiple of {BLOCK[fmt]} (got K={k})")

@@ -675,7 +675,7 @@ def load_weights(
         if native and name.endswith(("q_proj.weight", "k_proj.weight")):
             a = unpermute_native(a, cfg.n_heads if "q_proj" in name else cfg.n_kv_heads)
         if name in formats:
-            return backend.upload_quant(name, quant.quantize(a, formats[name]))
+            return backend.upload_quant(name, quant.quantize(a, formats[name], quantization))
         return backend.upload(name, a)
 
     total = len(expected_shapes(cfg))
