@@ -6,9 +6,11 @@ turn them into fp32 in registers. Shapes: x (M, K) float32, weights (N, K) in HF
 (out, in) order, out (M, N) float32.
 
 The numpy twins: `x @ w.T` for fp32, `x @ w.astype(np.float32).T` for bf16, and
-`x @ quant.dequantize(qt).T` for the quantized formats. Each weight here is the same fp32
-number the twin computes (the same operations in the same order), and every product w·x is the
-same; only the order in which products are summed differs.
+`x @ quant.dequantize(qt).T` for the quantized formats. For fp32, bf16, q4_k and q6_k each
+weight here is the same fp32 number the twin computes and every product w·x is the same; only
+the order in which products are summed differs. q8_0 / q4_0 / q4_1 (plane order, below) apply
+each block's scale once to the block's sum of code·x instead of to each weight: the same real
+sum, rounded in another order (their dequantizers, for prefill, give numpy's weights exactly).
 
 fastmath: the kernels compile with fastmath={"reassoc"} and nothing else. A dot product
 written as one running sum is a chain of dependent adds; without permission to reorder it LLVM
@@ -17,13 +19,15 @@ fastmath=False, 2.1 GB/s with eight hand-kept partial sums, 11.8 GB/s with reass
 OpenBLAS's sgemv speed). "reassoc" only allows reordering additions: no FMA contraction (each
 product is rounded as numpy rounds it), no finite-math or reciprocal assumptions (a NaN or
 inf weight propagates). So results differ from numpy's by fp32 reassociation only, as BLAS's
-blocking does.
+blocking does (and for the plane formats by where the block scale multiplies, see above).
 
 Decode (a few rows of x): `gemv_*`, a `prange` over weight rows; each thread turns one row at
 a time into fp32 in a K-long scratch that stays in L1 and takes its dot product with every
 row of x (fp32 weights need no scratch: four rows at once give four read streams, which one
-stream alone does not saturate). Prefill (many rows of x): `dequant_*` turns a tile of weight
-rows into fp32 and the caller multiplies with BLAS (cpu_backend.py says why).
+stream alone does not saturate); q8_0 / q4_0 / q4_1 turn a row into int8 codes and fp32
+scales only, and `gemv_planes` multiplies those (see "plane order"). Prefill (many rows of
+x): `dequant_*` turns a tile of weight rows into fp32 and the caller multiplies with BLAS
+(cpu_backend.py says why and where).
 """
 
 from __future__ import annotations
