@@ -24,6 +24,7 @@ tables for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import subprocess
@@ -192,6 +193,21 @@ def bench_formats(d: Path, prompt: list[int], n: int) -> None:
     print("\n".join(rows))
 
 
+@contextlib.contextmanager
+def busy_process(on: bool):
+    """One busy Python loop (a core's worth of work) for the duration, when `on`."""
+    if not on:
+        yield
+        return
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(1)
+    try:
+        yield
+    finally:
+        busy.kill()
+        busy.wait()
+
+
 def bench_busy_neighbour(d: Path, prompt: list[int], n: int) -> None:
     """cpu q4_0 decode idle and beside one busy Python loop (one core's worth of work, as
     scripts/bench_threads.py does), at 1 thread, the default threads and every core: numba's
@@ -202,11 +218,7 @@ def bench_busy_neighbour(d: Path, prompt: list[int], n: int) -> None:
     p = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     rows = []
     for condition in ("idle", "busy neighbour"):
-        busy = None
-        if condition != "idle":
-            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            time.sleep(1)
-        try:
+        with busy_process(condition != "idle"):
             default = default_threads()  # measured after the neighbour started
             for threads in sorted({1, default, os.cpu_count() or 1}):
                 llm = LLM(str(d), backend="cpu", threads=threads, max_seq_len=len(prompt) + n + 8)
@@ -217,10 +229,6 @@ def bench_busy_neighbour(d: Path, prompt: list[int], n: int) -> None:
                 label = f"{threads}" + (" (default)" if threads == default else "")
                 rows.append(f"| {condition} | {label} | {tok_s:.1f} | {load} |")
                 print(rows[-1], file=sys.stderr, flush=True)
-        finally:
-            if busy:
-                busy.kill()
-                busy.wait()
     print(f"\ncpu q4_0 decode beside a busy process ({d.name}, {os.cpu_count()} cores)\n")
     print("| condition | numba threads | decode tok/s | 1-min load |")
     print("|---|---|---:|---|")
