@@ -131,9 +131,15 @@ def row_bf16(bits, out):
 # (tests/test_cpu_backend.py checks it).
 
 
-def plane_order(K: int) -> np.ndarray:
-    """perm with x_planes = x[..., perm]: perm[p*nb + b] = 32b + p (nb = K/32)."""
-    return np.arange(K).reshape(K // 32, 32).T.ravel()
+def plane_order(K: int, fmt: str = "q8_0") -> np.ndarray:
+    """perm with x_planes = x[..., perm]: perm[p*nb + b] = 32 * block(b) + p (nb = K/32).
+    Blocks are in order, except for q4_k, whose byte j of group G (64 weights) holds sub-block
+    2G's element j (low nibble) and 2G+1's (high): its blocks are the even sub-blocks, then
+    the odd ones (block b < K/64 is sub-block 2b, block K/64 + b is 2b + 1)."""
+    blocks = np.arange(K // 32)
+    if fmt == "q4_k":
+        blocks = np.concatenate([blocks[0::2], blocks[1::2]])
+    return (32 * blocks[None, :] + np.arange(32)[:, None]).ravel()
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -158,16 +164,17 @@ def f16_row(h, out):
 
 
 @njit(cache=True)
-def unpack_nibbles(qs, offset, codes):
-    """q4_0 / q4_1 codes of one plane-order row: byte k holds the low nibble of plane
-    position k and the high nibble of position K/2 + k; codes = nibble - offset.
-    qs (K/2,) the bytes viewed as int8 (so every format's qs has one type), codes (K,) int8.
-    Byte-wide and flat, so it vectorizes 64 bytes a step."""
-    h = U(qs.shape[0])
-    for k in range(h):
-        codes[k] = (qs[k] & np.int8(15)) - offset
-    for k in range(h):
-        codes[h + k] = ((qs[k] >> np.int8(4)) & np.int8(15)) - offset
+def unpack_nibbles(qs, offset, C, step, hi, codes):
+    """The codes (nibble - offset, int8) of one plane-order q4 row, whose bytes are rows of C:
+    byte r*C + c gives code r*step + c (low nibble) and r*step + hi + c (high).
+    q4_0 / q4_1 (C = step = nb, hi = K/2): byte j*nb + b holds planes j and 16 + j of block b.
+    q4_k (C = K/64, step = 2C, hi = C): byte j*C + G holds plane j of blocks G and C + G.
+    qs (K/2,) int8 (the bytes), codes (K,) int8."""
+    C, step, hi = U(C), U(step), U(hi)
+    for r in range(U(qs.shape[0]) // C):
+        for c in range(C):
+            codes[r * step + c] = (qs[r * C + c] & np.int8(15)) - offset
+            codes[r * step + hi + c] = ((qs[r * C + c] >> np.int8(4)) & np.int8(15)) - offset
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -198,9 +205,16 @@ def row_planes(codes, s, mn, out):
 
 
 @njit(cache=True)
-def planes_row(fmt, n, qs, d, m, codes, s, mn):
+def planes_row(fmt, n, qs, d, m, sc, codes, s, mn):
     """Row n of a plane-order weight -> its codes (int8, plane order; q8_0 returns its own
-    row), scales s and offsets mn (float32, one per block). fmt 0 q8_0, 1 q4_0, 2 q4_1."""
+    row), scales s and offsets mn (float32, one per block, in plane_order's block order).
+    fmt 0 q8_0, 1 q4_0, 2 q4_1, 3 q4_k; qs int8 (q4's bytes viewed as int8); d, m the fp16
+    bits (per block; q4_k: d, dmin per super-block); sc q4_k's packed scales (else unused)."""
+    nb = s.shape[0]
+    if fmt == 3:
+        q4k_scales(d[n], m[n], sc[n], s, mn)
+        unpack_nibbles(qs[n], np.int8(0), nb // 2, nb, nb // 2, codes)
+        return codes
     f16_row(d[n], s)
     if fmt == 2:
         f16_row(m[n], mn)
@@ -208,7 +222,7 @@ def planes_row(fmt, n, qs, d, m, codes, s, mn):
         mn[:] = 0
     if fmt == 0:
         return qs[n]
-    unpack_nibbles(qs[n], np.int8(8) if fmt == 1 else np.int8(0), codes)
+    unpack_nibbles(qs[n], np.int8(8) if fmt == 1 else np.int8(0), nb, nb, qs.shape[1], codes)
     return codes
 
 
@@ -222,25 +236,17 @@ def scale_min_k4(j, sc):
 
 
 @njit(cache=True)
-def row_q4_k(qs, scales, d, dmin, out):
-    """q4_k: super-blocks of 256 = 4 groups of 64; group g of super-block b uses the 32 bytes
-    from q0 = 128b + 32g: low nibbles are elements 256b + 64g + l (sub-block 2g), high
-    nibbles the next 32 (2g+1); w = (d*sc) * q - (dmin*mn).
-    qs (K/2,), scales (K/256*12,) uint8; d, dmin (K/256,) float16 bits."""
-    L = U(qs.shape[0] // d.shape[0] // 4)  # 32 bytes per group
-    for b in range(U(d.shape[0])):
-        D, Dmin = f16(d[b]), f16(dmin[b])
-        sc = scales[U(12) * b : U(12) * b + U(12)]
-        for g in range(4):
-            s1, m1 = scale_min_k4(2 * g, sc)
-            s2, m2 = scale_min_k4(2 * g + 1, sc)
-            d1, n1 = D * np.float32(s1), Dmin * np.float32(m1)
-            d2, n2 = D * np.float32(s2), Dmin * np.float32(m2)
-            q0 = U(4) * L * b + L * U(g)  # element 2*q0 + l is byte q0 + l's low nibble
-            for j in range(q0, q0 + L):
-                out[q0 + j] = d1 * np.float32(qs[j] & np.uint8(15)) - n1
-            for j in range(q0, q0 + L):
-                out[q0 + j + L] = d2 * np.float32(qs[j] >> np.uint8(4)) - n2
+def q4k_scales(d, dmin, sc, s, mn):
+    """q4_k's per-sub-block scale d*sc and offset -(dmin*mn) (quant.dequantize's
+    w = (d*sc) * q - (dmin*mn)) in plane_order's block order: sub-block 8B + j of super-block
+    B is block 4B + j/2 (j even) or nb/2 + 4B + j/2 (odd). d, dmin (K/256,) fp16 bits."""
+    half = s.shape[0] // 2
+    for B in range(d.shape[0]):
+        D, Dmin = f16(d[B]), f16(dmin[B])
+        for j in range(8):
+            sj, mj = scale_min_k4(j, sc[12 * B : 12 * B + 12])
+            b = 4 * B + j // 2 + (half if j % 2 else 0)
+            s[b], mn[b] = D * np.float32(sj), -(Dmin * np.float32(mj))
 
 
 @njit(cache=True)
@@ -290,33 +296,22 @@ def gemv_bf16(x, bits, out):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def gemv_planes(fmt, xp, xsum, qs, d, m, out):
-    """q8_0 / q4_0 / q4_1 (fmt 0 / 1 / 2, planes_row): out = x @ w.T with x in plane order
-    (xp (M, K)), xsum (M, nb) the sums of x over each block (read for q4_1 only), qs (N, K)
-    or (N, K/2) int8 in plane order, d and m (N, nb) float16 bits (m unused unless
-    q4_1). Per row: decode codes and scales once, then for each x row the block sums."""
+def gemv_planes(fmt, xp, xsum, qs, d, m, sc, out):
+    """q8_0 / q4_0 / q4_1 / q4_k (fmt 0-3, planes_row): out = x @ w.T with x in plane order
+    (xp (M, K)), xsum (M, nb) the sums of x over each block (read for the offsets of q4_1 and
+    q4_k only), qs (N, K) or (N, K/2) int8 in plane order, d and m float16 bits (N, nb) (m:
+    q4_1's offsets; q4_k: d and dmin (N, K/256), sc its packed scales).
+    Per row: decode codes and scales once, then for each x row the block sums."""
     M, K = xp.shape
-    N, nb, R = qs.shape[0], d.shape[1], ROWS_PER_TASK
+    N, nb, R = qs.shape[0], K // 32, ROWS_PER_TASK
     for t in prange((N + R - 1) // R):
         codes = np.empty(K, np.int8)
         s, mn, a = np.empty(nb, np.float32), np.empty(nb, np.float32), np.empty(nb, np.float32)
         for n in range(t * R, min(N, t * R + R)):
-            c = planes_row(fmt, n, qs, d, m, codes, s, mn)
+            c = planes_row(fmt, n, qs, d, m, sc, codes, s, mn)
             for i in range(M):
                 block_sums(c, xp[i], a)
-                out[i, n] = dot(s, a) + (dot(mn, xsum[i]) if fmt == 2 else np.float32(0.0))
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def gemv_q4_k(x, qs, scales, d, dmin, out):
-    M, K = x.shape
-    N, R = qs.shape[0], ROWS_PER_TASK
-    for t in prange((N + R - 1) // R):
-        w = np.empty(K, np.float32)
-        for n in range(t * R, min(N, t * R + R)):
-            row_q4_k(qs[n], scales[n], d[n], dmin[n], w)
-            for m in range(M):
-                out[m, n] = dot(x[m], w)
+                out[i, n] = dot(s, a) + (dot(mn, xsum[i]) if fmt >= 2 else np.float32(0.0))
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -341,19 +336,13 @@ def dequant_bf16(bits, lo, out):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def dequant_planes(fmt, qs, d, m, lo, out):
+def dequant_planes(fmt, qs, d, m, sc, lo, out):
     """Rows lo .. lo+len(out)-1 of a plane-order weight as float32, still in plane order."""
-    K, nb = out.shape[1], d.shape[1]
+    K, nb = out.shape[1], out.shape[1] // 32
     for i in prange(out.shape[0]):
         codes = np.empty(K, np.int8)
         s, mn = np.empty(nb, np.float32), np.empty(nb, np.float32)
-        row_planes(planes_row(fmt, lo + i, qs, d, m, codes, s, mn), s, mn, out[i])
-
-
-@njit(parallel=True, cache=True)
-def dequant_q4_k(qs, scales, d, dmin, lo, out):
-    for i in prange(out.shape[0]):
-        row_q4_k(qs[lo + i], scales[lo + i], d[lo + i], dmin[lo + i], out[i])
+        row_planes(planes_row(fmt, lo + i, qs, d, m, sc, codes, s, mn), s, mn, out[i])
 
 
 @njit(parallel=True, cache=True)
