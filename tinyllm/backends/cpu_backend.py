@@ -58,8 +58,9 @@ class PlaneQuant:
     """A q8_0 / q4_0 / q4_1 / q4_k weight as this backend holds it: the QuantTensor's bytes
     with each row's quants in plane order (cpu_kernels.plane_order: element 32b + p of the row
     at position p*nb + b; the packed q4 bytes likewise: q4_0's byte 16b + j at j*nb + b, q4_k's
-    byte 32G + j at j*(K/64) + G). Same bytes, same size; not a QuantTensor, so
-    quant.dequantize cannot read it as if it were in stored order. qs (N, K) or (N, K/2)
+    byte 32G + j at j*(K/64) + G, its halves of K/2 the even and the odd sub-blocks). Same
+    bytes, same size; not a QuantTensor, so quant.dequantize cannot read it as if it were in
+    stored order. qs (N, K) or (N, K/2)
     int8; d, m float16 bits as uint16 (m: q4_1's offsets, q4_k's dmin; else d again);
     sc q4_k's packed scales (else d again)."""
 
@@ -209,8 +210,10 @@ class CpuBackend(NumpyBackend):
             ck.gemv_f32(x, w, out)
         elif fmt in PLANAR:
             xp = np.ascontiguousarray(x[:, plane_order(x.shape[1], fmt)])
-            nb = x.shape[1] // 32  # offsets (q4_1, q4_k) multiply the block sums of x
-            xsum = xp.reshape(len(x), 32, nb).sum(1) if PLANAR[fmt] >= 2 else xp[:, :1]
+            xsum = xp[:, :1]  # read only for offsets (q4_1, q4_k): the block sums of x
+            if PLANAR[fmt] >= 2:  # xp is H halves of [32 planes][nb / H blocks]
+                H, nb = (2 if fmt == "q4_k" else 1), x.shape[1] // 32
+                xsum = xp.reshape(len(x), H, 32, nb // H).sum(2).reshape(len(x), nb)
             ck.gemv_planes(*kernel_args(fmt, w)[:1], xp, xsum, *kernel_args(fmt, w)[1:], out)
         else:
             getattr(ck, f"gemv_{fmt}")(x, *kernel_args(fmt, w), out)

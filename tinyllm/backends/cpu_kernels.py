@@ -132,14 +132,14 @@ def row_bf16(bits, out):
 
 
 def plane_order(K: int, fmt: str = "q8_0") -> np.ndarray:
-    """perm with x_planes = x[..., perm]: perm[p*nb + b] = 32 * block(b) + p (nb = K/32).
-    Blocks are in order, except for q4_k, whose byte j of group G (64 weights) holds sub-block
-    2G's element j (low nibble) and 2G+1's (high): its blocks are the even sub-blocks, then
-    the odd ones (block b < K/64 is sub-block 2b, block K/64 + b is 2b + 1)."""
-    blocks = np.arange(K // 32)
+    """perm with x_planes = x[..., perm]: perm[p*nb + b] = 32b + p (nb = K/32). q4_k, whose
+    byte j of group G (64 weights) holds element j of sub-block 2G (low nibble) and of 2G+1
+    (high), is two halves of K/2 (HALVES): the even sub-blocks' planes, then the odd ones'
+    (perm[p*K/64 + G] = 64G + p, perm[K/2 + p*K/64 + G] = 64G + 32 + p)."""
     if fmt == "q4_k":
-        blocks = np.concatenate([blocks[0::2], blocks[1::2]])
-    return (32 * blocks[None, :] + np.arange(32)[:, None]).ravel()
+        half = np.arange(0, K, 64)[None, :] + np.arange(32)[:, None]
+        return np.concatenate([half.ravel(), half.ravel() + 32])
+    return (np.arange(0, K, 32)[None, :] + np.arange(32)[:, None]).ravel()
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -164,17 +164,15 @@ def f16_row(h, out):
 
 
 @njit(cache=True)
-def unpack_nibbles(qs, offset, C, step, hi, codes):
-    """The codes (nibble - offset, int8) of one plane-order q4 row, whose bytes are rows of C:
-    byte r*C + c gives code r*step + c (low nibble) and r*step + hi + c (high).
-    q4_0 / q4_1 (C = step = nb, hi = K/2): byte j*nb + b holds planes j and 16 + j of block b.
-    q4_k (C = K/64, step = 2C, hi = C): byte j*C + G holds plane j of blocks G and C + G.
-    qs (K/2,) int8 (the bytes), codes (K,) int8."""
-    C, step, hi = U(C), U(step), U(hi)
-    for r in range(U(qs.shape[0]) // C):
-        for c in range(C):
-            codes[r * step + c] = (qs[r * C + c] & np.int8(15)) - offset
-            codes[r * step + hi + c] = ((qs[r * C + c] >> np.int8(4)) & np.int8(15)) - offset
+def unpack_nibbles(qs, offset, codes):
+    """The codes (nibble - offset, int8) of one plane-order q4 row: byte k gives code k (low
+    nibble) and K/2 + k (high). qs (K/2,) int8 (the bytes), codes (K,) int8. Flat, byte-wide:
+    LLVM vectorizes it 64 bytes a step (kept as rows of 64-128 bytes it stayed scalar)."""
+    h = U(qs.shape[0])
+    for k in range(h):
+        codes[k] = (qs[k] & np.int8(15)) - offset
+    for k in range(h):
+        codes[h + k] = ((qs[k] >> np.int8(4)) & np.int8(15)) - offset
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -205,15 +203,27 @@ def row_planes(codes, s, mn, out):
 
 
 @njit(cache=True)
+def part(a, h, H):
+    """The h-th of H equal parts of the 1-D array a."""
+    n = a.shape[0] // H
+    return a[h * n : h * n + n]
+
+
+@njit(cache=True)
+def halves(fmt):
+    """How many independent plane-order halves a row has (plane_order): 2 for q4_k."""
+    return 2 if fmt == 3 else 1
+
+
+@njit(cache=True)
 def planes_row(fmt, n, qs, d, m, sc, codes, s, mn):
     """Row n of a plane-order weight -> its codes (int8, plane order; q8_0 returns its own
     row), scales s and offsets mn (float32, one per block, in plane_order's block order).
     fmt 0 q8_0, 1 q4_0, 2 q4_1, 3 q4_k; qs int8 (q4's bytes viewed as int8); d, m the fp16
     bits (per block; q4_k: d, dmin per super-block); sc q4_k's packed scales (else unused)."""
-    nb = s.shape[0]
     if fmt == 3:
         q4k_scales(d[n], m[n], sc[n], s, mn)
-        unpack_nibbles(qs[n], np.int8(0), nb // 2, nb, nb // 2, codes)
+        unpack_nibbles(qs[n], np.int8(0), codes)
         return codes
     f16_row(d[n], s)
     if fmt == 2:
@@ -222,7 +232,7 @@ def planes_row(fmt, n, qs, d, m, sc, codes, s, mn):
         mn[:] = 0
     if fmt == 0:
         return qs[n]
-    unpack_nibbles(qs[n], np.int8(8) if fmt == 1 else np.int8(0), nb, nb, qs.shape[1], codes)
+    unpack_nibbles(qs[n], np.int8(8) if fmt == 1 else np.int8(0), codes)
     return codes
 
 
@@ -304,13 +314,15 @@ def gemv_planes(fmt, xp, xsum, qs, d, m, sc, out):
     Per row: decode codes and scales once, then for each x row the block sums."""
     M, K = xp.shape
     N, nb, R = qs.shape[0], K // 32, ROWS_PER_TASK
+    H = halves(fmt)
     for t in prange((N + R - 1) // R):
         codes = np.empty(K, np.int8)
         s, mn, a = np.empty(nb, np.float32), np.empty(nb, np.float32), np.empty(nb, np.float32)
         for n in range(t * R, min(N, t * R + R)):
             c = planes_row(fmt, n, qs, d, m, sc, codes, s, mn)
             for i in range(M):
-                block_sums(c, xp[i], a)
+                for h in range(H):  # the h-th half of the blocks from the h-th half of K
+                    block_sums(part(c, h, H), part(xp[i], h, H), part(a, h, H))
                 out[i, n] = dot(s, a) + (dot(mn, xsum[i]) if fmt >= 2 else np.float32(0.0))
 
 
@@ -339,10 +351,13 @@ def dequant_bf16(bits, lo, out):
 def dequant_planes(fmt, qs, d, m, sc, lo, out):
     """Rows lo .. lo+len(out)-1 of a plane-order weight as float32, still in plane order."""
     K, nb = out.shape[1], out.shape[1] // 32
+    H = halves(fmt)
     for i in prange(out.shape[0]):
         codes = np.empty(K, np.int8)
         s, mn = np.empty(nb, np.float32), np.empty(nb, np.float32)
-        row_planes(planes_row(fmt, lo + i, qs, d, m, sc, codes, s, mn), s, mn, out[i])
+        c = planes_row(fmt, lo + i, qs, d, m, sc, codes, s, mn)
+        for h in range(H):
+            row_planes(part(c, h, H), part(s, h, H), part(mn, h, H), part(out[i], h, H))
 
 
 @njit(parallel=True, cache=True)
