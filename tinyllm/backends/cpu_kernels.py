@@ -237,12 +237,13 @@ def planes_row(fmt, n, qs, d, m, sc, codes, s, mn):
 
 
 @njit(cache=True)
-def scale_min_k4(j, sc):
+def scale_min_k4(j, sc, o):
     """llama.cpp's get_scale_min_k4: the 6-bit scale and min of sub-block j (0..7) from the
-    12 packed bytes `sc` of one q4_k super-block."""
-    if j < 4:
-        return sc[j] & 63, sc[j + 4] & 63
-    return (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)
+    12 packed bytes sc[o : o + 12] of one q4_k super-block (j, o unsigned)."""
+    if j < U(4):
+        return sc[o + j] & 63, sc[o + j + U(4)] & 63
+    hi_s, hi_m = (sc[o + j - U(4)] >> 6) << 4, (sc[o + j] >> 6) << 4
+    return (sc[o + j + U(4)] & 15) | hi_s, (sc[o + j + U(4)] >> 4) | hi_m
 
 
 @njit(cache=True)
@@ -250,12 +251,12 @@ def q4k_scales(d, dmin, sc, s, mn):
     """q4_k's per-sub-block scale d*sc and offset -(dmin*mn) (quant.dequantize's
     w = (d*sc) * q - (dmin*mn)) in plane_order's block order: sub-block 8B + j of super-block
     B is block 4B + j/2 (j even) or nb/2 + 4B + j/2 (odd). d, dmin (K/256,) fp16 bits."""
-    half = s.shape[0] // 2
-    for B in range(d.shape[0]):
+    half = U(s.shape[0] // 2)
+    for B in range(U(d.shape[0])):
         D, Dmin = f16(d[B]), f16(dmin[B])
-        for j in range(8):
-            sj, mj = scale_min_k4(j, sc[12 * B : 12 * B + 12])
-            b = 4 * B + j // 2 + (half if j % 2 else 0)
+        for j in range(U(8)):
+            sj, mj = scale_min_k4(j, sc, U(12) * B)
+            b = U(4) * B + j // U(2) + (half if j % U(2) else U(0))
             s[b], mn[b] = D * np.float32(sj), -(Dmin * np.float32(mj))
 
 
