@@ -16,12 +16,15 @@ same thread count (cpu_kernels.read_bandwidth summing a 512 MiB float32 array). 
 weights are made from the fp32 checkpoint after loading (the same weights for every row).
 Then a Mistral-7B-shaped model with random q4_0 weights, built tensor by tensor in memory
 (never a whole fp32 copy), decoding through Transformer.forward: RAM (peak RSS), tok/s and %
-of roofline at 1 thread and the default. Prints markdown tables for BENCHMARKS.md.
+of roofline at 1 thread and the default. Also: cpu q4_0 decode idle and beside a busy process
+(as bench_threads.py), and the GEMV-vs-BLAS crossover behind GEMV_MAX_ROWS. Prints markdown
+tables for BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import subprocess
@@ -97,13 +100,15 @@ LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 def bandwidth(threads: int) -> tuple[float, float]:
     """Read bandwidth of cpu_kernels.read_bandwidth over 512 MiB, best of 5: bytes per
     wall second, and bytes per CPU second of this process (the latter is what one thread
-    reads on a core of its own, however loaded the machine is)."""
+    reads on a core of its own, however loaded the machine is). Rows of 64 KiB: with 4 KiB
+    rows the same kernel read 18 GB/s on one thread here, 31 with 64 KiB, and gemv_f32 itself
+    24 (11008x4096), so short rows understated the roofline (an fp32 GEMV at "140%")."""
     import numba
 
     from tinyllm.backends import cpu_kernels as ck
 
     numba.set_num_threads(threads)
-    a = np.ones(((1 << 27) // 1024, 1024), np.float32)
+    a = np.ones(((1 << 27) // 16384, 16384), np.float32)
     ck.read_bandwidth(a, 1)
     runs = [_timed(ck.read_bandwidth, a, 1) for _ in range(5)]
     return a.nbytes / min(r[0] for r in runs), a.nbytes / min(r[1] for r in runs)
@@ -186,6 +191,83 @@ def bench_formats(d: Path, prompt: list[int], n: int) -> None:
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print("\n".join(rows))
+
+
+@contextlib.contextmanager
+def busy_process(on: bool):
+    """One busy Python loop (a core's worth of work) for the duration, when `on`."""
+    if not on:
+        yield
+        return
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(1)
+    try:
+        yield
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def bench_busy_neighbour(d: Path, prompt: list[int], n: int) -> None:
+    """cpu q4_0 decode idle and beside one busy Python loop (one core's worth of work, as
+    scripts/bench_threads.py does), at 1 thread, the default threads and every core: numba's
+    threads must not collapse when a core is taken (the default leaves busy cores out)."""
+    from tinyllm import LLM, SamplingParams
+    from tinyllm.threads import default_threads
+
+    p = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    rows = []
+    for condition in ("idle", "busy neighbour"):
+        with busy_process(condition != "idle"):
+            default = default_threads()  # measured after the neighbour started
+            for threads in sorted({1, default, os.cpu_count() or 1}):
+                llm = LLM(str(d), backend="cpu", threads=threads, max_seq_len=len(prompt) + n + 8)
+                convert_weights(llm, "q4_0")
+                llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0))
+                load = open("/proc/loadavg").read().split()[0]
+                tok_s = llm.generate([prompt], p)[0].decode_tokens_per_s
+                label = f"{threads}" + (" (default)" if threads == default else "")
+                rows.append(f"| {condition} | {label} | {tok_s:.1f} | {load} |")
+                print(rows[-1], file=sys.stderr, flush=True)
+    print(f"\ncpu q4_0 decode beside a busy process ({d.name}, {os.cpu_count()} cores)\n")
+    print("| condition | numba threads | decode tok/s | 1-min load |")
+    print("|---|---|---:|---|")
+    print("\n".join(rows))
+
+
+def bench_prefill_crossover() -> None:
+    """Where the cpu backend's linear switches from its GEMV kernels to BLAS (fp32) or to
+    dequantized tiles + BLAS: one thread, a 4096x4096 weight, M rows of x, CPU time."""
+    import numba
+
+    from tinyllm import quant
+    from tinyllm.backends import cpu_kernels as ck
+    from tinyllm.backends.cpu_backend import GEMV_MAX_ROWS, CpuBackend
+
+    be = CpuBackend(1)
+    numba.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4096, 4096), dtype=np.float32)
+    held = {f: be.upload_quant("w", quant.quantize(w, f)) for f in ("q8_0", "q4_0", "q4_k")}
+
+    def best(f, *args):
+        f(*args)
+        return min(_timed(f, *args)[1] for _ in range(3)) * 1e3
+
+    print(
+        f"\nPrefill path by rows M (4096x4096 weight, one thread, CPU ms; GEMV_MAX_ROWS = "
+        f"{GEMV_MAX_ROWS})\n"
+    )
+    print("| weights | M | GEMV kernel ms | BLAS (fp32) or tile + BLAS ms |")
+    print("|---|---:|---:|---:|")
+    for M in (8, 16, 32, 128):
+        x = rng.standard_normal((M, 4096), dtype=np.float32)
+        out = np.empty((M, 4096), np.float32)
+        print(
+            f"| fp32 | {M} | {best(ck.gemv_f32, x, w, out):.1f} | {best(np.matmul, x, w.T):.1f} |"
+        )
+        for f, h in held.items():
+            print(f"| {f} | {M} | {best(be._gemv, f, x, h):.1f} | {best(be._tiled, f, x, h):.1f} |")
 
 
 def bench_7b_q4_0(n_tokens: int) -> None:
@@ -330,6 +412,8 @@ def main() -> int:
             f"{ours_ids == ref_ids} |"
         )
     bench_formats(models[-1], prompt, a.tokens)
+    bench_busy_neighbour(models[-1], prompt, a.tokens)
+    bench_prefill_crossover()
     if not a.skip_7b:
         bench_7b_q4_0(a.tokens_7b)
     return 0

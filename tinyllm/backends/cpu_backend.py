@@ -5,20 +5,26 @@ stay in the format they arrive in, so decode streams the fewest bytes:
 
     fp32 / fp16 checkpoints      float32 (N, K)                        4 bytes/weight
     bf16 checkpoints             ml_dtypes.bfloat16 (N, K), as stored  2 bytes/weight
-    quant.QuantTensor            its parts (fmt q8_0 ... q6_k)         1.06 ... 0.56 bytes/weight
+    q8_0 / q4_0 / q4_1           PlaneQuant: the QuantTensor's bytes,   1.06 / 0.56 / 0.62
+                                 each row in plane order (to_planes)
+    q4_k / q6_k                  quant.QuantTensor, its parts          0.56 / 0.82 bytes/weight
 
 (1-D tensors, the norms and biases, are float32.) linear(x, w) for x (M, K):
 
-    M <= GEMV_MAX_ROWS (decode)  cpu_kernels.gemv_<fmt>: each weight row is read once and
-                                 turned into fp32 in registers / an L1 scratch
+    M <= GEMV_MAX_ROWS (decode)  cpu_kernels.gemv_<fmt> (gemv_planes): each weight row is
+                                 read once and turned into fp32 in registers / an L1 scratch
     fp32 weights, larger M       x @ w.T by BLAS, as the numpy backend
     other formats, larger M      prefill: dequantize TILE_BYTES worth of weight rows to fp32
                                  (cpu_kernels.dequant_<fmt>) and multiply the tile by BLAS
+(plane-order weights multiply x permuted into plane order, x[:, plane_order(K)]: the same sum.)
 
-Why tile + BLAS for prefill: a GEMV kernel runs M scalar-vectorized dot products per weight
-row, compute that grows with M, while BLAS's blocked sgemm reaches the core's FMA peak; the
-dequantization costs one pass over the tile, shared by all M rows, and a tile of ~1 MiB stays
-in the L2 cache between that pass and the multiply.
+Why tile + BLAS for prefill, and where: a GEMV kernel's work grows with M (one vectorized dot
+product per x row per weight row), while BLAS's blocked sgemm runs near the core's FMA peak
+and the dequantization is one pass over the tile shared by all M rows (a ~1 MiB tile stays in
+L2 between that pass and the multiply). Measured, one thread, 4096x4096, CPU time on a shared
+2-core machine (load ~4.5), GEMV kernel / tile+BLAS: q4_0 M=8 8.6/21.0 ms, M=16 20.2/22.2,
+M=24 24.7/25.2, M=32 34.2/28.0, M=128 186/68 (q8_0 and q4_k alike); fp32 gemv_f32 / BLAS:
+M=8 8.3/16.5, M=16 14.8/18.8. So the kernels take M <= 16 and BLAS the rest.
 """
 
 from __future__ import annotations
@@ -34,54 +40,65 @@ import numpy as np
 from .. import quant
 from .numpy_backend import NumpyBackend
 
-GEMV_MAX_ROWS = 8  # x rows up to which the compiled GEMV runs (decode batches)
+GEMV_MAX_ROWS = 16  # x rows up to which the compiled GEMV runs (measured: docstring)
 TILE_BYTES = 1 << 20  # fp32 bytes of weight rows per prefill tile
 
 # Each format: its parts (QuantTensor.parts names) in the kernels' argument order. fp16
 # scales go to the kernels as their uint16 bits (numba has no float16; cpu_kernels.f16).
 PARTS = {
     "bf16": ("bits",),
-    "q4_k": ("qs", "scales", "d", "dmin"),
     "q6_k": ("ql", "qh", "scales", "d"),
 }
 # Formats held in plane order (cpu_kernels' "plane order" comment) and their fmt code there.
-PLANAR = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
+PLANAR = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3}
 
 
 @dataclass(frozen=True)
 class PlaneQuant:
-    """A q8_0 / q4_0 / q4_1 weight as this backend holds it: the QuantTensor's bytes with
-    each row's quants in plane order (element 32b + p of the row at position p*nb + b; the
-    packed q4 bytes likewise, byte 16b + j at j*nb + b). Same bytes, same size; not a
-    QuantTensor, so quant.dequantize cannot read it as if it were in stored order.
-    qs (N, K) or (N, K/2) int8; d, m (N, K/32) float16 bits as uint16 (m: q4_1 only)."""
+    """A q8_0 / q4_0 / q4_1 / q4_k weight as this backend holds it: the QuantTensor's bytes
+    with each row's quants in plane order (cpu_kernels.plane_order: element 32b + p of the row
+    at position p*nb + b; the packed q4 bytes likewise: q4_0's byte 16b + j at j*nb + b, q4_k's
+    byte 32G + j at j*(K/64) + G, its halves of K/2 the even and the odd sub-blocks). Same
+    bytes, same size; not a QuantTensor, so quant.dequantize cannot read it as if it were in
+    stored order. qs (N, K) or (N, K/2)
+    int8; d, m float16 bits as uint16 (m: q4_1's offsets, q4_k's dmin; else d again);
+    sc q4_k's packed scales (else d again)."""
 
     fmt: str
     shape: tuple[int, int]
     qs: np.ndarray
     d: np.ndarray
     m: np.ndarray
+    sc: np.ndarray
 
     @property
     def nbytes(self) -> int:
-        return self.qs.nbytes + self.d.nbytes + (self.m.nbytes if self.fmt == "q4_1" else 0)
+        extra = {"q4_1": self.m.nbytes, "q4_k": self.m.nbytes + self.sc.nbytes}
+        return self.qs.nbytes + self.d.nbytes + extra.get(self.fmt, 0)
 
 
 def to_planes(qt: quant.QuantTensor) -> PlaneQuant:
     N, K = qt.shape
     qs = qt.parts["qs"].view(np.int8)
-    per_block = qs.shape[1] // (K // 32)  # 32 bytes (q8_0) or 16 (q4)
-    qs = qs.reshape(N, K // 32, per_block).transpose(0, 2, 1).reshape(N, -1)
-    d = np.array(qt.parts["d"], order="C").view(np.uint16)  # owned copies (as numpy's upload)
-    m = np.array(qt.parts["m"], order="C").view(np.uint16) if qt.fmt == "q4_1" else d
-    return PlaneQuant(qt.fmt, qt.shape, np.ascontiguousarray(qs), d, m)
+    group = 64 if qt.fmt == "q4_k" else 32  # weights per run of bytes that planes split
+    per_run = qs.shape[1] // (K // group)  # 32 bytes (q8_0, q4_k) or 16 (q4_0, q4_1)
+    qs = qs.reshape(N, K // group, per_run).transpose(0, 2, 1).reshape(N, -1)
+
+    def owned(part):  # float16 bits as uint16; owned copies, as numpy's upload makes
+        return np.array(qt.parts[part], order="C").view(np.uint16) if part in qt.parts else d
+
+    d = owned("d")
+    m, sc = owned("m" if qt.fmt == "q4_1" else "dmin"), d
+    if qt.fmt == "q4_k":
+        sc = np.array(qt.parts["scales"], order="C")
+    return PlaneQuant(qt.fmt, qt.shape, np.ascontiguousarray(qs), d, m, sc)
 
 
 def kernel_args(fmt: str, w) -> tuple:
     """The arrays a weight passes to gemv_<fmt> / dequant_<fmt> (gemv_planes /
     dequant_planes for a PlaneQuant: fmt code, qs, d, m)."""
     if fmt in PLANAR:
-        return PLANAR[fmt], w.qs, w.d, w.m
+        return PLANAR[fmt], w.qs, w.d, w.m, w.sc
     if fmt == "bf16":
         return (w.view(np.uint16),)
     return tuple(
@@ -170,7 +187,7 @@ class CpuBackend(NumpyBackend):
             return table[tokens].astype(np.float32)
         rows = np.concatenate([self._dequant(fmt, table, int(t), 1) for t in tokens])
         if fmt in PLANAR:  # back to stored order: plane position i holds element perm[i]
-            rows[:, plane_order(rows.shape[1])] = rows.copy()
+            rows[:, plane_order(rows.shape[1], fmt)] = rows.copy()
         return rows
 
     def linear(self, x, w, b=None):
@@ -192,11 +209,12 @@ class CpuBackend(NumpyBackend):
         if fmt == "fp32":
             ck.gemv_f32(x, w, out)
         elif fmt in PLANAR:
-            xp = np.ascontiguousarray(x[:, plane_order(x.shape[1])])
-            nb = x.shape[1] // 32  # q4_1's offsets multiply the block sums of x
-            xsum = xp.reshape(len(x), 32, nb).sum(1) if fmt == "q4_1" else xp[:, :1]
-            code, qs, d, m = kernel_args(fmt, w)
-            ck.gemv_planes(code, xp, xsum, qs, d, m, out)
+            xp = np.ascontiguousarray(x[:, plane_order(x.shape[1], fmt)])
+            xsum = xp[:, :1]  # read only for offsets (q4_1, q4_k): the block sums of x
+            if PLANAR[fmt] >= 2:  # xp is H halves of [32 planes][nb / H blocks]
+                H, nb = (2 if fmt == "q4_k" else 1), x.shape[1] // 32
+                xsum = xp.reshape(len(x), H, 32, nb // H).sum(2).reshape(len(x), nb)
+            ck.gemv_planes(*kernel_args(fmt, w)[:1], xp, xsum, *kernel_args(fmt, w)[1:], out)
         else:
             getattr(ck, f"gemv_{fmt}")(x, *kernel_args(fmt, w), out)
         return out
@@ -215,7 +233,7 @@ class CpuBackend(NumpyBackend):
         N, K = w.shape
         out = np.empty((len(x), N), np.float32)
         if fmt in PLANAR:  # the tiles come out in plane order: multiply x in that order
-            x = np.ascontiguousarray(x[:, plane_order(K)])
+            x = np.ascontiguousarray(x[:, plane_order(K, fmt)])
         step = max(16, TILE_BYTES // (4 * K))
         for lo in range(0, N, step):
             rows = min(step, N - lo)
@@ -224,10 +242,10 @@ class CpuBackend(NumpyBackend):
 
 
 @lru_cache(maxsize=64)
-def plane_order(K: int) -> np.ndarray:
+def plane_order(K: int, fmt: str) -> np.ndarray:
     from .cpu_kernels import plane_order as order
 
-    return order(K)
+    return order(K, fmt)
 
 
 def _zero_weight(fmt: str, K: int):

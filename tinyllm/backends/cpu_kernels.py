@@ -6,9 +6,11 @@ turn them into fp32 in registers. Shapes: x (M, K) float32, weights (N, K) in HF
 (out, in) order, out (M, N) float32.
 
 The numpy twins: `x @ w.T` for fp32, `x @ w.astype(np.float32).T` for bf16, and
-`x @ quant.dequantize(qt).T` for the quantized formats. Each weight here is the same fp32
-number the twin computes (the same operations in the same order), and every product w·x is the
-same; only the order in which products are summed differs.
+`x @ quant.dequantize(qt).T` for the quantized formats. For fp32, bf16, q4_k and q6_k each
+weight here is the same fp32 number the twin computes and every product w·x is the same; only
+the order in which products are summed differs. q8_0 / q4_0 / q4_1 (plane order, below) apply
+each block's scale once to the block's sum of code·x instead of to each weight: the same real
+sum, rounded in another order (their dequantizers, for prefill, give numpy's weights exactly).
 
 fastmath: the kernels compile with fastmath={"reassoc"} and nothing else. A dot product
 written as one running sum is a chain of dependent adds; without permission to reorder it LLVM
@@ -17,13 +19,15 @@ fastmath=False, 2.1 GB/s with eight hand-kept partial sums, 11.8 GB/s with reass
 OpenBLAS's sgemv speed). "reassoc" only allows reordering additions: no FMA contraction (each
 product is rounded as numpy rounds it), no finite-math or reciprocal assumptions (a NaN or
 inf weight propagates). So results differ from numpy's by fp32 reassociation only, as BLAS's
-blocking does.
+blocking does (and for the plane formats by where the block scale multiplies, see above).
 
 Decode (a few rows of x): `gemv_*`, a `prange` over weight rows; each thread turns one row at
 a time into fp32 in a K-long scratch that stays in L1 and takes its dot product with every
 row of x (fp32 weights need no scratch: four rows at once give four read streams, which one
-stream alone does not saturate). Prefill (many rows of x): `dequant_*` turns a tile of weight
-rows into fp32 and the caller multiplies with BLAS (cpu_backend.py says why).
+stream alone does not saturate); q8_0 / q4_0 / q4_1 turn a row into int8 codes and fp32
+scales only, and `gemv_planes` multiplies those (see "plane order"). Prefill (many rows of
+x): `dequant_*` turns a tile of weight rows into fp32 and the caller multiplies with BLAS
+(cpu_backend.py says why and where).
 """
 
 from __future__ import annotations
@@ -127,9 +131,15 @@ def row_bf16(bits, out):
 # (tests/test_cpu_backend.py checks it).
 
 
-def plane_order(K: int) -> np.ndarray:
-    """perm with x_planes = x[..., perm]: perm[p*nb + b] = 32b + p (nb = K/32)."""
-    return np.arange(K).reshape(K // 32, 32).T.ravel()
+def plane_order(K: int, fmt: str = "q8_0") -> np.ndarray:
+    """perm with x_planes = x[..., perm]: perm[p*nb + b] = 32b + p (nb = K/32). q4_k, whose
+    byte j of group G (64 weights) holds element j of sub-block 2G (low nibble) and of 2G+1
+    (high), is two halves of K/2 (HALVES): the even sub-blocks' planes, then the odd ones'
+    (perm[p*K/64 + G] = 64G + p, perm[K/2 + p*K/64 + G] = 64G + 32 + p)."""
+    if fmt == "q4_k":
+        half = np.arange(0, K, 64)[None, :] + np.arange(32)[:, None]
+        return np.concatenate([half.ravel(), half.ravel() + 32])
+    return (np.arange(0, K, 32)[None, :] + np.arange(32)[:, None]).ravel()
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -155,10 +165,9 @@ def f16_row(h, out):
 
 @njit(cache=True)
 def unpack_nibbles(qs, offset, codes):
-    """q4_0 / q4_1 codes of one plane-order row: byte k holds the low nibble of plane
-    position k and the high nibble of position K/2 + k; codes = nibble - offset.
-    qs (K/2,) the bytes viewed as int8 (so every format's qs has one type), codes (K,) int8.
-    Byte-wide and flat, so it vectorizes 64 bytes a step."""
+    """The codes (nibble - offset, int8) of one plane-order q4 row: byte k gives code k (low
+    nibble) and K/2 + k (high). qs (K/2,) int8 (the bytes), codes (K,) int8. Flat, byte-wide:
+    LLVM vectorizes it 64 bytes a step (kept as rows of 64-128 bytes it stayed scalar)."""
     h = U(qs.shape[0])
     for k in range(h):
         codes[k] = (qs[k] & np.int8(15)) - offset
@@ -194,9 +203,28 @@ def row_planes(codes, s, mn, out):
 
 
 @njit(cache=True)
-def planes_row(fmt, n, qs, d, m, codes, s, mn):
+def part(a, h, H):
+    """The h-th of H equal parts of the 1-D array a."""
+    n = a.shape[0] // H
+    return a[h * n : h * n + n]
+
+
+@njit(cache=True)
+def halves(fmt):
+    """How many independent plane-order halves a row has (plane_order): 2 for q4_k."""
+    return 2 if fmt == 3 else 1
+
+
+@njit(cache=True)
+def planes_row(fmt, n, qs, d, m, sc, codes, s, mn):
     """Row n of a plane-order weight -> its codes (int8, plane order; q8_0 returns its own
-    row), scales s and offsets mn (float32, one per block). fmt 0 q8_0, 1 q4_0, 2 q4_1."""
+    row), scales s and offsets mn (float32, one per block, in plane_order's block order).
+    fmt 0 q8_0, 1 q4_0, 2 q4_1, 3 q4_k; qs int8 (q4's bytes viewed as int8); d, m the fp16
+    bits (per block; q4_k: d, dmin per super-block); sc q4_k's packed scales (else unused)."""
+    if fmt == 3:
+        q4k_scales(d[n], m[n], sc[n], s, mn)
+        unpack_nibbles(qs[n], np.int8(0), codes)
+        return codes
     f16_row(d[n], s)
     if fmt == 2:
         f16_row(m[n], mn)
@@ -209,34 +237,27 @@ def planes_row(fmt, n, qs, d, m, codes, s, mn):
 
 
 @njit(cache=True)
-def scale_min_k4(j, sc):
+def scale_min_k4(j, sc, o):
     """llama.cpp's get_scale_min_k4: the 6-bit scale and min of sub-block j (0..7) from the
-    12 packed bytes `sc` of one q4_k super-block."""
-    if j < 4:
-        return sc[j] & 63, sc[j + 4] & 63
-    return (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)
+    12 packed bytes sc[o : o + 12] of one q4_k super-block (j, o unsigned)."""
+    if j < U(4):
+        return sc[o + j] & 63, sc[o + j + U(4)] & 63
+    hi_s, hi_m = (sc[o + j - U(4)] >> 6) << 4, (sc[o + j] >> 6) << 4
+    return (sc[o + j + U(4)] & 15) | hi_s, (sc[o + j + U(4)] >> 4) | hi_m
 
 
 @njit(cache=True)
-def row_q4_k(qs, scales, d, dmin, out):
-    """q4_k: super-blocks of 256 = 4 groups of 64; group g of super-block b uses the 32 bytes
-    from q0 = 128b + 32g: low nibbles are elements 256b + 64g + l (sub-block 2g), high
-    nibbles the next 32 (2g+1); w = (d*sc) * q - (dmin*mn).
-    qs (K/2,), scales (K/256*12,) uint8; d, dmin (K/256,) float16 bits."""
-    L = U(qs.shape[0] // d.shape[0] // 4)  # 32 bytes per group
-    for b in range(U(d.shape[0])):
-        D, Dmin = f16(d[b]), f16(dmin[b])
-        sc = scales[U(12) * b : U(12) * b + U(12)]
-        for g in range(4):
-            s1, m1 = scale_min_k4(2 * g, sc)
-            s2, m2 = scale_min_k4(2 * g + 1, sc)
-            d1, n1 = D * np.float32(s1), Dmin * np.float32(m1)
-            d2, n2 = D * np.float32(s2), Dmin * np.float32(m2)
-            q0 = U(4) * L * b + L * U(g)  # element 2*q0 + l is byte q0 + l's low nibble
-            for j in range(q0, q0 + L):
-                out[q0 + j] = d1 * np.float32(qs[j] & np.uint8(15)) - n1
-            for j in range(q0, q0 + L):
-                out[q0 + j + L] = d2 * np.float32(qs[j] >> np.uint8(4)) - n2
+def q4k_scales(d, dmin, sc, s, mn):
+    """q4_k's per-sub-block scale d*sc and offset -(dmin*mn) (quant.dequantize's
+    w = (d*sc) * q - (dmin*mn)) in plane_order's block order: sub-block 8B + j of super-block
+    B is block 4B + j/2 (j even) or nb/2 + 4B + j/2 (odd). d, dmin (K/256,) fp16 bits."""
+    half = U(s.shape[0] // 2)
+    for B in range(U(d.shape[0])):
+        D, Dmin = f16(d[B]), f16(dmin[B])
+        for j in range(U(8)):
+            sj, mj = scale_min_k4(j, sc, U(12) * B)
+            b = U(4) * B + j // U(2) + (half if j % U(2) else U(0))
+            s[b], mn[b] = D * np.float32(sj), -(Dmin * np.float32(mj))
 
 
 @njit(cache=True)
@@ -286,33 +307,24 @@ def gemv_bf16(x, bits, out):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def gemv_planes(fmt, xp, xsum, qs, d, m, out):
-    """q8_0 / q4_0 / q4_1 (fmt 0 / 1 / 2, planes_row): out = x @ w.T with x in plane order
-    (xp (M, K)), xsum (M, nb) the sums of x over each block (read for q4_1 only), qs (N, K)
-    or (N, K/2) int8 in plane order, d and m (N, nb) float16 bits (m unused unless
-    q4_1). Per row: decode codes and scales once, then for each x row the block sums."""
+def gemv_planes(fmt, xp, xsum, qs, d, m, sc, out):
+    """q8_0 / q4_0 / q4_1 / q4_k (fmt 0-3, planes_row): out = x @ w.T with x in plane order
+    (xp (M, K)), xsum (M, nb) the sums of x over each block (read for the offsets of q4_1 and
+    q4_k only), qs (N, K) or (N, K/2) int8 in plane order, d and m float16 bits (N, nb) (m:
+    q4_1's offsets; q4_k: d and dmin (N, K/256), sc its packed scales).
+    Per row: decode codes and scales once, then for each x row the block sums."""
     M, K = xp.shape
-    N, nb, R = qs.shape[0], d.shape[1], ROWS_PER_TASK
+    N, nb, R = qs.shape[0], K // 32, ROWS_PER_TASK
+    H = halves(fmt)
     for t in prange((N + R - 1) // R):
         codes = np.empty(K, np.int8)
         s, mn, a = np.empty(nb, np.float32), np.empty(nb, np.float32), np.empty(nb, np.float32)
         for n in range(t * R, min(N, t * R + R)):
-            c = planes_row(fmt, n, qs, d, m, codes, s, mn)
+            c = planes_row(fmt, n, qs, d, m, sc, codes, s, mn)
             for i in range(M):
-                block_sums(c, xp[i], a)
-                out[i, n] = dot(s, a) + (dot(mn, xsum[i]) if fmt == 2 else np.float32(0.0))
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def gemv_q4_k(x, qs, scales, d, dmin, out):
-    M, K = x.shape
-    N, R = qs.shape[0], ROWS_PER_TASK
-    for t in prange((N + R - 1) // R):
-        w = np.empty(K, np.float32)
-        for n in range(t * R, min(N, t * R + R)):
-            row_q4_k(qs[n], scales[n], d[n], dmin[n], w)
-            for m in range(M):
-                out[m, n] = dot(x[m], w)
+                for h in range(H):  # the h-th half of the blocks from the h-th half of K
+                    block_sums(part(c, h, H), part(xp[i], h, H), part(a, h, H))
+                out[i, n] = dot(s, a) + (dot(mn, xsum[i]) if fmt >= 2 else np.float32(0.0))
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -337,19 +349,16 @@ def dequant_bf16(bits, lo, out):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def dequant_planes(fmt, qs, d, m, lo, out):
+def dequant_planes(fmt, qs, d, m, sc, lo, out):
     """Rows lo .. lo+len(out)-1 of a plane-order weight as float32, still in plane order."""
-    K, nb = out.shape[1], d.shape[1]
+    K, nb = out.shape[1], out.shape[1] // 32
+    H = halves(fmt)
     for i in prange(out.shape[0]):
         codes = np.empty(K, np.int8)
         s, mn = np.empty(nb, np.float32), np.empty(nb, np.float32)
-        row_planes(planes_row(fmt, lo + i, qs, d, m, codes, s, mn), s, mn, out[i])
-
-
-@njit(parallel=True, cache=True)
-def dequant_q4_k(qs, scales, d, dmin, lo, out):
-    for i in prange(out.shape[0]):
-        row_q4_k(qs[lo + i], scales[lo + i], d[lo + i], dmin[lo + i], out[i])
+        c = planes_row(fmt, lo + i, qs, d, m, sc, codes, s, mn)
+        for h in range(H):
+            row_planes(part(c, h, H), part(s, h, H), part(mn, h, H), part(out[i], h, H))
 
 
 @njit(parallel=True, cache=True)
