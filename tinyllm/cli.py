@@ -446,7 +446,8 @@ def _add_convert_parser(sub) -> None:
         default=None,
         choices=["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"],
         help="the format matrices of other GGUF types (Q5_0, Q5_K, Q3_K, IQ4_NL, ...) are "
-        "requantized to (default: the nearest at or above their bits: Q5_* -> q6_k, "
+        "requantized to (default: Q5_0 -> q8_0, exactly; otherwise the nearest at or above "
+        "their bits: Q5_1/Q5_K -> q6_k, "
         "Q2_K/Q3_K/IQ4_* -> q4_k; q8_0 / q4_1 where rows do not divide into 256)",
     )
     cv.add_argument(

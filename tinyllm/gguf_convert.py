@@ -14,10 +14,13 @@ Pass dtype="bfloat16"/"float16"/"float32" to force one dtype (halves a 7B file).
 keep_quantized=True (what `tinyllm convert` does unless --dtype is given): projection matrices
 and an untied lm_head of types Q8_0/Q4_0/Q4_1/Q4_K/Q6_K are written in weights.py's quantized
 safetensors layout, their blocks repacked bit for bit (quant.from_gguf_blocks; q/k rows
-un-permuted whole, which never splits a block); matrices of other quantized types (Q5_0, Q5_K,
-Q3_K, IQ4_NL, ...) are dequantized and requantized to the nearest supported format at or above
-their bits (REQUANTIZE; `requantize=FMT` picks another), and the error this adds is measured per
-source type (relative RMS over the tensors) and recorded in tinyllm_convert.json. The embedding
+un-permuted whole, which never splits a block); Q5_0 matrices (the fallback of llama.cpp's
+Q4_K_M recipe for rows that do not divide into 256) become q8_0 blocks holding the very same
+values (q5_0_as_q8_0), so a Q4_K_M file loses nothing; matrices of other quantized types (Q5_1,
+Q5_K, Q3_K, IQ4_NL, ...) are dequantized and requantized to the nearest supported format at or
+above their bits (REQUANTIZE; `requantize=FMT` picks another), and the error this adds is
+measured per source type (relative RMS over the tensors; 0 for Q5_0 -> q8_0) and recorded in
+tinyllm_convert.json. The embedding
 table is always written float (the loader keeps it float: it is gathered, not streamed).
 """
 
@@ -64,7 +67,7 @@ QUANT_TYPES = (
 # Supported GGUF types kept as they are, and where the others go when kept quantized.
 KEPT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q6_K": "q6_k"}
 REQUANTIZE = {
-    "Q5_0": "q6_k",
+    "Q5_0": "q8_0",  # exact: q5_0_as_q8_0
     "Q5_1": "q6_k",
     "Q5_K": "q6_k",
     "Q2_K": "q4_k",
@@ -287,7 +290,10 @@ def _tensor_quant(t: _Tensor, losses: dict):
         qt = quant.from_gguf_blocks(t.fmt, np.asarray(rt.data), t.shape)
     else:
         a = gguf.quants.dequantize(rt.data, rt.tensor_type).reshape(t.shape)
-        qt = quant.quantize(a, t.fmt)
+        if t.qtype == "Q5_0" and t.fmt == "q8_0":
+            qt = q5_0_as_q8_0(np.asarray(rt.data), a)
+        else:
+            qt = quant.quantize(a, t.fmt)
         err = quant.dequantize(qt) - a
         key = f"{t.qtype} -> {t.fmt}"
         e2, n2, count = losses.get(key, (0.0, 0.0, 0))
@@ -299,6 +305,30 @@ def _tensor_quant(t: _Tensor, losses: dict):
     if t.permute_heads:  # rows are independent in every block format: permute them whole
         qt = quant.QuantTensor(
             qt.fmt, qt.shape, {k: unpermute_rows(p, t.permute_heads) for k, p in qt.parts.items()}
+        )
+    return qt
+
+
+def q5_0_as_q8_0(raw: np.ndarray, values: np.ndarray):
+    """Q5_0 blocks -> q8_0 blocks of the same values, exactly.
+
+    A Q5_0 block (ggml-common.h's block_q5_0, 22 bytes) is an fp16 scale d, then the 32 five-bit
+    codes q (low nibbles in qs, fifth bits in qh); its values are d * (q - 16). A q8_0 block is
+    an fp16 scale and 32 int8 codes: keep d, and the codes q - 16 in [-16, 15] fit int8, so the
+    values are the same floats (d * k with |k| <= 16 is exact in float32; the division back
+    is exact too). Costs 8.5 instead of 5.5 bits per weight for those matrices.
+    raw: the tensor's blocks (uint8, N rows of K/32 blocks); values: gguf's dequantization
+    of them, (N, K) float32."""
+    from . import quant
+
+    n, k = values.shape
+    d = np.ascontiguousarray(raw.reshape(n, k // 32, 22)[:, :, :2]).view(np.float16)[..., 0]
+    df = np.repeat(d.astype(np.float32), 32, axis=1)
+    codes = np.divide(values, df, out=np.zeros_like(values), where=df != 0)
+    qt = quant.QuantTensor("q8_0", (n, k), {"d": d, "qs": np.rint(codes).astype(np.int8)})
+    if not np.array_equal(quant.dequantize(qt), values):  # (only NaN/inf scales do this)
+        raise TinyLLMError(
+            "a Q5_0 tensor has scales that are not finite; re-quantize the model from its source"
         )
     return qt
 
