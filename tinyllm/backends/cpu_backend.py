@@ -42,6 +42,7 @@ from .numpy_backend import NumpyBackend
 
 GEMV_MAX_ROWS = 16  # x rows up to which the compiled GEMV runs (measured: docstring)
 TILE_BYTES = 1 << 20  # fp32 bytes of weight rows per prefill tile
+GROUP_LANES = 128  # blocks per plane-order group at least (rows_per_group; measured below)
 
 # Each format: its parts (QuantTensor.parts names) in the kernels' argument order. fp16
 # scales go to the kernels as their uint16 bits (numba has no float16; cpu_kernels.f16).
@@ -66,6 +67,7 @@ class PlaneQuant:
 
     fmt: str
     shape: tuple[int, int]
+    group: int  # rows per group (cpu_kernels.gemv_planes): qs, d, m have N / group rows
     qs: np.ndarray
     d: np.ndarray
     m: np.ndarray
@@ -77,21 +79,35 @@ class PlaneQuant:
         return self.qs.nbytes + self.d.nbytes + extra.get(self.fmt, 0)
 
 
+def rows_per_group(fmt: str, N: int, K: int) -> int:
+    """G, the weight rows held as one plane-order group (cpu_kernels "row groups"): the
+    fewest (a power of two dividing N, at most 16) that give the block-sum loop at least
+    GROUP_LANES blocks; 1 for q4_k (its two halves per row are not grouped)."""
+    G = 1
+    while fmt != "q4_k" and G * (K // 32) < GROUP_LANES and G < 16 and N % (2 * G) == 0:
+        G *= 2
+    return G
+
+
 def to_planes(qt: quant.QuantTensor) -> PlaneQuant:
     N, K = qt.shape
+    G = rows_per_group(qt.fmt, N, K)
     qs = qt.parts["qs"].view(np.int8)
     group = 64 if qt.fmt == "q4_k" else 32  # weights per run of bytes that planes split
     per_run = qs.shape[1] // (K // group)  # 32 bytes (q8_0, q4_k) or 16 (q4_0, q4_1)
-    qs = qs.reshape(N, K // group, per_run).transpose(0, 2, 1).reshape(N, -1)
+    # (groups, row in group, run, byte in run) -> (groups, byte in run, row in group, run)
+    qs = qs.reshape(N // G, G, K // group, per_run).transpose(0, 3, 1, 2).reshape(N // G, -1)
 
-    def owned(part):  # float16 bits as uint16; owned copies, as numpy's upload makes
-        return np.array(qt.parts[part], order="C").view(np.uint16) if part in qt.parts else d
+    def owned(part):  # float16 bits as uint16, a group's G rows as one; owned copies
+        if part not in qt.parts:
+            return d
+        return np.array(qt.parts[part], order="C").view(np.uint16).reshape(N // G, -1)
 
     d = owned("d")
     m, sc = owned("m" if qt.fmt == "q4_1" else "dmin"), d
     if qt.fmt == "q4_k":
         sc = np.array(qt.parts["scales"], order="C")
-    return PlaneQuant(qt.fmt, qt.shape, np.ascontiguousarray(qs), d, m, sc)
+    return PlaneQuant(qt.fmt, qt.shape, G, np.ascontiguousarray(qs), d, m, sc)
 
 
 def kernel_args(fmt: str, w) -> tuple:
@@ -209,11 +225,14 @@ class CpuBackend(NumpyBackend):
         if fmt == "fp32":
             ck.gemv_f32(x, w, out)
         elif fmt in PLANAR:
-            xp = np.ascontiguousarray(x[:, plane_order(x.shape[1], fmt)])
+            M, K, G = len(x), x.shape[1], w.group
+            xp = np.ascontiguousarray(x[:, plane_order(K, fmt)])
             xsum = xp[:, :1]  # read only for offsets (q4_1, q4_k): the block sums of x
             if PLANAR[fmt] >= 2:  # xp is H halves of [32 planes][nb / H blocks]
-                H, nb = (2 if fmt == "q4_k" else 1), x.shape[1] // 32
-                xsum = xp.reshape(len(x), H, 32, nb // H).sum(2).reshape(len(x), nb)
+                H, nb = (2 if fmt == "q4_k" else 1), K // 32
+                xsum = np.tile(xp.reshape(M, H, 32, nb // H).sum(2).reshape(M, nb), (1, G))
+            if G > 1:  # each plane's nb values once per row of a group: [32][G][nb]
+                xp = np.repeat(xp.reshape(M, 32, 1, K // 32), G, axis=2).reshape(M, G * K)
             ck.gemv_planes(*kernel_args(fmt, w)[:1], xp, xsum, *kernel_args(fmt, w)[1:], out)
         else:
             getattr(ck, f"gemv_{fmt}")(x, *kernel_args(fmt, w), out)
@@ -235,6 +254,8 @@ class CpuBackend(NumpyBackend):
         if fmt in PLANAR:  # the tiles come out in plane order: multiply x in that order
             x = np.ascontiguousarray(x[:, plane_order(K, fmt)])
         step = max(16, TILE_BYTES // (4 * K))
+        if fmt in PLANAR:  # whole row groups per tile: each is decoded once
+            step = -(-step // w.group) * w.group
         for lo in range(0, N, step):
             rows = min(step, N - lo)
             out[:, lo : lo + rows] = x @ self._dequant(fmt, w, lo, rows).T
