@@ -136,7 +136,7 @@ class CpuBackend(NumpyBackend):
     compute_dtype = "fp32"  # activations, KV math and sums are float32, as on numpy
 
     def __init__(self, threads: int = 1):
-        passive_openmp()
+        short_openmp_spin()
         import numba
 
         self.threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
@@ -264,18 +264,25 @@ class CpuBackend(NumpyBackend):
         return out
 
 
-def passive_openmp():
-    """OMP_WAIT_POLICY=passive unless the user set it: numba's OpenMP threads then sleep at
-    the end of a parallel loop instead of spinning. Spinning, the thread that finished first
-    holds its core while the other, sharing a core with a busy process, waits for a time
-    slice: decode collapsed beside a busy neighbour. Measured (SmolLM2-135M q4_0, 16 greedy
-    tokens, best of 3, 2 cores, the test suite running beside, load 1.9-3.7; tok/s at 1 / 2
-    threads): default spin 25.6 / 7.5, beside a busy loop 16.4 / 1.0; passive 26.9 / 24.9,
-    busy 19.2 / 16.4; numba's workqueue layer 19.5 / 17.3, busy 13.6 / 15.2 (slower on one
-    thread). libgomp reads the variable once, when it is loaded (numba loads it at its first
-    parallel call, or set_num_threads): so this runs before either; a process that loaded
-    libgomp earlier (torch does) keeps the policy it started with."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+def short_openmp_spin():
+    """GOMP_SPINCOUNT=3000 unless the user set it or OMP_WAIT_POLICY: numba's OpenMP threads
+    (GNU libgomp here) spin about 3000 turns for the next parallel loop, then sleep. libgomp's
+    default, 300000 turns, keeps the thread that finished first spinning on its core while the
+    other, sharing a core with a busy process, waits for a time slice: decode collapsed.
+    Measured, SmolLM2-135M q4_0, 16 greedy tokens, best of 3, 2 threads, 2 cores with the test
+    suite running beside (load 1.6-2.3), tok/s on its own / beside one busy loop:
+    libgomp default 39.6 / 8.5 (1.0 in another run); OMP_WAIT_POLICY=active 35.7 / 13.1;
+    spin count 10000 43.0 / 9.7, 3000 44.8 / 14.1 and 40.0 / 13.4, 1000 32.1 / 21.1,
+    300 23.2 / 23.8; OMP_WAIT_POLICY=passive 24.8 / 24.8 and 18.4 / 27.7; numba's workqueue
+    layer 17.3 / 15.2; tbb (pip install tbb) 30.6 / 13.0. One thread: about 25-30 alone, in
+    every setting. The shorter the spin, the better beside a busy process and the worse
+    alone: 3000 keeps the spinning speed alone and is 10x the default beside a busy process
+    (the default thread count, threads.py, leaves a busy core out anyway). libgomp reads the
+    variables once, when it is loaded (numba loads it at its first parallel loop or
+    set_num_threads, so this runs before both); a process that loaded libgomp earlier (torch
+    does) keeps what it started with."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 
 @lru_cache(maxsize=64)
