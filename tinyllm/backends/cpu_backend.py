@@ -43,7 +43,13 @@ from .numpy_backend import NumpyBackend
 
 GEMV_MAX_ROWS = 16  # x rows up to which the compiled GEMV runs (measured: docstring)
 TILE_BYTES = 1 << 20  # fp32 bytes of weight rows per prefill tile
-GROUP_LANES = 128  # blocks per plane-order group at least (rows_per_group; measured below)
+# Blocks per plane-order group at most (rows_per_group). Measured, one thread, CPU time, each
+# call on another of 200 copies of the weight (so it streams from memory, as in decode), min
+# of 30 interleaved repeats, load ~1.5 on 2 cores, G = 1 / 2 / 4 / 8 rows per group: 576x576
+# q8_0 - / 89 / 74 / 90 us, q4_0 - / 73 / 61 / 66; 1536x576 q8_0 - / 162 / 120 / 177;
+# 576x1536 (K = 1536, 48 blocks) q8_0 130 / 153 / 186 / -, q4_0 137 / 149 / 137 / -.
+# So K = 576 (18 blocks) takes G = 4 (72 blocks), K = 1536 stays ungrouped.
+GROUP_BLOCKS = 80
 
 # Each format: its parts (QuantTensor.parts names) in the kernels' argument order. fp16
 # scales go to the kernels as their uint16 bits (numba has no float16; cpu_kernels.f16).
@@ -81,11 +87,11 @@ class PlaneQuant:
 
 
 def rows_per_group(fmt: str, N: int, K: int) -> int:
-    """G, the weight rows held as one plane-order group (cpu_kernels "row groups"): the
-    fewest (a power of two dividing N, at most 16) that give the block-sum loop at least
-    GROUP_LANES blocks; 1 for q4_k (its two halves per row are not grouped)."""
+    """G, the weight rows held as one plane-order group (cpu_kernels "row groups"): the most
+    (a power of two dividing N, at most 16) that keep the group within GROUP_BLOCKS blocks;
+    1 for q4_k (its two halves per row are not grouped) and for K >= 32 * GROUP_BLOCKS / 2."""
     G = 1
-    while fmt != "q4_k" and G * (K // 32) < GROUP_LANES and G < 16 and N % (2 * G) == 0:
+    while fmt != "q4_k" and 2 * G * (K // 32) <= GROUP_BLOCKS and G < 16 and N % (2 * G) == 0:
         G *= 2
     return G
 

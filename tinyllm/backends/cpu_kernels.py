@@ -133,7 +133,7 @@ def row_bf16(bits, out):
 # Row groups: a narrow row has few blocks (K = 576, SmolLM2: nb = 18, one 16-lane vector and
 # a scalar remainder), so the block-sum loop is short and the per-row set-up (scales, loop
 # entries, a dot of length nb) dominates: 576x576 q8_0 took 113 us against the row decoders'
-# 90. So G rows (cpu_backend.rows_per_group: enough for >= 128 blocks; 1 at K >= 4096) are
+# 90. So G rows (cpu_backend.rows_per_group: at most 80 blocks; 4 at K = 576, 1 at K >= 1536) are
 # held as one row of G*K weights, plane p of the group = plane p of row 0, then of row 1, ...:
 # position p*G*nb + r*nb + b holds element 32b + p of row r, and block r*nb + b of the group
 # is block b of row r. x is repeated to match (each plane's nb values G times), so the loop
