@@ -6,7 +6,8 @@ stay in the format they arrive in, so decode streams the fewest bytes:
     fp32 / fp16 checkpoints      float32 (N, K)                        4 bytes/weight
     bf16 checkpoints             ml_dtypes.bfloat16 (N, K), as stored  2 bytes/weight
     q8_0 / q4_0 / q4_1           PlaneQuant: the QuantTensor's bytes,   1.06 / 0.56 / 0.62
-                                 each row in plane order (to_planes)
+                                 in plane order, narrow rows in groups
+                                 of G (to_planes, rows_per_group)
     q4_k / q6_k                  quant.QuantTensor, its parts          0.56 / 0.82 bytes/weight
 
 (1-D tensors, the norms and biases, are float32.) linear(x, w) for x (M, K):
@@ -68,9 +69,10 @@ class PlaneQuant:
     at position p*nb + b; the packed q4 bytes likewise: q4_0's byte 16b + j at j*nb + b, q4_k's
     byte 32G + j at j*(K/64) + G, its halves of K/2 the even and the odd sub-blocks). Same
     bytes, same size; not a QuantTensor, so quant.dequantize cannot read it as if it were in
-    stored order. qs (N, K) or (N, K/2)
-    int8; d, m float16 bits as uint16 (m: q4_1's offsets, q4_k's dmin; else d again);
-    sc q4_k's packed scales (else d again)."""
+    stored order. Rows are held `group` (G) to a plane-order row (cpu_kernels "row groups"):
+    qs (N/G, G*K) or (N/G, G*K/2) int8; d, m (N/G, G*nb) float16 bits as uint16 (m: q4_1's
+    offsets, q4_k's dmin; else d again); sc q4_k's packed scales (else d again). q4_k: G = 1,
+    d and dmin per super-block."""
 
     fmt: str
     shape: tuple[int, int]

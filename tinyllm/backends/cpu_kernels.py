@@ -138,10 +138,10 @@ def row_bf16(bits, out):
 # position p*G*nb + r*nb + b holds element 32b + p of row r, and block r*nb + b of the group
 # is block b of row r. x is repeated to match (each plane's nb values G times), so the loop
 # over the group's G*nb blocks is the same plain loop as one row's; row r's output is the dot
-# of its nb scales with its nb block sums. Measured, one thread, CPU time, min of 40
-# interleaved repeats beside the test suite (load 2.5 on 2 cores), old row decoder / plane
-# rows / groups: 576x576 q8_0 79 / 146 / 52 us, q4_0 94 / 135 / 48; 49152x576 (the lm_head)
-# q8_0 6.8 / 11.5 / 6.1 ms, q4_0 9.2 / 11.2 / 5.3; 4096x4096 (G = 1) q8_0 3.7 / 2.6 ms.
+# of its nb scales with its nb block sums. Measured, one thread, CPU time, streaming from
+# memory (BENCHMARKS.md, "Narrow rows held in groups"), old row decoder -> groups of 4:
+# 576x576 q8_0 55 -> 53 us, q4_0 83 -> 75; 49152x576 (the lm_head) q8_0 4.2 -> 3.5 ms,
+# q4_0 6.4 -> 5.0; ungrouped plane order took 100-146 us and 8.0-11.5 ms there.
 
 
 def plane_order(K: int, fmt: str = "q8_0") -> np.ndarray:
