@@ -94,6 +94,25 @@ def test_linear_matches_dequantize_then_matmul(cpu, fmt, rows):
     np.testing.assert_allclose(y, NumpyBackend().linear(x, dense, bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, GEMV_MAX_ROWS + 12])
+@pytest.mark.parametrize("n,k,group", [(40, 576, 4), (42, 576, 2), (37, 576, 1), (48, 96, 16)])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_narrow_rows_held_in_groups(cpu, fmt, n, k, group, rows):
+    """Narrow weights (K = 576 as SmolLM2's, 18 blocks per row; K = 96, 3) are held G rows
+    to a plane-order group (G the largest power of two dividing N, at most 16, with at most
+    80 blocks): decode, prefill tiles and embedding rows still give numpy's results."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    qt = quant.quantize(weights(n, k), fmt)
+    w, dense = cpu.upload_quant("w", qt), quant.dequantize(qt)
+    assert w.group == group
+    y = cpu.linear(x, w)
+    assert_reassociation(y, x, dense)
+    np.testing.assert_allclose(y, NumpyBackend().linear(x, dense), rtol=1e-5, atol=1e-5)
+    tokens = np.array([n - 1, 0, group, n // 2], np.int32)
+    np.testing.assert_array_equal(cpu.embed(w, tokens), dense[tokens])
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "q8_0", "q4_0", "q4_1", "q4_k"])
 def test_embed_rows_of_stored_formats(cpu, fmt):
     w32 = weights(10, 256)

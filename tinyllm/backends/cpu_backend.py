@@ -6,7 +6,8 @@ stay in the format they arrive in, so decode streams the fewest bytes:
     fp32 / fp16 checkpoints      float32 (N, K)                        4 bytes/weight
     bf16 checkpoints             ml_dtypes.bfloat16 (N, K), as stored  2 bytes/weight
     q8_0 / q4_0 / q4_1           PlaneQuant: the QuantTensor's bytes,   1.06 / 0.56 / 0.62
-                                 each row in plane order (to_planes)
+                                 in plane order, narrow rows in groups
+                                 of G (to_planes, rows_per_group)
     q4_k / q6_k                  quant.QuantTensor, its parts          0.56 / 0.82 bytes/weight
 
 (1-D tensors, the norms and biases, are float32.) linear(x, w) for x (M, K):
@@ -29,6 +30,7 @@ M=8 8.3/16.5, M=16 14.8/18.8. So the kernels take M <= 16 and BLAS the rest.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +44,13 @@ from .numpy_backend import NumpyBackend
 
 GEMV_MAX_ROWS = 16  # x rows up to which the compiled GEMV runs (measured: docstring)
 TILE_BYTES = 1 << 20  # fp32 bytes of weight rows per prefill tile
+# Blocks per plane-order group at most (rows_per_group). Measured, one thread, CPU time, each
+# call on another of 200 copies of the weight (so it streams from memory, as in decode), min
+# of 30 interleaved repeats, load ~1.5 on 2 cores, G = 1 / 2 / 4 / 8 rows per group: 576x576
+# q8_0 - / 89 / 74 / 90 us, q4_0 - / 73 / 61 / 66; 1536x576 q8_0 - / 162 / 120 / 177;
+# 576x1536 (K = 1536, 48 blocks) q8_0 130 / 153 / 186 / -, q4_0 137 / 149 / 137 / -.
+# So K = 576 (18 blocks) takes G = 4 (72 blocks), K = 1536 stays ungrouped.
+GROUP_BLOCKS = 80
 
 # Each format: its parts (QuantTensor.parts names) in the kernels' argument order. fp16
 # scales go to the kernels as their uint16 bits (numba has no float16; cpu_kernels.f16).
@@ -60,12 +69,14 @@ class PlaneQuant:
     at position p*nb + b; the packed q4 bytes likewise: q4_0's byte 16b + j at j*nb + b, q4_k's
     byte 32G + j at j*(K/64) + G, its halves of K/2 the even and the odd sub-blocks). Same
     bytes, same size; not a QuantTensor, so quant.dequantize cannot read it as if it were in
-    stored order. qs (N, K) or (N, K/2)
-    int8; d, m float16 bits as uint16 (m: q4_1's offsets, q4_k's dmin; else d again);
-    sc q4_k's packed scales (else d again)."""
+    stored order. Rows are held `group` (G) to a plane-order row (cpu_kernels "row groups"):
+    qs (N/G, G*K) or (N/G, G*K/2) int8; d, m (N/G, G*nb) float16 bits as uint16 (m: q4_1's
+    offsets, q4_k's dmin; else d again); sc q4_k's packed scales (else d again). q4_k: G = 1,
+    d and dmin per super-block."""
 
     fmt: str
     shape: tuple[int, int]
+    group: int  # rows per group (cpu_kernels.gemv_planes): qs, d, m have N / group rows
     qs: np.ndarray
     d: np.ndarray
     m: np.ndarray
@@ -77,21 +88,35 @@ class PlaneQuant:
         return self.qs.nbytes + self.d.nbytes + extra.get(self.fmt, 0)
 
 
+def rows_per_group(fmt: str, N: int, K: int) -> int:
+    """G, the weight rows held as one plane-order group (cpu_kernels "row groups"): the most
+    (a power of two dividing N, at most 16) that keep the group within GROUP_BLOCKS blocks;
+    1 for q4_k (its two halves per row are not grouped) and for K >= 32 * GROUP_BLOCKS / 2."""
+    G = 1
+    while fmt != "q4_k" and 2 * G * (K // 32) <= GROUP_BLOCKS and G < 16 and N % (2 * G) == 0:
+        G *= 2
+    return G
+
+
 def to_planes(qt: quant.QuantTensor) -> PlaneQuant:
     N, K = qt.shape
+    G = rows_per_group(qt.fmt, N, K)
     qs = qt.parts["qs"].view(np.int8)
     group = 64 if qt.fmt == "q4_k" else 32  # weights per run of bytes that planes split
     per_run = qs.shape[1] // (K // group)  # 32 bytes (q8_0, q4_k) or 16 (q4_0, q4_1)
-    qs = qs.reshape(N, K // group, per_run).transpose(0, 2, 1).reshape(N, -1)
+    # (groups, row in group, run, byte in run) -> (groups, byte in run, row in group, run)
+    qs = qs.reshape(N // G, G, K // group, per_run).transpose(0, 3, 1, 2).reshape(N // G, -1)
 
-    def owned(part):  # float16 bits as uint16; owned copies, as numpy's upload makes
-        return np.array(qt.parts[part], order="C").view(np.uint16) if part in qt.parts else d
+    def owned(part):  # float16 bits as uint16, a group's G rows as one; owned copies
+        if part not in qt.parts:
+            return d
+        return np.array(qt.parts[part], order="C").view(np.uint16).reshape(N // G, -1)
 
     d = owned("d")
     m, sc = owned("m" if qt.fmt == "q4_1" else "dmin"), d
     if qt.fmt == "q4_k":
         sc = np.array(qt.parts["scales"], order="C")
-    return PlaneQuant(qt.fmt, qt.shape, np.ascontiguousarray(qs), d, m, sc)
+    return PlaneQuant(qt.fmt, qt.shape, G, np.ascontiguousarray(qs), d, m, sc)
 
 
 def kernel_args(fmt: str, w) -> tuple:
@@ -119,6 +144,7 @@ class CpuBackend(NumpyBackend):
     compute_dtype = "fp32"  # activations, KV math and sums are float32, as on numpy
 
     def __init__(self, threads: int = 1):
+        short_openmp_spin()
         import numba
 
         self.threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
@@ -209,11 +235,14 @@ class CpuBackend(NumpyBackend):
         if fmt == "fp32":
             ck.gemv_f32(x, w, out)
         elif fmt in PLANAR:
-            xp = np.ascontiguousarray(x[:, plane_order(x.shape[1], fmt)])
+            M, K, G = len(x), x.shape[1], w.group
+            xp = np.ascontiguousarray(x[:, plane_order(K, fmt)])
             xsum = xp[:, :1]  # read only for offsets (q4_1, q4_k): the block sums of x
             if PLANAR[fmt] >= 2:  # xp is H halves of [32 planes][nb / H blocks]
-                H, nb = (2 if fmt == "q4_k" else 1), x.shape[1] // 32
-                xsum = xp.reshape(len(x), H, 32, nb // H).sum(2).reshape(len(x), nb)
+                H, nb = (2 if fmt == "q4_k" else 1), K // 32
+                xsum = np.tile(xp.reshape(M, H, 32, nb // H).sum(2).reshape(M, nb), (1, G))
+            if G > 1:  # each plane's nb values once per row of a group: [32][G][nb]
+                xp = np.repeat(xp.reshape(M, 32, 1, K // 32), G, axis=2).reshape(M, G * K)
             ck.gemv_planes(*kernel_args(fmt, w)[:1], xp, xsum, *kernel_args(fmt, w)[1:], out)
         else:
             getattr(ck, f"gemv_{fmt}")(x, *kernel_args(fmt, w), out)
@@ -235,10 +264,33 @@ class CpuBackend(NumpyBackend):
         if fmt in PLANAR:  # the tiles come out in plane order: multiply x in that order
             x = np.ascontiguousarray(x[:, plane_order(K, fmt)])
         step = max(16, TILE_BYTES // (4 * K))
+        if fmt in PLANAR:  # whole row groups per tile: each is decoded once
+            step = -(-step // w.group) * w.group
         for lo in range(0, N, step):
             rows = min(step, N - lo)
             out[:, lo : lo + rows] = x @ self._dequant(fmt, w, lo, rows).T
         return out
+
+
+def short_openmp_spin():
+    """GOMP_SPINCOUNT=3000 unless the user set it or OMP_WAIT_POLICY: numba's OpenMP threads
+    (GNU libgomp here) spin about 3000 turns for the next parallel loop, then sleep. libgomp's
+    default, 300000 turns, keeps the thread that finished first spinning on its core while the
+    other, sharing a core with a busy process, waits for a time slice: decode collapsed.
+    Measured, SmolLM2-135M q4_0, 16 greedy tokens, best of 3, 2 threads, 2 cores with the test
+    suite running beside (load 1.6-2.3), tok/s on its own / beside one busy loop:
+    libgomp default 39.6 / 8.5 (1.0 in another run); OMP_WAIT_POLICY=active 35.7 / 13.1;
+    spin count 10000 43.0 / 9.7, 3000 44.8 / 14.1 and 40.0 / 13.4, 1000 32.1 / 21.1,
+    300 23.2 / 23.8; OMP_WAIT_POLICY=passive 24.8 / 24.8 and 18.4 / 27.7; numba's workqueue
+    layer 17.3 / 15.2; tbb (pip install tbb) 30.6 / 13.0. One thread: about 25-30 alone, in
+    every setting. The shorter the spin, the better beside a busy process and the worse
+    alone: 3000 keeps the spinning speed alone and is 10x the default beside a busy process
+    (the default thread count, threads.py, leaves a busy core out anyway). libgomp reads the
+    variables once, when it is loaded (numba loads it at its first parallel loop or
+    set_num_threads, so this runs before both); a process that loaded libgomp earlier (torch
+    does) keeps what it started with."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 
 @lru_cache(maxsize=64)

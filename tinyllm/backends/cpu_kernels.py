@@ -129,6 +129,19 @@ def row_bf16(bits, out):
 # (an 11-bit fp16 mantissa times a code of at most 8 bits), so the result differs from
 # numpy's dequantize-then-matmul by rounding order only, within the same gamma_K bound
 # (tests/test_cpu_backend.py checks it).
+#
+# Row groups: a narrow row has few blocks (K = 576, SmolLM2: nb = 18, one 16-lane vector and
+# a scalar remainder), so the block-sum loop is short and the per-row set-up (scales, loop
+# entries, a dot of length nb) dominates: 576x576 q8_0 took 113 us against the row decoders'
+# 90. So G rows (cpu_backend.rows_per_group: at most 80 blocks; 4 at K = 576, 1 at K >= 1536) are
+# held as one row of G*K weights, plane p of the group = plane p of row 0, then of row 1, ...:
+# position p*G*nb + r*nb + b holds element 32b + p of row r, and block r*nb + b of the group
+# is block b of row r. x is repeated to match (each plane's nb values G times), so the loop
+# over the group's G*nb blocks is the same plain loop as one row's; row r's output is the dot
+# of its nb scales with its nb block sums. Measured, one thread, CPU time, streaming from
+# memory (BENCHMARKS.md, "Narrow rows held in groups"), old row decoder -> groups of 4:
+# 576x576 q8_0 55 -> 53 us, q4_0 83 -> 75; 49152x576 (the lm_head) q8_0 4.2 -> 3.5 ms,
+# q4_0 6.4 -> 5.0; ungrouped plane order took 100-146 us and 8.0-11.5 ms there.
 
 
 def plane_order(K: int, fmt: str = "q8_0") -> np.ndarray:
@@ -308,23 +321,32 @@ def gemv_bf16(x, bits, out):
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def gemv_planes(fmt, xp, xsum, qs, d, m, sc, out):
-    """q8_0 / q4_0 / q4_1 / q4_k (fmt 0-3, planes_row): out = x @ w.T with x in plane order
-    (xp (M, K)), xsum (M, nb) the sums of x over each block (read for the offsets of q4_1 and
-    q4_k only), qs (N, K) or (N, K/2) int8 in plane order, d and m float16 bits (N, nb) (m:
-    q4_1's offsets; q4_k: d and dmin (N, K/256), sc its packed scales).
-    Per row: decode codes and scales once, then for each x row the block sums."""
-    M, K = xp.shape
-    N, nb, R = qs.shape[0], K // 32, ROWS_PER_TASK
+    """q8_0 / q4_0 / q4_1 / q4_k (fmt 0-3, planes_row): out = x @ w.T, the weight held as
+    groups of G = N / len(qs) rows (cpu_backend.to_planes; "row groups" above). Per group g:
+    qs[g] (G*K or G*K/2 int8) and d[g], m[g] (G*nb float16 bits: q4_1's offsets; q4_k, G = 1:
+    d and dmin per super-block, sc its packed scales) are one row of G*K weights whose block
+    r*nb + b is block b of row gG + r. xp (M, G*K) is x in plane order, each plane's nb values
+    repeated G times; xsum (M, G*nb) the sums of x over each block, likewise repeated (read
+    for the offsets of q4_1 and q4_k only). Per group: decode codes and scales once, then for
+    each x row the block sums of all G rows, and one output per row."""
+    M, KG = xp.shape
+    ng, G = qs.shape[0], out.shape[1] // qs.shape[0]
+    nb, NB, R = KG // 32 // G, KG // 32, max(1, ROWS_PER_TASK // G)
     H = halves(fmt)
-    for t in prange((N + R - 1) // R):
-        codes = np.empty(K, np.int8)
-        s, mn, a = np.empty(nb, np.float32), np.empty(nb, np.float32), np.empty(nb, np.float32)
-        for n in range(t * R, min(N, t * R + R)):
-            c = planes_row(fmt, n, qs, d, m, sc, codes, s, mn)
+    for t in prange((ng + R - 1) // R):
+        codes = np.empty(KG, np.int8)
+        s, mn, a = np.empty(NB, np.float32), np.empty(NB, np.float32), np.empty(NB, np.float32)
+        for g in range(t * R, min(ng, t * R + R)):
+            c = planes_row(fmt, g, qs, d, m, sc, codes, s, mn)
             for i in range(M):
                 for h in range(H):  # the h-th half of the blocks from the h-th half of K
                     block_sums(part(c, h, H), part(xp[i], h, H), part(a, h, H))
-                out[i, n] = dot(s, a) + (dot(mn, xsum[i]) if fmt >= 2 else np.float32(0.0))
+                for r in range(G):
+                    rb = slice(r * nb, r * nb + nb)
+                    y = dot(s[rb], a[rb])
+                    if fmt >= 2:
+                        y += dot(mn[rb], xsum[i, rb])
+                    out[i, g * G + r] = y
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -350,15 +372,24 @@ def dequant_bf16(bits, lo, out):
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def dequant_planes(fmt, qs, d, m, sc, lo, out):
-    """Rows lo .. lo+len(out)-1 of a plane-order weight as float32, still in plane order."""
-    K, nb = out.shape[1], out.shape[1] // 32
+    """Rows lo .. lo+len(out)-1 of a plane-order weight as float32, each in its own plane
+    order (element 32b + p of the row at p*nb + b). Each group of G rows (gemv_planes) that
+    the range touches is decoded once, G*K weights, and its rows in the range copied out."""
+    K = out.shape[1]
+    G, nb = qs.shape[1] * (1 if fmt == 0 else 2) // K, K // 32  # qs: G*K codes, in bytes
     H = halves(fmt)
-    for i in prange(out.shape[0]):
-        codes = np.empty(K, np.int8)
-        s, mn = np.empty(nb, np.float32), np.empty(nb, np.float32)
-        c = planes_row(fmt, lo + i, qs, d, m, sc, codes, s, mn)
+    g0, g1 = lo // G, (lo + out.shape[0] + G - 1) // G
+    for g in prange(g0, g1):
+        codes = np.empty(G * K, np.int8)
+        w = np.empty(G * K, np.float32)
+        s, mn = np.empty(G * nb, np.float32), np.empty(G * nb, np.float32)
+        c = planes_row(fmt, g, qs, d, m, sc, codes, s, mn)
         for h in range(H):
-            row_planes(part(c, h, H), part(s, h, H), part(mn, h, H), part(out[i], h, H))
+            row_planes(part(c, h, H), part(s, h, H), part(mn, h, H), part(w, h, H))
+        for r in range(max(lo, g * G), min(lo + out.shape[0], g * G + G)):
+            for p in range(32):  # plane p of row r: G*nb apart in the group, nb in the row
+                o = p * G * nb + (r - g * G) * nb
+                out[r - lo, p * nb : p * nb + nb] = w[o : o + nb]
 
 
 @njit(parallel=True, cache=True)
