@@ -3,7 +3,8 @@ the server with fan-out requests, on loopback.
 
     python scripts/bench_fairness.py [--model DIR] [--repeats 5] [--a-prompt-tokens 200]
 
-Starts `tinyllm serve` (numpy backend) on 127.0.0.1 with a free port, then --repeats rounds of:
+Starts `tinyllm serve` (--backend, default numpy) on 127.0.0.1 with a free port, then
+--repeats rounds of:
 1. unloaded: B sends --b-requests requests one after another (a short prompt, max_tokens
    --b-tokens, ignore_eos, streamed), and their latencies (first token, end) are taken;
 2. loaded: A's --a-clients threads each send, back to back, requests of --a-prompts prompts x
@@ -45,7 +46,9 @@ def tiny_model(tmp: Path) -> Path:
     return make_tiny_checkpoint(tmp / "tiny", "llama_gqa")
 
 
-def start(repo: Path, model: Path | None, max_batch: int, log) -> tuple[subprocess.Popen, str]:
+def start(
+    repo: Path, model: Path | None, max_batch: int, log, backend: str = "numpy"
+) -> tuple[subprocess.Popen, str]:
     cmd = [
         sys.executable,
         "-m",
@@ -55,7 +58,7 @@ def start(repo: Path, model: Path | None, max_batch: int, log) -> tuple[subproce
         "--port",
         "0",
         "--backend",
-        "numpy",
+        backend,
         "--max-batch",
         str(max_batch),
         "--ctx-size",
@@ -151,6 +154,7 @@ def main() -> int:
     )
     ap.add_argument("--repo", default=str(ROOT), help="checkout to run the server from")
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--backend", default="numpy", help="the server's --backend (numpy, cpu)")
     ap.add_argument("--repeats", type=int, default=5, help="unloaded + flooded rounds")
     ap.add_argument("--seconds", type=float, default=60, help="longest a round's flood runs")
     ap.add_argument("--a-clients", type=int, default=4)
@@ -173,7 +177,7 @@ def main() -> int:
             None if a.model == "embedded" else Path(a.model) if a.model else tiny_model(Path(tmp))
         )
         log = open(Path(tmp) / "serve.log", "w+")
-        proc, url = start(Path(a.repo), model, a.max_batch, log)
+        proc, url = start(Path(a.repo), model, a.max_batch, log, a.backend)
         try:
             b_latencies(url, 2, a.b_tokens)  # warm-up
             for r in range(a.repeats):
