@@ -260,11 +260,10 @@ def quantize(w: np.ndarray, fmt: str, search: str | None = None) -> QuantTensor:
     fmt "int4", or fmt "q4_k" with search "int4" (what `quantization="int4"` asked for): q4_k
     blocks from the weighted error-minimizing search instead."""
     check_format(fmt)
-    if fmt == "int4" or search == "int4":
-        fmt = "q4_k" if fmt == "int4" else fmt
-        if fmt == "q4_k":
-            with study_quantizer("q4_k-wmse"):
-                return quantize(w, fmt)
+    if fmt == "int4" or (fmt == "q4_k" and search == "int4"):
+        fmt, quantizer = "q4_k", _q4_k_wmse
+    else:
+        quantizer = _QUANTIZERS[fmt]  # (a study_quantizer may stand in for it)
     n, k = w.shape
     if k % BLOCK[fmt]:
         raise ValueError(f"{fmt} needs rows that are a multiple of {BLOCK[fmt]} (got K={k})")
@@ -272,7 +271,7 @@ def quantize(w: np.ndarray, fmt: str, search: str | None = None) -> QuantTensor:
     chunks = []
     for lo in range(0, n, step):
         x = np.asarray(w[lo : lo + step], dtype=F32)
-        chunks.append(_QUANTIZERS[fmt](x.reshape(-1, BLOCK[fmt]), x.shape[0], k))
+        chunks.append(quantizer(x.reshape(-1, BLOCK[fmt]), x.shape[0], k))
     parts = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
     return QuantTensor(fmt, (n, k), parts)
 
