@@ -209,22 +209,26 @@ def check_host_fits(
     raise TinyLLMError(f"{msg}; " + "; ".join(hints))
 
 
+def pool_hint(pool: int, room: int) -> str:
+    """The hint when a --kv-cache-memory pool of `pool` bytes does not fit and `room` (> 0)
+    bytes would (host and GPU plans alike)."""
+    from .weights import fmt_bytes
+
+    return (
+        f"the --kv-cache-memory pool takes {fmt_bytes(pool)}: at most {fmt_bytes(room)} fits "
+        "next to the weights and working memory"
+    )
+
+
 def _host_flag_hints(
     plan_of, plan: HostPlan, available: int, max_seq_len, max_batch, block_size, n_blocks
 ) -> list[str]:
     """The flag at fault in a host plan that does not fit: a pool sized by --kv-cache-memory,
     or a --block-size that makes blocks (and so the per-sequence working set) large, before
     the context and the batch (the largest of each that fits with the other)."""
-    from .weights import fmt_bytes
-
     if n_blocks is not None:
         room = available - (plan.total - plan.kv)
-        return [
-            f"the --kv-cache-memory pool takes {fmt_bytes(plan.kv)}: at most "
-            f"{fmt_bytes(max(room, 0))} fits next to the weights and working memory"
-            if room > 0
-            else "lower --kv-cache-memory"
-        ]
+        return [pool_hint(plan.kv, room) if room > 0 else "lower --kv-cache-memory"]
     if block_size != DEFAULT_BLOCK_SIZE and (plan_of(max_seq_len, max_batch).total <= available):
         return [
             f"--block-size {block_size} is what does not fit: the default {DEFAULT_BLOCK_SIZE} does"
@@ -404,6 +408,11 @@ def check_gpu_fits(
     --max-batch that fits is added; a float model is told which --quantize would fit.
     spec_of(batch, n_blocks) -> KVCacheSpec; graph_bytes_of(batch)."""
 
+    def beside_kv(batch: int, formats=formats) -> tuple[int, int]:
+        """(weights + decode graphs, working memory) at this batch: what the pool sits beside."""
+        fixed = weights_nbytes(cfg, 2, formats) + graph_bytes_of(batch)
+        return fixed, gpu_working_estimate(cfg, chunk, batch)
+
     def check(batch: int, formats=formats):
         spec = spec_of(batch, n_blocks)
         kv = (
@@ -411,10 +420,11 @@ def check_gpu_fits(
             if n_blocks is not None
             else spec.ring * spec.block_nbytes() + spec.open_nbytes()
         )
+        fixed, working = beside_kv(batch, formats)
         backend.check_fits(
-            weights_nbytes(cfg, 2, formats) + graph_bytes_of(batch),
+            fixed,
             kv,
-            gpu_working_estimate(cfg, chunk, batch),
+            working,
             # (a --kv-cache-memory pool does not shrink with the context: no longest context)
             kv_bytes_per_token=cfg.kv_bytes_per_token(spec.kv_dtype) if n_blocks is None else None,
             max_seq_len=spec.max_seq_len,
@@ -429,20 +439,11 @@ def check_gpu_fits(
                 f"{e}; --quantize {fmt} would fit (weights quantized at load)"
             ) from None
         if n_blocks is not None:  # the flag at fault is the pool's, not the context or batch
-            from .weights import fmt_bytes
-
-            kv = spec_of(max_batch, n_blocks).nbytes()
-            room = backend.free_memory() - (
-                weights_nbytes(cfg, 2, formats)
-                + graph_bytes_of(max_batch)
-                + gpu_working_estimate(cfg, chunk, max_batch)
-            )
+            room = backend.free_memory() - sum(beside_kv(max_batch))
             if room <= 0:
                 raise
-            raise TinyLLMError(
-                f"{e}; the --kv-cache-memory pool takes {fmt_bytes(kv)}: at most "
-                f"{fmt_bytes(room)} fits next to the weights and working memory"
-            ) from None
+            kv = spec_of(max_batch, n_blocks).nbytes()
+            raise TinyLLMError(f"{e}; {pool_hint(kv, room)}") from None
         best = largest(lambda b: _fits(check, b), 1, max_batch - 1) if max_batch > 1 else 0
         if best < 1:
             raise
