@@ -54,9 +54,14 @@ def _check_sizes(max_seq_len, max_batch, prefill_chunk, block_size):
             raise TinyLLMError(f"{name}={v!r} must be an integer >= 1")
 
 
-def _context(cfg: ModelConfig, max_seq_len: int | None) -> int:
+def default_context(cfg: ModelConfig, max_seq_len: int | None) -> int:
     """The KV-cache length: max_seq_len, else the model's, at most DEFAULT_MAX_SEQ_LEN."""
-    n = max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+    return max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+
+
+def _context(cfg: ModelConfig, max_seq_len: int | None) -> int:
+    """default_context, checked (>= 2) and warned about past the trained length."""
+    n = default_context(cfg, max_seq_len)
     if n < 2:
         raise TinyLLMError(f"max_seq_len={n} is too small (need at least 2)")
     if n > cfg.max_position_embeddings:

@@ -60,6 +60,7 @@ def cmd_chat(a) -> int:
 
 
 def cmd_info(a) -> int:
+    from .api import default_context
     from .backends import auto_backend
     from .memory import weights_nbytes
     from .weights import fmt_bytes
@@ -78,7 +79,7 @@ def cmd_info(a) -> int:
         )
         info_formats(cfg, backend, budget, formats, compute_bytes)
         return 0
-    context = info_context(a, cfg)
+    context = default_context(cfg, a.max_seq_len)  # as LLM picks it
     runtime = info_contexts(cfg, backend, budget, formats, compute_bytes, context, a.block_size)
     info_formats(cfg, backend, budget, formats, compute_bytes)
     info_pool(
@@ -101,13 +102,6 @@ def info_budgets(a) -> tuple[int, int | None]:
         a.memory = f"{avail / 2**30:.2f}GB" if avail else "24GB"
     budget = parse_memory(a.memory)
     return budget, parse_memory(a.kv_cache_memory) if a.kv_cache_memory is not None else None
-
-
-def info_context(a, cfg) -> int:
-    """The context LLM would pick: --ctx-size, else the model's, at most DEFAULT_MAX_SEQ_LEN."""
-    from .api import DEFAULT_MAX_SEQ_LEN
-
-    return a.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
 
 
 def info_model(a):

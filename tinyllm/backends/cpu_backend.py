@@ -243,7 +243,8 @@ class CpuBackend(NumpyBackend):
                 xsum = np.tile(xp.reshape(M, H, 32, nb // H).sum(2).reshape(M, nb), (1, G))
             if G > 1:  # each plane's nb values once per row of a group: [32][G][nb]
                 xp = np.repeat(xp.reshape(M, 32, 1, K // 32), G, axis=2).reshape(M, G * K)
-            ck.gemv_planes(*kernel_args(fmt, w)[:1], xp, xsum, *kernel_args(fmt, w)[1:], out)
+            code, *parts = kernel_args(fmt, w)
+            ck.gemv_planes(code, xp, xsum, *parts, out)
         else:
             getattr(ck, f"gemv_{fmt}")(x, *kernel_args(fmt, w), out)
         return out
