@@ -235,16 +235,8 @@ class CpuBackend(NumpyBackend):
         if fmt == "fp32":
             ck.gemv_f32(x, w, out)
         elif fmt in PLANAR:
-            M, K, G = len(x), x.shape[1], w.group
-            xp = np.ascontiguousarray(x[:, plane_order(K, fmt)])
-            xsum = xp[:, :1]  # read only for offsets (q4_1, q4_k): the block sums of x
-            if PLANAR[fmt] >= 2:  # xp is H halves of [32 planes][nb / H blocks]
-                H, nb = (2 if fmt == "q4_k" else 1), K // 32
-                xsum = np.tile(xp.reshape(M, H, 32, nb // H).sum(2).reshape(M, nb), (1, G))
-            if G > 1:  # each plane's nb values once per row of a group: [32][G][nb]
-                xp = np.repeat(xp.reshape(M, 32, 1, K // 32), G, axis=2).reshape(M, G * K)
             code, *parts = kernel_args(fmt, w)
-            ck.gemv_planes(code, xp, xsum, *parts, out)
+            ck.gemv_planes(code, x, plane_order(x.shape[1], fmt), *parts, out)
         else:
             getattr(ck, f"gemv_{fmt}")(x, *kernel_args(fmt, w), out)
         return out
