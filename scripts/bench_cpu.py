@@ -139,8 +139,9 @@ def convert_weights(llm, fmt: str) -> int:
         return be.upload_quant("w", quant.quantize(a, fmt))
 
     for L in w.layers:
-        for f in LINEARS:
-            setattr(L, f, conv(getattr(L, f)))
+        for f in (*LINEARS, "wqkv", "w13"):  # the fused ones are what the cpu backend runs
+            if getattr(L, f) is not None:
+                setattr(L, f, conv(getattr(L, f)))
     w.lm_head = conv(w.lm_head)
     return sum(getattr(L, f).nbytes for L in w.layers for f in LINEARS) + w.lm_head.nbytes
 

@@ -111,6 +111,47 @@ def test_narrow_rows_held_in_groups(cpu, fmt, n, k, group, rows):
     np.testing.assert_array_equal(cpu.embed(w, tokens), dense[tokens])
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", *quant.FORMATS])
+def test_fused_projections_are_the_separate_ones(cpu, fmt):
+    """concat_rows (q|k|v, gate|up on this backend): one linear on the fused weight gives
+    each part's linear bit for bit, and the row views it returns hold the parts' values in
+    the fused weight's memory (the inputs can be freed)."""
+    parts32 = [weights(n, 512, seed=n) for n in (64, 32, 32)]
+    if fmt in ("fp32", "bf16"):
+        parts = [
+            cpu.upload("w", p.astype(ml_dtypes.bfloat16 if fmt == "bf16" else np.float32))
+            for p in parts32
+        ]
+    else:
+        parts = [cpu.upload_quant("w", quant.quantize(p, fmt)) for p in parts32]
+    fused, views = cpu.concat_rows(parts)
+    assert fused.shape == (128, 512) and [v.shape for v in views] == [p.shape for p in parts]
+    x = np.random.default_rng(3).standard_normal((2, 512)).astype(np.float32)
+    for rows in (x[:1], x):  # GEMV with one row and with two
+        y = cpu.linear(rows, fused)
+        np.testing.assert_array_equal(y, np.concatenate([cpu.linear(rows, p) for p in parts], 1))
+        np.testing.assert_array_equal(np.concatenate([cpu.linear(rows, v) for v in views], 1), y)
+
+    def data(w):  # the array holding a weight's values (codes)
+        if isinstance(w, np.ndarray):
+            return w
+        return next(iter(w.parts.values())) if isinstance(w, quant.QuantTensor) else w.qs
+
+    assert all(np.shares_memory(data(v), data(fused)) for v in views)
+
+
+def test_fusing_needs_one_format_and_one_group_size(cpu):
+    """Parts in different formats, or plane-order parts held in groups of different sizes
+    (576 rows: groups of 4; 42 rows: 2), are not fused: (None, the parts)."""
+    a = cpu.upload_quant("w", quant.quantize(weights(576, 576), "q8_0"))
+    b = cpu.upload_quant("w", quant.quantize(weights(42, 576), "q8_0"))
+    c = cpu.upload_quant("w", quant.quantize(weights(576, 576), "q4_0"))
+    assert (a.group, b.group) == (4, 2)
+    for parts in ([a, b], [a, c], [a, weights(8, 576)]):
+        fused, same = cpu.concat_rows(parts)
+        assert fused is None and all(x is y for x, y in zip(same, parts))
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "q8_0", "q4_0", "q4_1", "q4_k"])
 def test_embed_rows_of_stored_formats(cpu, fmt):
     w32 = weights(10, 256)
@@ -162,13 +203,15 @@ def test_cpu_matches_numpy_for_every_kv_dtype(tiny_factory, case, kv):
 
 def quantize_linears(llm, fmt):
     """Every projection and the lm_head of a loaded LLM as `fmt` (the same QuantTensor on
-    both backends; K = 64 or 128 here, so the 32-element formats)."""
+    both backends; K = 64 or 128 here, so the 32-element formats). The cpu backend runs
+    q|k|v and gate|up fused (wqkv, w13): those are quantized too (row by row, so the same
+    blocks as the separate matrices' on numpy)."""
     w = llm.model.w
     for L in w.layers:
-        for f in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
-            setattr(
-                L, f, llm.backend.upload_quant(f, quant.quantize(np.asarray(getattr(L, f)), fmt))
-            )
+        for f in ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "wqkv", "w13"):
+            if getattr(L, f) is not None:
+                qt = quant.quantize(np.asarray(getattr(L, f)), fmt)
+                setattr(L, f, llm.backend.upload_quant(f, qt))
     w.lm_head = llm.backend.upload_quant("lm_head", quant.quantize(np.asarray(w.lm_head), fmt))
 
 

@@ -87,6 +87,29 @@ class PlaneQuant:
         extra = {"q4_1": self.m.nbytes, "q4_k": self.m.nbytes + self.sc.nbytes}
         return self.qs.nbytes + self.d.nbytes + extra.get(self.fmt, 0)
 
+    def _parts(self, f) -> tuple:
+        """f applied to qs and d, and to m and sc where they are arrays of their own (not d
+        again, the placeholder: that stays the placeholder)."""
+        d = f("d")
+        return f("qs"), d, d if self.m is self.d else f("m"), d if self.sc is self.d else f("sc")
+
+    def rows(self, lo: int, hi: int) -> PlaneQuant:
+        """Rows lo..hi-1 (whole groups) as views."""
+        g = slice(lo // self.group, hi // self.group)
+        return PlaneQuant(
+            self.fmt,
+            (hi - lo, self.shape[1]),
+            self.group,
+            *self._parts(lambda f: getattr(self, f)[g]),
+        )
+
+    @staticmethod
+    def concat(ws: list[PlaneQuant]) -> PlaneQuant:
+        """Weights of one format and group size stacked by rows (concat_rows)."""
+        w = ws[0]
+        parts = w._parts(lambda f: np.concatenate([getattr(a, f) for a in ws]))
+        return PlaneQuant(w.fmt, (sum(a.shape[0] for a in ws), w.shape[1]), w.group, *parts)
+
 
 def rows_per_group(fmt: str, N: int, K: int) -> int:
     """G, the weight rows held as one plane-order group (cpu_kernels "row groups"): the most
@@ -132,6 +155,15 @@ def kernel_args(fmt: str, w) -> tuple:
     )
 
 
+def rows(w, lo: int, hi: int):
+    """Rows lo..hi-1 of a weight this backend holds, as a view."""
+    if isinstance(w, np.ndarray):
+        return w[lo:hi]
+    if isinstance(w, quant.QuantTensor):
+        return quant.take_rows(w, lo, hi)
+    return w.rows(lo, hi)
+
+
 def weight_format(w) -> str:
     """'fp32' | 'bf16' | a QuantTensor's or PlaneQuant's fmt."""
     if isinstance(w, (quant.QuantTensor, PlaneQuant)):
@@ -142,6 +174,7 @@ def weight_format(w) -> str:
 class CpuBackend(NumpyBackend):
     name = "cpu"
     compute_dtype = "fp32"  # activations, KV math and sums are float32, as on numpy
+    fused_projections = True  # concat_rows(): one GEMV for q|k|v and one for gate|up
 
     def __init__(self, threads: int = 1):
         short_openmp_spin()
@@ -203,6 +236,26 @@ class CpuBackend(NumpyBackend):
         w = _zero_weight(fmt, K)
         self._gemv(fmt, x, w)
         self._dequant(fmt, w, 0, 1)
+
+    def concat_rows(self, arrays: list):
+        """The fused projections of model.py: q|k|v and gate|up stacked by rows into one
+        weight each (one GEMV call instead of three or two: at SmolLM2's size a call's fixed
+        cost, Python, dispatch, x into plane order, a parallel region, is a tenth of its
+        work), and row views of it equal to each input. Weights of different formats, or
+        plane-order weights held in groups of different sizes, stay apart: (None, inputs)."""
+        first = arrays[0]
+        if len({weight_format(a) for a in arrays}) != 1 or (
+            isinstance(first, PlaneQuant) and len({a.group for a in arrays}) != 1
+        ):
+            return None, list(arrays)
+        if isinstance(first, np.ndarray):  # fp32 / bf16 matrices, biases
+            fused = np.concatenate(arrays)
+        elif isinstance(first, quant.QuantTensor):  # q6_k
+            fused = quant.concat_rows(arrays)
+        else:
+            fused = PlaneQuant.concat(arrays)
+        bounds = np.cumsum([0] + [a.shape[0] for a in arrays])
+        return fused, [rows(fused, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
     # ---- ops -------------------------------------------------------------------------
     def embed(self, table, tokens):
