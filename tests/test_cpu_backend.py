@@ -165,6 +165,36 @@ def test_embed_rows_of_stored_formats(cpu, fmt):
     np.testing.assert_array_equal(cpu.embed(table, tokens), dense[tokens])
 
 
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("kv", ["fp32", "fp16"])
+def test_decode_ops_match_numpy(cpu, window, kv):
+    """The compiled small ops (rms_norm, rope, attention) against numpy's on a ragged batch
+    of three sequences (1, 3 and 2 new tokens after 0, 9 and 17 cached, block size 4, ring 5:
+    the third wraps its ring; GQA 4 query heads on 2 KV heads; a sliding window of 6 or
+    none) and, with an fp16 cache, attention falls back to numpy's."""
+    from tinyllm.backends import Batch
+    from tinyllm.kv_cache import KVCacheSpec
+
+    rng = np.random.default_rng(4)
+    ref = NumpyBackend()
+    x, g = rng.standard_normal((6, 32)).astype(np.float32), rng.random(32).astype(np.float32)
+    np.testing.assert_allclose(cpu.rms_norm(x, g, 1e-5), ref.rms_norm(x, g, 1e-5), rtol=1e-5)
+    spec = KVCacheSpec(1, 16, 4, 5, 2, 8, kv, window, 64)
+    caches = [b.alloc_kv(spec) for b in (cpu, ref)]
+    for name in ("k", "v"):  # the same random cache contents in both
+        data = rng.standard_normal(caches[0].k[0].shape)
+        for c in caches:
+            getattr(c, name)[0][...] = data
+    tables = np.arange(15, dtype=np.int32).reshape(3, 5)[:, ::-1].copy()
+    batch = Batch(tables, [0, 9, 17], [1, 3, 2])
+    inv_freq = 1.0 / (10000 ** (np.arange(0, 8, 2, dtype=np.float32) / 8))
+    q = rng.standard_normal((6, 4, 8)).astype(np.float32)
+    rq = cpu.rope(q, batch.positions, inv_freq)
+    np.testing.assert_allclose(rq, ref.rope(q, batch.positions, inv_freq), rtol=1e-5, atol=1e-6)
+    got, want = (b.attention(rq, c, 0, batch, 0.35) for b, c in zip((cpu, ref), caches))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def pair(d, **kw):
     kw = dict(max_seq_len=128, prefill_chunk=32, **kw)
     return LLM(str(d), backend="cpu", threads=2, **kw), LLM(str(d), backend="numpy", **kw)

@@ -1,6 +1,8 @@
 """The cpu backend: the numpy backend with compiled linear layers (cpu_kernels.py, numba).
 
-Everything but `linear` (and the row lookups of `embed`) is the numpy backend's op. Weights
+Compiled besides `linear` (and the row lookups of `embed`): rms_norm, the RoPE rotation and a
+decode step's attention over a float32 cache (numpy spent ~7 of a 25 ms SmolLM2 decode step
+in those, mostly call overhead; now ~3). Everything else is the numpy backend's op. Weights
 stay in the format they arrive in, so decode streams the fewest bytes:
 
     fp32 / fp16 checkpoints      float32 (N, K)                        4 bytes/weight
@@ -40,7 +42,8 @@ import ml_dtypes
 import numpy as np
 
 from .. import quant
-from .numpy_backend import NumpyBackend
+from ..kv_cache import entries
+from .numpy_backend import NumpyBackend, sequence_positions
 
 GEMV_MAX_ROWS = 16  # x rows up to which the compiled GEMV runs (measured: docstring)
 TILE_BYTES = 1 << 20  # fp32 bytes of weight rows per prefill tile
@@ -268,6 +271,41 @@ class CpuBackend(NumpyBackend):
         if fmt in PLANAR:  # back to stored order: plane position i holds element perm[i]
             rows[:, plane_order(rows.shape[1], fmt)] = rows.copy()
         return rows
+
+    def rms_norm(self, x, w, eps):
+        from . import cpu_kernels as ck
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        ck.rms_norm(x, w, eps, out)
+        return out
+
+    def rope(self, x, positions, inv_freq):
+        """numpy's angles (rope_rotate's cos and sin, float32), the rotation compiled."""
+        from . import cpu_kernels as ck
+
+        ang = positions.astype(np.float32)[:, None] * inv_freq[None, :]
+        x = np.array(x, dtype=np.float32, order="C")  # a copy: rotated in place
+        ck.rope(x, np.cos(ang), np.sin(ang))
+        return x
+
+    def attention(self, q, cache, layer, batch, scale):
+        """The compiled twin of numpy's attention for a decode step (at most GEMV_MAX_ROWS
+        query rows) over a float32 cache; longer prefills (BLAS's batched matmuls win there)
+        and fp16/bf16/int8/fp8 caches take numpy's."""
+        from . import cpu_kernels as ck
+
+        spec = cache.spec
+        if len(q) > GEMV_MAX_ROWS or cache.k[layer].dtype != np.float32 or spec.quantized:
+            return super().attention(q, cache, layer, batch, scale)
+        T, n_heads, hd = q.shape
+        q, out = np.ascontiguousarray(q, dtype=np.float32), np.empty(q.shape, np.float32)
+        k, v, window = cache.k[layer], cache.v[layer], int(spec.window or 0)
+        for b, table in enumerate(batch.tables):
+            r, qpos, _, kpos = sequence_positions(batch, b, spec)
+            blocks, offs = entries(table, kpos, spec)
+            ck.attention(q[r], k, v, blocks, offs, qpos, kpos, window, np.float32(scale), out[r])
+        return out.reshape(T, n_heads * hd)
 
     def linear(self, x, w, b=None):
         fmt = weight_format(w)

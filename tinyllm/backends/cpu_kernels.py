@@ -448,6 +448,68 @@ def dequant_q6_k(ql, qh, scales, d, lo, out):
         row_q6_k(ql[lo + i], qh[lo + i], scales[lo + i], d[lo + i], out[i])
 
 
+# ---- the small ops of a decode step (cpu_backend: rms_norm, rope, attention) ---------------
+# At SmolLM2's size numpy spent ~7 ms of a 25 ms decode step in these (one thread): each is a
+# handful of numpy calls on 576-long rows, ~30 us of call overhead per op per layer. The
+# twins: numpy_backend's rms_norm, rope_rotate and attention, the same math in plain loops.
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def rms_norm(x, w, eps, out):
+    """out = x / sqrt(mean(x*x) + eps) * w, row by row; x, out (T, D), w (D,) float32."""
+    D = x.shape[1]
+    for t in range(x.shape[0]):
+        r = np.float32(1.0) / np.sqrt(dot(x[t], x[t]) / np.float32(D) + np.float32(eps))
+        for j in range(U(D)):
+            out[t, j] = x[t, j] * r * w[j]
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def rope(x, cos, sin):
+    """Rotate-half RoPE in place: x (T, heads, d); pair (j, j + d/2) of token t turns by the
+    angle whose cos and sin are cos[t, j], sin[t, j] ((T, d/2) float32, numpy-computed)."""
+    T, H, d = x.shape
+    half = d // 2
+    for t in range(T):
+        for h in range(H):
+            for j in range(half):
+                a, b = x[t, h, j], x[t, h, j + half]
+                x[t, h, j] = a * cos[t, j] - b * sin[t, j]
+                x[t, h, j + half] = b * cos[t, j] + a * sin[t, j]
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def attention(q, k, v, blocks, offs, qpos, kpos, window, scale, out):
+    """One sequence's attention over its cached keys: q (L, n_heads, hd) at positions qpos
+    (L,); keys/values at positions kpos (n,) live in k, v (n_blocks, block_size, n_kv, hd)
+    float32 at [blocks[i], offs[i]]. Query position qp sees key position p when
+    p <= qp and (window == 0 or p > qp - window); GQA: head h reads KV head h // (n_heads /
+    n_kv). out (L, n_heads, hd) = softmax(q·kᵀ · scale over the seen keys) · v."""
+    L, n_heads, hd = q.shape
+    n, n_rep = kpos.shape[0], n_heads // k.shape[2]
+    s = np.empty(n, np.float32)
+    for i in range(L):
+        for h in range(n_heads):
+            g = h // n_rep
+            top = np.float32(-np.inf)
+            for j in range(n):
+                seen = kpos[j] <= qpos[i] and (window == 0 or kpos[j] > qpos[i] - window)
+                s[j] = dot(q[i, h], k[blocks[j], offs[j], g]) * scale if seen else -np.inf
+                top = max(top, s[j])
+            total = np.float32(0.0)
+            for j in range(n):
+                s[j] = np.exp(s[j] - top)
+                total += s[j]
+            o = out[i, h]
+            o[:] = 0
+            for j in range(n):
+                if s[j] != 0:
+                    p = s[j] / total
+                    vj = v[blocks[j], offs[j], g]
+                    for e in range(U(hd)):
+                        o[e] += p * vj[e]
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def read_bandwidth(a, reps):
     """Sum every element of a (R, C) float32 `reps` times, four rows per step (four read

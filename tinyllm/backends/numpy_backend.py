@@ -106,6 +106,18 @@ def rope_rotate(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> n
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def sequence_positions(
+    batch, b: int, spec: KVCacheSpec
+) -> tuple[slice, np.ndarray, int, np.ndarray]:
+    """Sequence b of a batch in attention: its rows r of q, their positions qpos (L,), the
+    positions cached after this step's write (total), and the key positions kpos (n,) its
+    queries may read (kv_cache.visible_lo on)."""
+    r = slice(batch.cu_lens[b], batch.cu_lens[b + 1])
+    qpos = batch.positions[r]
+    total = int(batch.starts[b] + batch.lens[b])
+    return r, qpos, total, np.arange(visible_lo(total, int(qpos[0]), spec), total)
+
+
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
@@ -169,9 +181,12 @@ class NumpyBackend:
     def take_rows(self, x, rows):
         return x[rows]
 
+    def rope(self, x, positions, inv_freq):
+        return rope_rotate(x, positions, inv_freq)
+
     def rope_kv_write(self, q, k, v, cache: NumpyKVCache, layer, batch, inv_freq):
-        q = rope_rotate(q, batch.positions, inv_freq)
-        k = rope_rotate(k, batch.positions, inv_freq)
+        q = self.rope(q, batch.positions, inv_freq)
+        k = self.rope(k, batch.positions, inv_freq)
         for b, table in enumerate(batch.tables):
             r = slice(batch.cu_lens[b], batch.cu_lens[b + 1])
             cache.write(layer, table, batch.positions[r], k[r], v[r], batch.opens[b])
@@ -186,10 +201,7 @@ class NumpyBackend:
         n_kv, n_rep = spec.n_kv_heads, n_heads // spec.n_kv_heads
         out = np.empty((T, n_heads, hd), np.float32)
         for b, table in enumerate(batch.tables):
-            r = slice(batch.cu_lens[b], batch.cu_lens[b + 1])
-            qpos = batch.positions[r]  # (L,)
-            total = int(batch.starts[b] + batch.lens[b])  # positions cached after the write
-            kpos = np.arange(visible_lo(total, int(qpos[0]), spec), total)  # (n,)
+            r, qpos, total, kpos = sequence_positions(batch, b, spec)
             k, v = cache.read(layer, table, kpos, total, batch.opens[b])  # (n, n_kv, hd)
             allowed = kpos[None, :] <= qpos[:, None]
             if spec.window:
