@@ -188,11 +188,6 @@ class CpuBackend(NumpyBackend):
         self._ready: set[str] = set()  # formats whose kernels are compiled or loaded
 
     # ---- weights ---------------------------------------------------------------------
-    def float_bytes(self, checkpoint_dtype: str) -> int:
-        """bf16 matrices stay bf16 (upload): 2 bytes per weight (the few 1-D norms, float32
-        here, are counted at 2 too: kilobytes)."""
-        return 2 if checkpoint_dtype == "bfloat16" else 4
-
     def upload(self, name: str, a) -> np.ndarray:
         if a.ndim == 2 and a.dtype == ml_dtypes.bfloat16:  # bf16 stays bf16 (2 bytes/weight)
             self._prepare("bf16")

@@ -128,8 +128,10 @@ class NumpyBackend:
     compute_dtype = "fp32"
 
     def float_bytes(self, checkpoint_dtype: str) -> int:
-        """Bytes per unquantized weight as held (memory.host_plan): float32 whatever is read."""
-        return 4
+        """Bytes per unquantized weight as held (memory.host_plan; backends.float_bytes)."""
+        from . import float_bytes
+
+        return float_bytes(self.name, checkpoint_dtype)
 
     # Capabilities (backends/__init__.py): what the engine and the memory plan may rely on.
     graphs = None  # no captured decode graphs
