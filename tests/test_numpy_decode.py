@@ -15,11 +15,12 @@ from tinyllm.backends.numpy_backend import NumpyBackend, NumpyKVCache, rope_rota
 
 REF = NumpyBackend()
 
-# (name, starts, block_size, ring, window): one new token per sequence
+# (name, starts, lens, block_size, ring, window): the sequences of one new token go together
 DECODE = [
-    ("lengths_apart", [0, 4096, 77, 5], 16, 257, None),  # 1 key next to 4097 (padding)
-    ("window_rolling", [100, 3, 40], 8, 6, 32),  # C = 48, W = 32: wrapped twice
-    ("same_length", [9, 9, 9], 4, 8, None),
+    ("lengths_apart", [0, 4096, 77, 5], [1, 1, 1, 1], 16, 257, None),  # 1 key beside 4097
+    ("window_rolling", [100, 3, 40], [1, 1, 1], 8, 6, 32),  # C = 48, W = 32: wrapped twice
+    ("same_length", [9, 9, 9], [1, 1, 1], 4, 8, None),
+    ("with_a_prefill", [30, 0, 12, 50], [1, 20, 1, 1], 8, 8, None),  # the chunk: the loop
 ]
 
 
@@ -27,19 +28,21 @@ DECODE = [
 @pytest.mark.parametrize("n_heads,n_kv", GQA)
 @pytest.mark.parametrize("case", DECODE, ids=[c[0] for c in DECODE])
 def test_decode_attention_equals_each_sequence_alone(case, n_heads, n_kv, kv_dtype):
-    name, starts, bs, ring, window = case
+    name, starts, lens, bs, ring, window = case
     rng = np.random.default_rng(len(name) * 100 + n_heads * 10 + n_kv)
-    lens, hd = [1] * len(starts), 32
+    hd = 32
     spec = spec_for(starts, lens, bs, ring, window, n_kv, hd, kv_dtype)
     tables = paged_tables(rng, spec, starts, lens, shared_rows=1)
     cache = cache_for(rng, spec, tables, starts, lens)  # NaN wherever no query may read
-    q = randn(rng, len(starts), n_heads, hd)
-    got = REF.attention(q, cache, 0, Batch(tables, starts, lens), hd**-0.5)
+    batch = Batch(tables, starts, lens)
+    q = randn(rng, batch.n_tokens, n_heads, hd)
+    got = REF.attention(q, cache, 0, batch, hd**-0.5)
     assert np.isfinite(got).all()  # no padding or stale entry reached the output
     for b in range(len(starts)):
-        alone = Batch(tables[b : b + 1], starts[b : b + 1], [1], [b])
-        want = REF.attention(q[b : b + 1], cache, 0, alone, hd**-0.5)  # the loop
-        np.testing.assert_allclose(got[b : b + 1], want, rtol=1e-5, atol=1e-6)
+        r = slice(batch.cu_lens[b], batch.cu_lens[b + 1])
+        alone = Batch(tables[b : b + 1], starts[b : b + 1], lens[b : b + 1], [b])
+        want = REF.attention(q[r], cache, 0, alone, hd**-0.5)  # the loop
+        np.testing.assert_allclose(got[r], want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kv_dtype", ["fp32", "fp16", "bf16"])

@@ -268,7 +268,8 @@ class EngineWorker:
 
     def submit(self, req: Request, sink: Callable[[list[Event]], None], group: int = 0):
         """Queue a request; `sink` receives its events, a list per engine step, on the engine
-        thread, and must not block. The request's index must come from new_index(); `group`
+        thread, and must not block (requests handing the same sink get one list a step, their
+        events together). The request's index must come from new_index(); `group`
         names the HTTP request it belongs to (the fair queue takes groups in turn)."""
         if self.failed:
             sink([Event("error", req.index, error=self.failed, code="engine_failed")])
@@ -433,7 +434,7 @@ class EngineWorker:
         self.metrics.prefix_hits.inc(eng.stats["cached_tokens"] - before["cached_tokens"])
         self.metrics.preemptions.inc(eng.stats["preemptions"] - before["preemptions"])
         now = time.perf_counter()
-        by_req: dict[int, list[Event]] = {}
+        by_req: dict[int, list[Event]] = {}  # (in step order within each choice)
         for ev in events:
             tr = self.tracked.get(ev.index)
             if tr is None:  # aborted meanwhile
@@ -448,14 +449,17 @@ class EngineWorker:
             elif ev.kind == "finish":
                 self.metrics.finished.labels(ev.completion.finish_reason).inc()
             by_req.setdefault(ev.index, []).append(ev)
-        for index, evs in by_req.items():
+        by_sink: dict[Callable, list[Event]] = {}  # one call per sink (an HTTP request's
+        for index, evs in by_req.items():  # choices share one): one wake-up of its reader
             if evs[-1].kind in ("finish", "error"):
                 tr = self.tracked.pop(index)
                 if index in self.seq_of:
                     self._forget(index)
             else:
                 tr = self.tracked[index]
-            tr.sink(evs)
+            by_sink.setdefault(tr.sink, []).extend(evs)
+        for sink, evs in by_sink.items():
+            sink(evs)
 
     def _publish(self):
         eng, m = self.engine, self.metrics
@@ -638,7 +642,15 @@ class Generation:
         self.t0 = time.time()
 
     def start(self):
+        # A plain (not streamed) response is built from the finish events alone (and the
+        # token events, for logprobs): its reader is woken for nothing else.
+        whole = not self.job.stream and self.job.params.logprobs is None
+
         def sink(evs: list[Event]):  # engine thread
+            if whole:
+                evs = [ev for ev in evs if ev.kind in ("finish", "error")]
+                if not evs:
+                    return
             try:
                 self.loop.call_soon_threadsafe(self.events.put_nowait, evs)
             except RuntimeError:  # the loop has closed: nobody is listening

@@ -197,10 +197,15 @@ class NumpyBackend:
         spec = cache.spec
         T, n_heads, hd = q.shape
         n_kv, n_rep = spec.n_kv_heads, n_heads // spec.n_kv_heads
-        if T == len(batch.lens) and T > 1 and not spec.quantized:
-            return self._decode_attention(q, cache, layer, batch, scale)
         out = np.empty((T, n_heads, hd), np.float32)
-        for b, table in enumerate(batch.tables):
+        loop = range(len(batch.lens))
+        one = np.flatnonzero(batch.lens == 1)  # sequences bringing one token (decoding)
+        if len(one) > 1 and not spec.quantized:  # together (_decode_attention), the rest here
+            rows = batch.cu_lens[one]
+            out[rows] = self._decode_attention(q[rows], cache, layer, batch, one, scale)
+            loop = np.flatnonzero(batch.lens != 1)
+        for b in loop:
+            table = batch.tables[b]
             r = slice(batch.cu_lens[b], batch.cu_lens[b + 1])
             qpos = batch.positions[r]  # (L,)
             total = int(batch.starts[b] + batch.lens[b])  # positions cached after the write
@@ -217,23 +222,23 @@ class NumpyBackend:
             out[r] = o.transpose(2, 0, 1, 3).reshape(-1, n_heads, hd)
         return out.reshape(T, n_heads * hd)
 
-    def _decode_attention(self, q, cache: NumpyKVCache, layer, batch, scale):
-        """attention() when every sequence brings one token (a decode step, unquantized
-        cache), for all sequences at once: each one's keys lo_b .. total_b - 1 gathered into
-        rows padded to the longest n, the padding masked to -inf (weight exactly 0; it gathers
-        valid cache entries, so 0 * v stays 0). The same math as the loop, one set of array
-        ops instead of B: padding changes only the order of float sums (the loop's results to
-        rounding, not bit for bit)."""
+    def _decode_attention(self, q, cache: NumpyKVCache, layer, batch, seqs, scale):
+        """attention() of the sequences `seqs` (B,) of the batch that bring one token each
+        (q (B, n_heads, hd): their rows; unquantized cache), all at once: each one's keys
+        lo_b .. total_b - 1 gathered into rows padded to the longest n, the padding masked to
+        -inf (weight exactly 0; it gathers valid cache entries, so 0 * v stays 0). The loop's
+        math in one set of array ops instead of B: padding changes only the order of float
+        sums (the loop's results to rounding, not bit for bit). Returns (B, n_heads, hd)."""
         spec = cache.spec
         B, n_heads, hd = q.shape
         n_kv, n_rep = spec.n_kv_heads, n_heads // spec.n_kv_heads
-        total = batch.starts.astype(np.int64) + 1  # (B,) positions cached after the write
+        total = batch.starts[seqs].astype(np.int64) + 1  # (B,) positions cached after the write
         lo = np.array([visible_lo(int(t), int(t) - 1, spec) for t in total])  # (B,)
         n = total - lo  # (B,) keys each query sees (its window's, or all)
         col = np.arange(int(n.max()))  # (N,)
         valid = col[None, :] < n[:, None]  # (B, N)
         kpos = lo[:, None] + np.where(valid, col[None, :], 0)  # (B, N): padding reads lo_b
-        at = batch_entries(batch.tables, np.arange(B)[:, None], kpos, spec)
+        at = batch_entries(batch.tables, seqs[:, None], kpos, spec)
         k = cache.k[layer][at].astype(np.float32)  # (B, N, n_kv, hd)
         v = cache.v[layer][at].astype(np.float32)
         # GQA: query head h = g * n_rep + j uses KV head g.
@@ -241,4 +246,4 @@ class NumpyBackend:
         s = qg @ k.transpose(0, 2, 3, 1)[:, :, None] * scale  # (B, n_kv, n_rep, 1, N)
         s = np.where(valid[:, None, None, None, :], s, -np.inf)
         o = softmax(s) @ v.transpose(0, 2, 1, 3)[:, :, None]  # (B, n_kv, n_rep, 1, hd)
-        return o.reshape(B, n_heads * hd)
+        return o.reshape(B, n_heads, hd)
