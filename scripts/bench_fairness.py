@@ -2,6 +2,7 @@
 the server with fan-out requests, on loopback.
 
     python scripts/bench_fairness.py [--model DIR] [--repeats 5] [--a-prompt-tokens 200]
+        [--fanout-slots N]
 
 Starts `tinyllm serve` (--backend, default numpy) on 127.0.0.1 with a free port, then
 --repeats rounds of:
@@ -47,7 +48,7 @@ def tiny_model(tmp: Path) -> Path:
 
 
 def start(
-    repo: Path, model: Path | None, max_batch: int, log, backend: str = "numpy"
+    repo: Path, model: Path | None, max_batch: int, log, backend: str = "numpy", fanout: int = 0
 ) -> tuple[subprocess.Popen, str]:
     cmd = [
         sys.executable,
@@ -63,6 +64,7 @@ def start(
         str(max_batch),
         "--ctx-size",
         "256",
+        *(["--fanout-slots", str(fanout)] if fanout else []),  # (older checkouts lack it)
     ]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=repo)
@@ -155,6 +157,7 @@ def main() -> int:
     ap.add_argument("--repo", default=str(ROOT), help="checkout to run the server from")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--backend", default="numpy", help="the server's --backend (numpy, cpu)")
+    ap.add_argument("--fanout-slots", type=int, default=0, help="the server's (default: 0, off)")
     ap.add_argument("--repeats", type=int, default=5, help="unloaded + flooded rounds")
     ap.add_argument("--seconds", type=float, default=60, help="longest a round's flood runs")
     ap.add_argument("--a-clients", type=int, default=4)
@@ -171,19 +174,20 @@ def main() -> int:
     ap.add_argument("--b-tokens", type=int, default=16)
     a = ap.parse_args()
 
-    rounds = []
+    rounds, speeds = [], []  # (B alone, B flooded) latencies; generated tokens/s flooded
     with tempfile.TemporaryDirectory() as tmp:
         model = (
             None if a.model == "embedded" else Path(a.model) if a.model else tiny_model(Path(tmp))
         )
         log = open(Path(tmp) / "serve.log", "w+")
-        proc, url = start(Path(a.repo), model, a.max_batch, log, a.backend)
+        proc, url = start(Path(a.repo), model, a.max_batch, log, a.backend, a.fanout_slots)
         try:
             b_latencies(url, 2, a.b_tokens)  # warm-up
             for r in range(a.repeats):
                 alone = b_latencies(url, a.b_requests, a.b_tokens)
                 loaded, tok_s, a_done = flooded(url, a)
                 rounds.append((alone, loaded))
+                speeds.append(tok_s)
                 (m0, p0), (m1, p1) = (stat([x[1] for x in xs]) for xs in (alone, loaded))
                 f0, f1 = (stat([x[0] for x in xs])[0] for xs in (alone, loaded))
                 print(
@@ -200,11 +204,18 @@ def main() -> int:
             log.close()
 
     name = model.name if model is not None else "embedded SmolLM2-135M"
-    print(f"server: {a.repo}, model {name}, --max-batch {a.max_batch}, {os.cpu_count()} CPUs")
+    print(
+        f"server: {a.repo}, model {name}, --max-batch {a.max_batch}, --fanout-slots "
+        f"{a.fanout_slots}, {os.cpu_count()} CPUs"
+    )
     print(
         f"flood: {a.a_clients} clients x {a.a_prompts} prompts "
         f"({a.a_prompt_tokens or 'a few'} tokens) x n={a.a_n}, max_tokens {a.a_tokens}; "
         f"B: {a.b_requests} requests of max_tokens {a.b_tokens}; {len(rounds)} rounds"
+    )
+    print(
+        "flood throughput (A's and B's tokens/s), median over rounds:",
+        f"{statistics.median(speeds):.0f}",
     )
     for what, k in (("latency", 1), ("first token", 0)):
         med = [stat([x[k] for x in lo])[0] / stat([x[k] for x in al])[0] for al, lo in rounds]

@@ -654,13 +654,9 @@ ATTN_BATCHES = [
 GQA = [(4, 4), (8, 2), (16, 2), (4, 1), (12, 1)]  # n_rep 1, 4, 8, all, 12
 
 
-def run_attention(
-    be, rng, batch_case, n_heads, n_kv, hd, kv_dtype, loud_tail: int = 0, shared_rows: int = 0
-):
-    """Attention of one batch on both backends over the same cache bytes (cache_for: random
-    where visible, NaN elsewhere) and the same scattered block tables."""
-    name, starts, lens, bs, ring, window = batch_case
-    spec = KVCacheSpec(
+def spec_for(starts, lens, bs, ring, window, n_kv, hd, kv_dtype) -> KVCacheSpec:
+    """The one-layer spec of a test batch: a pool for paged_tables, an open row each."""
+    return KVCacheSpec(
         1,
         pool_blocks(starts, lens, bs, ring),
         bs,
@@ -672,6 +668,15 @@ def run_attention(
         max_seq_len=max(s + n for s, n in zip(starts, lens)) + 1,
         n_open=len(starts),
     )
+
+
+def run_attention(
+    be, rng, batch_case, n_heads, n_kv, hd, kv_dtype, loud_tail: int = 0, shared_rows: int = 0
+):
+    """Attention of one batch on both backends over the same cache bytes (cache_for: random
+    where visible, NaN elsewhere) and the same scattered block tables."""
+    name, starts, lens, bs, ring, window = batch_case
+    spec = spec_for(starts, lens, bs, ring, window, n_kv, hd, kv_dtype)
     tables = paged_tables(rng, spec, starts, lens, shared_rows)
     np_cache = cache_for(rng, spec, tables, starts, lens, loud_tail)
     batch = Batch(tables, starts, lens)

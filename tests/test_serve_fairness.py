@@ -30,7 +30,7 @@ class Driver:
 
     def __init__(self, llm):
         self.w = EngineWorker(llm.engine, Metrics())
-        llm.engine.ensure_cache()
+        llm.engine.reset()  # (what an earlier test left running)
         self.events = defaultdict(list)
         self.steps = 0
 
@@ -106,6 +106,46 @@ def test_a_request_never_loses_its_last_slot(llm):
         assert d.steps < 100
     assert llm.engine.stats["preemptions"] == before
     assert all(d.finished(i) for i in first)  # it ran only once one of them had ended
+
+
+@pytest.mark.parametrize("fanout_slots,width", [(0, MAX_BATCH), (1, 3)])
+def test_fanout_slots_narrow_the_batch_while_a_single_choice_runs(
+    llm, monkeypatch, fanout_slots, width
+):
+    """--fanout-slots 1: while a one-choice request runs beside two flood requests of 8
+    choices, the flood keeps one slot per request (2; the cap of 1 cannot take a request's
+    last slot), so every step of the short request runs a batch of 3 instead of MAX_BATCH;
+    once it ends the flood is back at full width the next step. Off (0): the short request
+    decodes in a full batch. Either way it starts in the next step and takes one token a
+    step, and nothing is lost: every output is the one the engine gives it alone."""
+    tok = llm.tokenizer
+    flood_ids, short_ids = tok.encode("tell me a story"), tok.encode("hi there")
+    d = Driver(llm)
+    d.w.fanout_slots = fanout_slots
+    sizes: list[int] = []
+    sch = llm.engine.scheduler
+    real_ran = sch.ran
+    monkeypatch.setattr(sch, "ran", lambda runs: (sizes.append(len(runs)), real_ran(runs)))
+    flood = [d.submit(flood_ids, FLOOD, group) for group in (1, 2) for _ in range(8)]
+    for _ in range(3):
+        d.turn()
+    assert sizes == [MAX_BATCH] * 3  # no single choice: the cap does not apply
+
+    short = d.submit(short_ids, SHORT, group=3)
+    start = len(sizes)
+    while not d.finished(short):
+        d.turn()
+    assert len(sizes) - start == SHORT.max_tokens  # from the next step, one token a step
+    assert sizes[start:] == [width] * SHORT.max_tokens
+    d.turn()
+    assert sizes[-1] == MAX_BATCH  # the flood's slots come back at once
+    while not all(d.finished(i) for i in flood):
+        d.turn()
+        assert d.steps < 400, "the flood did not finish"
+    want_flood, want_short = llm.generate([flood_ids, short_ids], [FLOOD, SHORT])
+    assert all(d.tokens(i) == want_flood.token_ids for i in flood)
+    assert d.tokens(short) == want_short.token_ids
+    assert not d.w.group_of and not d.w.seq_of and not d.w.fair
 
 
 # ---- /health while a request is heavy -------------------------------------------------------

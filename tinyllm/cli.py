@@ -537,6 +537,16 @@ def _add_serve_parser(sub) -> None:
         "free blocks for them (default: 8)",
     )
     sv.add_argument(
+        "--fanout-slots",
+        type=int,
+        default=0,
+        metavar="N",
+        help="while a request of one choice runs, requests of several choices (n > 1, several "
+        "prompts) hold at most N batch slots between them, one each at least: its latency then "
+        "grows less with the flood's width, at the flood's throughput; worth it where a batch "
+        "step costs much more than one sequence's (the numpy backend) (default: 0, no cap)",
+    )
+    sv.add_argument(
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' on /v1 routes and /metrics "

@@ -19,6 +19,7 @@ that goes away aborts its requests, freeing their KV-cache blocks for the next s
 # No `from __future__ import annotations`: FastAPI reads the route signatures' annotations,
 # and `HTTPRequest` is imported inside create_app (fastapi is an optional extra).
 import asyncio
+import collections
 import hmac
 import ipaddress
 import itertools
@@ -258,6 +259,7 @@ class EngineWorker:
         self.thread = threading.Thread(target=self._loop, name="tinyllm-engine", daemon=True)
         self.failed: str | None = None  # why the engine is gone for good
         self.faults = 0
+        self.fanout_slots = 0  # --fanout-slots: the cap _cap_fanout applies (0: none)
         self.on_fatal: Callable[[], None] | None = None
 
     def start(self):
@@ -268,7 +270,8 @@ class EngineWorker:
 
     def submit(self, req: Request, sink: Callable[[list[Event]], None], group: int = 0):
         """Queue a request; `sink` receives its events, a list per engine step, on the engine
-        thread, and must not block. The request's index must come from new_index(); `group`
+        thread, and must not block (requests handing the same sink get one list a step, their
+        events together). The request's index must come from new_index(); `group`
         names the HTTP request it belongs to (the fair queue takes groups in turn)."""
         if self.failed:
             sink([Event("error", req.index, error=self.failed, code="engine_failed")])
@@ -312,6 +315,7 @@ class EngineWorker:
             if self._commands(cmds):
                 return False
             self._feed()
+            self._cap_fanout()
             if eng.has_work() and not self.failed:
                 self._step()
             self._publish()
@@ -399,6 +403,56 @@ class EngineWorker:
             sch.preempt(seq)
         self.metrics.preemptions.inc(len(victims))
 
+    def _cap_fanout(self):
+        """--fanout-slots N: while a *single* choice is in the engine (a request of one choice,
+        nothing of it queued), the requests with several choices there hold at most N batch
+        slots between them (but each keeps one): the newest choices of the request holding the
+        most are preempted, as _make_room does, the engine's queue puts the single choices
+        first, and the engine runs at most singles + N sequences a step. With the cap on, a
+        request that has nothing in the engine enters it at once (it waits for no slot).
+
+        Why: on a backend where a step's cost grows with its batch (numpy: OpenBLAS's small-M
+        GEMM costs ~2x a GEMV; a 64-wide model's per-sequence work), a short request decoding
+        beside a flood pays for the flood's width every step, up to ~3x its latency alone,
+        however fairly it was admitted. The price is the flood's throughput while a single
+        runs: it decodes N (or one per request) sequences a step instead of max_batch - 1.
+        Off by default: where a batch costs little more than one sequence (cpu GEMV, cuda)
+        the cap only loses throughput. BENCHMARKS.md gives both sides' figures."""
+        eng, sch = self.engine, self.engine.scheduler
+        if sch is None or self.failed:
+            return
+        width = eng.max_batch
+        if self.fanout_slots <= 0:
+            sch.max_batch = width
+            return
+        in_engine = collections.Counter(self.group_of.values())
+        for g in [g for g in self.fair.groups() if g not in in_engine]:  # newcomers enter now
+            self._add(g)
+            in_engine[g] = 1
+        queued = set(self.fair.groups())
+        singles = {g for g, n in in_engine.items() if n == 1 and g not in queued}
+        if not singles:
+            sch.max_batch = width
+            return
+        held: dict[int, list[int]] = {g: [] for g in in_engine if g not in singles}
+        for s in sch.running:  # fan-out group -> its running sequences, oldest first
+            if self.group_of.get(s.id, -1) in held:
+                held[self.group_of[s.id]].append(s.id)
+        allowed = max(self.fanout_slots, len(held))  # each keeps (or gets) one slot
+        # a group with nothing running counts for one: the largest gives it a slot
+        victims = []
+        while sum(max(1, len(v)) for v in held.values()) > allowed:
+            most = max(held.values(), key=len)
+            victims.append(most.pop())
+        for seq in victims:
+            sch.preempt(seq)
+        self.metrics.preemptions.inc(len(victims))
+        # (stable: singles first, then the others in the order they were queued)
+        sch.waiting = collections.deque(
+            sorted(sch.waiting, key=lambda s: self.group_of.get(s.id) not in singles)
+        )
+        sch.max_batch = min(width, len(singles) + allowed)
+
     def _fault(self, recover: bool = True):
         """A bug in the engine: fail every tracked request now, then start afresh (or give up)."""
         traceback.print_exc()
@@ -433,7 +487,7 @@ class EngineWorker:
         self.metrics.prefix_hits.inc(eng.stats["cached_tokens"] - before["cached_tokens"])
         self.metrics.preemptions.inc(eng.stats["preemptions"] - before["preemptions"])
         now = time.perf_counter()
-        by_req: dict[int, list[Event]] = {}
+        by_req: dict[int, list[Event]] = {}  # (in step order within each choice)
         for ev in events:
             tr = self.tracked.get(ev.index)
             if tr is None:  # aborted meanwhile
@@ -448,14 +502,17 @@ class EngineWorker:
             elif ev.kind == "finish":
                 self.metrics.finished.labels(ev.completion.finish_reason).inc()
             by_req.setdefault(ev.index, []).append(ev)
-        for index, evs in by_req.items():
+        by_sink: dict[Callable, list[Event]] = {}  # one call per sink (an HTTP request's
+        for index, evs in by_req.items():  # choices share one): one wake-up of its reader
             if evs[-1].kind in ("finish", "error"):
                 tr = self.tracked.pop(index)
                 if index in self.seq_of:
                     self._forget(index)
             else:
                 tr = self.tracked[index]
-            tr.sink(evs)
+            by_sink.setdefault(tr.sink, []).extend(evs)
+        for sink, evs in by_sink.items():
+            sink(evs)
 
     def _publish(self):
         eng, m = self.engine, self.metrics
@@ -638,7 +695,15 @@ class Generation:
         self.t0 = time.time()
 
     def start(self):
+        # A plain (not streamed) response is built from the finish events alone (and the
+        # token events, for logprobs): its reader is woken for nothing else.
+        whole = not self.job.stream and self.job.params.logprobs is None
+
         def sink(evs: list[Event]):  # engine thread
+            if whole:
+                evs = [ev for ev in evs if ev.kind in ("finish", "error")]
+                if not evs:
+                    return
             try:
                 self.loop.call_soon_threadsafe(self.events.put_nowait, evs)
             except RuntimeError:  # the loop has closed: nobody is listening
@@ -1185,6 +1250,9 @@ def run_serve(a) -> int:
 
     if a.max_batch < 1:
         raise TinyLLMError(f"--max-batch must be at least 1 (got {a.max_batch})")
+    fanout = getattr(a, "fanout_slots", 0)
+    if fanout < 0:
+        raise TinyLLMError(f"--fanout-slots must be 0 (no cap) or more (got {fanout})")
     limits = Limits.from_args(a)
     api_key = a.api_key or os.environ.get("TINYLLM_API_KEY") or None
     sock = listen(a.host, a.port)
@@ -1228,6 +1296,7 @@ def run_serve(a) -> int:
         server.should_exit = True
 
     app.state.server.worker.on_fatal = on_fatal
+    app.state.server.worker.fanout_slots = fanout
     server.run(sockets=[sock])
     if app.state.server.worker.failed:
         print(f"tinyllm serve: {app.state.server.worker.failed}", file=sys.stderr, flush=True)

@@ -96,6 +96,15 @@ class NumpyKVCache:
         return k, dequantize(v, self.v_scale[layer][at])
 
 
+def batch_entries(
+    tables: np.ndarray, rows: np.ndarray, positions: np.ndarray, spec: KVCacheSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """(block, offset) of each position, where rows (broadcast with positions) names the
+    table (tables (B, R)) each goes through: kv_cache.entries for a batch at once."""
+    positions = np.asarray(positions, np.int64)
+    return tables[rows, (positions // spec.block_size) % spec.ring], positions % spec.block_size
+
+
 def rope_rotate(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
     """Rotate-half RoPE (HF layout): pairs (j, j + d/2) turn by angle pos * inv_freq[j].
     x (T, heads, d), positions (T,), inv_freq (d/2,) float32."""
@@ -189,6 +198,10 @@ class NumpyBackend:
     def rope_kv_write(self, q, k, v, cache: NumpyKVCache, layer, batch, inv_freq):
         q = self.rope(q, batch.positions, inv_freq)
         k = self.rope(k, batch.positions, inv_freq)
+        if not cache.spec.quantized:  # one scatter for every token: (block, offset) of each
+            at = batch_entries(batch.tables, batch.seq_of_token, batch.positions, cache.spec)
+            cache.k[layer][at], cache.v[layer][at] = k, v
+            return q
         for b, table in enumerate(batch.tables):
             r = slice(batch.cu_lens[b], batch.cu_lens[b + 1])
             cache.write(layer, table, batch.positions[r], k[r], v[r], batch.opens[b])
@@ -202,7 +215,14 @@ class NumpyBackend:
         T, n_heads, hd = q.shape
         n_kv, n_rep = spec.n_kv_heads, n_heads // spec.n_kv_heads
         out = np.empty((T, n_heads, hd), np.float32)
-        for b, table in enumerate(batch.tables):
+        loop = range(len(batch.lens))
+        one = np.flatnonzero(batch.lens == 1)  # sequences bringing one token (decoding)
+        if len(one) > 1 and not spec.quantized:  # together (_decode_attention), the rest here
+            rows = batch.cu_lens[one]
+            out[rows] = self._decode_attention(q[rows], cache, layer, batch, one, scale)
+            loop = np.flatnonzero(batch.lens != 1)
+        for b in loop:
+            table = batch.tables[b]
             r, qpos, total, kpos = sequence_positions(batch, b, spec)
             k, v = cache.read(layer, table, kpos, total, batch.opens[b])  # (n, n_kv, hd)
             allowed = kpos[None, :] <= qpos[:, None]
@@ -215,3 +235,29 @@ class NumpyBackend:
             o = softmax(s) @ v.transpose(1, 0, 2)[:, None]  # (n_kv, n_rep, L, hd)
             out[r] = o.transpose(2, 0, 1, 3).reshape(-1, n_heads, hd)
         return out.reshape(T, n_heads * hd)
+
+    def _decode_attention(self, q, cache: NumpyKVCache, layer, batch, seqs, scale):
+        """attention() of the sequences `seqs` (B,) of the batch that bring one token each
+        (q (B, n_heads, hd): their rows; unquantized cache), all at once: each one's keys
+        lo_b .. total_b - 1 gathered into rows padded to the longest n, the padding masked to
+        -inf (weight exactly 0; it gathers valid cache entries, so 0 * v stays 0). The loop's
+        math in one set of array ops instead of B: padding changes only the order of float
+        sums (the loop's results to rounding, not bit for bit). Returns (B, n_heads, hd)."""
+        spec = cache.spec
+        B, n_heads, hd = q.shape
+        n_kv, n_rep = spec.n_kv_heads, n_heads // spec.n_kv_heads
+        total = batch.starts[seqs].astype(np.int64) + 1  # (B,) positions cached after the write
+        lo = np.array([visible_lo(int(t), int(t) - 1, spec) for t in total])  # (B,)
+        n = total - lo  # (B,) keys each query sees (its window's, or all)
+        col = np.arange(int(n.max()))  # (N,)
+        valid = col[None, :] < n[:, None]  # (B, N)
+        kpos = lo[:, None] + np.where(valid, col[None, :], 0)  # (B, N): padding reads lo_b
+        at = batch_entries(batch.tables, seqs[:, None], kpos, spec)
+        k = cache.k[layer][at].astype(np.float32)  # (B, N, n_kv, hd)
+        v = cache.v[layer][at].astype(np.float32)
+        # GQA: query head h = g * n_rep + j uses KV head g.
+        qg = q.reshape(B, n_kv, n_rep, 1, hd)
+        s = qg @ k.transpose(0, 2, 3, 1)[:, :, None] * scale  # (B, n_kv, n_rep, 1, N)
+        s = np.where(valid[:, None, None, None, :], s, -np.inf)
+        o = softmax(s) @ v.transpose(0, 2, 1, 3)[:, :, None]  # (B, n_kv, n_rep, 1, hd)
+        return o.reshape(B, n_heads, hd)
