@@ -202,38 +202,43 @@ class CpuBackend(NumpyBackend):
 
     def _prepare(self, fmt: str):
         """Compile (or load from numba's on-disk cache) the kernels of `fmt` on a tiny input
-        the first time a weight of that format arrives; report a real compile once."""
+        the first time a weight of that format arrives, and with the first, those of the
+        small ops ("ops": rms_norm, rope, attention); report a real compile once."""
         if fmt in self._ready:
             return
-        from . import cpu_kernels as ck
-
+        fmts = [fmt] if self._ready else ["ops", fmt]
+        kernels = [k for f in fmts for k in _kernels(f)]
         t0 = time.perf_counter()
-        kernels = (ck.gemv_f32, ck.read_bandwidth) if fmt == "fp32" else ()
-        if fmt != "fp32":
-            name = "planes" if fmt in PLANAR else fmt
-            kernels = (getattr(ck, f"gemv_{name}"), getattr(ck, f"dequant_{name}"))
         before = sum(k.stats.cache_misses.get(s, 0) for k in kernels for s in k.stats.cache_misses)
-        self._warm(fmt)
+        for f in fmts:
+            self._warm(f)
+            self._ready.add(f)
         misses = sum(k.stats.cache_misses.get(s, 0) for k in kernels for s in k.stats.cache_misses)
         if misses > before:
             print(
                 f"compiling CPU kernels ({fmt}), once: {time.perf_counter() - t0:.1f} s",
                 file=sys.stderr,
             )
-        self._ready.add(fmt)
 
     def _warm(self, fmt: str):
-        """Run fmt's kernels on a 1x256 weight of zeros (compiles them for these types)."""
+        """Run fmt's kernels on tiny zeros, with the argument types a model passes (compiles
+        them for these types): a 1x256 weight, or the small ops on one token."""
+        from . import cpu_kernels as ck
+
         K = 256
         x = np.zeros((1, K), np.float32)
-        if fmt == "fp32":
-            from . import cpu_kernels as ck
-
+        if fmt == "ops":
+            self.rms_norm(x, x[0], 1e-5)
+            q = self.rope(np.zeros((1, 1, 8), np.float32), np.zeros(1, np.int32), x[0, :4])
+            kv, pos = np.zeros((1, 1, 1, 8), np.float32), np.zeros(1, np.int64)
+            args = (np.zeros(1, np.int32), pos, np.zeros(1, np.int32), pos, 0, np.float32(1))
+            ck.attention(q, kv, kv, *args, np.empty_like(q))
+        elif fmt == "fp32":
             ck.gemv_f32(x, np.zeros((4, K), np.float32), np.zeros((1, 4), np.float32))
-            return
-        w = _zero_weight(fmt, K)
-        self._gemv(fmt, x, w)
-        self._dequant(fmt, w, 0, 1)
+        else:
+            w = _zero_weight(fmt, K)
+            self._gemv(fmt, x, w)
+            self._dequant(fmt, w, 0, 1)
 
     def concat_rows(self, arrays: list):
         """The fused projections of model.py: q|k|v and gate|up stacked by rows into one
@@ -377,6 +382,18 @@ def plane_order(K: int, fmt: str) -> np.ndarray:
     from .cpu_kernels import plane_order as order
 
     return order(K, fmt)
+
+
+def _kernels(fmt: str) -> tuple:
+    """The compiled kernels _prepare(fmt) warms ("ops": the small ops')."""
+    from . import cpu_kernels as ck
+
+    if fmt == "ops":
+        return ck.rms_norm, ck.rope, ck.attention
+    if fmt == "fp32":
+        return ck.gemv_f32, ck.read_bandwidth
+    name = "planes" if fmt in PLANAR else fmt
+    return getattr(ck, f"gemv_{name}"), getattr(ck, f"dequant_{name}")
 
 
 def _zero_weight(fmt: str, K: int):
