@@ -42,8 +42,9 @@ import ml_dtypes
 import numpy as np
 
 from .. import quant
-from ..kv_cache import entries
-from .numpy_backend import NumpyBackend, sequence_positions
+from ..kv_cache import KVCacheSpec
+from . import Batch
+from .numpy_backend import NumpyBackend
 
 GEMV_MAX_ROWS = 16  # x rows up to which the compiled GEMV runs (measured: docstring)
 TILE_BYTES = 1 << 20  # fp32 bytes of weight rows per prefill tile
@@ -230,9 +231,8 @@ class CpuBackend(NumpyBackend):
         if fmt == "ops":
             self.rms_norm(x, x[0], 1e-5)
             q = self.rope(np.zeros((1, 1, 8), np.float32), np.zeros(1, np.int32), x[0, :4])
-            kv, pos = np.zeros((1, 1, 1, 8), np.float32), np.zeros(1, np.int64)
-            args = (np.zeros(1, np.int32), pos, np.zeros(1, np.int32), pos, 0, np.float32(1))
-            ck.attention(q, kv, kv, *args, np.empty_like(q))
+            cache = self.alloc_kv(KVCacheSpec(1, 1, 1, 1, 1, 8, "fp32", None, 1))
+            self.attention(q, cache, 0, Batch(np.zeros((1, 1), np.int32), [0], [1]), 1.0)
         elif fmt == "fp32":
             ck.gemv_f32(x, np.zeros((4, K), np.float32), np.zeros((1, 4), np.float32))
         else:
@@ -300,11 +300,12 @@ class CpuBackend(NumpyBackend):
             return super().attention(q, cache, layer, batch, scale)
         T, n_heads, hd = q.shape
         q, out = np.ascontiguousarray(q, dtype=np.float32), np.empty(q.shape, np.float32)
-        k, v, window = cache.k[layer], cache.v[layer], int(spec.window or 0)
-        for b, table in enumerate(batch.tables):
-            r, qpos, _, kpos = sequence_positions(batch, b, spec)
-            blocks, offs = entries(table, kpos, spec)
-            ck.attention(q[r], k, v, blocks, offs, qpos, kpos, window, np.float32(scale), out[r])
+        geometry = (spec.block_size, spec.ring, spec.capacity, int(spec.window or 0))
+        b = batch
+        ck.attention(
+            q, cache.k[layer], cache.v[layer], b.tables, b.starts, b.cu_lens, b.positions,
+            geometry, np.float32(scale), out,
+        )  # fmt: skip
         return out.reshape(T, n_heads * hd)
 
     def linear(self, x, w, b=None):

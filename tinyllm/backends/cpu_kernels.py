@@ -479,35 +479,50 @@ def rope(x, cos, sin):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def attention(q, k, v, blocks, offs, qpos, kpos, window, scale, out):
-    """One sequence's attention over its cached keys: q (L, n_heads, hd) at positions qpos
-    (L,); keys/values at positions kpos (n,) live in k, v (n_blocks, block_size, n_kv, hd)
-    float32 at [blocks[i], offs[i]]. Query position qp sees key position p when
-    p <= qp and (window == 0 or p > qp - window); GQA: head h reads KV head h // (n_heads /
-    n_kv). out (L, n_heads, hd) = softmax(q·kᵀ · scale over the seen keys) · v."""
-    L, n_heads, hd = q.shape
-    n, n_rep = kpos.shape[0], n_heads // k.shape[2]
-    s = np.empty(n, np.float32)
-    for i in range(L):
-        for h in range(n_heads):
-            g = h // n_rep
-            top = np.float32(-np.inf)
-            for j in range(n):
-                seen = kpos[j] <= qpos[i] and (window == 0 or kpos[j] > qpos[i] - window)
-                s[j] = dot(q[i, h], k[blocks[j], offs[j], g]) * scale if seen else -np.inf
-                top = max(top, s[j])
-            total = np.float32(0.0)
-            for j in range(n):
-                s[j] = np.exp(s[j] - top)
-                total += s[j]
-            o = out[i, h]
-            o[:] = 0
-            for j in range(n):
-                if s[j] != 0:
-                    p = s[j] / total
-                    vj = v[blocks[j], offs[j], g]
-                    for e in range(U(hd)):
-                        o[e] += p * vj[e]
+def attention(q, k, v, tables, starts, cu_lens, positions, geometry, scale, out):
+    """A batch's attention over a float32 paged cache (numpy_backend.attention's twin).
+    Sequence b's queries are rows cu_lens[b] .. cu_lens[b+1]-1 of q (T, n_heads, hd), at
+    `positions`; after this step's write it has total = starts[b] + (its rows) positions
+    cached, in k, v (n_blocks, block_size, n_kv, hd) through its block table tables[b] (R,).
+    geometry = (block_size, R, capacity C = R * block_size, window W or 0). As kv_cache.py:
+    it reads positions from lo = max(0, total - C) (and, with a window, first query - W + 1)
+    on; position p is at block tables[b, (p // block_size) % R], offset p % block_size; query
+    position qp sees p when p <= qp and (W == 0 or p > qp - W). GQA: head h reads KV head
+    h // (n_heads / n_kv). out (T, n_heads, hd) = softmax(q·kᵀ · scale over the seen keys) · v."""
+    bs, R, C, W = geometry
+    n_heads, hd = q.shape[1], q.shape[2]
+    n_rep = n_heads // k.shape[2]
+    s = np.empty(C, np.float32)
+    for b in range(tables.shape[0]):
+        r0, r1 = cu_lens[b], cu_lens[b + 1]
+        total = starts[b] + r1 - r0
+        lo = max(0, total - C)
+        if W:
+            lo = max(lo, positions[r0] - W + 1)
+        n = total - lo
+        for i in range(r0, r1):
+            qp = positions[i]
+            for h in range(n_heads):
+                g = h // n_rep
+                top = np.float32(-np.inf)
+                for j in range(n):
+                    p = lo + j
+                    seen = p <= qp and (W == 0 or p > qp - W)
+                    kj = k[tables[b, (p // bs) % R], p % bs, g]
+                    s[j] = dot(q[i, h], kj) * scale if seen else -np.inf
+                    top = max(top, s[j])
+                total_e = np.float32(0.0)
+                for j in range(n):
+                    s[j] = np.exp(s[j] - top)
+                    total_e += s[j]
+                o = out[i, h]
+                o[:] = 0
+                for j in range(n):
+                    if s[j] != 0:
+                        p = lo + j
+                        w, vj = s[j] / total_e, v[tables[b, (p // bs) % R], p % bs, g]
+                        for e in range(U(hd)):
+                            o[e] += w * vj[e]
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
