@@ -168,10 +168,11 @@ def test_embed_rows_of_stored_formats(cpu, fmt):
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("kv", ["fp32", "fp16"])
 def test_decode_ops_match_numpy(cpu, window, kv):
-    """The compiled small ops (rms_norm, rope, attention) against numpy's on a ragged batch
-    of three sequences (1, 3 and 2 new tokens after 0, 9 and 17 cached, block size 4, ring 5:
-    the third wraps its ring; GQA 4 query heads on 2 KV heads; a sliding window of 6 or
-    none) and, with an fp16 cache, attention falls back to numpy's."""
+    """The compiled small ops (rms_norm, rope, the cache write, attention) against numpy's
+    on a ragged batch of three sequences (1, 3 and 2 new tokens after 0, 9 and 17 cached,
+    block size 4, ring 5: the third wraps its ring; GQA 4 query heads on 2 KV heads; a
+    sliding window of 6 or none); with an fp16 cache the write and attention fall back to
+    numpy's."""
     from tinyllm.backends import Batch
     from tinyllm.kv_cache import KVCacheSpec
 
@@ -188,10 +189,15 @@ def test_decode_ops_match_numpy(cpu, window, kv):
     tables = np.arange(15, dtype=np.int32).reshape(3, 5)[:, ::-1].copy()
     batch = Batch(tables, [0, 9, 17], [1, 3, 2])
     inv_freq = 1.0 / (10000 ** (np.arange(0, 8, 2, dtype=np.float32) / 8))
-    q = rng.standard_normal((6, 4, 8)).astype(np.float32)
+    q, k, v = (rng.standard_normal((6, n, 8)).astype(np.float32) for n in (4, 2, 2))
     rq = cpu.rope(q, batch.positions, inv_freq)
     np.testing.assert_allclose(rq, ref.rope(q, batch.positions, inv_freq), rtol=1e-5, atol=1e-6)
-    got, want = (b.attention(rq, c, 0, batch, 0.35) for b, c in zip((cpu, ref), caches))
+    rqs = [b.rope_kv_write(q, k, v, c, 0, batch, inv_freq) for b, c in zip((cpu, ref), caches)]
+    np.testing.assert_allclose(rqs[0], rqs[1], rtol=1e-5, atol=1e-6)
+    for name in ("k", "v"):  # the same positions written, with the same values
+        a, b = (np.asarray(getattr(c, name)[0], np.float32) for c in caches)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    got, want = (b.attention(rq, c, 0, batch, 0.35) for b, c, rq in zip((cpu, ref), caches, rqs))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 

@@ -232,7 +232,9 @@ class CpuBackend(NumpyBackend):
             self.rms_norm(x, x[0], 1e-5)
             q = self.rope(np.zeros((1, 1, 8), np.float32), np.zeros(1, np.int32), x[0, :4])
             cache = self.alloc_kv(KVCacheSpec(1, 1, 1, 1, 1, 8, "fp32", None, 1))
-            self.attention(q, cache, 0, Batch(np.zeros((1, 1), np.int32), [0], [1]), 1.0)
+            batch = Batch(np.zeros((1, 1), np.int32), [0], [1])
+            self.rope_kv_write(q, q, q, cache, 0, batch, x[0, :4])
+            self.attention(q, cache, 0, batch, 1.0)
         elif fmt == "fp32":
             ck.gemv_f32(x, np.zeros((4, K), np.float32), np.zeros((1, 4), np.float32))
         else:
@@ -284,10 +286,25 @@ class CpuBackend(NumpyBackend):
         """numpy's angles (rope_rotate's cos and sin, float32), the rotation compiled."""
         from . import cpu_kernels as ck
 
-        ang = positions.astype(np.float32)[:, None] * inv_freq[None, :]
         x = np.array(x, dtype=np.float32, order="C")  # a copy: rotated in place
-        ck.rope(x, np.cos(ang), np.sin(ang))
+        ck.rope(x, *_cos_sin(positions, inv_freq))
         return x
+
+    def rope_kv_write(self, q, k, v, cache, layer, batch, inv_freq):
+        """One compiled call for a float32 cache (cpu_kernels.rope_write): the angles once
+        for q and k, the rotation, the cache write; other caches take numpy's."""
+        from . import cpu_kernels as ck
+
+        spec = cache.spec
+        if cache.k[layer].dtype != np.float32 or spec.quantized:
+            return super().rope_kv_write(q, k, v, cache, layer, batch, inv_freq)
+        q, k = (np.array(a, dtype=np.float32, order="C") for a in (q, k))  # rotated in place
+        b = batch
+        ck.rope_write(
+            q, k, np.ascontiguousarray(v, dtype=np.float32), *_cos_sin(b.positions, inv_freq),
+            cache.k[layer], cache.v[layer], b.tables, b.cu_lens, b.positions, _geometry(spec),
+        )  # fmt: skip
+        return q
 
     def attention(self, q, cache, layer, batch, scale):
         """The compiled twin of numpy's attention for a decode step (at most GEMV_MAX_ROWS
@@ -300,11 +317,10 @@ class CpuBackend(NumpyBackend):
             return super().attention(q, cache, layer, batch, scale)
         T, n_heads, hd = q.shape
         q, out = np.ascontiguousarray(q, dtype=np.float32), np.empty(q.shape, np.float32)
-        geometry = (spec.block_size, spec.ring, spec.capacity, int(spec.window or 0))
         b = batch
         ck.attention(
             q, cache.k[layer], cache.v[layer], b.tables, b.starts, b.cu_lens, b.positions,
-            geometry, np.float32(scale), out,
+            _geometry(spec), np.float32(scale), out,
         )  # fmt: skip
         return out.reshape(T, n_heads * hd)
 
@@ -385,12 +401,23 @@ def plane_order(K: int, fmt: str) -> np.ndarray:
     return order(K, fmt)
 
 
+def _cos_sin(positions, inv_freq) -> tuple[np.ndarray, np.ndarray]:
+    """RoPE's cos and sin (T, d/2) float32, computed as numpy_backend.rope_rotate does."""
+    ang = positions.astype(np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(ang), np.sin(ang)
+
+
+def _geometry(spec: KVCacheSpec) -> tuple[int, int, int, int]:
+    """(block_size, ring R, capacity C, window or 0): what the compiled cache ops need."""
+    return spec.block_size, spec.ring, spec.capacity, int(spec.window or 0)
+
+
 def _kernels(fmt: str) -> tuple:
     """The compiled kernels _prepare(fmt) warms ("ops": the small ops')."""
     from . import cpu_kernels as ck
 
     if fmt == "ops":
-        return ck.rms_norm, ck.rope, ck.attention
+        return ck.rms_norm, ck.rope, ck.rope_write, ck.attention
     if fmt == "fp32":
         return ck.gemv_f32, ck.read_bandwidth
     name = "planes" if fmt in PLANAR else fmt

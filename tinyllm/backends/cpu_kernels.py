@@ -464,7 +464,7 @@ def rms_norm(x, w, eps, out):
             out[t, j] = x[t, j] * r * w[j]
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, inline="always")
 def rope(x, cos, sin):
     """Rotate-half RoPE in place: x (T, heads, d); pair (j, j + d/2) of token t turns by the
     angle whose cos and sin are cos[t, j], sin[t, j] ((T, d/2) float32, numpy-computed)."""
@@ -476,6 +476,24 @@ def rope(x, cos, sin):
                 a, b = x[t, h, j], x[t, h, j + half]
                 x[t, h, j] = a * cos[t, j] - b * sin[t, j]
                 x[t, h, j + half] = b * cos[t, j] + a * sin[t, j]
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def rope_write(q, k, v, cos, sin, kc, vc, tables, cu_lens, positions, geometry):
+    """numpy_backend.rope_kv_write's twin for a float32 cache: q, k (T, heads, d) rotated in
+    place (rope), then token i of sequence b (rows cu_lens[b] .. cu_lens[b+1]-1) writes its
+    k, v into kc, vc (n_blocks, block_size, n_kv, hd) at its position p: block
+    tables[b, (p // block_size) % R], offset p % block_size (kv_cache.entries;
+    geometry as attention's)."""
+    rope(q, cos, sin)
+    rope(k, cos, sin)
+    bs, R = geometry[0], geometry[1]
+    for b in range(tables.shape[0]):
+        for i in range(cu_lens[b], cu_lens[b + 1]):
+            p = positions[i]
+            blk, off = tables[b, (p // bs) % R], p % bs
+            kc[blk, off] = k[i]
+            vc[blk, off] = v[i]
 
 
 @njit(fastmath=FASTMATH, cache=True)
