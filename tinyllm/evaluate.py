@@ -295,6 +295,7 @@ def evaluate_weights(
     quant.STUDY name, whose quantizer writes its format's blocks). Segments as evaluate_kv;
     every model is loaded side by side (one quantized copy each). KVRow.bytes_per_token holds
     the bytes of the weights as held, kv_dtype the formats held (and the study name)."""
+    from .backends import float_bytes
     from .memory import weights_nbytes
 
     if window < 2:
@@ -305,7 +306,7 @@ def evaluate_weights(
     segments = _segments(ids, n_tokens, window)
     accs = _score(segments, llms, {}, None, progress)
     ref_ppl = float(np.exp(accs[REFERENCE_KV].nll / accs[REFERENCE_KV].n))
-    fb = 4 if ref_llm.backend.compute_dtype == "fp32" else 2
+    fb = float_bytes(ref_llm.backend.name, ref_llm.cfg.torch_dtype)  # as the backend holds them
     rows = []
     for w in dict.fromkeys(weights):
         key = "fp32" if w == "float" else w
