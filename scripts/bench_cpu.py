@@ -17,7 +17,9 @@ weights are made from the fp32 checkpoint after loading (the same weights for ev
 Then a Mistral-7B-shaped model with random q4_0 weights, built tensor by tensor in memory
 (never a whole fp32 copy), decoding through Transformer.forward: RAM (peak RSS), tok/s and %
 of roofline at 1 thread and the default. Also: cpu q4_0 decode idle and beside a busy process
-(as bench_threads.py), and the GEMV-vs-BLAS crossover behind GEMV_MAX_ROWS. Prints markdown
+(as bench_threads.py), the compute ceiling (how many weights/ns one core turns into exact
+fp32 products with nothing to wait for: what bounds a format's % of roofline on one thread),
+and the GEMV-vs-BLAS crossover behind GEMV_MAX_ROWS. Prints markdown
 tables for BENCHMARKS.md.
 """
 
@@ -139,8 +141,9 @@ def convert_weights(llm, fmt: str) -> int:
         return be.upload_quant("w", quant.quantize(a, fmt))
 
     for L in w.layers:
-        for f in LINEARS:
-            setattr(L, f, conv(getattr(L, f)))
+        for f in (*LINEARS, "wqkv", "w13"):  # the fused ones are what the cpu backend runs
+            if getattr(L, f) is not None:
+                setattr(L, f, conv(getattr(L, f)))
     w.lm_head = conv(w.lm_head)
     return sum(getattr(L, f).nbytes for L in w.layers for f in LINEARS) + w.lm_head.nbytes
 
@@ -233,6 +236,54 @@ def bench_busy_neighbour(d: Path, prompt: list[int], n: int) -> None:
     print("| condition | numba threads | decode tok/s | 1-min load |")
     print("|---|---|---:|---|")
     print("\n".join(rows))
+
+
+def bench_compute_ceiling() -> None:
+    """How fast one core turns codes into exact fp32 products, with nothing to wait for: the
+    q8_0 block sums (cpu_kernels.block_sums: int8 -> fp32, multiply, add, for one 4096-weight
+    row in plane order) and q4_0's (unpack_nibbles first), on a row that stays in L1,
+    repeated. A decode that streams weights from memory can go no faster per weight than
+    this on one thread, so it bounds the % of roofline a format can reach: the weights/ns
+    its roofline needs is the read bandwidth / its bytes per weight."""
+    import numba
+    from numba import njit
+
+    from tinyllm.backends import cpu_kernels as ck
+
+    @njit(fastmath=ck.FASTMATH)
+    def q8(codes, x, a, n):
+        for _ in range(n):
+            ck.block_sums(codes, x, a)
+
+    @njit(fastmath=ck.FASTMATH)
+    def q4(qs, codes, x, a, n):
+        for _ in range(n):
+            ck.unpack_nibbles(qs, np.int8(8), codes)
+            ck.block_sums(codes, x, a)
+
+    numba.set_num_threads(1)
+    K, n = 4096, 20000
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, K).astype(np.int8)
+    qs = rng.integers(-128, 128, K // 2).astype(np.int8)
+    x, a = rng.standard_normal(K).astype(np.float32), np.empty(K // 32, np.float32)
+    rates = {}
+    for name, f, args in (("q8_0", q8, (codes, x, a)), ("q4_0", q4, (qs, codes, x, a))):
+        f(*args, 1)
+        rates[name] = K * n / min(_timed(f, *args, n)[1] for _ in range(3)) / 1e9
+    bw = bandwidth(1)[1]
+    print(
+        f"\nCompute ceiling, one thread (CPU time; a 4096-weight row in L1; read bandwidth "
+        f"{bw / 1e9:.1f} GB per CPU-s)\n"
+    )
+    print(
+        "| format | exact block sums, weights/ns | weights/ns its roofline needs | ceiling "
+        "as % of roofline |"
+    )
+    print("|---|---:|---:|---:|")
+    for name, bpw in (("q8_0", 34 / 32), ("q4_0", 18 / 32)):
+        need = bw / bpw / 1e9
+        print(f"| {name} | {rates[name]:.1f} | {need:.1f} | {100 * rates[name] / need:.0f}% |")
 
 
 def bench_prefill_crossover() -> None:
@@ -413,6 +464,7 @@ def main() -> int:
         )
     bench_formats(models[-1], prompt, a.tokens)
     bench_busy_neighbour(models[-1], prompt, a.tokens)
+    bench_compute_ceiling()
     bench_prefill_crossover()
     if not a.skip_7b:
         bench_7b_q4_0(a.tokens_7b)

@@ -75,6 +75,21 @@ def test_info_reports_kv_bytes_and_context(tiny_factory):
     assert int(line.split()[3]) == min((2**30 - weights) // per, cfg.max_position_embeddings)
 
 
+def test_info_plans_a_bf16_checkpoint_as_each_backend_holds_it(tiny_factory):
+    """The cpu backend keeps a bf16 checkpoint's matrices bf16 (2 bytes/param), numpy turns
+    them into float32 (4): `tinyllm info` plans with the bytes the loader will hold, and the
+    cpu backend with the host plan (an fp32 KV cache), not a GPU estimate."""
+    d = tiny_factory("llama_gqa", "bfloat16")
+    outs = {}
+    for backend in ("cpu", "numpy"):
+        rc, outs[backend], err = run_cli(
+            "info", "--model", str(d), "--memory", "1GB", "--backend", backend
+        )
+        assert rc == 0, err
+    assert "at 2 bytes/param" in outs["cpu"] and "at 4 bytes/param" in outs["numpy"]
+    assert "fp32 KV cache" in outs["cpu"] and "estimated" not in outs["cpu"]
+
+
 # ---- the paged KV cache's flags -------------------------------------------------------------
 
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}

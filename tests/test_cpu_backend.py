@@ -47,18 +47,16 @@ def assert_reassociation(y, x, w, b=None):
 
 
 def test_f16_decoder_is_exact():
-    """cpu_kernels.f16 (numba has no float16) against numpy on every one of the 65536 bit
-    patterns: normals, subnormals, ±0, ±inf and NaNs."""
+    """cpu_kernels.f16 (numba has no float16: LLVM's half-to-float conversion on the bits),
+    through f16_row, against numpy on every one of the 65536 bit patterns: normals,
+    subnormals, ±0, ±inf bit for bit, and NaNs stay NaNs."""
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     ref = bits.view(np.float16).astype(np.float32)
-    got = np.array([ck.f16(h) for h in bits], np.float32)
     nan = np.isnan(ref)
-    assert np.array_equal(np.isnan(got), nan)
-    assert np.array_equal(got[~nan].view(np.uint32), ref[~nan].view(np.uint32))  # ±0 too
     rows = np.empty(len(bits), np.float32)
-    ck.f16_row(bits, rows)  # the vectorized row converter, same patterns
+    ck.f16_row(bits, rows)
     assert np.array_equal(np.isnan(rows), nan)
-    assert np.array_equal(rows[~nan].view(np.uint32), ref[~nan].view(np.uint32))
+    assert np.array_equal(rows[~nan].view(np.uint32), ref[~nan].view(np.uint32))  # ±0 too
 
 
 def weights(n, k, seed=0):
@@ -113,6 +111,47 @@ def test_narrow_rows_held_in_groups(cpu, fmt, n, k, group, rows):
     np.testing.assert_array_equal(cpu.embed(w, tokens), dense[tokens])
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", *quant.FORMATS])
+def test_fused_projections_are_the_separate_ones(cpu, fmt):
+    """concat_rows (q|k|v, gate|up on this backend): one linear on the fused weight gives
+    each part's linear bit for bit, and the row views it returns hold the parts' values in
+    the fused weight's memory (the inputs can be freed)."""
+    parts32 = [weights(n, 512, seed=n) for n in (64, 32, 32)]
+    if fmt in ("fp32", "bf16"):
+        parts = [
+            cpu.upload("w", p.astype(ml_dtypes.bfloat16 if fmt == "bf16" else np.float32))
+            for p in parts32
+        ]
+    else:
+        parts = [cpu.upload_quant("w", quant.quantize(p, fmt)) for p in parts32]
+    fused, views = cpu.concat_rows(parts)
+    assert fused.shape == (128, 512) and [v.shape for v in views] == [p.shape for p in parts]
+    x = np.random.default_rng(3).standard_normal((2, 512)).astype(np.float32)
+    for rows in (x[:1], x):  # GEMV with one row and with two
+        y = cpu.linear(rows, fused)
+        np.testing.assert_array_equal(y, np.concatenate([cpu.linear(rows, p) for p in parts], 1))
+        np.testing.assert_array_equal(np.concatenate([cpu.linear(rows, v) for v in views], 1), y)
+
+    def data(w):  # the array holding a weight's values (codes)
+        if isinstance(w, np.ndarray):
+            return w
+        return next(iter(w.parts.values())) if isinstance(w, quant.QuantTensor) else w.qs
+
+    assert all(np.shares_memory(data(v), data(fused)) for v in views)
+
+
+def test_fusing_needs_one_format_and_one_group_size(cpu):
+    """Parts in different formats, or plane-order parts held in groups of different sizes
+    (576 rows: groups of 4; 42 rows: 2), are not fused: (None, the parts)."""
+    a = cpu.upload_quant("w", quant.quantize(weights(576, 576), "q8_0"))
+    b = cpu.upload_quant("w", quant.quantize(weights(42, 576), "q8_0"))
+    c = cpu.upload_quant("w", quant.quantize(weights(576, 576), "q4_0"))
+    assert (a.group, b.group) == (4, 2)
+    for parts in ([a, b], [a, c], [a, weights(8, 576)]):
+        fused, same = cpu.concat_rows(parts)
+        assert fused is None and all(x is y for x, y in zip(same, parts))
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "q8_0", "q4_0", "q4_1", "q4_k"])
 def test_embed_rows_of_stored_formats(cpu, fmt):
     w32 = weights(10, 256)
@@ -124,6 +163,42 @@ def test_embed_rows_of_stored_formats(cpu, fmt):
         table, dense = cpu.upload_quant("e", qt), quant.dequantize(qt)
     tokens = np.array([3, 0, 9, 3], np.int32)
     np.testing.assert_array_equal(cpu.embed(table, tokens), dense[tokens])
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("kv", ["fp32", "fp16"])
+def test_decode_ops_match_numpy(cpu, window, kv):
+    """The compiled small ops (rms_norm, rope, the cache write, attention) against numpy's
+    on a ragged batch of three sequences (1, 3 and 2 new tokens after 0, 9 and 17 cached,
+    block size 4, ring 5: the third wraps its ring; GQA 4 query heads on 2 KV heads; a
+    sliding window of 6 or none); with an fp16 cache the write and attention fall back to
+    numpy's."""
+    from tinyllm.backends import Batch
+    from tinyllm.kv_cache import KVCacheSpec
+
+    rng = np.random.default_rng(4)
+    ref = NumpyBackend()
+    x, g = rng.standard_normal((6, 32)).astype(np.float32), rng.random(32).astype(np.float32)
+    np.testing.assert_allclose(cpu.rms_norm(x, g, 1e-5), ref.rms_norm(x, g, 1e-5), rtol=1e-5)
+    spec = KVCacheSpec(1, 16, 4, 5, 2, 8, kv, window, 64)
+    caches = [b.alloc_kv(spec) for b in (cpu, ref)]
+    for name in ("k", "v"):  # the same random cache contents in both
+        data = rng.standard_normal(caches[0].k[0].shape)
+        for c in caches:
+            getattr(c, name)[0][...] = data
+    tables = np.arange(15, dtype=np.int32).reshape(3, 5)[:, ::-1].copy()
+    batch = Batch(tables, [0, 9, 17], [1, 3, 2])
+    inv_freq = 1.0 / (10000 ** (np.arange(0, 8, 2, dtype=np.float32) / 8))
+    q, k, v = (rng.standard_normal((6, n, 8)).astype(np.float32) for n in (4, 2, 2))
+    rq = cpu.rope(q, batch.positions, inv_freq)
+    np.testing.assert_allclose(rq, ref.rope(q, batch.positions, inv_freq), rtol=1e-5, atol=1e-6)
+    rqs = [b.rope_kv_write(q, k, v, c, 0, batch, inv_freq) for b, c in zip((cpu, ref), caches)]
+    np.testing.assert_allclose(rqs[0], rqs[1], rtol=1e-5, atol=1e-6)
+    for name in ("k", "v"):  # the same positions written, with the same values
+        a, b = (np.asarray(getattr(c, name)[0], np.float32) for c in caches)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    got, want = (b.attention(rq, c, 0, batch, 0.35) for b, c, rq in zip((cpu, ref), caches, rqs))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def pair(d, **kw):
@@ -164,13 +239,15 @@ def test_cpu_matches_numpy_for_every_kv_dtype(tiny_factory, case, kv):
 
 def quantize_linears(llm, fmt):
     """Every projection and the lm_head of a loaded LLM as `fmt` (the same QuantTensor on
-    both backends; K = 64 or 128 here, so the 32-element formats)."""
+    both backends; K = 64 or 128 here, so the 32-element formats). The cpu backend runs
+    q|k|v and gate|up fused (wqkv, w13): those are quantized too (row by row, so the same
+    blocks as the separate matrices' on numpy)."""
     w = llm.model.w
     for L in w.layers:
-        for f in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
-            setattr(
-                L, f, llm.backend.upload_quant(f, quant.quantize(np.asarray(getattr(L, f)), fmt))
-            )
+        for f in ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "wqkv", "w13"):
+            if getattr(L, f) is not None:
+                qt = quant.quantize(np.asarray(getattr(L, f)), fmt)
+                setattr(L, f, llm.backend.upload_quant(f, qt))
     w.lm_head = llm.backend.upload_quant("lm_head", quant.quantize(np.asarray(w.lm_head), fmt))
 
 

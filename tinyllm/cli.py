@@ -7,6 +7,7 @@ A TinyLLMError anywhere becomes one line on stderr and exit code 2 (no traceback
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -61,14 +62,14 @@ def cmd_chat(a) -> int:
 
 def cmd_info(a) -> int:
     from .api import default_context
-    from .backends import auto_backend
+    from .backends import auto_backend, float_bytes
     from .memory import weights_nbytes
     from .weights import fmt_bytes
 
     budget, kv_budget = info_budgets(a)  # a bad size fails before the model is read
     d, cfg, formats = info_model(a)
     backend = a.backend if a.backend != "auto" else auto_backend()[0]
-    compute_bytes = 4 if backend in ("numpy", "cpu") else 2
+    compute_bytes = float_bytes(backend, cfg.torch_dtype)
     weight_bytes = weights_nbytes(cfg, compute_bytes, formats)
     left = budget - weight_bytes
     if left <= 0:
@@ -162,12 +163,13 @@ def info_contexts(
     )
     chunk = DEFAULT_PREFILL_CHUNK
     if backend in ("numpy", "cpu"):  # the same plan the loader checks (memory.py)
-        low = host_plan(cfg, "fp32", 2, 1, chunk, formats=formats).runtime
+        plan = functools.partial(host_plan, chunk=chunk, formats=formats, float_bytes=compute_bytes)
+        low = plan(cfg, "fp32", 2, 1).runtime
         working = f"working memory ({fmt_bytes(low)} and up, growing with the context)"
-        runtime = host_plan(cfg, "fp32", context, 1, chunk, formats=formats).runtime
+        runtime = plan(cfg, "fp32", context, 1).runtime
 
         def fits(kv: str, n: int) -> bool:
-            return host_plan(cfg, kv, n, 1, chunk, formats=formats).total <= budget
+            return plan(cfg, kv, n, 1).total <= budget
     else:
         runtime = gpu_working_estimate(cfg, chunk, 1)
         working = f"{fmt_bytes(runtime)} working memory (estimated; measured at load)"
@@ -221,7 +223,8 @@ def info_formats(cfg, backend: str, budget: int, formats: dict, compute_bytes: i
     from .memory import formats_for, gpu_working_estimate, host_plan, largest, weights_nbytes
     from .weights import fmt_bytes
 
-    chunk, kv = DEFAULT_PREFILL_CHUNK, ("fp32" if backend == "numpy" else "bf16")
+    host = backend in ("numpy", "cpu")  # the host plan (memory.py), an fp32 KV cache
+    chunk, kv = DEFAULT_PREFILL_CHUNK, ("fp32" if host else "bf16")
     print(
         f"\nweights per --quantize format ({backend}; quantized: every layer's projections and an "
         f"untied lm_head; the embedding table float) and the longest context (one sequence, "
@@ -234,10 +237,11 @@ def info_formats(cfg, backend: str, budget: int, formats: dict, compute_bytes: i
     rows = [("float", None, {})] + rows + ([("this run", "-", formats)] if formats else [])
     for label, fmt, fm in rows:
         wb = weights_nbytes(cfg, compute_bytes, fm)
-        if backend == "numpy":
+        if host:
 
             def fits(n: int, fm=fm) -> bool:
-                return host_plan(cfg, kv, n, 1, chunk, formats=fm).total <= budget
+                plan = host_plan(cfg, kv, n, 1, chunk, formats=fm, float_bytes=compute_bytes)
+                return plan.total <= budget
         else:
 
             def fits(n: int, wb=wb) -> bool:

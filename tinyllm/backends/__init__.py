@@ -123,6 +123,15 @@ def auto_backend() -> tuple[str, str]:
     return "numpy", f"{no_gpu}, numba not installed: pip install 'tinyllm[cpu]'"
 
 
+def float_bytes(backend: str, checkpoint_dtype: str) -> int:
+    """Bytes per unquantized weight as `backend` holds it (the memory plans): numpy float32
+    whatever is read; cpu keeps a bf16 checkpoint's matrices bf16 (2; the few 1-D norms,
+    float32 there, are counted at 2 too: kilobytes), else float32; cuda bf16."""
+    if backend == "cuda":
+        return 2
+    return 2 if backend == "cpu" and checkpoint_dtype == "bfloat16" else 4
+
+
 def get_backend(
     name: str = "numpy",
     dtype: str | None = None,

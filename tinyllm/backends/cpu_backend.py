@@ -1,6 +1,8 @@
 """The cpu backend: the numpy backend with compiled linear layers (cpu_kernels.py, numba).
 
-Everything but `linear` (and the row lookups of `embed`) is the numpy backend's op. Weights
+Compiled besides `linear` (and the row lookups of `embed`): rms_norm, the RoPE rotation and a
+decode step's attention over a float32 cache (numpy spent ~7 of a 25 ms SmolLM2 decode step
+in those, mostly call overhead; now ~3). Everything else is the numpy backend's op. Weights
 stay in the format they arrive in, so decode streams the fewest bytes:
 
     fp32 / fp16 checkpoints      float32 (N, K)                        4 bytes/weight
@@ -40,6 +42,8 @@ import ml_dtypes
 import numpy as np
 
 from .. import quant
+from ..kv_cache import KVCacheSpec
+from . import Batch
 from .numpy_backend import NumpyBackend
 
 GEMV_MAX_ROWS = 16  # x rows up to which the compiled GEMV runs (measured: docstring)
@@ -87,6 +91,29 @@ class PlaneQuant:
         extra = {"q4_1": self.m.nbytes, "q4_k": self.m.nbytes + self.sc.nbytes}
         return self.qs.nbytes + self.d.nbytes + extra.get(self.fmt, 0)
 
+    def _parts(self, f) -> tuple:
+        """f applied to qs and d, and to m and sc where they are arrays of their own (not d
+        again, the placeholder: that stays the placeholder)."""
+        d = f("d")
+        return f("qs"), d, d if self.m is self.d else f("m"), d if self.sc is self.d else f("sc")
+
+    def rows(self, lo: int, hi: int) -> PlaneQuant:
+        """Rows lo..hi-1 (whole groups) as views."""
+        g = slice(lo // self.group, hi // self.group)
+        return PlaneQuant(
+            self.fmt,
+            (hi - lo, self.shape[1]),
+            self.group,
+            *self._parts(lambda f: getattr(self, f)[g]),
+        )
+
+    @staticmethod
+    def concat(ws: list[PlaneQuant]) -> PlaneQuant:
+        """Weights of one format and group size stacked by rows (concat_rows)."""
+        w = ws[0]
+        parts = w._parts(lambda f: np.concatenate([getattr(a, f) for a in ws]))
+        return PlaneQuant(w.fmt, (sum(a.shape[0] for a in ws), w.shape[1]), w.group, *parts)
+
 
 def rows_per_group(fmt: str, N: int, K: int) -> int:
     """G, the weight rows held as one plane-order group (cpu_kernels "row groups"): the most
@@ -132,6 +159,15 @@ def kernel_args(fmt: str, w) -> tuple:
     )
 
 
+def rows(w, lo: int, hi: int):
+    """Rows lo..hi-1 of a weight this backend holds, as a view."""
+    if isinstance(w, np.ndarray):
+        return w[lo:hi]
+    if isinstance(w, quant.QuantTensor):
+        return quant.take_rows(w, lo, hi)
+    return w.rows(lo, hi)
+
+
 def weight_format(w) -> str:
     """'fp32' | 'bf16' | a QuantTensor's or PlaneQuant's fmt."""
     if isinstance(w, (quant.QuantTensor, PlaneQuant)):
@@ -142,6 +178,7 @@ def weight_format(w) -> str:
 class CpuBackend(NumpyBackend):
     name = "cpu"
     compute_dtype = "fp32"  # activations, KV math and sums are float32, as on numpy
+    fused_projections = True  # concat_rows(): one GEMV for q|k|v and one for gate|up
 
     def __init__(self, threads: int = 1):
         short_openmp_spin()
@@ -152,11 +189,6 @@ class CpuBackend(NumpyBackend):
         self._ready: set[str] = set()  # formats whose kernels are compiled or loaded
 
     # ---- weights ---------------------------------------------------------------------
-    def float_bytes(self, checkpoint_dtype: str) -> int:
-        """bf16 matrices stay bf16 (upload): 2 bytes per weight (the few 1-D norms, float32
-        here, are counted at 2 too: kilobytes)."""
-        return 2 if checkpoint_dtype == "bfloat16" else 4
-
     def upload(self, name: str, a) -> np.ndarray:
         if a.ndim == 2 and a.dtype == ml_dtypes.bfloat16:  # bf16 stays bf16 (2 bytes/weight)
             self._prepare("bf16")
@@ -171,38 +203,64 @@ class CpuBackend(NumpyBackend):
 
     def _prepare(self, fmt: str):
         """Compile (or load from numba's on-disk cache) the kernels of `fmt` on a tiny input
-        the first time a weight of that format arrives; report a real compile once."""
+        the first time a weight of that format arrives, and with the first, those of the
+        small ops ("ops": rms_norm, rope, attention); report a real compile once."""
         if fmt in self._ready:
             return
-        from . import cpu_kernels as ck
-
+        fmts = [fmt] if self._ready else ["ops", fmt]
+        kernels = [k for f in fmts for k in _kernels(f)]
         t0 = time.perf_counter()
-        kernels = (ck.gemv_f32, ck.read_bandwidth) if fmt == "fp32" else ()
-        if fmt != "fp32":
-            name = "planes" if fmt in PLANAR else fmt
-            kernels = (getattr(ck, f"gemv_{name}"), getattr(ck, f"dequant_{name}"))
         before = sum(k.stats.cache_misses.get(s, 0) for k in kernels for s in k.stats.cache_misses)
-        self._warm(fmt)
+        for f in fmts:
+            self._warm(f)
+            self._ready.add(f)
         misses = sum(k.stats.cache_misses.get(s, 0) for k in kernels for s in k.stats.cache_misses)
         if misses > before:
             print(
                 f"compiling CPU kernels ({fmt}), once: {time.perf_counter() - t0:.1f} s",
                 file=sys.stderr,
             )
-        self._ready.add(fmt)
 
     def _warm(self, fmt: str):
-        """Run fmt's kernels on a 1x256 weight of zeros (compiles them for these types)."""
+        """Run fmt's kernels on tiny zeros, with the argument types a model passes (compiles
+        them for these types): a 1x256 weight, or the small ops on one token."""
+        from . import cpu_kernels as ck
+
         K = 256
         x = np.zeros((1, K), np.float32)
-        if fmt == "fp32":
-            from . import cpu_kernels as ck
-
+        if fmt == "ops":
+            self.rms_norm(x, x[0], 1e-5)
+            q = self.rope(np.zeros((1, 1, 8), np.float32), np.zeros(1, np.int32), x[0, :4])
+            cache = self.alloc_kv(KVCacheSpec(1, 1, 1, 1, 1, 8, "fp32", None, 1))
+            batch = Batch(np.zeros((1, 1), np.int32), [0], [1])
+            self.rope_kv_write(q, q, q, cache, 0, batch, x[0, :4])
+            self.attention(q, cache, 0, batch, 1.0)
+        elif fmt == "fp32":
             ck.gemv_f32(x, np.zeros((4, K), np.float32), np.zeros((1, 4), np.float32))
-            return
-        w = _zero_weight(fmt, K)
-        self._gemv(fmt, x, w)
-        self._dequant(fmt, w, 0, 1)
+        else:
+            w = _zero_weight(fmt, K)
+            self._gemv(fmt, x, w)
+            self._dequant(fmt, w, 0, 1)
+
+    def concat_rows(self, arrays: list):
+        """The fused projections of model.py: q|k|v and gate|up stacked by rows into one
+        weight each (one GEMV call instead of three or two: at SmolLM2's size a call's fixed
+        cost, Python, dispatch, x into plane order, a parallel region, is a tenth of its
+        work), and row views of it equal to each input. Weights of different formats, or
+        plane-order weights held in groups of different sizes, stay apart: (None, inputs)."""
+        first = arrays[0]
+        if len({weight_format(a) for a in arrays}) != 1 or (
+            isinstance(first, PlaneQuant) and len({a.group for a in arrays}) != 1
+        ):
+            return None, list(arrays)
+        if isinstance(first, np.ndarray):  # fp32 / bf16 matrices, biases
+            fused = np.concatenate(arrays)
+        elif isinstance(first, quant.QuantTensor):  # q6_k
+            fused = quant.concat_rows(arrays)
+        else:
+            fused = PlaneQuant.concat(arrays)
+        bounds = np.cumsum([0] + [a.shape[0] for a in arrays])
+        return fused, [rows(fused, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
     # ---- ops -------------------------------------------------------------------------
     def embed(self, table, tokens):
@@ -215,6 +273,56 @@ class CpuBackend(NumpyBackend):
         if fmt in PLANAR:  # back to stored order: plane position i holds element perm[i]
             rows[:, plane_order(rows.shape[1], fmt)] = rows.copy()
         return rows
+
+    def rms_norm(self, x, w, eps):
+        from . import cpu_kernels as ck
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        ck.rms_norm(x, w, eps, out)
+        return out
+
+    def rope(self, x, positions, inv_freq):
+        """numpy's angles (rope_rotate's cos and sin, float32), the rotation compiled."""
+        from . import cpu_kernels as ck
+
+        x = np.array(x, dtype=np.float32, order="C")  # a copy: rotated in place
+        ck.rope(x, *_cos_sin(positions, inv_freq))
+        return x
+
+    def rope_kv_write(self, q, k, v, cache, layer, batch, inv_freq):
+        """One compiled call for a float32 cache (cpu_kernels.rope_write): the angles once
+        for q and k, the rotation, the cache write; other caches take numpy's."""
+        from . import cpu_kernels as ck
+
+        spec = cache.spec
+        if cache.k[layer].dtype != np.float32 or spec.quantized:
+            return super().rope_kv_write(q, k, v, cache, layer, batch, inv_freq)
+        q, k = (np.array(a, dtype=np.float32, order="C") for a in (q, k))  # rotated in place
+        b = batch
+        ck.rope_write(
+            q, k, np.ascontiguousarray(v, dtype=np.float32), *_cos_sin(b.positions, inv_freq),
+            cache.k[layer], cache.v[layer], b.tables, b.cu_lens, b.positions, _geometry(spec),
+        )  # fmt: skip
+        return q
+
+    def attention(self, q, cache, layer, batch, scale):
+        """The compiled twin of numpy's attention for a decode step (at most GEMV_MAX_ROWS
+        query rows) over a float32 cache; longer prefills (BLAS's batched matmuls win there)
+        and fp16/bf16/int8/fp8 caches take numpy's."""
+        from . import cpu_kernels as ck
+
+        spec = cache.spec
+        if len(q) > GEMV_MAX_ROWS or cache.k[layer].dtype != np.float32 or spec.quantized:
+            return super().attention(q, cache, layer, batch, scale)
+        T, n_heads, hd = q.shape
+        q, out = np.ascontiguousarray(q, dtype=np.float32), np.empty(q.shape, np.float32)
+        b = batch
+        ck.attention(
+            q, cache.k[layer], cache.v[layer], b.tables, b.starts, b.cu_lens, b.positions,
+            _geometry(spec), np.float32(scale), out,
+        )  # fmt: skip
+        return out.reshape(T, n_heads * hd)
 
     def linear(self, x, w, b=None):
         fmt = weight_format(w)
@@ -235,16 +343,8 @@ class CpuBackend(NumpyBackend):
         if fmt == "fp32":
             ck.gemv_f32(x, w, out)
         elif fmt in PLANAR:
-            M, K, G = len(x), x.shape[1], w.group
-            xp = np.ascontiguousarray(x[:, plane_order(K, fmt)])
-            xsum = xp[:, :1]  # read only for offsets (q4_1, q4_k): the block sums of x
-            if PLANAR[fmt] >= 2:  # xp is H halves of [32 planes][nb / H blocks]
-                H, nb = (2 if fmt == "q4_k" else 1), K // 32
-                xsum = np.tile(xp.reshape(M, H, 32, nb // H).sum(2).reshape(M, nb), (1, G))
-            if G > 1:  # each plane's nb values once per row of a group: [32][G][nb]
-                xp = np.repeat(xp.reshape(M, 32, 1, K // 32), G, axis=2).reshape(M, G * K)
             code, *parts = kernel_args(fmt, w)
-            ck.gemv_planes(code, xp, xsum, *parts, out)
+            ck.gemv_planes(code, x, plane_order(x.shape[1], fmt), *parts, out)
         else:
             getattr(ck, f"gemv_{fmt}")(x, *kernel_args(fmt, w), out)
         return out
@@ -299,6 +399,29 @@ def plane_order(K: int, fmt: str) -> np.ndarray:
     from .cpu_kernels import plane_order as order
 
     return order(K, fmt)
+
+
+def _cos_sin(positions, inv_freq) -> tuple[np.ndarray, np.ndarray]:
+    """RoPE's cos and sin (T, d/2) float32, computed as numpy_backend.rope_rotate does."""
+    ang = positions.astype(np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(ang), np.sin(ang)
+
+
+def _geometry(spec: KVCacheSpec) -> tuple[int, int, int, int]:
+    """(block_size, ring R, capacity C, window or 0): what the compiled cache ops need."""
+    return spec.block_size, spec.ring, spec.capacity, int(spec.window or 0)
+
+
+def _kernels(fmt: str) -> tuple:
+    """The compiled kernels _prepare(fmt) warms ("ops": the small ops')."""
+    from . import cpu_kernels as ck
+
+    if fmt == "ops":
+        return ck.rms_norm, ck.rope, ck.rope_write, ck.attention
+    if fmt == "fp32":
+        return ck.gemv_f32, ck.read_bandwidth
+    name = "planes" if fmt in PLANAR else fmt
+    return getattr(ck, f"gemv_{name}"), getattr(ck, f"dequant_{name}")
 
 
 def _zero_weight(fmt: str, K: int):

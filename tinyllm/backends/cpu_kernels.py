@@ -21,29 +21,39 @@ product is rounded as numpy rounds it), no finite-math or reciprocal assumptions
 inf weight propagates). So results differ from numpy's by fp32 reassociation only, as BLAS's
 blocking does (and for the plane formats by where the block scale multiplies, see above).
 
-Decode (a few rows of x): `gemv_*`, a `prange` over weight rows; each thread turns one row at
-a time into fp32 in a K-long scratch that stays in L1 and takes its dot product with every
-row of x (fp32 weights need no scratch: four rows at once give four read streams, which one
-stream alone does not saturate); q8_0 / q4_0 / q4_1 turn a row into int8 codes and fp32
-scales only, and `gemv_planes` multiplies those (see "plane order"). Prefill (many rows of
-x): `dequant_*` turns a tile of weight rows into fp32 and the caller multiplies with BLAS
-(cpu_backend.py says why and where).
+Decode (a few rows of x): `gemv_*`, a `prange` over tasks of ROWS_PER_TASK weight rows;
+fp32 rows are read as they are, one row at a time, dotted with every row of x; bf16 and q6_k
+rows are turned into fp32 in a K-long scratch that stays in L1; q8_0 / q4_0 / q4_1 / q4_k turn
+a row into int8 codes and fp32 scales only, and `gemv_planes` multiplies those (see "plane
+order"). The small helpers are inlined into the kernels (inline="always": a call passes every
+array as a struct, and per row of a narrow weight that cost as much as the arithmetic).
+Measured, one thread, CPU time, each call on another of ~150 MB of copies (so the weight
+streams from memory), before -> after this layout (scripts/bench_cpu.py has the model-level
+figures): fp32 576x576 135 -> 63 us, 49152x576 10.9 -> 4.5 ms (four rows at a time, the
+earlier kernel, vectorized worse), q8_0 576x1536 145 -> 94 us, 4096x4096 2.0 -> 1.2 ms,
+q4_0 49152x576 4.5 -> 3.0 ms (the machine shared with another job: ratios within one run).
+Prefill (many rows of x): `dequant_*` turns a tile of weight rows into fp32 and the caller
+multiplies with BLAS (cpu_backend.py says why and where).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 FASTMATH = {"reassoc"}  # see the module docstring; nothing else is relaxed
 ROWS_PER_TASK = 16  # weight rows per prange task: one scratch allocation serves them all
+# Loop indices are unsigned where a loop should vectorize ("How these loops are written").
+U = np.uint64
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, inline="always")
 def dot(a, b):
     """sum(a * b) of two float32 vectors, in any order (reassoc lets LLVM vectorize it)."""
     acc = np.float32(0.0)
-    for k in range(a.shape[0]):
+    for k in range(U(a.shape[0])):
         acc += a[k] * b[k]
     return acc
 
@@ -53,45 +63,25 @@ def dot(a, b):
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def gemv_f32(x, w, out):
-    """out = x @ w.T; w (N, K) float32. Four weight rows per step share each load of x."""
-    M, K = x.shape
-    N = w.shape[0]
-    for nb in prange((N + 3) // 4):
-        n = nb * 4
-        if n + 4 > N:  # the last 1-3 rows
-            for r in range(n, N):
-                for m in range(M):
-                    out[m, r] = dot(x[m], w[r])
-            continue
-        w0, w1, w2, w3 = w[n], w[n + 1], w[n + 2], w[n + 3]
-        for m in range(M):
-            xm = x[m]
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for k in range(K):
-                a0 += xm[k] * w0[k]
-                a1 += xm[k] * w1[k]
-                a2 += xm[k] * w2[k]
-                a3 += xm[k] * w3[k]
-            out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a0, a1, a2, a3
+    """out = x @ w.T; w (N, K) float32: each weight row's dot with every row of x."""
+    M, N, R = x.shape[0], w.shape[0], ROWS_PER_TASK
+    for t in prange((N + R - 1) // R):
+        for n in range(t * R, min(N, t * R + R)):
+            for m in range(M):
+                out[m, n] = dot(x[m], w[n])
 
 
-POW2 = np.array([2.0 ** (e - 25) for e in range(32)], np.float32)  # fp16 exponent e -> 2^(e-25)
+@intrinsic
+def f16(typingctx, h):
+    """The float16 whose bits are h (uint16), as float32 (numba has no float16 type): LLVM's
+    `fpext half to float` on the bits, which x86 CPUs with F16C (every x86-64 since 2012) and
+    ARMv8 do in one instruction, vectorized in loops. Exact for every pattern: normals,
+    subnormals, ±0, ±inf; a NaN stays a NaN (its payload may gain the quiet bit)."""
 
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
-@njit(cache=True)
-def f16(h):
-    """The float16 whose bits are h (uint16), as float32, exactly (numba has no float16):
-    5-bit exponent e (bias 15), 10-bit mantissa m; value (1024 + m) * 2^(e-25), subnormals
-    (e = 0) m * 2^-24, e = 31 inf/nan."""
-    h = np.int32(h)
-    e, m = (h >> 10) & 31, h & 1023
-    if e == 0:
-        v = np.float32(m) * POW2[1]
-    elif e == 31:
-        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
-    else:
-        v = np.float32(1024 + m) * POW2[e]
-    return -v if h & 0x8000 else v
+    return types.float32(types.uint16), codegen
 
 
 # ---- row decoders: one weight row (its stored parts) -> w (K,) float32 ----------------------
@@ -104,15 +94,34 @@ def f16(h):
 # literal trip count of 32 (the loop is fully unrolled into scalar code before the
 # vectorizer runs). So indices are unsigned (U) and block lengths come from the arrays'
 # shapes: 0.19 ns per q8_0 weight this way, 0.68 with a literal 32, 1.5 with signed indices.
-U = np.uint64
 
 
-@njit(cache=True)
+@intrinsic
+def bf16(typingctx, h):
+    """The bfloat16 whose bits are h (uint16), as float32, exactly: bf16 is the top half of
+    an fp32, so shift the 16 bits up and read the 32 as float32 (numba has no bfloat16)."""
+
+    def codegen(context, builder, sig, args):
+        u = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(u, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@njit(cache=True, inline="always")
 def row_bf16(bits, out):
-    """bf16 is the top half of an fp32: shift the 16 bits up and read them as float32."""
-    u = out.view(np.uint32)
+    """out[k] = the bf16 whose bits are bits[k], as float32 (bf16)."""
     for k in range(U(bits.shape[0])):
-        u[k] = np.uint32(bits[k]) << np.uint32(16)
+        out[k] = bf16(bits[k])
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def dot_bf16(bits, x):
+    """dot(bf16 row as its bits, float32 x), each weight turned into fp32 in a register."""
+    acc = np.float32(0.0)
+    for k in range(U(bits.shape[0])):
+        acc += bf16(bits[k]) * x[k]
+    return acc
 
 
 # ---- plane order (q8_0, q4_0, q4_1): blocks of 32 weights with one scale each ----------------
@@ -155,28 +164,14 @@ def plane_order(K: int, fmt: str = "q8_0") -> np.ndarray:
     return (np.arange(0, K, 32)[None, :] + np.arange(32)[:, None]).ravel()
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(cache=True, inline="always")
 def f16_row(h, out):
-    """out[i] = the float16 whose bits are h[i], as float32, exactly, in two flat loops that
-    vectorize (f16 above is the scalar reference): move sign, exponent and mantissa into
-    float32's fields and rebias the exponent by 112 (by 224 for inf/NaN, exponent 31 -> 255);
-    then subnormals and zeros (exponent 0) are m * 2^-24, with the sign."""
-    u = out.view(np.uint32)
+    """out[i] = the float16 whose bits are h[i], as float32 (f16)."""
     for i in range(U(h.shape[0])):
-        b = np.uint32(h[i])
-        inf_nan = (b & np.uint32(0x7C00)) == np.uint32(0x7C00)
-        bias = np.uint32(224 << 23) if inf_nan else np.uint32(112 << 23)
-        u[i] = ((b & np.uint32(0x8000)) << np.uint32(16)) | (
-            ((b & np.uint32(0x7FFF)) << np.uint32(13)) + bias
-        )
-    for i in range(U(h.shape[0])):
-        b = np.uint32(h[i])
-        sub = np.float32(b & np.uint32(0x3FF)) * POW2[1]
-        sub = -sub if b & np.uint32(0x8000) else sub
-        out[i] = sub if (b & np.uint32(0x7C00)) == np.uint32(0) else out[i]
+        out[i] = f16(h[i])
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def unpack_nibbles(qs, offset, codes):
     """The codes (nibble - offset, int8) of one plane-order q4 row: byte k gives code k (low
     nibble) and K/2 + k (high). qs (K/2,) int8 (the bytes), codes (K,) int8. Flat, byte-wide:
@@ -188,7 +183,7 @@ def unpack_nibbles(qs, offset, codes):
         codes[h + k] = ((qs[k] >> np.int8(4)) & np.int8(15)) - offset
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, inline="always")
 def block_sums(codes, x, a):
     """a[b] = sum over planes p of codes[p*nb + b] * x[p*nb + b]: block b's 32 products
     (codes (K,) int8 and x (K,) float32 in plane order, a (nb,) float32). Four planes per
@@ -205,6 +200,27 @@ def block_sums(codes, x, a):
             ) + (np.float32(codes[o2 + b]) * x[o2 + b] + np.float32(codes[o3 + b]) * x[o3 + b])
 
 
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def scale_blocks(offsets, a, s, mn, xsum):
+    """a[b] = s[b] * a[b] (+ mn[b] * xsum[b] when `offsets`: q4_1, q4_k): each block's sum of
+    code * x times its scale, for all of a group's blocks in one vectorized pass."""
+    if offsets:
+        for b in range(U(a.shape[0])):
+            a[b] = s[b] * a[b] + mn[b] * xsum[b]
+    else:
+        for b in range(U(a.shape[0])):
+            a[b] = s[b] * a[b]
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def vsum(a):
+    """sum(a), in any order."""
+    acc = np.float32(0.0)
+    for b in range(U(a.shape[0])):
+        acc += a[b]
+    return acc
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def row_planes(codes, s, mn, out):
     """One plane-order row dequantized: out[p*nb + b] = s[b] * code + mn[b] (mn zeros for
@@ -215,37 +231,49 @@ def row_planes(codes, s, mn, out):
             out[p * nb + b] = s[b] * np.float32(codes[p * nb + b]) + mn[b]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def part(a, h, H):
     """The h-th of H equal parts of the 1-D array a."""
     n = a.shape[0] // H
     return a[h * n : h * n + n]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def halves(fmt):
     """How many independent plane-order halves a row has (plane_order): 2 for q4_k."""
     return 2 if fmt == 3 else 1
 
 
-@njit(cache=True)
-def planes_row(fmt, n, qs, d, m, sc, codes, s, mn):
-    """Row n of a plane-order weight -> its codes (int8, plane order; q8_0 returns its own
-    row), scales s and offsets mn (float32, one per block, in plane_order's block order).
-    fmt 0 q8_0, 1 q4_0, 2 q4_1, 3 q4_k; qs int8 (q4's bytes viewed as int8); d, m the fp16
-    bits (per block; q4_k: d, dmin per super-block); sc q4_k's packed scales (else unused)."""
+@njit(cache=True, inline="always")
+def group_scales(fmt, n, d, m, sc, s, mn):
+    """Row (group) n's scales s and offsets mn (float32, one per block, in plane_order's
+    block order; mn zeros for q8_0 / q4_0: adding 0 changes no product). fmt 0 q8_0, 1 q4_0,
+    2 q4_1, 3 q4_k; d, m the fp16 bits (per block; q4_k: d, dmin per super-block); sc
+    q4_k's packed scales (else unused)."""
     if fmt == 3:
         q4k_scales(d[n], m[n], sc[n], s, mn)
-        unpack_nibbles(qs[n], np.int8(0), codes)
-        return codes
+        return
     f16_row(d[n], s)
     if fmt == 2:
         f16_row(m[n], mn)
     else:
         mn[:] = 0
+
+
+@njit(cache=True, inline="always")
+def nibble_offset(fmt):
+    """What q4 codes subtract from the nibble: 8 for q4_0, 0 for q4_1 and q4_k."""
+    return np.int8(8) if fmt == 1 else np.int8(0)
+
+
+@njit(cache=True, inline="always")
+def planes_row(fmt, n, qs, d, m, sc, codes, s, mn):
+    """Row (group) n of a plane-order weight -> its codes (int8, plane order; q8_0 returns its
+    own row), and its scales and offsets (group_scales). qs int8 (q4's bytes viewed as int8)."""
+    group_scales(fmt, n, d, m, sc, s, mn)
     if fmt == 0:
         return qs[n]
-    unpack_nibbles(qs[n], np.int8(8) if fmt == 1 else np.int8(0), codes)
+    unpack_nibbles(qs[n], nibble_offset(fmt), codes)
     return codes
 
 
@@ -314,25 +342,50 @@ def gemv_bf16(x, bits, out):
     for t in prange((N + R - 1) // R):
         w = np.empty(K, np.float32)
         for n in range(t * R, min(N, t * R + R)):
-            row_bf16(bits[n], w)
+            if M == 1:  # one pass: each weight turned into fp32 in a register
+                out[0, n] = dot_bf16(bits[n], x[0])
+                continue
+            row_bf16(bits[n], w)  # else once into the scratch, for all M rows
             for m in range(M):
                 out[m, n] = dot(x[m], w)
 
 
+@njit(cache=True)
+def x_planes(x, perm, G, H, xp, xsum):
+    """x (M, K) into the layout of a plane-order group of G rows (gemv_planes): xp (M, G*K),
+    plane p of the group = plane p of x (x[:, perm], perm = plane_order) repeated for each of
+    its G rows: xp[i, p*G*nb + r*nb + b] = x[i, perm[p*nb + b]] (q4_k: G = 1, so xp is
+    x[:, perm], its H = 2 halves each [32 planes][nb/2 blocks]); xsum (M, G*nb) each block's
+    sum of x, in the same block order (block b of half h at h*nb/H + b), repeated likewise."""
+    M, K = x.shape
+    nb = K // 32
+    bh, kh = nb // H, K // H  # blocks and positions per half
+    xsum[:] = 0
+    for i in range(M):
+        for j in range(K):  # position j of x in plane order: plane p, block b
+            v = x[i, perm[j]]
+            p, b = divmod(j, nb)
+            blk = (j // kh) * bh + (j % kh) % bh
+            for r in range(G):
+                xp[i, p * G * nb + r * nb + b] = v
+                xsum[i, r * nb + blk] += v
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def gemv_planes(fmt, xp, xsum, qs, d, m, sc, out):
-    """q8_0 / q4_0 / q4_1 / q4_k (fmt 0-3, planes_row): out = x @ w.T, the weight held as
-    groups of G = N / len(qs) rows (cpu_backend.to_planes; "row groups" above). Per group g:
-    qs[g] (G*K or G*K/2 int8) and d[g], m[g] (G*nb float16 bits: q4_1's offsets; q4_k, G = 1:
-    d and dmin per super-block, sc its packed scales) are one row of G*K weights whose block
-    r*nb + b is block b of row gG + r. xp (M, G*K) is x in plane order, each plane's nb values
-    repeated G times; xsum (M, G*nb) the sums of x over each block, likewise repeated (read
-    for the offsets of q4_1 and q4_k only). Per group: decode codes and scales once, then for
-    each x row the block sums of all G rows, and one output per row."""
-    M, KG = xp.shape
+def gemv_planes(fmt, x, perm, qs, d, m, sc, out):
+    """q8_0 / q4_0 / q4_1 / q4_k (fmt 0-3, planes_row): out = x @ w.T for x (M, K), the weight
+    held as groups of G = N / len(qs) rows (cpu_backend.to_planes; "row groups" above). Per
+    group g: qs[g] (G*K or G*K/2 int8) and d[g], m[g] (G*nb float16 bits: q4_1's offsets;
+    q4_k, G = 1: d and dmin per super-block, sc its packed scales) are one row of G*K weights
+    whose block r*nb + b is block b of row gG + r. x goes into that layout first (x_planes,
+    perm = plane_order(K)). Per group: decode codes and scales once, then for each x row the
+    block sums of all G rows, their scales (and offsets: q4_1, q4_k), one output per row."""
     ng, G = qs.shape[0], out.shape[1] // qs.shape[0]
+    M, H = x.shape[0], halves(fmt)
+    KG = G * x.shape[1]
     nb, NB, R = KG // 32 // G, KG // 32, max(1, ROWS_PER_TASK // G)
-    H = halves(fmt)
+    xp, xsum = np.empty((M, KG), np.float32), np.empty((M, NB), np.float32)
+    x_planes(x, perm, G, H, xp, xsum)
     for t in prange((ng + R - 1) // R):
         codes = np.empty(KG, np.int8)
         s, mn, a = np.empty(NB, np.float32), np.empty(NB, np.float32), np.empty(NB, np.float32)
@@ -341,12 +394,9 @@ def gemv_planes(fmt, xp, xsum, qs, d, m, sc, out):
             for i in range(M):
                 for h in range(H):  # the h-th half of the blocks from the h-th half of K
                     block_sums(part(c, h, H), part(xp[i], h, H), part(a, h, H))
+                scale_blocks(fmt >= 2, a, s, mn, xsum[i])
                 for r in range(G):
-                    rb = slice(r * nb, r * nb + nb)
-                    y = dot(s[rb], a[rb])
-                    if fmt >= 2:
-                        y += dot(mn[rb], xsum[i, rb])
-                    out[i, g * G + r] = y
+                    out[i, g * G + r] = vsum(a[r * nb : r * nb + nb])
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -398,10 +448,105 @@ def dequant_q6_k(ql, qh, scales, d, lo, out):
         row_q6_k(ql[lo + i], qh[lo + i], scales[lo + i], d[lo + i], out[i])
 
 
+# ---- the small ops of a decode step (cpu_backend: rms_norm, rope, attention) ---------------
+# At SmolLM2's size numpy spent ~7 ms of a 25 ms decode step in these (one thread): each is a
+# handful of numpy calls on 576-long rows, ~30 us of call overhead per op per layer. The
+# twins: numpy_backend's rms_norm, rope_rotate and attention, the same math in plain loops.
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def rms_norm(x, w, eps, out):
+    """out = x / sqrt(mean(x*x) + eps) * w, row by row; x, out (T, D), w (D,) float32."""
+    D = x.shape[1]
+    for t in range(x.shape[0]):
+        r = np.float32(1.0) / np.sqrt(dot(x[t], x[t]) / np.float32(D) + np.float32(eps))
+        for j in range(U(D)):
+            out[t, j] = x[t, j] * r * w[j]
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def rope(x, cos, sin):
+    """Rotate-half RoPE in place: x (T, heads, d); pair (j, j + d/2) of token t turns by the
+    angle whose cos and sin are cos[t, j], sin[t, j] ((T, d/2) float32, numpy-computed)."""
+    T, H, d = x.shape
+    half = d // 2
+    for t in range(T):
+        for h in range(H):
+            for j in range(half):
+                a, b = x[t, h, j], x[t, h, j + half]
+                x[t, h, j] = a * cos[t, j] - b * sin[t, j]
+                x[t, h, j + half] = b * cos[t, j] + a * sin[t, j]
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def rope_write(q, k, v, cos, sin, kc, vc, tables, cu_lens, positions, geometry):
+    """numpy_backend.rope_kv_write's twin for a float32 cache: q, k (T, heads, d) rotated in
+    place (rope), then token i of sequence b (rows cu_lens[b] .. cu_lens[b+1]-1) writes its
+    k, v into kc, vc (n_blocks, block_size, n_kv, hd) at its position p: block
+    tables[b, (p // block_size) % R], offset p % block_size (kv_cache.entries;
+    geometry as attention's)."""
+    rope(q, cos, sin)
+    rope(k, cos, sin)
+    bs, R = geometry[0], geometry[1]
+    for b in range(tables.shape[0]):
+        for i in range(cu_lens[b], cu_lens[b + 1]):
+            p = positions[i]
+            blk, off = tables[b, (p // bs) % R], p % bs
+            kc[blk, off] = k[i]
+            vc[blk, off] = v[i]
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def attention(q, k, v, tables, starts, cu_lens, positions, geometry, scale, out):
+    """A batch's attention over a float32 paged cache (numpy_backend.attention's twin).
+    Sequence b's queries are rows cu_lens[b] .. cu_lens[b+1]-1 of q (T, n_heads, hd), at
+    `positions`; after this step's write it has total = starts[b] + (its rows) positions
+    cached, in k, v (n_blocks, block_size, n_kv, hd) through its block table tables[b] (R,).
+    geometry = (block_size, R, capacity C = R * block_size, window W or 0). As kv_cache.py:
+    it reads positions from lo = max(0, total - C) (and, with a window, first query - W + 1)
+    on; position p is at block tables[b, (p // block_size) % R], offset p % block_size; query
+    position qp sees p when p <= qp and (W == 0 or p > qp - W). GQA: head h reads KV head
+    h // (n_heads / n_kv). out (T, n_heads, hd) = softmax(q·kᵀ · scale over the seen keys) · v."""
+    bs, R, C, W = geometry
+    n_heads, hd = q.shape[1], q.shape[2]
+    n_rep = n_heads // k.shape[2]
+    s = np.empty(C, np.float32)
+    for b in range(tables.shape[0]):
+        r0, r1 = cu_lens[b], cu_lens[b + 1]
+        total = starts[b] + r1 - r0
+        lo = max(0, total - C)
+        if W:
+            lo = max(lo, positions[r0] - W + 1)
+        n = total - lo
+        for i in range(r0, r1):
+            qp = positions[i]
+            for h in range(n_heads):
+                g = h // n_rep
+                top = np.float32(-np.inf)
+                for j in range(n):
+                    p = lo + j
+                    seen = p <= qp and (W == 0 or p > qp - W)
+                    kj = k[tables[b, (p // bs) % R], p % bs, g]
+                    s[j] = dot(q[i, h], kj) * scale if seen else -np.inf
+                    top = max(top, s[j])
+                total_e = np.float32(0.0)
+                for j in range(n):
+                    s[j] = np.exp(s[j] - top)
+                    total_e += s[j]
+                o = out[i, h]
+                o[:] = 0
+                for j in range(n):
+                    if s[j] != 0:
+                        p = lo + j
+                        w, vj = s[j] / total_e, v[tables[b, (p // bs) % R], p % bs, g]
+                        for e in range(U(hd)):
+                            o[e] += w * vj[e]
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def read_bandwidth(a, reps):
-    """Sum every element of a (R, C) float32 `reps` times, four rows per step as gemv_f32
-    reads them: the read bandwidth the roofline divides by (the benchmark times this)."""
+    """Sum every element of a (R, C) float32 `reps` times, four rows per step (four read
+    streams): the read bandwidth the roofline divides by (the benchmark times this)."""
     R, C = a.shape
     total = np.float32(0.0)
     for _ in range(reps):

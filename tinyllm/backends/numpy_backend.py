@@ -115,6 +115,18 @@ def rope_rotate(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> n
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def sequence_positions(
+    batch, b: int, spec: KVCacheSpec
+) -> tuple[slice, np.ndarray, int, np.ndarray]:
+    """Sequence b of a batch in attention: its rows r of q, their positions qpos (L,), the
+    positions cached after this step's write (total), and the key positions kpos (n,) its
+    queries may read (kv_cache.visible_lo on)."""
+    r = slice(batch.cu_lens[b], batch.cu_lens[b + 1])
+    qpos = batch.positions[r]
+    total = int(batch.starts[b] + batch.lens[b])
+    return r, qpos, total, np.arange(visible_lo(total, int(qpos[0]), spec), total)
+
+
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
@@ -125,8 +137,10 @@ class NumpyBackend:
     compute_dtype = "fp32"
 
     def float_bytes(self, checkpoint_dtype: str) -> int:
-        """Bytes per unquantized weight as held (memory.host_plan): float32 whatever is read."""
-        return 4
+        """Bytes per unquantized weight as held (memory.host_plan; backends.float_bytes)."""
+        from . import float_bytes
+
+        return float_bytes(self.name, checkpoint_dtype)
 
     # Capabilities (backends/__init__.py): what the engine and the memory plan may rely on.
     graphs = None  # no captured decode graphs
@@ -178,9 +192,12 @@ class NumpyBackend:
     def take_rows(self, x, rows):
         return x[rows]
 
+    def rope(self, x, positions, inv_freq):
+        return rope_rotate(x, positions, inv_freq)
+
     def rope_kv_write(self, q, k, v, cache: NumpyKVCache, layer, batch, inv_freq):
-        q = rope_rotate(q, batch.positions, inv_freq)
-        k = rope_rotate(k, batch.positions, inv_freq)
+        q = self.rope(q, batch.positions, inv_freq)
+        k = self.rope(k, batch.positions, inv_freq)
         if not cache.spec.quantized:  # one scatter for every token: (block, offset) of each
             at = batch_entries(batch.tables, batch.seq_of_token, batch.positions, cache.spec)
             cache.k[layer][at], cache.v[layer][at] = k, v
@@ -206,10 +223,7 @@ class NumpyBackend:
             loop = np.flatnonzero(batch.lens != 1)
         for b in loop:
             table = batch.tables[b]
-            r = slice(batch.cu_lens[b], batch.cu_lens[b + 1])
-            qpos = batch.positions[r]  # (L,)
-            total = int(batch.starts[b] + batch.lens[b])  # positions cached after the write
-            kpos = np.arange(visible_lo(total, int(qpos[0]), spec), total)  # (n,)
+            r, qpos, total, kpos = sequence_positions(batch, b, spec)
             k, v = cache.read(layer, table, kpos, total, batch.opens[b])  # (n, n_kv, hd)
             allowed = kpos[None, :] <= qpos[:, None]
             if spec.window:
