@@ -48,7 +48,13 @@ def tiny_model(tmp: Path) -> Path:
 
 
 def start(
-    repo: Path, model: Path | None, max_batch: int, log, backend: str = "numpy", fanout: int = 0
+    repo: Path,
+    model: Path | None,
+    max_batch: int,
+    log,
+    backend: str = "numpy",
+    fanout: int = 0,
+    threads: int = 1,
 ) -> tuple[subprocess.Popen, str]:
     cmd = [
         sys.executable,
@@ -64,6 +70,8 @@ def start(
         str(max_batch),
         "--ctx-size",
         "256",
+        "--threads",
+        str(threads),
         *(["--fanout-slots", str(fanout)] if fanout else []),  # (older checkouts lack it)
     ]
     env = {**os.environ, "PYTHONPATH": str(repo)}
@@ -158,6 +166,13 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--backend", default="numpy", help="the server's --backend (numpy, cpu)")
     ap.add_argument("--fanout-slots", type=int, default=0, help="the server's (default: 0, off)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="the server's BLAS/kernel threads (default 1: the load generator shares the cores, "
+        "and a BLAS thread that loses its core stalls every matmul: tinyllm/threads.py)",
+    )
     ap.add_argument("--repeats", type=int, default=5, help="unloaded + flooded rounds")
     ap.add_argument("--seconds", type=float, default=60, help="longest a round's flood runs")
     ap.add_argument("--a-clients", type=int, default=4)
@@ -180,7 +195,9 @@ def main() -> int:
             None if a.model == "embedded" else Path(a.model) if a.model else tiny_model(Path(tmp))
         )
         log = open(Path(tmp) / "serve.log", "w+")
-        proc, url = start(Path(a.repo), model, a.max_batch, log, a.backend, a.fanout_slots)
+        proc, url = start(
+            Path(a.repo), model, a.max_batch, log, a.backend, a.fanout_slots, a.threads
+        )
         try:
             b_latencies(url, 2, a.b_tokens)  # warm-up
             for r in range(a.repeats):
@@ -206,7 +223,7 @@ def main() -> int:
     name = model.name if model is not None else "embedded SmolLM2-135M"
     print(
         f"server: {a.repo}, model {name}, --max-batch {a.max_batch}, --fanout-slots "
-        f"{a.fanout_slots}, {os.cpu_count()} CPUs"
+        f"{a.fanout_slots}, --threads {a.threads}, {os.cpu_count()} CPUs"
     )
     print(
         f"flood: {a.a_clients} clients x {a.a_prompts} prompts "

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .backends import Batch
-from .sampling import sample, token_logprobs
+from .sampling import sample, sample_rows, token_logprobs, unfiltered
 from .sequence import Sequence
 
 
@@ -197,10 +197,17 @@ class ModelRunner:
             rows = self.ops.to_numpy(
                 self.ops.take_rows(logits, np.asarray([r for r, _ in host], np.int32))
             )
-            for (_, s), row in zip(host, rows):
+            plain: dict[float, list[int]] = {}  # temperature -> rows sample_rows takes together
+            for i, ((_, s), row) in enumerate(zip(host, rows)):
+                if s.id not in masks and unfiltered(s.req.params):
+                    plain.setdefault(s.req.params.temperature or 0.0, []).append(i)
+                    continue
                 if s.id in masks:
                     row = np.where(masks[s.id], row, -np.inf).astype(np.float32)
                 out[s.id] = sample(row, s.req.params, s.rng, np.asarray(s.ids, np.int64))
+            for t, rs in plain.items():
+                toks = sample_rows(rows[rs], t, [host[i][1].rng for i in rs])
+                out.update({host[i][1].id: tok for i, tok in zip(rs, toks)})
         return [out[s.id] for _, s in ready]
 
     def logprobs(self, logits, ready: list[tuple[int, Sequence]], toks: list[int]) -> dict:

@@ -126,6 +126,34 @@ class SamplingParams:
         return SamplingParams(**kw).validate()
 
 
+def unfiltered(params: SamplingParams) -> bool:
+    """sample() applies no repetition penalty and no top-k/top-p filter for these params
+    (greedy ignores the filters), so sample_rows can draw for them."""
+    if not params.temperature:
+        return (params.repetition_penalty or 1.0) == 1.0
+    return (
+        (params.repetition_penalty or 1.0) == 1.0
+        and (params.top_k or 0) <= 0
+        and (params.top_p if params.top_p is not None else 1.0) >= 1.0
+    )
+
+
+def sample_rows(logits: np.ndarray, temperature: float, rngs: list) -> list[int]:
+    """sample() for rows (B, vocab) whose params are all `unfiltered` with this temperature,
+    each row drawing from its own RNG: sample()'s operations along the last axis, so every row
+    gets exactly the token sample() gives it alone (tests/test_sampling_rows.py)."""
+    logits = np.asarray(logits, np.float32)
+    if not temperature:
+        return [int(t) for t in np.argmax(logits, axis=-1)]
+    x = (logits.astype(np.float64) - np.max(logits, axis=-1, keepdims=True)) / temperature
+    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    probs = e / e.sum(axis=-1, keepdims=True)  # (B, vocab): softmax() per row
+    u = np.array([rng.random() for rng in rngs])  # (B,)
+    # searchsorted(cumsum, v, side="right") = how many cumulative sums are <= v
+    at = (np.cumsum(probs, axis=-1) <= (u * probs.sum(axis=-1))[:, None]).sum(axis=-1)
+    return [int(min(i, probs.shape[1] - 1)) for i in at]
+
+
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
     """HF semantics: for every token already seen, divide a positive logit by the penalty
     and multiply a negative one by it."""

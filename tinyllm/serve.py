@@ -416,8 +416,12 @@ class EngineWorker:
         beside a flood pays for the flood's width every step, up to ~3x its latency alone,
         however fairly it was admitted. The price is the flood's throughput while a single
         runs: it decodes N (or one per request) sequences a step instead of max_batch - 1.
-        Off by default: where a batch costs little more than one sequence (cpu GEMV, cuda)
-        the cap only loses throughput. BENCHMARKS.md gives both sides' figures."""
+        Measured (BENCHMARKS.md, issue 25): tiny model on numpy, B's flooded/unloaded latency
+        2.1-2.3x -> 1.6-1.8x at no flood throughput lost (before a step's rows were sampled
+        together; after it, 1.8x either way); SmolLM2 on numpy 2.44x -> 2.29x for half the
+        flood's throughput. Off by default: where a batch costs little more than one
+        sequence (cpu GEMV, cuda, or OpenBLAS's GEMM on a real model) it mostly loses
+        throughput."""
         eng, sch = self.engine, self.engine.scheduler
         if sch is None or self.failed:
             return
