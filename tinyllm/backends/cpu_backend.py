@@ -248,6 +248,7 @@ class CpuBackend(NumpyBackend):
         cost, Python, dispatch, x into plane order, a parallel region, is a tenth of its
         work), and row views of it equal to each input. Weights of different formats, or
         plane-order weights held in groups of different sizes, stay apart: (None, inputs)."""
+        release_freed_memory()  # the previous call's parts, now replaced by views
         first = arrays[0]
         if len({weight_format(a) for a in arrays}) != 1 or (
             isinstance(first, PlaneQuant) and len({a.group for a in arrays}) != 1
@@ -371,6 +372,27 @@ class CpuBackend(NumpyBackend):
             rows = min(step, N - lo)
             out[:, lo : lo + rows] = x @ self._dequant(fmt, w, lo, rows).T
         return out
+
+
+@lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory():
+    """Give freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere). Fusing
+    replaces each layer's q, k, v, gate and up by views of new arrays; glibc keeps the freed
+    parts (up to 32 MB each: under its mmap threshold) in the heap, so without this a
+    Mistral-7B-shaped q4_0 model held 6.2 GB after fusing instead of 4.3 (measured)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def short_openmp_spin():
