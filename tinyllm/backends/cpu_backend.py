@@ -44,7 +44,7 @@ import numpy as np
 from .. import quant
 from ..kv_cache import KVCacheSpec
 from . import Batch
-from .numpy_backend import NumpyBackend
+from .numpy_backend import NumpyBackend, plain_cache
 
 GEMV_MAX_ROWS = 16  # x rows up to which the compiled GEMV runs (measured: docstring)
 TILE_BYTES = 1 << 20  # fp32 bytes of weight rows per prefill tile
@@ -297,7 +297,7 @@ class CpuBackend(NumpyBackend):
         from . import cpu_kernels as ck
 
         spec = cache.spec
-        if cache.k[layer].dtype != np.float32 or spec.quantized:
+        if cache.k[layer].dtype != np.float32 or not plain_cache(cache):
             return super().rope_kv_write(q, k, v, cache, layer, batch, inv_freq)
         q, k = (np.array(a, dtype=np.float32, order="C") for a in (q, k))  # rotated in place
         b = batch
@@ -314,7 +314,7 @@ class CpuBackend(NumpyBackend):
         from . import cpu_kernels as ck
 
         spec = cache.spec
-        if len(q) > GEMV_MAX_ROWS or cache.k[layer].dtype != np.float32 or spec.quantized:
+        if len(q) > GEMV_MAX_ROWS or cache.k[layer].dtype != np.float32 or not plain_cache(cache):
             return super().attention(q, cache, layer, batch, scale)
         T, n_heads, hd = q.shape
         q, out = np.ascontiguousarray(q, dtype=np.float32), np.empty(q.shape, np.float32)

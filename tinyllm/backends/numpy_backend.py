@@ -127,6 +127,13 @@ def sequence_positions(
     return r, qpos, total, np.arange(visible_lo(total, int(qpos[0]), spec), total)
 
 
+def plain_cache(cache) -> bool:
+    """An unquantized NumpyKVCache as it is, not a subclass storing something else (kv_formats'
+    study cache rounds K and V in its write): its write is a plain store and its read a plain
+    gather, so the batched paths (and the cpu backend's kernels) may do both directly."""
+    return type(cache) is NumpyKVCache and not cache.spec.quantized
+
+
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
@@ -198,7 +205,7 @@ class NumpyBackend:
     def rope_kv_write(self, q, k, v, cache: NumpyKVCache, layer, batch, inv_freq):
         q = self.rope(q, batch.positions, inv_freq)
         k = self.rope(k, batch.positions, inv_freq)
-        if not cache.spec.quantized:  # one scatter for every token: (block, offset) of each
+        if plain_cache(cache):  # one scatter for every token: (block, offset) of each
             at = batch_entries(batch.tables, batch.seq_of_token, batch.positions, cache.spec)
             cache.k[layer][at], cache.v[layer][at] = k, v
             return q
@@ -217,7 +224,7 @@ class NumpyBackend:
         out = np.empty((T, n_heads, hd), np.float32)
         loop = range(len(batch.lens))
         one = np.flatnonzero(batch.lens == 1)  # sequences bringing one token (decoding)
-        if len(one) > 1 and not spec.quantized:  # together (_decode_attention), the rest here
+        if len(one) > 1 and plain_cache(cache):  # together (_decode_attention), the rest here
             rows = batch.cu_lens[one]
             out[rows] = self._decode_attention(q[rows], cache, layer, batch, one, scale)
             loop = np.flatnonzero(batch.lens != 1)
